@@ -1,0 +1,81 @@
+"""How services reach the broker: channel ports, socket options, drop-not-block sends.
+
+The broker binds 8 consecutive ports starting at ``--base-port`` (default 5555):
+
+    channel   producers connect   consumers connect   pattern
+    frames    base+0 (XSUB)       base+1 (XPUB)       fan-out, every viewer sees every frame
+    detect    base+2 (PULL)       base+3 (PUSH)       queue, detector replicas share the work
+    classify  base+4 (PULL)       base+5 (PUSH)       queue, classifier replicas share the work
+    results   base+6 (XSUB)       base+7 (XPUB)       fan-out
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import zmq
+
+CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6}
+FANOUT = ("frames", "results")
+
+# Small high-water marks: under overload old work is dropped, never queued.
+DEFAULT_HWM = 4
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    base_port: int = 5555
+
+    def port(self, channel: str, side: str) -> int:
+        """side is 'in' (producers) or 'out' (consumers)."""
+        return self.base_port + CHANNELS[channel] + (1 if side == "out" else 0)
+
+    def endpoint(self, channel: str, side: str) -> str:
+        return f"tcp://{self.host}:{self.port(channel, side)}"
+
+
+def tune(sock: zmq.Socket, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+    """Bounded queues, no linger on close, quick reconnects after a broker restart."""
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    return sock
+
+
+def producer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int = DEFAULT_HWM):
+    """A socket that sends into a channel: PUB for fan-out channels, PUSH for queues."""
+    kind = zmq.PUB if channel in FANOUT else zmq.PUSH
+    sock = tune(ctx.socket(kind), hwm)
+    sock.connect(addr.endpoint(channel, "in"))
+    return sock
+
+
+def consumer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int = DEFAULT_HWM,
+             topic: bytes = b""):
+    """A socket that receives from a channel: SUB for fan-out channels, PULL for queues."""
+    kind = zmq.SUB if channel in FANOUT else zmq.PULL
+    sock = tune(ctx.socket(kind), hwm)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+    sock.connect(addr.endpoint(channel, "out"))
+    return sock
+
+
+def send_nowait(sock: zmq.Socket, parts: list) -> bool:
+    """Send without blocking; False when the queue is full (the caller counts the drop)."""
+    try:
+        sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        return False
+
+
+def age_seconds(timestamps: dict[str, float], now: float | None = None) -> float:
+    """How long ago the frame was captured (0 when the capture time is unknown)."""
+    captured = timestamps.get("capture")
+    if captured is None:
+        return 0.0
+    return (time.time() if now is None else now) - captured

@@ -1,0 +1,67 @@
+"""Command-line options that can also be set from the environment.
+
+Every option ``--some-thing`` can be given as the environment variable
+``EMOTION_SOME_THING``; a flag on the command line wins over the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+ENV_PREFIX = "EMOTION_"
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+class ServiceParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``option`` reads defaults from EMOTION_* variables."""
+
+    def option(self, flag: str, *, default=None, type=str, help: str = "", **kwargs):
+        env = env_name(flag)
+        raw = os.environ.get(env)
+        if type is bool:
+            value = default if raw is None else self._parse_bool(env, raw)
+            self.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
+                              help=f"{help} [env {env}]", **kwargs)
+            return
+        value = default
+        if raw is not None:
+            try:
+                value = type(raw)
+            except (TypeError, ValueError) as exc:
+                self.error(f"environment variable {env}={raw!r} is invalid: {exc}")
+        self.add_argument(flag, default=value, type=type,
+                          help=f"{help} [env {env}, default: %(default)s]", **kwargs)
+
+    def _parse_bool(self, env: str, raw: str) -> bool:
+        word = raw.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        self.error(f"environment variable {env}={raw!r} is not a yes/no value")
+
+
+def service_parser(name: str, description: str, metrics_port: int) -> ServiceParser:
+    """The parser every service starts from: broker address, metrics port, logging."""
+    parser = ServiceParser(prog=f"python -m services.{name}", description=description)
+    parser.option("--broker-host", default="127.0.0.1",
+                  help="host name or address of the broker")
+    parser.option("--base-port", default=5555, type=int,
+                  help="first of the broker's 8 consecutive ports (see docs/protocol.md)")
+    parser.option("--metrics-port", default=metrics_port, type=int,
+                  help="port of the Prometheus /metrics endpoint (0 = none)")
+    parser.option("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds")
+    parser.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return parser
+
+
+def setup_logging(name: str, level: str) -> logging.Logger:
+    logging.basicConfig(level=level.upper(),
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    return logging.getLogger(name)

@@ -1,0 +1,72 @@
+"""The one transformation from a face crop to a model input, shared by training and serving.
+
+A model's ``metadata.json`` stores its :class:`InputSpec`; the classifier rebuilds the
+spec from there, so a served model always sees exactly what it was trained on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+SCALINGS = ("unit", "symmetric")  # [0, 1] or [-1, 1] (MobileNetV2's convention)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    size: int = 48          # square side in pixels
+    channels: int = 1       # 1 = grayscale, 3 = RGB
+    scaling: str = "unit"
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, not {self.scaling!r}")
+        if not 8 <= self.size <= 512:
+            raise ValueError(f"input size {self.size} outside 8..512")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.size, self.size, self.channels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InputSpec":
+        return cls(size=int(data["size"]), channels=int(data["channels"]),
+                   scaling=str(data["scaling"]))
+
+
+def preprocess_faces(faces: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 faces, (N, H, W) grey or (N, H, W, 3) BGR, any size -> float32 (N, S, S, C).
+
+    Grey faces given to a colour model are repeated over 3 channels, so a model trained
+    on grey FER2013 and one trained on colour folders accept the same crops.
+    """
+    faces = np.asarray(faces)
+    if faces.dtype != np.uint8 or faces.ndim not in (3, 4):
+        raise ValueError(f"expected uint8 (N,H,W) or (N,H,W,3) faces, got {faces.dtype} {faces.shape}")
+    n = faces.shape[0]
+    out = np.empty((n, spec.size, spec.size, spec.channels), np.float32)
+    for i in range(n):
+        face = faces[i]
+        if face.ndim == 3 and spec.channels == 1:
+            face = cv2.cvtColor(face, cv2.COLOR_BGR2GRAY)
+        elif face.ndim == 3:
+            face = cv2.cvtColor(face, cv2.COLOR_BGR2RGB)
+        if face.shape[0] != spec.size or face.shape[1] != spec.size:
+            shrink = face.shape[0] > spec.size
+            face = cv2.resize(face, (spec.size, spec.size),
+                              interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        if face.ndim == 2:
+            face = face[:, :, None]
+        out[i] = face if face.shape[2] == spec.channels else np.repeat(face, spec.channels, axis=2)
+    if spec.scaling == "unit":
+        out *= 1.0 / 255.0
+    else:
+        out *= 2.0 / 255.0
+        out -= 1.0
+    return out

@@ -1,0 +1,187 @@
+"""The model registry: a directory of versions and a pointer to the served one.
+
+    models/
+      current              one line: the served version (replaced atomically)
+      history.json         versions promoted so far, oldest first (for rollback)
+      <version>/
+        model.keras        the Keras 3 model
+        metadata.json      version, input spec, class names, metrics, training arguments
+        eval-<split>.json, confusion-<split>.png   evaluation artefacts
+
+Writers only ever rename complete files into place, so a reader (a running
+classifier) sees either the old pointer or the new one, never half of either.
+See docs/models.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import InputSpec
+from .protocol import EMOTIONS
+
+CURRENT = "current"
+HISTORY = "history.json"
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+
+
+class RegistryError(Exception):
+    """A registry or model problem, worded for the person who has to fix it."""
+
+
+@dataclass
+class ModelEntry:
+    version: str
+    path: Path
+    metadata: dict
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def spec(self) -> InputSpec:
+        try:
+            return InputSpec.from_dict(self.metadata["input"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RegistryError(f"{self.path / METADATA_FILE}: bad or missing 'input' spec ({exc})")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a whole file next to ``path`` and rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_entry(path: Path) -> ModelEntry:
+    path = Path(path)
+    meta_file = path / METADATA_FILE
+    if not (path / MODEL_FILE).is_file():
+        raise RegistryError(f"{path}: no {MODEL_FILE} in this model version")
+    try:
+        metadata = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{meta_file}: missing") from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{meta_file}: not valid JSON ({exc})") from None
+    return ModelEntry(version=str(metadata.get("version", path.name)), path=path, metadata=metadata)
+
+
+def current_version(root: Path) -> str | None:
+    try:
+        version = (Path(root) / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return version or None
+
+
+def resolve(root: Path, version: str | None = None) -> ModelEntry:
+    """The entry for ``version``, or for the served version when None."""
+    root = Path(root)
+    if version is None:
+        version = current_version(root)
+        if version is None:
+            raise RegistryError(
+                f"no model is promoted in {root} (missing {root / CURRENT}). Train one with "
+                f"`python -m training train ...` and promote it with "
+                f"`python -m training promote VERSION`, or pass --model PATH/model.keras")
+    if "/" in version or version.startswith("."):
+        raise RegistryError(f"invalid version name {version!r}")
+    if not (root / version).is_dir():
+        raise RegistryError(f"version {version!r} not found in {root}")
+    return read_entry(root / version)
+
+
+def list_versions(root: Path) -> list[ModelEntry]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    entries = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and (child / METADATA_FILE).is_file():
+            try:
+                entries.append(read_entry(child))
+            except RegistryError:
+                continue
+    return entries
+
+
+def history(root: Path) -> list[str]:
+    try:
+        data = json.loads((Path(root) / HISTORY).read_text())
+    except FileNotFoundError:
+        return []
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{Path(root) / HISTORY}: not valid JSON ({exc})") from None
+    return [str(v) for v in data]
+
+
+def load_model(entry: ModelEntry):
+    """Load the Keras model of an entry, with errors that name the file."""
+    import keras
+
+    try:
+        return keras.saving.load_model(entry.model_file, compile=False)
+    except Exception as exc:
+        raise RegistryError(f"{entry.model_file}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+
+
+def check_model(model, spec: InputSpec, where: str) -> None:
+    """A model may be served only if it takes the declared input and returns 7 probabilities."""
+    want = (None, *spec.shape)
+    got = tuple(model.input_shape) if hasattr(model, "input_shape") else None
+    if got != want:
+        raise RegistryError(f"{where}: model input shape {got}, metadata declares {want}")
+    probe = np.random.default_rng(0).random((2, *spec.shape), dtype=np.float32)
+    out = np.asarray(model(probe, training=False))
+    if out.shape != (2, len(EMOTIONS)):
+        raise RegistryError(f"{where}: model output shape {out.shape[1:]}, expected ({len(EMOTIONS)},)")
+    if not np.all(np.isfinite(out)) or not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        raise RegistryError(f"{where}: model outputs are not probabilities (softmax)")
+
+
+def promote(root: Path, version: str) -> ModelEntry:
+    """Make ``version`` the served model, after proving it loads and answers correctly."""
+    root = Path(root)
+    entry = resolve(root, version)
+    check_model(load_model(entry), entry.spec, str(entry.model_file))
+    past = history(root)
+    if not past or past[-1] != version:
+        past.append(version)
+    atomic_write(root / HISTORY, json.dumps(past, indent=1) + "\n")
+    atomic_write(root / CURRENT, version + "\n")
+    return entry
+
+
+def rollback(root: Path) -> str:
+    """Serve the version promoted before the current one again."""
+    root = Path(root)
+    past = history(root)
+    current = current_version(root)
+    if current is not None and past and past[-1] == current:
+        past.pop()
+    while past and not (root / past[-1]).is_dir():
+        past.pop()
+    if not past:
+        raise RegistryError(f"nothing to roll back to in {root}: no earlier promoted version")
+    previous = past[-1]
+    entry = resolve(root, previous)
+    check_model(load_model(entry), entry.spec, str(entry.model_file))
+    atomic_write(root / HISTORY, json.dumps(past, indent=1) + "\n")
+    atomic_write(root / CURRENT, previous + "\n")
+    return previous
