@@ -1,0 +1,170 @@
+"""The viewer's work, message by message: validate, join, composite, encode, publish.
+
+:class:`Viewer` owns no sockets, so tests feed it multipart messages directly;
+:func:`run_loop` is the thin part that polls the two SUB sockets.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import zmq
+from prometheus_client import Counter, Histogram
+
+from services.common import metrics
+from services.common.bus import age_seconds
+from services.common.protocol import KIND_FRAME, KIND_RESULT, Rejected, decode, decode_image
+
+from .draw import draw_results
+from .hub import StreamHub
+from .join import FrameJoiner, Shown
+from .window import NativeWindows
+
+SERVICE = "viewer"
+POLL_MS = 50                 # longest the loop sleeps; bounds shutdown and timeout latency
+DRAIN_LIMIT = 256            # messages taken from one socket per pass before compositing
+EXPIRE_EVERY_S = 1.0
+
+FRAMES_SHOWN = Counter("emotion_viewer_frames_total", "Composited frames shown, per stream",
+                       ["stream"])
+RESULTS_RECEIVED = Counter("emotion_viewer_results_total",
+                           "Classifier results received, per stream", ["stream"])
+LATE_FRAMES = Counter("emotion_viewer_late_frames_total",
+                      "Frames shown without their own result after waiting the full display delay")
+E2E_LATENCY = Histogram("emotion_e2e_latency_seconds",
+                        "Capture to display time of every shown frame",
+                        buckets=metrics.LATENCY_BUCKETS)
+
+log = logging.getLogger(SERVICE)
+
+
+@dataclass(frozen=True)
+class ViewerSettings:
+    delay_s: float = 0.0
+    buffer_frames: int = 64
+    jpeg_quality: int = 80
+    max_age_s: float = 1.0          # 0 = show frames however old they are
+    max_streams: int = 16
+    idle_s: float = 60.0            # streams silent this long disappear from the page
+
+
+class Viewer:
+    """Turns received messages into annotated JPEGs in the hub."""
+
+    def __init__(self, settings: ViewerSettings, hub: StreamHub,
+                 rejects: Callable[[Rejected], None], windows: NativeWindows | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.hub = hub
+        self.windows = windows
+        self._rejects = rejects
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._next_expiry = clock() + EXPIRE_EVERY_S
+        self.joiner = FrameJoiner(settings.delay_s, settings.buffer_frames, settings.max_streams,
+                                  settings.idle_s,
+                                  on_drop=lambda reason, n: metrics.drop(SERVICE, reason, n))
+
+    def on_frame(self, parts: list) -> None:
+        """A frame message: validated and buffered, still encoded."""
+        try:
+            header, payloads = decode(parts, KIND_FRAME)
+        except Rejected as error:
+            self._rejects(error)
+            return
+        max_age = self.settings.max_age_s
+        if max_age and age_seconds(header.timestamps, self._wall_clock()) > max_age:
+            metrics.drop(SERVICE, "stale")
+            return
+        self.joiner.add_frame(header, payloads[0], self._clock())
+
+    def on_result(self, parts: list) -> None:
+        try:
+            header, _ = decode(parts, KIND_RESULT)
+        except Rejected as error:
+            self._rejects(error)
+            return
+        if self.joiner.add_result(header, self._clock()):
+            RESULTS_RECEIVED.labels(header.stream).inc()
+
+    def flush(self) -> int:
+        """Composite and publish every frame the joiner says is due; returns how many."""
+        now = self._clock()
+        self.hub.beat()
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRE_EVERY_S
+            for stream in self.joiner.expire(now):
+                self.hub.remove(stream)
+                if self.windows is not None:
+                    self.windows.remove(stream)
+        return sum(self.composite(item) for item in self.joiner.ready(now))
+
+    def composite(self, item: Shown) -> bool:
+        """Decode, draw, encode and publish one frame; False when its image is refused."""
+        header = item.header
+        try:
+            image = decode_image(header, item.payload)
+        except Rejected as error:
+            self._rejects(error)
+            return False
+        except cv2.error as error:          # a JPEG that fools the header check but not libjpeg
+            self._rejects(Rejected("image", f"JPEG could not be decoded ({error.code})"))
+            return False
+        annotated = draw_results(image, item.results, item.model, stream=header.stream,
+                                 fps=self.hub.fps(header.stream))
+        ok, encoded = cv2.imencode(".jpg", annotated,
+                                   [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
+        if not ok:
+            metrics.drop(SERVICE, "encode")
+            return False
+        latency = None
+        if "capture" in header.timestamps:
+            latency = max(0.0, self._wall_clock() - header.timestamps["capture"])
+            E2E_LATENCY.observe(latency)
+        self.hub.publish(header.stream, encoded.tobytes(), seq=header.seq, results=item.results,
+                         model=item.model, latency_s=latency, late=item.late)
+        FRAMES_SHOWN.labels(header.stream).inc()
+        if item.late:
+            LATE_FRAMES.inc()
+        if self.windows is not None:
+            self.windows.show(header.stream, annotated)
+        return True
+
+    def poll_timeout_ms(self) -> int:
+        due = self.joiner.next_due(self._clock())
+        if due is None:
+            return POLL_MS
+        return min(POLL_MS, max(1, int(due * 1000) + 1))
+
+
+def _drain(sock: zmq.Socket, handle: Callable[[list], None]) -> None:
+    """Take what is queued (bounded), so live mode can skip straight to the newest frame."""
+    for _ in range(DRAIN_LIMIT):
+        try:
+            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        handle(parts)
+
+
+def run_loop(viewer: Viewer, frames: zmq.Socket, results: zmq.Socket,
+             stop: threading.Event) -> None:
+    """Poll both channels until ``stop`` is set (or 'q' in a native window)."""
+    poller = zmq.Poller()
+    poller.register(frames, zmq.POLLIN)
+    poller.register(results, zmq.POLLIN)
+    while not stop.is_set():
+        ready = dict(poller.poll(viewer.poll_timeout_ms()))
+        if results in ready:
+            _drain(results, viewer.on_result)
+        if frames in ready:
+            _drain(frames, viewer.on_frame)
+        viewer.flush()
+        if viewer.windows is not None and not viewer.windows.pump():
+            log.info("'q' pressed in a viewer window, stopping")
+            stop.set()

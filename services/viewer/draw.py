@@ -1,0 +1,93 @@
+"""Draws the classifier's answers onto a frame: boxes, "Label 87%" tags and a footer."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from services.common.protocol import FaceResult
+
+# BGR; chosen so that neighbouring emotions are easy to tell apart on screen.
+EMOTION_COLOURS: dict[str, tuple[int, int, int]] = {
+    "Angry": (40, 40, 220),
+    "Disgust": (40, 150, 60),
+    "Fear": (170, 70, 150),
+    "Happy": (0, 210, 255),
+    "Sad": (200, 120, 30),
+    "Surprise": (220, 210, 0),
+    "Neutral": (185, 185, 185),
+}
+UNKNOWN_COLOUR = (255, 255, 255)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _ascii(text: str) -> str:
+    """OpenCV's Hershey fonts only have ASCII glyphs; anything else would draw as garbage."""
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+
+
+def _text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    b, g, r = background
+    return (0, 0, 0) if 0.114 * b + 0.587 * g + 0.299 * r > 140 else (255, 255, 255)
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    """A writable 3-channel uint8 copy, whatever the input layout."""
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return np.array(image, dtype=np.uint8, copy=True, order="C")
+
+
+def draw_results(image: np.ndarray, results: Sequence[FaceResult], model_version: str, *,
+                 stream: str | None = None, fps: float | None = None) -> np.ndarray:
+    """Return an annotated copy of ``image``; the input is never modified."""
+    out = _as_bgr(image)
+    height, width = out.shape[:2]
+    scale = max(0.4, min(height, width) / 900)
+    thickness = max(1, round(min(height, width) / 320))
+    for result in results:
+        _draw_face(out, result, scale, thickness)
+    _draw_footer(out, model_version, stream, fps, scale)
+    return out
+
+
+def _draw_face(out: np.ndarray, result: FaceResult, scale: float, thickness: int) -> None:
+    height, width = out.shape[:2]
+    x, y, w, h = (int(v) for v in result.box)
+    x0, y0 = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
+    x1, y1 = min(max(x + w - 1, 0), width - 1), min(max(y + h - 1, 0), height - 1)
+    colour = EMOTION_COLOURS.get(result.label, UNKNOWN_COLOUR)
+    cv2.rectangle(out, (x0, y0), (x1, y1), colour, thickness, cv2.LINE_AA)
+
+    percent = round(min(max(result.confidence, 0.0), 1.0) * 100)
+    text = _ascii(f"{result.label} {percent}%")
+    (tw, th), baseline = cv2.getTextSize(text, FONT, scale, 1)
+    pad = max(2, th // 4)
+    tag_h = th + baseline + 2 * pad
+    top = y0 - tag_h if y0 - tag_h >= 0 else y0      # above the box, inside it at the top edge
+    left = min(x0, max(0, width - tw - 2 * pad))
+    cv2.rectangle(out, (left, top), (left + tw + 2 * pad, top + tag_h), colour, cv2.FILLED)
+    cv2.putText(out, text, (left + pad, top + pad + th), FONT, scale, _text_colour(colour), 1,
+                cv2.LINE_AA)
+
+
+def _draw_footer(out: np.ndarray, model_version: str, stream: str | None, fps: float | None,
+                 scale: float) -> None:
+    parts = []
+    if stream:
+        parts.append(stream)
+    parts.append(f"model {model_version or '-'}")
+    if fps is not None:
+        parts.append(f"{fps:.1f} fps")
+    text = _ascii("  |  ".join(parts))
+    footer_scale = scale * 0.8
+    (_, th), baseline = cv2.getTextSize(text, FONT, footer_scale, 1)
+    pad = max(3, th // 3)
+    bar = min(out.shape[0], th + baseline + 2 * pad)
+    region = out[out.shape[0] - bar:]
+    region[:] = (region * 0.35).astype(np.uint8)       # darken, keep the picture visible
+    cv2.putText(out, text, (pad, out.shape[0] - pad - baseline), FONT, footer_scale,
+                (235, 235, 235), 1, cv2.LINE_AA)

@@ -1,0 +1,186 @@
+"""The hand-over point between the compositing loop and the HTTP threads.
+
+The loop publishes one annotated JPEG per shown frame; every MJPEG client thread waits on
+its stream's condition for the next one, so a slow client skips frames instead of
+queueing them, and a fast one never busy-waits.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from services.common.protocol import FaceResult
+
+
+class StreamClosed(Exception):
+    """The stream was forgotten or the viewer is shutting down."""
+
+
+class RateMeter:
+    """Events per second over a short sliding window (0 once events stop)."""
+
+    def __init__(self, window_s: float = 2.0, max_events: int = 240):
+        self.window_s = window_s
+        self._times: deque[float] = deque(maxlen=max_events)
+
+    def tick(self, now: float) -> None:
+        self._times.append(now)
+
+    def rate(self, now: float) -> float:
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        if len(self._times) < 2:
+            return 0.0
+        span = self._times[-1] - self._times[0]
+        return (len(self._times) - 1) / span if span > 0 else 0.0
+
+
+@dataclass
+class _StreamState:
+    condition: threading.Condition
+    latency_window: int
+    jpeg: bytes = b""
+    number: int = 0                 # frames published so far; clients wait for a larger one
+    seq: int = -1
+    results: list[FaceResult] = field(default_factory=list)
+    model: str = ""
+    late: int = 0
+    shown_at: float = 0.0
+    removed: bool = False
+    meter: RateMeter = field(default_factory=RateMeter)
+    latencies: deque = field(init=False)
+
+    def __post_init__(self):
+        self.latencies = deque(maxlen=self.latency_window)
+
+
+class StreamHub:
+    """Latest annotated JPEG and display statistics of every stream, safe across threads."""
+
+    def __init__(self, max_clients: int = 32, latency_window: int = 100, delay_ms: int = 0,
+                 clock=time.monotonic):
+        self.max_clients = max_clients
+        self.latency_window = latency_window
+        self.delay_ms = delay_ms
+        self._clock = clock
+        self._started = clock()
+        self._heartbeat = self._started
+        self._lock = threading.Lock()
+        self._streams: dict[str, _StreamState] = {}
+        self._clients = 0
+        self._closed = False
+
+    def publish(self, stream: str, jpeg: bytes, *, seq: int, results: list[FaceResult],
+                model: str, latency_s: float | None = None, late: bool = False) -> None:
+        """Make ``jpeg`` the stream's current picture and wake its waiting clients."""
+        now = self._clock()
+        with self._lock:
+            state = self._streams.get(stream)
+            if state is None:
+                state = _StreamState(threading.Condition(self._lock), self.latency_window)
+                self._streams[stream] = state
+            state.jpeg = jpeg
+            state.number += 1
+            state.seq = seq
+            state.results = list(results)
+            state.model = model
+            state.late += int(late)
+            state.shown_at = now
+            state.meter.tick(now)
+            if latency_s is not None:
+                state.latencies.append(latency_s)
+            state.condition.notify_all()
+
+    def fps(self, stream: str) -> float:
+        with self._lock:
+            state = self._streams.get(stream)
+            return state.meter.rate(self._clock()) if state else 0.0
+
+    def streams(self) -> list[str]:
+        with self._lock:
+            return sorted(self._streams)
+
+    def snapshot(self, stream: str) -> bytes | None:
+        with self._lock:
+            state = self._streams.get(stream)
+            return state.jpeg if state else None
+
+    def wait_frame(self, stream: str, after: int, timeout: float) -> tuple[int, bytes] | None:
+        """The stream's picture once its number exceeds ``after``; None on timeout.
+
+        Raises :class:`StreamClosed` (also for unknown streams) so client loops can end.
+        """
+        with self._lock:
+            state = self._streams.get(stream)
+            if state is None or self._closed:
+                raise StreamClosed(stream)
+            state.condition.wait_for(
+                lambda: self._closed or state.removed or state.number > after, timeout)
+            if self._closed or state.removed:
+                raise StreamClosed(stream)
+            if state.number <= after:
+                return None
+            return state.number, state.jpeg
+
+    def remove(self, stream: str) -> None:
+        """Forget a stream; its clients' streams end."""
+        with self._lock:
+            state = self._streams.pop(stream, None)
+            if state is not None:
+                state.removed = True
+                state.condition.notify_all()
+
+    def close(self) -> None:
+        """End every client stream (shutdown)."""
+        with self._lock:
+            self._closed = True
+            for state in self._streams.values():
+                state.condition.notify_all()
+
+    @contextmanager
+    def client_slot(self):
+        """Yields False when too many MJPEG clients are connected already."""
+        with self._lock:
+            granted = self._clients < self.max_clients
+            self._clients += int(granted)
+        try:
+            yield granted
+        finally:
+            if granted:
+                with self._lock:
+                    self._clients -= 1
+
+    def beat(self) -> None:
+        """Called by the compositing loop on every pass; /healthz checks it is recent."""
+        self._heartbeat = self._clock()
+
+    def loop_age(self) -> float:
+        return self._clock() - self._heartbeat
+
+    def status(self) -> dict:
+        """The numbers /status.json reports."""
+        now = self._clock()
+        with self._lock:
+            streams = {sid: self._stream_status(state, now) for sid, state in self._streams.items()}
+            clients = self._clients
+        return {"uptime_s": round(now - self._started, 3), "delay_ms": self.delay_ms,
+                "mjpeg_clients": clients, "streams": streams}
+
+    @staticmethod
+    def _stream_status(state: _StreamState, now: float) -> dict:
+        p50 = statistics.median(state.latencies) if state.latencies else None
+        return {
+            "frames_shown": state.number,
+            "fps": round(state.meter.rate(now), 2),
+            "last_seq": state.seq,
+            "labels": [{"label": r.label, "confidence": round(r.confidence, 4),
+                        "box": list(r.box)} for r in state.results],
+            "model": state.model,
+            "late_frames": state.late,
+            "e2e_latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "last_frame_age_s": round(now - state.shown_at, 3),
+        }

@@ -1,0 +1,227 @@
+"""Pairs each frame with the classifier's answer for it, per stream (pure Python, no sockets).
+
+Frames reach the viewer straight from capture; their results arrive later (detector and
+classifier in between), possibly out of order when several classifier replicas share the
+work, and possibly never when a stage drops work under load. :class:`FrameJoiner` decides
+which frame to show when, and with which labels:
+
+* ``delay_s == 0`` (live): the newest frame of each stream is shown at once with the
+  latest labels known for that stream; older frames not yet shown are skipped.
+* ``delay_s > 0`` (exact sync): frames are shown in order, each once its own result has
+  arrived or once it has waited ``delay_s`` at the viewer (then with the latest labels,
+  counted as late). Waiting is measured on the viewer's clock, so clock skew between
+  machines does not matter.
+
+Frames stay encoded in here; only frames that :meth:`FrameJoiner.ready` hands out are
+worth decoding. Every frame not shown is reported through ``on_drop(reason, n)``:
+``evicted`` (buffer full), ``superseded`` (a newer frame was shown first, live mode),
+``out_of_order`` (captured before a frame already shown), ``streams`` (too many streams).
+"""
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from services.common.protocol import FaceResult, Header
+
+
+@dataclass
+class Shown:
+    """A frame due for display and the labels to draw on it."""
+
+    header: Header
+    payload: Any                 # the still-encoded frame payload
+    results: list[FaceResult]
+    model: str
+    own: bool                    # the labels are this frame's own result
+    late: bool                   # gave up waiting for its own result (exact sync only)
+
+
+@dataclass
+class Labels:
+    """The most recent classifier answer of a stream."""
+
+    seq: int
+    capture: float | None
+    results: list[FaceResult]
+    model: str
+
+
+@dataclass
+class _Pending:
+    header: Header
+    payload: Any
+    arrived: float
+    result: Header | None = None
+
+
+@dataclass
+class _Stream:
+    pending: OrderedDict = field(default_factory=OrderedDict)  # seq -> _Pending, arrival order
+    latest: Labels | None = None
+    last_shown: tuple[float | None, int] | None = None          # (capture time, seq)
+    last_seen: float = 0.0
+
+
+def _capture(header: Header) -> float | None:
+    return header.timestamps.get("capture")
+
+
+def _not_older(capture: float | None, seq: int, ref: tuple[float | None, int] | None) -> bool:
+    """Whether a message is at least as recent as ``ref``.
+
+    The capture time orders frames even across a capture restart (which resets ``seq``);
+    without capture times arrival order decides, so nothing is ever refused for it.
+    """
+    if ref is None or capture is None or ref[0] is None:
+        return True
+    return (capture, seq) >= ref
+
+
+def _same_frame(frame: Header, seq: int, capture: float | None) -> bool:
+    """A result belongs to a frame when seq matches and, if both know it, the capture time."""
+    own = _capture(frame)
+    return frame.seq == seq and (own is None or capture is None or own == capture)
+
+
+class FrameJoiner:
+    """Bounded per-stream buffers joining frames and results by (stream, seq)."""
+
+    def __init__(self, delay_s: float = 0.0, capacity: int = 64, max_streams: int = 16,
+                 idle_s: float = 60.0, on_drop: Callable[[str, int], None] | None = None):
+        if delay_s < 0 or capacity < 1 or max_streams < 1:
+            raise ValueError("delay_s >= 0, capacity >= 1 and max_streams >= 1 are required")
+        self.delay_s = delay_s
+        self.capacity = capacity
+        self.max_streams = max_streams
+        self.idle_s = idle_s
+        self.dropped: Counter[str] = Counter()
+        self.late = 0
+        self._on_drop = on_drop
+        self._streams: dict[str, _Stream] = {}
+
+    @property
+    def streams(self) -> list[str]:
+        return list(self._streams)
+
+    def latest(self, stream: str) -> Labels | None:
+        state = self._streams.get(stream)
+        return state.latest if state else None
+
+    def pending(self, stream: str) -> list[int]:
+        """Sequence numbers still waiting in a stream's buffer, oldest first."""
+        state = self._streams.get(stream)
+        return list(state.pending) if state else []
+
+    def add_frame(self, header: Header, payload: Any, now: float) -> bool:
+        """Buffer a frame; False when it is refused (counted through ``on_drop``)."""
+        state = self._stream(header.stream, now)
+        if state is None:
+            return False
+        if not _not_older(_capture(header), header.seq, state.last_shown):
+            self._drop("out_of_order")
+            return False
+        state.last_seen = now
+        state.pending.pop(header.seq, None)
+        state.pending[header.seq] = _Pending(header, payload, now)
+        while len(state.pending) > self.capacity:
+            state.pending.popitem(last=False)
+            self._drop("evicted")
+        return True
+
+    def add_result(self, header: Header, now: float) -> bool:
+        """Attach a result to its buffered frame and update the stream's latest labels.
+
+        Results for frames already shown or evicted still update the latest labels, as long
+        as they are not older than the labels known already. False when the stream is refused.
+        """
+        state = self._stream(header.stream, now)
+        if state is None:
+            return False
+        state.last_seen = now
+        waiting = state.pending.get(header.seq)
+        if waiting is not None and _same_frame(waiting.header, header.seq, _capture(header)):
+            waiting.result = header
+        latest = state.latest
+        if latest is None or _not_older(_capture(header), header.seq, (latest.capture, latest.seq)):
+            state.latest = Labels(header.seq, _capture(header), list(header.results), header.model)
+        return True
+
+    def ready(self, now: float) -> list[Shown]:
+        """Frames to display now, oldest first within each stream; they leave the buffer."""
+        shown: list[Shown] = []
+        for state in self._streams.values():
+            if self.delay_s == 0:
+                shown.extend(self._ready_live(state))
+            else:
+                shown.extend(self._ready_synced(state, now))
+        return shown
+
+    def next_due(self, now: float) -> float | None:
+        """Seconds until a waiting frame times out (None when nothing waits), for poll timeouts."""
+        if self.delay_s == 0:
+            return 0.0 if any(s.pending for s in self._streams.values()) else None
+        heads = [next(iter(s.pending.values())) for s in self._streams.values() if s.pending]
+        if not heads:
+            return None
+        return max(0.0, min(p.arrived for p in heads) + self.delay_s - now)
+
+    def expire(self, now: float) -> list[str]:
+        """Forget streams that sent nothing for ``idle_s``; returns their ids."""
+        gone = [sid for sid, s in self._streams.items() if now - s.last_seen > self.idle_s]
+        for sid in gone:
+            del self._streams[sid]
+        return gone
+
+    def _stream(self, stream: str, now: float) -> _Stream | None:
+        state = self._streams.get(stream)
+        if state is not None:
+            return state
+        if len(self._streams) >= self.max_streams:
+            self.expire(now)
+        if len(self._streams) >= self.max_streams:
+            self._drop("streams")
+            return None
+        state = self._streams[stream] = _Stream(last_seen=now)
+        return state
+
+    def _ready_live(self, state: _Stream) -> list[Shown]:
+        if not state.pending:
+            return []
+        _, newest = state.pending.popitem(last=True)
+        if state.pending:
+            self._drop("superseded", len(state.pending))
+            state.pending.clear()
+        latest = state.latest
+        results = list(latest.results) if latest else []
+        own = latest is not None and _same_frame(newest.header, latest.seq, latest.capture)
+        return [self._show(state, newest, results, latest.model if latest else "", own, False)]
+
+    def _ready_synced(self, state: _Stream, now: float) -> list[Shown]:
+        shown = []
+        while state.pending:
+            head = next(iter(state.pending.values()))
+            if head.result is not None:
+                item = self._show(state, head, list(head.result.results), head.result.model,
+                                  True, False)
+            elif now - head.arrived >= self.delay_s:
+                latest = state.latest
+                item = self._show(state, head, list(latest.results) if latest else [],
+                                  latest.model if latest else "", False, True)
+                self.late += 1
+            else:
+                break
+            state.pending.pop(head.header.seq)
+            shown.append(item)
+        return shown
+
+    def _show(self, state: _Stream, entry: _Pending, results, model, own, late) -> Shown:
+        state.last_shown = (_capture(entry.header), entry.header.seq)
+        return Shown(entry.header, entry.payload, results, model, own, late)
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+        if self._on_drop is not None:
+            self._on_drop(reason, n)
+
