@@ -1,0 +1,608 @@
+"""Viewer: joiner rules, drawing, the web server, and the real process over real ZeroMQ."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from services.common.protocol import (EMOTIONS, ENCODING_BGR, FaceResult, Header, Rejected,
+                                      encode)
+from services.viewer.app import Viewer, ViewerSettings
+from services.viewer.draw import EMOTION_COLOURS, draw_results
+from services.viewer.hub import RateMeter, StreamClosed, StreamHub
+from services.viewer.join import FrameJoiner
+from services.viewer.web import render_page, start_web_server, stop_web_server
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH, HEIGHT = 320, 240
+BOX = (100, 60, 120, 120)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def face(label="Happy", confidence=0.87, box=BOX) -> FaceResult:
+    scores = [0.0] * len(EMOTIONS)
+    scores[EMOTIONS.index(label)] = confidence
+    return FaceResult(box=box, label=label, confidence=confidence, scores=scores)
+
+
+def frame_header(seq, stream="cam", capture=None, encoding="jpeg", width=WIDTH, height=HEIGHT):
+    ts = {} if capture is None else {"capture": capture}
+    return Header(kind="frame", stream=stream, seq=seq, width=width, height=height,
+                  timestamps=ts, encoding=encoding)
+
+
+def result_header(seq, faces=(), stream="cam", capture=None, model="test-v1"):
+    ts = {} if capture is None else {"capture": capture}
+    faces = list(faces)
+    return Header(kind="result", stream=stream, seq=seq, width=WIDTH, height=HEIGHT,
+                  timestamps=ts, boxes=[f.box for f in faces], results=faces, model=model)
+
+
+def source_image() -> np.ndarray:
+    """A grey scene with a darker 'face' square, so any overlay stands out."""
+    image = np.full((HEIGHT, WIDTH, 3), 100, np.uint8)
+    x, y, w, h = BOX
+    image[y + 10:y + h - 10, x + 10:x + w - 10] = 60
+    return image
+
+
+def jpeg_of(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return data.tobytes()
+
+
+def box_border_difference(annotated: np.ndarray, source: np.ndarray) -> float:
+    """Mean absolute difference along the box's top and left edges."""
+    x, y, w, h = BOX
+    edges = [(slice(y, y + 2), slice(x, x + w)), (slice(y, y + h), slice(x, x + 2))]
+    return float(np.mean([np.abs(annotated[e].astype(int) - source[e].astype(int)).mean()
+                          for e in edges]))
+
+
+def labels(shown) -> list[str]:
+    return [r.label for r in shown.results]
+
+
+# --- FrameJoiner: live mode (delay 0) ------------------------------------------------------
+
+def test_live_shows_newest_frame_at_once_with_latest_labels():
+    joiner = FrameJoiner(delay_s=0)
+    joiner.add_frame(frame_header(0), b"f0", now=0.0)
+    [shown] = joiner.ready(now=0.0)
+    assert shown.header.seq == 0 and shown.payload == b"f0"
+    assert shown.results == [] and not shown.own and not shown.late
+
+    joiner.add_result(result_header(0, [face("Sad")]), now=0.01)
+    joiner.add_frame(frame_header(1), b"f1", now=0.03)
+    joiner.add_frame(frame_header(2), b"f2", now=0.06)
+    [shown] = joiner.ready(now=0.06)
+    assert shown.header.seq == 2 and labels(shown) == ["Sad"] and shown.model == "test-v1"
+    assert joiner.dropped["superseded"] == 1
+    assert joiner.ready(now=0.07) == []
+
+
+def test_live_reuses_labels_until_new_results_and_zero_faces_clear_them():
+    joiner = FrameJoiner(delay_s=0)
+    joiner.add_result(result_header(0, [face("Angry"), face("Fear", box=(0, 0, 10, 10))]), 0.0)
+    for seq in (1, 2):
+        joiner.add_frame(frame_header(seq), b"", now=seq)
+        [shown] = joiner.ready(now=seq)
+        assert labels(shown) == ["Angry", "Fear"]
+    joiner.add_result(result_header(2, []), now=2.5)
+    joiner.add_frame(frame_header(3), b"", now=3)
+    [shown] = joiner.ready(now=3)
+    assert shown.results == []
+    assert joiner.latest("cam").results == []
+
+
+def test_live_marks_labels_as_own_when_they_belong_to_the_frame():
+    joiner = FrameJoiner(delay_s=0)
+    joiner.add_frame(frame_header(5, capture=100.0), b"", now=0)
+    joiner.add_result(result_header(5, [face()], capture=100.0), now=0)
+    [shown] = joiner.ready(now=0)
+    assert shown.own
+
+
+def test_an_older_result_does_not_replace_newer_labels():
+    joiner = FrameJoiner(delay_s=0)
+    joiner.add_result(result_header(8, [face("Happy")], capture=108.0), now=0)
+    joiner.add_result(result_header(7, [face("Sad")], capture=107.0), now=0)
+    assert [r.label for r in joiner.latest("cam").results] == ["Happy"]
+
+
+def test_a_capture_restart_is_accepted_despite_smaller_sequence_numbers():
+    joiner = FrameJoiner(delay_s=0)
+    joiner.add_frame(frame_header(500, capture=100.0), b"", now=0)
+    joiner.ready(now=0)
+    joiner.add_result(result_header(500, [face("Sad")], capture=100.0), now=0)
+    assert joiner.add_frame(frame_header(0, capture=200.0), b"", now=1)
+    joiner.add_result(result_header(0, [face("Happy")], capture=200.0), now=1)
+    [shown] = joiner.ready(now=1)
+    assert shown.header.seq == 0 and labels(shown) == ["Happy"]
+
+
+def test_a_frame_captured_before_the_last_shown_one_is_dropped():
+    joiner = FrameJoiner(delay_s=0)
+    joiner.add_frame(frame_header(10, capture=110.0), b"", now=0)
+    joiner.ready(now=0)
+    assert not joiner.add_frame(frame_header(9, capture=109.0), b"", now=0)
+    assert joiner.dropped["out_of_order"] == 1 and joiner.ready(now=0) == []
+
+
+# --- FrameJoiner: exact sync (delay > 0) ---------------------------------------------------
+
+def test_sync_holds_a_frame_until_its_own_result_arrives():
+    joiner = FrameJoiner(delay_s=0.5)
+    joiner.add_result(result_header(0, [face("Neutral")]), now=0)
+    joiner.add_frame(frame_header(1), b"f1", now=0.1)
+    assert joiner.ready(now=0.2) == []
+    joiner.add_result(result_header(1, [face("Surprise")]), now=0.3)
+    [shown] = joiner.ready(now=0.3)
+    assert shown.header.seq == 1 and labels(shown) == ["Surprise"]
+    assert shown.own and not shown.late
+
+
+def test_sync_shows_in_order_and_a_timed_out_frame_late_with_latest_labels():
+    joiner = FrameJoiner(delay_s=0.5)
+    for seq in (1, 2, 3):
+        joiner.add_frame(frame_header(seq), f"f{seq}".encode(), now=seq * 0.1)
+    joiner.add_result(result_header(2, [face("Happy")]), now=0.35)
+    assert joiner.ready(now=0.4) == []          # 2 has its result but waits behind 1
+    shown = joiner.ready(now=0.6)              # 1 timed out -> late, then 2 at once
+    assert [s.header.seq for s in shown] == [1, 2]
+    assert shown[0].late and not shown[0].own and labels(shown[0]) == ["Happy"]
+    assert shown[1].own and not shown[1].late
+    assert joiner.late == 1
+    assert joiner.pending("cam") == [3]
+    assert joiner.next_due(now=0.6) == pytest.approx(0.2)
+
+
+def test_sync_frame_with_zero_faces_is_shown_without_labels():
+    joiner = FrameJoiner(delay_s=1.0)
+    joiner.add_result(result_header(0, [face()]), now=0)
+    joiner.add_frame(frame_header(1), b"", now=0)
+    joiner.add_result(result_header(1, []), now=0.1)
+    [shown] = joiner.ready(now=0.1)
+    assert shown.own and shown.results == []
+
+
+def test_sync_ignores_a_result_whose_capture_time_belongs_to_another_frame():
+    joiner = FrameJoiner(delay_s=1.0)
+    joiner.add_frame(frame_header(3, capture=50.0), b"", now=0)
+    joiner.add_result(result_header(3, [face()], capture=40.0), now=0.1)
+    assert joiner.ready(now=0.2) == []
+
+
+# --- FrameJoiner: bounds and streams -------------------------------------------------------
+
+def test_buffer_is_bounded_and_evicted_frames_are_counted():
+    drops = []
+    joiner = FrameJoiner(delay_s=10.0, capacity=4, on_drop=lambda r, n: drops.append((r, n)))
+    for seq in range(10):
+        joiner.add_frame(frame_header(seq), b"", now=seq * 0.01)
+        assert len(joiner.pending("cam")) <= 4
+    assert joiner.pending("cam") == [6, 7, 8, 9]
+    assert joiner.dropped["evicted"] == 6 and drops.count(("evicted", 1)) == 6
+    joiner.add_result(result_header(2, [face("Disgust")]), now=0.2)   # frame 2 is long gone
+    assert [r.label for r in joiner.latest("cam").results] == ["Disgust"]
+
+
+def test_streams_are_joined_independently():
+    joiner = FrameJoiner(delay_s=1.0)
+    joiner.add_frame(frame_header(1, stream="a"), b"a1", now=0)
+    joiner.add_frame(frame_header(1, stream="b"), b"b1", now=0)
+    joiner.add_result(result_header(1, [face("Angry")], stream="b"), now=0.1)
+    [shown] = joiner.ready(now=0.1)
+    assert shown.header.stream == "b" and labels(shown) == ["Angry"]
+    joiner.add_result(result_header(1, [face("Fear")], stream="a"), now=0.2)
+    [shown] = joiner.ready(now=0.2)
+    assert shown.header.stream == "a" and labels(shown) == ["Fear"]
+    assert joiner.latest("b").results[0].label == "Angry"
+
+
+def test_stream_count_is_bounded_and_idle_streams_make_room():
+    joiner = FrameJoiner(delay_s=0, max_streams=2, idle_s=5.0)
+    assert joiner.add_frame(frame_header(0, stream="a"), b"", now=0)
+    assert joiner.add_frame(frame_header(0, stream="b"), b"", now=3)
+    assert not joiner.add_frame(frame_header(0, stream="c"), b"", now=4)
+    assert joiner.dropped["streams"] == 1
+    assert joiner.add_frame(frame_header(0, stream="c"), b"", now=6)   # "a" idle for 6 s
+    assert sorted(joiner.streams) == ["b", "c"]
+
+
+def test_invalid_joiner_settings_are_refused():
+    with pytest.raises(ValueError):
+        FrameJoiner(delay_s=-1)
+    with pytest.raises(ValueError):
+        FrameJoiner(capacity=0)
+
+
+# --- drawing -------------------------------------------------------------------------------
+
+def test_every_emotion_has_a_colour():
+    assert set(EMOTION_COLOURS) == set(EMOTIONS)
+
+
+def test_draw_results_changes_the_box_area_and_leaves_the_input_alone():
+    source = source_image()
+    before = source.copy()
+    annotated = draw_results(source, [face("Happy", 0.87)], "test-v1", stream="cam", fps=29.7)
+    assert np.array_equal(source, before)
+    assert annotated.shape == source.shape and annotated.dtype == np.uint8
+    assert box_border_difference(annotated, source) > 40
+    x, y, w, _ = BOX
+    tag = np.abs(annotated[y - 12:y, x:x + 40].astype(int) - source[y - 12:y, x:x + 40]).mean()
+    assert tag > 40                                          # the filled label background
+    footer = annotated[-8:].astype(int).mean()
+    assert footer < source[-8:].mean()                       # darkened footer bar
+
+
+def test_draw_results_copes_with_edges_odd_text_and_grey_input():
+    grey = np.full((60, 80), 128, np.uint8)
+    annotated = draw_results(grey, [face("Fear", 1.7, box=(0, 0, 80, 60))], "",
+                             stream="caméra ☺", fps=None)
+    assert annotated.shape == (60, 80, 3)
+    no_faces = draw_results(source_image(), [], "v2")
+    assert box_border_difference(no_faces, source_image()) == 0
+
+
+# --- Viewer (no sockets) -------------------------------------------------------------------
+
+class Rejects(list):
+    def __call__(self, error: Rejected) -> None:
+        self.append(error.reason)
+
+
+def make_viewer(**settings) -> tuple[Viewer, StreamHub, Rejects]:
+    hub, rejects = StreamHub(), Rejects()
+    return Viewer(ViewerSettings(**settings), hub, rejects), hub, rejects
+
+
+def test_viewer_composites_frames_with_labels_into_the_hub():
+    viewer, hub, rejects = make_viewer()
+    source = source_image()
+    viewer.on_result(encode(result_header(0, [face("Happy")])))
+    viewer.on_frame(encode(frame_header(1, capture=time.time()), [jpeg_of(source)]))
+    assert viewer.flush() == 1
+    jpeg = hub.snapshot("cam")
+    annotated = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert box_border_difference(annotated, source) > 30
+    status = hub.status()["streams"]["cam"]
+    assert status["frames_shown"] == 1 and status["last_seq"] == 1
+    assert status["labels"][0]["label"] == "Happy" and status["model"] == "test-v1"
+    assert status["e2e_latency_p50_ms"] is not None
+    assert rejects == []
+
+
+def test_viewer_accepts_raw_bgr_frames():
+    viewer, hub, _ = make_viewer()
+    raw = source_image()
+    viewer.on_frame(encode(frame_header(0, encoding=ENCODING_BGR), [raw.tobytes()]))
+    assert viewer.flush() == 1 and hub.snapshot("cam")
+
+
+def test_viewer_rejects_bad_input_without_raising():
+    viewer, hub, rejects = make_viewer()
+    viewer.on_frame([b"cam", os.urandom(40)])
+    viewer.on_frame([b"cam"])
+    viewer.on_frame([b"cam", msgpack.packb({"v": 99, "kind": "frame"})])
+    viewer.on_result(encode(frame_header(0), [b"x"]))                  # wrong kind
+    viewer.on_frame(encode(frame_header(0), [b"not a jpeg"]))          # refused at display
+    assert viewer.flush() == 0
+    viewer.on_frame(encode(frame_header(1, width=64, height=64), [jpeg_of(source_image())]))
+    assert viewer.flush() == 0
+    assert rejects == ["header", "frames", "version", "kind", "image", "size"]
+    assert hub.streams() == []
+
+
+def test_viewer_drops_stale_frames_and_decodes_only_shown_ones():
+    viewer, hub, _ = make_viewer(max_age_s=0.5)
+    viewer.on_frame(encode(frame_header(0, capture=time.time() - 5), [jpeg_of(source_image())]))
+    assert viewer.flush() == 0
+    for seq in range(1, 6):
+        viewer.on_frame(encode(frame_header(seq, capture=time.time()), [b"garbage, never decoded"]))
+    viewer.on_frame(encode(frame_header(6, capture=time.time()), [jpeg_of(source_image())]))
+    assert viewer.flush() == 1
+    assert hub.status()["streams"]["cam"]["last_seq"] == 6
+
+
+# --- hub and web server (in process) -------------------------------------------------------
+
+def test_rate_meter_measures_recent_events_only():
+    meter = RateMeter(window_s=2.0)
+    for i in range(11):
+        meter.tick(i * 0.1)
+    assert meter.rate(1.0) == pytest.approx(10.0)
+    assert meter.rate(10.0) == 0.0
+
+
+def test_hub_wait_frame_wakes_on_publish_and_ends_on_removal():
+    hub = StreamHub()
+    with pytest.raises(StreamClosed):
+        hub.wait_frame("cam", 0, 0.01)
+    hub.publish("cam", b"one", seq=1, results=[], model="m")
+    assert hub.wait_frame("cam", 0, 0.01) == (1, b"one")
+    assert hub.wait_frame("cam", 1, 0.01) is None
+    threading.Timer(0.05, hub.publish, ("cam", b"two"), {"seq": 2, "results": [], "model": "m"}).start()
+    assert hub.wait_frame("cam", 1, 2.0) == (2, b"two")
+    threading.Timer(0.05, hub.remove, ("cam",)).start()
+    with pytest.raises(StreamClosed):
+        hub.wait_frame("cam", 2, 2.0)
+
+
+def test_page_escapes_and_quotes_stream_ids():
+    page = render_page(['<script>"x"</script>', "a b/c"])
+    assert "<script>" not in page
+    assert 'src="/stream/%3Cscript%3E%22x%22%3C%2Fscript%3E.mjpg"' in page
+    assert 'src="/stream/a%20b%2Fc.mjpg"' in page
+
+
+@pytest.fixture
+def web():
+    hub = StreamHub()
+    server, _ = start_web_server("127.0.0.1", 0, hub)
+    yield hub, f"http://127.0.0.1:{server.server_address[1]}"
+    stop_web_server(server, hub)
+
+
+def get(url: str, timeout: float = 3.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def test_web_serves_only_its_paths_with_correct_headers(web):
+    hub, base = web
+    jpeg = jpeg_of(source_image())
+    hub.publish("a b/c", jpeg, seq=3, results=[face()], model="m1", latency_s=0.04)
+    status, headers, body = get(base + "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert "Access-Control-Allow-Origin" not in headers
+    assert b'src="/stream/a%20b%2Fc.mjpg"' in body
+    status, headers, body = get(base + "/snapshot/a%20b%2Fc.jpg")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and body == jpeg
+    status, headers, body = get(base + "/status.json")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    info = json.loads(body)
+    assert info["streams"]["a b/c"]["last_seq"] == 3 and info["uptime_s"] >= 0
+    assert info["streams"]["a b/c"]["e2e_latency_p50_ms"] == 40.0
+    status, headers, body = get(base + "/healthz")
+    assert status == 200 and body == b"ok\n"
+    for path in ("/nope", "/snapshot/other.jpg", "/stream/other.mjpg", "/stream/.mjpg",
+                 "/snapshot/%ff.jpg", "/status.json/x", "/../etc/passwd"):
+        status, headers, _ = get(base + path)
+        assert status == 404, path
+        assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+def read_mjpeg_parts(response, count: int) -> list[bytes]:
+    """Read ``count`` JPEG parts of a multipart/x-mixed-replace response."""
+    parts = []
+    while len(parts) < count:
+        line = response.readline()
+        if not line:
+            break
+        if line.strip() != b"--frame":
+            continue
+        headers = {}
+        while (line := response.readline().strip()):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        assert headers["content-type"] == "image/jpeg"
+        parts.append(response.read(int(headers["content-length"])))
+    return parts
+
+
+def test_mjpeg_client_gets_new_frames_and_may_disconnect(web):
+    hub, base = web
+    hub.publish("cam", b"\xff\xd8first", seq=0, results=[], model="m")
+    stop = threading.Event()
+
+    def keep_publishing():
+        seq = 1
+        while not stop.wait(0.02):
+            hub.publish("cam", b"\xff\xd8next%d" % seq, seq=seq, results=[], model="m")
+            seq += 1
+
+    publisher = threading.Thread(target=keep_publishing, daemon=True)
+    publisher.start()
+    try:
+        for _ in range(3):      # connect, read a little, hang up: nothing may break
+            with urllib.request.urlopen(base + "/stream/cam.mjpg", timeout=3) as response:
+                assert response.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
+                parts = read_mjpeg_parts(response, 3)
+            assert len(parts) == 3 and all(p.startswith(b"\xff\xd8") for p in parts)
+        deadline = time.monotonic() + 3
+        while hub.status()["mjpeg_clients"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert hub.status()["mjpeg_clients"] == 0
+        assert get(base + "/healthz")[0] == 200
+    finally:
+        stop.set()
+        publisher.join()
+
+
+# --- the real process over real ZeroMQ -----------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bind_broker_side(ctx: zmq.Context) -> tuple[int, zmq.Socket, zmq.Socket]:
+    """Stand in for the broker: PUB sockets on base+1 (frames) and base+7 (results)."""
+    for _ in range(50):
+        base = random.randint(20000, 40000)
+        frames, results = ctx.socket(zmq.PUB), ctx.socket(zmq.PUB)
+        for sock in (frames, results):
+            sock.setsockopt(zmq.LINGER, 0)
+        try:
+            frames.bind(f"tcp://127.0.0.1:{base + 1}")
+            results.bind(f"tcp://127.0.0.1:{base + 7}")
+            return base, frames, results
+        except zmq.ZMQError:
+            frames.close()
+            results.close()
+    raise RuntimeError("no free ports for the fake broker")
+
+
+class Publisher(threading.Thread):
+    """Sends a frame and its result every 30 ms, plus any queued extra messages."""
+
+    def __init__(self, frames: zmq.Socket, results: zmq.Socket):
+        super().__init__(daemon=True)
+        self.frames, self.results = frames, results
+        self.extra: deque[list] = deque()
+        self.stop = threading.Event()
+        self.jpeg = jpeg_of(source_image())
+
+    def run(self):
+        seq = 0
+        while not self.stop.wait(0.03):
+            captured = time.time()
+            self.frames.send_multipart(encode(frame_header(seq, capture=captured), [self.jpeg]))
+            self.results.send_multipart(encode(result_header(seq, [face("Happy", 0.87)],
+                                                             capture=captured)))
+            while self.extra:
+                self.frames.send_multipart(self.extra.popleft())
+            seq += 1
+
+
+def metric_values(text: str) -> dict[str, float]:
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def metric_total(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for key, value in metric_values(text).items():
+        base, _, rest = key.partition("{")
+        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_viewer_process_end_to_end_over_zeromq(tmp_path):
+    ctx = zmq.Context()
+    base, frames, results = bind_broker_side(ctx)
+    http_port, metrics_port = free_port(), free_port()
+    log_path = tmp_path / "viewer.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.viewer", "--base-port", str(base),
+             "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    publisher = Publisher(frames, results)
+    publisher.start()
+    web, metrics_url = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def metrics_text() -> str:
+        return get(metrics_url)[2].decode()
+
+    def reachable(url):
+        try:
+            return get(url, timeout=1)[0] == 200
+        except OSError:
+            assert proc.poll() is None, log_path.read_text()
+            return False
+
+    stream = None
+    try:
+        wait_until(lambda: reachable(web + "/healthz"), 10, "the viewer's web server")
+        wait_until(lambda: reachable(web + "/snapshot/cam.jpg"), 10, "a first composited frame")
+        source = source_image()
+        stream = urllib.request.urlopen(web + "/stream/cam.mjpg", timeout=5)
+        parts = read_mjpeg_parts(stream, 3)
+        assert len(parts) == 3
+        images = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR) for p in parts]
+        assert all(img is not None and img.shape == source.shape for img in images)
+        assert box_border_difference(images[-1], source) > 30
+
+        info = json.loads(get(web + "/status.json")[2])["streams"]["cam"]
+        assert info["frames_shown"] >= 3 and info["model"] == "test-v1"
+        assert info["labels"][0]["label"] == "Happy"
+        assert info["e2e_latency_p50_ms"] is not None and info["last_frame_age_s"] < 2
+
+        text = metrics_text()
+        assert metric_total(text, "emotion_viewer_frames_total", stream="cam") > 0
+        assert metric_total(text, "emotion_e2e_latency_seconds_count") > 0
+        assert metric_total(text, "emotion_messages_rejected_total", service="viewer") == 0
+
+        publisher.extra.extend([
+            [b"cam", os.urandom(64)],
+            [b"cam", msgpack.packb({"v": 99, "kind": "frame", "stream": "cam"}), b"x"],
+            encode(result_header(1, [face()]))])                 # a result on the frames channel
+        wait_until(lambda: metric_total(metrics_text(), "emotion_messages_rejected_total",
+                                        service="viewer") >= 3, 10, "rejected messages counted")
+        text = metrics_text()
+        assert metric_total(text, "emotion_messages_rejected_total", service="viewer",
+                            reason="version") == 1
+        assert metric_total(text, "emotion_messages_rejected_total", service="viewer",
+                            reason="kind") == 1
+        shown = metric_total(text, "emotion_viewer_frames_total", stream="cam")
+        wait_until(lambda: metric_total(metrics_text(), "emotion_viewer_frames_total",
+                                        stream="cam") > shown + 3, 10, "frames after garbage")
+        assert len(read_mjpeg_parts(stream, 2)) == 2
+
+        started = time.monotonic()                    # an MJPEG client is still connected
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0, log_path.read_text()
+        assert time.monotonic() - started < 5
+    finally:
+        publisher.stop.set()
+        publisher.join()
+        if stream is not None:
+            stream.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        frames.close()
+        results.close()
+        ctx.term()
+
+
+def test_window_without_gui_support_exits_with_a_clear_message():
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    done = subprocess.run([sys.executable, "-m", "services.viewer", "--window",
+                           "--metrics-port", "0", "--http-port", str(free_port())],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "opencv-python" in done.stderr and "--window" in done.stderr
