@@ -113,7 +113,8 @@ def list_versions(root: Path) -> list[ModelEntry]:
         return []
     entries = []
     for child in sorted(root.iterdir()):
-        if child.is_dir() and (child / METADATA_FILE).is_file():
+        # hidden names are versions still being written (see training/train.py register)
+        if child.is_dir() and not child.name.startswith(".") and (child / METADATA_FILE).is_file():
             try:
                 entries.append(read_entry(child))
             except RegistryError:

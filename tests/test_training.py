@@ -1,0 +1,408 @@
+"""The training CLI on tiny synthetic data: data formats and their errors, metrics,
+train -> evaluate -> registry, resume, promote/rollback, atomic registration."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from services.common import registry  # noqa: E402
+from services.common.preprocess import InputSpec, preprocess_faces  # noqa: E402
+from services.common.protocol import EMOTIONS  # noqa: E402
+from training import data, evaluate, models, train  # noqa: E402
+from training.__main__ import main  # noqa: E402
+from training.data import DataError  # noqa: E402
+
+HEADER = "emotion,pixels,Usage\n"
+
+
+def pixels(seed: int, n: int = 48 * 48) -> str:
+    return " ".join(map(str, np.random.default_rng(seed).integers(0, 256, n)))
+
+
+def write_csv(path: Path, rows: list[tuple]) -> Path:
+    path.write_text(HEADER + "".join(f"{e},{p},{u}\n" for e, p, u in rows))
+    return path
+
+
+def fer_csv(path: Path, per_split=(70, 14, 14)) -> Path:
+    rows = []
+    for usage, count in zip(data.SPLITS, per_split):
+        rows += [(i % 7, pixels(i), usage) for i in range(count)]
+    return write_csv(path, rows)
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+
+
+def tiny_model(outputs: int = 7, size: int = 8):
+    inputs = keras.Input((size, size, 1))
+    x = keras.layers.Flatten()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(outputs, activation="softmax")(x))
+
+
+def make_version(root: Path, version: str, outputs: int = 7) -> Path:
+    folder = root / version
+    folder.mkdir(parents=True)
+    tiny_model(outputs).save(folder / registry.MODEL_FILE)
+    meta = {"version": version, "input": InputSpec(8, 1, "unit").to_dict(), "classes": list(EMOTIONS)}
+    (folder / registry.METADATA_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+# --- CSV -----------------------------------------------------------------------------
+
+def test_csv_splits_and_shapes(tmp_path):
+    ds = data.load_dataset(fer_csv(tmp_path / "fer.csv"))
+    assert ds.format == "csv" and ds.sizes() == {"Training": 70, "PublicTest": 14, "PrivateTest": 14}
+    train_split = ds.split("Training")
+    assert train_split.faces.shape == (70, 48, 48) and train_split.faces.dtype == np.uint8
+    assert train_split.labels[:8].tolist() == [0, 1, 2, 3, 4, 5, 6, 0]
+    expected = np.array(pixels(0).split(), np.uint8).reshape(48, 48)
+    np.testing.assert_array_equal(train_split.faces[0], expected)
+
+
+def test_csv_accepts_spaced_header_and_quoted_pixels(tmp_path):
+    path = tmp_path / "fer.csv"
+    path.write_text(f'emotion, pixels, Usage\n3,"{pixels(1)}",Training\n')
+    assert data.load_dataset(path).sizes()["Training"] == 1
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([(0, pixels(0, 2303), "Training")], ":2: 2303 pixel values, expected 2304"),
+    ([(0, pixels(0), "Training"), (0, pixels(0)[:-3] + " 1x", "Training")], ":3: pixel value '1x' is not an integer"),
+    ([(7, pixels(0), "Training")], ":2: emotion 7 outside 0..6"),
+    ([("happy", pixels(0), "Training")], ":2: emotion 'happy' is not an integer"),
+    ([(1, pixels(0), "Train")], ":2: unknown Usage 'Train'"),
+    ([(1, pixels(0).replace("1", "300", 1) if "1" in pixels(0) else "300 " * 2304, "Training")],
+     "pixel values must be 0..255"),
+])
+def test_csv_errors_name_file_and_line(tmp_path, rows, message):
+    path = write_csv(tmp_path / "bad.csv", rows)
+    with pytest.raises(DataError) as err:
+        data.load_dataset(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_csv_missing_columns_empty_and_missing_split(tmp_path):
+    path = tmp_path / "cols.csv"
+    path.write_text(f"emotion,pixels\n0,{pixels(0)}\n")
+    with pytest.raises(DataError, match=r"cols.csv:1: missing column\(s\) Usage"):
+        data.load_dataset(path)
+    empty = tmp_path / "empty.csv"
+    empty.write_text(HEADER)
+    with pytest.raises(DataError, match="empty.csv: empty dataset"):
+        data.load_dataset(empty)
+    only_train = write_csv(tmp_path / "train.csv", [(0, pixels(0), "Training")])
+    with pytest.raises(DataError, match="train.csv: split 'PrivateTest' has no rows"):
+        data.load_dataset(only_train).split("PrivateTest")
+    with pytest.raises(DataError, match="no such file"):
+        data.load_dataset(tmp_path / "nope.csv")
+
+
+# --- image folders -------------------------------------------------------------------
+
+def test_index_folders_with_split_dirs_and_any_image_kind(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1), ("test", 1)):
+        for label in range(7):
+            for i in range(n):
+                write_image(tmp_path / split / str(label) / f"{i}.png", rng.integers(0, 256, (48, 48), np.uint8))
+    # colour, other size, BGRA and 16-bit images mix with the grey ones
+    write_image(tmp_path / "train" / "3" / "colour.jpg", rng.integers(0, 256, (64, 50, 3), np.uint8))
+    write_image(tmp_path / "train" / "4" / "alpha.png", rng.integers(0, 256, (20, 20, 4), np.uint8))
+    write_image(tmp_path / "train" / "5" / "deep.png", rng.integers(0, 65536, (30, 30), np.uint16))
+    (tmp_path / "train" / "5" / "notes.txt").write_text("not an image, ignored")
+    ds = data.load_dataset(tmp_path)
+    assert ds.format == "folders" and ds.sizes() == {"Training": 24, "PublicTest": 7, "PrivateTest": 7}
+    train_split = ds.split("Training")
+    assert isinstance(train_split.faces, list)  # mixed sizes stay a list
+    assert np.bincount(train_split.labels).tolist() == [3, 3, 3, 4, 4, 4, 3]
+    x = data.model_inputs(train_split.faces, InputSpec(48, 1, "unit"))
+    assert x.shape == (24, 48, 48, 1) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    rgb = data.model_inputs(train_split.faces, InputSpec(32, 3, "symmetric"))
+    assert rgb.shape == (24, 32, 32, 3) and -1 <= rgb.min() and rgb.max() <= 1
+
+
+def test_name_folders_aliases_skip_unknown_and_val_fraction(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    names = ["Angry", "disgusted", "FEAR", "happiness", "sad", "surprised", "neutral", "contempt"]
+    for name in names:
+        for i in range(10):
+            write_image(tmp_path / name / f"{i}.jpg", rng.integers(0, 256, (40, 40, 3), np.uint8))
+    with caplog.at_level(logging.WARNING):
+        ds = data.load_dataset(tmp_path, val_fraction=0.2, seed=3)
+    assert "contempt" in caplog.text
+    assert ds.sizes() == {"Training": 56, "PublicTest": 14}
+    assert ds.split("PublicTest").counts() == [2] * 7
+    assert isinstance(ds.split("Training").faces, np.ndarray)
+    again = data.load_dataset(tmp_path, val_fraction=0.2, seed=3)
+    np.testing.assert_array_equal(again.split("PublicTest").faces, ds.split("PublicTest").faces)
+    assert data.class_index("Anger") == 0 and data.class_index("6") == 6 and data.class_index("7") is None
+
+
+def test_folder_errors_name_the_file_or_folder(tmp_path):
+    write_image(tmp_path / "a" / "happy" / "ok.png", np.zeros((8, 8), np.uint8))
+    broken = tmp_path / "a" / "happy" / "broken.png"
+    broken.write_bytes(b"not really a png")
+    with pytest.raises(DataError, match=f"{broken}: cannot be read as an image"):
+        data.load_dataset(tmp_path / "a")
+    (tmp_path / "b" / "sad").mkdir(parents=True)
+    with pytest.raises(DataError, match=f"{tmp_path / 'b' / 'sad'}: empty class folder"):
+        data.load_dataset(tmp_path / "b")
+    (tmp_path / "c" / "contempt").mkdir(parents=True)
+    with pytest.raises(DataError, match="empty dataset"):
+        data.load_dataset(tmp_path / "c")
+    with pytest.raises(DataError, match="is a directory"):
+        data.load_dataset(tmp_path / "c", "csv")
+
+
+# --- balancing, batches, metrics -----------------------------------------------------
+
+def test_balancing():
+    labels = np.array([0] * 6 + [1] * 2 + [3] * 3)
+    idx = data.oversample_indices(labels, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [6, 6, 0, 6]
+    np.testing.assert_array_equal(np.sort(idx), data.oversample_indices(labels, seed=0))
+    weights = data.balanced_class_weights(labels)
+    np.testing.assert_allclose(weights[[0, 1, 3]], [11 / 18, 11 / 6, 11 / 9])
+    assert weights[2] == 1.0
+
+
+def test_batches_are_preprocess_faces_output_and_order_depends_on_seed_and_epoch():
+    faces = np.random.default_rng(0).integers(0, 256, (10, 48, 48), np.uint8)
+    split = data.Split(faces, np.arange(10) % 7)
+    spec = InputSpec(48, 1, "unit")
+    plain = train.Batches(split, spec, 4)
+    x, y = plain[0]
+    np.testing.assert_array_equal(x, preprocess_faces(faces[:4], spec))
+    assert y.shape == (4, 7) and y.argmax(1).tolist() == [0, 1, 2, 3]
+    a = train.Batches(split, spec, 4, shuffle=True, seed=1, epoch=5, class_weights=np.arange(7.0))
+    b = train.Batches(split, spec, 4, shuffle=True, seed=1, epoch=5)
+    np.testing.assert_array_equal(a[1][0], b[1][0])
+    xa, ya, wa = a[2]
+    assert len(a) == 3 and len(xa) == 2 and wa.tolist() == ya.argmax(1).tolist()
+    b.on_epoch_end()
+    assert not np.array_equal(a[0][0], b[0][0])
+
+
+def test_metrics_match_hand_computation():
+    y_true = [0, 0, 1, 1, 1, 2]
+    y_pred = [0, 1, 1, 1, 2, 2]
+    cm = evaluate.confusion_matrix(y_true, y_pred, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 1], [0, 0, 1]]
+    m = evaluate.metrics_from_confusion(cm, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["n"] == 6
+    assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    f1 = [2 / 3, 2 / 3, 2 * 0.5 / 1.5]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    empty = evaluate.metrics_from_confusion(evaluate.confusion_matrix([], [], 7))
+    assert empty["accuracy"] == 0.0 and empty["per_class"]["Angry"]["f1"] == 0.0
+
+
+# --- models --------------------------------------------------------------------------
+
+def test_compact_model_shape_and_size():
+    model = models.compact(width=1.0)
+    assert model.input_shape == (None, 48, 48, 1) and model.output_shape == (None, 7)
+    assert 500_000 <= model.count_params() <= 1_500_000
+    registry.check_model(model, InputSpec(48, 1, "unit"), "compact")
+
+
+def test_mobilenetv2_from_scratch_and_offline_imagenet_message(monkeypatch, tmp_path, capsys):
+    spec = models.input_spec("mobilenetv2", 32)
+    assert spec == InputSpec(32, 3, "symmetric")
+    registry.check_model(models.build("mobilenetv2", spec), spec, "mobilenetv2")
+
+    import keras.src.applications.mobilenet_v2 as mnv2
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(mnv2.file_utils, "get_file", offline)
+    code = main(["train", "--data", str(fer_csv(tmp_path / "fer.csv")), "--arch", "mobilenetv2",
+                 "--input-size", "32", "--weights", "imagenet", "--registry", str(tmp_path / "models"),
+                 "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot download ImageNet weights" in err and "--weights none" in err
+    assert "Traceback" not in err
+    with pytest.raises(models.ModelError, match="weights file not found"):
+        models.build("mobilenetv2", spec, weights=str(tmp_path / "missing.h5"))
+
+
+# --- train -> evaluate -> registry, with an interrupted and resumed run --------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny 2-epoch run, interrupted after epoch 1 and resumed, then promoted."""
+    tmp = tmp_path_factory.mktemp("train")
+    csv_path = fer_csv(tmp / "fer.csv")
+    root, run_dir = tmp / "models", tmp / "run"
+    common = ["--registry", str(root), "--bench-seconds", "0.05"]
+    first = main(["train", "--data", str(csv_path), "--arch", "compact", "--width", "0.125",
+                  "--epochs", "2", "--batch-size", "16", "--max-train", "48", "--version", "v1",
+                  "--out-dir", str(run_dir), "--epochs-this-run", "1", "--seed", "7", *common])
+    after_first = json.loads((run_dir / train.STATE_FILE).read_text())
+    registered_early = (root / "v1").exists()
+    second = main(["train", "--resume", "--out-dir", str(run_dir), "--promote", *common])
+    return {"csv": csv_path, "root": root, "run": run_dir, "codes": (first, second),
+            "after_first": after_first, "registered_early": registered_early}
+
+
+def test_interrupted_run_resumes_at_epoch_2(trained):
+    assert trained["codes"] == (0, 0)
+    first = trained["after_first"]
+    assert first["epoch"] == 1 and not trained["registered_early"]
+    assert (trained["run"] / train.LAST).is_file() and (trained["run"] / train.BEST).is_file()
+    state = json.loads((trained["run"] / train.STATE_FILE).read_text())
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
+    steps_per_epoch = first["optimizer_iterations"]
+    assert steps_per_epoch == 3 and state["optimizer_iterations"] == 2 * steps_per_epoch
+
+
+def test_registered_version_metadata_and_promotion(trained):
+    root = trained["root"]
+    assert registry.current_version(root) == "v1"
+    assert sorted(p.name for p in root.iterdir()) == ["current", "history.json", "v1"]
+    folder = root / "v1"
+    for name in ("model.keras", "metadata.json", "eval-PublicTest.json", "confusion-PublicTest.png"):
+        assert (folder / name).is_file(), name
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["version"] == "v1" and meta["architecture"] == "compact"
+    assert meta["input"] == {"size": 48, "channels": 1, "scaling": "unit"}
+    assert meta["classes"] == list(EMOTIONS)
+    assert meta["dataset"]["splits"] == {"Training": 70, "PublicTest": 14, "PrivateTest": 14}
+    assert meta["dataset"]["train_used"] == 48 and meta["dataset"]["path"] == str(trained["csv"])
+    assert 0 <= meta["metrics"]["accuracy"] <= 1 and meta["metrics"]["n"] == 14
+    assert meta["training"]["epochs"] == 2 and meta["training"]["width"] == 0.125
+    assert meta["created"].endswith("+00:00") and meta["training_seconds"] > 0
+    assert meta["params"] > 0 and meta["epochs_run"] == 2 and "git_commit" in meta
+    entry = registry.resolve(root)
+    model = registry.load_model(entry)
+    registry.check_model(model, entry.spec, "v1")
+    assert model.count_params() == meta["params"]
+
+
+def test_evaluate_command_writes_report(trained, tmp_path, capsys):
+    out_json, out_png = tmp_path / "eval.json", tmp_path / "cm.png"
+    code = main(["evaluate", "--model", "v1", "--registry", str(trained["root"]), "--data",
+                 str(trained["csv"]), "--split", "PrivateTest", "--tta", "flip",
+                 "--json", str(out_json), "--png", str(out_png), "--bench-seconds", "0.05"])
+    assert code == 0
+    report = json.loads(out_json.read_text())
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "n"):
+        assert key in report
+    assert report["n"] == 14 and report["split"] == "PrivateTest" and report["tta"] == "flip"
+    assert np.asarray(report["confusion_matrix"]).sum() == 14
+    assert set(report["per_class"]) == set(EMOTIONS)
+    assert set(report["speed_faces_per_s"]) == {"batch_1", "batch_64"}
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "macro-F1" in capsys.readouterr().out
+    # a run's checkpoint evaluates too: the run dir has the metadata with the input spec
+    assert main(["evaluate", "--model", str(trained["run"] / train.BEST), "--data",
+                 str(trained["csv"]), "--bench-seconds", "0"]) == 0
+
+
+def test_evaluate_keras_file_without_metadata_fails_clearly(tmp_path, capsys):
+    tiny_model().save(tmp_path / "lonely.keras")
+    csv_path = fer_csv(tmp_path / "fer.csv", (7, 7, 0))
+    assert main(["evaluate", "--model", str(tmp_path / "lonely.keras"), "--data", str(csv_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no metadata.json beside the model" in err
+
+
+def test_train_refuses_existing_version_and_existing_run(trained, capsys):
+    args = ["train", "--data", str(trained["csv"]), "--registry", str(trained["root"])]
+    assert main([*args, "--version", "v1", "--out-dir", str(trained["run"].parent / "other")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--version", "v9", "--out-dir", str(trained["run"])]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_data_through_the_cli_is_one_line(tmp_path, capsys):
+    path = write_csv(tmp_path / "bad.csv", [(9, pixels(0), "Training")])
+    assert main(["train", "--data", str(path), "--registry", str(tmp_path / "m"),
+                 "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {path}:2: emotion 9 outside 0..6"
+
+
+# --- registry commands ---------------------------------------------------------------
+
+def test_promote_rollback_and_list(tmp_path, capsys):
+    root = tmp_path / "models"
+    make_version(root, "v1")
+    make_version(root, "v2")
+    reg = ["--registry", str(root)]
+    assert main(["promote", "v1", *reg]) == 0
+    assert main(["promote", "v2", *reg]) == 0
+    assert registry.current_version(root) == "v2"
+    assert main(["rollback", *reg]) == 0
+    assert registry.current_version(root) == "v1"
+    assert main(["list", *reg]) == 0
+    out = capsys.readouterr().out
+    assert "* v1" in out and "  v2" in out
+    assert main(["rollback", *reg]) == 2
+    assert "nothing to roll back" in capsys.readouterr().err
+
+
+def test_registry_env_var(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    import training.__main__ as cli_main
+
+    make_version(tmp_path / "envreg", "only")
+    monkeypatch.setenv("EMOTION_REGISTRY", str(tmp_path / "envreg"))
+    importlib.reload(cli_main)
+    assert cli_main.main(["list"]) == 0
+    assert "only" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["garbage", "five_outputs"])
+def test_promoting_a_broken_model_fails_and_keeps_current(tmp_path, damage, capsys):
+    root = tmp_path / "models"
+    make_version(root, "good")
+    bad = make_version(root, "bad", outputs=5 if damage == "five_outputs" else 7)
+    if damage == "garbage":
+        (bad / registry.MODEL_FILE).write_bytes(b"\x00garbage" * 100)
+    registry.promote(root, "good")
+    with pytest.raises(registry.RegistryError, match="cannot be loaded" if damage == "garbage" else "output shape"):
+        registry.promote(root, "bad")
+    assert registry.current_version(root) == "good"
+    assert main(["promote", "bad", "--registry", str(root)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert registry.current_version(root) == "good" and registry.history(root) == ["good"]
+
+
+def test_interrupted_registration_leaves_no_partial_version(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    report = evaluate.metrics_from_confusion(evaluate.confusion_matrix([0, 1], [0, 1]))
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(evaluate, "write_artefacts", fail)
+    with pytest.raises(OSError, match="disk full"):
+        train.register(root, "v1", tiny_model(), {"version": "v1"}, report)
+    assert list(root.iterdir()) == []
+    assert registry.list_versions(root) == []
+    monkeypatch.undo()
+    train.register(root, "v1", tiny_model(), {"version": "v1", "input": InputSpec(8, 1, "unit").to_dict()}, report)
+    assert [e.version for e in registry.list_versions(root)] == ["v1"]
+    with pytest.raises(registry.RegistryError, match="already exists"):
+        train.register(root, "v1", tiny_model(), {"version": "v1"}, report)
+
+
+def test_half_written_hidden_version_is_not_listed(tmp_path):
+    root = tmp_path / "models"
+    make_version(root, "v1")
+    make_version(root, ".v2.tmp-abc")
+    assert [e.path.name for e in registry.list_versions(root)] == ["v1"]

@@ -1,0 +1,1 @@
+"""Training, evaluation and model-registry commands: ``python -m training --help``."""

@@ -1,0 +1,158 @@
+"""Command line: ``python -m training <command>``. Parsing only; the work is in the modules.
+
+TensorFlow is imported only by the command that needs it, so ``--help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_REGISTRY = os.environ.get("EMOTION_REGISTRY", "models")
+
+
+def _registry_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", default=DEFAULT_REGISTRY,
+                        help="model registry directory (default: $EMOTION_REGISTRY or 'models'; "
+                             "now %(default)s)")
+
+
+def _data_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--data", required=required,
+                        help="FER2013-style CSV (emotion,pixels,Usage) or a folder of class folders")
+    parser.add_argument("--data-format", choices=("auto", "csv", "folders"), default="auto",
+                        help="default: csv for a file, folders for a directory")
+    parser.add_argument("--val-split", type=float, default=0.1,
+                        help="for a folder dataset without split folders: seeded, stratified "
+                             "fraction held out as the PublicTest split (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=1234, help="random seed (default %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train, evaluate and manage the 7-class facial-emotion models "
+                    "(Angry, Disgust, Fear, Happy, Sad, Surprise, Neutral). See docs/models.md.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train", help="train a model and register it as a new version",
+        description="Train on the Training split, select the best epoch on PublicTest "
+                    "(or the --val-split fraction of a folder dataset), then register the best "
+                    "model as <registry>/<version>. Checkpoints go to --out-dir every epoch; "
+                    "--resume continues an interrupted run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _data_options(t, required=False)
+    t.add_argument("--arch", choices=("compact", "mobilenetv2"), default="compact",
+                   help="compact: small CNN for real time on a CPU, 48x48 grey; "
+                        "mobilenetv2: ImageNet-style backbone, RGB")
+    t.add_argument("--input-size", type=int, help="input side in pixels (compact 48, mobilenetv2 224)")
+    t.add_argument("--width", type=float, default=1.0, help="compact: filter-count multiplier")
+    t.add_argument("--dropout", type=float, default=0.4, help="dropout before the classifier")
+    t.add_argument("--weights", default="none",
+                   help="mobilenetv2 backbone weights: imagenet, none, or PATH to a no-top .h5")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    t.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
+    t.add_argument("--warmup-epochs", type=float, default=2.0, help="linear LR warm-up")
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--balance", choices=("none", "oversample", "class-weights"), default="none",
+                   help="counter class imbalance by repeating minority classes or weighting the loss")
+    t.add_argument("--patience", type=int, default=10,
+                   help="early stopping: epochs without a better validation accuracy")
+    t.add_argument("--max-train", type=int, help="use a seeded random subset of N training faces")
+    t.add_argument("--max-val", type=int, help="use a seeded random subset of N validation faces")
+    t.add_argument("--out-dir", help="run directory for checkpoints (default runs/<version>)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir with its saved arguments")
+    t.add_argument("--epochs-this-run", type=int,
+                   help="stop (resumably) after N epochs in this invocation")
+    t.add_argument("--version", help="registry version name (default <arch>-<UTC time>)")
+    t.add_argument("--promote", action="store_true", help="promote the new version when done")
+    t.add_argument("--bench-seconds", type=float, default=2.0,
+                   help="time spent measuring inference speed at the end (0 = skip)")
+    _registry_option(t)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser(
+        "evaluate", help="evaluate a model on a dataset split",
+        description="Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and "
+                    "inference speed of a model on one split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", required=True,
+                   help="registry version, version directory, or .keras file with metadata.json beside it")
+    _data_options(e, required=True)
+    e.add_argument("--split", default="PublicTest", choices=("Training", "PublicTest", "PrivateTest"),
+                   help="report PrivateTest only once, for the final model")
+    e.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average with the horizontally mirrored face")
+    e.add_argument("--json", help="write the report as JSON here")
+    e.add_argument("--png", help="write the confusion-matrix plot here")
+    e.add_argument("--bench-seconds", type=float, default=2.0,
+                   help="time per speed measurement (0 = skip)")
+    _registry_option(e)
+    e.set_defaults(func=_evaluate)
+
+    ls = sub.add_parser("list", help="list registry versions; * marks the served one")
+    _registry_option(ls)
+    ls.set_defaults(func=_registry_cmd("list_cmd"))
+
+    p = sub.add_parser("promote", help="serve VERSION (after checking it loads and answers)")
+    p.add_argument("version")
+    _registry_option(p)
+    p.set_defaults(func=_registry_cmd("promote_cmd"))
+
+    r = sub.add_parser("rollback", help="serve the previously promoted version again")
+    _registry_option(r)
+    r.set_defaults(func=_registry_cmd("rollback_cmd"))
+    return parser
+
+
+def _train(args) -> int:
+    from . import train
+
+    return train.run(args)
+
+
+def _evaluate(args) -> int:
+    from . import evaluate
+
+    return evaluate.run(args)
+
+
+def _registry_cmd(name: str):
+    def run(args) -> int:
+        from . import cli
+
+        return getattr(cli, name)(args)
+
+    return run
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's to fix: one line, no traceback."""
+    from services.common.registry import RegistryError
+
+    from .data import DataError
+
+    errors = [RegistryError, DataError]
+    if "training.models" in sys.modules:
+        errors.append(sys.modules["training.models"].ModelError)
+    if "training.train" in sys.modules:
+        errors.append(sys.modules["training.train"].RunError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.verbose = 1 if sys.stdout.isatty() else 2  # progress bars on a terminal, lines in logs
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Datasets as uint8 faces + labels, and the batches the model is fed.
+
+Both formats end up as the same :class:`Dataset`: canonical split names
+(Training / PublicTest / PrivateTest) mapped to a :class:`Split` of uint8 faces.
+Faces only become model inputs through ``services.common.preprocess.preprocess_faces``,
+the function the classifier service uses too, so training and serving cannot drift.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from services.common.preprocess import InputSpec, preprocess_faces
+from services.common.protocol import EMOTIONS
+
+log = logging.getLogger(__name__)
+
+TRAIN, VAL, TEST = "Training", "PublicTest", "PrivateTest"
+SPLITS = (TRAIN, VAL, TEST)
+FER_SIZE = 48
+FER_COLUMNS = ("emotion", "pixels", "Usage")
+
+# Folder names accepted for the splits of an image-folder dataset.
+SPLIT_ALIASES = {
+    "training": TRAIN, "train": TRAIN,
+    "publictest": VAL, "val": VAL, "valid": VAL, "validation": VAL,
+    "privatetest": TEST, "test": TEST,
+}
+# Folder names accepted for the classes: the index, the class name, common synonyms.
+CLASS_ALIASES = {
+    "anger": "angry", "disgusted": "disgust", "fearful": "fear", "scared": "fear",
+    "happiness": "happy", "sadness": "sad", "surprised": "surprise",
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm",
+                  ".ppm", ".pbm", ".pnm", ".jp2", ".sr", ".ras", ".exr", ".hdr", ".avif"}
+
+
+class DataError(Exception):
+    """A dataset problem, worded for the person who has to fix the data."""
+
+
+@dataclass
+class Split:
+    """uint8 faces, an (N,H,W[,3]) array, or a list of such images when sizes differ."""
+
+    faces: np.ndarray | list
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> "Split":
+        if isinstance(self.faces, np.ndarray):
+            faces = self.faces[indices]
+        else:
+            faces = [self.faces[i] for i in indices]
+        return Split(faces, self.labels[indices])
+
+    def counts(self) -> list[int]:
+        return np.bincount(self.labels, minlength=len(EMOTIONS)).tolist()
+
+
+@dataclass
+class Dataset:
+    path: str
+    format: str
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits or len(self.splits[name]) == 0:
+            have = ", ".join(f"{k} ({len(v)})" for k, v in self.splits.items()) or "none"
+            raise DataError(f"{self.path}: split {name!r} has no rows (splits here: {have})")
+        return self.splits[name]
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(split) for name, split in self.splits.items()}
+
+
+def load_dataset(path, fmt: str = "auto", val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """Load a FER2013-style CSV or a folder of class folders (see docs/models.md)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if fmt == "auto":
+        fmt = "folders" if path.is_dir() else "csv"
+    if fmt == "csv":
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory, expected a CSV file (or use --data-format folders)")
+        return load_csv(path)
+    if fmt == "folders":
+        if not path.is_dir():
+            raise DataError(f"{path}: is not a directory of class folders")
+        return load_folders(path, val_fraction, seed)
+    raise DataError(f"unknown data format {fmt!r} (auto, csv or folders)")
+
+
+# --- FER2013 CSV -------------------------------------------------------------------------
+
+def load_csv(path: Path) -> Dataset:
+    """Parse ``emotion,pixels,Usage`` rows; every error names the file and the line."""
+    pixels_per_face = FER_SIZE * FER_SIZE
+    faces, labels, usages = [], [], []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        missing = [c for c in FER_COLUMNS if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                            f"(expected a header with {', '.join(FER_COLUMNS)})")
+        i_label, i_pixels, i_usage = (header.index(c) for c in FER_COLUMNS)
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
+            labels.append(_parse_label(row[i_label], path, line))
+            faces.append(_parse_pixels(row[i_pixels], pixels_per_face, path, line))
+            usage = row[i_usage].strip()
+            if usage not in SPLITS:
+                raise DataError(f"{path}:{line}: unknown Usage {usage!r} (expected one of {', '.join(SPLITS)})")
+            usages.append(usage)
+    if not labels:
+        raise DataError(f"{path}: empty dataset (no rows after the header)")
+    faces = np.stack(faces).reshape(-1, FER_SIZE, FER_SIZE)
+    labels = np.asarray(labels, np.int64)
+    usages = np.asarray(usages)
+    return Dataset(str(path), "csv",
+                   {name: Split(faces[usages == name], labels[usages == name]) for name in SPLITS})
+
+
+def _parse_label(text: str, path: Path, line: int) -> int:
+    try:
+        label = int(text)
+    except ValueError:
+        raise DataError(f"{path}:{line}: emotion {text!r} is not an integer") from None
+    if not 0 <= label < len(EMOTIONS):
+        raise DataError(f"{path}:{line}: emotion {label} outside 0..{len(EMOTIONS) - 1}")
+    return label
+
+
+def _parse_pixels(text: str, expected: int, path: Path, line: int) -> np.ndarray:
+    try:
+        values = np.fromstring(text, dtype=np.int32, sep=" ")  # C speed for the good rows
+    except ValueError:
+        values = None
+    if values is None or values.size != expected:
+        tokens = text.split()
+        bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
+        if bad is not None:
+            raise DataError(f"{path}:{line}: pixel value {bad!r} is not an integer")
+        raise DataError(f"{path}:{line}: {len(tokens)} pixel values, expected {expected} "
+                        f"({FER_SIZE}x{FER_SIZE})")
+    if values.min() < 0 or values.max() > 255:
+        raise DataError(f"{path}:{line}: pixel values must be 0..255")
+    return values.astype(np.uint8)
+
+
+# --- image folders ---------------------------------------------------------------------
+
+def class_index(folder_name: str) -> int | None:
+    """The class a folder holds, from its index or (aliased) name; None if unknown."""
+    name = folder_name.strip().lower()
+    if name.isdigit():
+        index = int(name)
+        return index if index < len(EMOTIONS) else None
+    name = CLASS_ALIASES.get(name, name)
+    names = [e.lower() for e in EMOTIONS]
+    return names.index(name) if name in names else None
+
+
+def load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
+    """Split folders (train/val/test or Training/PublicTest/PrivateTest) of class folders,
+    or just class folders, then a seeded ``val_fraction`` becomes PublicTest."""
+    split_dirs = {}
+    for child in sorted(root.iterdir()):
+        split = SPLIT_ALIASES.get(child.name.lower()) if child.is_dir() else None
+        if split is not None:
+            if split in split_dirs:
+                raise DataError(f"{root}: both {split_dirs[split].name}/ and {child.name}/ are the {split} split")
+            split_dirs[split] = child
+    dataset = Dataset(str(root), "folders")
+    if split_dirs:
+        for split, folder in split_dirs.items():
+            dataset.splits[split] = _load_class_folders(folder)
+        if TRAIN not in dataset.splits:
+            raise DataError(f"{root}: split folders found but none for training (train/ or Training/)")
+    else:
+        pool = _load_class_folders(root)
+        dataset.splits[TRAIN], dataset.splits[VAL] = _split_off(pool, val_fraction, seed)
+    return dataset
+
+
+def _load_class_folders(folder: Path) -> Split:
+    faces, labels = [], []
+    for child in sorted(folder.iterdir()):
+        if not child.is_dir() or child.name.startswith("."):
+            continue
+        label = class_index(child.name)
+        if label is None:
+            log.warning("%s: not one of the classes %s, skipped", child, ", ".join(EMOTIONS))
+            continue
+        files = [p for p in sorted(child.iterdir())
+                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise DataError(f"{child}: empty class folder (no images)")
+        for file in files:
+            faces.append(read_face(file))
+            labels.append(label)
+    if not faces:
+        raise DataError(f"{folder}: empty dataset (no class folders with images; "
+                        f"expected subfolders named 0..6 or {', '.join(e.lower() for e in EMOTIONS)})")
+    shapes = {face.shape for face in faces}
+    stacked = np.stack(faces) if len(shapes) == 1 else faces
+    return Split(stacked, np.asarray(labels, np.int64))
+
+
+def read_face(file: Path) -> np.ndarray:
+    """Any image OpenCV reads -> uint8 grey (H,W) or BGR (H,W,3)."""
+    image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise DataError(f"{file}: cannot be read as an image")
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 3:
+        if image.shape[2] == 1:
+            image = image[:, :, 0]
+        elif image.shape[2] == 2:          # grey + alpha
+            image = image[:, :, 0]
+        elif image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return np.ascontiguousarray(image)
+
+
+def _split_off(pool: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """A seeded, stratified split: ``fraction`` of every class goes to validation."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-split must be between 0 and 1, not {fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(pool.labels):
+        members = rng.permutation(np.flatnonzero(pool.labels == label))
+        take = int(round(len(members) * fraction)) if len(members) > 1 else 0
+        val.extend(members[:take])
+    val_mask = np.zeros(len(pool), bool)
+    val_mask[np.asarray(val, np.int64)] = True
+    return pool.subset(np.flatnonzero(~val_mask)), pool.subset(np.flatnonzero(val_mask))
+
+
+# --- from faces to batches -------------------------------------------------------------
+
+def model_inputs(faces, spec: InputSpec) -> np.ndarray:
+    """preprocess_faces over an array, or image by image over a list of mixed sizes."""
+    if isinstance(faces, np.ndarray):
+        return preprocess_faces(faces, spec)
+    if not faces:
+        return np.empty((0, *spec.shape), np.float32)
+    return np.concatenate([preprocess_faces(face[None], spec) for face in faces])
+
+
+def subsample(split: Split, limit: int | None, seed: int) -> Split:
+    """A seeded random subset of at most ``limit`` faces (for quick runs)."""
+    if not limit or limit >= len(split):
+        return split
+    keep = np.sort(np.random.default_rng(seed).choice(len(split), limit, replace=False))
+    return split.subset(keep)
+
+
+def oversample_indices(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Indices repeating every class up to the majority class's count."""
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels)
+    target = counts.max()
+    out = []
+    for label in np.flatnonzero(counts):
+        members = np.flatnonzero(labels == label)
+        reps, extra = divmod(target, len(members))
+        out.append(np.tile(members, reps))
+        out.append(rng.choice(members, extra, replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int = len(EMOTIONS)) -> np.ndarray:
+    """sklearn's 'balanced' weights, n / (k * n_c), over the classes present (1.0 if absent)."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(n_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return weights

@@ -1,0 +1,218 @@
+"""Evaluation: metrics in plain numpy, a confusion-matrix plot, and inference speed.
+
+Speed is measured on ``model(x, training=False)`` inside a ``tf.function`` (what a
+server would run), not on ``model.predict``, whose ~55 ms per-call overhead would
+swamp batch-1 latency.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.common import registry
+from services.common.preprocess import InputSpec
+from services.common.protocol import EMOTIONS
+
+from .data import Split, load_dataset, model_inputs
+
+BATCH = 64
+
+
+# --- metrics (numpy only) --------------------------------------------------------------
+
+def confusion_matrix(y_true, y_pred, n_classes: int = len(EMOTIONS)) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    return cm
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+
+def metrics_from_confusion(cm: np.ndarray, class_names=EMOTIONS) -> dict:
+    """Accuracy, macro-F1 (over classes with support) and per-class P/R/F1/support."""
+    cm = np.asarray(cm, np.float64)
+    tp = np.diag(cm)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    precision, recall = _ratio(tp, predicted), _ratio(tp, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    n = int(cm.sum())
+    present = support > 0
+    return {
+        "n": n,
+        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                   "f1": float(f1[i]), "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": cm.astype(np.int64).tolist(),
+    }
+
+
+# --- running the model -----------------------------------------------------------------
+
+def inference_fn(model, spec: InputSpec):
+    """``model(x, training=False)``, compiled once for any batch size where the backend allows."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: model(x, training=False),
+                           input_signature=[tf.TensorSpec((None, *spec.shape), tf.float32)],
+                           reduce_retracing=True)
+    return lambda x: model(x, training=False)
+
+
+def predict(fn, split: Split, spec: InputSpec, tta: str = "none", batch_size: int = BATCH) -> np.ndarray:
+    """Class probabilities for every face of ``split`` (flip TTA averages with the mirror)."""
+    out = []
+    for start in range(0, len(split), batch_size):
+        x = model_inputs(split.faces[start:start + batch_size], spec)
+        probs = np.asarray(fn(x))
+        if tta == "flip":
+            probs = (probs + np.asarray(fn(np.ascontiguousarray(x[:, :, ::-1, :])))) / 2
+        out.append(probs)
+    return np.concatenate(out) if out else np.empty((0, len(EMOTIONS)), np.float32)
+
+
+def measure_speed(fn, spec: InputSpec, seconds: float = 2.0) -> dict:
+    """Faces per second at batch 1 and batch 64, each timed for about ``seconds``."""
+    speeds = {}
+    rng = np.random.default_rng(0)
+    for batch in (1, BATCH):
+        x = rng.random((batch, *spec.shape), dtype=np.float32)
+        for _ in range(3):  # trace + warm caches
+            np.asarray(fn(x))
+        calls, start = 0, time.perf_counter()
+        while True:
+            np.asarray(fn(x))
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        speeds[f"batch_{batch}"] = round(calls * batch / elapsed, 1)
+    return speeds
+
+
+def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
+                   bench_seconds: float = 2.0) -> dict:
+    fn = inference_fn(model, spec)
+    probs = predict(fn, split, spec, tta)
+    report = metrics_from_confusion(confusion_matrix(split.labels, probs.argmax(axis=1)))
+    report["tta"] = tta
+    if bench_seconds > 0:
+        report["speed_faces_per_s"] = measure_speed(fn, spec, bench_seconds)
+    return report
+
+
+# --- presenting ------------------------------------------------------------------------
+
+def format_report(report: dict) -> str:
+    lines = [f"{'class':<10}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}"]
+    for name, m in report["per_class"].items():
+        lines.append(f"{name:<10}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}{m['support']:>9d}")
+    lines.append(f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
+                 f"n {report['n']}   tta {report.get('tta', 'none')}")
+    lines.append("confusion matrix (rows true, columns predicted):")
+    lines.append(" " * 10 + "".join(f"{name[:7]:>8}" for name in EMOTIONS))
+    for name, row in zip(EMOTIONS, report["confusion_matrix"]):
+        lines.append(f"{name:<10}" + "".join(f"{v:>8d}" for v in row))
+    speed = report.get("speed_faces_per_s")
+    if speed:
+        lines.append(f"speed: {speed['batch_1']:.0f} faces/s at batch 1, "
+                     f"{speed[f'batch_{BATCH}']:.0f} faces/s at batch {BATCH}")
+    return "\n".join(lines)
+
+
+def save_confusion_png(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(report["confusion_matrix"], np.float64)
+    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}\n{rows[i, j]:.0%}", ha="center", va="center",
+                    fontsize=7, color="white" if rows[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=45)
+    ax.set_yticks(range(len(EMOTIONS)), EMOTIONS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}\naccuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_artefacts(report: dict, directory: Path, split: str, title: str) -> None:
+    """eval-<split>.json and confusion-<split>.png, the names the registry documents."""
+    registry.atomic_write(directory / f"eval-{split}.json", json.dumps(report, indent=1) + "\n")
+    save_confusion_png(report, directory / f"confusion-{split}.png", title)
+
+
+# --- the command -----------------------------------------------------------------------
+
+@dataclass
+class FileEntry(registry.ModelEntry):
+    """A model file other than <version>/model.keras, e.g. a run's best.keras."""
+
+    file: Path | None = None
+
+    @property
+    def model_file(self) -> Path:
+        return self.file
+
+
+def resolve_model(ref: str, root: Path) -> registry.ModelEntry:
+    """A registry version name, a version directory, or a .keras file with metadata.json beside it."""
+    path = Path(ref)
+    if path.is_dir():
+        return registry.read_entry(path)
+    if path.is_file():
+        meta = path.parent / registry.METADATA_FILE
+        if not meta.is_file():
+            raise registry.RegistryError(
+                f"{path}: no {registry.METADATA_FILE} beside the model, so its input spec "
+                f"(size, channels, scaling) is unknown; evaluate a registry version instead")
+        try:
+            metadata = json.loads(meta.read_text())
+        except json.JSONDecodeError as exc:
+            raise registry.RegistryError(f"{meta}: not valid JSON ({exc})") from None
+        return FileEntry(str(metadata.get("version", path.stem)), path.parent, metadata, file=path)
+    if path.suffix == ".keras" or "/" in ref:
+        raise registry.RegistryError(f"{ref}: no such model file or directory")
+    return registry.resolve(root, ref)
+
+
+def run(args) -> int:
+    entry = resolve_model(args.model, Path(args.registry))
+    spec = entry.spec
+    model = registry.load_model(entry)
+    registry.check_model(model, spec, str(entry.model_file))
+    dataset = load_dataset(args.data, args.data_format, args.val_split, args.seed)
+    split = dataset.split(args.split)
+    report = evaluate_split(model, spec, split, tta=args.tta, bench_seconds=args.bench_seconds)
+    report = {"model": str(entry.model_file), "version": entry.version, "data": str(args.data),
+              "split": args.split, **report}
+    print(f"{entry.version} on {args.data} [{args.split}]")
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        registry.atomic_write(Path(args.json), json.dumps(report, indent=1) + "\n")
+    if args.png:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+        save_confusion_png(report, Path(args.png), f"{entry.version} [{args.split}]")
+    return 0

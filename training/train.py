@@ -1,0 +1,296 @@
+"""Training: data -> model -> per-epoch checkpoints -> a new registry version.
+
+The run directory holds everything needed to continue an interrupted run:
+``last.keras`` (model + optimizer state, so the LR schedule continues from its step),
+``best.keras`` (best validation accuracy so far) and ``state.json`` (the run's
+arguments, epoch, early-stopping counters, history). ``--resume`` reloads them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from services.common import registry
+from services.common.preprocess import InputSpec
+from services.common.protocol import EMOTIONS
+
+from . import data as datasets
+from . import evaluate, models
+
+STATE_FILE = "state.json"
+LAST, BEST = "last.keras", "best.keras"
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Arguments that belong to one invocation, not to the run, so --resume takes them anew.
+SESSION_ARGS = ("resume", "epochs_this_run", "promote", "verbose")
+
+
+class RunError(Exception):
+    """A run cannot start or continue as asked (e.g. its out dir holds another run)."""
+
+
+class Batches(keras.utils.PyDataset):
+    """Batches of ``preprocess_faces`` output, made on the fly so memory stays small at
+    any input size. The shuffle order depends only on (seed, epoch), so a resumed run
+    sees the order the uninterrupted run would have seen."""
+
+    def __init__(self, split: datasets.Split, spec: InputSpec, batch_size: int, *,
+                 shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                 indices: np.ndarray | None = None, class_weights: np.ndarray | None = None):
+        super().__init__()
+        self.split, self.spec, self.batch_size = split, spec, batch_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
+        self.indices = np.arange(len(split)) if indices is None else np.asarray(indices)
+        self.class_weights = class_weights
+        self._order, self._order_epoch = self.indices, None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def _current_order(self) -> np.ndarray:
+        if self.shuffle and self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order, self._order_epoch = rng.permutation(self.indices), self.epoch
+        return self._order
+
+    def __getitem__(self, i: int):
+        picked = self._current_order()[i * self.batch_size:(i + 1) * self.batch_size]
+        part = self.split.subset(picked)
+        x = datasets.model_inputs(part.faces, self.spec)
+        y = np.eye(len(EMOTIONS), dtype=np.float32)[part.labels]
+        if self.class_weights is None:
+            return x, y
+        return x, y, self.class_weights[part.labels].astype(np.float32)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+
+class RunCheckpoints(keras.callbacks.Callback):
+    """Per-epoch last/best checkpoints, early stopping, and state.json, all resumable
+    (Keras' own EarlyStopping forgets its counters when a run restarts)."""
+
+    def __init__(self, out_dir: Path, state: dict, patience: int, epochs_this_run: int | None):
+        super().__init__()
+        self.out_dir, self.state = out_dir, state
+        self.patience, self.epochs_this_run = patience, epochs_this_run
+        self.epochs_done_here, self.started = 0, time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        state = self.state
+        val_acc = float(logs.get("val_accuracy", float("nan")))
+        state["history"].append({"epoch": epoch + 1, **{k: round(float(v), 6) for k, v in logs.items()}})
+        if val_acc > state["best_val_accuracy"]:
+            state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1, wait=0)
+            save_model(self.model, self.out_dir / BEST)
+        else:
+            state["wait"] += 1
+        save_model(self.model, self.out_dir / LAST)
+        state["epoch"] = epoch + 1
+        state["optimizer_iterations"] = int(self.model.optimizer.iterations.numpy())
+        now = time.monotonic()
+        state["train_seconds"] = round(state["train_seconds"] + now - self.started, 1)
+        self.started = now
+        if state["wait"] >= self.patience:
+            state["stopped_early"] = True
+            self.model.stop_training = True
+            print(f"early stopping: no better val_accuracy for {self.patience} epochs "
+                  f"(best {state['best_val_accuracy']:.4f} at epoch {state['best_epoch']})")
+        self.epochs_done_here += 1
+        if self.epochs_this_run and self.epochs_done_here >= self.epochs_this_run:
+            self.model.stop_training = True
+        write_json(self.out_dir / STATE_FILE, state)
+
+
+def save_model(model, path: Path) -> None:
+    """model.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    registry.atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the run ---------------------------------------------------------------------------
+
+def prepare_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dict]:
+    """The run's arguments, directory and state: fresh, or reloaded for --resume."""
+    if args.resume:
+        if not args.out_dir:
+            raise RunError("--resume needs --out-dir, the directory of the run to continue")
+        out_dir = Path(args.out_dir)
+        try:
+            state = json.loads((out_dir / STATE_FILE).read_text())
+        except FileNotFoundError:
+            raise RunError(f"{out_dir / STATE_FILE}: missing, nothing to resume") from None
+        saved = dict(state["args"])
+        saved.update({k: getattr(args, k) for k in SESSION_ARGS if hasattr(args, k)})
+        return argparse.Namespace(**saved), out_dir, state
+    if not args.data:
+        raise RunError("train needs --data (or --resume --out-dir DIR)")
+    args.version = args.version or f"{args.arch}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    if not VERSION_RE.match(args.version):
+        raise RunError(f"invalid version name {args.version!r}: letters, digits, '.', '_', '-' only")
+    out_dir = Path(args.out_dir or Path("runs") / args.version)
+    if (out_dir / STATE_FILE).exists():
+        raise RunError(f"{out_dir} already holds a run: continue it with --resume, "
+                       f"or choose another --out-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir = str(out_dir)
+    saved = {k: v for k, v in vars(args).items() if k not in SESSION_ARGS and k != "func"}
+    state = {"args": saved, "epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "wait": 0,
+             "stopped_early": False, "train_seconds": 0.0, "optimizer_iterations": 0,
+             "history": [], "started": utc_now()}
+    return args, out_dir, state
+
+
+def load_splits(args) -> tuple[datasets.Dataset, datasets.Split, datasets.Split]:
+    dataset = datasets.load_dataset(args.data, args.data_format, args.val_split, args.seed)
+    train = datasets.subsample(dataset.split(datasets.TRAIN), args.max_train, args.seed)
+    val = datasets.subsample(dataset.split(datasets.VAL), args.max_val, args.seed)
+    return dataset, train, val
+
+
+def compile_model(model, args, steps_per_epoch: int) -> None:
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = min(int(args.warmup_epochs * steps_per_epoch), total // 2)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=args.lr * 0.05, warmup_target=args.lr, warmup_steps=warmup,
+        decay_steps=max(1, total - warmup), alpha=0.01)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+def run(args: argparse.Namespace) -> int:
+    args, out_dir, state = prepare_run(args)
+    root = Path(args.registry)
+    if (root / args.version).exists():
+        raise registry.RegistryError(f"version {args.version!r} already exists in {root}; "
+                                     f"versions are never overwritten, pass another --version")
+    keras.utils.set_random_seed(args.seed)
+    spec = models.input_spec(args.arch, args.input_size)
+    dataset, train, val = load_splits(args)
+    print(f"data {args.data}: {dataset.sizes()}; training on {len(train)} "
+          f"(per class {train.counts()}), validating on {len(val)} [{datasets.VAL}]")
+
+    indices, class_weights = None, None
+    if args.balance == "oversample":
+        indices = datasets.oversample_indices(train.labels, args.seed)
+    elif args.balance == "class-weights":
+        class_weights = datasets.balanced_class_weights(train.labels)
+    batches = Batches(train, spec, args.batch_size, shuffle=True, seed=args.seed,
+                      epoch=state["epoch"], indices=indices, class_weights=class_weights)
+    val_batches = Batches(val, spec, args.batch_size)
+
+    if args.resume and state["epoch"]:
+        model = keras.saving.load_model(out_dir / LAST)
+        iterations = int(model.optimizer.iterations.numpy())
+        if iterations != state["optimizer_iterations"]:
+            raise RunError(f"{out_dir / LAST}: optimizer at step {iterations}, "
+                           f"state.json says {state['optimizer_iterations']}")
+        print(f"resuming {out_dir} at epoch {state['epoch'] + 1} of {args.epochs} (step {iterations})")
+    else:
+        model = models.build(args.arch, spec, width=args.width, dropout=args.dropout,
+                             weights=args.weights, seed=args.seed)
+        compile_model(model, args, len(batches))
+        write_json(out_dir / registry.METADATA_FILE,
+                   {"version": args.version, "architecture": args.arch,
+                    "input": spec.to_dict(), "classes": list(EMOTIONS)})
+        print(f"{model.name}: {model.count_params():,} parameters, input {spec.to_dict()}")
+
+    done = state["stopped_early"] or state["epoch"] >= args.epochs
+    if not done:
+        model.fit(batches, validation_data=val_batches, epochs=args.epochs,
+                  initial_epoch=state["epoch"], verbose=args.verbose,
+                  callbacks=[RunCheckpoints(out_dir, state, args.patience, args.epochs_this_run)])
+        done = state["stopped_early"] or state["epoch"] >= args.epochs
+    if not done:
+        print(f"stopped after epoch {state['epoch']} of {args.epochs}; continue with:\n"
+              f"  python -m training train --resume --out-dir {out_dir}")
+        return 0
+    if not (out_dir / BEST).is_file():
+        raise RunError(f"{out_dir / BEST}: missing, no epoch finished with a validation accuracy")
+
+    best = keras.saving.load_model(out_dir / BEST, compile=False)
+    report = evaluate.evaluate_split(best, spec, val, bench_seconds=args.bench_seconds)
+    print(f"best epoch {state['best_epoch']} on {datasets.VAL}:")
+    print(evaluate.format_report(report))
+    metadata = {
+        "version": args.version,
+        "architecture": args.arch,
+        "input": spec.to_dict(),
+        "classes": list(EMOTIONS),
+        "dataset": {"path": str(args.data), "format": dataset.format, "splits": dataset.sizes(),
+                    "train_used": len(train), "val_used": len(val), "val_split": datasets.VAL},
+        "metrics": {"split": datasets.VAL, "n": report["n"], "accuracy": report["accuracy"],
+                    "macro_f1": report["macro_f1"], "speed_faces_per_s": report.get("speed_faces_per_s")},
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "training": state["args"],
+        "git_commit": git_commit(),
+        "created": utc_now(),
+        "training_seconds": state["train_seconds"],
+        "params": int(best.count_params()),
+    }
+    path = register(root, args.version, best, metadata, report)
+    print(f"registered {path}")
+    if args.promote:
+        registry.promote(root, args.version)
+        print(f"promoted {args.version}: {root / registry.CURRENT}")
+    return 0
+
+
+def register(root: Path, version: str, model, metadata: dict, report: dict) -> Path:
+    """Build <root>/.<version>.tmp-*/ completely, then rename it to <root>/<version>.
+
+    The rename is atomic, so a reader sees the whole version or none of it; a failure
+    removes the temporary directory, and an existing version is never replaced.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version
+    if final.exists():
+        raise registry.RegistryError(f"version {version!r} already exists in {root}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=root))
+    try:
+        model.save(tmp / registry.MODEL_FILE)
+        evaluate.write_artefacts(report, tmp, datasets.VAL, f"{version} [{datasets.VAL}]")
+        write_json(tmp / registry.METADATA_FILE, metadata)
+        if final.exists():
+            raise registry.RegistryError(f"version {version!r} appeared in {root} meanwhile")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
