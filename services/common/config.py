@@ -47,16 +47,19 @@ class ServiceParser(argparse.ArgumentParser):
         self.error(f"environment variable {env}={raw!r} is not a yes/no value")
 
 
-def service_parser(name: str, description: str, metrics_port: int) -> ServiceParser:
+def service_parser(name: str, description: str, metrics_port: int,
+                   connects: bool = True) -> ServiceParser:
     """The parser every service starts from: broker address, metrics port, logging."""
     parser = ServiceParser(prog=f"python -m services.{name}", description=description)
-    parser.option("--broker-host", default="127.0.0.1",
-                  help="host name or address of the broker")
+    if connects:
+        parser.option("--broker-host", default="127.0.0.1",
+                      help="host name or address of the broker")
     parser.option("--base-port", default=5555, type=int,
                   help="first of the broker's 8 consecutive ports (see docs/protocol.md)")
     parser.option("--metrics-port", default=metrics_port, type=int,
                   help="port of the Prometheus /metrics endpoint (0 = none)")
-    parser.option("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds")
+    parser.option("--metrics-host", default="127.0.0.1",
+                  help="address the metrics endpoint binds (0.0.0.0 in containers)")
     parser.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 

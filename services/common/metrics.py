@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.
                    2.0, 5.0)
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on ``port`` (0 disables it)."""
     if port:
         start_http_server(port, addr=host)

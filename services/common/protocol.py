@@ -152,7 +152,7 @@ def decode(parts: Sequence, expect_kind: str | None = None) -> tuple[Header, lis
         raise Rejected("header", f"header of {_payload_len(raw)} bytes is too large")
     try:
         wire = msgpack.unpackb(raw, raw=False, strict_map_key=True,
-                               max_buffer_size=MAX_HEADER_BYTES, max_array_len=4 * MAX_FACES + 64,
+                               max_array_len=4 * MAX_FACES + 64,
                                max_map_len=64, max_str_len=4096, max_bin_len=0)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise Rejected("header", f"undecodable msgpack ({type(exc).__name__})") from None

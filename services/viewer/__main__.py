@@ -82,19 +82,25 @@ def main(argv=None) -> int:
 
     address = bus.BrokerAddress(args.broker_host, args.base_port)
     ctx = zmq.Context()
-    frames = bus.consumer(ctx, address, "frames")
-    results = bus.consumer(ctx, address, "results", hwm=256)   # tiny, and losing one loses labels
-    viewer = Viewer(settings, hub, metrics.RejectLog(SERVICE, log), windows)
-    log.info("web page on http://%s:%s/ ; frames from %s, results from %s; delay %d ms",
-             args.http_host, server.server_address[1], address.endpoint("frames", "out"),
-             address.endpoint("results", "out"), args.delay_ms)
+    sockets = []
     try:
+        frames = bus.consumer(ctx, address, "frames")
+        sockets.append(frames)
+        results = bus.consumer(ctx, address, "results", hwm=256)  # tiny; a lost one loses labels
+        sockets.append(results)
+        viewer = Viewer(settings, hub, metrics.RejectLog(SERVICE, log), windows)
+        log.info("web page on http://%s:%s/ ; frames from %s, results from %s; delay %d ms",
+                 args.http_host, server.server_address[1], address.endpoint("frames", "out"),
+                 address.endpoint("results", "out"), args.delay_ms)
         run_loop(viewer, frames, results, stop)
+    except zmq.ZMQError as exc:
+        log.error("cannot reach the broker at %s:%s: %s", args.broker_host, args.base_port, exc)
+        return 1
     finally:
         log.info("stopping")
         stop_web_server(server, hub)
-        frames.close()
-        results.close()
+        for sock in sockets:
+            sock.close()
         ctx.term()
         if windows is not None:
             windows.close()

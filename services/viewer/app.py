@@ -99,10 +99,19 @@ class Viewer:
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRE_EVERY_S
             for stream in self.joiner.expire(now):
-                self.hub.remove(stream)
-                if self.windows is not None:
-                    self.windows.remove(stream)
+                self._forget(stream)
         return sum(self.composite(item) for item in self.joiner.ready(now))
+
+    def _forget(self, stream: str) -> None:
+        """Drop an idle stream everywhere, its metric series included (bounded cardinality)."""
+        self.hub.remove(stream)
+        if self.windows is not None:
+            self.windows.remove(stream)
+        for counter in (FRAMES_SHOWN, RESULTS_RECEIVED):
+            try:
+                counter.remove(stream)
+            except KeyError:
+                pass
 
     def composite(self, item: Shown) -> bool:
         """Decode, draw, encode and publish one frame; False when its image is refused."""

@@ -1,0 +1,181 @@
+"""Capture: reads a source and publishes its frames to the broker.
+
+Each frame goes to two channels: ``frames`` (fan-out, for viewers) and ``detect``
+(the detectors' work queue). Sends never block: when the detect queue is full the
+frame is dropped there and counted, so a slow pipeline never makes capture fall
+behind the source.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import cv2
+import zmq
+from prometheus_client import Counter, Gauge
+
+from services.common import bus
+from services.common.config import service_parser, setup_logging
+from services.common.metrics import drop, serve_metrics
+from services.common.protocol import ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, Header, encode
+
+from .sources import Backoff, Pacer, SourceError, fit_width, open_source
+
+FRAMES = Counter("emotion_capture_frames_total", "Frames published", ["stream"])
+SOURCE_UP = Gauge("emotion_capture_source_up", "1 while the source delivers frames", ["stream"])
+SOURCE_FINISHED = Gauge("emotion_capture_source_finished",
+                        "1 once a file or folder source has ended", ["stream"])
+SOURCE_RETRIES = Counter("emotion_capture_source_retries_total",
+                         "Attempts to reopen a failed camera or URL", ["stream"])
+
+
+def parse_args(argv=None):
+    parser = service_parser("capture", __doc__.splitlines()[0], metrics_port=9101)
+    parser.option("--source", default="demo",
+                  help="'demo', a camera index (0) or /dev/videoN, a video file, an "
+                       "rtsp:// or http(s):// URL, an image folder, or a glob like 'pics/*.jpg'")
+    parser.option("--stream", default="main", help="stream id carried by every frame")
+    parser.option("--fps", default=0.0, type=float,
+                  help="frames per second to publish (0 = the source's own rate; "
+                       "15 for demo, image folders and cameras that do not say)")
+    parser.option("--pace", default=True, type=bool,
+                  help="pace files at their frame rate; --no-pace reads as fast as possible")
+    parser.option("--max-width", default=640, type=int,
+                  help="downscale wider frames to this width (0 = never)")
+    parser.option("--encoding", default=ENCODING_JPEG, choices=[ENCODING_JPEG, ENCODING_BGR],
+                  help="how frames travel: jpeg, or raw bgr (more bandwidth, less CPU)")
+    parser.option("--jpeg-quality", default=85, type=int, help="JPEG quality 1-100")
+    parser.option("--loop", default=False, type=bool, help="restart file sources at their end")
+    parser.option("--exit-at-end", default=False, type=bool,
+                  help="exit when a file source ends (batch use) instead of idling")
+    parser.option("--max-frames", default=0, type=int, help="stop after this many frames (0 = no limit)")
+    return parser.parse_args(argv)
+
+
+def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int) -> list:
+    """One frame as a wire message (timestamped now)."""
+    height, width = frame.shape[:2]
+    header = Header(kind=KIND_FRAME, stream=stream, seq=seq, width=width, height=height,
+                    encoding=encoding, timestamps={"capture": time.time()})
+    if encoding == ENCODING_BGR:
+        payload = frame if frame.flags.c_contiguous else frame.copy()
+    else:
+        ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise RuntimeError("JPEG encoding failed")
+        payload = jpeg
+    return encode(header, [payload])
+
+
+def publish_every(native_fps: float, target_fps: float) -> float:
+    """For a file whose native rate exceeds the target: publish one frame in this many."""
+    if native_fps <= 0 or target_fps <= 0 or target_fps >= native_fps:
+        return 1.0
+    return native_fps / target_fps
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    log = setup_logging("capture", args.log_level)
+    try:
+        source = open_source(args.source)
+    except SourceError as exc:
+        raise SystemExit(f"capture: {exc}")
+    serve_metrics(args.metrics_port, args.metrics_host)
+    addr = bus.BrokerAddress(args.broker_host, args.base_port)
+    ctx = zmq.Context()
+    frames_out = bus.producer(ctx, addr, "frames")
+    detect_out = bus.producer(ctx, addr, "detect")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stream = args.stream
+    SOURCE_UP.labels(stream).set(0)
+    SOURCE_FINISHED.labels(stream).set(0)
+    backoff = Backoff()
+    seq = 0
+    try:
+        while not stop.is_set():
+            try:
+                source.open()
+            except SourceError as exc:
+                SOURCE_UP.labels(stream).set(0)
+                if not source.live:
+                    raise SystemExit(f"capture: {exc}")
+                delay = backoff.next()
+                SOURCE_RETRIES.labels(stream).inc()
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                stop.wait(delay)
+                continue
+            SOURCE_UP.labels(stream).set(1)
+            SOURCE_FINISHED.labels(stream).set(0)
+            native = source.native_fps
+            is_file = not source.live and native > 0 and source.name != "demo"
+            fps = args.fps or native or 15.0
+            # Files are paced at their own rate (skipping frames for a lower --fps); cameras
+            # and URLs deliver at theirs, so only a lower --fps throttles them; demo and
+            # image folders are paced at --fps.
+            if source.live:
+                pacer = Pacer(0.0)
+            else:
+                pacer = Pacer((native if is_file else fps) if args.pace else 0.0)
+            every = publish_every(native, args.fps) if is_file else 1.0
+            min_interval = 1.0 / args.fps if source.live and args.fps else 0.0
+            last_publish = 0.0
+            log.info("reading %s (%.1f fps native), publishing stream %r at %s", source.name,
+                     native, stream, f"{fps:.1f} fps" if args.pace else "full speed")
+            read_index = 0
+            next_publish = 0.0
+            while not stop.is_set():
+                frame = source.read()
+                if frame is None:
+                    break
+                pacer.wait()
+                backoff.reset()
+                read_index += 1
+                if read_index - 1 < next_publish:
+                    continue
+                next_publish += every
+                if min_interval:
+                    now = time.monotonic()
+                    if now - last_publish < min_interval:
+                        continue
+                    last_publish = now
+                parts = encode_frame(fit_width(frame, args.max_width), stream, seq,
+                                     args.encoding, args.jpeg_quality)
+                frames_out.send_multipart(parts, copy=False)   # PUB: never blocks
+                if not bus.send_nowait(detect_out, parts):
+                    drop("capture", "detect_queue_full")
+                FRAMES.labels(stream).inc()
+                seq += 1
+                if args.max_frames and seq >= args.max_frames:
+                    stop.set()
+            source.close()
+            SOURCE_UP.labels(stream).set(0)
+            if stop.is_set():
+                break
+            if source.live:
+                delay = backoff.next()
+                SOURCE_RETRIES.labels(stream).inc()
+                log.warning("%s stopped delivering frames; reopening in %.1f s", source.name, delay)
+                stop.wait(delay)
+            elif args.loop:
+                continue
+            else:
+                SOURCE_FINISHED.labels(stream).set(1)
+                log.info("%s finished after %d frames", source.name, seq)
+                if args.exit_at_end:
+                    break
+                stop.wait()   # stay up so metrics and the rest of the pipeline stay up
+    finally:
+        # Give the last frames a moment to leave before the sockets close.
+        time.sleep(0.2 if args.exit_at_end or args.max_frames else 0)
+        frames_out.close()
+        detect_out.close()
+        ctx.term()
+        log.info("stopped after %d frames", seq)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Classifier: pulls face crops, classifies them in dynamic batches, publishes results.
+
+Results go to the ``results`` fan-out channel, one message per frame (also for frames
+without faces), each naming the model version that produced it.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common import bus, registry
+from services.common.config import service_parser, setup_logging
+from services.common.metrics import RejectLog, drop, serve_metrics
+from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceResult, Header,
+                                      Rejected, decode, decode_crops, encode)
+
+from .batching import Batcher, BatchPolicy, PendingFaces
+
+FACES = Counter("emotion_classifier_faces_total", "Faces classified, by predicted emotion", ["emotion"])
+BATCH_SIZE = Histogram("emotion_classifier_batch_size", "Faces per model call",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+INFERENCE_SECONDS = Histogram("emotion_classifier_inference_seconds",
+                              "Preprocessing plus model time per batch",
+                              buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
+QUEUE_WAIT = Histogram("emotion_classifier_queue_wait_seconds",
+                       "Time a message waited in the batcher before its batch ran",
+                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2))
+MODEL_INFO = Gauge("emotion_classifier_model_info", "The model version answering (value 1)", ["version"])
+
+
+def parse_args(argv=None):
+    parser = service_parser("classifier", __doc__.splitlines()[0], metrics_port=9103)
+    policy = BatchPolicy()
+    parser.option("--registry", default="models",
+                  help="model registry directory; the version named in its 'current' file is served")
+    parser.option("--model", default="",
+                  help="serve this model instead: a version directory or a model.keras file "
+                       "(with metadata.json beside it)")
+    parser.option("--max-batch", default=policy.max_batch, type=int, help="largest batch of faces")
+    parser.option("--max-wait-ms", default=policy.max_wait_ms, type=float,
+                  help="longest a face waits for its batch to fill")
+    parser.option("--max-age-ms", default=500.0, type=float,
+                  help="drop faces of frames captured longer ago than this (0 = never)")
+    return parser.parse_args(argv)
+
+
+def load_entry(registry_dir: str, model: str) -> registry.ModelEntry:
+    """The model to serve: --model when given, otherwise the registry's current version."""
+    if not model:
+        return registry.resolve(Path(registry_dir))
+    path = Path(model)
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise registry.RegistryError(f"--model {model}: no such file or directory")
+    return registry.read_entry(path)
+
+
+def results_message(header: Header, probabilities: np.ndarray, version: str) -> list:
+    results = []
+    for box, scores in zip(header.boxes, probabilities):
+        best = int(np.argmax(scores))
+        results.append(FaceResult(box=box, label=EMOTIONS[best], confidence=float(scores[best]),
+                                  scores=[float(s) for s in scores]))
+    out = Header(kind=KIND_RESULT, stream=header.stream, seq=header.seq, width=header.width,
+                 height=header.height, timestamps={**header.timestamps, "classify": time.time()},
+                 boxes=header.boxes, results=results, model=version)
+    return encode(out)
+
+
+def run_batch(batch: list[PendingFaces], runner, version: str, now: float) -> list[list]:
+    """Classify every crop of the batch in one model call; one result message per frame."""
+    crops = np.concatenate([item.crops for item in batch])
+    started = time.perf_counter()
+    probabilities = runner.predict_faces(crops)
+    INFERENCE_SECONDS.observe(time.perf_counter() - started)
+    BATCH_SIZE.observe(len(crops))
+    messages, start = [], 0
+    for item in batch:
+        QUEUE_WAIT.observe(max(0.0, now - item.arrived))
+        n = len(item.crops)
+        scores = probabilities[start:start + n]
+        start += n
+        for row in scores:
+            FACES.labels(EMOTIONS[int(np.argmax(row))]).inc()
+        messages.append(results_message(item.header, scores, version))
+    return messages
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    log = setup_logging("classifier", args.log_level)
+    try:
+        entry = load_entry(args.registry, args.model)
+        spec = entry.spec
+        model = registry.load_model(entry)
+        registry.check_model(model, spec, str(entry.model_file))
+    except registry.RegistryError as exc:
+        raise SystemExit(f"classifier: {exc}")
+    from .runtime import InferenceRunner
+
+    runner = InferenceRunner(model, spec)
+    runner.warm_up()
+    version = entry.version
+    MODEL_INFO.labels(version).set(1)
+    log.info("serving model %s (%s) input %s", version, entry.model_file, spec)
+    serve_metrics(args.metrics_port, args.metrics_host)
+    addr = bus.BrokerAddress(args.broker_host, args.base_port)
+    ctx = zmq.Context()
+    faces_in = bus.consumer(ctx, addr, "classify")
+    results_out = bus.producer(ctx, addr, "results")
+    rejected = RejectLog("classifier", log)
+    batcher = Batcher(BatchPolicy(args.max_batch, args.max_wait_ms))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    max_age = args.max_age_ms / 1000.0
+    while not stop.is_set():
+        wait = batcher.wait_ms(time.monotonic())
+        if faces_in.poll(200 if wait is None else wait):
+            while batcher.crops < args.max_batch:
+                try:
+                    parts = faces_in.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    header, payloads = decode(parts, expect_kind=KIND_FACES)
+                except Rejected as exc:
+                    rejected(exc)
+                    continue
+                if max_age and bus.age_seconds(header.timestamps) > max_age:
+                    drop("classifier", "stale")
+                    continue
+                if not payloads:
+                    results_out.send_multipart(results_message(header, np.zeros((0, 7)), version))
+                    continue
+                batcher.add(PendingFaces(header, decode_crops(header, payloads), time.monotonic()))
+        now = time.monotonic()
+        if batcher.ready(now):
+            for message in run_batch(batcher.take(), runner, version, now):
+                results_out.send_multipart(message)
+    faces_in.close()
+    results_out.close()
+    ctx.term()
+
+
+if __name__ == "__main__":
+    main()

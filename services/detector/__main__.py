@@ -1,0 +1,102 @@
+"""Detector: pulls frames from the detect queue, finds faces, pushes crops to classify.
+
+One message goes out per frame, also for frames with no face, so downstream stages
+(and the viewer) learn that the frame was seen and can clear old labels.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import zmq
+from prometheus_client import Counter, Histogram
+
+from services.common import bus
+from services.common.config import service_parser, setup_logging
+from services.common.metrics import RejectLog, drop, serve_metrics
+from services.common.protocol import KIND_FACES, KIND_FRAME, Header, Rejected, decode, decode_image, encode
+
+from .faces import DetectorSettings, crop_faces, detect_faces, load_cascade
+
+FRAMES = Counter("emotion_detector_frames_total", "Frames run through face detection")
+FACES = Counter("emotion_detector_faces_total", "Faces found")
+SECONDS = Histogram("emotion_detector_seconds", "Time to decode, detect and crop one frame",
+                    buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0))
+
+
+def parse_args(argv=None):
+    parser = service_parser("detector", __doc__.splitlines()[0], metrics_port=9102)
+    d = DetectorSettings()
+    parser.option("--cascade", default="haarcascade_frontalface_default.xml",
+                  help="Haar cascade file name in cv2.data.haarcascades, or a path")
+    parser.option("--scale-factor", default=d.scale_factor, type=float, help="Haar scaleFactor")
+    parser.option("--min-neighbors", default=d.min_neighbors, type=int, help="Haar minNeighbors")
+    parser.option("--min-size", default=d.min_size, type=int,
+                  help="smallest face side, in full-resolution pixels")
+    parser.option("--detect-width", default=d.detect_width, type=int,
+                  help="detect on a copy downscaled to this width (0 = full resolution)")
+    parser.option("--margin", default=d.margin, type=float,
+                  help="margin added around each face crop, as a fraction of the box")
+    parser.option("--crop-size", default=d.crop_size, type=int, help="side of the face crops sent on")
+    parser.option("--equalize", default=d.equalize, type=bool,
+                  help="equalise the grey histogram before detection (for dim scenes)")
+    parser.option("--max-age-ms", default=500.0, type=float,
+                  help="drop frames captured longer ago than this (0 = never)")
+    return parser.parse_args(argv)
+
+
+def faces_message(header: Header, payload, cascade, settings: DetectorSettings) -> list:
+    """A decoded frame message in, a faces message out (Rejected if the image is bad)."""
+    image = decode_image(header, payload)
+    boxes = detect_faces(image, cascade, settings)
+    crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
+    out = Header(kind=KIND_FACES, stream=header.stream, seq=header.seq, width=header.width,
+                 height=header.height, timestamps={**header.timestamps, "detect": time.time()},
+                 boxes=boxes, crop_size=settings.crop_size)
+    return encode(out, list(crops))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    log = setup_logging("detector", args.log_level)
+    settings = DetectorSettings(args.scale_factor, args.min_neighbors, args.min_size,
+                                args.detect_width, args.margin, args.crop_size, args.equalize)
+    cascade = load_cascade(args.cascade)
+    serve_metrics(args.metrics_port, args.metrics_host)
+    addr = bus.BrokerAddress(args.broker_host, args.base_port)
+    ctx = zmq.Context()
+    frames_in = bus.consumer(ctx, addr, "detect")
+    faces_out = bus.producer(ctx, addr, "classify")
+    rejected = RejectLog("detector", log)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    max_age = args.max_age_ms / 1000.0
+    log.info("detecting faces (%s), max frame age %.0f ms", settings, args.max_age_ms)
+    while not stop.is_set():
+        if not frames_in.poll(200):
+            continue
+        parts = frames_in.recv_multipart(copy=False)
+        started = time.perf_counter()
+        try:
+            header, payloads = decode(parts, expect_kind=KIND_FRAME)
+            if max_age and bus.age_seconds(header.timestamps) > max_age:
+                drop("detector", "stale")
+                continue
+            out = faces_message(header, payloads[0], cascade, settings)
+        except Rejected as exc:
+            rejected(exc)
+            continue
+        SECONDS.observe(time.perf_counter() - started)
+        FRAMES.inc()
+        FACES.inc(len(out) - 2)
+        if not bus.send_nowait(faces_out, out):
+            drop("detector", "classify_queue_full")
+    frames_in.close()
+    faces_out.close()
+    ctx.term()
+
+
+if __name__ == "__main__":
+    main()

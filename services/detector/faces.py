@@ -1,0 +1,72 @@
+"""Face detection with OpenCV's Haar cascade, on a downscaled grey copy of the frame."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+DEFAULT_CASCADE = "haarcascade_frontalface_default.xml"
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    scale_factor: float = 1.1
+    min_neighbors: int = 5
+    min_size: int = 30          # pixels, in the full-resolution frame
+    detect_width: int = 320     # detection runs on a copy this wide (0 = full size)
+    margin: float = 0.1         # crop margin around each box, as a fraction of its size
+    crop_size: int = 96         # canonical crop side sent to the classifier
+    equalize: bool = False      # histogram equalisation first (helps dim scenes, hurts others)
+
+
+def load_cascade(name: str = DEFAULT_CASCADE) -> cv2.CascadeClassifier:
+    path = name if "/" in name else cv2.data.haarcascades + name
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise RuntimeError(f"cannot load Haar cascade {path}")
+    return cascade
+
+
+def detect_faces(image: np.ndarray, cascade: cv2.CascadeClassifier,
+                 settings: DetectorSettings) -> list[tuple[int, int, int, int]]:
+    """Boxes (x, y, w, h) in full-resolution pixels, found on a small equalised grey copy."""
+    height, width = image.shape[:2]
+    scale = 1.0
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    if settings.detect_width and width > settings.detect_width:
+        scale = settings.detect_width / width
+        grey = cv2.resize(grey, (settings.detect_width, max(1, round(height * scale))),
+                          interpolation=cv2.INTER_AREA)
+    if settings.equalize:
+        grey = cv2.equalizeHist(grey)
+    min_side = max(8, round(settings.min_size * scale))
+    found = cascade.detectMultiScale(grey, scaleFactor=settings.scale_factor,
+                                     minNeighbors=settings.min_neighbors,
+                                     minSize=(min_side, min_side))
+    boxes = []
+    for x, y, w, h in (found if len(found) else []):
+        x0, y0 = int(round(x / scale)), int(round(y / scale))
+        x1, y1 = min(width, int(round((x + w) / scale))), min(height, int(round((y + h) / scale)))
+        if x1 > x0 and y1 > y0:
+            boxes.append((x0, y0, x1 - x0, y1 - y0))
+    return boxes
+
+
+def crop_faces(image: np.ndarray, boxes, margin: float, size: int) -> np.ndarray:
+    """Square crops around each box (plus margin, edge pixels repeated past the border),
+    resized to size x size: an (N, size, size, 3) uint8 array."""
+    height, width = image.shape[:2]
+    crops = np.empty((len(boxes), size, size, 3), np.uint8)
+    for i, (x, y, w, h) in enumerate(boxes):
+        side = max(w, h) * (1 + 2 * margin)
+        cx, cy = x + w / 2, y + h / 2
+        x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+        x1, y1 = x0 + int(round(side)), y0 + int(round(side))
+        region = image[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)]
+        pad = (max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width))
+        if any(pad):
+            region = cv2.copyMakeBorder(region, *pad, cv2.BORDER_REPLICATE)
+        interpolation = cv2.INTER_AREA if region.shape[0] > size else cv2.INTER_LINEAR
+        crops[i] = cv2.resize(region, (size, size), interpolation=interpolation)
+    return crops
