@@ -1,0 +1,42 @@
+# make run   -- start the whole pipeline locally (no Docker) and print the viewer URL
+# make test  -- install what the tests need and run the fast test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SOURCE ?= demo
+DETECTORS ?= 1
+CLASSIFIERS ?= 1
+VIEWER_ARGS ?=
+ARGS ?=
+
+.PHONY: install run test test-all train help clean
+
+help:
+	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
+	@echo "make test      fast test suite"
+	@echo "make train ARGS='--data data/fer2013/fer2013.csv ...'"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[ml,run,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	@mkdir -p .run
+	@$(PY) deploy/procfile.py --python $(PY) --source "$(SOURCE)" \
+		--detectors $(DETECTORS) --classifiers $(CLASSIFIERS) --viewer-args "$(VIEWER_ARGS)" > .run/Procfile
+	@echo "Starting the pipeline; the viewer will be at http://127.0.0.1:8080  (Ctrl-C stops everything)"
+	@exec $(VENV)/bin/honcho --no-colour -f .run/Procfile -d . start
+
+test: install
+	$(PY) -m pytest -q
+
+train: install
+	$(PY) -m training train $(ARGS)
+
+clean:
+	rm -rf .run .pytest_cache

@@ -1,0 +1,50 @@
+"""Write the Procfile that `make run` hands to honcho: broker, capture, N detectors,
+M classifiers and the viewer, each replica with its own metrics port.
+
+    python deploy/procfile.py --source demo --detectors 2 --classifiers 2 > .run/Procfile
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+METRICS_PORTS = {"broker": 9100, "capture": 9101, "detector": 9102, "classifier": 9103,
+                 "viewer": 9104}
+REPLICA_PORT_STEP = 10   # detector replicas: 9102, 9112, 9122, ...
+
+
+def procfile(python: str, source: str, detectors: int, classifiers: int,
+             extra: dict[str, str] | None = None) -> str:
+    extra = extra or {}
+
+    def line(name: str, service: str, port: int, args: str = "") -> str:
+        more = " ".join(filter(None, [args, extra.get(service, "")]))
+        return f"{name}: {python} -m services.{service} --metrics-port {port} {more}".rstrip()
+
+    lines = [line("broker", "broker", METRICS_PORTS["broker"]),
+             line("capture", "capture", METRICS_PORTS["capture"], f"--source {shlex.quote(source)}")]
+    for service, count in (("detector", detectors), ("classifier", classifiers)):
+        for i in range(count):
+            name = service if count == 1 else f"{service}{i + 1}"
+            lines.append(line(name, service, METRICS_PORTS[service] + REPLICA_PORT_STEP * i))
+    lines.append(line("viewer", "viewer", METRICS_PORTS["viewer"]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--source", default="demo")
+    parser.add_argument("--detectors", type=int, default=1)
+    parser.add_argument("--classifiers", type=int, default=1)
+    parser.add_argument("--viewer-args", default="", help="extra arguments for the viewer")
+    args = parser.parse_args(argv)
+    if not (1 <= args.detectors <= 9 and 1 <= args.classifiers <= 9):
+        parser.error("DETECTORS and CLASSIFIERS must be between 1 and 9")
+    sys.stdout.write(procfile(args.python, args.source, args.detectors, args.classifiers,
+                              {"viewer": args.viewer_args}))
+
+
+if __name__ == "__main__":
+    main()
