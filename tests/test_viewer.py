@@ -140,6 +140,19 @@ def test_a_capture_restart_is_accepted_despite_smaller_sequence_numbers():
     assert shown.header.seq == 0 and labels(shown) == ["Happy"]
 
 
+def test_without_capture_times_seq_orders_and_a_big_step_back_is_a_restart():
+    joiner = FrameJoiner(delay_s=0, capacity=8)
+    joiner.add_result(result_header(20, [face("Happy")]), now=0)
+    joiner.add_result(result_header(19, [face("Sad")]), now=0)
+    assert joiner.latest("cam").seq == 20
+    joiner.add_frame(frame_header(20), b"", now=0)
+    joiner.ready(now=0)
+    assert not joiner.add_frame(frame_header(15), b"", now=0)
+    assert joiner.add_frame(frame_header(0), b"", now=1)        # 20 back: capture restarted
+    joiner.add_result(result_header(0, []), now=1)
+    assert joiner.latest("cam").seq == 0
+
+
 def test_a_frame_captured_before_the_last_shown_one_is_dropped():
     joiner = FrameJoiner(delay_s=0)
     joiner.add_frame(frame_header(10, capture=110.0), b"", now=0)
@@ -161,19 +174,41 @@ def test_sync_holds_a_frame_until_its_own_result_arrives():
     assert shown.own and not shown.late
 
 
-def test_sync_shows_in_order_and_a_timed_out_frame_late_with_latest_labels():
+def test_sync_shows_a_timed_out_frame_late_with_the_latest_labels():
+    joiner = FrameJoiner(delay_s=0.5)
+    joiner.add_result(result_header(0, [face("Happy")]), now=0)
+    joiner.add_frame(frame_header(1), b"f1", now=0.1)
+    joiner.add_frame(frame_header(2), b"f2", now=0.2)
+    assert joiner.ready(now=0.59) == []
+    assert joiner.next_due(now=0.59) == pytest.approx(0.01)
+    [shown] = joiner.ready(now=0.6)
+    assert shown.header.seq == 1 and shown.late and not shown.own
+    assert labels(shown) == ["Happy"] and joiner.late == 1
+    assert joiner.pending("cam") == [2]
+    assert joiner.next_due(now=0.6) == pytest.approx(0.1)
+
+
+def test_sync_skips_older_waiting_frames_once_a_newer_one_has_its_result():
+    joiner = FrameJoiner(delay_s=0.5)
+    for seq in (1, 2, 3, 4):
+        joiner.add_frame(frame_header(seq), b"", now=seq * 0.03)
+    joiner.add_result(result_header(3, [face("Fear")]), now=0.2)    # 1 and 2 lost upstream
+    [shown] = joiner.ready(now=0.2)
+    assert shown.header.seq == 3 and shown.own and labels(shown) == ["Fear"]
+    assert joiner.dropped["superseded"] == 2 and joiner.late == 0
+    assert joiner.pending("cam") == [4]
+    joiner.add_result(result_header(2, [face("Sad")]), now=0.25)    # too late to matter
+    assert joiner.ready(now=0.25) == []
+    assert joiner.latest("cam").results[0].label == "Fear"
+
+
+def test_sync_shows_the_newest_of_several_due_frames_only():
     joiner = FrameJoiner(delay_s=0.5)
     for seq in (1, 2, 3):
-        joiner.add_frame(frame_header(seq), f"f{seq}".encode(), now=seq * 0.1)
-    joiner.add_result(result_header(2, [face("Happy")]), now=0.35)
-    assert joiner.ready(now=0.4) == []          # 2 has its result but waits behind 1
-    shown = joiner.ready(now=0.6)              # 1 timed out -> late, then 2 at once
-    assert [s.header.seq for s in shown] == [1, 2]
-    assert shown[0].late and not shown[0].own and labels(shown[0]) == ["Happy"]
-    assert shown[1].own and not shown[1].late
-    assert joiner.late == 1
-    assert joiner.pending("cam") == [3]
-    assert joiner.next_due(now=0.6) == pytest.approx(0.2)
+        joiner.add_frame(frame_header(seq), b"", now=0)
+        joiner.add_result(result_header(seq, [face()]), now=0)
+    [shown] = joiner.ready(now=0)
+    assert shown.header.seq == 3 and joiner.dropped["superseded"] == 2
 
 
 def test_sync_frame_with_zero_faces_is_shown_without_labels():
@@ -323,6 +358,56 @@ def test_viewer_drops_stale_frames_and_decodes_only_shown_ones():
     viewer.on_frame(encode(frame_header(6, capture=time.time()), [jpeg_of(source_image())]))
     assert viewer.flush() == 1
     assert hub.status()["streams"]["cam"]["last_seq"] == 6
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_viewer_with_delay_waits_for_results_and_counts_late_frames():
+    clock = FakeClock()
+    hub, rejects = StreamHub(clock=clock), Rejects()
+    viewer = Viewer(ViewerSettings(delay_s=0.2), hub, rejects, clock=clock)
+    jpeg = jpeg_of(source_image())
+    viewer.on_frame(encode(frame_header(0), [jpeg]))
+    viewer.on_frame(encode(frame_header(1), [jpeg]))
+    assert viewer.flush() == 0 and 1 <= viewer.poll_timeout_ms() <= 201
+    viewer.on_result(encode(result_header(0, [face("Sad")])))
+    assert viewer.flush() == 1
+    clock.now += 0.25
+    assert viewer.flush() == 1                          # frame 1 never got its result
+    status = hub.status()["streams"]["cam"]
+    assert status["last_seq"] == 1 and status["late_frames"] == 1
+    assert status["labels"][0]["label"] == "Sad"
+
+
+def test_viewer_forgets_idle_streams():
+    clock = FakeClock()
+    hub, rejects = StreamHub(clock=clock), Rejects()
+    viewer = Viewer(ViewerSettings(idle_s=5.0), hub, rejects, clock=clock)
+    viewer.on_frame(encode(frame_header(0), [jpeg_of(source_image())]))
+    assert viewer.flush() == 1 and hub.streams() == ["cam"]
+    clock.now += 10
+    viewer.flush()
+    assert hub.streams() == [] and viewer.joiner.streams == []
+
+
+def test_options_are_validated(monkeypatch):
+    from services.viewer.__main__ import parse_args
+
+    for name in [n for n in os.environ if n.startswith("EMOTION_")]:
+        monkeypatch.delenv(name)
+    args = parse_args([])
+    assert (args.http_host, args.http_port, args.delay_ms, args.buffer_frames, args.jpeg_quality,
+            args.max_age_ms, args.window, args.metrics_port) == (
+        "127.0.0.1", 8080, 0, 64, 80, 1000, False, 9104)
+    for bad in (["--jpeg-quality", "0"], ["--delay-ms", "-1"], ["--buffer-frames", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 # --- hub and web server (in process) -------------------------------------------------------

@@ -6,15 +6,20 @@ work, and possibly never when a stage drops work under load. :class:`FrameJoiner
 which frame to show when, and with which labels:
 
 * ``delay_s == 0`` (live): the newest frame of each stream is shown at once with the
-  latest labels known for that stream; older frames not yet shown are skipped.
-* ``delay_s > 0`` (exact sync): frames are shown in order, each once its own result has
-  arrived or once it has waited ``delay_s`` at the viewer (then with the latest labels,
-  counted as late). Waiting is measured on the viewer's clock, so clock skew between
+  latest labels known for that stream.
+* ``delay_s > 0`` (exact sync): a frame becomes due once its own result has arrived or
+  once it has waited ``delay_s`` at the viewer (then it is drawn with the latest labels
+  and counted as late). Waiting is measured on the viewer's clock, so clock skew between
   machines does not matter.
+
+In both modes each call of :meth:`FrameJoiner.ready` shows at most the newest due frame of
+a stream and skips the older ones still waiting. So the picture never goes back in time,
+and a lost result (a stage dropped that frame) costs one skipped frame instead of holding
+up every later frame until it times out and then releasing them in a useless burst.
 
 Frames stay encoded in here; only frames that :meth:`FrameJoiner.ready` hands out are
 worth decoding. Every frame not shown is reported through ``on_drop(reason, n)``:
-``evicted`` (buffer full), ``superseded`` (a newer frame was shown first, live mode),
+``evicted`` (buffer full), ``superseded`` (a newer frame was shown first),
 ``out_of_order`` (captured before a frame already shown), ``streams`` (too many streams).
 """
 from __future__ import annotations
@@ -68,15 +73,19 @@ def _capture(header: Header) -> float | None:
     return header.timestamps.get("capture")
 
 
-def _not_older(capture: float | None, seq: int, ref: tuple[float | None, int] | None) -> bool:
-    """Whether a message is at least as recent as ``ref``.
+def _not_older(capture: float | None, seq: int, ref: tuple[float | None, int] | None,
+               window: int) -> bool:
+    """Whether a message is at least as recent as ``ref`` (capture time, seq).
 
-    The capture time orders frames even across a capture restart (which resets ``seq``);
-    without capture times arrival order decides, so nothing is ever refused for it.
+    The capture time orders frames even across a capture restart (which resets ``seq``).
+    Without it, ``seq`` decides, and a step back of more than ``window`` counts as a
+    restart, so a stream can never be refused for long.
     """
-    if ref is None or capture is None or ref[0] is None:
+    if ref is None:
         return True
-    return (capture, seq) >= ref
+    if capture is not None and ref[0] is not None:
+        return (capture, seq) >= ref
+    return seq >= ref[1] or ref[1] - seq > window
 
 
 def _same_frame(frame: Header, seq: int, capture: float | None) -> bool:
@@ -119,7 +128,7 @@ class FrameJoiner:
         state = self._stream(header.stream, now)
         if state is None:
             return False
-        if not _not_older(_capture(header), header.seq, state.last_shown):
+        if not _not_older(_capture(header), header.seq, state.last_shown, self.capacity):
             self._drop("out_of_order")
             return False
         state.last_seen = now
@@ -144,18 +153,18 @@ class FrameJoiner:
         if waiting is not None and _same_frame(waiting.header, header.seq, _capture(header)):
             waiting.result = header
         latest = state.latest
-        if latest is None or _not_older(_capture(header), header.seq, (latest.capture, latest.seq)):
+        ref = None if latest is None else (latest.capture, latest.seq)
+        if _not_older(_capture(header), header.seq, ref, self.capacity):
             state.latest = Labels(header.seq, _capture(header), list(header.results), header.model)
         return True
 
     def ready(self, now: float) -> list[Shown]:
-        """Frames to display now, oldest first within each stream; they leave the buffer."""
-        shown: list[Shown] = []
+        """The frame to display now of each stream that has one; it and older ones leave."""
+        shown = []
         for state in self._streams.values():
-            if self.delay_s == 0:
-                shown.extend(self._ready_live(state))
-            else:
-                shown.extend(self._ready_synced(state, now))
+            item = self._newest_due(state, now)
+            if item is not None:
+                shown.append(item)
         return shown
 
     def next_due(self, now: float) -> float | None:
@@ -186,39 +195,29 @@ class FrameJoiner:
         state = self._streams[stream] = _Stream(last_seen=now)
         return state
 
-    def _ready_live(self, state: _Stream) -> list[Shown]:
-        if not state.pending:
-            return []
-        _, newest = state.pending.popitem(last=True)
-        if state.pending:
-            self._drop("superseded", len(state.pending))
-            state.pending.clear()
+    def _newest_due(self, state: _Stream, now: float) -> Shown | None:
+        entries = list(state.pending.values())
+        due = [i for i, e in enumerate(entries)
+               if e.result is not None or now - e.arrived >= self.delay_s]
+        if not due:
+            return None
+        entry = entries[due[-1]]
+        for skipped in entries[:due[-1] + 1]:
+            del state.pending[skipped.header.seq]
+        if due[-1]:
+            self._drop("superseded", due[-1])
+        if entry.result is not None:
+            return self._show(state, entry, entry.result.results, entry.result.model, True, False)
         latest = state.latest
-        results = list(latest.results) if latest else []
-        own = latest is not None and _same_frame(newest.header, latest.seq, latest.capture)
-        return [self._show(state, newest, results, latest.model if latest else "", own, False)]
-
-    def _ready_synced(self, state: _Stream, now: float) -> list[Shown]:
-        shown = []
-        while state.pending:
-            head = next(iter(state.pending.values()))
-            if head.result is not None:
-                item = self._show(state, head, list(head.result.results), head.result.model,
-                                  True, False)
-            elif now - head.arrived >= self.delay_s:
-                latest = state.latest
-                item = self._show(state, head, list(latest.results) if latest else [],
-                                  latest.model if latest else "", False, True)
-                self.late += 1
-            else:
-                break
-            state.pending.pop(head.header.seq)
-            shown.append(item)
-        return shown
+        own = latest is not None and _same_frame(entry.header, latest.seq, latest.capture)
+        late = self.delay_s > 0 and not own
+        self.late += int(late)
+        return self._show(state, entry, latest.results if latest else [],
+                          latest.model if latest else "", own, late)
 
     def _show(self, state: _Stream, entry: _Pending, results, model, own, late) -> Shown:
         state.last_shown = (_capture(entry.header), entry.header.seq)
-        return Shown(entry.header, entry.payload, results, model, own, late)
+        return Shown(entry.header, entry.payload, list(results), model, own, late)
 
     def _drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] += n
