@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -427,7 +426,8 @@ def test_hub_wait_frame_wakes_on_publish_and_ends_on_removal():
     hub.publish("cam", b"one", seq=1, results=[], model="m")
     assert hub.wait_frame("cam", 0, 0.01) == (1, b"one")
     assert hub.wait_frame("cam", 1, 0.01) is None
-    threading.Timer(0.05, hub.publish, ("cam", b"two"), {"seq": 2, "results": [], "model": "m"}).start()
+    threading.Timer(0.05, hub.publish, ("cam", b"two"),
+                    {"seq": 2, "results": [], "model": "m"}).start()
     assert hub.wait_frame("cam", 1, 2.0) == (2, b"two")
     threading.Timer(0.05, hub.remove, ("cam",)).start()
     with pytest.raises(StreamClosed):
@@ -516,7 +516,8 @@ def test_mjpeg_client_gets_new_frames_and_may_disconnect(web):
     try:
         for _ in range(3):      # connect, read a little, hang up: nothing may break
             with urllib.request.urlopen(base + "/stream/cam.mjpg", timeout=3) as response:
-                assert response.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
+                content_type = response.headers["Content-Type"]
+                assert content_type == "multipart/x-mixed-replace; boundary=frame"
                 parts = read_mjpeg_parts(response, 3)
             assert len(parts) == 3 and all(p.startswith(b"\xff\xd8") for p in parts)
         deadline = time.monotonic() + 3

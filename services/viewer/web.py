@@ -50,7 +50,8 @@ def render_page(streams: list[str]) -> str:
             f'<figure><img src="/stream/{path}.mjpg" alt="live view of {label}">'
             f'<figcaption>{label} &middot; <a href="/snapshot/{path}.jpg">snapshot</a>'
             f"</figcaption></figure>")
-    body = "\n".join(figures) or '<p class="empty">No streams yet; this page reloads until one arrives.</p>'
+    empty = '<p class="empty">No streams yet; this page reloads until one arrives.</p>'
+    body = "\n".join(figures) or empty
     refresh = "" if streams else '<meta http-equiv="refresh" content="2">'
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{refresh}'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -177,7 +178,8 @@ class ViewerHTTPServer(ThreadingHTTPServer):
         log.warning("HTTP request from %s failed", client_address, exc_info=True)
 
 
-def start_web_server(host: str, port: int, hub: StreamHub) -> tuple[ViewerHTTPServer, threading.Thread]:
+def start_web_server(host: str, port: int,
+                     hub: StreamHub) -> tuple[ViewerHTTPServer, threading.Thread]:
     """Bind (raises OSError when the port is taken) and serve in a background thread."""
     server = ViewerHTTPServer((host, port), hub)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
