@@ -9,26 +9,26 @@ import argparse
 import shlex
 import sys
 
-METRICS_PORTS = {"broker": 9100, "capture": 9101, "detector": 9102, "classifier": 9103,
-                 "viewer": 9104}
+METRICS_OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4}
 REPLICA_PORT_STEP = 10   # detector replicas: 9102, 9112, 9122, ...
 
 
 def procfile(python: str, source: str, detectors: int, classifiers: int,
-             extra: dict[str, str] | None = None) -> str:
+             extra: dict[str, str] | None = None, metrics_base: int = 9100) -> str:
     extra = extra or {}
+    ports = {service: metrics_base + offset for service, offset in METRICS_OFFSETS.items()}
 
     def line(name: str, service: str, port: int, args: str = "") -> str:
         more = " ".join(filter(None, [args, extra.get(service, "")]))
         return f"{name}: {python} -m services.{service} --metrics-port {port} {more}".rstrip()
 
-    lines = [line("broker", "broker", METRICS_PORTS["broker"]),
-             line("capture", "capture", METRICS_PORTS["capture"], f"--source {shlex.quote(source)}")]
+    lines = [line("broker", "broker", ports["broker"]),
+             line("capture", "capture", ports["capture"], f"--source {shlex.quote(source)}")]
     for service, count in (("detector", detectors), ("classifier", classifiers)):
         for i in range(count):
             name = service if count == 1 else f"{service}{i + 1}"
-            lines.append(line(name, service, METRICS_PORTS[service] + REPLICA_PORT_STEP * i))
-    lines.append(line("viewer", "viewer", METRICS_PORTS["viewer"]))
+            lines.append(line(name, service, ports[service] + REPLICA_PORT_STEP * i))
+    lines.append(line("viewer", "viewer", ports["viewer"]))
     return "\n".join(lines) + "\n"
 
 
@@ -39,11 +39,13 @@ def main(argv=None) -> None:
     parser.add_argument("--detectors", type=int, default=1)
     parser.add_argument("--classifiers", type=int, default=1)
     parser.add_argument("--viewer-args", default="", help="extra arguments for the viewer")
+    parser.add_argument("--metrics-base", type=int, default=9100,
+                        help="metrics port of the broker; the others follow (see README)")
     args = parser.parse_args(argv)
     if not (1 <= args.detectors <= 9 and 1 <= args.classifiers <= 9):
         parser.error("DETECTORS and CLASSIFIERS must be between 1 and 9")
     sys.stdout.write(procfile(args.python, args.source, args.detectors, args.classifiers,
-                              {"viewer": args.viewer_args}))
+                              {"viewer": args.viewer_args}, args.metrics_base))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from .faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 
 FRAMES = Counter("emotion_detector_frames_total", "Frames run through face detection")
 FACES = Counter("emotion_detector_faces_total", "Faces found")
+FRAMES_WITH_FACES = Counter("emotion_detector_frames_with_faces_total",
+                            "Frames in which at least one face was found")
 SECONDS = Histogram("emotion_detector_seconds", "Time to decode, detect and crop one frame",
                     buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0))
 
@@ -90,7 +92,10 @@ def main(argv=None) -> None:
             continue
         SECONDS.observe(time.perf_counter() - started)
         FRAMES.inc()
-        FACES.inc(len(out) - 2)
+        faces = len(out) - 2   # topic, header, then one crop per face
+        FACES.inc(faces)
+        if faces:
+            FRAMES_WITH_FACES.inc()
         if not bus.send_nowait(faces_out, out):
             drop("detector", "classify_queue_full")
     frames_in.close()

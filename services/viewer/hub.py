@@ -109,8 +109,8 @@ class StreamHub:
             state = self._streams.get(stream)
             return state.jpeg if state else None
 
-    def wait_frame(self, stream: str, after: int, timeout: float) -> tuple[int, bytes] | None:
-        """The stream's picture once its number exceeds ``after``; None on timeout.
+    def wait_frame(self, stream: str, after: int, timeout: float) -> tuple[int, bytes, int] | None:
+        """(number, JPEG, frame seq) once the picture's number exceeds ``after``; None on timeout.
 
         Raises :class:`StreamClosed` (also for unknown streams) so client loops can end.
         """
@@ -124,7 +124,7 @@ class StreamHub:
                 raise StreamClosed(stream)
             if state.number <= after:
                 return None
-            return state.number, state.jpeg
+            return state.number, state.jpeg, state.seq
 
     def remove(self, stream: str) -> None:
         """Forget a stream; its clients' streams end."""

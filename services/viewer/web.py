@@ -157,9 +157,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 return
             if frame is None:
                 continue
-            number, jpeg = frame
+            number, jpeg, seq = frame
             self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
-                             f"Content-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n")
+                             f"Content-Length: {len(jpeg)}\r\nX-Frame-Seq: {seq}\r\n\r\n".encode()
+                             + jpeg + b"\r\n")
             self.wfile.flush()
 
 

@@ -1,0 +1,296 @@
+"""End-to-end: the real services as subprocesses on loopback, talking over real ZeroMQ."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from conftest import (ROOT, Service, free_base_port, free_port, http_get, media, metric_samples,
+                      metric_sum, wait_for)
+from services.common import bus
+from services.common.protocol import Rejected, decode, decode_image
+
+pytestmark = pytest.mark.slow
+
+
+class Pipeline:
+    """Broker, classifiers, detectors and viewer started first; capture once all are ready."""
+
+    def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
+                 viewer_args: tuple = ()):
+        self.base = free_base_port()
+        self.addr = bus.BrokerAddress("127.0.0.1", self.base)
+        self.log_dir = log_dir
+        self.http_port = free_port()
+        self.ports: dict[str, int] = {}
+        self.services: list[Service] = []
+        self.start("broker")
+        for i in range(classifiers):
+            self.start(f"classifier#{i}", "--registry", str(registry))
+        for i in range(detectors):
+            self.start(f"detector#{i}")
+        self.start("viewer", "--http-port", str(self.http_port), *viewer_args)
+        for name in self.ports:
+            wait_for(lambda: self.scrape(name), 120, what=f"{name} to serve metrics")
+
+    def start(self, name: str, *args: str) -> Service:
+        self.ports[name] = free_port()
+        service = Service(name, ["--base-port", str(self.base), "--metrics-port",
+                                 str(self.ports[name]), *args], self.log_dir)
+        self.services.append(service)
+        return service
+
+    def scrape(self, name: str) -> dict[str, float] | None:
+        service = next(s for s in self.services if s.name == name)
+        if not service.alive():
+            raise AssertionError(f"{name} exited:\n{service.output()[-3000:]}")
+        try:
+            return metric_samples(http_get(f"http://127.0.0.1:{self.ports[name]}/metrics").decode())
+        except OSError:
+            return None
+
+    def total(self, prefix: str, metric: str, **labels) -> float:
+        return sum(metric_sum(self.scrape(name), metric, **labels)
+                   for name in self.ports if name.split("#")[0] == prefix)
+
+    def stop(self) -> dict[str, float]:
+        return {s.name: s.stop() for s in reversed(self.services)}
+
+
+class Collector(threading.Thread):
+    """Subscribes to a fan-out channel like any other consumer and keeps what it hears."""
+
+    def __init__(self, addr: bus.BrokerAddress, channel: str):
+        super().__init__(daemon=True)
+        self.ctx = zmq.Context.instance()
+        self.sock = bus.consumer(self.ctx, addr, channel, hwm=10000)
+        self.messages: dict[int, object] = {}
+        self.payloads: dict[int, list] = {}
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            if self.sock.poll(100):
+                header, payloads = decode(self.sock.recv_multipart())
+                self.messages[header.seq] = header
+                self.payloads[header.seq] = payloads
+
+    def close(self):
+        self.halt.set()
+        self.join(2)
+        self.sock.close()
+
+
+class MjpegReader(threading.Thread):
+    """Reads the viewer's multipart/x-mixed-replace stream the way a browser does."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url = url
+        self.parts: list[tuple[int | None, bytes]] = []
+        self.content_type = ""
+        self.halt = threading.Event()
+
+    def run(self):
+        with urllib.request.urlopen(self.url, timeout=30) as response:
+            self.content_type = response.headers["Content-Type"]
+            while not self.halt.is_set():
+                headers = {}
+                line = response.readline()
+                while line in (b"\r\n", b"\n"):
+                    line = response.readline()
+                if not line.startswith(b"--"):
+                    return
+                while (line := response.readline().strip()):
+                    key, _, value = line.decode().partition(":")
+                    headers[key.strip().lower()] = value.strip()
+                body = response.read(int(headers["content-length"]))
+                seq = headers.get("x-frame-seq")
+                self.parts.append((int(seq) if seq else None, body))
+
+
+def overlay_drawn(annotated: np.ndarray, raw: np.ndarray, box) -> bool:
+    """The box outline is where the viewer draws; there the pixels must have changed."""
+    x, y, w, h = box
+    outline = np.zeros(raw.shape[:2], bool)
+    cv2.rectangle(outline.view(np.uint8), (x, y), (x + w - 1, y + h - 1), 1, 2)
+    diff = np.abs(annotated.astype(int) - raw.astype(int)).sum(axis=2)
+    return np.median(diff[outline.astype(bool)]) > 40
+
+
+def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
+    clip = media("woman2.mp4")
+    pipeline = Pipeline(tmp_path, tiny_registry, viewer_args=("--delay-ms", "300"))
+    frames = Collector(pipeline.addr, "frames")
+    results = Collector(pipeline.addr, "results")
+    frames.start()
+    results.start()
+    time.sleep(0.5)   # let the subscriptions reach the broker before the first frame
+    reader = None
+    try:
+        capture = pipeline.start("capture", "--source", str(clip), "--stream", "clip")
+        wait_for(lambda: pipeline.scrape("capture"), 30, what="capture metrics")
+        wait_for(lambda: metric_sum(pipeline.scrape("capture"), "emotion_capture_source_finished") == 1,
+                 60, what="the clip to finish")
+        reader_url = f"http://127.0.0.1:{pipeline.http_port}/stream/clip.mjpg"
+        time.sleep(2.0)   # let the last frames drain through every stage
+        assert capture.alive(), "capture must stay up after a file ends"
+
+        cap = pipeline.scrape("capture")
+        det = pipeline.scrape("detector#0")
+        cls = pipeline.scrape("classifier#0")
+        view = pipeline.scrape("viewer")
+        sent = metric_sum(cap, "emotion_capture_frames_total", stream="clip")
+        clip_frames = int(cv2.VideoCapture(str(clip)).get(cv2.CAP_PROP_FRAME_COUNT))
+        assert abs(sent - clip_frames) <= 2, (sent, clip_frames)
+
+        # Every frame is accounted for: detected, or dropped with a counted reason.
+        detected = metric_sum(det, "emotion_detector_frames_total")
+        dropped = (metric_sum(cap, "emotion_frames_dropped_total")
+                   + metric_sum(det, "emotion_frames_dropped_total"))
+        assert detected + dropped == sent, (detected, dropped, sent, {k: v for k, v in {**cap, **det}.items() if "emotion" in k})
+        assert detected >= 0.9 * sent
+
+        # Results arrive for >= 90 % of the frames in which the detector found a face.
+        with_faces = metric_sum(det, "emotion_detector_frames_with_faces_total")
+        answered = sum(1 for h in results.messages.values() if h.results)
+        assert with_faces >= 0.8 * detected, "the clip has a face in nearly every frame"
+        assert answered >= 0.9 * with_faces, (answered, with_faces)
+        classified = metric_sum(cls, "emotion_classifier_faces_total")
+        assert metric_sum(det, "emotion_detector_faces_total") >= classified >= 0.9 * with_faces
+        assert sum(len(h.results) for h in results.messages.values()) == classified
+        assert all(h.model == "test-v1" for h in results.messages.values())
+        assert metric_sum(cls, "emotion_classifier_model_info", version="test-v1") == 1
+        assert metric_sum(cls, "emotion_classifier_batch_size_count") >= 1
+
+        # The viewer showed the stream and measured end-to-end latency.
+        shown = metric_sum(view, "emotion_viewer_frames_total", stream="clip")
+        assert shown >= 0.9 * sent, (shown, sent)
+        assert metric_sum(view, "emotion_e2e_latency_seconds_count") >= 0.9 * sent
+        for samples in (cap, det, cls, view):
+            assert metric_sum(samples, "emotion_messages_rejected_total") == 0
+
+        # Replay the clip and read the viewer's MJPEG stream: decodable JPEGs, labels drawn.
+        reader = MjpegReader(reader_url)
+        reader.start()
+        capture.stop()
+        pipeline.services.remove(capture)
+        pipeline.start("capture#2", "--source", str(clip), "--stream", "clip", "--max-frames", "90")
+        wait_for(lambda: len(reader.parts) >= 30, 60, what="30 MJPEG parts")
+        assert reader.content_type.startswith("multipart/x-mixed-replace")
+        checked = 0
+        for seq, jpeg in reader.parts:
+            annotated = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert annotated is not None and annotated.shape[:2] == (336, 596)
+            header = results.messages.get(seq)
+            if seq is None or seq not in frames.payloads or not header or not header.results:
+                continue
+            raw = decode_image(frames.messages[seq], frames.payloads[seq][0])
+            assert overlay_drawn(annotated, raw, header.results[0].box), f"no overlay on frame {seq}"
+            checked += 1
+        assert checked >= 10, f"only {checked} annotated frames could be matched to results"
+    finally:
+        if reader:
+            reader.halt.set()
+        frames.close()
+        results.close()
+        durations = pipeline.stop()
+    assert all(s.proc.returncode is not None for s in pipeline.services)
+    slow = {name: t for name, t in durations.items() if t >= 5.0}
+    assert not slow, f"services took >= 5 s to stop: {slow}"
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live descendant of a process, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_make_run_with_replicas_and_ctrl_c(tmp_path, tiny_registry):
+    """What `make run DETECTORS=2 CLASSIFIERS=2` starts: honcho and a generated Procfile."""
+    metrics_base, http_port, base = free_base_port(30), free_port(), free_base_port()
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(subprocess.check_output(
+        [sys.executable, str(ROOT / "deploy" / "procfile.py"), "--python", sys.executable,
+         "--source", "demo", "--detectors", "2", "--classifiers", "2",
+         "--metrics-base", str(metrics_base)], text=True))
+    env = {**os.environ, "EMOTION_BASE_PORT": str(base), "EMOTION_HTTP_PORT": str(http_port),
+           "EMOTION_REGISTRY": str(tiny_registry), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "CUDA_VISIBLE_DEVICES": ""}
+    log = open(tmp_path / "honcho.log", "w")
+    honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "--no-colour", "-f",
+                               str(procfile), "-d", str(ROOT), "start"], cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def scrape(port):
+        try:
+            return metric_samples(http_get(f"http://127.0.0.1:{port}/metrics").decode())
+        except OSError:
+            return None
+
+    try:
+        classifier_ports = (metrics_base + 3, metrics_base + 13)
+        detector_ports = (metrics_base + 2, metrics_base + 12)
+
+        def every_replica_worked():
+            assert honcho.poll() is None, (tmp_path / "honcho.log").read_text()[-3000:]
+            batches = [scrape(p) for p in classifier_ports]
+            frames = [scrape(p) for p in detector_ports]
+            return (all(b and metric_sum(b, "emotion_classifier_batch_size_count") > 0 for b in batches)
+                    and all(f and metric_sum(f, "emotion_detector_frames_total") > 0 for f in frames))
+
+        wait_for(every_replica_worked, 150, interval=1.0, what="every replica to get work")
+        page = http_get(f"http://127.0.0.1:{http_port}/").decode()
+        assert '<img src="/stream/main.mjpg"' in page
+        reader = MjpegReader(f"http://127.0.0.1:{http_port}/stream/main.mjpg")
+        reader.start()
+        wait_for(lambda: len(reader.parts) >= 5, 30, what="MJPEG parts")
+        reader.halt.set()
+        jpegs = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for _, j in reader.parts]
+        assert all(j is not None and j.shape == (480, 640, 3) for j in jpegs)
+        viewer = scrape(metrics_base + 4)
+        assert metric_sum(viewer, "emotion_viewer_frames_total", stream="main") > 0
+        assert sum(metric_sum(scrape(p), "emotion_classifier_faces_total")
+                   for p in classifier_ports) > 0
+    finally:
+        processes = children_of(honcho.pid)
+        started = time.monotonic()
+        os.killpg(honcho.pid, signal.SIGINT)      # what Ctrl-C in the terminal does
+        try:
+            honcho.wait(10)
+        finally:
+            if honcho.poll() is None:
+                os.killpg(honcho.pid, signal.SIGKILL)
+            log.close()
+    took = time.monotonic() - started
+    assert len(processes) >= 7, f"expected 7 services, saw {len(processes)} processes"
+    wait_for(lambda: not any(alive(p) for p in processes), 5, what="every service to exit")
+    assert took < 5.0, f"Ctrl-C took {took:.1f} s"
