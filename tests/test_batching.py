@@ -1,0 +1,302 @@
+"""Classifier: the dynamic batcher, the padded inference runner and run_batch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.classifier.batching import Batcher, BatchPolicy, PendingFaces
+from services.common.protocol import EMOTIONS, KIND_FACES, KIND_RESULT, Header, decode
+
+from conftest import write_tiny_model
+
+CROP = 24
+
+
+def pending(n: int, arrived: float, seq: int = 0, stream: str = "cam") -> PendingFaces:
+    boxes = [(10 * i, 0, 10, 10) for i in range(n)]
+    header = Header(kind=KIND_FACES, stream=stream, seq=seq, width=640, height=480,
+                    timestamps={"capture": 1000.0 + seq}, boxes=boxes, crop_size=CROP)
+    crops = np.full((n, CROP, CROP, 3), seq % 256, np.uint8)
+    return PendingFaces(header, crops, arrived)
+
+
+# --- Batcher -------------------------------------------------------------------------------
+
+def test_defaults():
+    assert BatchPolicy() == BatchPolicy(max_batch=32, max_wait_ms=5.0)
+
+
+def test_empty_batcher():
+    batcher = Batcher(BatchPolicy(8, 5.0))
+    assert len(batcher) == 0 and batcher.crops == 0
+    assert not batcher.ready(0.0) and not batcher.ready(1e9)
+    assert batcher.wait_ms(0.0) is None
+
+
+def test_full_batch_is_ready_at_once():
+    batcher = Batcher(BatchPolicy(max_batch=8, max_wait_ms=50.0))
+    batcher.add(pending(3, 10.0, seq=1))
+    batcher.add(pending(4, 10.0, seq=2))
+    assert batcher.crops == 7
+    assert not batcher.ready(10.0)
+    assert batcher.wait_ms(10.0) == pytest.approx(50.0)
+    batcher.add(pending(2, 10.0, seq=3))
+    assert batcher.crops == 9 and len(batcher) == 3
+    assert batcher.ready(10.0)                     # full: no waiting
+    assert batcher.wait_ms(10.0) == 0.0
+    batch = batcher.take()
+    assert [item.header.seq for item in batch] == [1, 2]    # 3 + 4 = 7; adding 2 would exceed 8
+    assert sum(len(item.crops) for item in batch) == 7
+    assert batcher.crops == 2 and len(batcher) == 1
+    assert not batcher.ready(10.0)
+    assert [item.header.seq for item in batcher.take()] == [3]
+    assert batcher.crops == 0 and len(batcher) == 0
+
+
+def test_take_fills_exactly_to_max_batch_oldest_first():
+    batcher = Batcher(BatchPolicy(max_batch=8, max_wait_ms=5.0))
+    for seq, n in enumerate([2, 2, 4, 1, 3], start=1):
+        batcher.add(pending(n, 1.0 + seq * 0.001, seq=seq))
+    assert batcher.crops == 12
+    first = batcher.take()
+    assert [i.header.seq for i in first] == [1, 2, 3]
+    assert sum(len(i.crops) for i in first) == 8
+    assert batcher.crops == 4
+    second = batcher.take()
+    assert [i.header.seq for i in second] == [4, 5]
+    assert batcher.crops == 0
+
+
+def test_take_stops_at_the_first_message_that_does_not_fit():
+    # FIFO: a later small message does not jump ahead of an earlier one that did not fit
+    batcher = Batcher(BatchPolicy(max_batch=8, max_wait_ms=5.0))
+    for seq, n in enumerate([5, 4, 1], start=1):
+        batcher.add(pending(n, 0.0, seq=seq))
+    assert [i.header.seq for i in batcher.take()] == [1]
+    assert [i.header.seq for i in batcher.take()] == [2, 3]
+
+
+def test_timeout_path_with_explicit_clock():
+    # times chosen to be exact in binary floating point, so the boundary is exact too
+    batcher = Batcher(BatchPolicy(max_batch=32, max_wait_ms=62.5))
+    batcher.add(pending(1, 100.0, seq=1))
+    batcher.add(pending(2, 100.03125, seq=2))
+    assert not batcher.ready(100.0)
+    assert not batcher.ready(100.0625 - 1e-6)
+    assert batcher.wait_ms(100.0) == 62.5
+    assert batcher.wait_ms(100.03125) == 31.25
+    assert batcher.wait_ms(100.0625 - 1e-6) == pytest.approx(0.001)
+    # the oldest message decides, not the newest
+    assert batcher.ready(100.0625)
+    assert batcher.wait_ms(100.0625) == 0.0
+    assert batcher.ready(100.07)
+    assert batcher.wait_ms(100.5) == 0.0           # overdue: never negative
+    batch = batcher.take()
+    assert [i.header.seq for i in batch] == [1, 2]
+    assert batcher.crops == 0 and not batcher.ready(200.0)
+    assert batcher.wait_ms(200.0) is None
+
+
+def test_timeout_restarts_from_the_next_oldest_message():
+    batcher = Batcher(BatchPolicy(max_batch=4, max_wait_ms=10.0))
+    batcher.add(pending(3, 0.0, seq=1))
+    batcher.add(pending(3, 0.008, seq=2))
+    assert batcher.ready(0.0)                      # 6 >= 4 crops
+    assert [i.header.seq for i in batcher.take()] == [1]
+    assert not batcher.ready(0.015)                # seq 2 arrived at 8 ms: due at 18 ms
+    assert batcher.wait_ms(0.015) == pytest.approx(3.0)
+    assert not batcher.ready(0.0179)
+    assert batcher.ready(0.0181)
+
+
+def test_zero_wait_is_ready_immediately():
+    batcher = Batcher(BatchPolicy(max_batch=32, max_wait_ms=0.0))
+    batcher.add(pending(1, 5.0))
+    assert batcher.ready(5.0)
+    assert batcher.wait_ms(5.0) == 0.0
+
+
+def test_message_bigger_than_max_batch_is_taken_alone():
+    batcher = Batcher(BatchPolicy(max_batch=4, max_wait_ms=5.0))
+    batcher.add(pending(10, 0.0, seq=1))
+    batcher.add(pending(1, 0.0, seq=2))
+    assert batcher.ready(0.0)
+    batch = batcher.take()
+    assert len(batch) == 1 and batch[0].header.seq == 1 and len(batch[0].crops) == 10
+    assert batcher.crops == 1
+    # and a big one behind a small one waits for its own batch
+    batcher.add(pending(9, 0.0, seq=3))
+    assert [i.header.seq for i in batcher.take()] == [2]
+    assert [i.header.seq for i in batcher.take()] == [3]
+    assert batcher.crops == 0 and len(batcher) == 0
+
+
+def test_crop_counter_stays_consistent():
+    rng = np.random.default_rng(5)
+    batcher = Batcher(BatchPolicy(max_batch=16, max_wait_ms=2.0))
+    now, seq, taken = 0.0, 0, []
+    for _ in range(300):
+        now += float(rng.uniform(0, 0.002))
+        if rng.random() < 0.6:
+            seq += 1
+            batcher.add(pending(int(rng.integers(0, 20)), now, seq=seq))
+        if batcher.ready(now):
+            batch = batcher.take()
+            assert batch
+            size = sum(len(i.crops) for i in batch)
+            assert size <= 16 or len(batch) == 1
+            taken.extend(i.header.seq for i in batch)
+        assert batcher.crops == sum(len(i.crops) for i in batcher.queue)
+        assert batcher.crops >= 0
+    while len(batcher):
+        taken.extend(i.header.seq for i in batcher.take())
+    assert batcher.crops == 0
+    assert taken == list(range(1, seq + 1))        # every message once, in arrival order
+
+
+# --- InferenceRunner and run_batch ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    from services.common import registry
+
+    folder = write_tiny_model(tmp_path_factory.mktemp("registry"), "tiny-v1", seed=3)
+    entry = registry.read_entry(folder)
+    model = registry.load_model(entry)
+    registry.check_model(model, entry.spec, str(entry.model_file))
+    return entry, model
+
+
+@pytest.fixture(scope="module")
+def runner(tiny):
+    from services.classifier.runtime import BATCH_SHAPES, InferenceRunner
+
+    entry, model = tiny
+    assert BATCH_SHAPES == (1, 4, 16, 64)
+    runner = InferenceRunner(model, entry.spec)
+    calls = []
+    inner = runner._call
+
+    def recording(x):
+        calls.append(tuple(np.shape(x)))
+        return inner(x)
+
+    runner._call = recording
+    runner.calls = calls
+    return runner
+
+
+def test_padded_sizes(runner):
+    assert runner.batch_shapes == (1, 4, 16, 64)
+    expected = {1: 1, 2: 4, 3: 4, 4: 4, 5: 16, 16: 16, 17: 64, 63: 64, 64: 64, 65: 64, 500: 64}
+    assert {n: runner.padded_size(n) for n in expected} == expected
+
+
+def test_warm_up_traces_every_shape(runner):
+    runner.calls.clear()
+    runner.warm_up()
+    assert runner.calls == [(1, 48, 48, 1), (4, 48, 48, 1), (16, 48, 48, 1), (64, 48, 48, 1)]
+
+
+@pytest.mark.parametrize("n,chunks", [(0, []), (1, [1]), (3, [4]), (5, [16]), (64, [64]),
+                                      (70, [64, 16])])
+def test_probabilities_match_the_model(runner, tiny, n, chunks):
+    _, model = tiny
+    rng = np.random.default_rng(n)
+    inputs = rng.random((n, 48, 48, 1), dtype=np.float32)
+    runner.calls.clear()
+    probabilities = runner.predict_inputs(inputs)
+    assert runner.calls == [(size, 48, 48, 1) for size in chunks]
+    assert probabilities.shape == (n, 7)
+    if n == 0:
+        return
+    assert np.all(probabilities >= 0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    direct = np.asarray(model(inputs, training=False))
+    np.testing.assert_allclose(probabilities, direct, rtol=1e-5, atol=1e-6)
+    # different inputs give different answers (the model is not constant)
+    assert n == 1 or np.ptp(probabilities[:, 0]) > 0
+
+
+def test_predict_faces_uses_the_model_preprocessing(runner, tiny):
+    from services.common.preprocess import preprocess_faces
+
+    entry, model = tiny
+    faces = np.random.default_rng(1).integers(0, 256, (3, 96, 96, 3), np.uint8)
+    expected = np.asarray(model(preprocess_faces(faces, entry.spec), training=False))
+    np.testing.assert_allclose(runner.predict_faces(faces), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_run_batch_one_result_per_message(runner):
+    from services.classifier.__main__ import results_message, run_batch
+
+    rng = np.random.default_rng(2)
+    sizes = [2, 0, 3, 1]
+    batch = []
+    for seq, n in enumerate(sizes):
+        item = pending(n, arrived=50.0, seq=seq, stream=f"cam{seq % 2}")
+        item.crops[:] = rng.integers(0, 256, item.crops.shape, np.uint8)
+        batch.append(item)
+    all_crops = np.concatenate([item.crops for item in batch])
+    expected = runner.predict_faces(all_crops)
+    labels = [EMOTIONS[i] for i in expected.argmax(axis=1)]
+    assert len(set(map(tuple, np.round(expected, 6)))) > 1
+
+    messages = run_batch(batch, runner, "tiny-v1", now=50.01)
+    assert len(messages) == len(batch)
+    start = 0
+    for item, parts in zip(batch, messages):
+        assert parts[0] == item.header.stream.encode()
+        header, payloads = decode([bytes(p) for p in parts], expect_kind=KIND_RESULT)
+        assert payloads == []
+        n = len(item.crops)
+        assert (header.stream, header.seq, header.width, header.height) == (
+            item.header.stream, item.header.seq, 640, 480)
+        assert header.model == "tiny-v1"
+        assert header.boxes == item.header.boxes
+        assert [r.box for r in header.results] == item.header.boxes
+        assert [r.label for r in header.results] == labels[start:start + n]
+        for r, row in zip(header.results, expected[start:start + n]):
+            assert r.scores == pytest.approx(row.tolist(), abs=1e-6)
+            assert r.confidence == pytest.approx(float(row.max()), abs=1e-6)
+            assert r.label == EMOTIONS[int(np.argmax(r.scores))]
+        assert header.timestamps["capture"] == item.header.timestamps["capture"]
+        assert "classify" in header.timestamps
+        start += n
+    assert start == len(all_crops)
+
+    # the classifier's answer for a frame without faces is also a valid result message
+    empty = pending(0, 0.0, seq=9)
+    header, _ = decode(results_message(empty.header, np.zeros((0, 7)), "tiny-v1"),
+                       expect_kind=KIND_RESULT)
+    assert header.results == [] and header.boxes == [] and header.seq == 9
+
+
+def test_results_message_labels_are_argmax():
+    from services.classifier.__main__ import results_message
+
+    header = pending(2, 0.0, seq=4).header
+    probabilities = np.array([[0.05, 0.05, 0.1, 0.6, 0.1, 0.05, 0.05],
+                              [0.0, 0.0, 0.0, 0.0, 0.1, 0.2, 0.7]], np.float32)
+    got, _ = decode(results_message(header, probabilities, "m1"), expect_kind=KIND_RESULT)
+    assert [r.label for r in got.results] == ["Happy", "Neutral"]
+    assert [r.confidence for r in got.results] == pytest.approx([0.6, 0.7])
+    assert got.model == "m1" and got.boxes == header.boxes
+
+
+def test_load_entry(tiny, tmp_path):
+    from services.classifier.__main__ import load_entry
+    from services.common import registry
+
+    entry, _ = tiny
+    by_dir = load_entry("unused", str(entry.path))
+    by_file = load_entry("unused", str(entry.model_file))
+    assert by_dir.version == by_file.version == "tiny-v1"
+    with pytest.raises(registry.RegistryError):
+        load_entry("unused", str(tmp_path / "missing" / "model.keras"))
+    with pytest.raises(registry.RegistryError):
+        load_entry(str(tmp_path), "")              # nothing promoted there
+    registry.promote(entry.path.parent, "tiny-v1")
+    assert load_entry(str(entry.path.parent), "").version == "tiny-v1"
+
