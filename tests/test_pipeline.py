@@ -165,7 +165,7 @@ def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
         with_faces = metric_sum(det, "emotion_detector_frames_with_faces_total")
         answered = sum(1 for h in results.messages.values() if h.results)
         assert with_faces >= 0.8 * detected, "the clip has a face in nearly every frame"
-        assert answered >= 0.9 * with_faces, (answered, with_faces)
+        assert answered >= 0.9 * with_faces, (answered, with_faces, cls)
         classified = metric_sum(cls, "emotion_classifier_faces_total")
         assert metric_sum(det, "emotion_detector_faces_total") >= classified >= 0.9 * with_faces
         assert sum(len(h.results) for h in results.messages.values()) == classified
@@ -181,24 +181,28 @@ def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
             assert metric_sum(samples, "emotion_messages_rejected_total") == 0
 
         # Replay the clip and read the viewer's MJPEG stream: decodable JPEGs, labels drawn.
-        reader = MjpegReader(reader_url)
-        reader.start()
         capture.stop()
         pipeline.services.remove(capture)
+        for collector in (frames, results):
+            collector.messages.clear()
+            collector.payloads.clear()
+        reader = MjpegReader(reader_url)
+        reader.start()
         pipeline.start("capture#2", "--source", str(clip), "--stream", "clip", "--max-frames", "90")
         wait_for(lambda: len(reader.parts) >= 30, 60, what="30 MJPEG parts")
         assert reader.content_type.startswith("multipart/x-mixed-replace")
-        checked = 0
-        for seq, jpeg in reader.parts:
+        checked = drawn = 0
+        for seq, jpeg in list(reader.parts):
             annotated = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
             assert annotated is not None and annotated.shape[:2] == (336, 596)
             header = results.messages.get(seq)
             if seq is None or seq not in frames.payloads or not header or not header.results:
                 continue
             raw = decode_image(frames.messages[seq], frames.payloads[seq][0])
-            assert overlay_drawn(annotated, raw, header.results[0].box), f"no overlay on frame {seq}"
+            drawn += overlay_drawn(annotated, raw, header.results[0].box)
             checked += 1
         assert checked >= 10, f"only {checked} annotated frames could be matched to results"
+        assert drawn >= 0.8 * checked, f"labels drawn on {drawn} of {checked} frames"
     finally:
         if reader:
             reader.halt.set()

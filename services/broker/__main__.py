@@ -33,7 +33,9 @@ def parse_args(argv=None):
     parser.option("--bind-host", default="127.0.0.1",
                   help="address the channel ports bind (0.0.0.0 for all interfaces)")
     parser.option("--hwm", default=bus.DEFAULT_HWM, type=int,
-                  help="high-water mark (messages) of every channel socket")
+                  help="high-water mark (messages) of the work queues detect and classify")
+    parser.option("--fanout-hwm", default=bus.FANOUT_HWM, type=int,
+                  help="high-water mark (messages per subscriber) of frames and results")
     return parser.parse_args(argv)
 
 
@@ -41,6 +43,7 @@ class Channel:
     """One proxy thread: frontend (producers) -> backend (consumers), steerable to stop it."""
 
     def __init__(self, ctx: zmq.Context, name: str, addr: bus.BrokerAddress, hwm: int):
+        """hwm bounds both sides of the proxy (per peer)."""
         self.name = name
         front_type, back_type = SOCKET_TYPES[name]
         self.front = bus.tune(ctx.socket(front_type), hwm)
@@ -103,7 +106,8 @@ def main(argv=None) -> None:
     serve_metrics(args.metrics_port, args.metrics_host)
     addr = bus.BrokerAddress(args.bind_host, args.base_port)
     ctx = zmq.Context()
-    channels = [Channel(ctx, name, addr, args.hwm) for name in bus.CHANNELS]
+    channels = [Channel(ctx, name, addr, args.fanout_hwm if name in bus.FANOUT else args.hwm)
+                for name in bus.CHANNELS]
     stop = threading.Event()
     counter = threading.Thread(target=count_messages, args=(ctx, list(bus.CHANNELS), stop),
                                name="counter", daemon=True)

@@ -18,8 +18,11 @@ import zmq
 CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6}
 FANOUT = ("frames", "results")
 
-# Small high-water marks: under overload old work is dropped, never queued.
+# Small high-water marks on the work queues: under overload old work is dropped, never
+# queued. Fan-out channels get more room, so a subscriber's brief hiccup costs nothing;
+# a subscriber that stays behind still loses messages instead of slowing anyone down.
 DEFAULT_HWM = 4
+FANOUT_HWM = 64
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,23 @@ def tune(sock: zmq.Socket, hwm: int = DEFAULT_HWM) -> zmq.Socket:
     return sock
 
 
-def producer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int = DEFAULT_HWM):
+def channel_hwm(channel: str) -> int:
+    return FANOUT_HWM if channel in FANOUT else DEFAULT_HWM
+
+
+def producer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int | None = None):
     """A socket that sends into a channel: PUB for fan-out channels, PUSH for queues."""
     kind = zmq.PUB if channel in FANOUT else zmq.PUSH
-    sock = tune(ctx.socket(kind), hwm)
+    sock = tune(ctx.socket(kind), hwm or channel_hwm(channel))
     sock.connect(addr.endpoint(channel, "in"))
     return sock
 
 
-def consumer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int = DEFAULT_HWM,
+def consumer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int | None = None,
              topic: bytes = b""):
     """A socket that receives from a channel: SUB for fan-out channels, PULL for queues."""
     kind = zmq.SUB if channel in FANOUT else zmq.PULL
-    sock = tune(ctx.socket(kind), hwm)
+    sock = tune(ctx.socket(kind), hwm or channel_hwm(channel))
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, topic)
     sock.connect(addr.endpoint(channel, "out"))
