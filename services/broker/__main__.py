@@ -28,7 +28,7 @@ SOCKET_TYPES = {"frames": (zmq.XSUB, zmq.XPUB), "results": (zmq.XSUB, zmq.XPUB),
                 "detect": (zmq.PULL, zmq.PUSH), "classify": (zmq.PULL, zmq.PUSH)}
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = service_parser("broker", __doc__.splitlines()[0], metrics_port=9100, connects=False)
     parser.option("--bind-host", default="127.0.0.1",
                   help="address the channel ports bind (0.0.0.0 for all interfaces)")
@@ -36,7 +36,11 @@ def parse_args(argv=None):
                   help="high-water mark (messages) of the work queues detect and classify")
     parser.option("--fanout-hwm", default=bus.FANOUT_HWM, type=int,
                   help="high-water mark (messages per subscriber) of frames and results")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 class Channel:

@@ -30,7 +30,7 @@ SOURCE_RETRIES = Counter("emotion_capture_source_retries_total",
                          "Attempts to reopen a failed camera or URL", ["stream"])
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = service_parser("capture", __doc__.splitlines()[0], metrics_port=9101)
     parser.option("--source", default="demo",
                   help="'demo', a camera index (0) or /dev/videoN, a video file, an "
@@ -50,7 +50,11 @@ def parse_args(argv=None):
     parser.option("--exit-at-end", default=False, type=bool,
                   help="exit when a file source ends (batch use) instead of idling")
     parser.option("--max-frames", default=0, type=int, help="stop after this many frames (0 = no limit)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int) -> list:

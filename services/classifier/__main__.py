@@ -34,7 +34,7 @@ QUEUE_WAIT = Histogram("emotion_classifier_queue_wait_seconds",
 MODEL_INFO = Gauge("emotion_classifier_model_info", "The model version answering (value 1)", ["version"])
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = service_parser("classifier", __doc__.splitlines()[0], metrics_port=9103)
     policy = BatchPolicy()
     parser.option("--registry", default="models",
@@ -47,7 +47,11 @@ def parse_args(argv=None):
                   help="longest a face waits for its batch to fill")
     parser.option("--max-age-ms", default=500.0, type=float,
                   help="drop faces of frames captured longer ago than this (0 = never)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def load_entry(registry_dir: str, model: str) -> registry.ModelEntry:

@@ -27,7 +27,8 @@ class ServiceParser(argparse.ArgumentParser):
         if type is bool:
             value = default if raw is None else self._parse_bool(env, raw)
             self.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
-                              help=f"{help} [env {env}]", **kwargs)
+                              help=f"{help} [env {env}, default: {'yes' if value else 'no'}]",
+                              **kwargs)
             return
         value = default
         if raw is not None:

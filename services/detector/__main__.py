@@ -27,7 +27,7 @@ SECONDS = Histogram("emotion_detector_seconds", "Time to decode, detect and crop
                     buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0))
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = service_parser("detector", __doc__.splitlines()[0], metrics_port=9102)
     d = DetectorSettings()
     parser.option("--cascade", default="haarcascade_frontalface_default.xml",
@@ -45,7 +45,11 @@ def parse_args(argv=None):
                   help="equalise the grey histogram before detection (for dim scenes)")
     parser.option("--max-age-ms", default=500.0, type=float,
                   help="drop frames captured longer ago than this (0 = never)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def faces_message(header: Header, payload, cascade, settings: DetectorSettings) -> list:
