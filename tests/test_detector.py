@@ -24,6 +24,11 @@ def iou(a, b) -> float:
     return inter / (aw * ah + bw * bh - inter)
 
 
+def edges(box) -> tuple[int, int, int, int]:
+    x, y, w, h = box
+    return (x, y, x + w, y + h)
+
+
 def inside(box, image) -> bool:
     x, y, w, h = box
     height, width = image.shape[:2]
@@ -97,6 +102,10 @@ def test_detect_width_maps_boxes_to_full_resolution(cascade, factor):
     assert len(full) == 1 and len(small) == 1
     assert inside(small[0], image)
     assert iou(full[0], small[0]) > 0.5
+    # every edge agrees to within 15 % of the face size
+    tolerance = 0.15 * full[0][2]
+    for a, b in zip(edges(full[0]), edges(small[0])):
+        assert abs(a - b) <= tolerance, (full[0], small[0])
 
 
 def test_box_scales_with_the_image(cascade):
@@ -108,6 +117,8 @@ def test_box_scales_with_the_image(cascade):
     expected = tuple(3 * v for v in box)
     assert iou(expected, big_box) > 0.6
     assert big_box[2] == pytest.approx(3 * box[2], rel=0.25)
+    for a, b in zip(edges(expected), edges(big_box)):
+        assert abs(a - b) <= 0.15 * expected[2], (expected, big_box)
 
 
 def test_min_size_is_in_full_resolution_pixels(cascade):
