@@ -618,13 +618,41 @@ def test_decode_arbitrary_maps_only_rejects(wire_header, payloads):
 
 @PROPERTY
 @given(st.sampled_from([KIND_FRAME, KIND_FACES, KIND_RESULT]),
-       st.dictionaries(st.sampled_from(FIELD_NAMES), values, max_size=4),
+       st.dictionaries(st.sampled_from(FIELD_NAMES), st.one_of(primitives, values), max_size=4),
        st.booleans())
 def test_decode_damaged_valid_headers_only_rejects(kind, changes, with_payloads):
     w = valid_wire(kind)
     w.update(changes)
     payloads = valid_payloads(kind, valid_wire(kind)) if with_payloads else []
     assert_only_rejected(message(w, payloads), None)
+
+
+def paths(value, prefix=()):
+    """Every place inside a header: map keys and list indices, nested."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, child in items:
+        yield prefix + (key,)
+        if isinstance(child, (dict, list)):
+            yield from paths(child, prefix + (key,))
+
+
+@settings(PROPERTY, max_examples=300)
+@given(st.sampled_from([KIND_FRAME, KIND_FACES, KIND_RESULT]), st.data())
+def test_decode_damaged_nested_values_only_rejects(kind, data):
+    w = valid_wire(kind)
+    payloads = valid_payloads(kind, w)
+    for _ in range(data.draw(st.integers(1, 3))):
+        # depth first, then a place at that depth, so deep lists do not drown the rest
+        by_depth = {}
+        for path in paths(w):
+            by_depth.setdefault(len(path), []).append(path)
+        depth = data.draw(st.sampled_from(sorted(by_depth)))
+        path = data.draw(st.sampled_from(sorted(by_depth[depth], key=repr)))
+        target = w
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = data.draw(st.one_of(primitives, values))
+    assert_only_rejected(message(w, payloads), kind)
 
 
 @st.composite

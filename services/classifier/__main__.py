@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
 from services.common import bus, registry
 from services.common.config import service_parser, setup_logging
@@ -21,6 +21,7 @@ from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceRes
                                       Rejected, decode, decode_crops, encode)
 
 from .batching import Batcher, BatchPolicy, PendingFaces
+from .serving import RELOADS, ModelWatcher, announce, load_served_model
 
 FACES = Counter("emotion_classifier_faces_total", "Faces classified, by predicted emotion", ["emotion"])
 BATCH_SIZE = Histogram("emotion_classifier_batch_size", "Faces per model call",
@@ -31,7 +32,6 @@ INFERENCE_SECONDS = Histogram("emotion_classifier_inference_seconds",
 QUEUE_WAIT = Histogram("emotion_classifier_queue_wait_seconds",
                        "Time a message waited in the batcher before its batch ran",
                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2))
-MODEL_INFO = Gauge("emotion_classifier_model_info", "The model version answering (value 1)", ["version"])
 
 
 def build_parser():
@@ -47,6 +47,9 @@ def build_parser():
                   help="longest a face waits for its batch to fill")
     parser.option("--max-age-ms", default=500.0, type=float,
                   help="drop faces of frames captured longer ago than this (0 = never)")
+    parser.option("--reload-poll-s", default=1.0, type=float,
+                  help="how often to check the registry for a newly promoted model "
+                       "(0 = never; POST /reload on the metrics port checks at once)")
     return parser
 
 
@@ -101,20 +104,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     log = setup_logging("classifier", args.log_level)
     try:
-        entry = load_entry(args.registry, args.model)
-        spec = entry.spec
-        model = registry.load_model(entry)
-        registry.check_model(model, spec, str(entry.model_file))
+        served = load_served_model(load_entry(args.registry, args.model))
     except registry.RegistryError as exc:
         raise SystemExit(f"classifier: {exc}")
-    from .runtime import InferenceRunner
-
-    runner = InferenceRunner(model, spec)
-    runner.warm_up()
-    version = entry.version
-    MODEL_INFO.labels(version).set(1)
-    log.info("serving model %s (%s) input %s", version, entry.model_file, spec)
-    serve_metrics(args.metrics_port, args.metrics_host)
+    announce(served)
+    log.info("serving model %s (%s)", served.version, served.source)
+    watcher = None
+    if not args.model:
+        watcher = ModelWatcher(Path(args.registry), served.version, args.reload_poll_s, log).start()
+    actions = {"/reload": watcher.request_reload} if watcher else {}
+    serve_metrics(args.metrics_port, args.metrics_host, actions=actions)
     addr = bus.BrokerAddress(args.broker_host, args.base_port)
     ctx = zmq.Context()
     faces_in = bus.consumer(ctx, addr, "classify")
@@ -142,13 +141,22 @@ def main(argv=None) -> None:
                     drop("classifier", "stale")
                     continue
                 if not payloads:
-                    results_out.send_multipart(results_message(header, np.zeros((0, 7)), version))
+                    results_out.send_multipart(results_message(header, np.zeros((0, 7)), served.version))
                     continue
                 batcher.add(PendingFaces(header, decode_crops(header, payloads), time.monotonic()))
+        # A new model is swapped in only here, between two batches.
+        fresh = watcher.take_ready() if watcher else None
+        if fresh is not None:
+            announce(fresh, served)
+            RELOADS.labels("ok").inc()
+            log.info("now serving %s (was %s)", fresh.version, served.version)
+            served = fresh
         now = time.monotonic()
         if batcher.ready(now):
-            for message in run_batch(batcher.take(), runner, version, now):
+            for message in run_batch(batcher.take(), served.runner, served.version, now):
                 results_out.send_multipart(message)
+    if watcher:
+        watcher.stop()
     faces_in.close()
     results_out.close()
     ctx.term()

@@ -1,0 +1,127 @@
+"""Which model answers, and how a newly promoted one replaces it without a gap.
+
+The :class:`ModelWatcher` polls the registry's ``current`` pointer. When it names a new
+version, that version is loaded and validated *beside* the serving one, in a background
+thread: it must load, take the input its metadata declares, return 7 probabilities and
+be traced for every padded batch shape. Only then does the main loop swap it in, between
+two batches. A version that fails is never served; the failure is logged and counted,
+and retried only if its files change.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from services.common import registry
+
+RELOADS = Counter("emotion_classifier_model_reloads_total",
+                  "Attempts to switch to a newly promoted model, by result", ["result"])
+MODEL_INFO = Gauge("emotion_classifier_model_info", "The model version answering (value 1)",
+                   ["version"])
+
+
+@dataclass
+class ServedModel:
+    version: str
+    runner: object          # InferenceRunner
+    source: str             # the model file, for logs
+
+
+def load_served_model(entry: registry.ModelEntry) -> ServedModel:
+    """Load, validate and warm up one registry entry (raises RegistryError)."""
+    from .runtime import InferenceRunner
+
+    spec = entry.spec
+    model = registry.load_model(entry)
+    registry.check_model(model, spec, str(entry.model_file))
+    runner = InferenceRunner(model, spec)
+    runner.warm_up()
+    return ServedModel(entry.version, runner, str(entry.model_file))
+
+
+def announce(served: ServedModel, previous: ServedModel | None = None) -> None:
+    """Point emotion_classifier_model_info at the version that now answers."""
+    if previous is not None and previous.version != served.version:
+        MODEL_INFO.remove(previous.version)
+    MODEL_INFO.labels(served.version).set(1)
+
+
+def files_signature(root: Path, version: str) -> tuple:
+    """What identifies a version's files on disk, so a fixed version is tried again."""
+    folder = Path(root) / version
+    stamps = []
+    for name in (registry.MODEL_FILE, registry.METADATA_FILE):
+        try:
+            stat = (folder / name).stat()
+            stamps.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            stamps.append(None)
+    return (version, *stamps)
+
+
+class ModelWatcher:
+    """Polls ``<registry>/current`` and prepares the version it names for a swap."""
+
+    def __init__(self, root: Path, serving_version: str, poll_s: float, log: logging.Logger):
+        self.root = Path(root)
+        self.poll_s = poll_s
+        self.log = log
+        self.serving_version = serving_version
+        self._ready: ServedModel | None = None
+        self._failed: tuple | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+
+    def start(self) -> "ModelWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> dict:
+        """Check the registry now (the operator's POST /reload)."""
+        self._failed = None
+        self._wake.set()
+        return {"serving": self.serving_version, "current": registry.current_version(self.root)}
+
+    def take_ready(self) -> ServedModel | None:
+        """The validated new model, once, for the main loop to swap in between batches."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            self.serving_version = ready.version
+        return ready
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.check_once()
+            self._wake.wait(self.poll_s or None)
+            self._wake.clear()
+
+    def check_once(self) -> None:
+        version = registry.current_version(self.root)
+        with self._lock:
+            pending = self._ready.version if self._ready else None
+        if version is None or version in (self.serving_version, pending):
+            return
+        signature = files_signature(self.root, version)
+        if signature == self._failed:
+            return
+        self.log.info("registry now names %s; loading it beside %s", version, self.serving_version)
+        try:
+            served = load_served_model(registry.resolve(self.root, version))
+        except registry.RegistryError as exc:
+            self._failed = signature
+            RELOADS.labels("failed").inc()
+            self.log.error("not serving %s, keeping %s: %s", version, self.serving_version, exc)
+            return
+        with self._lock:
+            self._ready = served
