@@ -1,5 +1,6 @@
 """Write the Procfile that `make run` hands to honcho: broker, capture, N detectors,
-M classifiers and the viewer, each replica with its own metrics port.
+M classifiers and the viewer, each replica with its own metrics port, each restarted
+when it crashes (honcho itself stops everything on Ctrl-C).
 
     python deploy/procfile.py --source demo --detectors 2 --classifiers 2 > .run/Procfile
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
+
+SUPERVISOR = Path(__file__).resolve().parent / "restart-on-crash.sh"
 
 METRICS_OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4}
 REPLICA_PORT_STEP = 10   # detector replicas: 9102, 9112, 9122, ...
@@ -20,7 +24,8 @@ def procfile(python: str, source: str, detectors: int, classifiers: int,
 
     def line(name: str, service: str, port: int, args: str = "") -> str:
         more = " ".join(filter(None, [args, extra.get(service, "")]))
-        return f"{name}: {python} -m services.{service} --metrics-port {port} {more}".rstrip()
+        return (f"{name}: {shlex.quote(str(SUPERVISOR))} {python} -m services.{service} "
+                f"--metrics-port {port} {more}").rstrip()
 
     lines = [line("broker", "broker", ports["broker"]),
              line("capture", "capture", ports["capture"], f"--source {shlex.quote(source)}")]

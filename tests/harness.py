@@ -1,6 +1,10 @@
 """Drives the real services from tests: a whole pipeline, a results subscriber, an MJPEG reader."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -8,7 +12,7 @@ from pathlib import Path
 
 import zmq
 
-from conftest import Service, free_base_port, free_port, http_get, metric_samples, metric_sum, wait_for
+from conftest import ROOT, Service, free_base_port, free_port, http_get, metric_samples, metric_sum, wait_for
 from services.common import bus
 from services.common.protocol import decode
 
@@ -109,3 +113,87 @@ class MjpegReader(threading.Thread):
                 body = response.read(int(headers["content-length"]))
                 seq = headers.get("x-frame-seq")
                 self.parts.append((int(seq) if seq else None, body))
+
+
+def children_of(pid: int) -> set[int]:
+    """Every live descendant of a process, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Runner:
+    """What `make run` starts: honcho with the generated Procfile, on free ports."""
+
+    OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4}
+
+    def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
+                 source: str = "demo"):
+        self.metrics_base, self.http_port, self.base = free_base_port(30), free_port(), free_base_port()
+        self.addr = bus.BrokerAddress("127.0.0.1", self.base)
+        self.log_path = log_dir / "honcho.log"
+        procfile = log_dir / "Procfile"
+        procfile.write_text(subprocess.check_output(
+            [sys.executable, str(ROOT / "deploy" / "procfile.py"), "--python", sys.executable,
+             "--source", source, "--detectors", str(detectors), "--classifiers", str(classifiers),
+             "--metrics-base", str(self.metrics_base)], text=True))
+        env = {**os.environ, "EMOTION_BASE_PORT": str(self.base),
+               "EMOTION_HTTP_PORT": str(self.http_port), "EMOTION_REGISTRY": str(registry),
+               "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "honcho"), "--no-colour", "-f", str(procfile),
+             "-d", str(ROOT), "start"], cwd=ROOT, env=env, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def port(self, service: str, replica: int = 0) -> int:
+        return self.metrics_base + self.OFFSETS[service] + 10 * replica
+
+    def scrape(self, service: str, replica: int = 0) -> dict[str, float] | None:
+        assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+        try:
+            return metric_samples(http_get(f"http://127.0.0.1:{self.port(service, replica)}/metrics").decode())
+        except OSError:
+            return None
+
+    def service_pids(self, service: str) -> list[int]:
+        """The Python processes of one service (not their restart wrappers)."""
+        return [pid for pid in children_of(self.proc.pid)
+                if f"-m services.{service} " in cmdline(pid) + " " and "python" in cmdline(pid).split()[0]]
+
+    def ctrl_c(self) -> tuple[float, set[int]]:
+        """Stop everything as Ctrl-C in the terminal would; returns (seconds, processes seen)."""
+        processes = children_of(self.proc.pid)
+        started = time.monotonic()
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.log.close()
+        return time.monotonic() - started, processes

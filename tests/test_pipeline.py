@@ -1,19 +1,14 @@
 """End-to-end: the real services as subprocesses on loopback, talking over real ZeroMQ."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_base_port, free_port, http_get, media, metric_samples, metric_sum, wait_for
-from harness import Collector, MjpegReader, Pipeline
+from conftest import http_get, media, metric_sum, wait_for
+from harness import Collector, MjpegReader, Pipeline, Runner, alive
 from services.common.protocol import decode_image
 
 pytestmark = pytest.mark.slow
@@ -114,87 +109,30 @@ def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
     assert not slow, f"services took >= 5 s to stop: {slow}"
 
 
-def children_of(pid: int) -> set[int]:
-    """Every live descendant of a process, read from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_make_run_with_replicas_and_ctrl_c(tmp_path, tiny_registry):
     """What `make run DETECTORS=2 CLASSIFIERS=2` starts: honcho and a generated Procfile."""
-    metrics_base, http_port, base = free_base_port(30), free_port(), free_base_port()
-    procfile = tmp_path / "Procfile"
-    procfile.write_text(subprocess.check_output(
-        [sys.executable, str(ROOT / "deploy" / "procfile.py"), "--python", sys.executable,
-         "--source", "demo", "--detectors", "2", "--classifiers", "2",
-         "--metrics-base", str(metrics_base)], text=True))
-    env = {**os.environ, "EMOTION_BASE_PORT": str(base), "EMOTION_HTTP_PORT": str(http_port),
-           "EMOTION_REGISTRY": str(tiny_registry), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "CUDA_VISIBLE_DEVICES": ""}
-    log = open(tmp_path / "honcho.log", "w")
-    honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "--no-colour", "-f",
-                               str(procfile), "-d", str(ROOT), "start"], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def scrape(port):
-        try:
-            return metric_samples(http_get(f"http://127.0.0.1:{port}/metrics").decode())
-        except OSError:
-            return None
-
+    runner = Runner(tmp_path, tiny_registry, detectors=2, classifiers=2)
     try:
-        classifier_ports = (metrics_base + 3, metrics_base + 13)
-        detector_ports = (metrics_base + 2, metrics_base + 12)
-
         def every_replica_worked():
-            assert honcho.poll() is None, (tmp_path / "honcho.log").read_text()[-3000:]
-            batches = [scrape(p) for p in classifier_ports]
-            frames = [scrape(p) for p in detector_ports]
+            batches = [runner.scrape("classifier", i) for i in range(2)]
+            frames = [runner.scrape("detector", i) for i in range(2)]
             return (all(b and metric_sum(b, "emotion_classifier_batch_size_count") > 0 for b in batches)
                     and all(f and metric_sum(f, "emotion_detector_frames_total") > 0 for f in frames))
 
         wait_for(every_replica_worked, 150, interval=1.0, what="every replica to get work")
-        page = http_get(f"http://127.0.0.1:{http_port}/").decode()
+        page = http_get(f"http://127.0.0.1:{runner.http_port}/").decode()
         assert '<img src="/stream/main.mjpg"' in page
-        reader = MjpegReader(f"http://127.0.0.1:{http_port}/stream/main.mjpg")
+        reader = MjpegReader(f"http://127.0.0.1:{runner.http_port}/stream/main.mjpg")
         reader.start()
         wait_for(lambda: len(reader.parts) >= 5, 30, what="MJPEG parts")
         reader.halt.set()
         jpegs = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for _, j in reader.parts]
         assert all(j is not None and j.shape == (480, 640, 3) for j in jpegs)
-        viewer = scrape(metrics_base + 4)
-        assert metric_sum(viewer, "emotion_viewer_frames_total", stream="main") > 0
-        assert sum(metric_sum(scrape(p), "emotion_classifier_faces_total")
-                   for p in classifier_ports) > 0
+        assert metric_sum(runner.scrape("viewer"), "emotion_viewer_frames_total", stream="main") > 0
+        assert sum(metric_sum(runner.scrape("classifier", i), "emotion_classifier_faces_total")
+                   for i in range(2)) > 0
     finally:
-        processes = children_of(honcho.pid)
-        started = time.monotonic()
-        os.killpg(honcho.pid, signal.SIGINT)      # what Ctrl-C in the terminal does
-        try:
-            honcho.wait(10)
-        finally:
-            if honcho.poll() is None:
-                os.killpg(honcho.pid, signal.SIGKILL)
-            log.close()
-    took = time.monotonic() - started
+        took, processes = runner.ctrl_c()
     assert len(processes) >= 7, f"expected 7 services, saw {len(processes)} processes"
     wait_for(lambda: not any(alive(p) for p in processes), 5, what="every service to exit")
     assert took < 5.0, f"Ctrl-C took {took:.1f} s"

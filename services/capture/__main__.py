@@ -16,7 +16,7 @@ import zmq
 from prometheus_client import Counter, Gauge
 
 from services.common import bus
-from services.common.config import service_parser, setup_logging
+from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import drop, serve_metrics
 from services.common.protocol import ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, Header, encode
 
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     try:
         source = open_source(args.source)
     except SourceError as exc:
-        raise SystemExit(f"capture: {exc}")
+        config_error("capture", str(exc))
     serve_metrics(args.metrics_port, args.metrics_host)
     addr = bus.BrokerAddress(args.broker_host, args.base_port)
     ctx = zmq.Context()
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
             except SourceError as exc:
                 SOURCE_UP.labels(stream).set(0)
                 if not source.live:
-                    raise SystemExit(f"capture: {exc}")
+                    config_error("capture", str(exc))
                 delay = backoff.next()
                 SOURCE_RETRIES.labels(stream).inc()
                 log.warning("%s; retrying in %.1f s", exc, delay)

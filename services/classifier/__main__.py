@@ -15,7 +15,7 @@ import zmq
 from prometheus_client import Counter, Histogram
 
 from services.common import bus, registry
-from services.common.config import service_parser, setup_logging
+from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
 from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceResult, Header,
                                       Rejected, decode, decode_crops, encode)
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     try:
         served = load_served_model(load_entry(args.registry, args.model))
     except registry.RegistryError as exc:
-        raise SystemExit(f"classifier: {exc}")
+        config_error("classifier", str(exc))
     announce(served)
     log.info("serving model %s (%s)", served.version, served.source)
     watcher = None

@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from typing import NoReturn
 
 ENV_PREFIX = "EMOTION_"
+CONFIG_ERROR = 78   # exit status for "fix the configuration": supervisors do not restart it
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -69,3 +72,9 @@ def setup_logging(name: str, level: str) -> logging.Logger:
     logging.basicConfig(level=level.upper(),
                         format=f"%(asctime)s {name} %(levelname)s %(message)s")
     return logging.getLogger(name)
+
+
+def config_error(service: str, message: str) -> NoReturn:
+    """Stop a service that cannot run as configured (no model, no such file, ...)."""
+    print(f"{service}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(CONFIG_ERROR)
