@@ -75,17 +75,18 @@ def compact(spec: InputSpec = InputSpec(48, 1, "unit"), *, width: float = 1.0,
             dropout: float = 0.4, seed: int | None = None) -> keras.Model:
     """A small residual CNN for real time on a CPU (~1.2 M params at width 1).
 
-    One stem conv at full resolution, then four residual stages at 48, 24, 12 and 6 px
-    with 32/64/128/256 x ``width`` filters; most compute sits in the small late maps.
+    Two plain convs at full resolution (where every layer is costly), then residual
+    stages at 24, 12 and 6 px with 64/128/256 x ``width`` filters, where the capacity
+    is cheap; global average pooling keeps the classifier tiny.
     """
     filters = [max(4, int(round(f * width))) for f in COMPACT_FILTERS]
     inputs = keras.Input(spec.shape, name="face")
     x = augmentation(spec, seed)(inputs)
-    x = _conv_bn_relu(x, filters[0], "stem")
-    for i, f in enumerate(filters):
-        if i:
-            x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
-        x = _residual_stage(x, f, f"stage{i + 1}")
+    x = _conv_bn_relu(x, filters[0], "stem1")
+    x = _conv_bn_relu(x, filters[0], "stem2")
+    for i, f in enumerate(filters[1:], start=1):
+        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+        x = _residual_stage(x, f, f"stage{i}")
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, seed=seed, name="dropout")(x)
     outputs = layers.Dense(len(EMOTIONS), activation="softmax", name="emotion")(x)
