@@ -20,7 +20,7 @@ from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import drop, serve_metrics
 from services.common.protocol import ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, Header, encode
 
-from .sources import Backoff, Pacer, SourceError, fit_width, open_source
+from .sources import DEFAULT_TIMEOUT_MS, Backoff, Pacer, SourceError, fit_width, open_source
 
 FRAMES = Counter("emotion_capture_frames_total", "Frames published", ["stream"])
 SOURCE_UP = Gauge("emotion_capture_source_up", "1 while the source delivers frames", ["stream"])
@@ -49,6 +49,9 @@ def build_parser():
     parser.option("--loop", default=False, type=bool, help="restart file sources at their end")
     parser.option("--exit-at-end", default=False, type=bool,
                   help="exit when a file source ends (batch use) instead of idling")
+    parser.option("--source-timeout-ms", default=DEFAULT_TIMEOUT_MS, type=int,
+                  help="URL sources: longest opening or reading may block before the source "
+                       "counts as down and is reopened with backoff (0 = OpenCV's default, 30 s)")
     parser.option("--max-frames", default=0, type=int, help="stop after this many frames (0 = no limit)")
     return parser
 
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     log = setup_logging("capture", args.log_level)
     try:
-        source = open_source(args.source)
+        source = open_source(args.source, args.source_timeout_ms)
     except SourceError as exc:
         config_error("capture", str(exc))
     serve_metrics(args.metrics_port, args.metrics_host)

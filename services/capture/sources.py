@@ -18,6 +18,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://")
+DEFAULT_TIMEOUT_MS = 5000   # URLs: longest an open or a read may block (OpenCV's own is 30 s)
 
 
 class SourceError(Exception):
@@ -40,15 +41,23 @@ class Source:
 class VideoSource(Source):
     """A camera (index or device path), a video file, or a stream URL, via cv2.VideoCapture."""
 
-    def __init__(self, target, live: bool, name: str):
+    def __init__(self, target, live: bool, name: str, timeout_ms: int = 0):
         self.target = target
         self.live = live
         self.name = name
+        self.timeout_ms = timeout_ms   # URLs only: FFmpeg open/read timeout (0 = OpenCV's)
         self.capture = None
 
     def open(self) -> None:
         self.close()
-        capture = cv2.VideoCapture(self.target)
+        if self.timeout_ms > 0:
+            # A dead or stalled stream fails after timeout_ms instead of blocking the
+            # capture loop (and its shutdown) for OpenCV's default 30 s.
+            capture = cv2.VideoCapture(self.target, cv2.CAP_FFMPEG,
+                                       [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.timeout_ms,
+                                        cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.timeout_ms])
+        else:
+            capture = cv2.VideoCapture(self.target)
         if not capture.isOpened():
             capture.release()
             raise SourceError(f"cannot open {self.name}")
@@ -131,8 +140,11 @@ class DemoSource(Source):
         return canvas
 
 
-def open_source(spec: str) -> Source:
-    """Turn the --source string into a Source (not yet opened)."""
+def open_source(spec: str, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Source:
+    """Turn the --source string into a Source (not yet opened).
+
+    ``timeout_ms`` bounds how long opening or reading a URL may block (0 = OpenCV's default).
+    """
     if spec == "demo":
         return DemoSource()
     if spec.isdigit():
@@ -140,7 +152,7 @@ def open_source(spec: str) -> Source:
     if spec.startswith("/dev/video"):
         return VideoSource(spec, live=True, name=f"camera {spec}")
     if spec.lower().startswith(URL_SCHEMES):
-        return VideoSource(spec, live=True, name=f"stream {spec}")
+        return VideoSource(spec, live=True, name=f"stream {spec}", timeout_ms=timeout_ms)
     path = Path(spec)
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
