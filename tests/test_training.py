@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import cv2
@@ -130,6 +131,9 @@ def test_index_folders_with_split_dirs_and_any_image_kind(tmp_path):
     assert x.shape == (24, 48, 48, 1) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
     rgb = data.model_inputs(train_split.faces, InputSpec(32, 3, "symmetric"))
     assert rgb.shape == (24, 32, 32, 3) and -1 <= rgb.min() and rgb.max() <= 1
+    shutil.rmtree(tmp_path / "val")  # no validation folder: a stratified part of train
+    carved = data.load_dataset(tmp_path, val_fraction=0.25)
+    assert carved.sizes() == {"Training": 17, "PublicTest": 7, "PrivateTest": 7}
 
 
 def test_name_folders_aliases_skip_unknown_and_val_fraction(tmp_path, caplog):
@@ -307,6 +311,8 @@ def test_evaluate_command_writes_report(trained, tmp_path, capsys):
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     assert "macro-F1" in capsys.readouterr().out
     # a run's checkpoint evaluates too: the run dir has the metadata with the input spec
+    assert main(["evaluate", "--model", "current", "--registry", str(trained["root"]), "--data",
+                 str(trained["csv"]), "--bench-seconds", "0"]) == 0
     assert main(["evaluate", "--model", str(trained["run"] / train.BEST), "--data",
                  str(trained["csv"]), "--bench-seconds", "0"]) == 0
 

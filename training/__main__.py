@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "inference speed of a model on one split.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--model", required=True,
-                   help="registry version, version directory, or .keras file with metadata.json beside it")
+                   help="'current', a registry version, a version directory, or a .keras file "
+                        "with metadata.json beside it")
     _data_options(e, required=True)
     e.add_argument("--split", default="PublicTest", choices=("Training", "PublicTest", "PrivateTest"),
                    help="report PrivateTest only once, for the final model")

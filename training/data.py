@@ -177,7 +177,8 @@ def class_index(folder_name: str) -> int | None:
 
 def load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
     """Split folders (train/val/test or Training/PublicTest/PrivateTest) of class folders,
-    or just class folders, then a seeded ``val_fraction`` becomes PublicTest."""
+    or just class folders. Without a validation folder, a seeded ``val_fraction`` of
+    the training faces becomes PublicTest."""
     split_dirs = {}
     for child in sorted(root.iterdir()):
         split = SPLIT_ALIASES.get(child.name.lower()) if child.is_dir() else None
@@ -191,6 +192,8 @@ def load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
             dataset.splits[split] = _load_class_folders(folder)
         if TRAIN not in dataset.splits:
             raise DataError(f"{root}: split folders found but none for training (train/ or Training/)")
+        if VAL not in dataset.splits:
+            dataset.splits[TRAIN], dataset.splits[VAL] = _split_off(dataset.splits[TRAIN], val_fraction, seed)
     else:
         pool = _load_class_folders(root)
         dataset.splits[TRAIN], dataset.splits[VAL] = _split_off(pool, val_fraction, seed)

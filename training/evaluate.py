@@ -177,8 +177,13 @@ class FileEntry(registry.ModelEntry):
 
 
 def resolve_model(ref: str, root: Path) -> registry.ModelEntry:
-    """A registry version name, a version directory, or a .keras file with metadata.json beside it."""
+    """``current``, a registry version name, a version directory, or a .keras file with
+    metadata.json beside it."""
+    if ref == registry.CURRENT:
+        return registry.resolve(root)
     path = Path(ref)
+    if "/" not in ref and (root / ref).is_dir():
+        return registry.resolve(root, ref)
     if path.is_dir():
         return registry.read_entry(path)
     if path.is_file():
