@@ -21,7 +21,7 @@ class Pipeline:
     """Broker, classifiers, detectors and viewer started first; capture once all are ready."""
 
     def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
-                 viewer_args: tuple = (), classifier_args: tuple = ()):
+                 viewer_args: tuple = (), classifier_args: tuple = (), detector_args: tuple = ()):
         self.base = free_base_port()
         self.addr = bus.BrokerAddress("127.0.0.1", self.base)
         self.log_dir = log_dir
@@ -32,7 +32,7 @@ class Pipeline:
         for i in range(classifiers):
             self.start(f"classifier#{i}", "--registry", str(registry), *classifier_args)
         for i in range(detectors):
-            self.start(f"detector#{i}")
+            self.start(f"detector#{i}", *detector_args)
         self.start("viewer", "--http-port", str(self.http_port), *viewer_args)
         for name in self.ports:
             wait_for(lambda: self.scrape(name), 120, what=f"{name} to serve metrics")

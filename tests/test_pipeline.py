@@ -25,7 +25,11 @@ def overlay_drawn(annotated: np.ndarray, raw: np.ndarray, box) -> bool:
 
 def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
     clip = media("woman2.mp4")
-    pipeline = Pipeline(tmp_path, tiny_registry, viewer_args=("--delay-ms", "300"))
+    # Generous max ages: this test follows every frame through; dropping stale work under
+    # load is the drop policy's business (and is counted either way).
+    generous = ("--max-age-ms", "3000")
+    pipeline = Pipeline(tmp_path, tiny_registry, viewer_args=("--delay-ms", "300", *generous),
+                        detector_args=generous, classifier_args=generous)
     frames = Collector(pipeline.addr, "frames")
     results = Collector(pipeline.addr, "results")
     frames.start()
