@@ -5,17 +5,23 @@ thread: XSUB->XPUB for the fan-out channels (frames, results) and PULL->PUSH for
 work queues (detect, classify). Every proxy copies traffic to a capture socket, from
 which this process counts messages and bytes per channel. High-water marks are small,
 so an overloaded consumer makes producers drop work instead of queueing it.
+
+With ``--curve-keys DIR`` every channel port is a CurveZMQ server: traffic is encrypted,
+and only clients whose public key is in ``DIR/clients/`` get in (checked by a ZAP
+authenticator thread); others cannot publish or subscribe.
 """
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+import time
 
 import zmq
 from prometheus_client import Counter
 
-from services.common import bus
-from services.common.config import service_parser, setup_logging
+from services.common import bus, keys
+from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import serve_metrics
 
 BROKER_MESSAGES = Counter("emotion_broker_messages_total",
@@ -23,6 +29,12 @@ BROKER_MESSAGES = Counter("emotion_broker_messages_total",
 BROKER_BYTES = Counter("emotion_broker_bytes_total",
                        "Bytes forwarded by the broker (all frames of a message), per channel",
                        ["channel"])
+
+PROXY_RESTARTS = Counter("emotion_broker_proxy_restarts_total",
+                         "Times a channel's proxy stopped on a spurious wake-up and was restarted",
+                         ["channel"])
+
+log = logging.getLogger("broker")
 
 SOCKET_TYPES = {"frames": (zmq.XSUB, zmq.XPUB), "results": (zmq.XSUB, zmq.XPUB),
                 "detect": (zmq.PULL, zmq.PUSH), "classify": (zmq.PULL, zmq.PUSH)}
@@ -46,12 +58,16 @@ def parse_args(argv=None):
 class Channel:
     """One proxy thread: frontend (producers) -> backend (consumers), steerable to stop it."""
 
-    def __init__(self, ctx: zmq.Context, name: str, addr: bus.BrokerAddress, hwm: int):
-        """hwm bounds both sides of the proxy (per peer)."""
+    def __init__(self, ctx: zmq.Context, name: str, addr: bus.BrokerAddress, hwm: int,
+                 curve: keys.ServerKeys | None = None, on_failure=lambda: None):
+        """hwm bounds both sides of the proxy (per peer); curve makes both CURVE servers."""
         self.name = name
         front_type, back_type = SOCKET_TYPES[name]
         self.front = bus.tune(ctx.socket(front_type), hwm)
         self.back = bus.tune(ctx.socket(back_type), hwm)
+        if curve is not None:
+            keys.secure_server(self.front, curve)
+            keys.secure_server(self.back, curve)
         self.front.bind(f"tcp://{addr.host}:{addr.port(name, 'in')}")
         self.back.bind(f"tcp://{addr.host}:{addr.port(name, 'out')}")
         self.capture = bus.tune(ctx.socket(zmq.PUB), 1000)
@@ -60,15 +76,31 @@ class Channel:
         self.control = ctx.socket(zmq.PAIR)
         self.control.bind(self.control_endpoint)
         self._ctx = ctx
+        self.failed: Exception | None = None
+        self._on_failure = on_failure
         self.thread = threading.Thread(target=self._run, name=f"proxy-{name}", daemon=True)
 
     def _run(self):
         peer = self._ctx.socket(zmq.PAIR)
         peer.connect(self.control_endpoint)
         try:
-            zmq.proxy_steerable(self.front, self.back, self.capture, peer)
+            while True:
+                try:
+                    zmq.proxy_steerable(self.front, self.back, self.capture, peer)
+                    break                         # TERMINATE
+                except zmq.Again:
+                    # libzmq's proxy gives up with EAGAIN when a socket it saw as readable
+                    # has nothing to read (happens while CURVE handshakes settle). Nothing
+                    # was read, the sockets are intact: run it again.
+                    PROXY_RESTARTS.labels(self.name).inc()
+                    log.debug("channel %s: proxy restarted after a spurious wake-up", self.name)
+                    time.sleep(0.001)
         except zmq.ContextTerminated:
             pass
+        except Exception as exc:                  # a dead channel must not go unnoticed
+            log.error("channel %s failed: %s", self.name, exc)
+            self.failed = exc
+            self._on_failure()
         finally:
             for sock in (self.front, self.back, self.capture, peer):
                 sock.close(linger=0)
@@ -104,15 +136,30 @@ def count_messages(ctx: zmq.Context, names: list[str], stop: threading.Event) ->
             sock.close(linger=0)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
-    log = setup_logging("broker", args.log_level)
+    setup_logging("broker", args.log_level)
+    curve = None
+    if args.curve_keys:
+        try:
+            curve = keys.server_keys(args.curve_keys)
+        except keys.KeyFileError as exc:
+            config_error("broker", str(exc))
     serve_metrics(args.metrics_port, args.metrics_host)
     addr = bus.BrokerAddress(args.bind_host, args.base_port)
     ctx = zmq.Context()
-    channels = [Channel(ctx, name, addr, args.fanout_hwm if name in bus.FANOUT else args.hwm)
-                for name in bus.CHANNELS]
+    auth = None
+    if curve is not None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx, log=log.getChild("auth"))
+        auth.start()
+        auth.configure_curve(domain="*", location=str(curve.clients))
+        log.info("CurveZMQ on: %d authorised client key(s) in %s",
+                 len(list(curve.clients.glob("*.key"))), curve.clients)
     stop = threading.Event()
+    channels = [Channel(ctx, name, addr, args.fanout_hwm if name in bus.FANOUT else args.hwm,
+                        curve, on_failure=stop.set) for name in bus.CHANNELS]
     counter = threading.Thread(target=count_messages, args=(ctx, list(bus.CHANNELS), stop),
                                name="counter", daemon=True)
     counter.start()
@@ -128,8 +175,15 @@ def main(argv=None) -> None:
     for channel in channels:
         channel.stop()
     counter.join(timeout=2)
+    if auth is not None:
+        auth.stop()
     ctx.term()
+    failed = [c.name for c in channels if c.failed is not None]
+    if failed:
+        log.error("exiting because channel(s) %s failed", ", ".join(failed))
+        return 1                                  # supervisors restart the broker
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

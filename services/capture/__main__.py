@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     except SourceError as exc:
         config_error("capture", str(exc))
     serve_metrics(args.metrics_port, args.metrics_host)
-    addr = bus.BrokerAddress(args.broker_host, args.base_port)
+    addr = bus.client_address("capture", args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()
     frames_out = bus.producer(ctx, addr, "frames")
     detect_out = bus.producer(ctx, addr, "detect")

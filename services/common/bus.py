@@ -7,6 +7,9 @@ The broker binds 8 consecutive ports starting at ``--base-port`` (default 5555):
     detect    base+2 (PULL)       base+3 (PUSH)       queue, detector replicas share the work
     classify  base+4 (PULL)       base+5 (PUSH)       queue, classifier replicas share the work
     results   base+6 (XSUB)       base+7 (XPUB)       fan-out
+
+With ``--curve-keys DIR`` every socket made here is a CurveZMQ client of the broker
+(encrypted, authenticated by its key pair; see services/common/keys.py).
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import time
 from dataclasses import dataclass
 
 import zmq
+
+from . import keys
+from .config import config_error
 
 CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6}
 FANOUT = ("frames", "results")
@@ -29,6 +35,7 @@ FANOUT_HWM = 64
 class BrokerAddress:
     host: str = "127.0.0.1"
     base_port: int = 5555
+    curve: keys.ClientKeys | None = None   # CurveZMQ keys for every socket (None = plain TCP)
 
     def port(self, channel: str, side: str) -> int:
         """side is 'in' (producers) or 'out' (consumers)."""
@@ -48,6 +55,17 @@ def tune(sock: zmq.Socket, hwm: int = DEFAULT_HWM) -> zmq.Socket:
     return sock
 
 
+def client_address(service: str, host: str, base_port: int, curve_keys: str = "") -> BrokerAddress:
+    """The broker's address for a connecting service, with its CurveZMQ keys when
+    ``curve_keys`` names a key folder; a missing key file stops the service (exit 78)."""
+    if not curve_keys:
+        return BrokerAddress(host, base_port)
+    try:
+        return BrokerAddress(host, base_port, keys.client_keys(curve_keys))
+    except keys.KeyFileError as exc:
+        config_error(service, str(exc))
+
+
 def channel_hwm(channel: str) -> int:
     return FANOUT_HWM if channel in FANOUT else DEFAULT_HWM
 
@@ -56,6 +74,8 @@ def producer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int | Non
     """A socket that sends into a channel: PUB for fan-out channels, PUSH for queues."""
     kind = zmq.PUB if channel in FANOUT else zmq.PUSH
     sock = tune(ctx.socket(kind), hwm or channel_hwm(channel))
+    if addr.curve is not None:
+        keys.secure_client(sock, addr.curve)
     sock.connect(addr.endpoint(channel, "in"))
     return sock
 
@@ -67,6 +87,8 @@ def consumer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int | Non
     sock = tune(ctx.socket(kind), hwm or channel_hwm(channel))
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, topic)
+    if addr.curve is not None:
+        keys.secure_client(sock, addr.curve)
     sock.connect(addr.endpoint(channel, "out"))
     return sock
 

@@ -64,6 +64,9 @@ def service_parser(name: str, description: str, metrics_port: int,
                   help="port of the Prometheus /metrics endpoint (0 = none)")
     parser.option("--metrics-host", default="127.0.0.1",
                   help="address the metrics endpoint binds (0.0.0.0 in containers)")
+    parser.option("--curve-keys", default="",
+                  help="CurveZMQ key folder: encrypt and authenticate every broker connection "
+                       "(make one with python -m services.common.keys DIR; empty = off)")
     parser.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 

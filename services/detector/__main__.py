@@ -70,7 +70,7 @@ def main(argv=None) -> None:
                                 args.detect_width, args.margin, args.crop_size, args.equalize)
     cascade = load_cascade(args.cascade)
     serve_metrics(args.metrics_port, args.metrics_host)
-    addr = bus.BrokerAddress(args.broker_host, args.base_port)
+    addr = bus.client_address("detector", args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()
     frames_in = bus.consumer(ctx, addr, "detect")
     faces_out = bus.producer(ctx, addr, "classify")

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    address = bus.BrokerAddress(args.broker_host, args.base_port)
+    address = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()
     sockets = []
     try:
