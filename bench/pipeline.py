@@ -1,0 +1,337 @@
+"""The pipeline as real processes (the tests' Pipeline harness): frames/s, e2e latency, CPU per stage.
+
+Each measurement starts a capture on a clip (looped), waits for results and a warm-up,
+then watches a fixed window: results arriving at a subscriber on ``results`` (frames/s,
+and per frame: wall-clock arrival minus ``ts["capture"]``), the viewer's
+``emotion_e2e_latency_seconds`` histogram, and every process's CPU from /proc. Also the
+classifier alone, saturated with pre-made faces messages of real crops.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from .common import CLK_TCK, histogram_quantile, log, percentiles, proc_cpu_seconds, summary
+
+from harness import Collector, Pipeline          # noqa: E402  (tests/ is on sys.path)
+from conftest import Service, free_base_port, free_port, metric_samples, http_get, wait_for  # noqa: E402
+
+STAGES = ("capture", "broker", "detector", "classifier", "viewer")
+
+
+class ResultsCollector(Collector):
+    """A Collector that also keeps the wall-clock arrival time of every message.
+
+    ``records`` holds (time.time() at arrival, stream, seq, capture timestamp, faces).
+    With ``decode=False`` it only counts and timestamps messages (for high rates).
+    """
+
+    def __init__(self, addr, channel: str = "results", decode: bool = True):
+        super().__init__(addr, channel)
+        self.decode = decode
+        self.records: list[tuple[float, str, int, float | None, int]] = []
+
+    def run(self):
+        from services.common.protocol import Rejected, decode
+
+        while not self.halt.is_set():
+            if not self.sock.poll(100):
+                continue
+            while True:
+                try:
+                    parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                arrived = time.time()
+                if not self.decode:
+                    self.records.append((arrived, "", -1, None, 0))
+                    continue
+                try:
+                    header, _ = decode(parts)
+                except Rejected:
+                    continue
+                self.arrivals.append((time.monotonic(), header))
+                self.records.append((arrived, header.stream, header.seq,
+                                     header.timestamps.get("capture"), len(header.results)))
+
+
+def zmq_thread_cpu(pid: int) -> float:
+    """CPU seconds of a process's ZeroMQ I/O threads (named ZMQbg/...): its transport work."""
+    total = 0.0
+    task_dir = Path(f"/proc/{pid}/task")
+    try:
+        tasks = list(task_dir.iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            if not (task / "comm").read_text().startswith("ZMQbg"):
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def _cpu_snapshot(services) -> dict:
+    return {s.name: (proc_cpu_seconds(s.proc.pid), zmq_thread_cpu(s.proc.pid))
+            for s in services if s.alive()}
+
+
+def _buckets(samples: dict, name: str) -> list[tuple[float, float]]:
+    out = []
+    for key, value in samples.items():
+        if key.startswith(name + "_bucket{"):
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            out.append((float("inf") if le == "+Inf" else float(le), value))
+    return sorted(out)
+
+
+def _metric(samples: dict, name: str) -> float:
+    from conftest import metric_sum
+
+    return metric_sum(samples or {}, name)
+
+
+class Workload:
+    def __init__(self, name: str, clip: str, faces: str, pace: str, args: tuple):
+        self.name, self.clip, self.faces, self.pace, self.args = name, clip, faces, pace, args
+
+
+def workloads(clips: dict[str, Path]) -> dict[str, Workload]:
+    out = {}
+    for faces, clip in (("1 face", "single"), ("4 faces", "tiled")):
+        for pace, args in (("15 fps", ("--fps", "15")), ("30 fps", ()), ("unpaced", ("--no-pace",))):
+            key = f"{clip}-{pace.replace(' ', '')}"
+            out[key] = Workload(key, clip, faces, pace, args)
+    return out
+
+
+def measure(pipeline: Pipeline, collector: ResultsCollector, clip: Path, workload: Workload,
+            tag: str, warmup: float, seconds: float) -> dict:
+    """Run one capture on the clip, measure a window of `seconds` after `warmup`."""
+    stream = f"{workload.name}-{tag}"
+    name = f"capture#{tag}"
+    capture = pipeline.start(name, "--source", str(clip), "--stream", stream, "--loop",
+                             *workload.args)
+    try:
+        wait_for(lambda: any(r[1] == stream for r in collector.records[-50:]), 90,
+                 what=f"first results of {stream}")
+        time.sleep(warmup)
+        services = [s for s in pipeline.services if s.alive()]
+        scrape = {s.name: pipeline.scrape(s.name) for s in services if s.name in pipeline.ports}
+        cpu0, start, first = _cpu_snapshot(services), time.time(), len(collector.records)
+        time.sleep(seconds)
+        cpu1, end, last = _cpu_snapshot(services), time.time(), len(collector.records)
+        scrape1 = {s.name: pipeline.scrape(s.name) for s in services if s.name in pipeline.ports}
+    finally:
+        capture.stop()
+        pipeline.services.remove(capture)
+        pipeline.ports.pop(name, None)
+    records = [r for r in collector.records[first:last] if r[1] == stream and start <= r[0] < end]
+    latencies = [r[0] - r[3] for r in records if r[3] is not None]
+    frames = len(records)
+    duration = end - start
+    out = {"frames": frames, "seconds": duration, "fps": frames / duration,
+           "latency_ms": {k: (v * 1000 if v is not None else None)
+                          for k, v in percentiles(latencies, (50, 95, 99)).items()},
+           "latencies_ms": [round(x * 1000, 2) for x in latencies],
+           "faces_per_frame": float(np.mean([r[4] for r in records])) if records else 0.0,
+           "frames_with_faces": sum(1 for r in records if r[4])}
+    # The viewer's own estimate (capture -> composited frame), from its histogram.
+    view0, view1 = scrape.get("viewer") or {}, scrape1.get("viewer") or {}
+    before = dict(_buckets(view0, "emotion_e2e_latency_seconds"))
+    delta = [(le, n - before.get(le, 0.0)) for le, n in _buckets(view1, "emotion_e2e_latency_seconds")]
+    out["viewer_latency_ms"] = {f"p{q}": (lambda v: v * 1000 if v is not None else None)(
+        histogram_quantile(delta, q / 100)) for q in (50, 95, 99)}
+    out["viewer_frames_shown"] = (_metric(view1, "emotion_viewer_frames_total")
+                                  - _metric(view0, "emotion_viewer_frames_total"))
+    # Per stage: CPU seconds per delivered frame, and how much of it is ZeroMQ's I/O threads.
+    stages = {stage: {"cpu_ms_per_frame": 0.0, "zmq_io_ms_per_frame": 0.0, "processes": 0}
+              for stage in STAGES}
+    for svc, (c0, z0) in cpu0.items():
+        if svc not in cpu1 or c0 is None or cpu1[svc][0] is None:
+            continue
+        stage = svc.split("#")[0]
+        stages[stage]["cpu_ms_per_frame"] += 1000 * (cpu1[svc][0] - c0) / max(1, frames)
+        stages[stage]["zmq_io_ms_per_frame"] += 1000 * (cpu1[svc][1] - z0) / max(1, frames)
+        stages[stage]["processes"] += 1
+        stages[stage].setdefault("cpu_cores", 0.0)
+        stages[stage]["cpu_cores"] += (cpu1[svc][0] - c0) / duration
+    out["stages"] = stages
+    out["cpu_ms_per_frame"] = sum(s["cpu_ms_per_frame"] for s in stages.values())
+    counts = {}
+    for stage, metric in (("detector", "emotion_detector_frames_total"),
+                          ("detector_with_faces", "emotion_detector_frames_with_faces_total"),
+                          ("detector_faces", "emotion_detector_faces_total"),
+                          ("classifier_faces", "emotion_classifier_faces_total"),
+                          ("dropped", "emotion_frames_dropped_total")):
+        counts[stage] = sum(_metric(scrape1.get(n), metric) - _metric(scrape.get(n), metric)
+                            for n in scrape1)
+    cap_name = name
+    counts["captured"] = (_metric(scrape1.get(cap_name), "emotion_capture_frames_total")
+                          - _metric(scrape.get(cap_name), "emotion_capture_frames_total"))
+    out["counts"] = counts
+    return out
+
+
+def run_topologies(registry_dir: Path, clips: dict[str, Path], log_dir: Path, quick: bool) -> dict:
+    """Every (detectors, classifiers) topology with its workloads, repeated side by side."""
+    wl = workloads(clips)
+    if quick:
+        plan = {(1, 1): ["single-30fps", "single-unpaced", "tiled-unpaced"],
+                (2, 1): ["single-unpaced"]}
+        repeats, warmup, seconds = 1, 1.5, 4.0
+    else:
+        everything = list(wl)
+        plan = {(1, 1): everything,
+                (2, 1): ["single-unpaced", "tiled-unpaced"],
+                (1, 2): ["single-unpaced", "tiled-unpaced"],
+                (2, 2): ["single-unpaced", "tiled-unpaced"]}
+        repeats, warmup, seconds = 2, 3.0, 15.0
+    runs: dict[str, list[dict]] = {}
+    meta: dict[str, dict] = {}
+    for rep in range(repeats):
+        for (d, c), names in plan.items():
+            folder = log_dir / f"pipeline-d{d}c{c}-r{rep}"
+            folder.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            pipeline = Pipeline(folder, registry_dir, detectors=d, classifiers=c)
+            collector = ResultsCollector(pipeline.addr)
+            collector.start()
+            time.sleep(0.5)
+            log(f"pipeline d{d} c{c} up in {time.perf_counter() - started:.1f} s (repeat {rep + 1})")
+            try:
+                for i, name in enumerate(names):
+                    w = wl[name]
+                    key = f"{name}-d{d}c{c}"
+                    result = measure(pipeline, collector, clips[w.clip], w, f"r{rep}i{i}",
+                                     warmup, seconds)
+                    runs.setdefault(key, []).append(result)
+                    meta[key] = {"workload": name, "faces": w.faces, "pace": w.pace,
+                                 "detectors": d, "classifiers": c}
+                    log(f"  {key}: {result['fps']:.1f} frames/s, e2e p50 "
+                        f"{result['latency_ms']['p50'] or float('nan'):.0f} ms p99 "
+                        f"{result['latency_ms']['p99'] or float('nan'):.0f} ms, "
+                        f"{result['cpu_ms_per_frame']:.1f} CPU ms/frame, "
+                        f"{result['faces_per_frame']:.2f} faces/frame")
+            finally:
+                collector.close()
+                pipeline.stop()
+    configs = {}
+    for key, results in runs.items():
+        lat = {q: summary([r["latency_ms"][q] for r in results]) for q in ("p50", "p95", "p99")}
+        vlat = {q: summary([r["viewer_latency_ms"][q] for r in results]) for q in ("p50", "p95", "p99")}
+        stages = {st: {"cpu_ms_per_frame": summary([r["stages"][st]["cpu_ms_per_frame"] for r in results]),
+                       "zmq_io_ms_per_frame": summary([r["stages"][st]["zmq_io_ms_per_frame"] for r in results]),
+                       "cpu_cores": summary([r["stages"][st].get("cpu_cores", 0.0) for r in results])}
+                  for st in STAGES}
+        configs[key] = {**meta[key], "fps": summary([r["fps"] for r in results]),
+                        "latency_ms": lat, "viewer_latency_ms": vlat, "stages": stages,
+                        "cpu_ms_per_frame": summary([r["cpu_ms_per_frame"] for r in results]),
+                        "faces_per_frame": summary([r["faces_per_frame"] for r in results]),
+                        "frames_with_faces_fraction": summary(
+                            [r["frames_with_faces"] / max(1, r["frames"]) for r in results]),
+                        "runs": results}
+    return {"repeats": repeats, "warmup_s": warmup, "window_s": seconds, "configs": configs}
+
+
+def classifier_saturation(registry_dir: Path, crops: np.ndarray, log_dir: Path, quick: bool,
+                          raw_rate) -> dict:
+    """The classifier alone, its queue kept full of pre-made faces messages of real crops.
+
+    ``raw_rate(batch)`` measures the raw InferenceRunner faces/s at a batch size; it is
+    called right after each window, so both numbers come from the same conditions.
+    """
+    from services.common import bus
+    from services.common.protocol import KIND_FACES, Header, encode
+
+    repeats, warmup, seconds = (1, 1.0, 3.0) if quick else (3, 2.0, 8.0)
+    base = free_base_port()
+    addr = bus.BrokerAddress("127.0.0.1", base)
+    folder = log_dir / "classifier-saturation"
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics_port = free_port()
+    broker = Service("broker", ["--base-port", str(base), "--metrics-port", "0"], folder)
+    classifier = Service("classifier", ["--base-port", str(base), "--metrics-port", str(metrics_port),
+                                        "--registry", str(registry_dir), "--max-age-ms", "0",
+                                        "--reload-poll-s", "0"], folder)
+    scrape = lambda: metric_samples(http_get(f"http://127.0.0.1:{metrics_port}/metrics").decode())
+    out = {"max_batch": 32, "repeats": repeats, "window_s": seconds, "cases": {}}
+    try:
+        wait_for(lambda: classifier.alive() and _try(scrape), 180, what="the classifier")
+        ctx = zmq.Context.instance()
+        sender = bus.producer(ctx, addr, "classify")
+        collector = ResultsCollector(addr, decode=False)
+        collector.start()
+        time.sleep(0.5)
+        size = crops.shape[1]
+        for faces_per_message in (1, 4):
+            messages = []
+            for i in range(256):
+                pick = [(i * faces_per_message + k) % len(crops) for k in range(faces_per_message)]
+                boxes = [(10 + 100 * k, 10, 90, 90) for k in range(faces_per_message)]
+                header = Header(kind=KIND_FACES, stream="sat", seq=i, width=640, height=480,
+                                timestamps={"capture": time.time()}, boxes=boxes, crop_size=size)
+                messages.append(encode(header, [crops[j].tobytes() for j in pick]))
+            case = {"faces_per_message": faces_per_message, "faces_per_s": [], "mean_batch": [],
+                    "raw_faces_per_s": [], "ratio": []}
+            for _ in range(repeats):
+                stop = threading.Event()
+                pump = threading.Thread(target=_pump, args=(sender, messages, stop), daemon=True)
+                pump.start()
+                time.sleep(warmup)
+                s0, n0, c0 = scrape(), len(collector.records), proc_cpu_seconds(classifier.proc.pid)
+                t0 = time.time()
+                time.sleep(seconds)
+                s1, n1, c1 = scrape(), len(collector.records), proc_cpu_seconds(classifier.proc.pid)
+                t1 = time.time()
+                stop.set()
+                pump.join(5)
+                time.sleep(0.5)
+                count = _metric(s1, "emotion_classifier_batch_size_count") - _metric(s0, "emotion_classifier_batch_size_count")
+                total = _metric(s1, "emotion_classifier_batch_size_sum") - _metric(s0, "emotion_classifier_batch_size_sum")
+                mean_batch = total / count if count else 0.0
+                rate = faces_per_message * (n1 - n0) / (t1 - t0)
+                raw = raw_rate(max(1, round(mean_batch)))
+                case["faces_per_s"].append(rate)
+                case["mean_batch"].append(mean_batch)
+                case["raw_faces_per_s"].append(raw)
+                case["ratio"].append(rate / raw if raw else None)
+                case.setdefault("cpu_cores", []).append((c1 - c0) / (t1 - t0))
+                log(f"classifier saturated, {faces_per_message} face(s)/message: {rate:.0f} faces/s, "
+                    f"mean batch {mean_batch:.1f}, raw runner at that batch {raw:.0f} faces/s "
+                    f"-> {rate / raw:.0%}")
+            for key in ("faces_per_s", "mean_batch", "raw_faces_per_s", "ratio", "cpu_cores"):
+                case[key + "_summary"] = summary(case[key])
+            out["cases"][str(faces_per_message)] = case
+        collector.close()
+        sender.close()
+    finally:
+        classifier.stop()
+        broker.stop()
+    return out
+
+
+def _try(fn):
+    try:
+        return fn()
+    except OSError:
+        return None
+
+
+def _pump(sock, messages: list, stop: threading.Event) -> None:
+    """Keep the classify queue full: send whenever the socket has room."""
+    i = 0
+    while not stop.is_set():
+        if sock.poll(50, zmq.POLLOUT):
+            try:
+                sock.send_multipart(messages[i % len(messages)], flags=zmq.NOBLOCK, copy=False)
+                i += 1
+            except zmq.Again:
+                pass

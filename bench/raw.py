@@ -1,0 +1,170 @@
+"""Raw limits, in this process with no transport: Haar detection fps and model faces/s by runtime."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import load_runner, log, summary, time_loop
+
+BATCHES = (1, 4, 16, 64)
+RUNTIMES = ("runner.predict_faces", "runner.tf_function", "model.predict", "model.__call__", "tflite")
+
+
+def detection(frames: list[np.ndarray], repeats: int, seconds: float) -> dict:
+    """detect_faces over the clip's frames at full width and at the detector's default width."""
+    from services.detector.faces import DetectorSettings, detect_faces, load_cascade
+
+    cascade = load_cascade()
+    configs = {"full width (detect_width=0)": DetectorSettings(detect_width=0),
+               f"detect_width={DetectorSettings().detect_width} (default)": DetectorSettings()}
+    out = {}
+    for name, settings in configs.items():
+        # Faces found on every frame of the clip, once.
+        found = [len(detect_faces(f, cascade, settings)) for f in frames]
+        out[name] = {"frames": len(frames), "frames_with_faces": int(sum(1 for n in found if n)),
+                     "faces": int(sum(found)), "fps": [], "cpu_ms_per_frame": []}
+    for _ in range(repeats):
+        for name, settings in configs.items():        # side by side, interleaved
+            i = 0
+
+            def one():
+                nonlocal i
+                detect_faces(frames[i % len(frames)], cascade, settings)
+                i += 1
+            r = time_loop(one, seconds)
+            out[name]["fps"].append(r["calls"] / r["wall_s"])
+            out[name]["cpu_ms_per_frame"].append(1000 * r["cpu_s"] / r["calls"])
+    for name, r in out.items():
+        r["fps_summary"] = summary(r["fps"])
+        r["cpu_ms_per_frame_summary"] = summary(r["cpu_ms_per_frame"])
+        log(f"raw haar {name}: {r['fps_summary']['median']:.1f} fps, "
+            f"{r['frames_with_faces']}/{r['frames']} frames with faces")
+    return out
+
+
+def face_crops(frames: list[np.ndarray]) -> np.ndarray:
+    """Real face crops from the clip, exactly as the detector cuts them."""
+    from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
+
+    cascade, settings = load_cascade(), DetectorSettings()
+    crops = [crop_faces(f, detect_faces(f, cascade, settings), settings.margin, settings.crop_size)
+             for f in frames]
+    crops = np.concatenate([c for c in crops if len(c)])
+    if len(crops) < 64:
+        crops = np.concatenate([crops] * (64 // max(1, len(crops)) + 1))
+    return crops
+
+
+def tflite_interpreter(model, spec):
+    """(make(batch) -> callable, how) for a TFLite conversion of the model, or raise."""
+    import tensorflow as tf
+
+    errors = []
+    content = None
+    try:
+        content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        how = "TFLiteConverter.from_keras_model"
+    except Exception as exc:   # Keras 3 models often need the SavedModel route
+        errors.append(f"from_keras_model: {type(exc).__name__}: {str(exc)[:200]}")
+    if content is None:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="bench-savedmodel-")
+        try:
+            model.export(folder, verbose=False)
+            content = tf.lite.TFLiteConverter.from_saved_model(folder).convert()
+            how = "model.export + TFLiteConverter.from_saved_model"
+        except Exception as exc:
+            errors.append(f"from_saved_model: {type(exc).__name__}: {str(exc)[:200]}")
+            raise RuntimeError("; ".join(errors)) from None
+
+    def make(batch: int):
+        interp = tf.lite.Interpreter(model_content=content)
+        index = interp.get_input_details()[0]["index"]
+        interp.resize_tensor_input(index, [batch, *spec.shape])
+        interp.allocate_tensors()
+        output = interp.get_output_details()[0]["index"]
+
+        def call(x):
+            interp.set_tensor(index, x)
+            interp.invoke()
+            return interp.get_tensor(output)
+        return call
+    return make, how
+
+
+def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int, seconds: float,
+                     batches=BATCHES) -> dict:
+    """Faces/s per batch size for the classifier's runtime and the alternatives, side by side."""
+    import tensorflow as tf
+
+    from services.common.preprocess import preprocess_faces
+
+    runner, model, spec = load_runner(registry_dir)
+    crops = face_crops(frames)
+    inputs = preprocess_faces(crops, spec)
+    tf_call = tf.function(lambda x: model(x, training=False), reduce_retracing=False)
+    calls = {
+        # The classifier's path: uint8 crops -> preprocessing -> padded tf.function.
+        "runner.predict_faces": lambda b: (lambda: runner.predict_faces(crops[:b])),
+        # The same compiled function on ready inputs (model only).
+        "runner.tf_function": lambda b: (lambda: runner.predict_inputs(inputs[:b])),
+        "model.predict": lambda b: (lambda: model.predict(inputs[:b], verbose=0)),
+        "model.__call__": lambda b: (lambda: np.asarray(model(inputs[:b], training=False))),
+    }
+    out = {"crops": int(len(crops)), "crop_size": int(crops.shape[1]), "input": spec.to_dict(),
+           "batches": list(batches), "runtimes": {}}
+    try:
+        make, how = tflite_interpreter(model, spec)
+        interpreters = {b: make(b) for b in batches}
+        calls["tflite"] = lambda b: (lambda: interpreters[b](inputs[:b]))
+        out["tflite"] = {"converted": True, "how": how}
+        # Same answers? (float model, so they should agree closely)
+        ref = np.asarray(tf_call(inputs[:4]))
+        out["tflite"]["max_abs_diff_vs_keras"] = float(np.abs(interpreters[4](inputs[:4]) - ref).max())
+    except Exception as exc:
+        out["tflite"] = {"converted": False, "skipped": str(exc)[:500]}
+        log(f"raw: TFLite skipped ({str(exc)[:120]})")
+    for name, make_call in calls.items():          # warm up: trace every shape once
+        for b in batches:
+            for _ in range(2):
+                make_call(b)()
+        out["runtimes"][name] = {str(b): {"faces_per_s": [], "ms_per_call": []} for b in batches}
+    for _ in range(repeats):
+        for b in batches:
+            for name, make_call in calls.items():  # every runtime side by side per batch size
+                r = time_loop(make_call(b), seconds)
+                slot = out["runtimes"][name][str(b)]
+                slot["faces_per_s"].append(b * r["calls"] / r["wall_s"])
+                slot["ms_per_call"].append(1000 * r["median_call_s"])
+                slot.setdefault("cpu_ms_per_face", []).append(1000 * r["cpu_s"] / (b * r["calls"]))
+    for name, per_batch in out["runtimes"].items():
+        for b, slot in per_batch.items():
+            slot["faces_per_s_summary"] = summary(slot["faces_per_s"])
+        log(f"raw model {name}: " + ", ".join(
+            f"b{b} {s['faces_per_s_summary']['median']:.0f}/s" for b, s in per_batch.items()))
+    return out
+
+
+def runner_faces_per_second(registry_dir: Path, crops: np.ndarray, batch: int, seconds: float,
+                            state: dict = {}) -> float:
+    """Raw InferenceRunner.predict_faces faces/s at one batch size (runner cached per registry)."""
+    if state.get("dir") != registry_dir:
+        state["runner"] = load_runner(registry_dir)[0]
+        state["dir"] = registry_dir
+    runner = state["runner"]
+    call = lambda: runner.predict_faces(crops[:batch])
+    call()
+    r = time_loop(call, seconds)
+    return batch * r["calls"] / r["wall_s"]
+
+
+def run(registry_dir: Path, frames: list[np.ndarray], quick: bool) -> dict:
+    repeats, seconds = (1, 0.5) if quick else (3, 1.5)
+    started = time.perf_counter()
+    out = {"detection": detection(frames, repeats, seconds),
+           "model": model_throughput(registry_dir, frames, repeats, seconds)}
+    out["seconds"] = time.perf_counter() - started
+    return out
