@@ -1,5 +1,6 @@
 # make run   -- start the whole pipeline locally (no Docker) and print the viewer URL
 # make test  -- install what the tests need and run the fast test suite
+# make compose-test -- build the Docker images and smoke-test docker-compose.yml on a running engine
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,11 +11,12 @@ CLASSIFIERS ?= 1
 VIEWER_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test test-all train help clean
+.PHONY: install run test test-all train help clean compose-test
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
 	@echo "make test      fast test suite"
+	@echo "make compose-test   build the images, start the compose stack and smoke-test it (needs Docker)"
 	@echo "make train ARGS='--data data/fer2013/fer2013.csv ...'"
 
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +36,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+compose-test: install
+	$(PY) -m pytest -m compose tests/compose -v
 
 train: install
 	$(PY) -m training train $(ARGS)

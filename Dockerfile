@@ -1,0 +1,74 @@
+# Images for emotion-stream. One Dockerfile, two targets:
+#
+#   base  broker, capture, detector, viewer      numpy, OpenCV (headless), pyzmq, ...  no TensorFlow
+#   ml    classifier, trainer                     base + TensorFlow (CPU) + Keras, and the models/ registry
+#
+#   docker build --target base -t emotion-stream:base .
+#   docker build --target ml   -t emotion-stream:ml   .
+#
+# Every Python package is installed into /opt/venv in a builder stage; the final stages copy
+# only that venv (no pip, no wheels, no caches, no compilers). The stages are ordered so that
+# building `base` never downloads TensorFlow. Works with BuildKit and with the classic builder.
+
+# ---------------------------------------------------------------------------------------------
+# builder: a venv with the core dependencies (from pyproject.toml only, so this layer survives
+# code changes), and a wheel of the project itself.
+FROM python:3.11-slim AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+open('requirements-base.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
+open('requirements-ml.txt', 'w').write('\n'.join(p['optional-dependencies']['ml']) + '\n')"
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --only-binary=:all: -r requirements-base.txt
+COPY README.md ./
+COPY services services
+COPY training training
+RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .
+
+# venv-base: core dependencies + the project, pip removed.
+FROM builder AS venv-base
+RUN /opt/venv/bin/pip install --no-deps /wheels/*.whl \
+ && /opt/venv/bin/pip uninstall --yes pip
+
+# ---------------------------------------------------------------------------------------------
+# runtime: what every final image shares: an unprivileged user and the environment.
+FROM python:3.11-slim AS runtime
+RUN groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app \
+ && mkdir -p /app \
+ && chown app:app /app
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    KERAS_HOME=/tmp/keras \
+    EMOTION_METRICS_HOST=0.0.0.0
+WORKDIR /app
+USER app
+
+# base: the light services. Pick one with the command: python -m services.<name>
+FROM runtime AS base
+COPY --from=venv-base /opt/venv /opt/venv
+CMD ["python", "-m", "services.broker"]
+
+# ---------------------------------------------------------------------------------------------
+# venv-ml: the same venv plus TensorFlow and Keras. TensorFlow's C++ headers (only needed to
+# compile custom ops) are dropped: they are about 300 MB.
+FROM builder AS venv-ml
+RUN /opt/venv/bin/pip install --only-binary=:all: -r requirements-base.txt -r requirements-ml.txt \
+ && /opt/venv/bin/pip install --no-deps /wheels/*.whl \
+ && /opt/venv/bin/pip uninstall --yes pip \
+ && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include \
+           /opt/venv/lib/python3*/site-packages/tensorflow/xla_aot_runtime_src
+
+# ml: the classifier and the training CLI, with the model registry the repository ships.
+# Mounted as an empty named volume at /app/models, Docker seeds the volume from this folder.
+FROM runtime AS ml
+COPY --from=venv-ml /opt/venv /opt/venv
+COPY --chown=app:app models/ /app/models/
+RUN mkdir -p /app/runs
+CMD ["python", "-m", "services.classifier"]
