@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

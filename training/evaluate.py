@@ -1,8 +1,9 @@
 """Evaluation: metrics in plain numpy, a confusion-matrix plot, and inference speed.
 
-Speed is measured on ``model(x, training=False)`` inside a ``tf.function`` (what a
-server would run), not on ``model.predict``, whose ~55 ms per-call overhead would
-swamp batch-1 latency.
+Models run through the classifier service's own :class:`InferenceRunner` (a compiled
+``model(x, training=False)``, padded batches), so the scores and faces/s reported here
+are those of the served model -- not of ``model.predict``, whose ~55 ms per-call
+overhead would swamp batch-1 latency.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.classifier.runtime import InferenceRunner
 from services.common import registry
 from services.common.preprocess import InputSpec
 from services.common.protocol import EMOTIONS
@@ -59,42 +61,30 @@ def metrics_from_confusion(cm: np.ndarray, class_names=EMOTIONS) -> dict:
 
 # --- running the model -----------------------------------------------------------------
 
-def inference_fn(model, spec: InputSpec):
-    """``model(x, training=False)``, compiled once for any batch size where the backend allows."""
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(lambda x: model(x, training=False),
-                           input_signature=[tf.TensorSpec((None, *spec.shape), tf.float32)],
-                           reduce_retracing=True)
-    return lambda x: model(x, training=False)
-
-
-def predict(fn, split: Split, spec: InputSpec, tta: str = "none", batch_size: int = BATCH) -> np.ndarray:
+def predict(runner: InferenceRunner, split: Split, tta: str = "none",
+            batch_size: int = BATCH) -> np.ndarray:
     """Class probabilities for every face of ``split`` (flip TTA averages with the mirror)."""
     out = []
     for start in range(0, len(split), batch_size):
-        x = model_inputs(split.faces[start:start + batch_size], spec)
-        probs = np.asarray(fn(x))
+        x = model_inputs(split.faces[start:start + batch_size], runner.spec)
+        probs = runner.predict_inputs(x)
         if tta == "flip":
-            probs = (probs + np.asarray(fn(np.ascontiguousarray(x[:, :, ::-1, :])))) / 2
+            probs = (probs + runner.predict_inputs(np.ascontiguousarray(x[:, :, ::-1, :]))) / 2
         out.append(probs)
     return np.concatenate(out) if out else np.empty((0, len(EMOTIONS)), np.float32)
 
 
-def measure_speed(fn, spec: InputSpec, seconds: float = 2.0) -> dict:
+def measure_speed(runner: InferenceRunner, seconds: float = 2.0) -> dict:
     """Faces per second at batch 1 and batch 64, each timed for about ``seconds``."""
     speeds = {}
     rng = np.random.default_rng(0)
     for batch in (1, BATCH):
-        x = rng.random((batch, *spec.shape), dtype=np.float32)
+        x = rng.random((batch, *runner.spec.shape), dtype=np.float32)
         for _ in range(3):  # trace + warm caches
-            np.asarray(fn(x))
+            runner.predict_inputs(x)
         calls, start = 0, time.perf_counter()
         while True:
-            np.asarray(fn(x))
+            runner.predict_inputs(x)
             calls += 1
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
@@ -105,12 +95,12 @@ def measure_speed(fn, spec: InputSpec, seconds: float = 2.0) -> dict:
 
 def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
                    bench_seconds: float = 2.0) -> dict:
-    fn = inference_fn(model, spec)
-    probs = predict(fn, split, spec, tta)
+    runner = InferenceRunner(model, spec)
+    probs = predict(runner, split, tta)
     report = metrics_from_confusion(confusion_matrix(split.labels, probs.argmax(axis=1)))
     report["tta"] = tta
     if bench_seconds > 0:
-        report["speed_faces_per_s"] = measure_speed(fn, spec, bench_seconds)
+        report["speed_faces_per_s"] = measure_speed(runner, bench_seconds)
     return report
 
 

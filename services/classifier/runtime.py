@@ -13,14 +13,27 @@ from services.common.preprocess import InputSpec, preprocess_faces
 BATCH_SHAPES = (1, 4, 16, 64)
 
 
-class InferenceRunner:
-    def __init__(self, model, spec: InputSpec, batch_shapes=BATCH_SHAPES):
+def compiled_call(model):
+    """``model(x, training=False)`` behind ``tf.function`` on TensorFlow (a plain call on
+    other Keras backends, which the training CLI may use)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
+        return tf.function(lambda x: model(x, training=False), reduce_retracing=False)
+    return lambda x: model(x, training=False)
+
+
+class InferenceRunner:
+    """The one way this project runs a model: the classifier serves with it, and
+    ``python -m training evaluate`` scores and times models with it."""
+
+    def __init__(self, model, spec: InputSpec, batch_shapes=BATCH_SHAPES):
         self.model = model
         self.spec = spec
         self.batch_shapes = tuple(sorted(batch_shapes))
-        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=False)
+        self._call = compiled_call(model)
 
     def warm_up(self) -> None:
         """Trace every padded shape now, so the first real batches are not slow."""
