@@ -1,5 +1,6 @@
 # make run   -- start the whole pipeline locally (no Docker) and print the viewer URL
 # make test  -- install what the tests need and run the fast test suite
+# make bench -- throughput/latency benchmarks vs the fer package (BENCH_ARGS=--quick: smoke run)
 # make compose-test -- build the Docker images and smoke-test docker-compose.yml on a running engine
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,14 +10,16 @@ SOURCE ?= demo
 DETECTORS ?= 1
 CLASSIFIERS ?= 1
 VIEWER_ARGS ?=
+BENCH_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test test-all train help clean compose-test
+.PHONY: install run test test-all train help clean compose-test bench
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
 	@echo "make test      fast test suite"
 	@echo "make compose-test   build the images, start the compose stack and smoke-test it (needs Docker)"
+	@echo "make bench [BENCH_ARGS='--quick --media DIR']   benchmarks -> bench/results/"
 	@echo "make train ARGS='--data data/fer2013/fer2013.csv ...'"
 
 $(VENV)/.installed: pyproject.toml
@@ -42,6 +45,9 @@ compose-test: install
 
 train: install
 	$(PY) -m training train $(ARGS)
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .run .pytest_cache
