@@ -6,14 +6,14 @@
 #   docker build --target base -t emotion-stream:base .
 #   docker build --target ml   -t emotion-stream:ml   .
 #
-# Every Python package is installed into /opt/venv in a builder stage; the final stages copy
+# Every Python package is installed into /opt/venv in builder stages; the final stages copy
 # only that venv (no pip, no wheels, no caches, no compilers). The stages are ordered so that
 # building `base` never downloads TensorFlow. Works with BuildKit and with the classic builder.
 
 # ---------------------------------------------------------------------------------------------
-# builder: a venv with the core dependencies (from pyproject.toml only, so this layer survives
-# code changes), and a wheel of the project itself.
-FROM python:3.11-slim AS builder
+# deps: a venv with the core dependencies, from pyproject.toml alone, so that this layer (and
+# deps-ml below) survives code changes.
+FROM python:3.11-slim AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -24,13 +24,17 @@ open('requirements-base.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
 open('requirements-ml.txt', 'w').write('\n'.join(p['optional-dependencies']['ml']) + '\n')"
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --only-binary=:all: -r requirements-base.txt
+
+# wheel: the project itself, as a wheel.
+FROM deps AS wheel
 COPY README.md ./
 COPY services services
 COPY training training
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels .
 
 # venv-base: core dependencies + the project, pip removed.
-FROM builder AS venv-base
+FROM deps AS venv-base
+COPY --from=wheel /wheels /wheels
 RUN /opt/venv/bin/pip install --no-deps /wheels/*.whl \
  && /opt/venv/bin/pip uninstall --yes pip
 
@@ -56,11 +60,15 @@ COPY --from=venv-base /opt/venv /opt/venv
 CMD ["python", "-m", "services.broker"]
 
 # ---------------------------------------------------------------------------------------------
-# venv-ml: the same venv plus TensorFlow and Keras. TensorFlow's C++ headers (only needed to
-# compile custom ops) are dropped: they are about 300 MB.
-FROM builder AS venv-ml
-RUN /opt/venv/bin/pip install --only-binary=:all: -r requirements-base.txt -r requirements-ml.txt \
- && /opt/venv/bin/pip install --no-deps /wheels/*.whl \
+# deps-ml: the core venv plus TensorFlow and Keras (again only from pyproject.toml).
+FROM deps AS deps-ml
+RUN /opt/venv/bin/pip install --only-binary=:all: -r requirements-base.txt -r requirements-ml.txt
+
+# venv-ml: + the project, pip removed. TensorFlow's C++ headers and AOT sources (only needed
+# to compile custom ops) are dropped: they are about 300 MB.
+FROM deps-ml AS venv-ml
+COPY --from=wheel /wheels /wheels
+RUN /opt/venv/bin/pip install --no-deps /wheels/*.whl \
  && /opt/venv/bin/pip uninstall --yes pip \
  && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include \
            /opt/venv/lib/python3*/site-packages/tensorflow/xla_aot_runtime_src
@@ -71,4 +79,5 @@ FROM runtime AS ml
 COPY --from=venv-ml /opt/venv /opt/venv
 COPY --chown=app:app models/ /app/models/
 RUN mkdir -p /app/runs
+ENV TF_CPP_MIN_LOG_LEVEL=1
 CMD ["python", "-m", "services.classifier"]

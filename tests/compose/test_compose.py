@@ -137,9 +137,13 @@ def stack(tmp_path_factory, pytestconfig):
     if missing:
         pytest.skip(missing)
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
-    def log(line: str) -> None:
-        if reporter is not None:
+    def log(line: str) -> None:          # shown at once, also while output is captured
+        if reporter is None or capture is None:
+            print(f"[compose] {line}")
+            return
+        with capture.global_and_fixture_disabled():
             reporter.write_line(f"[compose] {line}")
 
     env = {k: v for k, v in os.environ.items() if k not in USER_VARIABLES}
