@@ -273,6 +273,26 @@ def test_run_batch_one_result_per_message(runner):
     assert header.results == [] and header.boxes == [] and header.seq == 9
 
 
+def test_run_batch_with_crops_of_different_sizes(runner):
+    """Detectors with different --crop-size feed one classifier: one batch, right answers."""
+    from services.classifier.__main__ import run_batch
+
+    rng = np.random.default_rng(5)
+    batch = []
+    for seq, (n, size) in enumerate([(2, CROP), (1, 16), (3, 200)]):
+        item = pending(n, arrived=50.0, seq=seq)
+        item.header.crop_size = size
+        item.crops = rng.integers(0, 256, (n, size, size, 3), np.uint8)
+        batch.append(item)
+    runner.calls.clear()
+    messages = run_batch(batch, runner, "tiny-v1", now=50.01)
+    assert runner.calls == [(16, 48, 48, 1)]          # still a single model call
+    for item, parts in zip(batch, messages):
+        header, _ = decode([bytes(p) for p in parts], expect_kind=KIND_RESULT)
+        expected = runner.predict_faces(item.crops)
+        np.testing.assert_allclose([r.scores for r in header.results], expected, atol=1e-5)
+
+
 def test_results_message_labels_are_argmax():
     from services.classifier.__main__ import results_message
 

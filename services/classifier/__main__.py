@@ -17,6 +17,7 @@ from prometheus_client import Counter, Histogram
 from services.common import bus, registry
 from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
+from services.common.preprocess import preprocess_faces
 from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceResult, Header,
                                       Rejected, decode, decode_crops, encode)
 
@@ -83,11 +84,16 @@ def results_message(header: Header, probabilities: np.ndarray, version: str) -> 
 
 def run_batch(batch: list[PendingFaces], runner, version: str, now: float) -> list[list]:
     """Classify every crop of the batch in one model call; one result message per frame."""
-    crops = np.concatenate([item.crops for item in batch])
     started = time.perf_counter()
-    probabilities = runner.predict_faces(crops)
+    if len({item.crops.shape[1:] for item in batch}) == 1:
+        probabilities = runner.predict_faces(np.concatenate([item.crops for item in batch]))
+    else:
+        # Crops of different sizes (detectors with different --crop-size) cannot share one
+        # array: bring each message's crops to the model's input size first.
+        probabilities = runner.predict_inputs(np.concatenate(
+            [preprocess_faces(item.crops, runner.spec) for item in batch]))
     INFERENCE_SECONDS.observe(time.perf_counter() - started)
-    BATCH_SIZE.observe(len(crops))
+    BATCH_SIZE.observe(len(probabilities))
     messages, start = [], 0
     for item in batch:
         QUEUE_WAIT.observe(max(0.0, now - item.arrived))
