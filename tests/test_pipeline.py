@@ -25,11 +25,11 @@ def overlay_drawn(annotated: np.ndarray, raw: np.ndarray, box) -> bool:
 
 def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
     clip = media("woman2.mp4")
-    # Generous max ages: this test follows every frame through; dropping stale work under
-    # load is the drop policy's business (and is counted either way).
+    # Generous max ages, every frame in order: this test follows every frame through;
+    # dropping stale or superseded work under load is the drop policy's business.
     generous = ("--max-age-ms", "3000")
     pipeline = Pipeline(tmp_path, tiny_registry, viewer_args=("--delay-ms", "300", *generous),
-                        detector_args=generous, classifier_args=generous)
+                        detector_args=(*generous, "--no-newest-only"), classifier_args=generous)
     frames = Collector(pipeline.addr, "frames")
     results = Collector(pipeline.addr, "results")
     frames.start()

@@ -45,6 +45,9 @@ def build_parser():
                   help="equalise the grey histogram before detection (for dim scenes)")
     parser.option("--max-age-ms", default=500.0, type=float,
                   help="drop frames captured longer ago than this (0 = never)")
+    parser.option("--newest-only", default=True, type=bool,
+                  help="work on the newest waiting frame of each stream and drop older ones "
+                       "(reason superseded); --no-newest-only takes every frame in order")
     return parser
 
 
@@ -61,6 +64,56 @@ def faces_message(header: Header, payload, cascade, settings: DetectorSettings) 
                  height=header.height, timestamps={**header.timestamps, "detect": time.time()},
                  boxes=boxes, crop_size=settings.crop_size)
     return encode(out, list(crops))
+
+
+class NewestFrames:
+    """Receives frames as they come and keeps only the newest waiting frame of each stream.
+
+    A detector slower than its source then works on the newest frame, and older ones are
+    dropped here (reason ``superseded``). Without this they wait in the queue's socket
+    buffers, which hold hundreds of frames: under overload every frame would reach the
+    detector almost --max-age-ms old and then go stale before its result is out.
+    """
+
+    MAX_STREAMS = 64
+
+    def __init__(self, sock: zmq.Socket, stop: threading.Event):
+        self._sock, self._stop = sock, stop
+        self._waiting: dict[bytes, list] = {}     # topic -> parts, oldest arrival first
+        self._ready = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="newest-frames", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(200):
+                continue
+            parts = self._sock.recv_multipart(copy=False)
+            topic = parts[0].bytes[:256]
+            with self._ready:
+                if self._waiting.pop(topic, None) is not None:
+                    drop("detector", "superseded")
+                elif len(self._waiting) >= self.MAX_STREAMS:
+                    self._waiting.pop(next(iter(self._waiting)))
+                    drop("detector", "superseded")
+                self._waiting[topic] = parts
+                self._ready.notify()
+
+    def take(self, timeout: float) -> list | None:
+        """The oldest stream's newest frame, or None after ``timeout`` seconds without one."""
+        with self._ready:
+            if not self._waiting:
+                self._ready.wait(timeout)
+            if not self._waiting:
+                return None
+            return self._waiting.pop(next(iter(self._waiting)))
+
+
+def in_order(sock: zmq.Socket):
+    """--no-newest-only: every frame, in arrival order."""
+    def take(timeout: float) -> list | None:
+        return sock.recv_multipart(copy=False) if sock.poll(int(timeout * 1000)) else None
+    return take
 
 
 def main(argv=None) -> None:
@@ -80,10 +133,12 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     max_age = args.max_age_ms / 1000.0
     log.info("detecting faces (%s), max frame age %.0f ms", settings, args.max_age_ms)
+    newest = NewestFrames(frames_in, stop) if args.newest_only else None
+    take = newest.take if newest else in_order(frames_in)
     while not stop.is_set():
-        if not frames_in.poll(200):
+        parts = take(0.2)
+        if parts is None:
             continue
-        parts = frames_in.recv_multipart(copy=False)
         started = time.perf_counter()
         try:
             header, payloads = decode(parts, expect_kind=KIND_FRAME)
@@ -102,6 +157,8 @@ def main(argv=None) -> None:
             FRAMES_WITH_FACES.inc()
         if not bus.send_nowait(faces_out, out):
             drop("detector", "classify_queue_full")
+    if newest:
+        newest.thread.join(2)
     frames_in.close()
     faces_out.close()
     ctx.term()
