@@ -20,7 +20,8 @@ up every later frame until it times out and then releasing them in a useless bur
 Frames stay encoded in here; only frames that :meth:`FrameJoiner.ready` hands out are
 worth decoding. Every frame not shown is reported through ``on_drop(reason, n)``:
 ``evicted`` (buffer full), ``superseded`` (a newer frame was shown first),
-``out_of_order`` (captured before a frame already shown), ``streams`` (too many streams).
+``out_of_order`` (captured before a frame already shown), ``streams`` (too many streams),
+``replaced`` (a newer frame with the same seq arrived while it waited).
 """
 from __future__ import annotations
 
@@ -132,7 +133,9 @@ class FrameJoiner:
             self._drop("out_of_order")
             return False
         state.last_seen = now
-        state.pending.pop(header.seq, None)
+        if state.pending.pop(header.seq, None) is not None:
+            # the same seq twice (two sources on one stream id, or a capture restart)
+            self._drop("replaced")
         state.pending[header.seq] = _Pending(header, payload, now)
         while len(state.pending) > self.capacity:
             state.pending.popitem(last=False)
