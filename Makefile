@@ -11,9 +11,10 @@ DETECTORS ?= 1
 CLASSIFIERS ?= 1
 VIEWER_ARGS ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test test-all train help clean compose-test bench
+.PHONY: install run test test-all train soak help clean compose-test bench
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
@@ -21,6 +22,7 @@ help:
 	@echo "make compose-test   build the images, start the compose stack and smoke-test it (needs Docker)"
 	@echo "make bench [BENCH_ARGS='--quick --media DIR']   benchmarks -> bench/results/"
 	@echo "make train ARGS='--data data/fer2013/fer2013.csv ...'"
+	@echo "make soak [SOAK_ARGS='--duration 120']   overload + soak run (not part of make test)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +47,11 @@ compose-test: install
 
 train: install
 	$(PY) -m training train $(ARGS)
+
+# Overload and soak: the whole pipeline fed faster than it can go (default 300 s);
+# writes bench/results/soak.json and soak.md
+soak: install
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)

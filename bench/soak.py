@@ -1,0 +1,476 @@
+"""Overload and soak run: the whole pipeline fed faster than it can go, for minutes.
+
+    make soak                                   # 300 s on the demo source at 200 fps
+    make soak SOAK_ARGS='--duration 120'
+    python -m bench.soak --source clip.mp4      # a file, read with --no-pace --loop
+
+Starts broker, classifier(s), detector(s), viewer and capture as separate processes on
+free ports (nothing else needs to be running), with a source much faster than the
+pipeline. Every few seconds it samples each process's resident memory (VmRSS) and every
+service's /metrics. It reports:
+
+* end-to-end latency percentiles: capture -> result on the results channel (exact, from
+  each result's capture timestamp, measured by a subscriber in this process) and
+  capture -> composited frame at the viewer (from the emotion_e2e_latency_seconds
+  histogram buckets);
+* memory of every process at start, warmed-up, middle and end, and whether it stayed
+  flat (end within 10 % or 30 MB of the warmed-up value, whichever is larger);
+* work dropped by service and reason, rejected messages, throughput per stage;
+* whether p99 stayed within 2x the configured --max-age-ms.
+
+Results go to bench/results/soak.json and soak.md. The model served is the registry's
+current one (models/current) when there is one, otherwise a small randomly initialised
+model made for the run (the report says which).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script (python bench/soak.py), this folder would shadow top-level modules.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+
+import zmq  # noqa: E402
+
+from services.common import bus  # noqa: E402
+from services.common.protocol import KIND_RESULT, Rejected, decode  # noqa: E402
+
+SERVICES = ("broker", "classifier", "detector", "viewer", "capture")
+
+
+# --- processes and ports -------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_base_port(count: int = 8) -> int:
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+class Process:
+    def __init__(self, name: str, args: list[str], log_dir: Path):
+        self.name = name
+        self.metrics_port = free_port()
+        self.log_path = log_dir / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        module = name.split("#")[0]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{module}", "--metrics-port", str(self.metrics_port),
+             *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+                 "CUDA_VISIBLE_DEVICES": ""})
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_mb(self) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def metrics(self) -> dict[str, float] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                        timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                values[key] = float(value)
+        return values
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def labels_of(key: str) -> dict[str, str]:
+    _, _, rest = key.partition("{")
+    out = {}
+    for part in rest.rstrip("}").split('",'):
+        if "=" in part:
+            name, _, value = part.partition("=")
+            out[name.strip()] = value.strip().strip('"')
+    return out
+
+
+def metric_total(samples: dict[str, float], name: str, **labels) -> float:
+    total = 0.0
+    for key, value in samples.items():
+        if key.partition("{")[0] == name and all(labels_of(key).get(k) == v
+                                                  for k, v in labels.items()):
+            total += value
+    return total
+
+
+def by_labels(samples: dict[str, float], name: str, *label_names: str) -> dict[str, float]:
+    out = {}
+    for key, value in samples.items():
+        if key.partition("{")[0] == name:
+            labels = labels_of(key)
+            out["/".join(labels.get(n, "") for n in label_names)] = value
+    return out
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus-style quantile from cumulative (upper bound, count) pairs."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound               # beyond the last finite bucket
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return buckets[-1][0]
+
+
+def histogram(samples: dict[str, float], name: str) -> list[tuple[float, float]]:
+    out = []
+    for key, value in samples.items():
+        if key.startswith(name + "_bucket{"):
+            le = labels_of(key)["le"]
+            out.append((math.inf if le == "+Inf" else float(le), value))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+# --- the model -----------------------------------------------------------------------------
+
+def tiny_model_registry(folder: Path) -> Path:
+    """A small randomly initialised 7-class model, registered like a trained one."""
+    import keras
+
+    from services.common import registry
+    from services.common.preprocess import InputSpec
+    from services.common.protocol import EMOTIONS
+
+    spec = InputSpec(48, 1, "unit")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input(spec.shape),
+        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(EMOTIONS), activation="softmax"),
+    ])
+    version = folder / "soak-tiny"
+    version.mkdir(parents=True)
+    model.save(version / "model.keras")
+    (version / "metadata.json").write_text(json.dumps({
+        "version": "soak-tiny", "architecture": "soak-tiny", "input": spec.to_dict(),
+        "classes": list(EMOTIONS), "note": "random weights, for the soak run only"}))
+    registry.promote(folder, "soak-tiny")
+    return folder
+
+
+# --- the results subscriber ----------------------------------------------------------------
+
+class ResultTap(threading.Thread):
+    """Subscribes to the results channel; keeps (arrival wall time, latency, faces)."""
+
+    def __init__(self, addr: bus.BrokerAddress):
+        super().__init__(daemon=True)
+        self.ctx = zmq.Context()
+        self.sock = bus.consumer(self.ctx, addr, "results", hwm=100000)
+        self.records: list[tuple[float, float, int]] = []
+        self.garbage = 0
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            if self.sock.poll(100):
+                parts = self.sock.recv_multipart()
+                now = time.time()
+                try:
+                    header, _ = decode(parts, KIND_RESULT)
+                except Rejected:
+                    self.garbage += 1
+                    continue
+                captured = header.timestamps.get("capture")
+                if captured is not None:
+                    self.records.append((now, now - captured, len(header.results)))
+
+    def close(self):
+        self.halt.set()
+        self.join(2)
+        self.ctx.destroy(linger=0)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds of load (300)")
+    parser.add_argument("--sample-every", type=float, default=5.0, help="sampling period (5 s)")
+    parser.add_argument("--source", default="demo",
+                        help="'demo' (paced at --fps) or a video file (read with --no-pace --loop)")
+    parser.add_argument("--fps", type=float, default=200.0, help="demo rate (200)")
+    parser.add_argument("--max-width", type=int, default=1920,
+                        help="capture --max-width (large: frames are not downscaled)")
+    parser.add_argument("--max-age-ms", type=float, default=500.0,
+                        help="detector and classifier --max-age-ms (500)")
+    parser.add_argument("--detectors", type=int, default=1)
+    parser.add_argument("--classifiers", type=int, default=1)
+    parser.add_argument("--registry", default=str(ROOT / "models"),
+                        help="model registry; a tiny random model is made when it has no current")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
+                        help="folder for soak.json and soak.md")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="emotion-soak-"))
+    registry = Path(args.registry)
+    if (registry / "current").is_file():
+        model_note = f"registry {registry} (current: {(registry / 'current').read_text().strip()})"
+    else:
+        print("no current model in", registry, "- making a tiny random model", flush=True)
+        registry = tiny_model_registry(work / "models")
+        model_note = "tiny randomly initialised model (no models/current on this machine)"
+    print("model:", model_note, flush=True)
+    print("logs:", work, flush=True)
+
+    base = free_base_port()
+    addr = bus.BrokerAddress("127.0.0.1", base)
+    common = ["--base-port", str(base), "--log-level", "WARNING"]
+    age = ["--max-age-ms", str(args.max_age_ms)]
+    procs: list[Process] = [Process("broker", common, work)]
+    for i in range(args.classifiers):
+        procs.append(Process(f"classifier#{i}", [*common, *age, "--registry", str(registry)], work))
+    for i in range(args.detectors):
+        procs.append(Process(f"detector#{i}", [*common, *age], work))
+    procs.append(Process("viewer", [*common, "--http-port", str(free_port())], work))
+    tap = ResultTap(addr)
+    tap.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not all(p.metrics() for p in procs):
+            dead = [p.name for p in procs if not p.alive()]
+            if dead or time.monotonic() > deadline:
+                raise SystemExit(f"{dead or 'services'} did not start; logs in {work}")
+            time.sleep(0.5)
+        if args.source == "demo":
+            source = ["--source", "demo", "--fps", str(args.fps)]
+            source_note = f"demo at {args.fps:g} fps"
+        else:
+            source = ["--source", args.source, "--no-pace", "--loop"]
+            source_note = f"{args.source}, --no-pace --loop"
+        procs.append(Process("capture", [*common, *source, "--max-width", str(args.max_width)],
+                             work))
+        while not procs[-1].metrics():
+            if not procs[-1].alive():
+                raise SystemExit(f"capture did not start; see {procs[-1].log_path}")
+            time.sleep(0.2)
+        print(f"running {args.duration:.0f} s: {source_note}, max age {args.max_age_ms:g} ms",
+              flush=True)
+        load_start = os.getloadavg()
+        started_wall, started = time.time(), time.monotonic()
+        samples = []
+        while True:
+            t = time.monotonic() - started
+            sample = {"t": round(t, 1), "rss_mb": {}, "metrics": {}}
+            for p in procs:
+                sample["rss_mb"][p.name] = p.rss_mb()
+                sample["metrics"][p.name] = p.metrics() or {}
+            sample["alive"] = {p.name: p.alive() for p in procs}
+            samples.append(sample)
+            results = len(tap.records)
+            print(f"t={t:6.1f}s results={results:6d} rss=" + " ".join(
+                f"{n}:{v:.0f}" for n, v in sample["rss_mb"].items() if v), flush=True)
+            if t >= args.duration:
+                break
+            time.sleep(max(0.0, min(args.sample_every, args.duration - t)))
+        load_end = os.getloadavg()
+        report = summarise(args, samples, tap, started_wall, model_note, source_note,
+                           load_start, load_end)
+    finally:
+        tap.close()
+        for p in reversed(procs):
+            p.stop()
+    report["logs"] = str(work)
+    (out_dir / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "soak.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out_dir / 'soak.json'} and {out_dir / 'soak.md'}")
+    return 0 if report["verdict"]["ok"] else 1
+
+
+def summarise(args, samples, tap, started_wall, model_note, source_note, load_start, load_end):
+    first, last = samples[0], samples[-1]
+    names = list(last["rss_mb"])
+    warm_t = min(60.0, args.duration / 3)
+    warm = next(s for s in samples if s["t"] >= warm_t)
+    middle = next(s for s in samples if s["t"] >= args.duration / 2)
+    memory = {}
+    for name in names:
+        values = {k: s["rss_mb"].get(name) for k, s in
+                  (("start", first), ("warm", warm), ("middle", middle), ("end", last))}
+        peak = max((s["rss_mb"].get(name) or 0) for s in samples)
+        allowed = max(30.0, 0.1 * (values["warm"] or 0))
+        flat = None if None in values.values() else values["end"] - values["warm"] <= allowed
+        memory[name] = {**{k: round(v, 1) if v is not None else None for k, v in values.items()},
+                        "peak": round(peak, 1), "growth_after_warm_up": None if flat is None
+                        else round(values["end"] - values["warm"], 1), "flat": flat}
+
+    merged_end: dict[str, float] = {}
+    for metrics in last["metrics"].values():
+        for key, value in metrics.items():
+            if key.startswith(("emotion_frames_dropped_total", "emotion_messages_rejected_total")):
+                merged_end[key] = merged_end.get(key, 0.0) + value
+    drops = by_labels(merged_end, "emotion_frames_dropped_total", "service", "reason")
+    rejected = by_labels(merged_end, "emotion_messages_rejected_total", "service", "reason")
+
+    def total(sample, prefix, name, **labels):
+        return sum(metric_total(m, name, **labels) for n, m in sample["metrics"].items()
+                   if n.split("#")[0] == prefix)
+
+    span = last["t"] - first["t"] or 1.0
+    throughput = {
+        "captured_fps": (total(last, "capture", "emotion_capture_frames_total")
+                         - total(first, "capture", "emotion_capture_frames_total")) / span,
+        "detected_fps": (total(last, "detector", "emotion_detector_frames_total")
+                         - total(first, "detector", "emotion_detector_frames_total")) / span,
+        "faces_classified_per_s": (total(last, "classifier", "emotion_classifier_faces_total")
+                                   - total(first, "classifier", "emotion_classifier_faces_total")) / span,
+        "viewer_shown_fps": (total(last, "viewer", "emotion_viewer_frames_total")
+                             - total(first, "viewer", "emotion_viewer_frames_total")) / span,
+    }
+    records = [r for r in tap.records if r[0] >= started_wall]
+    latencies = [r[1] for r in records]
+    result_latency = {f"p{int(q * 100)}_ms": round(percentile(latencies, q) * 1000, 1)
+                      if latencies else None for q in (0.5, 0.95, 0.99)}
+    result_latency.update(count=len(latencies),
+                          max_ms=round(max(latencies) * 1000, 1) if latencies else None,
+                          with_faces=sum(1 for r in records if r[2]))
+    viewer_hist = histogram(last["metrics"].get("viewer", {}), "emotion_e2e_latency_seconds")
+    viewer_latency = {f"p{int(q * 100)}_ms": (round(v * 1000, 1) if v is not None else None)
+                      for q in (0.5, 0.95, 0.99)
+                      for v in [histogram_quantile(q, viewer_hist)]}
+    viewer_latency["count"] = max((c for _, c in viewer_hist), default=0)
+    limit_ms = 2 * args.max_age_ms
+    p99 = result_latency["p99_ms"]
+    verdict = {
+        "all_alive": all(last["alive"].values()),
+        "memory_flat": all(m["flat"] for m in memory.values()),
+        "results_p99_within_2x_max_age": p99 is not None and p99 <= limit_ms,
+        "results_flowing": len(latencies) > 0,
+    }
+    verdict["ok"] = all(verdict.values())
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_wall)),
+        "duration_s": round(span, 1), "source": source_note, "model": model_note,
+        "max_age_ms": args.max_age_ms, "detectors": args.detectors,
+        "classifiers": args.classifiers, "max_width": args.max_width,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_start": [round(v, 2) for v in load_start],
+                    "load_average_end": [round(v, 2) for v in load_end]},
+        "latency_capture_to_result": result_latency,
+        "latency_capture_to_viewer_histogram": viewer_latency,
+        "p99_limit_ms": limit_ms,
+        "memory_mb": memory, "throughput": {k: round(v, 1) for k, v in throughput.items()},
+        "dropped": {k: int(v) for k, v in sorted(drops.items())},
+        "rejected": {k: int(v) for k, v in sorted(rejected.items())},
+        "verdict": verdict,
+        "rss_timeline": [{"t": s["t"], **{k: (round(v, 1) if v else None)
+                                          for k, v in s["rss_mb"].items()}} for s in samples],
+    }
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Soak run, {r['when']}", "",
+             f"{r['duration_s']:.0f} s, source {r['source']}, {r['detectors']} detector(s), "
+             f"{r['classifiers']} classifier(s), --max-age-ms {r['max_age_ms']:g}, "
+             f"--max-width {r['max_width']}.  ",
+             f"Model: {r['model']}.  ",
+             f"Machine: {r['machine']['cpus']} CPUs, load average "
+             f"{r['machine']['load_average_start'][0]} at start, "
+             f"{r['machine']['load_average_end'][0]} at end.", "",
+             "## Latency", "", "| path | p50 | p95 | p99 | samples |", "|---|---|---|---|---|"]
+    a, b = r["latency_capture_to_result"], r["latency_capture_to_viewer_histogram"]
+    lines.append(f"| capture → result (results channel, exact) | {a['p50_ms']} ms | {a['p95_ms']} ms "
+                 f"| {a['p99_ms']} ms | {a['count']} ({a['with_faces']} with faces) |")
+    lines.append(f"| capture → shown (viewer histogram) | {b['p50_ms']} ms | {b['p95_ms']} ms "
+                 f"| {b['p99_ms']} ms | {int(b['count'])} |")
+    lines += ["", f"p99 limit (2 × max age): {r['p99_limit_ms']:g} ms — "
+              f"{'within' if r['verdict']['results_p99_within_2x_max_age'] else 'EXCEEDED'}.", "",
+              "## Throughput", "", "| stage | per second |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in r["throughput"].items()]
+    lines += ["", "## Memory (RSS, MB)", "",
+              "| process | start | warmed up | middle | end | peak | growth after warm-up | flat |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, m in r["memory_mb"].items():
+        lines.append(f"| {name} | {m['start']} | {m['warm']} | {m['middle']} | {m['end']} | "
+                     f"{m['peak']} | {m['growth_after_warm_up']} | {'yes' if m['flat'] else 'NO'} |")
+    lines += ["", "## Dropped work (emotion_frames_dropped_total)", "",
+              "| service/reason | count |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in r["dropped"].items()] or ["| (none) | 0 |"]
+    lines += ["", "## Rejected messages (emotion_messages_rejected_total)", "",
+              "| service/reason | count |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in r["rejected"].items()] or ["| (none) | 0 |"]
+    lines += ["", "## Verdict", ""]
+    lines += [f"- {k}: {v}" for k, v in r["verdict"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
