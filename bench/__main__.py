@@ -29,6 +29,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="output folder (default bench/results)")
     parser.add_argument("--only", default=",".join(PARTS),
                         help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
+    parser.add_argument("--model", default=None,
+                        help="benchmark this model.keras (metadata.json beside it) instead of "
+                             "the registry's current one")
     parser.add_argument("--keep-logs", action="store_true", help="keep the services' logs")
     return parser.parse_args(argv)
 
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
                                 "size": f"{frames[0].shape[1]}x{frames[0].shape[0]}"})
         tiled = common.write_tiled_clip(frames, fps, work / "tiled-2x2.avi")
         results["clip"]["tiled"] = "2×2 mosaic of the clip at four moments, MJPG .avi, same fps"
-        registry_dir, results["model"] = common.model_registry(work)
+        registry_dir, results["model"] = common.model_registry(work, args.model)
         log(f"model under test: {results['model']['version']} ({results['model']['source']})")
         if "raw" in parts:
             results["raw"] = raw.run(registry_dir, frames, args.quick)
@@ -75,11 +78,16 @@ def main(argv=None) -> int:
         if "transport" in parts:
             results["transport"] = transport.run(work, args.quick)
         busy |= set(common.busy_processes(exclude={os.getpid()}))
-        if "peer" in parts:
-            results["peer"] = peer.run(clip, args.quick)
+        # The peer runs once before each pipeline repeat: both see the same machine load.
+        fer = peer.Interleaved(clip, args.quick) if "peer" in parts else None
         if "pipeline" in parts:
             results["pipeline"] = pipeline.run_topologies(registry_dir, {"single": clip, "tiled": tiled},
-                                                          work, args.quick)
+                                                          work, args.quick, before_repeat=fer)
+        elif fer:
+            for rep in range(1 if args.quick else 3):
+                fer(rep)
+        if fer:
+            results["peer"] = fer.result()
         busy |= set(common.busy_processes(exclude={os.getpid()}))
     finally:
         if args.keep_logs:

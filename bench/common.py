@@ -78,10 +78,27 @@ def write_tiled_clip(frames: list[np.ndarray], fps: float, out: Path, grid: int 
     return out
 
 
-def model_registry(workdir: Path) -> tuple[Path, dict]:
-    """The served registry (models/) when it names a model, else a tiny random one in workdir."""
+def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]:
+    """The registry to serve from: a throwaway one holding ``model`` (a model.keras file or
+    its folder, metadata.json beside it) when given; else models/ when it names a model;
+    else a tiny random model in workdir."""
+    import shutil
+
     from services.common import registry
 
+    if model:
+        path = Path(model)
+        folder = path.parent if path.is_file() else path
+        keras_file = path if path.is_file() else folder / registry.MODEL_FILE
+        meta = json.loads((folder / registry.METADATA_FILE).read_text())
+        version = str(meta.get("version", folder.name))
+        root = workdir / "models"
+        (root / version).mkdir(parents=True, exist_ok=True)
+        shutil.copy(keras_file, root / version / registry.MODEL_FILE)
+        (root / version / registry.METADATA_FILE).write_text(json.dumps(meta))
+        registry.promote(root, version)
+        return root, {"source": f"--model {model}", "version": version,
+                      "architecture": meta.get("architecture", "?"), "input": meta.get("input")}
     served = ROOT / "models"
     version = registry.current_version(served)
     if version:

@@ -59,14 +59,8 @@ def run_once(clip: Path, passes: int, max_frames: int = 0) -> dict:
     return json.loads(lines[-1])
 
 
-def run(clip: Path, quick: bool) -> dict:
-    try:
-        ensure_venv()
-    except BenchError as exc:
-        log(f"peer skipped: {exc}")
-        return {"skipped": str(exc)}
-    repeats, passes, max_frames = (1, 1, 120) if quick else (2, 2, 0)
-    reports = [run_once(clip, passes, max_frames) for _ in range(repeats)]
+def summarize(reports: list[dict]) -> dict:
+    """Medians with min-max over every pass of every run."""
     every = [p for r in reports for p in r["passes"]]
     out = {k: reports[0][k] for k in ("fer_version", "tensorflow", "opencv", "numpy", "python",
                                       "settings", "frame_shape")}
@@ -81,3 +75,28 @@ def run(clip: Path, quick: bool) -> dict:
         f"{out['latency_p50_ms']['median']:.1f} ms p95 {out['latency_p95_ms']['median']:.1f} ms, "
         f"{out['frames_with_faces']}/{out['frames']} frames with faces")
     return out
+
+
+class Interleaved:
+    """One fer run per pipeline repeat, so both are measured under the same conditions."""
+
+    def __init__(self, clip: Path, quick: bool):
+        self.clip, self.quick, self.reports, self.skipped = clip, quick, [], None
+        try:
+            ensure_venv()
+        except BenchError as exc:
+            log(f"peer skipped: {exc}")
+            self.skipped = str(exc)
+
+    def __call__(self, repeat: int) -> None:
+        if self.skipped:
+            return
+        report = run_once(self.clip, 1, 120 if self.quick else 0)
+        self.reports.append(report)
+        p = report["passes"][0]
+        log(f"fer run {repeat + 1}: {p['fps']:.1f} frames/s, {p['cpu_ms_per_frame']:.1f} CPU ms/frame")
+
+    def result(self) -> dict:
+        if self.skipped or not self.reports:
+            return {"skipped": self.skipped or "not run"}
+        return summarize(self.reports)

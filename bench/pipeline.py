@@ -204,13 +204,18 @@ def plan(quick: bool) -> list[tuple[str, int, int, list[str]]]:
             ("capacity", 1, 2, unpaced), ("capacity", 2, 2, unpaced)]
 
 
-def run_topologies(registry_dir: Path, clips: dict[str, Path], log_dir: Path, quick: bool) -> dict:
-    """Every (mode, detectors, classifiers) topology with its workloads, repeated side by side."""
+def run_topologies(registry_dir: Path, clips: dict[str, Path], log_dir: Path, quick: bool,
+                   before_repeat=None) -> dict:
+    """Every (mode, detectors, classifiers) topology with its workloads, repeated side by side.
+
+    ``before_repeat(i)`` runs before each repeat (the peer's runs, interleaved)."""
     wl = workloads(clips)
-    repeats, warmup, seconds = (1, 1.5, 4.0) if quick else (2, 3.0, 15.0)
+    repeats, warmup, seconds = (1, 1.5, 4.0) if quick else (3, 3.0, 15.0)
     runs: dict[str, list[dict]] = {}
     meta: dict[str, dict] = {}
     for rep in range(repeats):
+        if before_repeat is not None:
+            before_repeat(rep)
         for mode, d, c, names in plan(quick):
             folder = log_dir / f"pipeline-{mode}-d{d}c{c}-r{rep}"
             folder.mkdir(parents=True, exist_ok=True)

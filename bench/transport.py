@@ -131,8 +131,8 @@ def _producer(base: int, case: str, count: int, rate: float, queue) -> None:
     start = time.perf_counter()
     for i in range(count):
         due = start + i / rate
-        while (now := time.perf_counter()) < due:
-            time.sleep(min(0.002, due - now))
+        if (now := time.perf_counter()) < due:
+            time.sleep(due - now)        # one sleep per message, as a paced source does
         t = time.thread_time()
         parts, jpeg = make_message(case, image, i)
         encode_cpu += time.thread_time() - t - jpeg
