@@ -81,8 +81,10 @@ def main(argv=None) -> int:
         # The peer runs once before each pipeline repeat: both see the same machine load.
         fer = peer.Interleaved(clip, args.quick) if "peer" in parts else None
         if "pipeline" in parts:
-            results["pipeline"] = pipeline.run_topologies(registry_dir, {"single": clip, "tiled": tiled},
-                                                          work, args.quick, before_repeat=fer)
+            folder = common.write_image_folder(frames, work / "frames")
+            results["pipeline"] = pipeline.run_topologies(
+                registry_dir, {"single": clip, "tiled": tiled, "folder": folder}, work, args.quick,
+                before_repeat=fer)
         elif fer:
             for rep in range(1 if args.quick else 3):
                 fer(rep)

@@ -78,6 +78,16 @@ def write_tiled_clip(frames: list[np.ndarray], fps: float, out: Path, grid: int 
     return out
 
 
+def write_image_folder(frames: list[np.ndarray], folder: Path) -> Path:
+    """The clip's frames as JPEG files: a source that capture paces at any --fps."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(folder / f"frame-{i:04d}.jpg"), frame, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return folder
+
+
 def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]:
     """The registry to serve from: a throwaway one holding ``model`` (a model.keras file or
     its folder, metadata.json beside it) when given; else models/ when it names a model;

@@ -103,12 +103,20 @@ class Workload:
         self.name, self.clip, self.faces, self.pace, self.args = name, clip, faces, pace, args
 
 
+SWEEP = (24, 32, 40, 48)   # offered frames/s of the image-folder source
+
+
 def workloads(clips: dict[str, Path]) -> dict[str, Workload]:
     out = {}
     for faces, clip in (("1 face", "single"), ("4 faces", "tiled")):
         for pace, args in (("15 fps", ("--fps", "15")), ("30 fps", ()), ("unpaced", ("--no-pace",))):
             key = f"{clip}-{pace.replace(' ', '')}"
             out[key] = Workload(key, clip, faces, pace, args)
+    # The clip's frames as images, paced at rates above the clip's own 30 fps: how many
+    # frames/s the pipeline sustains when capture offers no more than that.
+    for rate in SWEEP:
+        key = f"folder-{rate}fps"
+        out[key] = Workload(key, "folder", "1 face", f"{rate} fps (images)", ("--fps", str(rate)))
     return out
 
 
@@ -193,13 +201,15 @@ def plan(quick: bool) -> list[tuple[str, int, int, list[str]]]:
     --max-age-ms 3000, so an overloaded stage queues instead of dropping what waited
     more than 0.5 s: it measures how many frames/s the stages can do, not latency.
     """
+    sweep = [f"folder-{rate}fps" for rate in SWEEP]
     if quick:
-        return [("default", 1, 1, ["single-30fps", "single-unpaced"]),
+        return [("default", 1, 1, ["single-30fps", "single-unpaced", "folder-40fps"]),
                 ("capacity", 1, 1, ["single-unpaced", "tiled-unpaced"]),
-                ("capacity", 2, 1, ["single-unpaced"])]
+                ("default", 2, 1, ["folder-40fps"])]
     unpaced = ["single-unpaced", "tiled-unpaced"]
     return [("default", 1, 1, ["single-15fps", "single-30fps", "single-unpaced",
-                                "tiled-15fps", "tiled-30fps", "tiled-unpaced"]),
+                                "tiled-30fps", "tiled-unpaced", *sweep]),
+            ("default", 2, 1, sweep),
             ("capacity", 1, 1, unpaced), ("capacity", 2, 1, unpaced),
             ("capacity", 1, 2, unpaced), ("capacity", 2, 2, unpaced)]
 
@@ -232,11 +242,12 @@ def run_topologies(registry_dir: Path, clips: dict[str, Path], log_dir: Path, qu
                 for i, name in enumerate(names):
                     w = wl[name]
                     key = f"{name}-d{d}c{c}" + ("-capacity" if mode == "capacity" else "")
+                    window = seconds if w.clip != "folder" else max(4.0, seconds * 2 / 3)
                     result = measure(pipeline, collector, clips[w.clip], w, f"r{rep}i{i}",
-                                     warmup, seconds)
+                                     warmup, window)
                     runs.setdefault(key, []).append(result)
                     meta[key] = {"workload": name, "faces": w.faces, "pace": w.pace, "mode": mode,
-                                 "detectors": d, "classifiers": c}
+                                 "detectors": d, "classifiers": c, "window_s": window}
                     log(f"  {key}: {result['fps']:.1f} frames/s, e2e p50 "
                         f"{result['latency_ms']['p50'] or float('nan'):.0f} ms p99 "
                         f"{result['latency_ms']['p99'] or float('nan'):.0f} ms, "

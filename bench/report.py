@@ -87,6 +87,25 @@ def targets(results: dict) -> list[dict]:
                              f"fer {theirs:.1%}; CPU per frame: pipeline {med(single['cpu_ms_per_frame']):.0f} ms "
                              f"(all processes) vs fer {med(peer['cpu_ms_per_frame']):.0f} ms",
                     "pass": ratio >= 1.5 and same})
+    # 1b. the same with a paced source: the best rate the pipeline sustains.
+    sweep = {k: v for k, v in pipe.items() if k.startswith("folder-")}
+    if sweep and peer.get("fps"):
+        best = max(sweep.values(), key=lambda v: med(v["fps"]))
+        one = [v for v in sweep.values() if v["detectors"] == 1 and v["classifiers"] == 1]
+        best1 = max(one, key=lambda v: med(v["fps"])) if one else best
+        ratio = med(best["fps"]) / med(peer["fps"])
+        ours = default["frames_with_faces"] / default["frames"] if default else None
+        theirs = peer["frames_with_faces"] / peer["frames"]
+        same = ours is not None and abs(ours - theirs) <= 0.03
+        out.append({"target": "pipeline frames/s ≥ 1.5× fer, 1 face, same faces found "
+                              "(source paced at 24–48 fps: best sustained rate)",
+                    "value": f"{best['detectors']}×{best['classifiers']} at {best['pace']}: "
+                             f"{med(best['fps']):.1f} frames/s = {ratio:.2f}× fer "
+                             f"(e2e p50 {med(best['latency_ms']['p50']):.0f} ms, p99 "
+                             f"{med(best['latency_ms']['p99']):.0f} ms, "
+                             f"{med(best['cpu_ms_per_frame']):.0f} CPU ms/frame); 1×1 at {best1['pace']}: "
+                             f"{med(best1['fps']):.1f} = {med(best1['fps']) / med(peer['fps']):.2f}×",
+                    "pass": ratio >= 1.5 and same})
     # 2. latency at 30 fps, one face.
     paced = pipe.get("single-30fps-d1c1")
     if paced:
@@ -294,6 +313,33 @@ def plots(results: dict, out: Path) -> list[str]:
     fig.savefig(out / "throughput_vs_replicas.png", dpi=110)
     plt.close(fig)
     made.append("throughput_vs_replicas.png")
+
+    # Sustained throughput: delivered vs offered frames/s (image-folder source).
+    sweep = {k: v for k, v in configs.items() if k.startswith("folder-")}
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for topo in sorted({(v["detectors"], v["classifiers"]) for v in sweep.values()}):
+            rows = sorted(((int(k.split("-")[1][:-3]), v) for k, v in sweep.items()
+                           if (v["detectors"], v["classifiers"]) == topo), key=lambda r: r[0])
+            xs = [r[0] for r in rows]
+            ys = [r[1]["fps"]["median"] for r in rows]
+            err = [[r[1]["fps"]["median"] - r[1]["fps"]["min"] for r in rows],
+                   [r[1]["fps"]["max"] - r[1]["fps"]["median"] for r in rows]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3,
+                        label=f"pipeline {topo[0]} det × {topo[1]} cls")
+        if xs:
+            ax.plot([0, max(xs)], [0, max(xs)], color="grey", lw=0.8, ls=":", label="offered")
+        if fer:
+            ax.axhline(fer, color="k", ls="--", lw=1, label=f"fer package ({fer:.0f})")
+            ax.axhline(1.5 * fer, color="r", ls=":", lw=1, label="1.5× fer")
+        ax.set_xlabel("offered frames/s (source paced)")
+        ax.set_ylabel("delivered frames/s")
+        ax.set_title("Sustained throughput, 1 face")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "sustained_throughput.png", dpi=110)
+        plt.close(fig)
+        made.append("sustained_throughput.png")
 
     # Latency CDF per configuration.
     fig, ax = plt.subplots(figsize=(7, 4.5))
