@@ -47,7 +47,9 @@ def build_parser():
     parser.option("--hwm", default=bus.DEFAULT_HWM, type=int,
                   help="high-water mark (messages) of the work queues detect and classify")
     parser.option("--fanout-hwm", default=bus.FANOUT_HWM, type=int,
-                  help="high-water mark (messages per subscriber) of frames and results")
+                  help="high-water mark (messages per subscriber) of the frames channel")
+    parser.option("--results-hwm", default=bus.RESULTS_HWM, type=int,
+                  help="high-water mark (messages per subscriber) of the results channel")
     return parser
 
 
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
         log.info("CurveZMQ on: %d authorised client key(s) in %s",
                  len(list(curve.clients.glob("*.key"))), curve.clients)
     stop = threading.Event()
-    channels = [Channel(ctx, name, addr, args.fanout_hwm if name in bus.FANOUT else args.hwm,
+    hwms = {"frames": args.fanout_hwm, "results": args.results_hwm}
+    channels = [Channel(ctx, name, addr, hwms.get(name, args.hwm),
                         curve, on_failure=stop.set) for name in bus.CHANNELS]
     counter = threading.Thread(target=count_messages, args=(ctx, list(bus.CHANNELS), stop),
                                name="counter", daemon=True)

@@ -29,6 +29,7 @@ FANOUT = ("frames", "results")
 # a subscriber that stays behind still loses messages instead of slowing anyone down.
 DEFAULT_HWM = 4
 FANOUT_HWM = 64
+RESULTS_HWM = 1000   # results are a few hundred bytes: room for a subscriber's long hiccup
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ def client_address(service: str, host: str, base_port: int, curve_keys: str = ""
 
 
 def channel_hwm(channel: str) -> int:
+    if channel == "results":
+        return RESULTS_HWM
     return FANOUT_HWM if channel in FANOUT else DEFAULT_HWM
 
 
