@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     try:
         frames = bus.consumer(ctx, address, "frames")
         sockets.append(frames)
-        results = bus.consumer(ctx, address, "results", hwm=256)  # tiny; a lost one loses labels
+        results = bus.consumer(ctx, address, "results")
         sockets.append(results)
         viewer = Viewer(settings, hub, metrics.RejectLog(SERVICE, log), windows)
         log.info("web page on http://%s:%s/ ; frames from %s, results from %s; delay %d ms",
