@@ -362,19 +362,22 @@ def plots(results: dict, out: Path) -> list[str]:
     made.append("latency_cdf.png")
 
     # CPU per frame, per stage.
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     keys = list(configs)
     bottom = np.zeros(len(keys))
     for stage, color in STAGE_COLORS.items():
         vals = np.array([configs[k]["stages"][stage]["cpu_ms_per_frame"]["median"] or 0 for k in keys])
         ax.bar(range(len(keys)), vals, bottom=bottom, color=color, label=stage)
         bottom += vals
-    ax.set_xticks(range(len(keys)), [f"{configs[k]['faces']}\n{configs[k]['pace']}\n"
-                                     f"{configs[k]['detectors']}×{configs[k]['classifiers']}"
-                                     + ("\ncap." if configs[k]["mode"] == "capacity" else "")
-                                     for k in keys], fontsize=6)
+
+    def label(c):
+        pace = c["pace"].replace(" (images)", " img")
+        return (f"{c['faces'].split()[0]}f {pace} {c['detectors']}×{c['classifiers']}"
+                + (" cap" if c["mode"] == "capacity" else ""))
+    ax.set_xticks(range(len(keys)), [label(configs[k]) for k in keys], rotation=60, ha="right",
+                  fontsize=7)
     ax.set_ylabel("CPU ms per delivered frame")
-    ax.set_title("CPU per frame by stage")
+    ax.set_title("CPU per frame by stage (f = faces per frame, img = image source, cap = capacity mode)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "cpu_per_stage.png", dpi=110)
