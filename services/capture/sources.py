@@ -135,7 +135,7 @@ class DemoSource(Source):
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + fw, width), min(y + fh, height)
         canvas[y0:y1, x0:x1] = face[y0 - y:y1 - y, x0 - x:x1 - x]
-        cv2.putText(canvas, f"demo #{self.tick}", (10, height - 12), cv2.FONT_HERSHEY_SIMPLEX,
+        cv2.putText(canvas, f"demo #{self.tick}", (10, 20), cv2.FONT_HERSHEY_SIMPLEX,
                     0.5, (220, 220, 220), 1, cv2.LINE_AA)
         return canvas
 
