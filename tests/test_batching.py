@@ -173,7 +173,7 @@ def runner(tiny):
     from services.classifier.runtime import BATCH_SHAPES, InferenceRunner
 
     entry, model = tiny
-    assert BATCH_SHAPES == (1, 4, 16, 64)
+    assert BATCH_SHAPES == (1, 4, 16, 32, 64)
     runner = InferenceRunner(model, entry.spec)
     calls = []
     inner = runner._call
@@ -188,15 +188,17 @@ def runner(tiny):
 
 
 def test_padded_sizes(runner):
-    assert runner.batch_shapes == (1, 4, 16, 64)
-    expected = {1: 1, 2: 4, 3: 4, 4: 4, 5: 16, 16: 16, 17: 64, 63: 64, 64: 64, 65: 64, 500: 64}
+    assert runner.batch_shapes == (1, 4, 16, 32, 64)
+    expected = {1: 1, 2: 4, 3: 4, 4: 4, 5: 16, 16: 16, 17: 32, 32: 32, 33: 64, 63: 64, 64: 64,
+                65: 64, 500: 64}
     assert {n: runner.padded_size(n) for n in expected} == expected
 
 
 def test_warm_up_traces_every_shape(runner):
     runner.calls.clear()
     runner.warm_up()
-    assert runner.calls == [(1, 48, 48, 1), (4, 48, 48, 1), (16, 48, 48, 1), (64, 48, 48, 1)]
+    assert runner.calls == [(1, 48, 48, 1), (4, 48, 48, 1), (16, 48, 48, 1), (32, 48, 48, 1),
+                            (64, 48, 48, 1)]
 
 
 @pytest.mark.parametrize("n,chunks", [(0, []), (1, [1]), (3, [4]), (5, [16]), (64, [64]),

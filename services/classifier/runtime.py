@@ -10,7 +10,7 @@ import numpy as np
 
 from services.common.preprocess import InputSpec, preprocess_faces
 
-BATCH_SHAPES = (1, 4, 16, 64)
+BATCH_SHAPES = (1, 4, 16, 32, 64)   # 32 = the default --max-batch: a full batch is not padded
 
 
 def compiled_call(model):
