@@ -29,24 +29,23 @@ import json
 import math
 import os
 import platform
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run as a script (python bench/soak.py), this folder would shadow top-level modules.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import zmq  # noqa: E402
 
+from conftest import free_base_port, free_port, http_get, metric_samples, write_tiny_model  # noqa: E402
 from services.common import bus  # noqa: E402
 from services.common.protocol import KIND_RESULT, Rejected, decode  # noqa: E402
 
@@ -54,28 +53,6 @@ SERVICES = ("broker", "classifier", "detector", "viewer", "capture")
 
 
 # --- processes and ports -------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_base_port(count: int = 8) -> int:
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no block of free ports")
-
 
 class Process:
     def __init__(self, name: str, args: list[str], log_dir: Path):
@@ -104,17 +81,9 @@ class Process:
 
     def metrics(self) -> dict[str, float] | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                        timeout=5) as response:
-                text = response.read().decode()
+            return metric_samples(http_get(f"http://127.0.0.1:{self.metrics_port}/metrics", 5).decode())
         except OSError:
             return None
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                values[key] = float(value)
-        return values
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -195,27 +164,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def tiny_model_registry(folder: Path) -> Path:
     """A small randomly initialised 7-class model, registered like a trained one."""
-    import keras
-
     from services.common import registry
-    from services.common.preprocess import InputSpec
-    from services.common.protocol import EMOTIONS
 
-    spec = InputSpec(48, 1, "unit")
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input(spec.shape),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(len(EMOTIONS), activation="softmax"),
-    ])
-    version = folder / "soak-tiny"
-    version.mkdir(parents=True)
-    model.save(version / "model.keras")
-    (version / "metadata.json").write_text(json.dumps({
-        "version": "soak-tiny", "architecture": "soak-tiny", "input": spec.to_dict(),
-        "classes": list(EMOTIONS), "note": "random weights, for the soak run only"}))
+    write_tiny_model(folder, "soak-tiny")
     registry.promote(folder, "soak-tiny")
     return folder
 
