@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import free_port, metric_samples, metric_sum, wait_for
 from services.common.protocol import (EMOTIONS, ENCODING_BGR, FaceResult, Header, Rejected,
                                       encode)
 from services.viewer.app import Viewer, ViewerSettings
@@ -532,12 +532,6 @@ def test_mjpeg_client_gets_new_frames_and_may_disconnect(web):
 
 # --- the real process over real ZeroMQ -----------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bind_broker_side(ctx: zmq.Context) -> tuple[int, zmq.Socket, zmq.Socket]:
     """Stand in for the broker: PUB sockets on base+1 (frames) and base+7 (results)."""
     for _ in range(50):
@@ -577,32 +571,8 @@ class Publisher(threading.Thread):
             seq += 1
 
 
-def metric_values(text: str) -> dict[str, float]:
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
-
-
 def metric_total(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for key, value in metric_values(text).items():
-        base, _, rest = key.partition("{")
-        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return metric_sum(metric_samples(text), name, **labels)
 
 
 def test_viewer_process_end_to_end_over_zeromq(tmp_path):
@@ -632,8 +602,8 @@ def test_viewer_process_end_to_end_over_zeromq(tmp_path):
 
     stream = None
     try:
-        wait_until(lambda: reachable(web + "/healthz"), 10, "the viewer's web server")
-        wait_until(lambda: reachable(web + "/snapshot/cam.jpg"), 10, "a first composited frame")
+        wait_for(lambda: reachable(web + "/healthz"), 10, interval=0.05, what="the viewer's web server")
+        wait_for(lambda: reachable(web + "/snapshot/cam.jpg"), 10, interval=0.05, what="a first composited frame")
         source = source_image()
         stream = urllib.request.urlopen(web + "/stream/cam.mjpg", timeout=5)
         parts = read_mjpeg_parts(stream, 3)
@@ -656,16 +626,18 @@ def test_viewer_process_end_to_end_over_zeromq(tmp_path):
             [b"cam", os.urandom(64)],
             [b"cam", msgpack.packb({"v": 99, "kind": "frame", "stream": "cam"}), b"x"],
             encode(result_header(1, [face()]))])                 # a result on the frames channel
-        wait_until(lambda: metric_total(metrics_text(), "emotion_messages_rejected_total",
-                                        service="viewer") >= 3, 10, "rejected messages counted")
+        wait_for(lambda: metric_total(metrics_text(), "emotion_messages_rejected_total",
+                                      service="viewer") >= 3, 10, interval=0.05,
+                 what="rejected messages counted")
         text = metrics_text()
         assert metric_total(text, "emotion_messages_rejected_total", service="viewer",
                             reason="version") == 1
         assert metric_total(text, "emotion_messages_rejected_total", service="viewer",
                             reason="kind") == 1
         shown = metric_total(text, "emotion_viewer_frames_total", stream="cam")
-        wait_until(lambda: metric_total(metrics_text(), "emotion_viewer_frames_total",
-                                        stream="cam") > shown + 3, 10, "frames after garbage")
+        wait_for(lambda: metric_total(metrics_text(), "emotion_viewer_frames_total",
+                                      stream="cam") > shown + 3, 10, interval=0.05,
+                 what="frames after garbage")
         assert len(read_mjpeg_parts(stream, 2)) == 2
 
         started = time.monotonic()                    # an MJPEG client is still connected
