@@ -183,7 +183,7 @@ def serialization(seconds: float) -> dict:
     """protocol.encode + decode alone, and JPEG encode/decode alone, per message (µs CPU)."""
     import cv2
 
-    from services.common.protocol import decode, decode_image
+    from services.common.protocol import decode
 
     image = _image()
     out = {}

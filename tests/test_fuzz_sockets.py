@@ -24,7 +24,6 @@ import math
 import os
 import random
 import struct
-import threading
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import zmq
 from conftest import http_get, metric_sum, wait_for
 from harness import Collector, Pipeline
 from services.common import bus
-from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_FRAME, KIND_RESULT,
+from services.common.protocol import (KIND_FACES, KIND_FRAME, KIND_RESULT,
                                       MAX_HEADER_BYTES, FaceResult, Header, Rejected, decode)
 
 pytestmark = pytest.mark.slow
