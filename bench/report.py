@@ -279,6 +279,16 @@ def markdown(results: dict, plots: list[str]) -> str:
 
 # --- plots ---------------------------------------------------------------------------------
 
+def save_plot(fig, out: Path, name: str) -> str:
+    """Lay out, write and close one figure; returns its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -309,10 +319,7 @@ def plots(results: dict, out: Path) -> list[str]:
     ax.set_ylabel("frames/s (unpaced source)")
     ax.set_title("Throughput vs replicas (capacity mode: max age 3 s)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "throughput_vs_replicas.png", dpi=110)
-    plt.close(fig)
-    made.append("throughput_vs_replicas.png")
+    made.append(save_plot(fig, out, "throughput_vs_replicas.png"))
 
     # Sustained throughput: delivered vs offered frames/s (image-folder source).
     sweep = {k: v for k, v in configs.items() if k.startswith("folder-")}
@@ -336,10 +343,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_ylabel("delivered frames/s")
         ax.set_title("Sustained throughput, 1 face")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "sustained_throughput.png", dpi=110)
-        plt.close(fig)
-        made.append("sustained_throughput.png")
+        made.append(save_plot(fig, out, "sustained_throughput.png"))
 
     # Latency CDF per configuration.
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -356,10 +360,7 @@ def plots(results: dict, out: Path) -> list[str]:
     ax.set_ylabel("fraction of frames")
     ax.set_title("End-to-end latency CDF")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdf.png", dpi=110)
-    plt.close(fig)
-    made.append("latency_cdf.png")
+    made.append(save_plot(fig, out, "latency_cdf.png"))
 
     # CPU per frame, per stage.
     fig, ax = plt.subplots(figsize=(11, 5))
@@ -379,10 +380,7 @@ def plots(results: dict, out: Path) -> list[str]:
     ax.set_ylabel("CPU ms per delivered frame")
     ax.set_title("CPU per frame by stage (f = faces per frame, img = image source, cap = capacity mode)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "cpu_per_stage.png", dpi=110)
-    plt.close(fig)
-    made.append("cpu_per_stage.png")
+    made.append(save_plot(fig, out, "cpu_per_stage.png"))
 
     # Raw model throughput by runtime.
     mdl = results.get("raw", {}).get("model")
@@ -397,10 +395,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_ylabel("faces/s")
         ax.set_title(f"Model runtimes ({results['model']['version']})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "model_runtimes.png", dpi=110)
-        plt.close(fig)
-        made.append("model_runtimes.png")
+        made.append(save_plot(fig, out, "model_runtimes.png"))
     return made
 
 
