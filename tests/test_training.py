@@ -317,6 +317,29 @@ def test_evaluate_command_writes_report(trained, tmp_path, capsys):
                  str(trained["csv"]), "--bench-seconds", "0"]) == 0
 
 
+def test_init_from_starts_a_run_at_a_registered_models_weights(trained, tmp_path, capsys):
+    """Warm start: epoch 0 of the new run is the old model, so its first loss is far from
+    a random init's; a different width is refused before any training."""
+    root = trained["root"]
+    common = ["train", "--data", str(trained["csv"]), "--registry", str(root), "--arch",
+              "compact", "--epochs", "1", "--batch-size", "16", "--max-train", "16",
+              "--bench-seconds", "0", "--seed", "8"]  # v1's seed was 7: another init
+    assert main([*common, "--width", "0.125", "--init-from", "v1", "--version", "v1-tuned",
+                 "--out-dir", str(tmp_path / "tuned")]) == 0
+    assert "initialised" in capsys.readouterr().out
+    old = registry.load_model(registry.resolve(root, "v1"))
+    new = registry.load_model(registry.resolve(root, "v1-tuned"))
+    # one epoch of 1 step at a tiny warm-up LR moves the weights only slightly
+    kernel = {w.path: w.numpy() for w in old.weights}["stem1_conv/kernel"]
+    moved = {w.path: w.numpy() for w in new.weights}["stem1_conv/kernel"]
+    assert np.abs(moved - kernel).max() < 0.1 * np.abs(kernel).max()
+    assert main([*common, "--width", "0.25", "--init-from", "v1", "--version", "v1-wide",
+                 "--out-dir", str(tmp_path / "wide")]) == 2
+    err = capsys.readouterr().err
+    assert "not the same network" in err and "stem1_conv/kernel" in err
+    assert not (root / "v1-wide").exists()
+
+
 def test_evaluate_keras_file_without_metadata_fails_clearly(tmp_path, capsys):
     tiny_model().save(tmp_path / "lonely.keras")
     csv_path = fer_csv(tmp_path / "fer.csv", (7, 7, 0))

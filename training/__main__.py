@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=0.4, help="dropout before the classifier")
     t.add_argument("--weights", default="none",
                    help="mobilenetv2 backbone weights: imagenet, none, or PATH to a no-top .h5")
+    t.add_argument("--init-from", metavar="MODEL",
+                   help="start from this model's weights (a registry version, version directory "
+                        "or .keras file of the same architecture, width and input) instead of "
+                        "random ones: fine-tuning, or a second cosine cycle for an underfit model")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")

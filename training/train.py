@@ -192,6 +192,26 @@ def compile_model(model, args, steps_per_epoch: int) -> None:
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
 
 
+def init_weights(model, spec: InputSpec, ref: str, root: Path) -> None:
+    """Copy every weight of the model ``ref`` into ``model``; both must be the same network."""
+    entry = evaluate.resolve_model(ref, root)
+    if entry.spec != spec:
+        raise RunError(f"--init-from {ref}: its input is {entry.spec.to_dict()}, "
+                       f"this run's is {spec.to_dict()}")
+    source = registry.load_model(entry)
+    theirs = {w.path: w for w in source.weights}
+    mismatched = [w.path for w in model.weights
+                  if w.path not in theirs or tuple(theirs[w.path].shape) != tuple(w.shape)]
+    if mismatched or len(theirs) != len(model.weights):
+        raise RunError(f"--init-from {ref}: {entry.model_file} is not the same network as "
+                       f"{model.name} (first differing weight: "
+                       f"{mismatched[0] if mismatched else 'extra weights in the source'}); "
+                       f"use the same --arch, --width and --input-size")
+    for w in model.weights:
+        w.assign(theirs[w.path])
+    print(f"initialised {len(model.weights)} weights from {entry.model_file}")
+
+
 def run(args: argparse.Namespace) -> int:
     args, out_dir, state = prepare_run(args)
     root = Path(args.registry)
@@ -223,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = models.build(args.arch, spec, width=args.width, dropout=args.dropout,
                              weights=args.weights, seed=args.seed)
+        if getattr(args, "init_from", None):
+            init_weights(model, spec, args.init_from, root)
         compile_model(model, args, len(batches))
         write_json(out_dir / registry.METADATA_FILE,
                    {"version": args.version, "architecture": args.arch,
