@@ -29,6 +29,10 @@ class BenchError(RuntimeError):
     """A problem that stops the benchmark, worded for the person running it."""
 
 
+# The detector width of the bench's "fast" mode (the services default to 320).
+FAST_DETECT_WIDTH = 240
+
+
 def find_media(folder: str | None) -> Path:
     """The folder holding the test clip: --media, else $EMOTION_TEST_MEDIA, else ../shared/media."""
     candidates = [folder] if folder else [os.environ.get("EMOTION_TEST_MEDIA"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from .common import CLK_TCK, histogram_quantile, log, percentiles, proc_cpu_seconds, summary
+from .common import CLK_TCK, FAST_DETECT_WIDTH, histogram_quantile, log, percentiles, proc_cpu_seconds, summary
 
 from harness import Collector, Pipeline          # noqa: E402  (tests/ is on sys.path)
 from conftest import Service, free_base_port, free_port, metric_samples, http_get, wait_for  # noqa: E402
@@ -103,7 +103,7 @@ class Workload:
         self.name, self.clip, self.faces, self.pace, self.args = name, clip, faces, pace, args
 
 
-SWEEP = (24, 32, 40, 48)   # offered frames/s of the image-folder source
+SWEEP = (30, 40, 50, 60, 70)   # offered frames/s of the image-folder source
 
 
 def workloads(clips: dict[str, Path]) -> dict[str, Workload]:
@@ -192,6 +192,14 @@ def measure(pipeline: Pipeline, collector: ResultsCollector, clip: Path, workloa
 
 
 GENEROUS = ("--max-age-ms", "3000")   # capacity mode: queueing is not turned into stale drops
+# mode -> (detector args, classifier args)
+MODE_ARGS = {"default": ((), ()),
+             "capacity": (GENEROUS, GENEROUS),
+             "fast": (("--detect-width", str(FAST_DETECT_WIDTH)), ("--runtime", "tflite"))}
+
+
+def config_key(workload: str, mode: str, detectors: int, classifiers: int) -> str:
+    return f"{workload}-d{detectors}c{classifiers}" + ("" if mode == "default" else f"-{mode}")
 
 
 def plan(quick: bool) -> list[tuple[str, int, int, list[str]]]:
@@ -200,16 +208,21 @@ def plan(quick: bool) -> list[tuple[str, int, int, list[str]]]:
     ``default``: the services' own settings. ``capacity``: detector and classifier
     --max-age-ms 3000, so an overloaded stage queues instead of dropping what waited
     more than 0.5 s: it measures how many frames/s the stages can do, not latency.
+    ``fast``: the detector at --detect-width FAST_DETECT_WIDTH (240) instead of 320 (half
+    the Haar work; the smallest face it finds is 10 % of the frame width instead of 7.5 %)
+    and the classifier on the TFLite runtime.
     """
     sweep = [f"folder-{rate}fps" for rate in SWEEP]
     if quick:
         return [("default", 1, 1, ["single-30fps", "single-unpaced", "folder-40fps"]),
                 ("capacity", 1, 1, ["single-unpaced", "tiled-unpaced"]),
-                ("default", 2, 1, ["folder-40fps"])]
+                ("fast", 2, 1, ["single-30fps", "folder-60fps"])]
     unpaced = ["single-unpaced", "tiled-unpaced"]
     return [("default", 1, 1, ["single-15fps", "single-30fps", "single-unpaced",
                                 "tiled-30fps", "tiled-unpaced", *sweep]),
             ("default", 2, 1, sweep),
+            ("fast", 1, 1, ["single-30fps", *sweep]),
+            ("fast", 2, 1, sweep),
             ("capacity", 1, 1, unpaced), ("capacity", 2, 1, unpaced),
             ("capacity", 1, 2, unpaced), ("capacity", 2, 2, unpaced)]
 
@@ -220,7 +233,7 @@ def run_topologies(registry_dir: Path, clips: dict[str, Path], log_dir: Path, qu
 
     ``before_repeat(i)`` runs before each repeat (the peer's runs, interleaved)."""
     wl = workloads(clips)
-    repeats, warmup, seconds = (1, 1.5, 4.0) if quick else (3, 3.0, 15.0)
+    repeats, warmup, seconds = (1, 1.5, 4.0) if quick else (3, 3.0, 12.0)
     runs: dict[str, list[dict]] = {}
     meta: dict[str, dict] = {}
     for rep in range(repeats):
@@ -230,9 +243,9 @@ def run_topologies(registry_dir: Path, clips: dict[str, Path], log_dir: Path, qu
             folder = log_dir / f"pipeline-{mode}-d{d}c{c}-r{rep}"
             folder.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
-            extra = GENEROUS if mode == "capacity" else ()
+            detector_args, classifier_args = MODE_ARGS[mode]
             pipeline = Pipeline(folder, registry_dir, detectors=d, classifiers=c,
-                                detector_args=extra, classifier_args=extra)
+                                detector_args=detector_args, classifier_args=classifier_args)
             collector = ResultsCollector(pipeline.addr)
             collector.start()
             time.sleep(0.5)
@@ -241,7 +254,7 @@ def run_topologies(registry_dir: Path, clips: dict[str, Path], log_dir: Path, qu
             try:
                 for i, name in enumerate(names):
                     w = wl[name]
-                    key = f"{name}-d{d}c{c}" + ("-capacity" if mode == "capacity" else "")
+                    key = config_key(name, mode, d, c)
                     window = seconds if w.clip != "folder" else max(4.0, seconds * 2 / 3)
                     result = measure(pipeline, collector, clips[w.clip], w, f"r{rep}i{i}",
                                      warmup, window)
@@ -272,7 +285,7 @@ def run_topologies(registry_dir: Path, clips: dict[str, Path], log_dir: Path, qu
                             [r["frames_with_faces"] / max(1, r["frames"]) for r in results]),
                         "runs": results}
     return {"repeats": repeats, "warmup_s": warmup, "window_s": seconds,
-            "capacity_args": list(GENEROUS), "configs": configs}
+            "mode_args": {m: [*a[0], *a[1]] for m, a in MODE_ARGS.items()}, "configs": configs}
 
 
 def classifier_saturation(registry_dir: Path, crops: np.ndarray, log_dir: Path, quick: bool,

@@ -6,19 +6,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import load_runner, log, summary, time_loop
+from .common import FAST_DETECT_WIDTH, load_runner, log, summary, time_loop
 
 BATCHES = (1, 4, 16, 64)
 RUNTIMES = ("runner.predict_faces", "runner.tf_function", "model.predict", "model.__call__", "tflite")
 
 
 def detection(frames: list[np.ndarray], repeats: int, seconds: float) -> dict:
-    """detect_faces over the clip's frames at full width and at the detector's default width."""
+    """detect_faces over the clip's frames at full width, at the detector's default width
+    and at the bench's fast width."""
     from services.detector.faces import DetectorSettings, detect_faces, load_cascade
 
     cascade = load_cascade()
     configs = {"full width (detect_width=0)": DetectorSettings(detect_width=0),
-               f"detect_width={DetectorSettings().detect_width} (default)": DetectorSettings()}
+               f"detect_width={DetectorSettings().detect_width} (default)": DetectorSettings(),
+               f"detect_width={FAST_DETECT_WIDTH} (fast)": DetectorSettings(detect_width=FAST_DETECT_WIDTH)}
     out = {}
     for name, settings in configs.items():
         # Faces found on every frame of the clip, once.
@@ -57,55 +59,15 @@ def face_crops(frames: list[np.ndarray]) -> np.ndarray:
     return crops
 
 
-def tflite_interpreter(model, spec):
-    """(make(batch) -> callable, how) for a TFLite conversion of the model, or raise."""
-    import tensorflow as tf
-
-    errors = []
-    content = None
-    try:
-        content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-        how = "TFLiteConverter.from_keras_model"
-    except Exception as exc:   # Keras 3 models often need the SavedModel route
-        errors.append(f"from_keras_model: {type(exc).__name__}: {str(exc)[:200]}")
-    if content is None:
-        import tempfile
-
-        folder = tempfile.mkdtemp(prefix="bench-savedmodel-")
-        try:
-            model.export(folder, verbose=False)
-            content = tf.lite.TFLiteConverter.from_saved_model(folder).convert()
-            how = "model.export + TFLiteConverter.from_saved_model"
-        except Exception as exc:
-            errors.append(f"from_saved_model: {type(exc).__name__}: {str(exc)[:200]}")
-            raise RuntimeError("; ".join(errors)) from None
-
-    def make(batch: int):
-        interp = tf.lite.Interpreter(model_content=content)
-        index = interp.get_input_details()[0]["index"]
-        interp.resize_tensor_input(index, [batch, *spec.shape])
-        interp.allocate_tensors()
-        output = interp.get_output_details()[0]["index"]
-
-        def call(x):
-            interp.set_tensor(index, x)
-            interp.invoke()
-            return interp.get_tensor(output)
-        return call
-    return make, how
-
-
 def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int, seconds: float,
                      batches=BATCHES) -> dict:
     """Faces/s per batch size for the classifier's runtime and the alternatives, side by side."""
-    import tensorflow as tf
-
+    from services.classifier.runtime import InferenceRunner, RuntimeUnavailable
     from services.common.preprocess import preprocess_faces
 
     runner, model, spec = load_runner(registry_dir)
     crops = face_crops(frames)
     inputs = preprocess_faces(crops, spec)
-    tf_call = tf.function(lambda x: model(x, training=False), reduce_retracing=False)
     calls = {
         # The classifier's path: uint8 crops -> preprocessing -> padded tf.function.
         "runner.predict_faces": lambda b: (lambda: runner.predict_faces(crops[:b])),
@@ -117,14 +79,15 @@ def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int,
     out = {"crops": int(len(crops)), "crop_size": int(crops.shape[1]), "input": spec.to_dict(),
            "batches": list(batches), "runtimes": {}}
     try:
-        make, how = tflite_interpreter(model, spec)
-        interpreters = {b: make(b) for b in batches}
-        calls["tflite"] = lambda b: (lambda: interpreters[b](inputs[:b]))
-        out["tflite"] = {"converted": True, "how": how}
+        # The classifier's --runtime tflite, on ready inputs (model only).
+        lite = InferenceRunner(model, spec, runtime="tflite")
+        calls["tflite"] = lambda b: (lambda: lite.predict_inputs(inputs[:b]))
+        out["tflite"] = {"converted": True,
+                         "how": "TFLiteConverter.from_keras_model (the classifier's --runtime tflite)"}
         # Same answers? (float model, so they should agree closely)
-        ref = np.asarray(tf_call(inputs[:4]))
-        out["tflite"]["max_abs_diff_vs_keras"] = float(np.abs(interpreters[4](inputs[:4]) - ref).max())
-    except Exception as exc:
+        ref = runner.predict_inputs(inputs[:4])
+        out["tflite"]["max_abs_diff_vs_keras"] = float(np.abs(lite.predict_inputs(inputs[:4]) - ref).max())
+    except RuntimeUnavailable as exc:
         out["tflite"] = {"converted": False, "skipped": str(exc)[:500]}
         log(f"raw: TFLite skipped ({str(exc)[:120]})")
     for name, make_call in calls.items():          # warm up: trace every shape once

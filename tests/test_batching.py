@@ -322,3 +322,34 @@ def test_load_entry(tiny, tmp_path):
     registry.promote(entry.path.parent, "tiny-v1")
     assert load_entry(str(entry.path.parent), "").version == "tiny-v1"
 
+
+
+# --- the TFLite runtime --------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 3, 70])
+def test_tflite_runtime_gives_the_models_answers(tiny, n):
+    from services.classifier.runtime import InferenceRunner
+
+    entry, model = tiny
+    lite = InferenceRunner(model, entry.spec, runtime="tflite")
+    lite.warm_up()
+    inputs = np.random.default_rng(n).random((n, 48, 48, 1), dtype=np.float32)
+    np.testing.assert_allclose(lite.predict_inputs(inputs),
+                               np.asarray(model(inputs, training=False)), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_or_failing_runtime_is_a_clear_model_error(tiny, monkeypatch):
+    from services.classifier import runtime, serving
+    from services.common import registry
+
+    entry, model = tiny
+    with pytest.raises(runtime.RuntimeUnavailable, match="unknown runtime 'onnx'"):
+        runtime.InferenceRunner(model, entry.spec, runtime="onnx")
+
+    def failing(_model):
+        raise runtime.RuntimeUnavailable("TFLite conversion failed (ConverterError: op X)")
+    monkeypatch.setattr(runtime, "tflite_model", failing)
+    with pytest.raises(registry.RegistryError) as err:
+        serving.load_served_model(entry, "tflite")
+    assert str(entry.model_file) in str(err.value) and "--runtime tflite" in str(err.value)
+    assert "op X" in str(err.value)

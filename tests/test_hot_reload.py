@@ -28,7 +28,10 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
     write_tiny_model(root, "v1", seed=1)
     write_tiny_model(root, "v2", seed=2)
     registry.promote(root, "v1")
-    pipeline = Pipeline(tmp_path, root, classifier_args=("--reload-poll-s", "0.5"))
+    # The TFLite runtime here (test_pipeline covers the default): every reloaded version is
+    # converted beside the served one too.
+    pipeline = Pipeline(tmp_path, root, classifier_args=("--reload-poll-s", "0.5",
+                                                         "--runtime", "tflite"))
     results = Collector(pipeline.addr, "results")
     results.start()
     time.sleep(0.5)

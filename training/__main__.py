@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report PrivateTest only once, for the final model")
     e.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average with the horizontally mirrored face")
+    e.add_argument("--runtime", choices=("tf-function", "tflite"), default="tf-function",
+                   help="the classifier runtime to score and time the model with")
     e.add_argument("--json", help="write the report as JSON here")
     e.add_argument("--png", help="write the confusion-matrix plot here")
     e.add_argument("--bench-seconds", type=float, default=2.0,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.classifier.runtime import InferenceRunner
+from services.classifier.runtime import InferenceRunner, RuntimeUnavailable
 from services.common import registry
 from services.common.preprocess import InputSpec
 from services.common.protocol import EMOTIONS
@@ -94,11 +94,12 @@ def measure_speed(runner: InferenceRunner, seconds: float = 2.0) -> dict:
 
 
 def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
-                   bench_seconds: float = 2.0) -> dict:
-    runner = InferenceRunner(model, spec)
+                   bench_seconds: float = 2.0, runtime: str = "tf-function") -> dict:
+    runner = InferenceRunner(model, spec, runtime=runtime)
     probs = predict(runner, split, tta)
     report = metrics_from_confusion(confusion_matrix(split.labels, probs.argmax(axis=1)))
     report["tta"] = tta
+    report["runtime"] = runtime
     if bench_seconds > 0:
         report["speed_faces_per_s"] = measure_speed(runner, bench_seconds)
     return report
@@ -111,7 +112,8 @@ def format_report(report: dict) -> str:
     for name, m in report["per_class"].items():
         lines.append(f"{name:<10}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}{m['support']:>9d}")
     lines.append(f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
-                 f"n {report['n']}   tta {report.get('tta', 'none')}")
+                 f"n {report['n']}   tta {report.get('tta', 'none')}   "
+                 f"runtime {report.get('runtime', 'tf-function')}")
     lines.append("confusion matrix (rows true, columns predicted):")
     lines.append(" " * 10 + "".join(f"{name[:7]:>8}" for name in EMOTIONS))
     for name, row in zip(EMOTIONS, report["confusion_matrix"]):
@@ -199,7 +201,11 @@ def run(args) -> int:
     registry.check_model(model, spec, str(entry.model_file))
     dataset = load_dataset(args.data, args.data_format, args.val_split, args.seed)
     split = dataset.split(args.split)
-    report = evaluate_split(model, spec, split, tta=args.tta, bench_seconds=args.bench_seconds)
+    try:
+        report = evaluate_split(model, spec, split, tta=args.tta, bench_seconds=args.bench_seconds,
+                                runtime=args.runtime)
+    except RuntimeUnavailable as exc:
+        raise registry.RegistryError(f"{entry.model_file}: --runtime {args.runtime}: {exc}") from None
     report = {"model": str(entry.model_file), "version": entry.version, "data": str(args.data),
               "split": args.split, **report}
     print(f"{entry.version} on {args.data} [{args.split}]")

@@ -22,6 +22,7 @@ from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceRes
                                       Rejected, decode, decode_crops, encode)
 
 from .batching import Batcher, BatchPolicy, PendingFaces
+from .runtime import RUNTIMES
 from .serving import RELOADS, ModelWatcher, announce, load_served_model
 
 FACES = Counter("emotion_classifier_faces_total", "Faces classified, by predicted emotion", ["emotion"])
@@ -43,6 +44,9 @@ def build_parser():
     parser.option("--model", default="",
                   help="serve this model instead: a version directory or a model.keras file "
                        "(with metadata.json beside it)")
+    parser.option("--runtime", default="tf-function", choices=list(RUNTIMES),
+                  help="tf-function: the Keras model behind tf.function; tflite: converted to "
+                       "TensorFlow Lite when loaded (about 2x faster at batch 1 on a CPU)")
     parser.option("--max-batch", default=policy.max_batch, type=int, help="largest batch of faces")
     parser.option("--max-wait-ms", default=policy.max_wait_ms, type=float,
                   help="longest a face waits for its batch to fill")
@@ -110,14 +114,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     log = setup_logging("classifier", args.log_level)
     try:
-        served = load_served_model(load_entry(args.registry, args.model))
+        served = load_served_model(load_entry(args.registry, args.model), args.runtime)
     except registry.RegistryError as exc:
         config_error("classifier", str(exc))
     announce(served)
-    log.info("serving model %s (%s)", served.version, served.source)
+    log.info("serving model %s (%s) with the %s runtime", served.version, served.source, args.runtime)
     watcher = None
     if not args.model:
-        watcher = ModelWatcher(Path(args.registry), served.version, args.reload_poll_s, log).start()
+        watcher = ModelWatcher(Path(args.registry), served.version, args.reload_poll_s, log,
+                               args.runtime).start()
     actions = {"/reload": watcher.request_reload} if watcher else {}
     serve_metrics(args.metrics_port, args.metrics_host, actions=actions)
     addr = bus.client_address("classifier", args.broker_host, args.base_port, args.curve_keys)

@@ -31,14 +31,18 @@ class ServedModel:
     source: str             # the model file, for logs
 
 
-def load_served_model(entry: registry.ModelEntry) -> ServedModel:
+def load_served_model(entry: registry.ModelEntry, runtime: str = "tf-function") -> ServedModel:
     """Load, validate and warm up one registry entry (raises RegistryError)."""
-    from .runtime import InferenceRunner
+    from .runtime import InferenceRunner, RuntimeUnavailable
 
     spec = entry.spec
     model = registry.load_model(entry)
     registry.check_model(model, spec, str(entry.model_file))
-    runner = InferenceRunner(model, spec)
+    try:
+        runner = InferenceRunner(model, spec, runtime=runtime)
+    except RuntimeUnavailable as exc:
+        raise registry.RegistryError(f"{entry.model_file}: cannot serve with --runtime "
+                                     f"{runtime}: {exc}") from None
     runner.warm_up()
     return ServedModel(entry.version, runner, str(entry.model_file))
 
@@ -66,8 +70,10 @@ def files_signature(root: Path, version: str) -> tuple:
 class ModelWatcher:
     """Polls ``<registry>/current`` and prepares the version it names for a swap."""
 
-    def __init__(self, root: Path, serving_version: str, poll_s: float, log: logging.Logger):
+    def __init__(self, root: Path, serving_version: str, poll_s: float, log: logging.Logger,
+                 runtime: str = "tf-function"):
         self.root = Path(root)
+        self.runtime = runtime
         self.poll_s = poll_s
         self.log = log
         self.serving_version = serving_version
@@ -117,7 +123,7 @@ class ModelWatcher:
             return
         self.log.info("registry now names %s; loading it beside %s", version, self.serving_version)
         try:
-            served = load_served_model(registry.resolve(self.root, version))
+            served = load_served_model(registry.resolve(self.root, version), self.runtime)
         except registry.RegistryError as exc:
             self._failed = signature
             RELOADS.labels("failed").inc()
