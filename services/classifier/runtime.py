@@ -46,13 +46,24 @@ def tflite_model(model) -> bytes:
                                  f"{str(exc)[:300]})") from None
 
 
+def tflite_interpreter_class():
+    """LiteRT's interpreter when the ai-edge-litert package is installed, else TensorFlow's
+    own ``tf.lite.Interpreter`` (deprecated in its favour, still shipped with TensorFlow)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter
+
+
 def tflite_calls(content: bytes, spec: InputSpec, batch_shapes) -> dict:
     """batch size -> callable(x) -> probabilities, one allocated interpreter per size."""
-    import tensorflow as tf
-
+    Interpreter = tflite_interpreter_class()
     calls = {}
     for n in batch_shapes:
-        interpreter = tf.lite.Interpreter(model_content=content)
+        interpreter = Interpreter(model_content=content)
         index = interpreter.get_input_details()[0]["index"]
         interpreter.resize_tensor_input(index, [n, *spec.shape])
         interpreter.allocate_tensors()
