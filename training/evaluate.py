@@ -151,6 +151,7 @@ def save_confusion_png(report: dict, path: Path, title: str) -> None:
 
 def write_artefacts(report: dict, directory: Path, split: str, title: str) -> None:
     """eval-<split>.json and confusion-<split>.png, the names the registry documents."""
+    report = {"split": split, **report}
     registry.atomic_write(directory / f"eval-{split}.json", json.dumps(report, indent=1) + "\n")
     save_confusion_png(report, directory / f"confusion-{split}.png", title)
 
