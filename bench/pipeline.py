@@ -292,8 +292,11 @@ def classifier_saturation(registry_dir: Path, crops: np.ndarray, log_dir: Path, 
                           raw_rate) -> dict:
     """The classifier alone, its queue kept full of pre-made faces messages of real crops.
 
-    ``raw_rate(batch)`` measures the raw InferenceRunner faces/s at a batch size; it is
-    called right after each window, so both numbers come from the same conditions.
+    ``raw_rate(batch)`` measures the raw InferenceRunner (faces/s, CPU cores) at a batch
+    size; it is called right after each window, so both numbers come from the same
+    conditions. Besides faces/s, faces per CPU-second are compared: on a machine with few
+    cores the classifier shares them with the broker and the load generator, while the raw
+    runner has them all, so the CPU ratio isolates the classifier's own overhead.
     """
     from services.common import bus
     from services.common.protocol import KIND_FACES, Header, encode
@@ -345,16 +348,22 @@ def classifier_saturation(registry_dir: Path, crops: np.ndarray, log_dir: Path, 
                 total = _metric(s1, "emotion_classifier_batch_size_sum") - _metric(s0, "emotion_classifier_batch_size_sum")
                 mean_batch = total / count if count else 0.0
                 rate = faces_per_message * (n1 - n0) / (t1 - t0)
-                raw = raw_rate(max(1, round(mean_batch)))
+                raw, raw_cores = raw_rate(max(1, round(mean_batch)))
+                cores = (c1 - c0) / (t1 - t0)
                 case["faces_per_s"].append(rate)
                 case["mean_batch"].append(mean_batch)
                 case["raw_faces_per_s"].append(raw)
                 case["ratio"].append(rate / raw if raw else None)
-                case.setdefault("cpu_cores", []).append((c1 - c0) / (t1 - t0))
-                log(f"classifier saturated, {faces_per_message} face(s)/message: {rate:.0f} faces/s, "
-                    f"mean batch {mean_batch:.1f}, raw runner at that batch {raw:.0f} faces/s "
-                    f"-> {rate / raw:.0%}")
-            for key in ("faces_per_s", "mean_batch", "raw_faces_per_s", "ratio", "cpu_cores"):
+                case.setdefault("cpu_cores", []).append(cores)
+                case.setdefault("raw_cpu_cores", []).append(raw_cores)
+                case.setdefault("cpu_ratio", []).append(
+                    (rate / cores) / (raw / raw_cores) if raw and cores and raw_cores else None)
+                log(f"classifier saturated, {faces_per_message} face(s)/message: {rate:.0f} faces/s "
+                    f"on {cores:.2f} cores, mean batch {mean_batch:.1f}, raw runner at that batch "
+                    f"{raw:.0f} faces/s on {raw_cores:.2f} cores -> {rate / raw:.0%}, "
+                    f"per CPU-second {case['cpu_ratio'][-1]:.0%}")
+            for key in ("faces_per_s", "mean_batch", "raw_faces_per_s", "ratio", "cpu_cores",
+                        "raw_cpu_cores", "cpu_ratio"):
                 case[key + "_summary"] = summary(case[key])
             out["cases"][str(faces_per_message)] = case
         collector.close()

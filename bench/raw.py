@@ -112,8 +112,9 @@ def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int,
 
 
 def runner_faces_per_second(registry_dir: Path, crops: np.ndarray, batch: int, seconds: float,
-                            state: dict = {}) -> float:
-    """Raw InferenceRunner.predict_faces faces/s at one batch size (runner cached per registry)."""
+                            state: dict = {}) -> tuple[float, float]:
+    """Raw InferenceRunner.predict_faces at one batch size: (faces/s, CPU cores it used);
+    the runner is cached per registry."""
     if state.get("dir") != registry_dir:
         state["runner"] = load_runner(registry_dir)[0]
         state["dir"] = registry_dir
@@ -121,7 +122,7 @@ def runner_faces_per_second(registry_dir: Path, crops: np.ndarray, batch: int, s
     call = lambda: runner.predict_faces(crops[:batch])
     call()
     r = time_loop(call, seconds)
-    return batch * r["calls"] / r["wall_s"]
+    return batch * r["calls"] / r["wall_s"], r["cpu_s"] / r["wall_s"]
 
 
 def run(registry_dir: Path, frames: list[np.ndarray], quick: bool) -> dict:
