@@ -323,7 +323,6 @@ def test_load_entry(tiny, tmp_path):
     assert load_entry(str(entry.path.parent), "").version == "tiny-v1"
 
 
-
 # --- the TFLite runtime --------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 3, 70])

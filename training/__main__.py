@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from services.classifier.runtime import RUNTIMES
+
 DEFAULT_REGISTRY = os.environ.get("EMOTION_REGISTRY", "models")
 
 
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report PrivateTest only once, for the final model")
     e.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="flip: average with the horizontally mirrored face")
-    e.add_argument("--runtime", choices=("tf-function", "tflite"), default="tf-function",
+    e.add_argument("--runtime", choices=RUNTIMES, default="tf-function",
                    help="the classifier runtime to score and time the model with")
     e.add_argument("--json", help="write the report as JSON here")
     e.add_argument("--png", help="write the confusion-matrix plot here")
