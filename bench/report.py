@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import FAST_DETECT_WIDTH
+
 STAGE_COLORS = {"capture": "#4e79a7", "broker": "#f28e2b", "detector": "#59a14f",
                 "classifier": "#e15759", "viewer": "#b07aa1"}
 TOPOLOGIES = ("d1c1", "d2c1", "d1c2", "d2c2")
@@ -88,8 +90,8 @@ def targets(results: dict) -> list[dict]:
                              f"(all processes) vs fer {med(peer['cpu_ms_per_frame']):.0f} ms",
                     "pass": ratio >= 1.5 and same})
     # 1b. the same with a paced source: the best rate the pipeline sustains, per detector mode.
-    for mode, label in (("default", "detector defaults, --detect-width 320"),
-                        ("fast", "detector --detect-width 240, classifier --runtime tflite")):
+    fast = " ".join(results.get("pipeline", {}).get("mode_args", {}).get("fast", [])) or "fast settings"
+    for mode, label in (("default", "detector defaults, --detect-width 320"), ("fast", fast)):
         sweep = {k: v for k, v in pipe.items() if k.startswith("folder-") and v["mode"] == mode}
         if not sweep or not peer.get("fps"):
             continue
@@ -115,7 +117,7 @@ def targets(results: dict) -> list[dict]:
                     "pass": ratio >= 1.5 and same})
     # 2. latency at 30 fps, one face.
     for key, label in (("single-30fps-d1c1", "detector defaults"),
-                       ("single-30fps-d1c1-fast", "--detect-width 240, --runtime tflite")):
+                       ("single-30fps-d1c1-fast", fast)):
         paced = pipe.get(key)
         if not paced:
             continue
@@ -284,7 +286,7 @@ def markdown(results: dict, plots: list[str]) -> str:
                  "on the newest waiting frame, stages drop frames older than 0.5 s). *capacity* "
                  "raises --max-age-ms to 3 s in the detector and classifier, to show what the "
                  "stages can process when nothing is dropped for age. *fast* runs the detector "
-                 "at --detect-width 240 instead of 320 (about half the Haar work; the smallest "
+                 f"at --detect-width {FAST_DETECT_WIDTH} instead of 320 (about half the Haar work; the smallest "
                  "face it finds is 10 % of the frame width instead of 7.5 %; the raw detection "
                  "table shows the faces found at each width) and the classifier with "
                  "--runtime tflite.")
@@ -403,7 +405,7 @@ def plots(results: dict, out: Path) -> list[str]:
                       fontsize=7)
         ax.set_ylabel("CPU ms per delivered frame")
         ax.set_title("CPU per frame by stage (f = faces per frame, img = image source, "
-                     "cap = capacity mode, fast = detect width 240 + TFLite)")
+                     f"cap = capacity mode, fast = detect width {FAST_DETECT_WIDTH} + TFLite)")
         ax.legend(fontsize=8)
         made.append(save_plot(fig, out, "cpu_per_stage.png"))
 
