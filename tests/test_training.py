@@ -13,6 +13,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from services.classifier.runtime import InferenceRunner  # noqa: E402
 from services.common import registry  # noqa: E402
 from services.common.preprocess import InputSpec, preprocess_faces  # noqa: E402
 from services.common.protocol import EMOTIONS  # noqa: E402
@@ -189,6 +190,8 @@ def test_batches_are_preprocess_faces_output_and_order_depends_on_seed_and_epoch
     x, y = plain[0]
     np.testing.assert_array_equal(x, preprocess_faces(faces[:4], spec))
     assert y.shape == (4, 7) and y.argmax(1).tolist() == [0, 1, 2, 3]
+    soft = np.random.default_rng(1).dirichlet(np.ones(7), 10).astype(np.float32)
+    np.testing.assert_array_equal(train.Batches(split, spec, 4, targets=soft)[2][1], soft[8:])
     a = train.Batches(split, spec, 4, shuffle=True, seed=1, epoch=5, class_weights=np.arange(7.0))
     b = train.Batches(split, spec, 4, shuffle=True, seed=1, epoch=5)
     np.testing.assert_array_equal(a[1][0], b[1][0])
@@ -338,6 +341,35 @@ def test_init_from_starts_a_run_at_a_registered_models_weights(trained, tmp_path
     err = capsys.readouterr().err
     assert "not the same network" in err and "stem1_conv/kernel" in err
     assert not (root / "v1-wide").exists()
+
+
+def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(trained, tmp_path,
+                                                                           capsys):
+    root = trained["root"]
+    split = data.load_dataset(trained["csv"]).split(data.TRAIN)
+    teacher = registry.resolve(root, "v1")
+    runner = InferenceRunner(registry.load_model(teacher), teacher.spec)
+    flipped = evaluate.predict(runner, split, tta="flip")
+    pure = train.teacher_targets(["v1"], split, root, weight=1.0, temperature=1.0)
+    np.testing.assert_allclose(pure, flipped, atol=1e-5)
+    labels_only = train.teacher_targets(["v1", "v1"], split, root, weight=0.0, temperature=2.0)
+    np.testing.assert_array_equal(labels_only, np.eye(7)[split.labels])
+    mixed = train.teacher_targets(["v1"], split, root, weight=0.5, temperature=4.0)
+    np.testing.assert_allclose(mixed.sum(axis=1), 1.0, atol=1e-5)
+    assert (mixed[np.arange(len(split)), split.labels] >= 0.5).all()
+    assert np.ptp(mixed - 0.5 * np.eye(7)[split.labels], axis=1).max() < np.ptp(flipped, axis=1).max() / 2
+
+    common = ["train", "--data", str(trained["csv"]), "--registry", str(root), "--arch",
+              "compact", "--width", "0.125", "--epochs", "1", "--batch-size", "16",
+              "--max-train", "16", "--bench-seconds", "0", "--teacher", "v1"]
+    assert main([*common, "--version", "v1-student", "--out-dir", str(tmp_path / "s")]) == 0
+    assert "teacher v1: 16 training faces" in capsys.readouterr().out
+    meta = json.loads((root / "v1-student" / registry.METADATA_FILE).read_text())
+    assert meta["training"]["teacher"] == ["v1"] and meta["training"]["teacher_weight"] == 0.7
+    assert main([*common, "--teacher-weight", "1.5", "--version", "bad",
+                 "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "--teacher-weight 1.5: must be between 0 and 1" in capsys.readouterr().err
+    assert not (root / "bad").exists()
 
 
 def test_evaluate_keras_file_without_metadata_fails_clearly(tmp_path, capsys):

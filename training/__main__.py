@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this model's weights (a registry version, version directory "
                         "or .keras file of the same architecture, width and input) instead of "
                         "random ones: fine-tuning, or a second cosine cycle for an underfit model")
+    t.add_argument("--teacher", action="append", metavar="MODEL",
+                   help="knowledge distillation: also learn from this model's probabilities "
+                        "(averaged with its mirror image) on the training faces; repeat the "
+                        "option for an ensemble of teachers")
+    t.add_argument("--teacher-weight", type=float, default=0.7,
+                   help="share of each target taken from the teachers; the rest is the label")
+    t.add_argument("--teacher-temperature", type=float, default=2.0,
+                   help="soften the teachers' probabilities as p^(1/T), renormalised")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")

@@ -22,6 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from services.classifier.runtime import InferenceRunner
 from services.common import registry
 from services.common.preprocess import InputSpec
 from services.common.protocol import EMOTIONS
@@ -43,16 +44,19 @@ class RunError(Exception):
 class Batches(keras.utils.PyDataset):
     """Batches of ``preprocess_faces`` output, made on the fly so memory stays small at
     any input size. The shuffle order depends only on (seed, epoch), so a resumed run
-    sees the order the uninterrupted run would have seen."""
+    sees the order the uninterrupted run would have seen. ``targets`` (one probability row
+    per face of ``split``) replace the one-hot labels, e.g. a teacher's soft targets."""
 
     def __init__(self, split: datasets.Split, spec: InputSpec, batch_size: int, *,
                  shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                 indices: np.ndarray | None = None, class_weights: np.ndarray | None = None):
+                 indices: np.ndarray | None = None, class_weights: np.ndarray | None = None,
+                 targets: np.ndarray | None = None):
         super().__init__()
         self.split, self.spec, self.batch_size = split, spec, batch_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.indices = np.arange(len(split)) if indices is None else np.asarray(indices)
         self.class_weights = class_weights
+        self.targets = targets
         self._order, self._order_epoch = self.indices, None
 
     def __len__(self) -> int:
@@ -68,7 +72,10 @@ class Batches(keras.utils.PyDataset):
         picked = self._current_order()[i * self.batch_size:(i + 1) * self.batch_size]
         part = self.split.subset(picked)
         x = datasets.model_inputs(part.faces, self.spec)
-        y = np.eye(len(EMOTIONS), dtype=np.float32)[part.labels]
+        if self.targets is None:
+            y = np.eye(len(EMOTIONS), dtype=np.float32)[part.labels]
+        else:
+            y = self.targets[picked]
         if self.class_weights is None:
             return x, y
         return x, y, self.class_weights[part.labels].astype(np.float32)
@@ -212,6 +219,30 @@ def init_weights(model, spec: InputSpec, ref: str, root: Path) -> None:
     print(f"initialised {len(model.weights)} weights from {entry.model_file}")
 
 
+def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weight: float,
+                    temperature: float) -> np.ndarray:
+    """Distillation targets: ``weight`` x the teachers' mean flip-averaged probabilities
+    (softened as p^(1/T), renormalised) + the rest x the one-hot label, per face."""
+    if not 0 <= weight <= 1:
+        raise RunError(f"--teacher-weight {weight}: must be between 0 and 1")
+    if temperature <= 0:
+        raise RunError(f"--teacher-temperature {temperature}: must be above 0")
+    probs = []
+    for ref in refs:
+        entry = evaluate.resolve_model(ref, root)
+        teacher = registry.load_model(entry)
+        registry.check_model(teacher, entry.spec, str(entry.model_file))
+        started = time.monotonic()
+        probs.append(evaluate.predict(InferenceRunner(teacher, entry.spec), split, tta="flip"))
+        print(f"teacher {entry.version}: {len(split)} training faces in "
+              f"{time.monotonic() - started:.0f} s, agrees with the labels on "
+              f"{np.mean(probs[-1].argmax(1) == split.labels):.1%}")
+    soft = np.mean(probs, axis=0) ** (1.0 / temperature)
+    soft /= soft.sum(axis=1, keepdims=True)
+    onehot = np.eye(len(EMOTIONS), dtype=np.float32)[split.labels]
+    return (weight * soft + (1 - weight) * onehot).astype(np.float32)
+
+
 def run(args: argparse.Namespace) -> int:
     args, out_dir, state = prepare_run(args)
     root = Path(args.registry)
@@ -229,8 +260,13 @@ def run(args: argparse.Namespace) -> int:
         indices = datasets.oversample_indices(train.labels, args.seed)
     elif args.balance == "class-weights":
         class_weights = datasets.balanced_class_weights(train.labels)
+    targets = None
+    if getattr(args, "teacher", None):
+        targets = teacher_targets(args.teacher, train, root, weight=args.teacher_weight,
+                                  temperature=args.teacher_temperature)
     batches = Batches(train, spec, args.batch_size, shuffle=True, seed=args.seed,
-                      epoch=state["epoch"], indices=indices, class_weights=class_weights)
+                      epoch=state["epoch"], indices=indices, class_weights=class_weights,
+                      targets=targets)
     val_batches = Batches(val, spec, args.batch_size)
 
     if args.resume and state["epoch"]:
