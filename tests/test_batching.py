@@ -352,3 +352,39 @@ def test_unknown_or_failing_runtime_is_a_clear_model_error(tiny, monkeypatch):
         serving.load_served_model(entry, "tflite")
     assert str(entry.model_file) in str(err.value) and "--runtime tflite" in str(err.value)
     assert "op X" in str(err.value)
+
+
+# --- flip test-time augmentation, a property of the model version ---------------------------
+
+@pytest.mark.parametrize("n", [1, 40])
+def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
+    from services.classifier.runtime import InferenceRunner
+
+    entry, model = tiny
+    inputs = np.random.default_rng(n).random((n, 48, 48, 1), dtype=np.float32)
+    plain = np.asarray(model(inputs, training=False))
+    mirrored = np.asarray(model(inputs[:, :, ::-1, :].copy(), training=False))
+    flip = InferenceRunner(model, entry.spec, tta="flip").predict_inputs(inputs)
+    np.testing.assert_allclose(flip, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(flip, plain)
+
+
+def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, tmp_path):
+    import json
+    import shutil
+
+    from services.classifier import runtime, serving
+    from services.common import registry
+
+    entry, model = tiny
+    assert entry.tta == "none" and serving.load_served_model(entry).runner.tta == "none"
+    folder = tmp_path / "tiny-flip"
+    shutil.copytree(entry.path, folder)
+    meta = json.loads((folder / registry.METADATA_FILE).read_text())
+    (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "tta": "flip"}))
+    assert serving.load_served_model(registry.read_entry(folder)).runner.tta == "flip"
+    (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "tta": "five-crop"}))
+    with pytest.raises(registry.RegistryError, match=r"metadata.json: 'tta' is 'five-crop'"):
+        serving.load_served_model(registry.read_entry(folder))
+    with pytest.raises(runtime.RuntimeUnavailable, match="unknown tta 'rotate'"):
+        runtime.InferenceRunner(model, entry.spec, tta="rotate")

@@ -348,8 +348,8 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
     root = trained["root"]
     split = data.load_dataset(trained["csv"]).split(data.TRAIN)
     teacher = registry.resolve(root, "v1")
-    runner = InferenceRunner(registry.load_model(teacher), teacher.spec)
-    flipped = evaluate.predict(runner, split, tta="flip")
+    runner = InferenceRunner(registry.load_model(teacher), teacher.spec, tta="flip")
+    flipped = evaluate.predict(runner, split)
     pure = train.teacher_targets(["v1"], split, root, weight=1.0, temperature=1.0)
     np.testing.assert_allclose(pure, flipped, atol=1e-5)
     labels_only = train.teacher_targets(["v1", "v1"], split, root, weight=0.0, temperature=2.0)
@@ -362,10 +362,18 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
     common = ["train", "--data", str(trained["csv"]), "--registry", str(root), "--arch",
               "compact", "--width", "0.125", "--epochs", "1", "--batch-size", "16",
               "--max-train", "16", "--bench-seconds", "0", "--teacher", "v1"]
-    assert main([*common, "--version", "v1-student", "--out-dir", str(tmp_path / "s")]) == 0
+    assert main([*common, "--tta", "flip", "--version", "v1-student",
+                 "--out-dir", str(tmp_path / "s")]) == 0
     assert "teacher v1: 16 training faces" in capsys.readouterr().out
     meta = json.loads((root / "v1-student" / registry.METADATA_FILE).read_text())
     assert meta["training"]["teacher"] == ["v1"] and meta["training"]["teacher_weight"] == 0.7
+    # the student is served and scored with flip TTA, as its registration asked
+    assert meta["tta"] == "flip" and registry.resolve(root, "v1-student").tta == "flip"
+    assert json.loads((root / "v1-student" / "eval-PublicTest.json").read_text())["tta"] == "flip"
+    out_json = tmp_path / "student.json"
+    assert main(["evaluate", "--model", "v1-student", "--registry", str(root), "--data",
+                 str(trained["csv"]), "--bench-seconds", "0", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["tta"] == "flip"
     assert main([*common, "--teacher-weight", "1.5", "--version", "bad",
                  "--out-dir", str(tmp_path / "bad")]) == 2
     assert "--teacher-weight 1.5: must be between 0 and 1" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import os
 import sys
 
 from services.classifier.runtime import RUNTIMES
+from services.common.registry import TTA_MODES
 
 DEFAULT_REGISTRY = os.environ.get("EMOTION_REGISTRY", "models")
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs-this-run", type=int,
                    help="stop (resumably) after N epochs in this invocation")
     t.add_argument("--version", help="registry version name (default <arch>-<UTC time>)")
+    t.add_argument("--tta", choices=TTA_MODES, default="none",
+                   help="how the registered version is run on each face, by the classifier and "
+                        "by evaluate: flip averages with the mirror image (twice the compute)")
     t.add_argument("--promote", action="store_true", help="promote the new version when done")
     t.add_argument("--bench-seconds", type=float, default=2.0,
                    help="time spent measuring inference speed at the end (0 = skip)")
@@ -100,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(e, required=True)
     e.add_argument("--split", default="PublicTest", choices=("Training", "PublicTest", "PrivateTest"),
                    help="report PrivateTest only once, for the final model")
-    e.add_argument("--tta", choices=("none", "flip"), default="none",
-                   help="flip: average with the horizontally mirrored face")
+    e.add_argument("--tta", choices=TTA_MODES,
+                   help="flip: average with the horizontally mirrored face (default: the "
+                        "version's own 'tta' setting, none for most)")
     e.add_argument("--runtime", choices=RUNTIMES, default="tf-function",
                    help="the classifier runtime to score and time the model with")
     e.add_argument("--json", help="write the report as JSON here")

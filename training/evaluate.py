@@ -61,16 +61,12 @@ def metrics_from_confusion(cm: np.ndarray, class_names=EMOTIONS) -> dict:
 
 # --- running the model -----------------------------------------------------------------
 
-def predict(runner: InferenceRunner, split: Split, tta: str = "none",
-            batch_size: int = BATCH) -> np.ndarray:
-    """Class probabilities for every face of ``split`` (flip TTA averages with the mirror)."""
+def predict(runner: InferenceRunner, split: Split, batch_size: int = BATCH) -> np.ndarray:
+    """Class probabilities for every face of ``split``, with the runner's TTA."""
     out = []
     for start in range(0, len(split), batch_size):
-        x = model_inputs(split.faces[start:start + batch_size], runner.spec)
-        probs = runner.predict_inputs(x)
-        if tta == "flip":
-            probs = (probs + runner.predict_inputs(np.ascontiguousarray(x[:, :, ::-1, :]))) / 2
-        out.append(probs)
+        out.append(runner.predict_inputs(model_inputs(split.faces[start:start + batch_size],
+                                                      runner.spec)))
     return np.concatenate(out) if out else np.empty((0, len(EMOTIONS)), np.float32)
 
 
@@ -95,8 +91,8 @@ def measure_speed(runner: InferenceRunner, seconds: float = 2.0) -> dict:
 
 def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
                    bench_seconds: float = 2.0, runtime: str = "tf-function") -> dict:
-    runner = InferenceRunner(model, spec, runtime=runtime)
-    probs = predict(runner, split, tta)
+    runner = InferenceRunner(model, spec, runtime=runtime, tta=tta)
+    probs = predict(runner, split)
     report = metrics_from_confusion(confusion_matrix(split.labels, probs.argmax(axis=1)))
     report["tta"] = tta
     report["runtime"] = runtime
@@ -203,8 +199,8 @@ def run(args) -> int:
     dataset = load_dataset(args.data, args.data_format, args.val_split, args.seed)
     split = dataset.split(args.split)
     try:
-        report = evaluate_split(model, spec, split, tta=args.tta, bench_seconds=args.bench_seconds,
-                                runtime=args.runtime)
+        report = evaluate_split(model, spec, split, tta=args.tta or entry.tta,
+                                bench_seconds=args.bench_seconds, runtime=args.runtime)
     except RuntimeUnavailable as exc:
         raise registry.RegistryError(f"{entry.model_file}: --runtime {args.runtime}: {exc}") from None
     report = {"model": str(entry.model_file), "version": entry.version, "data": str(args.data),

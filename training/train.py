@@ -233,7 +233,7 @@ def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weigh
         teacher = registry.load_model(entry)
         registry.check_model(teacher, entry.spec, str(entry.model_file))
         started = time.monotonic()
-        probs.append(evaluate.predict(InferenceRunner(teacher, entry.spec), split, tta="flip"))
+        probs.append(evaluate.predict(InferenceRunner(teacher, entry.spec, tta="flip"), split))
         print(f"teacher {entry.version}: {len(split)} training faces in "
               f"{time.monotonic() - started:.0f} s, agrees with the labels on "
               f"{np.mean(probs[-1].argmax(1) == split.labels):.1%}")
@@ -301,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
         raise RunError(f"{out_dir / BEST}: missing, no epoch finished with a validation accuracy")
 
     best = keras.saving.load_model(out_dir / BEST, compile=False)
-    report = evaluate.evaluate_split(best, spec, val, bench_seconds=args.bench_seconds)
+    tta = getattr(args, "tta", "none")
+    report = evaluate.evaluate_split(best, spec, val, tta=tta, bench_seconds=args.bench_seconds)
     print(f"best epoch {state['best_epoch']} on {datasets.VAL}:")
     print(evaluate.format_report(report))
     metadata = {
@@ -309,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
         "architecture": args.arch,
         "input": spec.to_dict(),
         "classes": list(EMOTIONS),
+        "tta": tta,
         "dataset": {"path": str(args.data), "format": dataset.format, "splits": dataset.sizes(),
                     "train_used": len(train), "val_used": len(val), "val_split": datasets.VAL},
         "metrics": {"split": datasets.VAL, "n": report["n"], "accuracy": report["accuracy"],

@@ -118,7 +118,8 @@ def main(argv=None) -> None:
     except registry.RegistryError as exc:
         config_error("classifier", str(exc))
     announce(served)
-    log.info("serving model %s (%s) with the %s runtime", served.version, served.source, args.runtime)
+    log.info("serving model %s (%s) with the %s runtime, tta %s", served.version, served.source,
+             args.runtime, served.runner.tta)
     watcher = None
     if not args.model:
         watcher = ModelWatcher(Path(args.registry), served.version, args.reload_poll_s, log,

@@ -8,12 +8,16 @@ Two runtimes: ``tf-function`` (the default) and ``tflite``, the same model conve
 TensorFlow Lite with one interpreter per padded size: about twice the faces/s at batch 1
 on a CPU and the same at large batches (see bench/results), at the cost of a conversion
 when the model loads.
+
+A version may also ask for flip test-time augmentation (``"tta": "flip"`` in its
+metadata): every face is run twice, as is and mirrored, and the two answers averaged.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from services.common.preprocess import InputSpec, preprocess_faces
+from services.common.registry import TTA_MODES
 
 BATCH_SHAPES = (1, 4, 16, 32, 64)   # 32 = the default --max-batch: a full batch is not padded
 RUNTIMES = ("tf-function", "tflite")
@@ -82,12 +86,15 @@ class InferenceRunner:
     ``python -m training evaluate`` scores and times models with it."""
 
     def __init__(self, model, spec: InputSpec, batch_shapes=BATCH_SHAPES,
-                 runtime: str = "tf-function"):
+                 runtime: str = "tf-function", tta: str = "none"):
         if runtime not in RUNTIMES:
             raise RuntimeUnavailable(f"unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})")
+        if tta not in TTA_MODES:
+            raise RuntimeUnavailable(f"unknown tta {tta!r} (one of {', '.join(TTA_MODES)})")
         self.model = model
         self.spec = spec
         self.runtime = runtime
+        self.tta = tta
         self.batch_shapes = tuple(sorted(batch_shapes))
         if runtime == "tflite":
             calls = tflite_calls(tflite_model(model), spec, self.batch_shapes)
@@ -108,6 +115,13 @@ class InferenceRunner:
 
     def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Model inputs (N, S, S, C) float32 -> probabilities (N, 7), in padded chunks."""
+        if self.tta == "flip":
+            n = len(inputs)
+            both = self._predict_padded(np.concatenate([inputs, inputs[:, :, ::-1, :]]))
+            return (both[:n] + both[n:]) / 2
+        return self._predict_padded(inputs)
+
+    def _predict_padded(self, inputs: np.ndarray) -> np.ndarray:
         out = []
         largest = self.batch_shapes[-1]
         for start in range(0, len(inputs), largest):

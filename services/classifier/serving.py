@@ -39,7 +39,7 @@ def load_served_model(entry: registry.ModelEntry, runtime: str = "tf-function") 
     model = registry.load_model(entry)
     registry.check_model(model, spec, str(entry.model_file))
     try:
-        runner = InferenceRunner(model, spec, runtime=runtime)
+        runner = InferenceRunner(model, spec, runtime=runtime, tta=entry.tta)
     except RuntimeUnavailable as exc:
         raise registry.RegistryError(f"{entry.model_file}: cannot serve with --runtime "
                                      f"{runtime}: {exc}") from None

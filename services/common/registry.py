@@ -29,6 +29,8 @@ CURRENT = "current"
 HISTORY = "history.json"
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
+# How a version is run on each face: "flip" averages with the mirror image (2x compute).
+TTA_MODES = ("none", "flip")
 
 
 class RegistryError(Exception):
@@ -51,6 +53,15 @@ class ModelEntry:
             return InputSpec.from_dict(self.metadata["input"])
         except (KeyError, TypeError, ValueError) as exc:
             raise RegistryError(f"{self.path / METADATA_FILE}: bad or missing 'input' spec ({exc})")
+
+    @property
+    def tta(self) -> str:
+        """Test-time augmentation the version is served and scored with (default none)."""
+        tta = self.metadata.get("tta", "none")
+        if tta not in TTA_MODES:
+            raise RegistryError(f"{self.path / METADATA_FILE}: 'tta' is {tta!r}, "
+                                f"expected one of {', '.join(TTA_MODES)}")
+        return tta
 
 
 def atomic_write(path: Path, text: str) -> None:
