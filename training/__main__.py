@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "option for an ensemble of teachers")
     t.add_argument("--teacher-weight", type=float, default=0.7,
                    help="share of each target taken from the teachers; the rest is the label")
-    t.add_argument("--teacher-temperature", type=float, default=2.0,
-                   help="soften the teachers' probabilities as p^(1/T), renormalised")
+    t.add_argument("--teacher-temperature", type=float, default=1.0,
+                   help="soften the teachers' probabilities as p^(1/T), renormalised; raise "
+                        "it for teachers that are very sure of the training faces")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
