@@ -282,6 +282,10 @@ def test_registered_version_metadata_and_promotion(trained):
     folder = root / "v1"
     for name in ("model.keras", "metadata.json", "eval-PublicTest.json", "confusion-PublicTest.png"):
         assert (folder / name).is_file(), name
+    # readable by a classifier running as another user (e.g. in a container)
+    assert folder.stat().st_mode & 0o755 == 0o755
+    for path in (folder / "metadata.json", folder / "eval-PublicTest.json", root / "current"):
+        assert path.stat().st_mode & 0o644 == 0o644, path
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["version"] == "v1" and meta["architecture"] == "compact"
     assert meta["input"] == {"size": 48, "channels": 1, "scaling": "unit"}
@@ -343,6 +347,30 @@ def test_init_from_starts_a_run_at_a_registered_models_weights(trained, tmp_path
     assert not (root / "v1-wide").exists()
 
 
+def test_derive_serves_the_same_weights_another_way(trained, capsys):
+    """derive copies the weights, records the new TTA and its source, and scores PublicTest
+    exactly as evaluate does for that TTA; names are never reused."""
+    root = trained["root"]
+    common = ["--registry", str(root), "--bench-seconds", "0"]
+    assert main(["derive", "v1", "v1-flip", "--tta", "flip", *common]) == 0  # --data from v1
+    source, derived = registry.resolve(root, "v1"), registry.resolve(root, "v1-flip")
+    assert derived.tta == "flip" and derived.metadata["derived_from"] == "v1"
+    assert derived.metadata["training"] == source.metadata["training"]
+    for a, b in zip(registry.load_model(source).weights, registry.load_model(derived).weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    report = json.loads((derived.path / "eval-PublicTest.json").read_text())
+    assert report["tta"] == "flip" and report["n"] == 14
+    assert derived.metadata["metrics"]["accuracy"] == report["accuracy"]
+    assert (derived.path / "confusion-PublicTest.png").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "v1-flip", "--data", str(trained["csv"]), *common]) == 0
+    assert f"accuracy {report['accuracy']:.4f}" in capsys.readouterr().out
+    assert main(["derive", "v1", "v1-flip", "--tta", "none", *common]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["derive", "v1", "bad/name", "--tta", "none", *common]) == 2
+    assert "invalid version name" in capsys.readouterr().err
+
+
 def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(trained, tmp_path,
                                                                            capsys):
     root = trained["root"]
@@ -360,11 +388,17 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
     assert np.ptp(mixed - 0.5 * np.eye(7)[split.labels], axis=1).max() < np.ptp(flipped, axis=1).max() / 2
 
     common = ["train", "--data", str(trained["csv"]), "--registry", str(root), "--arch",
-              "compact", "--width", "0.125", "--epochs", "1", "--batch-size", "16",
+              "compact", "--width", "0.125", "--epochs", "2", "--batch-size", "16",
               "--max-train", "16", "--bench-seconds", "0", "--teacher", "v1"]
     assert main([*common, "--tta", "flip", "--version", "v1-student",
-                 "--out-dir", str(tmp_path / "s")]) == 0
+                 "--out-dir", str(tmp_path / "s"), "--epochs-this-run", "1"]) == 0
     assert "teacher v1: 16 training faces" in capsys.readouterr().out
+    saved = np.load(tmp_path / "s" / train.TEACHER_TARGETS, allow_pickle=False)
+    np.testing.assert_allclose(saved.sum(axis=1), 1.0, atol=1e-5)
+    # the teachers run once per run: --resume reads their targets back
+    assert main(["train", "--resume", "--out-dir", str(tmp_path / "s"), "--registry", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "teacher targets from" in out and "teacher v1:" not in out
     meta = json.loads((root / "v1-student" / registry.METADATA_FILE).read_text())
     assert meta["training"]["teacher"] == ["v1"] and meta["training"]["teacher_weight"] == 0.7
     # the student is served and scored with flip TTA, as its registration asked

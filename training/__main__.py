@@ -117,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_option(e)
     e.set_defaults(func=_evaluate)
 
+    d = sub.add_parser(
+        "derive", help="register VERSION: SOURCE's weights served with another --tta",
+        description="Versions never change, so serving a model another way makes a new "
+                    "version: SOURCE's model.keras, its metadata with the new 'tta' and "
+                    "'derived_from', and a PublicTest report scored that way. --data defaults to "
+                    "the dataset SOURCE was trained on.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("source", help="a registry version, version directory or .keras file "
+                                  "with metadata.json beside it")
+    d.add_argument("version", help="name of the new version")
+    d.add_argument("--tta", choices=TTA_MODES, required=True,
+                   help="flip: average with the mirror image (twice the compute)")
+    _data_options(d, required=False)
+    d.add_argument("--promote", action="store_true", help="promote the new version when done")
+    d.add_argument("--bench-seconds", type=float, default=2.0,
+                   help="time spent measuring inference speed (0 = skip)")
+    _registry_option(d)
+    d.set_defaults(func=_derive)
+
     ls = sub.add_parser("list", help="list registry versions; * marks the served one")
     _registry_option(ls)
     ls.set_defaults(func=_registry_cmd("list_cmd"))
@@ -142,6 +161,12 @@ def _evaluate(args) -> int:
     from . import evaluate
 
     return evaluate.run(args)
+
+
+def _derive(args) -> int:
+    from . import derive
+
+    return derive.run(args)
 
 
 def _registry_cmd(name: str):

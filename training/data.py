@@ -268,6 +268,11 @@ def model_inputs(faces, spec: InputSpec) -> np.ndarray:
     return np.concatenate([preprocess_faces(face[None], spec) for face in faces])
 
 
+def one_hot(labels: np.ndarray) -> np.ndarray:
+    """Training targets for class indices: one row of 7 per face."""
+    return np.eye(len(EMOTIONS), dtype=np.float32)[labels]
+
+
 def subsample(split: Split, limit: int | None, seed: int) -> Split:
     """A seeded random subset of at most ``limit`` faces (for quick runs)."""
     if not limit or limit >= len(split):

@@ -101,6 +101,12 @@ def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
     return report
 
 
+def summary(report: dict, split: str) -> dict:
+    """The headline numbers a version's metadata.json keeps from a report."""
+    return {"split": split, "n": report["n"], "accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"], "speed_faces_per_s": report.get("speed_faces_per_s")}
+
+
 # --- presenting ------------------------------------------------------------------------
 
 def format_report(report: dict) -> str:
@@ -193,13 +199,11 @@ def resolve_model(ref: str, root: Path) -> registry.ModelEntry:
 
 def run(args) -> int:
     entry = resolve_model(args.model, Path(args.registry))
-    spec = entry.spec
-    model = registry.load_model(entry)
-    registry.check_model(model, spec, str(entry.model_file))
+    model = registry.load_checked(entry)
     dataset = load_dataset(args.data, args.data_format, args.val_split, args.seed)
     split = dataset.split(args.split)
     try:
-        report = evaluate_split(model, spec, split, tta=args.tta or entry.tta,
+        report = evaluate_split(model, entry.spec, split, tta=args.tta or entry.tta,
                                 bench_seconds=args.bench_seconds, runtime=args.runtime)
     except RuntimeUnavailable as exc:
         raise registry.RegistryError(f"{entry.model_file}: --runtime {args.runtime}: {exc}") from None

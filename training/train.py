@@ -32,6 +32,7 @@ from . import evaluate, models
 
 STATE_FILE = "state.json"
 LAST, BEST = "last.keras", "best.keras"
+TEACHER_TARGETS = "teacher-targets.npy"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Arguments that belong to one invocation, not to the run, so --resume takes them anew.
 SESSION_ARGS = ("resume", "epochs_this_run", "promote", "verbose")
@@ -73,7 +74,7 @@ class Batches(keras.utils.PyDataset):
         part = self.split.subset(picked)
         x = datasets.model_inputs(part.faces, self.spec)
         if self.targets is None:
-            y = np.eye(len(EMOTIONS), dtype=np.float32)[part.labels]
+            y = datasets.one_hot(part.labels)
         else:
             y = self.targets[picked]
         if self.class_weights is None:
@@ -230,8 +231,7 @@ def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weigh
     probs = []
     for ref in refs:
         entry = evaluate.resolve_model(ref, root)
-        teacher = registry.load_model(entry)
-        registry.check_model(teacher, entry.spec, str(entry.model_file))
+        teacher = registry.load_checked(entry)
         started = time.monotonic()
         probs.append(evaluate.predict(InferenceRunner(teacher, entry.spec, tta="flip"), split))
         print(f"teacher {entry.version}: {len(split)} training faces in "
@@ -239,8 +239,25 @@ def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weigh
               f"{np.mean(probs[-1].argmax(1) == split.labels):.1%}")
     soft = np.mean(probs, axis=0) ** (1.0 / temperature)
     soft /= soft.sum(axis=1, keepdims=True)
-    onehot = np.eye(len(EMOTIONS), dtype=np.float32)[split.labels]
-    return (weight * soft + (1 - weight) * onehot).astype(np.float32)
+    return (weight * soft + (1 - weight) * datasets.one_hot(split.labels)).astype(np.float32)
+
+
+def cached_teacher_targets(out_dir: Path, args, split: datasets.Split, root: Path) -> np.ndarray:
+    """teacher_targets, saved in the run directory so --resume does not run the teachers again."""
+    path = out_dir / TEACHER_TARGETS
+    if args.resume and path.is_file():
+        targets = np.load(path, allow_pickle=False)
+        if targets.shape == (len(split), len(EMOTIONS)):
+            print(f"teacher targets from {path}")
+            return targets
+        print(f"{path}: shape {targets.shape}, expected {(len(split), len(EMOTIONS))}; recomputing")
+    targets = teacher_targets(args.teacher, split, root, weight=args.teacher_weight,
+                              temperature=args.teacher_temperature)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, targets, allow_pickle=False)
+    os.replace(tmp, path)
+    return targets
 
 
 def run(args: argparse.Namespace) -> int:
@@ -262,8 +279,7 @@ def run(args: argparse.Namespace) -> int:
         class_weights = datasets.balanced_class_weights(train.labels)
     targets = None
     if getattr(args, "teacher", None):
-        targets = teacher_targets(args.teacher, train, root, weight=args.teacher_weight,
-                                  temperature=args.teacher_temperature)
+        targets = cached_teacher_targets(out_dir, args, train, root)
     batches = Batches(train, spec, args.batch_size, shuffle=True, seed=args.seed,
                       epoch=state["epoch"], indices=indices, class_weights=class_weights,
                       targets=targets)
@@ -313,8 +329,7 @@ def run(args: argparse.Namespace) -> int:
         "tta": tta,
         "dataset": {"path": str(args.data), "format": dataset.format, "splits": dataset.sizes(),
                     "train_used": len(train), "val_used": len(val), "val_split": datasets.VAL},
-        "metrics": {"split": datasets.VAL, "n": report["n"], "accuracy": report["accuracy"],
-                    "macro_f1": report["macro_f1"], "speed_faces_per_s": report.get("speed_faces_per_s")},
+        "metrics": evaluate.summary(report, datasets.VAL),
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
         "training": state["args"],
@@ -343,6 +358,7 @@ def register(root: Path, version: str, model, metadata: dict, report: dict) -> P
         raise registry.RegistryError(f"version {version!r} already exists in {root}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=root))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the version from other users' services
         model.save(tmp / registry.MODEL_FILE)
         evaluate.write_artefacts(report, tmp, datasets.VAL, f"{version} [{datasets.VAL}]")
         write_json(tmp / registry.METADATA_FILE, metadata)

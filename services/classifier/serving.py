@@ -35,11 +35,9 @@ def load_served_model(entry: registry.ModelEntry, runtime: str = "tf-function") 
     """Load, validate and warm up one registry entry (raises RegistryError)."""
     from .runtime import InferenceRunner, RuntimeUnavailable
 
-    spec = entry.spec
-    model = registry.load_model(entry)
-    registry.check_model(model, spec, str(entry.model_file))
+    model = registry.load_checked(entry)
     try:
-        runner = InferenceRunner(model, spec, runtime=runtime, tta=entry.tta)
+        runner = InferenceRunner(model, entry.spec, runtime=runtime, tta=entry.tta)
     except RuntimeUnavailable as exc:
         raise registry.RegistryError(f"{entry.model_file}: cannot serve with --runtime "
                                      f"{runtime}: {exc}") from None

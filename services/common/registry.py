@@ -69,6 +69,7 @@ def atomic_write(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users' services
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -167,11 +168,18 @@ def check_model(model, spec: InputSpec, where: str) -> None:
         raise RegistryError(f"{where}: model outputs are not probabilities (softmax)")
 
 
+def load_checked(entry: ModelEntry):
+    """Load an entry's model and prove it takes the declared input and answers 7 probabilities."""
+    model = load_model(entry)
+    check_model(model, entry.spec, str(entry.model_file))
+    return model
+
+
 def promote(root: Path, version: str) -> ModelEntry:
     """Make ``version`` the served model, after proving it loads and answers correctly."""
     root = Path(root)
     entry = resolve(root, version)
-    check_model(load_model(entry), entry.spec, str(entry.model_file))
+    load_checked(entry)
     past = history(root)
     if not past or past[-1] != version:
         past.append(version)
@@ -192,8 +200,7 @@ def rollback(root: Path) -> str:
     if not past:
         raise RegistryError(f"nothing to roll back to in {root}: no earlier promoted version")
     previous = past[-1]
-    entry = resolve(root, previous)
-    check_model(load_model(entry), entry.spec, str(entry.model_file))
+    load_checked(resolve(root, previous))
     atomic_write(root / HISTORY, json.dumps(past, indent=1) + "\n")
     atomic_write(root / CURRENT, previous + "\n")
     return previous
