@@ -74,10 +74,13 @@ RUN /opt/venv/bin/pip install --no-deps /wheels/*.whl \
            /opt/venv/lib/python3*/site-packages/tensorflow/xla_aot_runtime_src
 
 # ml: the classifier and the training CLI, with the model registry the repository ships.
-# Mounted as an empty named volume at /app/models, Docker seeds the volume from this folder.
+# Mounted as an empty named volume at /app/models, Docker seeds the volume from this folder;
+# /app/shipped-models keeps a read-only copy, so `training import` can bring the models of a
+# newer image into an existing volume.
 FROM runtime AS ml
 COPY --from=venv-ml /opt/venv /opt/venv
 COPY --chown=app:app models/ /app/models/
+COPY models/ /app/shipped-models/
 RUN mkdir -p /app/runs
 ENV TF_CPP_MIN_LOG_LEVEL=1
 CMD ["python", "-m", "services.classifier"]

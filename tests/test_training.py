@@ -457,6 +457,25 @@ def test_promote_rollback_and_list(tmp_path, capsys):
     assert "nothing to roll back" in capsys.readouterr().err
 
 
+def test_import_copies_missing_versions_and_never_replaces(tmp_path, capsys):
+    shipped, root = tmp_path / "shipped", tmp_path / "models"
+    make_version(shipped, "v1")
+    make_version(shipped, "v2")
+    registry.promote(shipped, "v2")
+    mine = make_version(root, "v1", outputs=5)  # a same-named version of the user's own
+    before = (mine / registry.MODEL_FILE).read_bytes()
+    assert main(["import", str(shipped), "--promote", "--registry", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "v2" in out and "already there: v1" in out and "promoted v2" in out
+    assert (mine / registry.MODEL_FILE).read_bytes() == before
+    assert (root / "v2" / registry.MODEL_FILE).read_bytes() == \
+        (shipped / "v2" / registry.MODEL_FILE).read_bytes()
+    assert registry.current_version(root) == "v2"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert main(["import", str(tmp_path / "nowhere"), "--registry", str(root)]) == 2
+    assert "no such registry directory" in capsys.readouterr().err
+
+
 def test_registry_env_var(tmp_path, monkeypatch, capsys):
     import importlib
 

@@ -145,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_option(p)
     p.set_defaults(func=_registry_cmd("promote_cmd"))
 
+    i = sub.add_parser(
+        "import", help="copy the versions of another registry that this one lacks",
+        description="Copy every version of SOURCE (another registry directory) that the "
+                    "registry lacks; versions already there are never replaced. With "
+                    "--promote, then serve SOURCE's current version. In Docker, "
+                    "/app/shipped-models holds the models bundled with the image.")
+    i.add_argument("source", help="registry directory to copy from")
+    i.add_argument("--promote", action="store_true", help="then promote SOURCE's current version")
+    _registry_option(i)
+    i.set_defaults(func=_registry_cmd("import_cmd"))
+
     r = sub.add_parser("rollback", help="serve the previously promoted version again")
     _registry_option(r)
     r.set_defaults(func=_registry_cmd("rollback_cmd"))

@@ -44,3 +44,18 @@ def rollback_cmd(args) -> int:
     version = registry.rollback(root)
     print(f"rolled back from {before or 'none'} to {version} in {root}")
     return 0
+
+
+def import_cmd(args) -> int:
+    root, source = Path(args.registry), Path(args.source)
+    copied, kept = registry.import_versions(source, root)
+    print(f"copied {len(copied)} version(s) from {source} to {root}: {', '.join(copied) or 'none'}"
+          f"; already there: {', '.join(kept) or 'none'}")
+    if args.promote:
+        version = registry.current_version(source)
+        if version is None:
+            raise registry.RegistryError(f"--promote: {source} has no current version")
+        before = registry.current_version(root)
+        registry.promote(root, version)
+        print(f"promoted {version} (was {before or 'none'}) in {root}")
+    return 0

@@ -12,9 +12,7 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -347,26 +345,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(root: Path, version: str, model, metadata: dict, report: dict) -> Path:
-    """Build <root>/.<version>.tmp-*/ completely, then rename it to <root>/<version>.
+    """Save the model, its PublicTest artefacts and metadata as the new version <root>/<version>."""
+    def fill(folder: Path) -> None:
+        model.save(folder / registry.MODEL_FILE)
+        evaluate.write_artefacts(report, folder, datasets.VAL, f"{version} [{datasets.VAL}]")
+        write_json(folder / registry.METADATA_FILE, metadata)
 
-    The rename is atomic, so a reader sees the whole version or none of it; a failure
-    removes the temporary directory, and an existing version is never replaced.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / version
-    if final.exists():
-        raise registry.RegistryError(f"version {version!r} already exists in {root}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=root))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the version from other users' services
-        model.save(tmp / registry.MODEL_FILE)
-        evaluate.write_artefacts(report, tmp, datasets.VAL, f"{version} [{datasets.VAL}]")
-        write_json(tmp / registry.METADATA_FILE, metadata)
-        if final.exists():
-            raise registry.RegistryError(f"version {version!r} appeared in {root} meanwhile")
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
+    return registry.build_version(root, version, fill)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,3 +205,52 @@ def rollback(root: Path) -> str:
     atomic_write(root / HISTORY, json.dumps(past, indent=1) + "\n")
     atomic_write(root / CURRENT, previous + "\n")
     return previous
+
+
+def build_version(root: Path, version: str, fill) -> Path:
+    """Create <root>/<version> whole: ``fill(folder)`` writes into a hidden temporary
+    folder, which is then renamed into place. The rename is atomic, so a reader sees the
+    whole version or none of it; a failure removes the temporary folder, and an existing
+    version is never replaced."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version
+    if final.exists():
+        raise RegistryError(f"version {version!r} already exists in {root}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=root))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the version from other users' services
+        fill(tmp)
+        if final.exists():
+            raise RegistryError(f"version {version!r} appeared in {root} meanwhile")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def import_versions(source: Path, root: Path) -> tuple[list[str], list[str]]:
+    """Copy the versions of registry ``source`` that ``root`` lacks; returns (copied, kept).
+
+    A version already in ``root`` is never replaced (versions are immutable), so this
+    brings a newer bundled model into a registry without touching models trained in it.
+    """
+    source, root = Path(source), Path(root)
+    if not source.is_dir():
+        raise RegistryError(f"{source}: no such registry directory")
+    copied, kept = [], []
+    for entry in list_versions(source):
+        name = entry.path.name
+        if (root / name).exists():
+            kept.append(name)
+            continue
+
+        def copy_files(folder: Path, origin: Path = entry.path) -> None:
+            for item in origin.iterdir():
+                if item.is_file():
+                    shutil.copyfile(item, folder / item.name)
+
+        build_version(root, name, copy_files)
+        copied.append(name)
+    return copied, kept

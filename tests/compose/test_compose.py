@@ -289,3 +289,17 @@ def test_published_ports_are_loopback_only(stack):
             if publisher.get("PublishedPort"):
                 assert publisher["URL"] in ("127.0.0.1", ""), publisher
     assert re.search(r"127\.0\.0\.1", stack.compose("port", "viewer", "8080").stdout)
+
+
+def test_trainer_sees_the_served_version_and_the_shipped_copy(stack):
+    """The trainer shares the classifiers' registry volume, and the image's read-only copy
+    of the bundled models is there for `import` after an upgrade (nothing new to copy in a
+    volume seeded from this very image)."""
+    if not (ROOT / "models" / "current").is_file():
+        pytest.skip("the repository ships no models/current")
+    current = (ROOT / "models" / "current").read_text().strip()
+    listed = stack.compose("run", "--rm", "-T", "trainer", "list", timeout=300).stdout
+    assert f"* {current}" in listed
+    imported = stack.compose("run", "--rm", "-T", "trainer", "import", "/app/shipped-models",
+                             timeout=300).stdout
+    assert "copied 0 version(s)" in imported and current in imported
