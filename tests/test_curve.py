@@ -131,6 +131,56 @@ def test_only_authorised_clients_get_through(secured_broker, key_dirs, channel):
         ctx.destroy(linger=0)
 
 
+def test_broker_admits_and_withdraws_client_keys_without_a_restart(tmp_path):
+    """A key copied into clients/ lets its client in; a key deleted keeps new
+    connections of that client out."""
+    keys.generate(tmp_path / "keys")
+    keys.generate(tmp_path / "late")
+    base, metrics = free_base_port(), free_port()
+    broker = Service("broker", ["--base-port", str(base), "--metrics-port", str(metrics),
+                                "--curve-keys", str(tmp_path / "keys")], tmp_path)
+    ctx = zmq.Context()
+    try:
+        wait_for(lambda: _up(metrics, broker), 30, what="the broker")
+        good = keys.client_keys(tmp_path / "keys")
+        late = keys.client_keys(tmp_path / "late")
+        late_addr = bus.BrokerAddress("127.0.0.1", base, keys.ClientKeys(late.public, late.secret,
+                                                                          good.server))
+        sub = bus.consumer(ctx, bus.BrokerAddress("127.0.0.1", base, good), "results", hwm=10000)
+
+        def late_client_gets_through(seconds: float) -> bool:
+            pub = bus.producer(ctx, late_addr, "results", hwm=10000)
+            try:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    try:
+                        pub.send_multipart(result_message("late", 0), flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                    if any(h.stream == "late" for h in receive_all(sub, 0.1)):
+                        return True
+                return False
+            finally:
+                pub.close(linger=0)
+
+        assert not late_client_gets_through(1.5)
+        authorised = tmp_path / "keys" / keys.CLIENTS_DIR / "late.key"
+        authorised.write_bytes((tmp_path / "late" / keys.CLIENT_PUBLIC).read_bytes())
+        # a refused socket does not try again, so connect after the broker's next key poll
+        wait_for(lambda: "authorised client keys reloaded: 2" in broker.output(), 10,
+                 what="the broker to read the new key")
+        assert late_client_gets_through(5), broker.output()
+        authorised.unlink()
+        wait_for(lambda: "authorised client keys reloaded: 1" in broker.output(), 10,
+                 what="the broker to read the withdrawal")
+        receive_all(sub, 0.2)
+        assert not late_client_gets_through(1.5)
+        assert broker.alive()
+    finally:
+        ctx.destroy(linger=0)
+        broker.stop()
+
+
 def test_secured_pipeline_stages(key_dirs, tmp_path):
     """capture and detector given --curve-keys work through a secured broker."""
     good, _ = key_dirs

@@ -8,7 +8,8 @@ so an overloaded consumer makes producers drop work instead of queueing it.
 
 With ``--curve-keys DIR`` every channel port is a CurveZMQ server: traffic is encrypted,
 and only clients whose public key is in ``DIR/clients/`` get in (checked by a ZAP
-authenticator thread); others cannot publish or subscribe.
+authenticator thread); others cannot publish or subscribe. The broker re-reads that folder
+every few seconds, so keys can be added or withdrawn without a restart.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ PROXY_RESTARTS = Counter("emotion_broker_proxy_restarts_total",
                          ["channel"])
 
 log = logging.getLogger("broker")
+KEYS_POLL_S = 2.0   # how often the authorised client keys are checked for changes
 
 SOCKET_TYPES = {"frames": (zmq.XSUB, zmq.XPUB), "results": (zmq.XSUB, zmq.XPUB),
                 "detect": (zmq.PULL, zmq.PUSH), "classify": (zmq.PULL, zmq.PUSH)}
@@ -138,6 +140,15 @@ def count_messages(ctx: zmq.Context, names: list[str], stop: threading.Event) ->
             sock.close(linger=0)
 
 
+def reload_client_keys(auth, folder, seen: tuple) -> tuple:
+    """Hand the authenticator the client keys again when the folder changed."""
+    now = keys.clients_signature(folder)
+    if now != seen:
+        auth.configure_curve(domain="*", location=str(folder))
+        log.info("authorised client keys reloaded: %d in %s", len(now), folder)
+    return now
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging("broker", args.log_level)
@@ -173,7 +184,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log.info("broker ready")
-    stop.wait()
+    keys_seen = keys.clients_signature(curve.clients) if curve is not None else ()
+    while not stop.wait(KEYS_POLL_S):
+        if curve is not None:
+            keys_seen = reload_client_keys(auth, curve.clients, keys_seen)
     log.info("stopping")
     for channel in channels:
         channel.stop()

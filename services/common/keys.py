@@ -12,8 +12,10 @@ reach them. Across machines, give every service ``--curve-keys DIR``
 
 Make one with ``python -m services.common.keys DIR``; give another machine its own client
 key pair with ``python -m services.common.keys OTHER_DIR --client-of DIR``. Keys are ZeroMQ certificate files
-(``zmq.auth``): text, one Z85 key per line. The broker reads ``clients/`` once at
-start; restart it after adding or removing a client key.
+(``zmq.auth``): text, one Z85 key per line. The broker re-reads ``clients/`` within a
+few seconds of a change: an added key lets its client's next connection in (a socket
+already refused does not retry), a removed one keeps it out of new connections (a
+connection already made stays until it closes).
 """
 from __future__ import annotations
 
@@ -85,6 +87,15 @@ def server_keys(directory: str | os.PathLike) -> ServerKeys:
         raise KeyFileError(f"CurveZMQ client key folder {clients} is missing or has no *.key "
                            f"files: no client could connect")
     return ServerKeys(public, secret, clients)
+
+
+def clients_signature(folder: Path) -> tuple:
+    """What identifies the authorised keys on disk: names, sizes and change times."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                            for p in Path(folder).glob("*.key")))
+    except OSError:
+        return ()
 
 
 def secure_client(sock: zmq.Socket, keys: ClientKeys) -> zmq.Socket:
