@@ -160,6 +160,15 @@ def test_a_frame_captured_before_the_last_shown_one_is_dropped():
     assert joiner.dropped["out_of_order"] == 1 and joiner.ready(now=0) == []
 
 
+def test_frames_that_never_arrived_are_counted_as_missed():
+    """Capture numbers frames consecutively, so a jump in seq is frames lost on the way;
+    a step back is a restarted capture, not a loss."""
+    joiner = FrameJoiner(delay_s=0)
+    for seq in (3, 4, 7, 8, 20, 0, 1, 1, 3):
+        joiner.add_frame(frame_header(seq), b"", now=0)
+    assert joiner.dropped["missed"] == 2 + 11 + 1
+
+
 # --- FrameJoiner: exact sync (delay > 0) ---------------------------------------------------
 
 def test_sync_holds_a_frame_until_its_own_result_arrives():

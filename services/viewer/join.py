@@ -21,7 +21,9 @@ Frames stay encoded in here; only frames that :meth:`FrameJoiner.ready` hands ou
 worth decoding. Every frame not shown is reported through ``on_drop(reason, n)``:
 ``evicted`` (buffer full), ``superseded`` (a newer frame was shown first),
 ``out_of_order`` (captured before a frame already shown), ``streams`` (too many streams),
-``replaced`` (a newer frame with the same seq arrived while it waited).
+``replaced`` (a newer frame with the same seq arrived while it waited). Frames that
+never arrived are counted too: capture numbers a stream's frames 0, 1, 2, …, so a jump
+in ``seq`` is ``missed`` frames, which the ZeroMQ fan-out discarded on the way.
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class _Stream:
     latest: Labels | None = None
     last_shown: tuple[float | None, int] | None = None          # (capture time, seq)
     last_seen: float = 0.0
+    last_received: int | None = None                            # seq of the latest frame
 
 
 def _capture(header: Header) -> float | None:
@@ -129,6 +132,9 @@ class FrameJoiner:
         state = self._stream(header.stream, now)
         if state is None:
             return False
+        if state.last_received is not None and header.seq > state.last_received + 1:
+            self._drop("missed", header.seq - state.last_received - 1)
+        state.last_received = header.seq
         if not _not_older(_capture(header), header.seq, state.last_shown, self.capacity):
             self._drop("out_of_order")
             return False
