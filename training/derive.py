@@ -35,9 +35,5 @@ def run(args) -> int:
     metadata = {**source.metadata, "version": args.version, "tta": args.tta,
                 "derived_from": source.version, "metrics": evaluate.summary(report, datasets.VAL),
                 "git_commit": git_commit(), "created": utc_now()}
-    path = register(root, args.version, model, metadata, report)
-    print(f"registered {path}")
-    if args.promote:
-        registry.promote(root, args.version)
-        print(f"promoted {args.version}: {root / registry.CURRENT}")
+    register(root, args.version, model, metadata, report, promote=args.promote)
     return 0

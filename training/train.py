@@ -336,19 +336,22 @@ def run(args: argparse.Namespace) -> int:
         "training_seconds": state["train_seconds"],
         "params": int(best.count_params()),
     }
-    path = register(root, args.version, best, metadata, report)
-    print(f"registered {path}")
-    if args.promote:
-        registry.promote(root, args.version)
-        print(f"promoted {args.version}: {root / registry.CURRENT}")
+    register(root, args.version, best, metadata, report, promote=args.promote)
     return 0
 
 
-def register(root: Path, version: str, model, metadata: dict, report: dict) -> Path:
-    """Save the model, its PublicTest artefacts and metadata as the new version <root>/<version>."""
+def register(root: Path, version: str, model, metadata: dict, report: dict,
+             promote: bool = False) -> Path:
+    """Save the model, its PublicTest artefacts and metadata as the new version
+    <root>/<version>, and serve it if ``promote``."""
     def fill(folder: Path) -> None:
         model.save(folder / registry.MODEL_FILE)
         evaluate.write_artefacts(report, folder, datasets.VAL, f"{version} [{datasets.VAL}]")
         write_json(folder / registry.METADATA_FILE, metadata)
 
-    return registry.build_version(root, version, fill)
+    path = registry.build_version(root, version, fill)
+    print(f"registered {path}")
+    if promote:
+        registry.promote(root, version)
+        print(f"promoted {version}: {root / registry.CURRENT}")
+    return path
