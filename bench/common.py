@@ -112,14 +112,15 @@ def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]
         (root / version / registry.METADATA_FILE).write_text(json.dumps(meta))
         registry.promote(root, version)
         return root, {"source": f"--model {model}", "version": version,
-                      "architecture": meta.get("architecture", "?"), "input": meta.get("input")}
+                      "architecture": meta.get("architecture", "?"), "input": meta.get("input"),
+                      "tta": meta.get("tta", "none")}
     served = ROOT / "models"
     version = registry.current_version(served)
     if version:
         entry = registry.resolve(served, version)
         return served, {"source": "registry models/", "version": version,
                         "architecture": entry.metadata.get("architecture", "?"),
-                        "input": entry.metadata.get("input")}
+                        "input": entry.metadata.get("input"), "tta": entry.tta}
     from conftest import write_tiny_model
 
     root = workdir / "models"

@@ -62,25 +62,32 @@ def face_crops(frames: list[np.ndarray]) -> np.ndarray:
 def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int, seconds: float,
                      batches=BATCHES) -> dict:
     """Faces/s per batch size for the classifier's runtime and the alternatives, side by side."""
-    from services.classifier.runtime import InferenceRunner, RuntimeUnavailable
+    from services.classifier.runtime import InferenceRunner, RuntimeUnavailable, flip_averaged
     from services.common.preprocess import preprocess_faces
 
     runner, model, spec = load_runner(registry_dir)
     crops = face_crops(frames)
     inputs = preprocess_faces(crops, spec)
+
+    def as_served(call):
+        """The alternatives do the served version's test-time augmentation too."""
+        return (lambda x: flip_averaged(call, x)) if runner.tta == "flip" else call
+
+    predict = as_served(lambda x: model.predict(x, verbose=0))
+    direct = as_served(lambda x: np.asarray(model(x, training=False)))
     calls = {
         # The classifier's path: uint8 crops -> preprocessing -> padded tf.function.
         "runner.predict_faces": lambda b: (lambda: runner.predict_faces(crops[:b])),
         # The same compiled function on ready inputs (model only).
         "runner.tf_function": lambda b: (lambda: runner.predict_inputs(inputs[:b])),
-        "model.predict": lambda b: (lambda: model.predict(inputs[:b], verbose=0)),
-        "model.__call__": lambda b: (lambda: np.asarray(model(inputs[:b], training=False))),
+        "model.predict": lambda b: (lambda: predict(inputs[:b])),
+        "model.__call__": lambda b: (lambda: direct(inputs[:b])),
     }
     out = {"crops": int(len(crops)), "crop_size": int(crops.shape[1]), "input": spec.to_dict(),
-           "batches": list(batches), "runtimes": {}}
+           "tta": runner.tta, "batches": list(batches), "runtimes": {}}
     try:
         # The classifier's --runtime tflite, on ready inputs (model only).
-        lite = InferenceRunner(model, spec, runtime="tflite")
+        lite = InferenceRunner(model, spec, runtime="tflite", tta=runner.tta)
         calls["tflite"] = lambda b: (lambda: lite.predict_inputs(inputs[:b]))
         out["tflite"] = {"converted": True,
                          "how": "TFLiteConverter.from_keras_model (the classifier's --runtime tflite)"}

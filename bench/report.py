@@ -164,7 +164,8 @@ def markdown(results: dict, plots: list[str]) -> str:
              f"- Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
              f"- load average at start {m['load_average'][0]:.1f}, at end "
              f"{results['load_average_end'][0]:.1f}",
-             f"- model under test: **{model['version']}** — {model['source']}; {model['architecture']}"]
+             f"- model under test: **{model['version']}** — {model['source']}; {model['architecture']}, "
+             f"test-time augmentation {model.get('tta', 'none')}"]
     if results.get("shared_machine"):
         lines.append(f"- **shared machine**: {results['shared_machine']}")
     lines += ["", "All timings were taken side by side in this one run; figures are medians over "

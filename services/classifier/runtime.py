@@ -27,6 +27,13 @@ class RuntimeUnavailable(Exception):
     """The model cannot run on the runtime asked for (e.g. TFLite conversion failed)."""
 
 
+def flip_averaged(call, inputs: np.ndarray) -> np.ndarray:
+    """``call`` on the inputs and their mirror images in one batch, the two answers averaged."""
+    n = len(inputs)
+    both = np.asarray(call(np.concatenate([inputs, inputs[:, :, ::-1, :]])))
+    return (both[:n] + both[n:]) / 2
+
+
 def compiled_call(model):
     """``model(x, training=False)`` behind ``tf.function`` on TensorFlow (a plain call on
     other Keras backends, which the training CLI may use)."""
@@ -116,9 +123,7 @@ class InferenceRunner:
     def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Model inputs (N, S, S, C) float32 -> probabilities (N, 7), in padded chunks."""
         if self.tta == "flip":
-            n = len(inputs)
-            both = self._predict_padded(np.concatenate([inputs, inputs[:, :, ::-1, :]]))
-            return (both[:n] + both[n:]) / 2
+            return flip_averaged(self._predict_padded, inputs)
         return self._predict_padded(inputs)
 
     def _predict_padded(self, inputs: np.ndarray) -> np.ndarray:
