@@ -121,15 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         "derive", help="register VERSION: SOURCE's weights served with another --tta",
         description="Versions never change, so serving a model another way makes a new "
                     "version: SOURCE's model.keras, its metadata with the new 'tta' and "
-                    "'derived_from', and a PublicTest report scored that way. --data defaults to "
-                    "the dataset SOURCE was trained on.",
+                    "'derived_from', and a PublicTest report scored that way.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("source", help="a registry version, version directory or .keras file "
                                   "with metadata.json beside it")
     d.add_argument("version", help="name of the new version")
     d.add_argument("--tta", choices=TTA_MODES, required=True,
                    help="flip: average with the mirror image (twice the compute)")
-    _data_options(d, required=False)
+    d.add_argument("--data", help="the dataset to score on (default: the one SOURCE was "
+                                  "trained on); a folder dataset is split with SOURCE's own "
+                                  "--val-split and --seed")
     d.add_argument("--promote", action="store_true", help="promote the new version when done")
     d.add_argument("--bench-seconds", type=float, default=2.0,
                    help="time spent measuring inference speed (0 = skip)")

@@ -27,7 +27,11 @@ def run(args) -> int:
     if not data:
         raise RunError(f"{source.path / registry.METADATA_FILE} names no dataset; pass --data")
     model = registry.load_checked(source)
-    val = datasets.load_dataset(data, args.data_format, args.val_split, args.seed).split(datasets.VAL)
+    # the validation split SOURCE was selected on: a folder dataset is split by its own seed
+    trained = source.metadata.get("training") or {}
+    dataset = datasets.load_dataset(data, trained.get("data_format", "auto"),
+                                    trained.get("val_split", 0.1), trained.get("seed", 1234))
+    val = dataset.split(datasets.VAL)
     report = evaluate.evaluate_split(model, source.spec, val, tta=args.tta,
                                      bench_seconds=args.bench_seconds)
     print(f"{args.version} ({source.version} with tta {args.tta}) on {data} [{datasets.VAL}]:")
