@@ -364,9 +364,15 @@ def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
     inputs = np.random.default_rng(n).random((n, 48, 48, 1), dtype=np.float32)
     plain = np.asarray(model(inputs, training=False))
     mirrored = np.asarray(model(inputs[:, :, ::-1, :].copy(), training=False))
-    flip = InferenceRunner(model, entry.spec, tta="flip").predict_inputs(inputs)
+    runner = InferenceRunner(model, entry.spec, tta="flip")
+    shapes, inner = [], runner._call
+    runner._call = lambda x: shapes.append(len(x)) or inner(x)
+    flip = runner.predict_inputs(inputs)
     np.testing.assert_allclose(flip, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
     assert not np.allclose(flip, plain)
+    # every face and its mirror image in one padded call: one face is a batch of 2
+    assert runner.batch_shapes == (2, 8, 32, 64, 128)
+    assert shapes == [2 if n == 1 else 128]
 
 
 def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, tmp_path):

@@ -102,6 +102,8 @@ class InferenceRunner:
         self.spec = spec
         self.runtime = runtime
         self.tta = tta
+        if tta == "flip":   # each face runs twice: pad pairs, so one face is a batch of 2, not 4
+            batch_shapes = [2 * n for n in batch_shapes]
         self.batch_shapes = tuple(sorted(batch_shapes))
         if runtime == "tflite":
             calls = tflite_calls(tflite_model(model), spec, self.batch_shapes)
