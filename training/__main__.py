@@ -20,6 +20,14 @@ def _registry_option(parser: argparse.ArgumentParser) -> None:
                              "now %(default)s)")
 
 
+def _new_version_options(parser: argparse.ArgumentParser) -> None:
+    """What every command that registers a version takes."""
+    parser.add_argument("--promote", action="store_true", help="promote the new version when done")
+    parser.add_argument("--bench-seconds", type=float, default=2.0,
+                        help="time spent measuring inference speed at the end (0 = skip)")
+    _registry_option(parser)
+
+
 def _data_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--data", required=required,
                         help="FER2013-style CSV (emotion,pixels,Usage) or a folder of class folders")
@@ -88,10 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tta", choices=TTA_MODES, default="none",
                    help="how the registered version is run on each face, by the classifier and "
                         "by evaluate: flip averages with the mirror image (twice the compute)")
-    t.add_argument("--promote", action="store_true", help="promote the new version when done")
-    t.add_argument("--bench-seconds", type=float, default=2.0,
-                   help="time spent measuring inference speed at the end (0 = skip)")
-    _registry_option(t)
+    _new_version_options(t)
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -131,10 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", help="the dataset to score on (default: the one SOURCE was "
                                   "trained on); a folder dataset is split with SOURCE's own "
                                   "--val-split and --seed")
-    d.add_argument("--promote", action="store_true", help="promote the new version when done")
-    d.add_argument("--bench-seconds", type=float, default=2.0,
-                   help="time spent measuring inference speed (0 = skip)")
-    _registry_option(d)
+    _new_version_options(d)
     d.set_defaults(func=_derive)
 
     ls = sub.add_parser("list", help="list registry versions; * marks the served one")
