@@ -12,13 +12,12 @@ from services.common import registry
 
 from . import data as datasets
 from . import evaluate
-from .train import RunError, VERSION_RE, git_commit, register, utc_now
+from .train import RunError, check_version_name, git_commit, register, utc_now
 
 
 def run(args) -> int:
     root = Path(args.registry)
-    if not VERSION_RE.match(args.version):
-        raise RunError(f"invalid version name {args.version!r}: letters, digits, '.', '_', '-' only")
+    check_version_name(args.version)
     if (root / args.version).exists():
         raise registry.RegistryError(f"version {args.version!r} already exists in {root}; "
                                      f"versions are never overwritten, pass another name")

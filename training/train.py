@@ -148,6 +148,11 @@ def utc_now() -> str:
 
 # --- the run ---------------------------------------------------------------------------
 
+def check_version_name(version: str) -> None:
+    if not VERSION_RE.match(version):
+        raise RunError(f"invalid version name {version!r}: letters, digits, '.', '_', '-' only")
+
+
 def prepare_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dict]:
     """The run's arguments, directory and state: fresh, or reloaded for --resume."""
     if args.resume:
@@ -164,8 +169,7 @@ def prepare_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dic
     if not args.data:
         raise RunError("train needs --data (or --resume --out-dir DIR)")
     args.version = args.version or f"{args.arch}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    if not VERSION_RE.match(args.version):
-        raise RunError(f"invalid version name {args.version!r}: letters, digits, '.', '_', '-' only")
+    check_version_name(args.version)
     out_dir = Path(args.out_dir or Path("runs") / args.version)
     if (out_dir / STATE_FILE).exists():
         raise RunError(f"{out_dir} already holds a run: continue it with --resume, "
