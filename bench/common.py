@@ -113,14 +113,16 @@ def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]
         registry.promote(root, version)
         return root, {"source": f"--model {model}", "version": version,
                       "architecture": meta.get("architecture", "?"), "input": meta.get("input"),
-                      "tta": meta.get("tta", "none")}
+                      "tta": meta.get("tta", "none"),
+                      "precision": meta.get("precision", "float32")}
     served = ROOT / "models"
     version = registry.current_version(served)
     if version:
         entry = registry.resolve(served, version)
         return served, {"source": "registry models/", "version": version,
                         "architecture": entry.metadata.get("architecture", "?"),
-                        "input": entry.metadata.get("input"), "tta": entry.tta}
+                        "input": entry.metadata.get("input"), "tta": entry.tta,
+                        "precision": entry.precision}
     from conftest import write_tiny_model
 
     root = workdir / "models"
@@ -133,12 +135,14 @@ def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]
 
 
 def load_runner(registry_dir: Path):
-    """The classifier's own loading path: (InferenceRunner, keras model, spec)."""
+    """The classifier's own loading path: (InferenceRunner as served, the version's float32
+    Keras model, spec); the runner's own model is in the precision it serves in."""
     from services.classifier.serving import load_served_model
     from services.common import registry
 
-    served = load_served_model(registry.resolve(registry_dir))
-    return served.runner, served.runner.model, served.runner.spec
+    entry = registry.resolve(registry_dir)
+    served = load_served_model(entry)
+    return served.runner, registry.load_checked(entry), served.runner.spec
 
 
 # --- statistics ---------------------------------------------------------------------------

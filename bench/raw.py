@@ -73,8 +73,9 @@ def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int,
         """The alternatives do the served version's test-time augmentation too."""
         return (lambda x: flip_averaged(call, x)) if runner.tta == "flip" else call
 
-    predict = as_served(lambda x: model.predict(x, verbose=0))
-    direct = as_served(lambda x: np.asarray(model(x, training=False)))
+    served = runner.model   # in the precision the runner really serves in
+    predict = as_served(lambda x: served.predict(x, verbose=0))
+    direct = as_served(lambda x: np.asarray(served(x, training=False)))
     calls = {
         # The classifier's path: uint8 crops -> preprocessing -> padded tf.function.
         "runner.predict_faces": lambda b: (lambda: runner.predict_faces(crops[:b])),
@@ -84,9 +85,10 @@ def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int,
         "model.__call__": lambda b: (lambda: direct(inputs[:b])),
     }
     out = {"crops": int(len(crops)), "crop_size": int(crops.shape[1]), "input": spec.to_dict(),
-           "tta": runner.tta, "batches": list(batches), "runtimes": {}}
+           "tta": runner.tta, "precision": runner.precision, "batches": list(batches),
+           "runtimes": {}}
     try:
-        # The classifier's --runtime tflite, on ready inputs (model only).
+        # The classifier's --runtime tflite, on ready inputs (model only; always float32).
         lite = InferenceRunner(model, spec, runtime="tflite", tta=runner.tta)
         calls["tflite"] = lambda b: (lambda: lite.predict_inputs(inputs[:b]))
         out["tflite"] = {"converted": True,

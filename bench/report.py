@@ -165,7 +165,8 @@ def markdown(results: dict, plots: list[str]) -> str:
              f"- load average at start {m['load_average'][0]:.1f}, at end "
              f"{results['load_average_end'][0]:.1f}",
              f"- model under test: **{model['version']}** — {model['source']}; {model['architecture']}, "
-             f"test-time augmentation {model.get('tta', 'none')}"]
+             f"test-time augmentation {model.get('tta', 'none')}, "
+             f"precision {model.get('precision', 'float32')}"]
     if results.get("shared_machine"):
         lines.append(f"- **shared machine**: {results['shared_machine']}")
     lines += ["", "All timings were taken side by side in this one run; figures are medians over "

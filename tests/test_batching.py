@@ -394,3 +394,76 @@ def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, t
         serving.load_served_model(registry.read_entry(folder))
     with pytest.raises(runtime.RuntimeUnavailable, match="unknown tta 'rotate'"):
         runtime.InferenceRunner(model, entry.spec, tta="rotate")
+
+
+# --- bfloat16, a property of the model version ---------------------------------------------
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+    from services.classifier import runtime
+
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert runtime.native_bfloat16(str(with_bf16))
+    assert not runtime.native_bfloat16(str(without))
+    assert not runtime.native_bfloat16(str(tmp_path / "absent"))
+    assert runtime.bfloat16_unavailable("tf-function", str(with_bf16)) == ""
+    assert "no native bfloat16" in runtime.bfloat16_unavailable("tf-function", str(without))
+    assert "float32 models only" in runtime.bfloat16_unavailable("tflite", str(with_bf16))
+
+
+def test_bfloat16_gives_the_float32_answers_to_bfloat16_resolution(tiny):
+    from services.classifier import runtime
+
+    if not runtime.native_bfloat16():
+        pytest.skip("this CPU has no native bfloat16; the fallback is tested below")
+    entry, model = tiny
+    inputs = np.random.default_rng(5).random((70, 48, 48, 1), dtype=np.float32)
+    f32 = runtime.InferenceRunner(model, entry.spec).predict_inputs(inputs)
+    bf16 = runtime.InferenceRunner(model, entry.spec, precision="bfloat16")
+    assert bf16.precision == "bfloat16" and bf16.precision_fallback == ""
+    out = bf16.predict_inputs(inputs)
+    assert out.dtype == np.float32 and out.shape == (70, 7)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)   # a float32 softmax
+    np.testing.assert_allclose(out, f32, atol=0.03)
+    assert not np.array_equal(out, f32)                           # it did compute in bfloat16
+    # the weights stay float32; only the arithmetic is bfloat16
+    assert all(w.dtype == "float32" for w in bf16.model.weights)
+    assert bf16.model.layers[-1].compute_dtype == "float32"
+
+
+def test_bfloat16_falls_back_to_float32_where_the_cpu_would_emulate_it(tiny, monkeypatch):
+    from services.classifier import runtime, serving
+
+    entry, model = tiny
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda cpuinfo="": False)
+    runner = runtime.InferenceRunner(model, entry.spec, precision="bfloat16")
+    assert runner.precision == "float32" and "no native bfloat16" in runner.precision_fallback
+    assert runner.model is model
+    served = serving.ServedModel("tiny-bf16", runner, "model.keras")
+    assert "precision float32 (the version asks for bfloat16, but this CPU has no native" \
+        in serving.describe(served)
+    with pytest.raises(runtime.RuntimeUnavailable, match="unknown precision 'float16'"):
+        runtime.InferenceRunner(model, entry.spec, precision="float16")
+
+
+def test_a_versions_precision_comes_from_its_metadata_and_bad_values_are_named(tiny, tmp_path):
+    import json
+    import shutil
+
+    from services.classifier import runtime, serving
+    from services.common import registry
+
+    entry, _ = tiny
+    assert entry.precision == "float32"
+    folder = tmp_path / "tiny-bf16"
+    shutil.copytree(entry.path, folder)
+    meta = json.loads((folder / registry.METADATA_FILE).read_text())
+    (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "precision": "bfloat16"}))
+    runner = serving.load_served_model(registry.read_entry(folder)).runner
+    assert runner.precision == ("bfloat16" if runtime.native_bfloat16() else "float32")
+    assert serving.load_served_model(registry.read_entry(folder), "tflite").runner.precision \
+        == "float32"
+    (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "precision": "int4"}))
+    with pytest.raises(registry.RegistryError, match=r"metadata.json: 'precision' is 'int4'"):
+        serving.load_served_model(registry.read_entry(folder))

@@ -371,6 +371,33 @@ def test_derive_serves_the_same_weights_another_way(trained, capsys):
     assert "invalid version name" in capsys.readouterr().err
 
 
+def test_derive_to_bfloat16_is_scored_in_bfloat16_or_refused_with_the_reason(trained, capsys,
+                                                                            monkeypatch):
+    from services.classifier import runtime
+
+    root = trained["root"]
+    common = ["--registry", str(root), "--bench-seconds", "0"]
+    assert main(["derive", "v1", "v1-same", "--tta", "none", "--precision", "float32",
+                 *common]) == 2
+    assert "already served with tta none and precision float32" in capsys.readouterr().err
+    if runtime.native_bfloat16():
+        assert main(["derive", "v1", "v1-bf16", "--precision", "bfloat16", *common]) == 0
+        derived = registry.resolve(root, "v1-bf16")
+        assert derived.precision == "bfloat16" and derived.tta == "none"
+        report = json.loads((derived.path / "eval-PublicTest.json").read_text())
+        assert report["precision"] == "bfloat16" and "precision_fallback" not in report
+        assert "precision bfloat16" in capsys.readouterr().out
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda cpuinfo="": False)
+    assert main(["derive", "v1", "v1-bf16-here", "--precision", "bfloat16", *common]) == 2
+    assert "no native bfloat16" in capsys.readouterr().err
+    assert not (root / "v1-bf16-here").exists()
+    # evaluate says which precision it really used
+    assert main(["evaluate", "--model", "v1", "--data", str(trained["csv"]), "--precision",
+                 "bfloat16", *common]) == 0
+    out = capsys.readouterr().out
+    assert "precision float32" in out and "bfloat16 was asked for, float32 used" in out
+
+
 def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(trained, tmp_path,
                                                                            capsys):
     root = trained["root"]

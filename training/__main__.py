@@ -9,7 +9,7 @@ import os
 import sys
 
 from services.classifier.runtime import RUNTIMES
-from services.common.registry import TTA_MODES
+from services.common.registry import PRECISIONS, TTA_MODES
 
 DEFAULT_REGISTRY = os.environ.get("EMOTION_REGISTRY", "models")
 
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "version's own 'tta' setting, none for most)")
     e.add_argument("--runtime", choices=RUNTIMES, default="tf-function",
                    help="the classifier runtime to score and time the model with")
+    e.add_argument("--precision", choices=PRECISIONS,
+                   help="bfloat16: compute in bfloat16 where the CPU does it natively (default: "
+                        "the version's own 'precision' setting, float32 for most)")
     e.add_argument("--json", help="write the report as JSON here")
     e.add_argument("--png", help="write the confusion-matrix plot here")
     e.add_argument("--bench-seconds", type=float, default=2.0,
@@ -123,16 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_evaluate)
 
     d = sub.add_parser(
-        "derive", help="register VERSION: SOURCE's weights served with another --tta",
+        "derive", help="register VERSION: SOURCE's weights served with another --tta or "
+                       "--precision",
         description="Versions never change, so serving a model another way makes a new "
                     "version: SOURCE's model.keras, its metadata with the new 'tta' and "
-                    "'derived_from', and a PublicTest report scored that way.",
+                    "'precision' and 'derived_from', and a PublicTest report scored that way.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("source", help="a registry version, version directory or .keras file "
                                   "with metadata.json beside it")
     d.add_argument("version", help="name of the new version")
-    d.add_argument("--tta", choices=TTA_MODES, required=True,
-                   help="flip: average with the mirror image (twice the compute)")
+    d.add_argument("--tta", choices=TTA_MODES,
+                   help="flip: average with the mirror image (twice the compute); "
+                        "default: SOURCE's")
+    d.add_argument("--precision", choices=PRECISIONS,
+                   help="bfloat16: half the compute on CPUs with native bfloat16 (AVX512-BF16 "
+                        "or AMX); elsewhere the classifier runs it in float32; default: SOURCE's")
     d.add_argument("--data", help="the dataset to score on (default: the one SOURCE was "
                                   "trained on); a folder dataset is split with SOURCE's own "
                                   "--val-split and --seed")

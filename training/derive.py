@@ -1,4 +1,5 @@
-"""A new version from an existing one, served differently (today: its test-time augmentation).
+"""A new version from an existing one, served differently: its test-time augmentation or
+the precision it computes in.
 
 Versions are immutable, so serving the same network another way is a new version: the
 same weights, metadata that says ``derived_from`` and the new setting, and a PublicTest
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.classifier.runtime import bfloat16_unavailable
 from services.common import registry
 
 from . import data as datasets
@@ -22,6 +24,15 @@ def run(args) -> int:
         raise registry.RegistryError(f"version {args.version!r} already exists in {root}; "
                                      f"versions are never overwritten, pass another name")
     source = evaluate.resolve_model(args.source, root)
+    tta = args.tta or source.tta
+    precision = args.precision or source.precision
+    if (tta, precision) == (source.tta, source.precision):
+        raise RunError(f"{source.version} is already served with tta {tta} and precision "
+                       f"{precision}; pass another --tta or --precision")
+    if precision == "bfloat16":
+        reason = bfloat16_unavailable("tf-function")
+        if reason:
+            raise RunError(f"cannot score {args.version} in bfloat16 here: {reason}")
     data = args.data or (source.metadata.get("dataset") or {}).get("path")
     if not data:
         raise RunError(f"{source.path / registry.METADATA_FILE} names no dataset; pass --data")
@@ -31,11 +42,12 @@ def run(args) -> int:
     dataset = datasets.load_dataset(data, trained.get("data_format", "auto"),
                                     trained.get("val_split", 0.1), trained.get("seed", 1234))
     val = dataset.split(datasets.VAL)
-    report = evaluate.evaluate_split(model, source.spec, val, tta=args.tta,
+    report = evaluate.evaluate_split(model, source.spec, val, tta=tta, precision=precision,
                                      bench_seconds=args.bench_seconds)
-    print(f"{args.version} ({source.version} with tta {args.tta}) on {data} [{datasets.VAL}]:")
+    print(f"{args.version} ({source.version} with tta {tta}, precision {precision}) "
+          f"on {data} [{datasets.VAL}]:")
     print(evaluate.format_report(report))
-    metadata = {**source.metadata, "version": args.version, "tta": args.tta,
+    metadata = {**source.metadata, "version": args.version, "tta": tta, "precision": precision,
                 "derived_from": source.version, "metrics": evaluate.summary(report, datasets.VAL),
                 "git_commit": git_commit(), "created": utc_now()}
     register(root, args.version, model, metadata, report, promote=args.promote)

@@ -90,12 +90,16 @@ def measure_speed(runner: InferenceRunner, seconds: float = 2.0) -> dict:
 
 
 def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
-                   bench_seconds: float = 2.0, runtime: str = "tf-function") -> dict:
-    runner = InferenceRunner(model, spec, runtime=runtime, tta=tta)
+                   bench_seconds: float = 2.0, runtime: str = "tf-function",
+                   precision: str = "float32") -> dict:
+    runner = InferenceRunner(model, spec, runtime=runtime, tta=tta, precision=precision)
     probs = predict(runner, split)
     report = metrics_from_confusion(confusion_matrix(split.labels, probs.argmax(axis=1)))
     report["tta"] = tta
     report["runtime"] = runtime
+    report["precision"] = runner.precision   # the one really used
+    if runner.precision_fallback:
+        report["precision_fallback"] = runner.precision_fallback
     if bench_seconds > 0:
         report["speed_faces_per_s"] = measure_speed(runner, bench_seconds)
     return report
@@ -115,7 +119,10 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<10}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}{m['support']:>9d}")
     lines.append(f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
                  f"n {report['n']}   tta {report.get('tta', 'none')}   "
-                 f"runtime {report.get('runtime', 'tf-function')}")
+                 f"runtime {report.get('runtime', 'tf-function')}   "
+                 f"precision {report.get('precision', 'float32')}")
+    if report.get("precision_fallback"):
+        lines.append(f"bfloat16 was asked for, float32 used: {report['precision_fallback']}")
     lines.append("confusion matrix (rows true, columns predicted):")
     lines.append(" " * 10 + "".join(f"{name[:7]:>8}" for name in EMOTIONS))
     for name, row in zip(EMOTIONS, report["confusion_matrix"]):
@@ -204,7 +211,8 @@ def run(args) -> int:
     split = dataset.split(args.split)
     try:
         report = evaluate_split(model, entry.spec, split, tta=args.tta or entry.tta,
-                                bench_seconds=args.bench_seconds, runtime=args.runtime)
+                                bench_seconds=args.bench_seconds, runtime=args.runtime,
+                                precision=args.precision or entry.precision)
     except RuntimeUnavailable as exc:
         raise registry.RegistryError(f"{entry.model_file}: --runtime {args.runtime}: {exc}") from None
     report = {"model": str(entry.model_file), "version": entry.version, "data": str(args.data),

@@ -23,7 +23,7 @@ from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceRes
 
 from .batching import Batcher, BatchPolicy, PendingFaces
 from .runtime import RUNTIMES
-from .serving import RELOADS, ModelWatcher, announce, load_served_model
+from .serving import RELOADS, ModelWatcher, announce, describe, load_served_model
 
 FACES = Counter("emotion_classifier_faces_total", "Faces classified, by predicted emotion", ["emotion"])
 BATCH_SIZE = Histogram("emotion_classifier_batch_size", "Faces per model call",
@@ -118,8 +118,7 @@ def main(argv=None) -> None:
     except registry.RegistryError as exc:
         config_error("classifier", str(exc))
     announce(served)
-    log.info("serving model %s (%s) with the %s runtime, tta %s", served.version, served.source,
-             args.runtime, served.runner.tta)
+    log.info("serving %s", describe(served))
     watcher = None
     if not args.model:
         watcher = ModelWatcher(Path(args.registry), served.version, args.reload_poll_s, log,
@@ -161,7 +160,7 @@ def main(argv=None) -> None:
         if fresh is not None:
             announce(fresh, served)
             RELOADS.labels("ok").inc()
-            log.info("now serving %s (was %s)", fresh.version, served.version)
+            log.info("now serving %s (was %s)", describe(fresh), served.version)
             served = fresh
         now = time.monotonic()
         if batcher.ready(now):

@@ -37,12 +37,23 @@ def load_served_model(entry: registry.ModelEntry, runtime: str = "tf-function") 
 
     model = registry.load_checked(entry)
     try:
-        runner = InferenceRunner(model, entry.spec, runtime=runtime, tta=entry.tta)
+        runner = InferenceRunner(model, entry.spec, runtime=runtime, tta=entry.tta,
+                                 precision=entry.precision)
     except RuntimeUnavailable as exc:
         raise registry.RegistryError(f"{entry.model_file}: cannot serve with --runtime "
                                      f"{runtime}: {exc}") from None
     runner.warm_up()
     return ServedModel(entry.version, runner, str(entry.model_file))
+
+
+def describe(served: ServedModel) -> str:
+    """How the model is run, for the logs: runtime, TTA and the precision really used."""
+    runner = served.runner
+    text = (f"model {served.version} ({served.source}) with the {runner.runtime} runtime, "
+            f"tta {runner.tta}, precision {runner.precision}")
+    if runner.precision_fallback:
+        text += f" (the version asks for bfloat16, but {runner.precision_fallback})"
+    return text
 
 
 def announce(served: ServedModel, previous: ServedModel | None = None) -> None:

@@ -32,6 +32,8 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 # How a version is run on each face: "flip" averages with the mirror image (2x compute).
 TTA_MODES = ("none", "flip")
+# The arithmetic a version is run in: bfloat16 halves the work on CPUs that do it natively.
+PRECISIONS = ("float32", "bfloat16")
 
 
 class RegistryError(Exception):
@@ -63,6 +65,15 @@ class ModelEntry:
             raise RegistryError(f"{self.path / METADATA_FILE}: 'tta' is {tta!r}, "
                                 f"expected one of {', '.join(TTA_MODES)}")
         return tta
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic the version is served and scored in (default float32)."""
+        precision = self.metadata.get("precision", "float32")
+        if precision not in PRECISIONS:
+            raise RegistryError(f"{self.path / METADATA_FILE}: 'precision' is {precision!r}, "
+                                f"expected one of {', '.join(PRECISIONS)}")
+        return precision
 
 
 def atomic_write(path: Path, text: str) -> None:
