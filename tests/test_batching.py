@@ -439,7 +439,7 @@ def test_bfloat16_falls_back_to_float32_where_the_cpu_would_emulate_it(tiny, mon
     monkeypatch.setattr(runtime, "native_bfloat16", lambda cpuinfo="": False)
     runner = runtime.InferenceRunner(model, entry.spec, precision="bfloat16")
     assert runner.precision == "float32" and "no native bfloat16" in runner.precision_fallback
-    assert runner.model is model
+    assert runner.model.compute_dtype == "float32"
     served = serving.ServedModel("tiny-bf16", runner, "model.keras")
     assert "precision float32 (the version asks for bfloat16, but this CPU has no native" \
         in serving.describe(served)
@@ -467,3 +467,69 @@ def test_a_versions_precision_comes_from_its_metadata_and_bad_values_are_named(t
     (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "precision": "int4"}))
     with pytest.raises(registry.RegistryError, match=r"metadata.json: 'precision' is 'int4'"):
         serving.load_served_model(registry.read_entry(folder))
+
+
+# --- the inference copy: training-only layers dropped, BatchNormalization folded -------------
+
+def _trained_looking(model):
+    """Give every BatchNormalization statistics far from the identity, as training does."""
+    rng = np.random.default_rng(11)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 0.5, n),
+                               rng.normal(0, 0.5, n), rng.uniform(0.2, 3, n)])
+    return model
+
+
+def test_folding_drops_training_layers_and_keeps_the_answers():
+    pytest.importorskip("tensorflow")
+    from services.classifier.optimize import fold_for_inference, for_inference
+    from training.models import compact
+
+    model = _trained_looking(compact(width=0.125, seed=1))
+    lean = fold_for_inference(model)
+    kinds = {type(layer).__name__ for layer in lean.layers}
+    assert not kinds & {"BatchNormalization", "Dropout", "Sequential"}, kinds
+    assert {type(layer).__name__ for layer in model.layers} >= {"BatchNormalization", "Sequential"}
+    assert lean.get_layer("stem1_conv").use_bias and not model.get_layer("stem1_conv").use_bias
+    x = np.random.default_rng(2).random((16, 48, 48, 1), dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(lean(x, training=False)),
+                               np.asarray(model(x, training=False)), atol=1e-5)
+    served, note = for_inference(model, x[:4])
+    assert served is not model and note == ""
+
+
+def test_a_convolution_with_other_consumers_keeps_its_batchnorm():
+    keras = pytest.importorskip("keras")
+    from services.classifier.optimize import fold_for_inference
+
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="shared")(inputs)
+    y = keras.layers.Add()([keras.layers.BatchNormalization(name="bn")(x), keras.layers.ReLU()(x)])
+    z = keras.layers.Dropout(0.5)(keras.layers.GlobalAveragePooling2D()(y))
+    model = _trained_looking(keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(z)))
+    lean = fold_for_inference(model)
+    names = [layer.name for layer in lean.layers]
+    assert "bn" in names and not lean.get_layer("shared").use_bias
+    assert not any(type(layer).__name__ == "Dropout" for layer in lean.layers)
+    x = np.random.default_rng(3).random((5, 8, 8, 2), dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(lean(x)), np.asarray(model(x)), atol=1e-6)
+
+
+def test_a_fold_that_changes_the_answers_is_not_served(tiny, monkeypatch):
+    from services.classifier import optimize
+    from training.models import compact
+
+    model = _trained_looking(compact(width=0.125, seed=1))
+    x = np.random.default_rng(4).random((4, 48, 48, 1), dtype=np.float32)
+    # a Sequential model is served as it is, without a note
+    entry, tiny_model = tiny
+    assert optimize.for_inference(tiny_model, x) == (tiny_model, "")
+    real = optimize._folded_weights
+    monkeypatch.setattr(optimize, "_folded_weights", lambda conv, bn: [w * 1.5 for w in real(conv, bn)])
+    served, note = optimize.for_inference(model, x)
+    assert served is model and "folding changed the answers" in note
+    monkeypatch.setattr(optimize, "fold_for_inference", lambda m: 1 / 0)
+    served, note = optimize.for_inference(model, x)
+    assert served is model and "served unfolded (ZeroDivisionError" in note

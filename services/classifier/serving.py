@@ -53,6 +53,8 @@ def describe(served: ServedModel) -> str:
             f"tta {runner.tta}, precision {runner.precision}")
     if runner.precision_fallback:
         text += f" (the version asks for bfloat16, but {runner.precision_fallback})"
+    if runner.fold_note:
+        text += f"; {runner.fold_note}"
     return text
 
 
