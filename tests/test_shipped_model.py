@@ -30,6 +30,7 @@ def test_current_names_a_complete_version():
         assert report.get("split", split) == split and report["n"] == 3589
         # scored the way the classifier serves it, so the model card's numbers are the served ones
         assert report.get("tta", "none") == entry.tta
+        assert report.get("precision", "float32") == entry.precision
         assert np.asarray(report["confusion_matrix"]).sum() == report["n"]
         assert (entry.path / f"confusion-{split}.png").read_bytes()[:4] == b"\x89PNG"
     assert entry.model_file.stat().st_size <= 20 * 2**20
