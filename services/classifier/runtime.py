@@ -5,21 +5,22 @@ around ``model(x, training=False)`` costs about two. Batches are padded up to a 
 fixed sizes so the function is traced once per size, never once per batch.
 
 Two runtimes: ``tf-function`` (the default) and ``tflite``, the same model converted to
-TensorFlow Lite with one interpreter per padded size: about twice the faces/s at batch 1
-on a CPU and the same at large batches (see bench/results), at the cost of a conversion
-when the model loads.
+TensorFlow Lite with one interpreter per padded size: for a float32 version about twice
+the faces/s at batch 1 on a CPU and the same at large batches (see bench/results), at the
+cost of a conversion when the model loads. TFLite runs float32 only, so a bfloat16
+version is faster on the default runtime.
 
 A version may also ask for flip test-time augmentation (``"tta": "flip"`` in its
 metadata): every face is run twice, as is and mirrored, and the two answers averaged.
 
 And it may ask to run in bfloat16 (``"precision": "bfloat16"``): on CPUs with native
-bfloat16 arithmetic (AVX512-BF16 or AMX) the convolutions then cost about half, while the
+bfloat16 arithmetic (AVX512-BF16 or AMX) that is about twice the faces/s, while the
 weights stay float32 and the softmax is computed in float32. Elsewhere bfloat16 would be
 emulated and slower, so the runner falls back to float32 and says why.
 
 Either way the runner serves an inference copy of the model (optimize.py): training-only
-layers dropped and BatchNormalization folded into the convolutions, the same answers
-for about 10 % less work in float32 and 40 % less in bfloat16.
+layers dropped and BatchNormalization folded into the convolutions: the same answers at
+about 1.1 times the faces/s in float32 and 1.4 times in bfloat16.
 """
 from __future__ import annotations
 
