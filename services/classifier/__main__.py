@@ -46,7 +46,8 @@ def build_parser():
                        "(with metadata.json beside it)")
     parser.option("--runtime", default="tf-function", choices=list(RUNTIMES),
                   help="tf-function: the Keras model behind tf.function; tflite: converted to "
-                       "TensorFlow Lite when loaded (about 2x faster at batch 1 on a CPU)")
+                       "TensorFlow Lite when loaded (about 2x faster at batch 1 on a CPU for "
+                       "float32 versions; always float32, so slower for a bfloat16 version)")
     parser.option("--max-batch", default=policy.max_batch, type=int, help="largest batch of faces")
     parser.option("--max-wait-ms", default=policy.max_wait_ms, type=float,
                   help="longest a face waits for its batch to fill")
