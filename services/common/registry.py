@@ -57,23 +57,22 @@ class ModelEntry:
         except (KeyError, TypeError, ValueError) as exc:
             raise RegistryError(f"{self.path / METADATA_FILE}: bad or missing 'input' spec ({exc})")
 
+    def _setting(self, key: str, choices: tuple, default: str) -> str:
+        value = self.metadata.get(key, default)
+        if value not in choices:
+            raise RegistryError(f"{self.path / METADATA_FILE}: {key!r} is {value!r}, "
+                                f"expected one of {', '.join(choices)}")
+        return value
+
     @property
     def tta(self) -> str:
         """Test-time augmentation the version is served and scored with (default none)."""
-        tta = self.metadata.get("tta", "none")
-        if tta not in TTA_MODES:
-            raise RegistryError(f"{self.path / METADATA_FILE}: 'tta' is {tta!r}, "
-                                f"expected one of {', '.join(TTA_MODES)}")
-        return tta
+        return self._setting("tta", TTA_MODES, "none")
 
     @property
     def precision(self) -> str:
         """The arithmetic the version is served and scored in (default float32)."""
-        precision = self.metadata.get("precision", "float32")
-        if precision not in PRECISIONS:
-            raise RegistryError(f"{self.path / METADATA_FILE}: 'precision' is {precision!r}, "
-                                f"expected one of {', '.join(PRECISIONS)}")
-        return precision
+        return self._setting("precision", PRECISIONS, "float32")
 
 
 def atomic_write(path: Path, text: str) -> None:
