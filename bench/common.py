@@ -135,14 +135,13 @@ def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]
 
 
 def load_runner(registry_dir: Path):
-    """The classifier's own loading path: (InferenceRunner as served, the version's float32
-    Keras model, spec); the runner's own model is in the precision it serves in."""
+    """The classifier's own loading path: (InferenceRunner as served, registry entry); the
+    runner's model is in the precision it serves in, the entry's file is the float32 one."""
     from services.classifier.serving import load_served_model
     from services.common import registry
 
     entry = registry.resolve(registry_dir)
-    served = load_served_model(entry)
-    return served.runner, registry.load_checked(entry), served.runner.spec
+    return load_served_model(entry).runner, entry
 
 
 # --- statistics ---------------------------------------------------------------------------

@@ -63,9 +63,11 @@ def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int,
                      batches=BATCHES) -> dict:
     """Faces/s per batch size for the classifier's runtime and the alternatives, side by side."""
     from services.classifier.runtime import InferenceRunner, RuntimeUnavailable, flip_averaged
+    from services.common import registry
     from services.common.preprocess import preprocess_faces
 
-    runner, model, spec = load_runner(registry_dir)
+    runner, entry = load_runner(registry_dir)
+    spec = runner.spec
     crops = face_crops(frames)
     inputs = preprocess_faces(crops, spec)
 
@@ -89,7 +91,7 @@ def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int,
            "runtimes": {}}
     try:
         # The classifier's --runtime tflite, on ready inputs (model only; always float32).
-        lite = InferenceRunner(model, spec, runtime="tflite", tta=runner.tta)
+        lite = InferenceRunner(registry.load_checked(entry), spec, runtime="tflite", tta=runner.tta)
         calls["tflite"] = lambda b: (lambda: lite.predict_inputs(inputs[:b]))
         out["tflite"] = {"converted": True,
                          "how": "TFLiteConverter.from_keras_model (the classifier's --runtime tflite)"}

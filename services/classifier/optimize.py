@@ -33,15 +33,20 @@ def _is_identity(layer: dict) -> bool:
     return False
 
 
+def _nodes(node, class_name: str) -> list:
+    """Every dict with this ``class_name`` inside a (JSON-like) Keras config."""
+    if isinstance(node, dict):
+        if node.get("class_name") == class_name:
+            return [node]
+        return [found for value in node.values() for found in _nodes(value, class_name)]
+    if isinstance(node, list):
+        return [found for value in node for found in _nodes(value, class_name)]
+    return []
+
+
 def _tensor_refs(node) -> list:
     """Every ``keras_history`` ([layer name, node, tensor]) in a layer's inbound nodes."""
-    if isinstance(node, dict):
-        if node.get("class_name") == "__keras_tensor__":
-            return [node["config"]["keras_history"]]
-        return [ref for value in node.values() for ref in _tensor_refs(value)]
-    if isinstance(node, list):
-        return [ref for value in node for ref in _tensor_refs(value)]
-    return []
+    return [tensor["config"]["keras_history"] for tensor in _nodes(node, "__keras_tensor__")]
 
 
 def _outputs(config: dict) -> list:
@@ -134,23 +139,12 @@ def for_inference(model, sample: np.ndarray):
 def in_bfloat16(model):
     """A copy of ``model`` computing in bfloat16, with float32 weights and a float32 last
     layer (Keras' mixed_bfloat16 policy), so the probabilities keep float32 resolution."""
-    config = model.get_config()
+    config = json.loads(json.dumps(model.get_config()))   # plain lists, editable
     last = model.layers[-1].name
-
-    def set_policy(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "DTypePolicy":
-                node["config"]["name"] = "mixed_bfloat16"
-                return
-            for value in node.values():
-                set_policy(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                set_policy(value)
-
     for layer in config["layers"]:
         if layer["config"].get("name") != last:
-            set_policy(layer)
+            for policy in _nodes(layer, "DTypePolicy"):
+                policy["config"]["name"] = "mixed_bfloat16"
     copy = model.__class__.from_config(config)
     copy.set_weights(model.get_weights())
     return copy
