@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--teacher-temperature", type=float, default=1.0,
                    help="soften the teachers' probabilities as p^(1/T), renormalised; raise "
                         "it for teachers that are very sure of the training faces")
+    t.add_argument("--ferplus", metavar="CSV",
+                   help="FER+ vote counts for the Training rows of a FER2013 CSV, in its order "
+                        "(Usage, Image name, neutral, ..., NF): learn from the taggers' vote "
+                        "shares mixed with the FER2013 labels")
+    t.add_argument("--ferplus-weight", type=float, default=0.5,
+                   help="share of each target taken from the FER+ votes; the rest is the label")
+    t.add_argument("--keep-not-faces", action="store_true",
+                   help="with --ferplus: keep the faces most taggers marked 'not a face'")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")

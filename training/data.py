@@ -50,6 +50,7 @@ class Split:
 
     faces: np.ndarray | list
     labels: np.ndarray
+    targets: np.ndarray | None = None  # soft training targets, one row of 7 per face
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,7 +60,12 @@ class Split:
             faces = self.faces[indices]
         else:
             faces = [self.faces[i] for i in indices]
-        return Split(faces, self.labels[indices])
+        targets = None if self.targets is None else self.targets[indices]
+        return Split(faces, self.labels[indices], targets)
+
+    def training_targets(self) -> np.ndarray:
+        """What the model learns from: the soft targets if any, else the one-hot labels."""
+        return one_hot(self.labels) if self.targets is None else self.targets
 
     def counts(self) -> list[int]:
         return np.bincount(self.labels, minlength=len(EMOTIONS)).tolist()
@@ -255,6 +261,80 @@ def _split_off(pool: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     val_mask = np.zeros(len(pool), bool)
     val_mask[np.asarray(val, np.int64)] = True
     return pool.subset(np.flatnonzero(~val_mask)), pool.subset(np.flatnonzero(val_mask))
+
+
+# --- FER+ votes --------------------------------------------------------------------------
+
+FERPLUS_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+                   "contempt", "unknown", "NF")
+# FER+ vote column -> our class index; contempt, unknown and NF have no class of ours.
+FERPLUS_CLASSES = {"anger": 0, "disgust": 1, "fear": 2, "happiness": 3, "sadness": 4,
+                   "surprise": 5, "neutral": 6}
+
+
+@dataclass
+class FerPlusVotes:
+    """The FER+ taggers' votes for the rows of one FER2013 split, in CSV order."""
+
+    votes: np.ndarray      # (N, 7) votes per class of ours
+    not_face: np.ndarray   # (N,) votes for "not a face"
+    total: np.ndarray      # (N,) all votes, contempt and unknown included
+
+
+def load_ferplus(path, split_name: str = TRAIN) -> FerPlusVotes:
+    """Read FER+ vote counts (``Usage, Image name, neutral, …, NF``) for one split."""
+    path = Path(path)
+    try:
+        f = open(path, newline="")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read FER+ votes ({exc.strerror})") from None
+    rows = []
+    with f:
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        missing = [c for c in ("Usage", *FERPLUS_COLUMNS) if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                            f"(expected Usage, Image name, {', '.join(FERPLUS_COLUMNS)})")
+        i_usage = header.index("Usage")
+        columns = [header.index(c) for c in FERPLUS_COLUMNS]
+        for row in reader:
+            line = reader.line_num
+            if not row or row[i_usage].strip() != split_name:
+                continue
+            try:
+                counts = [int(row[i]) for i in columns]
+            except (ValueError, IndexError):
+                raise DataError(f"{path}:{line}: vote counts must be integers "
+                                f"in columns {', '.join(FERPLUS_COLUMNS)}") from None
+            if min(counts) < 0:
+                raise DataError(f"{path}:{line}: negative vote count")
+            rows.append(counts)
+    if not rows:
+        raise DataError(f"{path}: no {split_name} rows")
+    table = np.asarray(rows, np.float32)
+    ours = [FERPLUS_COLUMNS.index(name) for name, _ in sorted(FERPLUS_CLASSES.items(),
+                                                              key=lambda kv: kv[1])]
+    return FerPlusVotes(table[:, ours], table[:, FERPLUS_COLUMNS.index("NF")], table.sum(1))
+
+
+def with_ferplus(split: Split, ferplus: FerPlusVotes, weight: float,
+                 drop_not_faces: bool) -> Split:
+    """``split`` with soft targets: ``weight`` x the FER+ vote shares over our 7 classes + the
+    rest x the FER2013 label. Rows without votes for our classes keep their label; with
+    ``drop_not_faces``, faces most taggers called "not a face" are left out."""
+    if len(ferplus.votes) != len(split):
+        raise DataError(f"FER+ votes for {len(ferplus.votes)} rows, the split has {len(split)}: "
+                        f"the vote file must list the rows of this dataset in its order")
+    if not 0 <= weight <= 1:
+        raise DataError(f"--ferplus-weight {weight}: must be between 0 and 1")
+    labels = one_hot(split.labels)
+    counted = ferplus.votes.sum(1, keepdims=True)
+    shares = np.divide(ferplus.votes, counted, out=labels.copy(), where=counted > 0)
+    mixed = Split(split.faces, split.labels, (weight * shares + (1 - weight) * labels).astype(np.float32))
+    if not drop_not_faces:
+        return mixed
+    return mixed.subset(np.flatnonzero(ferplus.not_face * 2 <= ferplus.total))
 
 
 # --- from faces to batches -------------------------------------------------------------

@@ -185,7 +185,14 @@ def prepare_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dic
 
 def load_splits(args) -> tuple[datasets.Dataset, datasets.Split, datasets.Split]:
     dataset = datasets.load_dataset(args.data, args.data_format, args.val_split, args.seed)
-    train = datasets.subsample(dataset.split(datasets.TRAIN), args.max_train, args.seed)
+    train = dataset.split(datasets.TRAIN)
+    if getattr(args, "ferplus", None):
+        before = len(train)
+        train = datasets.with_ferplus(train, datasets.load_ferplus(args.ferplus, datasets.TRAIN),
+                                      args.ferplus_weight, not args.keep_not_faces)
+        print(f"FER+ votes {args.ferplus}: weight {args.ferplus_weight}, "
+              f"{before - len(train)} training faces left out as not faces")
+    train = datasets.subsample(train, args.max_train, args.seed)
     val = datasets.subsample(dataset.split(datasets.VAL), args.max_val, args.seed)
     return dataset, train, val
 
@@ -225,7 +232,8 @@ def init_weights(model, spec: InputSpec, ref: str, root: Path) -> None:
 def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weight: float,
                     temperature: float) -> np.ndarray:
     """Distillation targets: ``weight`` x the teachers' mean flip-averaged probabilities
-    (softened as p^(1/T), renormalised) + the rest x the one-hot label, per face."""
+    (softened as p^(1/T), renormalised) + the rest x the split's own targets (the one-hot
+    label, or its mix with FER+ votes), per face."""
     if not 0 <= weight <= 1:
         raise RunError(f"--teacher-weight {weight}: must be between 0 and 1")
     if temperature <= 0:
@@ -241,7 +249,7 @@ def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weigh
               f"{np.mean(probs[-1].argmax(1) == split.labels):.1%}")
     soft = np.mean(probs, axis=0) ** (1.0 / temperature)
     soft /= soft.sum(axis=1, keepdims=True)
-    return (weight * soft + (1 - weight) * datasets.one_hot(split.labels)).astype(np.float32)
+    return (weight * soft + (1 - weight) * split.training_targets()).astype(np.float32)
 
 
 def cached_teacher_targets(out_dir: Path, args, split: datasets.Split, root: Path) -> np.ndarray:
@@ -279,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         indices = datasets.oversample_indices(train.labels, args.seed)
     elif args.balance == "class-weights":
         class_weights = datasets.balanced_class_weights(train.labels)
-    targets = None
+    targets = train.targets
     if getattr(args, "teacher", None):
         targets = cached_teacher_targets(out_dir, args, train, root)
     batches = Batches(train, spec, args.batch_size, shuffle=True, seed=args.seed,
