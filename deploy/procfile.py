@@ -1,5 +1,5 @@
 """Write the Procfile that `make run` hands to honcho: broker, capture, N detectors,
-M classifiers and the viewer, each replica with its own metrics port, each restarted
+M classifiers, the tracker and the viewer, each replica with its own metrics port, each restarted
 when it crashes (honcho itself stops everything on Ctrl-C).
 
     python deploy/procfile.py --source demo --detectors 2 --classifiers 2 > .run/Procfile
@@ -13,7 +13,8 @@ from pathlib import Path
 
 SUPERVISOR = Path(__file__).resolve().parent / "restart-on-crash.sh"
 
-METRICS_OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4}
+METRICS_OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4,
+                   "tracker": 5}
 REPLICA_PORT_STEP = 10   # detector replicas: 9102, 9112, 9122, ...
 
 
@@ -33,6 +34,7 @@ def procfile(python: str, source: str, detectors: int, classifiers: int,
         for i in range(count):
             name = service if count == 1 else f"{service}{i + 1}"
             lines.append(line(name, service, ports[service] + REPLICA_PORT_STEP * i))
+    lines.append(line("tracker", "tracker", ports["tracker"]))
     lines.append(line("viewer", "viewer", ports["viewer"]))
     return "\n".join(lines) + "\n"
 

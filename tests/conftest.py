@@ -41,7 +41,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_base_port(count: int = 8) -> int:
+def free_base_port(count: int = 10) -> int:
     """The first of ``count`` consecutive free ports."""
     for _ in range(200):
         base = random.randint(20000, 40000)

@@ -149,7 +149,7 @@ def cmdline(pid: int) -> str:
 class Runner:
     """What `make run` starts: honcho with the generated Procfile, on free ports."""
 
-    OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4}
+    OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4, "tracker": 5}
 
     def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
                  source: str = "demo"):

@@ -1,7 +1,7 @@
-"""The broker: binds the four channels every other service connects to.
+"""The broker: binds the five channels every other service connects to.
 
 Each channel is one of libzmq's own proxies (``zmq.proxy_steerable``) running in a
-thread: XSUB->XPUB for the fan-out channels (frames, results) and PULL->PUSH for the
+thread: XSUB->XPUB for the fan-out channels (frames, results, tracks) and PULL->PUSH for the
 work queues (detect, classify). Every proxy copies traffic to a capture socket, from
 which this process counts messages and bytes per channel. High-water marks are small,
 so an overloaded consumer makes producers drop work instead of queueing it.
@@ -39,6 +39,7 @@ log = logging.getLogger("broker")
 KEYS_POLL_S = 2.0   # how often the authorised client keys are checked for changes
 
 SOCKET_TYPES = {"frames": (zmq.XSUB, zmq.XPUB), "results": (zmq.XSUB, zmq.XPUB),
+                "tracks": (zmq.XSUB, zmq.XPUB),
                 "detect": (zmq.PULL, zmq.PUSH), "classify": (zmq.PULL, zmq.PUSH)}
 
 
@@ -51,7 +52,8 @@ def build_parser():
     parser.option("--fanout-hwm", default=bus.FANOUT_HWM, type=int,
                   help="high-water mark (messages per subscriber) of the frames channel")
     parser.option("--results-hwm", default=bus.RESULTS_HWM, type=int,
-                  help="high-water mark (messages per subscriber) of the results channel")
+                  help="high-water mark (messages per subscriber) of the results and tracks "
+                       "channels")
     return parser
 
 
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
         log.info("CurveZMQ on: %d authorised client key(s) in %s",
                  len(list(curve.clients.glob("*.key"))), curve.clients)
     stop = threading.Event()
-    hwms = {"frames": args.fanout_hwm, "results": args.results_hwm}
+    hwms = {"frames": args.fanout_hwm, "results": args.results_hwm, "tracks": args.results_hwm}
     channels = [Channel(ctx, name, addr, hwms.get(name, args.hwm),
                         curve, on_failure=stop.set) for name in bus.CHANNELS]
     counter = threading.Thread(target=count_messages, args=(ctx, list(bus.CHANNELS), stop),

@@ -1,12 +1,13 @@
 """How services reach the broker: channel ports, socket options, drop-not-block sends.
 
-The broker binds 8 consecutive ports starting at ``--base-port`` (default 5555):
+The broker binds 10 consecutive ports starting at ``--base-port`` (default 5555):
 
     channel   producers connect   consumers connect   pattern
     frames    base+0 (XSUB)       base+1 (XPUB)       fan-out, every viewer sees every frame
     detect    base+2 (PULL)       base+3 (PUSH)       queue, detector replicas share the work
     classify  base+4 (PULL)       base+5 (PUSH)       queue, classifier replicas share the work
     results   base+6 (XSUB)       base+7 (XPUB)       fan-out
+    tracks    base+8 (XSUB)       base+9 (XPUB)       fan-out (the tracker's output)
 
 With ``--curve-keys DIR`` every socket made here is a CurveZMQ client of the broker
 (encrypted, authenticated by its key pair; see services/common/keys.py).
@@ -21,8 +22,9 @@ import zmq
 from . import keys
 from .config import config_error
 
-CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6}
-FANOUT = ("frames", "results")
+CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6, "tracks": 8}
+FANOUT = ("frames", "results", "tracks")
+SMALL_MESSAGES = ("results", "tracks")   # fan-out channels of small messages, no images
 
 # Small high-water marks on the work queues: under overload old work is dropped, never
 # queued. Fan-out channels get more room, so a subscriber's brief hiccup costs nothing;
@@ -68,7 +70,7 @@ def client_address(service: str, host: str, base_port: int, curve_keys: str = ""
 
 
 def channel_hwm(channel: str) -> int:
-    if channel == "results":
+    if channel in SMALL_MESSAGES:
         return RESULTS_HWM
     return FANOUT_HWM if channel in FANOUT else DEFAULT_HWM
 

@@ -59,7 +59,7 @@ def service_parser(name: str, description: str, metrics_port: int,
         parser.option("--broker-host", default="127.0.0.1",
                       help="host name or address of the broker")
     parser.option("--base-port", default=5555, type=int,
-                  help="first of the broker's 8 consecutive ports (see docs/protocol.md)")
+                  help="first of the broker's 10 consecutive ports (see docs/protocol.md)")
     parser.option("--metrics-port", default=metrics_port, type=int,
                   help="port of the Prometheus /metrics endpoint (0 = none)")
     parser.option("--metrics-host", default="127.0.0.1",

@@ -29,7 +29,10 @@ PROTOCOL_VERSION = 1
 KIND_FRAME = "frame"      # capture -> frames, detect
 KIND_FACES = "faces"      # detector -> classify
 KIND_RESULT = "result"    # classifier -> results
-KINDS = (KIND_FRAME, KIND_FACES, KIND_RESULT)
+KIND_TRACKS = "tracks"    # tracker -> tracks: a frame's results with track ids and smoothing
+KIND_EVENT = "event"      # tracker -> tracks: a track started, changed emotion or ended
+KINDS = (KIND_FRAME, KIND_FACES, KIND_RESULT, KIND_TRACKS, KIND_EVENT)
+EVENTS = ("track_started", "emotion_changed", "track_ended")
 
 ENCODING_JPEG = "jpeg"
 ENCODING_BGR = "bgr"
@@ -43,6 +46,7 @@ MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_FACES = 256
 MAX_CROP_SIZE = 512
 MAX_STREAM_ID = 128
+MAX_TRACK_ID = 32
 
 
 class Rejected(ValueError):
@@ -69,6 +73,63 @@ class FaceResult:
 
 
 @dataclass
+class TrackedFace(FaceResult):
+    """A face of a ``tracks`` message: the classifier's answer plus its track's view of it.
+    ``track`` is None while a new face waits to be confirmed as a track."""
+
+    track: str | None = None
+    smoothed_label: str = ""
+    smoothed_scores: list[float] = field(default_factory=list)
+    age_s: float = 0.0
+
+    @property
+    def smoothed_confidence(self) -> float:
+        """The smoothed probability of the smoothed label."""
+        return self.smoothed_scores[EMOTIONS.index(self.smoothed_label)]
+
+    def to_wire(self) -> dict:
+        return {**super().to_wire(), "track": self.track, "smoothed_label": self.smoothed_label,
+                "smoothed_scores": list(self.smoothed_scores), "age_s": self.age_s}
+
+
+@dataclass
+class TrackSummary:
+    """What a ``track_ended`` event says about the whole track."""
+
+    start: float                 # capture time of its first and last frame (unix seconds)
+    end: float
+    frames: int
+    dominant: str                # the smoothed emotion shown for the longest time
+    mean_scores: list[float]     # mean raw probabilities over its frames
+    shares: list[float]          # share of its time per smoothed emotion, EMOTIONS order
+
+    def to_wire(self) -> dict:
+        return {"start": self.start, "end": self.end, "frames": self.frames,
+                "dominant": self.dominant, "mean_scores": list(self.mean_scores),
+                "shares": list(self.shares)}
+
+
+@dataclass
+class TrackEvent:
+    """``track_started``, ``emotion_changed`` (``previous`` -> ``label``) or ``track_ended``."""
+
+    name: str
+    track: str
+    time: float                  # capture time of the frame where it happened
+    label: str                   # the smoothed label at that moment
+    previous: str = ""           # emotion_changed: the label before
+    summary: TrackSummary | None = None   # track_ended only
+
+    def to_wire(self) -> dict:
+        wire = {"name": self.name, "track": self.track, "time": self.time, "label": self.label}
+        if self.name == "emotion_changed":
+            wire["previous"] = self.previous
+        if self.summary is not None:
+            wire["summary"] = self.summary.to_wire()
+        return wire
+
+
+@dataclass
 class Header:
     """Everything about a message except the pixel payloads."""
 
@@ -83,6 +144,7 @@ class Header:
     crop_size: int = 0               # faces messages: each crop is crop_size^2 BGR
     results: list[FaceResult] = field(default_factory=list)
     model: str = ""                  # result messages: model version that answered
+    event: TrackEvent | None = None  # event messages
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict:
@@ -90,13 +152,15 @@ class Header:
                 "width": self.width, "height": self.height, "ts": self.timestamps}
         if self.kind == KIND_FRAME:
             wire["encoding"] = self.encoding
-        if self.kind in (KIND_FACES, KIND_RESULT):
+        if self.kind in (KIND_FACES, KIND_RESULT, KIND_TRACKS):
             wire["boxes"] = [list(b) for b in self.boxes]
         if self.kind == KIND_FACES:
             wire["crop_size"] = self.crop_size
-        if self.kind == KIND_RESULT:
+        if self.kind in (KIND_RESULT, KIND_TRACKS):
             wire["results"] = [r.to_wire() for r in self.results]
             wire["model"] = self.model
+        if self.kind == KIND_EVENT:
+            wire["event"] = self.event.to_wire()
         return wire
 
 
@@ -181,6 +245,12 @@ def decode(parts: Sequence, expect_kind: str | None = None) -> tuple[Header, lis
     header = Header(kind=kind, stream=stream, seq=seq, width=width, height=height,
                     timestamps=timestamps)
     payloads = list(parts[2:])
+    if kind in (KIND_RESULT, KIND_TRACKS, KIND_EVENT) and payloads:
+        raise Rejected("frames", f"{kind} message with {len(payloads)} payloads, expected 0")
+
+    if kind == KIND_EVENT:
+        header.event = _event(_field(wire, "event", dict))
+        return header, payloads
 
     if kind == KIND_FRAME:
         header.encoding = _field(wire, "encoding", str)
@@ -212,8 +282,6 @@ def decode(parts: Sequence, expect_kind: str | None = None) -> tuple[Header, lis
                 raise Rejected("size", f"crop of {_payload_len(part)} bytes, expected {want}")
         return header, payloads
 
-    if payloads:
-        raise Rejected("frames", f"result message with {len(payloads)} payloads, expected 0")
     header.model = _field(wire, "model", str)
     results = _field(wire, "results", list)
     if len(results) != len(header.boxes):
@@ -221,15 +289,73 @@ def decode(parts: Sequence, expect_kind: str | None = None) -> tuple[Header, lis
     for item in results:
         if not isinstance(item, dict):
             raise Rejected("field", "result entry is not a map")
-        label = _field(item, "label", str)
-        scores = _field(item, "scores", list)
-        if label not in EMOTIONS or len(scores) != len(EMOTIONS):
-            raise Rejected("field", f"result label {label!r} / {len(scores)} scores")
-        header.results.append(FaceResult(
-            box=_box(_field(item, "box", list), width, height), label=label,
+        face = FaceResult(
+            box=_box(_field(item, "box", list), width, height),
+            label=_emotion(_field(item, "label", str), "label"),
             confidence=_finite(_field(item, "confidence", (int, float)), "confidence"),
-            scores=[_finite(s, "scores") for s in scores]))
+            scores=_scores(_field(item, "scores", list), "scores"))
+        if kind == KIND_TRACKS:
+            face = _tracked_face(face, item)
+        header.results.append(face)
     return header, payloads
+
+
+def _emotion(value: str, name: str) -> str:
+    if value not in EMOTIONS:
+        raise Rejected("field", f"field {name!r}: {value[:32]!r} is not one of {', '.join(EMOTIONS)}")
+    return value
+
+
+def _scores(values: list, name: str) -> list[float]:
+    if len(values) != len(EMOTIONS):
+        raise Rejected("field", f"field {name!r} has {len(values)} numbers, expected {len(EMOTIONS)}")
+    return [_finite(v, name) for v in values]
+
+
+def _track_id(value, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TRACK_ID:
+        raise Rejected("field", f"track id {str(value)[:40]!r} is not a string of 1 to "
+                                f"{MAX_TRACK_ID} characters")
+    return value
+
+
+def _tracked_face(face: FaceResult, item: dict) -> TrackedFace:
+    age = _finite(_field(item, "age_s", (int, float)), "age_s")
+    if age < 0:
+        raise Rejected("field", f"negative track age {age}")
+    if "track" not in item:
+        raise Rejected("field", "missing field 'track'")
+    return TrackedFace(
+        box=face.box, label=face.label, confidence=face.confidence, scores=face.scores,
+        track=_track_id(item["track"], optional=True),
+        smoothed_label=_emotion(_field(item, "smoothed_label", str), "smoothed_label"),
+        smoothed_scores=_scores(_field(item, "smoothed_scores", list), "smoothed_scores"),
+        age_s=age)
+
+
+def _event(wire: dict) -> TrackEvent:
+    name = _field(wire, "name", str)
+    if name not in EVENTS:
+        raise Rejected("field", f"event {name[:32]!r} is not one of {', '.join(EVENTS)}")
+    event = TrackEvent(name=name, track=_track_id(_field(wire, "track", str)),
+                       time=_finite(_field(wire, "time", (int, float)), "time"),
+                       label=_emotion(_field(wire, "label", str), "label"))
+    if name == "emotion_changed":
+        event.previous = _emotion(_field(wire, "previous", str), "previous")
+    if name == "track_ended":
+        summary = _field(wire, "summary", dict)
+        frames = _field(summary, "frames", int)
+        if frames < 0:
+            raise Rejected("field", f"negative frame count {frames}")
+        event.summary = TrackSummary(
+            start=_finite(_field(summary, "start", (int, float)), "summary.start"),
+            end=_finite(_field(summary, "end", (int, float)), "summary.end"), frames=frames,
+            dominant=_emotion(_field(summary, "dominant", str), "summary.dominant"),
+            mean_scores=_scores(_field(summary, "mean_scores", list), "summary.mean_scores"),
+            shares=_scores(_field(summary, "shares", list), "summary.shares"))
+    return event
 
 
 def jpeg_size(data) -> tuple[int, int] | None:

@@ -88,11 +88,14 @@ def main(argv=None) -> int:
         sockets.append(frames)
         results = bus.consumer(ctx, address, "results")
         sockets.append(results)
+        tracks = bus.consumer(ctx, address, "tracks")
+        sockets.append(tracks)
         viewer = Viewer(settings, hub, metrics.RejectLog(SERVICE, log), windows)
-        log.info("web page on http://%s:%s/ ; frames from %s, results from %s; delay %d ms",
-                 args.http_host, server.server_address[1], address.endpoint("frames", "out"),
-                 address.endpoint("results", "out"), args.delay_ms)
-        run_loop(viewer, frames, results, stop)
+        log.info("web page on http://%s:%s/ ; frames from %s, results from %s, tracks from %s; "
+                 "delay %d ms", args.http_host, server.server_address[1],
+                 address.endpoint("frames", "out"), address.endpoint("results", "out"),
+                 address.endpoint("tracks", "out"), args.delay_ms)
+        run_loop(viewer, frames, results, stop, tracks)
     except zmq.ZMQError as exc:
         log.error("cannot reach the broker at %s:%s: %s", args.broker_host, args.base_port, exc)
         return 1

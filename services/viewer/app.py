@@ -17,7 +17,8 @@ from prometheus_client import Counter, Histogram
 
 from services.common import metrics
 from services.common.bus import age_seconds
-from services.common.protocol import KIND_FRAME, KIND_RESULT, Rejected, decode, decode_image
+from services.common.protocol import (KIND_FRAME, KIND_RESULT, KIND_TRACKS, Rejected, decode,
+                                      decode_image)
 
 from .draw import draw_results
 from .hub import StreamHub
@@ -28,6 +29,7 @@ SERVICE = "viewer"
 POLL_MS = 50                 # longest the loop sleeps; bounds shutdown and timeout latency
 DRAIN_LIMIT = 256            # messages taken from one socket per pass before compositing
 EXPIRE_EVERY_S = 1.0
+TRACKED_FOR_S = 2.0          # a stream with tracks this recent shows them instead of raw results
 
 FRAMES_SHOWN = Counter("emotion_viewer_frames_total", "Composited frames shown, per stream",
                        ["stream"])
@@ -66,6 +68,7 @@ class Viewer:
         self._clock = clock
         self._wall_clock = wall_clock
         self._next_expiry = clock() + EXPIRE_EVERY_S
+        self._tracked: dict[str, float] = {}    # stream -> when its latest tracks arrived
         self.joiner = FrameJoiner(settings.delay_s, settings.buffer_frames, settings.max_streams,
                                   settings.idle_s,
                                   on_drop=lambda reason, n: metrics.drop(SERVICE, reason, n))
@@ -89,7 +92,27 @@ class Viewer:
         except Rejected as error:
             self._rejects(error)
             return
-        if self.joiner.add_result(header, self._clock()):
+        now = self._clock()
+        if now - self._tracked.get(header.stream, -1e9) < TRACKED_FOR_S:
+            return                          # the tracker's view of this frame is drawn instead
+        if self.joiner.add_result(header, now):
+            RESULTS_RECEIVED.labels(header.stream).inc()
+
+    def on_tracks(self, parts: list) -> None:
+        """A message of the tracker's: ``tracks`` are drawn like results (with ids and
+        smoothed labels); track events are not the viewer's business."""
+        try:
+            header, _ = decode(parts)
+        except Rejected as error:
+            self._rejects(error)
+            return
+        if header.kind != KIND_TRACKS:
+            if header.kind != "event":
+                self._rejects(Rejected("kind", f"message kind {header.kind!r} on the tracks channel"))
+            return
+        now = self._clock()
+        if self.joiner.add_result(header, now):
+            self._tracked[header.stream] = now
             RESULTS_RECEIVED.labels(header.stream).inc()
 
     def flush(self) -> int:
@@ -100,6 +123,7 @@ class Viewer:
             self._next_expiry = now + EXPIRE_EVERY_S
             for stream in self.joiner.expire(now):
                 self._forget(stream)
+                self._tracked.pop(stream, None)
         return sum(self.composite(item) for item in self.joiner.ready(now))
 
     def _forget(self, stream: str) -> None:
@@ -162,13 +186,17 @@ def _drain(sock: zmq.Socket, handle: Callable[[list], None]) -> None:
 
 
 def run_loop(viewer: Viewer, frames: zmq.Socket, results: zmq.Socket,
-             stop: threading.Event) -> None:
-    """Poll both channels until ``stop`` is set (or 'q' in a native window)."""
+             stop: threading.Event, tracks: zmq.Socket | None = None) -> None:
+    """Poll the channels until ``stop`` is set (or 'q' in a native window)."""
     poller = zmq.Poller()
     poller.register(frames, zmq.POLLIN)
     poller.register(results, zmq.POLLIN)
+    if tracks is not None:
+        poller.register(tracks, zmq.POLLIN)
     while not stop.is_set():
         ready = dict(poller.poll(viewer.poll_timeout_ms()))
+        if tracks is not None and tracks in ready:
+            _drain(tracks, viewer.on_tracks)
         if results in ready:
             _drain(results, viewer.on_result)
         if frames in ready:

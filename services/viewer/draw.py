@@ -1,12 +1,14 @@
-"""Draws the classifier's answers onto a frame: boxes, "Label 87%" tags and a footer."""
+"""Draws the classifier's answers onto a frame: boxes, "Label 87%" tags (``#3 Happy 82%``
+from the smoothed label for tracked faces) and a footer."""
 from __future__ import annotations
 
+import zlib
 from typing import Sequence
 
 import cv2
 import numpy as np
 
-from services.common.protocol import FaceResult
+from services.common.protocol import FaceResult, TrackedFace
 
 # BGR; chosen so that neighbouring emotions are easy to tell apart on screen.
 EMOTION_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -19,7 +21,16 @@ EMOTION_COLOURS: dict[str, tuple[int, int, int]] = {
     "Neutral": (185, 185, 185),
 }
 UNKNOWN_COLOUR = (255, 255, 255)
+# Tracked faces are drawn in a colour of their own, so that people can be told apart.
+TRACK_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
+                 (213, 94, 0), (204, 121, 167), (120, 220, 120))
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def track_colour(track: str) -> tuple[int, int, int]:
+    """The same colour for a track id in every frame (ids count up, so neighbours differ)."""
+    key = int(track) if track.isdigit() else zlib.crc32(track.encode("utf-8"))
+    return TRACK_COLOURS[key % len(TRACK_COLOURS)]
 
 
 def _ascii(text: str) -> str:
@@ -59,11 +70,17 @@ def _draw_face(out: np.ndarray, result: FaceResult, scale: float, thickness: int
     x, y, w, h = (int(v) for v in result.box)
     x0, y0 = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
     x1, y1 = min(max(x + w - 1, 0), width - 1), min(max(y + h - 1, 0), height - 1)
-    colour = EMOTION_COLOURS.get(result.label, UNKNOWN_COLOUR)
+    label, confidence = result.label, result.confidence
+    colour = EMOTION_COLOURS.get(label, UNKNOWN_COLOUR)
+    prefix = ""
+    if isinstance(result, TrackedFace) and result.track is not None:
+        label, confidence = result.smoothed_label, result.smoothed_confidence
+        colour = track_colour(result.track)
+        prefix = f"#{result.track} "
     cv2.rectangle(out, (x0, y0), (x1, y1), colour, thickness, cv2.LINE_AA)
 
-    percent = round(min(max(result.confidence, 0.0), 1.0) * 100)
-    text = _ascii(f"{result.label} {percent}%")
+    percent = round(min(max(confidence, 0.0), 1.0) * 100)
+    text = _ascii(f"{prefix}{label} {percent}%")
     (tw, th), baseline = cv2.getTextSize(text, FONT, scale, 1)
     pad = max(2, th // 4)
     tag_h = th + baseline + 2 * pad

@@ -13,7 +13,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from services.common.protocol import FaceResult
+from services.common.protocol import FaceResult, TrackedFace
 
 
 class StreamClosed(Exception):
@@ -179,6 +179,10 @@ class StreamHub:
             "last_seq": state.seq,
             "labels": [{"label": r.label, "confidence": round(r.confidence, 4),
                         "box": list(r.box)} for r in state.results],
+            "tracks": [{"track": r.track, "label": r.smoothed_label,
+                        "confidence": round(r.smoothed_confidence, 4), "box": list(r.box),
+                        "age_s": r.age_s} for r in state.results
+                       if isinstance(r, TrackedFace) and r.track is not None],
             "model": state.model,
             "late_frames": state.late,
             "e2e_latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
