@@ -22,8 +22,10 @@ COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 open('requirements-base.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
 open('requirements-ml.txt', 'w').write('\n'.join(p['optional-dependencies']['ml']) + '\n')"
+COPY deploy/nodeps.py ./
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --only-binary=:all: -r requirements-base.txt
+ && /opt/venv/bin/pip install --only-binary=:all: -r requirements-base.txt \
+ && /opt/venv/bin/pip install --only-binary=:all: --no-deps $(python nodeps.py pyproject.toml)
 
 # wheel: the project itself, as a wheel.
 FROM deps AS wheel

@@ -28,6 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[ml,run,test]"
+	$(PY) -m pip install --quiet --no-deps $$($(PY) deploy/nodeps.py)
 	touch $@
 
 install: $(VENV)/.installed

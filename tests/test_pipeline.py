@@ -156,8 +156,10 @@ def test_make_run_with_replicas_and_ctrl_c(tmp_path, tiny_registry):
         assert metric_sum(runner.scrape("viewer"), "emotion_viewer_frames_total", stream="main") > 0
         assert sum(metric_sum(runner.scrape("classifier", i), "emotion_classifier_faces_total")
                    for i in range(2)) > 0
+        wait_for(lambda: metric_sum(runner.scrape("tracker") or {}, "emotion_tracker_results_total") > 0,
+                 10, what="the tracker to take results")
     finally:
         took, processes = runner.ctrl_c()
-    assert len(processes) >= 7, f"expected 7 services, saw {len(processes)} processes"
+    assert len(processes) >= 8, f"expected 8 services, saw {len(processes)} processes"
     wait_for(lambda: not any(alive(p) for p in processes), 5, what="every service to exit")
     assert took < 5.0, f"Ctrl-C took {took:.1f} s"

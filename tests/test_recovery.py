@@ -11,6 +11,7 @@ from conftest import wait_for
 from harness import Collector, Runner, alive
 
 pytestmark = pytest.mark.slow
+STAGES = ("detector", "classifier", "tracker", "capture", "broker", "viewer")
 
 
 @pytest.mark.timeout(420)
@@ -18,6 +19,8 @@ def test_every_stage_survives_kill_9(tmp_path, tiny_registry):
     runner = Runner(tmp_path, tiny_registry, detectors=2)
     results = Collector(runner.addr, "results")
     results.start()
+    tracks = Collector(runner.addr, "tracks")
+    tracks.start()
     try:
         wait_for(lambda: runner.scrape("classifier"), 120, what="the classifier to start")
 
@@ -26,11 +29,16 @@ def test_every_stage_survives_kill_9(tmp_path, tiny_registry):
             return next((at for at, h in reversed(results.arrivals)
                          if h.results and h.timestamps["capture"] > since), None)
 
+        def fresh_track(since: float):
+            """A tracked face of a frame captured after ``since``, from the tracker."""
+            return next((at for at, h in reversed(tracks.arrivals) if h.kind == "tracks"
+                         and any(f.track for f in h.results)
+                         and h.timestamps["capture"] > since), None)
+
         wait_for(lambda: fresh_result(time.time() - 1), 60, what="results before any crash")
-        for service in ("detector", "classifier", "capture", "broker", "viewer"):
+        for service in STAGES:
             victim = runner.service_pids(service)[0]
-            others = {pid for name in ("broker", "capture", "detector", "classifier", "viewer")
-                      for pid in runner.service_pids(name)} - {victim}
+            others = {pid for name in STAGES for pid in runner.service_pids(name)} - {victim}
             os.kill(victim, signal.SIGKILL)
             wait_for(lambda: not alive(victim), 5, what=f"{service} to die")
             replacement = wait_for(lambda: [p for p in runner.service_pids(service)
@@ -44,9 +52,13 @@ def test_every_stage_survives_kill_9(tmp_path, tiny_registry):
                      what=f"results within 5 s of the restarted {service} being ready")
             assert others <= {p for p in others if alive(p)}, f"killing {service} took others down"
             assert replacement
+            if service == "tracker":
+                wait_for(lambda: fresh_track(ready), 10, interval=0.1,
+                         what="tracks from the restarted tracker")
             if service == "viewer":
                 shown = runner.scrape("viewer")
                 assert shown is not None
     finally:
         results.close()
+        tracks.close()
         runner.ctrl_c()

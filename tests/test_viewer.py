@@ -22,9 +22,9 @@ import zmq
 
 from conftest import free_port, metric_samples, metric_sum, wait_for
 from services.common.protocol import (EMOTIONS, ENCODING_BGR, FaceResult, Header, Rejected,
-                                      encode)
+                                      TrackedFace, TrackEvent, encode)
 from services.viewer.app import Viewer, ViewerSettings
-from services.viewer.draw import EMOTION_COLOURS, draw_results
+from services.viewer.draw import EMOTION_COLOURS, draw_results, track_colour
 from services.viewer.hub import RateMeter, StreamClosed, StreamHub
 from services.viewer.join import FrameJoiner
 from services.viewer.web import render_page, start_web_server, stop_web_server
@@ -334,6 +334,44 @@ def test_viewer_composites_frames_with_labels_into_the_hub():
     assert status["labels"][0]["label"] == "Happy" and status["model"] == "test-v1"
     assert status["e2e_latency_p50_ms"] is not None
     assert rejects == []
+
+
+def tracks_header(seq, track="3", smoothed="Happy", stream="cam"):
+    raw = face("Fear", 0.5)
+    smoothed_scores = [0.02] * len(EMOTIONS)
+    smoothed_scores[EMOTIONS.index(smoothed)] = 0.82
+    tracked = TrackedFace(raw.box, raw.label, raw.confidence, raw.scores, track, smoothed,
+                          smoothed_scores, 4.0)
+    return Header(kind="tracks", stream=stream, seq=seq, width=WIDTH, height=HEIGHT,
+                  timestamps={}, boxes=[tracked.box], results=[tracked], model="test-v1")
+
+
+def test_viewer_draws_tracks_with_ids_and_smoothed_labels_instead_of_raw_results():
+    viewer, hub, rejects = make_viewer()
+    source = source_image()
+    viewer.on_tracks(encode(tracks_header(0)))
+    viewer.on_result(encode(result_header(0, [face("Sad")])))    # the raw view: not drawn
+    viewer.on_tracks(encode(Header(kind="event", stream="cam", seq=0, width=WIDTH, height=HEIGHT,
+                                   event=TrackEvent("track_started", "3", 0.0, "Happy"))))
+    viewer.on_frame(encode(frame_header(1, capture=time.time()), [jpeg_of(source)]))
+    assert viewer.flush() == 1
+    status = hub.status()["streams"]["cam"]
+    assert status["tracks"] == [{"track": "3", "label": "Happy", "confidence": 0.82,
+                                 "box": list(BOX), "age_s": 4.0}]
+    assert status["labels"][0]["label"] == "Fear"
+    annotated = cv2.imdecode(np.frombuffer(hub.snapshot("cam"), np.uint8), cv2.IMREAD_COLOR)
+    assert box_border_difference(annotated, source) > 30
+    viewer.on_tracks(encode(result_header(2, [face("Sad")])))     # a result on the tracks channel
+    assert rejects == ["kind"]
+
+
+def test_tracked_faces_are_drawn_with_their_id_and_colour():
+    image = source_image()
+    tracked = tracks_header(0).results[0]
+    drawn = draw_results(image, [tracked], "m")
+    untracked = draw_results(image, [face("Happy", 0.82)], "m")
+    assert track_colour("3") != track_colour("4") and track_colour("3") == track_colour("3")
+    assert np.abs(drawn.astype(int) - untracked.astype(int)).sum() > 0   # "#3 " and colour
 
 
 def test_viewer_accepts_raw_bgr_frames():
