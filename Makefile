@@ -1,6 +1,7 @@
 # make run   -- start the whole pipeline locally (no Docker) and print the viewer URL
 # make test  -- install what the tests need and run the fast test suite
 # make bench -- throughput/latency benchmarks vs the fer package (BENCH_ARGS=--quick: smoke run)
+# make bench-tracking -- the tracker: label stability, id switches, faces/s (bench/results/tracking.md)
 # make compose-test -- build the Docker images and smoke-test docker-compose.yml on a running engine
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -14,13 +15,14 @@ BENCH_ARGS ?=
 SOAK_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test test-all train soak help clean compose-test bench
+.PHONY: install run test test-all train soak help clean compose-test bench bench-tracking
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
 	@echo "make test      fast test suite"
 	@echo "make compose-test   build the images, start the compose stack and smoke-test it (needs Docker)"
 	@echo "make bench [BENCH_ARGS='--quick --media DIR']   benchmarks -> bench/results/"
+	@echo "make bench-tracking   tracker benchmark -> bench/results/tracking.md"
 	@echo "make train ARGS='--data data/fer2013/fer2013.csv ...'"
 	@echo "make soak [SOAK_ARGS='--duration 120']   overload + soak run (not part of make test)"
 
@@ -56,6 +58,10 @@ soak: install
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-tracking: install
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m bench.tracking $(BENCH_ARGS)
 
 clean:
 	rm -rf .run .pytest_cache

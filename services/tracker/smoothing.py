@@ -17,7 +17,7 @@ from services.common.protocol import EMOTIONS, TrackSummary
 
 @dataclass(frozen=True)
 class SmoothingSettings:
-    half_life_s: float = 0.4     # a frame's weight halves after this much capture time
+    half_life_s: float = 0.2     # a frame's weight halves after this much capture time
     hysteresis: float = 0.1      # lead in smoothed probability a new label needs
 
     def __post_init__(self):
