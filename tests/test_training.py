@@ -555,3 +555,91 @@ def test_half_written_hidden_version_is_not_listed(tmp_path):
     make_version(root, "v1")
     make_version(root, ".v2.tmp-abc")
     assert [e.path.name for e in registry.list_versions(root)] == ["v1"]
+
+
+# --- evaluate on a whole folder, FER+ votes --------------------------------------------------
+
+def test_evaluate_scores_every_image_of_a_plain_class_folder(trained, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    counts = [5, 2, 4, 6, 3, 4, 7]
+    for label, n in enumerate(counts):
+        for i in range(n):
+            write_image(tmp_path / "faces" / EMOTIONS[label].lower() / f"{i}.png",
+                        rng.integers(0, 256, (48, 48), np.uint8))
+    out_json = tmp_path / "eval.json"
+    common = ["evaluate", "--model", "v1", "--registry", str(trained["root"]), "--data",
+              str(tmp_path / "faces"), "--bench-seconds", "0"]
+    assert main([*common, "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    assert report["split"] == "all" and report["n"] == sum(counts) == 31
+    assert np.asarray(report["confusion_matrix"]).sum(axis=1).tolist() == counts
+    assert "[all]: n = 31 faces" in capsys.readouterr().out
+    # the hold-out is still there on request, and a CSV keeps PublicTest as its default
+    assert main([*common, "--split", "PublicTest", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["n"] == 2     # 10 % per class, rounded
+    assert main(["evaluate", "--model", "v1", "--registry", str(trained["root"]), "--data",
+                 str(trained["csv"]), "--bench-seconds", "0", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["split"] == "PublicTest"
+    assert main(["evaluate", "--model", "v1", "--registry", str(trained["root"]), "--data",
+                 str(trained["csv"]), "--bench-seconds", "0", "--split", "all",
+                 "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["n"] == 98
+
+
+FERPLUS_HEADER = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n"
+
+
+def test_ferplus_votes_become_soft_targets_and_not_faces_are_left_out(tmp_path):
+    votes = tmp_path / "ferplus.csv"
+    votes.write_text(FERPLUS_HEADER
+                     + "Training,a.png,0,10,0,0,0,0,0,0,0,0\n"     # all Happy
+                     + "Training,b.png,5,0,0,0,5,0,0,0,0,0\n"      # half Neutral, half Angry
+                     + "Training,c.png,0,0,0,0,0,0,0,0,2,8\n"      # not a face
+                     + "Training,,0,0,0,0,0,0,0,2,8,0\n"           # no votes for our classes
+                     + "PublicTest,e.png,10,0,0,0,0,0,0,0,0,0\n")
+    split = data.Split(np.zeros((4, 48, 48), np.uint8), np.array([3, 6, 0, 2]))
+    ferplus = data.load_ferplus(votes)
+    assert ferplus.votes.shape == (4, 7) and ferplus.not_face.tolist() == [0, 0, 8, 0]
+    mixed = data.with_ferplus(split, ferplus, weight=0.5, drop_not_faces=True)
+    assert len(mixed) == 3 and mixed.labels.tolist() == [3, 6, 2]
+    expected_b = np.zeros(7)
+    expected_b[[0, 6]] = 0.25
+    expected_b[6] += 0.5
+    assert np.allclose(mixed.targets[0], np.eye(7)[3])
+    assert np.allclose(mixed.targets[1], expected_b)
+    assert np.allclose(mixed.targets[2], np.eye(7)[2])         # label kept where no votes count
+    assert np.allclose(mixed.training_targets().sum(axis=1), 1)
+    assert np.allclose(mixed.subset(np.array([1])).targets[0], expected_b)
+    kept = data.with_ferplus(split, ferplus, weight=1.0, drop_not_faces=False)
+    assert len(kept) == 4
+
+
+def test_ferplus_problems_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(FERPLUS_HEADER + "Training,a.png,0,x,0,0,0,0,0,0,0,0\n")
+    with pytest.raises(DataError, match=r"bad.csv:2: vote counts must be integers"):
+        data.load_ferplus(bad)
+    bad.write_text("Usage,neutral\nTraining,1\n")
+    with pytest.raises(DataError, match=r"bad.csv:1: missing column\(s\) happiness"):
+        data.load_ferplus(bad)
+    with pytest.raises(DataError, match="cannot read FER\\+ votes"):
+        data.load_ferplus(tmp_path / "missing.csv")
+    ok = tmp_path / "ok.csv"
+    ok.write_text(FERPLUS_HEADER + "Training,a.png,0,10,0,0,0,0,0,0,0,0\n")
+    split = data.Split(np.zeros((2, 48, 48), np.uint8), np.array([3, 6]))
+    with pytest.raises(DataError, match="FER\\+ votes for 1 rows, the split has 2"):
+        data.with_ferplus(split, data.load_ferplus(ok), 0.5, True)
+
+
+def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsys):
+    votes = tmp_path / "votes.csv"
+    votes.write_text(FERPLUS_HEADER + "".join(
+        f"Training,{i}.png,{i % 3},{10 - i % 3},0,0,0,0,0,0,0,{15 if i == 5 else 0}\n" for i in range(70)))
+    assert main(["train", "--data", str(trained["csv"]), "--ferplus", str(votes), "--arch",
+                 "compact", "--width", "0.125", "--epochs", "1", "--batch-size", "16",
+                 "--version", "fp", "--registry", str(tmp_path / "models"), "--out-dir",
+                 str(tmp_path / "run"), "--bench-seconds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "1 training faces left out as not faces" in out and "training on 69" in out
+    meta = json.loads((tmp_path / "models" / "fp" / "metadata.json").read_text())
+    assert meta["training"]["ferplus"] == str(votes) and meta["training"]["ferplus_weight"] == 0.5

@@ -116,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'current', a registry version, a version directory, or a .keras file "
                         "with metadata.json beside it")
     _data_options(e, required=True)
-    e.add_argument("--split", default="PublicTest", choices=("Training", "PublicTest", "PrivateTest"),
-                   help="report PrivateTest only once, for the final model")
+    e.add_argument("--split", choices=("Training", "PublicTest", "PrivateTest", "all"),
+                   help="the split to score; all: every face of the dataset. Default: all for "
+                        "a folder of class folders without split folders, else PublicTest. "
+                        "Report PrivateTest only once, for the final model")
     e.add_argument("--tta", choices=TTA_MODES,
                    help="flip: average with the horizontally mirrored face (default: the "
                         "version's own 'tta' setting, none for most)")

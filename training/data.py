@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = "Training", "PublicTest", "PrivateTest"
 SPLITS = (TRAIN, VAL, TEST)
+ALL = "all"   # every face of the dataset, whatever split it is in
 FER_SIZE = 48
 FER_COLUMNS = ("emotion", "pixels", "Usage")
 
@@ -77,7 +78,11 @@ class Dataset:
     format: str
     splits: dict[str, Split] = field(default_factory=dict)
 
+    pooled: bool = False   # a folder of class folders only: its splits are drawn from one pool
+
     def split(self, name: str) -> Split:
+        if name == ALL:
+            return concatenate([s for s in self.splits.values() if len(s)])
         if name not in self.splits or len(self.splits[name]) == 0:
             have = ", ".join(f"{k} ({len(v)})" for k, v in self.splits.items()) or "none"
             raise DataError(f"{self.path}: split {name!r} has no rows (splits here: {have})")
@@ -202,7 +207,19 @@ def load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
     else:
         pool = _load_class_folders(root)
         dataset.splits[TRAIN], dataset.splits[VAL] = _split_off(pool, val_fraction, seed)
+        dataset.pooled = True
     return dataset
+
+
+def concatenate(splits: list[Split]) -> Split:
+    """One split holding the faces of several (arrays where the sizes allow, else a list)."""
+    if len(splits) == 1:
+        return splits[0]
+    labels = np.concatenate([s.labels for s in splits])
+    if all(isinstance(s.faces, np.ndarray) for s in splits) and \
+            len({s.faces.shape[1:] for s in splits}) == 1:
+        return Split(np.concatenate([s.faces for s in splits]), labels)
+    return Split([face for s in splits for face in s.faces], labels)
 
 
 def _load_class_folders(folder: Path) -> Split:

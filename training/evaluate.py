@@ -19,7 +19,7 @@ from services.common import registry
 from services.common.preprocess import InputSpec
 from services.common.protocol import EMOTIONS
 
-from .data import Split, load_dataset, model_inputs
+from .data import ALL, VAL, Split, load_dataset, model_inputs
 
 BATCH = 64
 
@@ -208,6 +208,7 @@ def run(args) -> int:
     entry = resolve_model(args.model, Path(args.registry))
     model = registry.load_checked(entry)
     dataset = load_dataset(args.data, args.data_format, args.val_split, args.seed)
+    args.split = args.split or (ALL if dataset.pooled else VAL)
     split = dataset.split(args.split)
     try:
         report = evaluate_split(model, entry.spec, split, tta=args.tta or entry.tta,
@@ -217,7 +218,7 @@ def run(args) -> int:
         raise registry.RegistryError(f"{entry.model_file}: --runtime {args.runtime}: {exc}") from None
     report = {"model": str(entry.model_file), "version": entry.version, "data": str(args.data),
               "split": args.split, **report}
-    print(f"{entry.version} on {args.data} [{args.split}]")
+    print(f"{entry.version} on {args.data} [{args.split}]: n = {len(split)} faces")
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
