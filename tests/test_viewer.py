@@ -529,6 +529,73 @@ def test_web_serves_only_its_paths_with_correct_headers(web):
         assert headers["X-Content-Type-Options"] == "nosniff"
 
 
+def test_dashboard_page_loads_script_and_style_only_from_the_viewer(web):
+    hub, base = web
+    hub.publish("cam", jpeg_of(source_image()), seq=1, results=[face()], model="m1")
+    status, headers, body = get(base + "/")
+    csp = headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "unsafe" not in csp
+    page = body.decode()
+    assert '<script src="/static/dashboard.js" defer></script>' in page
+    assert page.count("<script") == 1 and "<style" not in page and " style=" not in page
+    assert 'data-stream="cam"' in page and 'class="timeline"' in page and "data-recorder" not in page
+    for path, kind in (("/static/dashboard.js", "text/javascript"), ("/static/dashboard.css", "text/css")):
+        status, headers, body = get(base + path)
+        assert status == 200 and headers["Content-Type"].startswith(kind) and len(body) > 500
+        assert b"http://" not in body and b"https://" not in body        # no CDN
+    assert get(base + "/static/nope.js")[0] == 404
+    linked = render_page(["cam"], recorder_url="http://127.0.0.1:8081/")
+    assert 'data-recorder="http://127.0.0.1:8081"' in linked
+
+
+def test_panel_reports_tracks_or_raw_faces_and_a_numbered_timeline():
+    now = [100.0]
+    hub = StreamHub(clock=lambda: now[0])
+    hub.publish("cam", b"jpeg", seq=1, results=[face("Sad", 0.6)], model="m1", latency_s=0.03)
+    raw = hub.panel("cam")
+    assert raw["source"] == "classifier" and raw["model"] == "m1" and raw["latency_ms"] == 30.0
+    assert raw["faces"] == [{"track": None, "label": "Sad", "confidence": 0.6,
+                             "scores": face("Sad", 0.6).scores, "age_s": None}]
+    assert raw["emotions"] == list(EMOTIONS) and len(raw["timeline"]) == 1
+    assert raw["timeline"][0]["shares"][EMOTIONS.index("Sad")] == 0.6
+    for step in range(1, 11):                        # 2 s of frames at 20 fps
+        now[0] = 100.0 + step * 0.2
+        hub.publish("cam", b"jpeg", seq=1 + step, results=tracks_header(step).results, model="m1")
+    panel = hub.panel("cam")
+    assert panel["source"] == "tracker"
+    assert panel["faces"][0] == {"track": "3", "label": "Happy", "confidence": 0.82,
+                                 "scores": tracks_header(0).results[0].smoothed_scores,
+                                 "age_s": 4.0}
+    numbers = [p["n"] for p in panel["timeline"]]
+    assert numbers == list(range(1, len(numbers) + 1)) and 4 <= len(numbers) <= 6
+    assert [p["n"] for p in hub.panel("cam", after_point=numbers[-2])["timeline"]] == numbers[-1:]
+    assert panel["timeline"][-1]["shares"][EMOTIONS.index("Happy")] == 0.82
+    hub.publish("cam", b"jpeg", seq=20, results=[], model="m1")
+    assert hub.panel("cam")["faces"] == [] and hub.panel("other") is None
+
+
+def test_events_stream_json_updates_to_a_reading_client(web):
+    hub, base = web
+    jpeg = jpeg_of(source_image())
+    hub.publish("cam", jpeg, seq=0, results=[face("Happy")], model="m1")
+    assert get(base + "/events/nope")[0] == 404
+    with urllib.request.urlopen(base + "/events/cam", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = []
+        seq = 1
+        while len(events) < 3:
+            hub.publish("cam", jpeg, seq=seq, results=[face("Happy")], model="m1")
+            seq += 1
+            line = response.readline()
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+        assert all(e["stream"] == "cam" and e["faces"][0]["label"] == "Happy" for e in events)
+        # each timeline point is sent once: the first update has the history, later ones news
+        sent = [p["n"] for e in events for p in e["timeline"]]
+        assert len(sent) == len(set(sent))
+    assert wait_for(lambda: hub.status()["mjpeg_clients"] == 0, 5, what="the client slot back")
+
+
 def read_mjpeg_parts(response, count: int) -> list[bytes]:
     """Read ``count`` JPEG parts of a multipart/x-mixed-replace response."""
     parts = []

@@ -35,6 +35,9 @@ def build_parser() -> ServiceParser:
                   help="drop frames captured longer ago than this when they arrive (0 = never)")
     parser.option("--max-streams", default=16, type=int,
                   help="most streams shown at once; further streams are dropped")
+    parser.option("--recorder-url", default="",
+                  help="where the recorder's HTTP API answers (e.g. http://127.0.0.1:8081): the "
+                       "dashboard links each stream to its history there (empty = no links)")
     parser.option("--window", default=False, type=bool,
                   help="also open a native OpenCV window per stream ('q' quits); needs a "
                        "display and opencv-python (not -headless)")
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
     hub = StreamHub(delay_ms=args.delay_ms)
     try:
         metrics.serve_metrics(args.metrics_port, args.metrics_host)
-        server, _ = start_web_server(args.http_host, args.http_port, hub)
+        server, _ = start_web_server(args.http_host, args.http_port, hub, args.recorder_url)
     except OSError as exc:
         log.error("cannot listen (metrics port %s, web %s:%s): %s", args.metrics_port,
                   args.http_host, args.http_port, exc)

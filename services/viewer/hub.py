@@ -2,7 +2,8 @@
 
 The loop publishes one annotated JPEG per shown frame; every MJPEG client thread waits on
 its stream's condition for the next one, so a slow client skips frames instead of
-queueing them, and a fast one never busy-waits.
+queueing them, and a fast one never busy-waits. The dashboard's event clients wait the
+same way and read :meth:`StreamHub.panel`: the faces now and a rolling 60-second timeline.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from services.common.protocol import FaceResult, TrackedFace
+from services.common.protocol import EMOTIONS, FaceResult, TrackedFace
+
+TIMELINE_S = 60.0            # the dashboard's rolling timeline
+TIMELINE_STEP_S = 0.5        # one timeline point per stream this often
 
 
 class StreamClosed(Exception):
@@ -53,6 +57,8 @@ class _StreamState:
     removed: bool = False
     meter: RateMeter = field(default_factory=RateMeter)
     latencies: deque = field(init=False)
+    timeline: deque = field(default_factory=lambda: deque(maxlen=int(TIMELINE_S / TIMELINE_STEP_S)))
+    points: int = 0                 # timeline points made so far (numbers them for clients)
 
     def __post_init__(self):
         self.latencies = deque(maxlen=self.latency_window)
@@ -93,6 +99,9 @@ class StreamHub:
             state.meter.tick(now)
             if latency_s is not None:
                 state.latencies.append(latency_s)
+            if not state.timeline or now - state.timeline[-1][1] >= TIMELINE_STEP_S:
+                state.points += 1
+                state.timeline.append((state.points, now, emotion_shares(state.results)))
             state.condition.notify_all()
 
     def fps(self, stream: str) -> float:
@@ -125,6 +134,34 @@ class StreamHub:
             if state.number <= after:
                 return None
             return state.number, state.jpeg, state.seq
+
+    def wait_update(self, stream: str, after: int, timeout: float) -> int | None:
+        """The stream's picture number once it exceeds ``after``; None on timeout. Raises
+        :class:`StreamClosed` like :meth:`wait_frame`."""
+        frame = self.wait_frame(stream, after, timeout)
+        return None if frame is None else frame[0]
+
+    def panel(self, stream: str, after_point: int = 0) -> dict | None:
+        """What the dashboard shows of a stream now: its faces (tracked, with smoothed labels,
+        or raw), rates, and the timeline points numbered above ``after_point``."""
+        now = self._clock()
+        with self._lock:
+            state = self._streams.get(stream)
+            if state is None:
+                return None
+            p50 = statistics.median(state.latencies) if state.latencies else None
+            return {
+                "stream": stream,
+                "model": state.model,
+                "fps": round(state.meter.rate(now), 1),
+                "latency_ms": None if p50 is None else round(p50 * 1000, 1),
+                "source": "tracker" if any(isinstance(r, TrackedFace) for r in state.results)
+                          else "classifier",
+                "faces": [_face_panel(r) for r in state.results],
+                "emotions": list(EMOTIONS),
+                "timeline": [{"n": n, "age_s": round(now - t, 2), "shares": shares}
+                             for n, t, shares in state.timeline if n > after_point],
+            }
 
     def remove(self, stream: str) -> None:
         """Forget a stream; its clients' streams end."""
@@ -188,3 +225,23 @@ class StreamHub:
             "e2e_latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "last_frame_age_s": round(now - state.shown_at, 3),
         }
+
+
+def _face_panel(result: FaceResult) -> dict:
+    """One face for the dashboard: the tracker's smoothed view where there is one."""
+    if isinstance(result, TrackedFace) and result.track is not None:
+        return {"track": result.track, "label": result.smoothed_label,
+                "confidence": round(result.smoothed_confidence, 3),
+                "scores": [round(v, 3) for v in result.smoothed_scores], "age_s": result.age_s}
+    return {"track": None, "label": result.label, "confidence": round(result.confidence, 3),
+            "scores": [round(v, 3) for v in result.scores], "age_s": None}
+
+
+def emotion_shares(results: list[FaceResult]) -> list[float]:
+    """The stream's mood at one moment: the mean (smoothed, where tracked) probabilities of
+    its faces; all zero without faces."""
+    if not results:
+        return [0.0] * len(EMOTIONS)
+    rows = [r.smoothed_scores if isinstance(r, TrackedFace) and r.track is not None else r.scores
+            for r in results]
+    return [round(sum(col) / len(rows), 3) for col in zip(*rows)]

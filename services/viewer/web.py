@@ -1,8 +1,11 @@
-"""The viewer's HTTP face: an HTML page, MJPEG streams, snapshots, status and health.
+"""The viewer's HTTP face: an HTML page, MJPEG streams, a live dashboard, snapshots,
+status and health.
 
 Standard library only. MJPEG (``multipart/x-mixed-replace``) plays in a plain ``<img>``
-in every browser without any script, so the page has none. Only the listed paths exist;
-everything else is a 404.
+in every browser without any script. Beside each stream, a dashboard panel (the faces now,
+their emotion bars, a rolling 60-second timeline) is drawn by ``static/dashboard.js`` from
+Server-Sent Events at ``/events/<stream>``; the page's Content-Security-Policy allows
+scripts from the viewer itself only. Only the listed paths exist; everything else is a 404.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import json
 import logging
 import socket
 import threading
+import time
 from http import HTTPStatus
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
 
@@ -21,43 +26,45 @@ BOUNDARY = "frame"
 CLIENT_TIMEOUT_S = 10.0      # a client that stops reading is dropped after this long
 WAIT_SLICE_S = 1.0           # how often a waiting MJPEG client re-checks for shutdown
 HEALTHY_LOOP_AGE_S = 5.0     # /healthz fails when the compositing loop stalls this long
+EVENT_INTERVAL_S = 0.1       # at most 10 dashboard updates a second per client
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_FILES = {"/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+                "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
 
 log = logging.getLogger("viewer.web")
 
-PAGE_STYLE = """
-body { margin: 0; font: 15px/1.4 system-ui, sans-serif; background: #16181d; color: #e6e6e6; }
-header { padding: 14px 24px; background: #20232a; border-bottom: 1px solid #2e323b; }
-h1 { margin: 0; font-size: 18px; font-weight: 600; }
-header p { margin: 4px 0 0; color: #9aa0aa; font-size: 13px; }
-main { display: flex; flex-wrap: wrap; gap: 20px; padding: 20px 24px; }
-figure { margin: 0; background: #20232a; border-radius: 8px; overflow: hidden;
-         box-shadow: 0 2px 8px rgba(0, 0, 0, .35); }
-figure img { display: block; max-width: min(100%, 960px); height: auto; }
-figcaption { padding: 8px 12px; font-size: 13px; color: #b8bec8; }
-a { color: #7fb4ff; }
-.empty { color: #9aa0aa; }
-"""
-
-PAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"
+PAGE_CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def render_page(streams: list[str]) -> str:
-    """The index page; stream ids are escaped for HTML and quoted for URLs."""
-    figures = []
+def render_page(streams: list[str], recorder_url: str = "") -> str:
+    """The index page; stream ids are escaped for HTML and quoted for URLs. Each stream gets
+    its picture and an empty dashboard panel that dashboard.js fills from /events/<stream>."""
+    sections = []
+    recorder = f' data-recorder="{html.escape(recorder_url.rstrip("/"))}"' if recorder_url else ""
     for stream in streams:
         label, path = html.escape(stream), html.escape(quote(stream, safe=""))
-        figures.append(
+        sections.append(
+            f'<section class="stream" data-stream="{label}"{recorder}>'
             f'<figure><img src="/stream/{path}.mjpg" alt="live view of {label}">'
             f'<figcaption>{label} &middot; <a href="/snapshot/{path}.jpg">snapshot</a>'
-            f"</figcaption></figure>")
+            f"</figcaption></figure>"
+            f'<aside class="panel" aria-label="emotions in {label}">'
+            f'<p class="meta">waiting for the first update&hellip;</p>'
+            f'<ol class="faces" aria-live="polite"></ol>'
+            f'<h2>Last 60 seconds</h2>'
+            f'<canvas class="timeline" width="480" height="150" role="img" '
+            f'aria-label="share of each emotion in {label} over the last 60 seconds"></canvas>'
+            f'<ul class="legend"></ul></aside></section>')
     empty = '<p class="empty">No streams yet; this page reloads until one arrives.</p>'
-    body = "\n".join(figures) or empty
+    body = "\n".join(sections) or empty
     refresh = "" if streams else '<meta http-equiv="refresh" content="2">'
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{refresh}'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>Emotion viewer</title><style>{PAGE_STYLE}</style></head><body>"
-            "<header><h1>Emotion viewer</h1><p>Live streams with the classifier's labels. "
-            'Reload for new streams &middot; <a href="/status.json">status</a></p></header>'
+            '<title>Emotion viewer</title><link rel="stylesheet" href="/static/dashboard.css">'
+            '<script src="/static/dashboard.js" defer></script></head><body>'
+            "<header><h1>Emotion viewer</h1><p>Live streams, the people in them and how they "
+            'feel. Reload for new streams &middot; <a href="/status.json">status</a></p></header>'
             f"<main>{body}</main></body></html>\n")
 
 
@@ -91,8 +98,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         try:
             if path == "/":
-                self._send(render_page(hub.streams()).encode(), "text/html; charset=utf-8",
-                           {"Content-Security-Policy": PAGE_CSP})
+                self._send(render_page(hub.streams(), self.server.recorder_url).encode(),
+                           "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_CSP})
+            elif path in STATIC_FILES:
+                name, content_type = STATIC_FILES[path]
+                self._send((STATIC / name).read_bytes(), content_type)
             elif path == "/status.json":
                 self._send(json.dumps(hub.status(), indent=1).encode(), "application/json")
             elif path == "/healthz":
@@ -108,6 +118,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
                     self._send(jpeg, "image/jpeg")
             elif (stream := _stream_id(path, "/stream/", ".mjpg")) is not None:
                 self._mjpeg(stream)
+            elif path.startswith("/events/") and len(path) > len("/events/"):
+                self._events(unquote(path[len("/events/"):], errors="strict"))
             else:
                 self._not_found()
         except UnicodeDecodeError:
@@ -147,6 +159,46 @@ class ViewerHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._write_parts(hub, stream)
 
+    def _events(self, stream: str) -> None:
+        """Server-Sent Events: the stream's dashboard panel as JSON after each new picture, at
+        most every EVENT_INTERVAL_S; a comment line when nothing changed, so a client that
+        went away is noticed. Shares the client limit with the MJPEG streams."""
+        hub = self.server.hub
+        if hub.snapshot(stream) is None:
+            self._not_found()
+            return
+        with hub.client_slot() as granted:
+            if not granted:
+                self._send(b"too many viewers\n", "text/plain; charset=utf-8",
+                           status=HTTPStatus.SERVICE_UNAVAILABLE)
+                return
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            number = point = 0
+            while True:
+                try:
+                    update = hub.wait_update(stream, number, WAIT_SLICE_S)
+                except StreamClosed:
+                    return
+                if update is None:
+                    self.wfile.write(b": idle\n\n")
+                    self.wfile.flush()
+                    continue
+                sent = time.monotonic()
+                number = update
+                panel = hub.panel(stream, point)
+                if panel is None:
+                    return
+                if panel["timeline"]:
+                    point = panel["timeline"][-1]["n"]
+                self.wfile.write(b"data: " + json.dumps(panel).encode() + b"\n\n")
+                self.wfile.flush()
+                time.sleep(max(0.0, EVENT_INTERVAL_S - (time.monotonic() - sent)))
+
     def _write_parts(self, hub: StreamHub, stream: str) -> None:
         """Write each new picture of the stream until it ends, the client leaves or we stop."""
         number = 0
@@ -169,8 +221,9 @@ class ViewerHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], hub: StreamHub):
+    def __init__(self, address: tuple[str, int], hub: StreamHub, recorder_url: str = ""):
         self.hub = hub
+        self.recorder_url = recorder_url
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ViewerHandler)
@@ -179,10 +232,10 @@ class ViewerHTTPServer(ThreadingHTTPServer):
         log.warning("HTTP request from %s failed", client_address, exc_info=True)
 
 
-def start_web_server(host: str, port: int,
-                     hub: StreamHub) -> tuple[ViewerHTTPServer, threading.Thread]:
+def start_web_server(host: str, port: int, hub: StreamHub,
+                     recorder_url: str = "") -> tuple[ViewerHTTPServer, threading.Thread]:
     """Bind (raises OSError when the port is taken) and serve in a background thread."""
-    server = ViewerHTTPServer((host, port), hub)
+    server = ViewerHTTPServer((host, port), hub, recorder_url)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                               name="viewer-http", daemon=True)
     thread.start()

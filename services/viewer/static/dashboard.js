@@ -1,0 +1,135 @@
+// The viewer's dashboard: fills each stream's panel from the Server-Sent Events of
+// /events/<stream> (see services/viewer/web.py). Plain JavaScript, no build step, no
+// library. Every label is written as text; colours only repeat it.
+"use strict";
+
+const COLOURS = {
+  Angry: "#dc2828", Disgust: "#3c9628", Fear: "#9646aa", Happy: "#ffd200",
+  Sad: "#1e78c8", Surprise: "#00d2dc", Neutral: "#b9b9b9",
+};
+const WINDOW_S = 60;
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function percent(value) {
+  return Math.round(value * 100) + "%";
+}
+
+function faceItem(face, emotions, recorder, stream) {
+  const item = element("li", "face");
+  const title = element("div", "face-title");
+  const name = face.track === null ? "new face" : "#" + face.track;
+  title.append(element("span", "who", name + " " + face.label + " " + percent(face.confidence)));
+  if (face.age_s !== null) {
+    title.append(element("span", "since", Math.round(face.age_s) + " s on screen"));
+  }
+  item.append(title);
+  const bars = element("div", "bars");
+  emotions.forEach((emotion, i) => {
+    bars.append(element("span", "emotion", emotion));
+    const bar = element("div", "bar");
+    const fill = element("span");
+    fill.style.width = percent(face.scores[i]);
+    fill.style.background = COLOURS[emotion] || "#fff";
+    bar.append(fill);
+    bars.append(bar, element("span", "pct", percent(face.scores[i])));
+  });
+  item.append(bars);
+  if (recorder && face.track !== null) {
+    const link = element("a", "history", "history");
+    link.href = recorder + "/api/tracks?stream=" + encodeURIComponent(stream);
+    item.append(link);
+  }
+  return item;
+}
+
+function drawTimeline(canvas, points, emotions) {
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height;
+  ctx.clearRect(0, 0, w, h);
+  ctx.fillStyle = "#6b717c";
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.fillText("-60 s", 4, h - 4);
+  ctx.fillText("now", w - 26, h - 4);
+  const plot = h - 16;
+  const x = (age) => w - (age / WINDOW_S) * w;
+  for (let k = 0; k < points.length - 1; k++) {
+    const a = points[k], b = points[k + 1];
+    let lowA = 0, lowB = 0;
+    emotions.forEach((emotion, i) => {
+      const highA = lowA + a.shares[i], highB = lowB + b.shares[i];
+      ctx.fillStyle = COLOURS[emotion] || "#fff";
+      ctx.beginPath();
+      ctx.moveTo(x(a.age), plot * (1 - lowA));
+      ctx.lineTo(x(a.age), plot * (1 - highA));
+      ctx.lineTo(x(b.age), plot * (1 - highB));
+      ctx.lineTo(x(b.age), plot * (1 - lowB));
+      ctx.closePath();
+      ctx.fill();
+      lowA = highA;
+      lowB = highB;
+    });
+  }
+  canvas.dataset.points = String(points.length);
+}
+
+function watch(section) {
+  const stream = section.dataset.stream;
+  const recorder = section.dataset.recorder || "";
+  const meta = section.querySelector(".meta");
+  const faces = section.querySelector(".faces");
+  const canvas = section.querySelector(".timeline");
+  const legend = section.querySelector(".legend");
+  let points = [];      // {n, at: client time of the point, shares}
+  let emotions = [];
+  let lastUpdate = 0;
+
+  const source = new EventSource("/events/" + encodeURIComponent(stream));
+  source.onmessage = (message) => {
+    const panel = JSON.parse(message.data);
+    const now = Date.now() / 1000;
+    lastUpdate = now;
+    if (emotions.length === 0) {
+      emotions = panel.emotions;
+      emotions.forEach((emotion) => {
+        const entry = element("li");
+        const swatch = element("i");
+        swatch.style.background = COLOURS[emotion] || "#fff";
+        entry.append(swatch, document.createTextNode(emotion));
+        legend.append(entry);
+      });
+    }
+    const latency = panel.latency_ms === null ? "-" : panel.latency_ms + " ms";
+    const from = panel.source === "tracker" ? "tracked, smoothed" : "raw, no tracker running";
+    meta.textContent = "model " + (panel.model || "-") + " · " + panel.fps + " fps · latency "
+      + latency + " · " + from;
+    meta.classList.remove("stale");
+    faces.replaceChildren(...(panel.faces.length
+      ? panel.faces.map((face) => faceItem(face, emotions, recorder, stream))
+      : [element("li", "face", "no face in the picture")]));
+    panel.timeline.forEach((p) => {
+      if (!points.length || p.n > points[points.length - 1].n) {
+        points.push({n: p.n, at: now - p.age_s, shares: p.shares});
+      }
+    });
+    points = points.filter((p) => now - p.at <= WINDOW_S);
+    drawTimeline(canvas, points.map((p) => ({age: now - p.at, shares: p.shares})), emotions);
+  };
+  source.onerror = () => {
+    meta.textContent = "connection lost, retrying…";
+    meta.classList.add("stale");
+  };
+  setInterval(() => {
+    if (lastUpdate && Date.now() / 1000 - lastUpdate > 3) {
+      meta.textContent = "no update for " + Math.round(Date.now() / 1000 - lastUpdate) + " s";
+      meta.classList.add("stale");
+    }
+  }, 1000);
+}
+
+document.querySelectorAll("section.stream").forEach(watch);
