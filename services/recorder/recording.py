@@ -180,6 +180,8 @@ class Recording:
                    "smoothed_scores": rounded(face.smoothed_scores)}
             changed = face.smoothed_label != state.last_label
             if changed or not self.interval or t - state.last_kept >= self.interval - 1e-6:
+                if state.pending is not None:
+                    self.counts.sampled_out += 1
                 self.batch.observations.append((state, row))
                 state.last_kept, state.pending = t, None
                 self.counts.kept += 1
