@@ -58,23 +58,22 @@ function drawTimeline(canvas, points, emotions) {
   ctx.fillText("now", w - 26, h - 4);
   const plot = h - 16;
   const x = (age) => w - (age / WINDOW_S) * w;
-  for (let k = 0; k < points.length - 1; k++) {
-    const a = points[k], b = points[k + 1];
-    let lowA = 0, lowB = 0;
-    emotions.forEach((emotion, i) => {
-      const highA = lowA + a.shares[i], highB = lowB + b.shares[i];
+  let below = points.map(() => 0);
+  emotions.forEach((emotion, i) => {
+    // one band per emotion: along its top edge, then back along its bottom edge
+    const above = points.map((p, k) => below[k] + p.shares[i]);
+    if (points.length > 1) {
       ctx.fillStyle = COLOURS[emotion] || "#fff";
       ctx.beginPath();
-      ctx.moveTo(x(a.age), plot * (1 - lowA));
-      ctx.lineTo(x(a.age), plot * (1 - highA));
-      ctx.lineTo(x(b.age), plot * (1 - highB));
-      ctx.lineTo(x(b.age), plot * (1 - lowB));
+      points.forEach((p, k) => ctx.lineTo(x(p.age), plot * (1 - above[k])));
+      for (let k = points.length - 1; k >= 0; k--) {
+        ctx.lineTo(x(points[k].age), plot * (1 - below[k]));
+      }
       ctx.closePath();
       ctx.fill();
-      lowA = highA;
-      lowB = highB;
-    });
-  }
+    }
+    below = above;
+  });
   canvas.dataset.points = String(points.length);
 }
 
