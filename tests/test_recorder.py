@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 
 import msgpack
 import pytest
@@ -346,22 +345,33 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def any_client(tmp_path_factory):
+    """Parameter checks come before any query: one SQLite database serves them all."""
+    engine = store.make_engine(str(tmp_path_factory.mktemp("params") / "recorder.db"))
+    store.migrate(engine)
+    record(engine, person("main", "1", T0, 1.0))
+    yield TestClient(create_app(engine, clock=lambda: T0 + 60))
+    engine.dispose()
+
+
 @pytest.mark.parametrize("path, name, values", BAD, ids=[f"{p}?{n}" for p, n, _ in BAD])
-def test_api_bad_parameters_are_4xx_naming_the_parameter(client, path, name, values):
+def test_api_bad_parameters_are_4xx_naming_the_parameter(any_client, path, name, values):
     for value in values:
-        response = client.get(path, params={name: value})
+        response = any_client.get(path, params={name: value})
         assert 400 <= response.status_code < 500, (name, value, response.text)
         assert name in response.json()["detail"], (name, value, response.text)
 
 
 @pytest.mark.parametrize("path", ["/api/tracks/abc", "/api/tracks/-1", "/api/tracks/1.5",
                                   "/api/tracks/99999999999999999999", "/api/tracks/abc/timeline.png"])
-def test_api_bad_track_ids_are_4xx(client, path):
-    response = client.get(path)
+def test_api_bad_track_ids_are_4xx(any_client, path):
+    response = any_client.get(path)
     assert 400 <= response.status_code < 500 and "track_id" in response.json()["detail"]
 
 
-def test_api_until_before_since_and_long_stream_ids(client):
+def test_api_until_before_since_and_long_stream_ids(any_client):
+    client = any_client
     assert client.get("/api/tracks", params={"since": "100", "until": "50"}).status_code == 400
     assert client.get("/api/streams/" + "x" * 200 + "/summary").status_code == 400
 
@@ -393,4 +403,3 @@ def test_a_long_export_streams_in_pages(sqlite):
     with client.stream("GET", "/api/tracks/1", params={"format": "jsonl"}) as response:
         lines = [line for line in response.iter_lines() if line]
     assert len(lines) == 2500 and json.loads(lines[-1])["seq"] == 2499
-    logging.getLogger().info("exported %d", len(lines))

@@ -234,9 +234,9 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    log.info("recording %s into %s (%s), API on http://%s:%d", addr.endpoint("tracks", "out"),
-             engine.url.render_as_string(hide_password=True), engine.dialect.name,
-             args.api_host, args.api_port)
+    log.info("recording %s into %s; API %s", addr.endpoint("tracks", "out"),
+             engine.url.render_as_string(hide_password=True),
+             f"on http://{args.api_host}:{args.api_port} (/docs)" if api else "off")
     run_loop(service, tracks, stop)
     if api is not None:
         api.should_exit = True
