@@ -1,6 +1,7 @@
 # Images for emotion-stream. One Dockerfile, two targets:
 #
-#   base  broker, capture, detector, viewer      numpy, OpenCV (headless), pyzmq, ...  no TensorFlow
+#   base  broker, capture, detector, tracker,    numpy, OpenCV (headless), pyzmq, ...  no TensorFlow
+#         viewer, recorder                       + SQLAlchemy, Alembic, FastAPI (the recorder)
 #   ml    classifier, trainer                     base + TensorFlow (CPU) + Keras, and the models/ registry
 #
 #   docker build --target base -t emotion-stream:base .
@@ -20,7 +21,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-open('requirements-base.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
+open('requirements-base.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies']['record']) + '\n'); \
 open('requirements-ml.txt', 'w').write('\n'.join(p['optional-dependencies']['ml']) + '\n')"
 COPY deploy/nodeps.py ./
 RUN python -m venv /opt/venv \
@@ -45,8 +46,8 @@ RUN /opt/venv/bin/pip install --no-deps /wheels/*.whl \
 FROM python:3.11-slim AS runtime
 RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app \
- && mkdir -p /app \
- && chown app:app /app
+ && mkdir -p /app /app/data \
+ && chown app:app /app /app/data
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

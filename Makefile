@@ -2,6 +2,8 @@
 # make test  -- install what the tests need and run the fast test suite
 # make bench -- throughput/latency benchmarks vs the fer package (BENCH_ARGS=--quick: smoke run)
 # make bench-tracking -- the tracker: label stability, id switches, faces/s (bench/results/tracking.md)
+# make bench-recorder -- the recorder: observations/s on SQLite and PostgreSQL (bench/results/recorder.md)
+# make report -- the recorder's per-person emotion timelines of the last 10 minutes (.run/report)
 # make compose-test -- build the Docker images and smoke-test docker-compose.yml on a running engine
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,11 +17,15 @@ BENCH_ARGS ?=
 SOAK_ARGS ?=
 ARGS ?=
 
-.PHONY: install run test test-all train soak help clean compose-test bench bench-tracking
+STREAM ?= main
+SINCE ?= 10m
+
+.PHONY: install run test test-all train soak help clean compose-test bench bench-tracking bench-recorder report
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
 	@echo "make test      fast test suite"
+	@echo "make report [STREAM=main] [SINCE=10m]   the recorder's timeline of each person -> .run/report/index.html"
 	@echo "make compose-test   build the images, start the compose stack and smoke-test it (needs Docker)"
 	@echo "make bench [BENCH_ARGS='--quick --media DIR']   benchmarks -> bench/results/"
 	@echo "make bench-tracking   tracker benchmark -> bench/results/tracking.md"
@@ -29,7 +35,7 @@ help:
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[ml,run,test]"
+	$(PY) -m pip install --quiet -e ".[ml,run,record,test]"
 	$(PY) -m pip install --quiet --no-deps $$($(PY) deploy/nodeps.py)
 	touch $@
 
@@ -39,7 +45,7 @@ run: install
 	@mkdir -p .run
 	@$(PY) deploy/procfile.py --python $(PY) --source "$(SOURCE)" \
 		--detectors $(DETECTORS) --classifiers $(CLASSIFIERS) --viewer-args "$(VIEWER_ARGS)" > .run/Procfile
-	@echo "Starting the pipeline; the viewer will be at http://127.0.0.1:8080  (Ctrl-C stops everything)"
+	@echo "Starting the pipeline; the viewer will be at http://127.0.0.1:8080, the recorder's API at http://127.0.0.1:8081/docs  (Ctrl-C stops everything)"
 	@exec $(VENV)/bin/honcho --no-colour -f .run/Procfile -d . start
 
 test: install
@@ -58,6 +64,12 @@ soak: install
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+report: install
+	$(PY) -m services.recorder report --stream "$(STREAM)" --since "$(SINCE)" --out .run/report
+
+bench-recorder: install
+	$(PY) -m bench.recorder $(BENCH_ARGS)
 
 bench-tracking: install
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -1,5 +1,5 @@
 """Write the Procfile that `make run` hands to honcho: broker, capture, N detectors,
-M classifiers, the tracker and the viewer, each replica with its own metrics port, each restarted
+M classifiers, the tracker, the recorder and the viewer, each replica with its own metrics port, each restarted
 when it crashes (honcho itself stops everything on Ctrl-C).
 
     python deploy/procfile.py --source demo --detectors 2 --classifiers 2 > .run/Procfile
@@ -14,7 +14,7 @@ from pathlib import Path
 SUPERVISOR = Path(__file__).resolve().parent / "restart-on-crash.sh"
 
 METRICS_OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4,
-                   "tracker": 5}
+                   "tracker": 5, "recorder": 6}
 REPLICA_PORT_STEP = 10   # detector replicas: 9102, 9112, 9122, ...
 
 
@@ -35,6 +35,8 @@ def procfile(python: str, source: str, detectors: int, classifiers: int,
             name = service if count == 1 else f"{service}{i + 1}"
             lines.append(line(name, service, ports[service] + REPLICA_PORT_STEP * i))
     lines.append(line("tracker", "tracker", ports["tracker"]))
+    # its database defaults to data/recorder/recorder.db under the repository (gitignored)
+    lines.append(line("recorder", "recorder", ports["recorder"]))
     lines.append(line("viewer", "viewer", ports["viewer"]))
     return "\n".join(lines) + "\n"
 

@@ -149,7 +149,8 @@ def cmdline(pid: int) -> str:
 class Runner:
     """What `make run` starts: honcho with the generated Procfile, on free ports."""
 
-    OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4, "tracker": 5}
+    OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4, "tracker": 5,
+               "recorder": 6}
 
     def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
                  source: str = "demo"):
@@ -163,6 +164,7 @@ class Runner:
              "--metrics-base", str(self.metrics_base)], text=True))
         env = {**os.environ, "EMOTION_BASE_PORT": str(self.base),
                "EMOTION_HTTP_PORT": str(self.http_port), "EMOTION_REGISTRY": str(registry),
+               "EMOTION_API_PORT": str(free_port()), "EMOTION_DATABASE": str(log_dir / "recorder.db"),
                "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

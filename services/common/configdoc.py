@@ -11,7 +11,7 @@ import re
 
 from .config import ENV_PREFIX, env_name
 
-SERVICES = ("broker", "capture", "detector", "classifier", "tracker", "viewer")
+SERVICES = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer")
 
 
 def options_table(parser: argparse.ArgumentParser) -> str:

@@ -33,7 +33,7 @@ APP_SERVICES = ("broker", "capture", "detector", "classifier", "viewer")
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "emotion-stream.json"
 # Variables of docker-compose.yml a user may have exported; the test sets its own.
 USER_VARIABLES = ("SOURCE", "STREAM", "LOOP", "MEDIA_DIR", "DELAY_MS", "LOG_LEVEL", "DATA_DIR",
-                  "PUBLISH_ADDRESS", "VIEWER_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT",
+                  "PUBLISH_ADDRESS", "VIEWER_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT", "RECORDER_PORT",
                   "COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME")
 
 
@@ -147,6 +147,7 @@ def stack(tmp_path_factory, pytestconfig):
 
     env = {k: v for k, v in os.environ.items() if k not in USER_VARIABLES}
     env.update(SOURCE="demo", VIEWER_PORT=str(free_port()), PROMETHEUS_PORT=str(free_port()),
+               RECORDER_PORT=str(free_port()),
                GRAFANA_PORT=str(free_port()))
     files = ["docker-compose.yml"]
     if not (ROOT / "models" / "current").is_file():

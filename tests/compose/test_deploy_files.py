@@ -11,7 +11,7 @@ DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "emotion-stream.json"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 DEFAULT_METRICS_PORTS = {"broker": 9100, "capture": 9101, "detector": 9102, "classifier": 9103,
-                         "viewer": 9104, "tracker": 9105}
+                         "viewer": 9104, "tracker": 9105, "recorder": 9106}
 
 
 def defined_metrics() -> set[str]:
