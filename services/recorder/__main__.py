@@ -1,5 +1,4 @@
-"""Recorder: stores tracks, sampled observations and track events in a database and
-serves them over HTTP.
+"""Recorder: keeps tracks, their emotions over time and track events in a database, with an HTTP API.
 
 Subscribes to ``tracks`` (see docs/protocol.md). Observations are sampled per track
 (--sample-hz, plus every change of the smoothed emotion and each track's last frame) and
