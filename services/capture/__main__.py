@@ -149,8 +149,8 @@ def main(argv=None) -> None:
                     if now - last_publish < min_interval:
                         continue
                     last_publish = now
-                parts = encode_frame(fit_width(frame, args.max_width), stream, seq,
-                                     args.encoding, args.jpeg_quality)
+                parts = encode_frame(fit_width(frame, args.max_width, args.max_frame_pixels),
+                                     stream, seq, args.encoding, args.jpeg_quality)
                 frames_out.send_multipart(parts, copy=False)   # PUB: never blocks
                 if not bus.send_nowait(detect_out, parts):
                     drop("capture", "detect_queue_full")

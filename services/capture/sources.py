@@ -173,13 +173,20 @@ def open_source(spec: str, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Source:
                       + ("" if os.path.exists(spec) else " (no such file)"))
 
 
-def fit_width(frame: np.ndarray, max_width: int) -> np.ndarray:
-    """Downscale (never upscale) so the frame is at most max_width pixels wide."""
+def fit_width(frame: np.ndarray, max_width: int, max_pixels: int = 0) -> np.ndarray:
+    """Downscale (never upscale) so the frame is at most max_width pixels wide and, so that
+    receivers do not refuse it, at most ``max_pixels`` pixels in all (0 = no limit)."""
     height, width = frame.shape[:2]
-    if max_width <= 0 or width <= max_width:
+    new_width, new_height = width, height
+    if 0 < max_width < width:
+        new_width, new_height = max_width, max(1, round(height * max_width / width))
+    if max_pixels and new_width * new_height > max_pixels:
+        scale = (max_pixels / (new_width * new_height)) ** 0.5
+        new_width = max(1, int(new_width * scale))
+        new_height = max(1, min(int(new_height * scale), max_pixels // new_width))
+    if (new_width, new_height) == (width, height):
         return frame
-    new_height = max(1, round(height * max_width / width))
-    return cv2.resize(frame, (max_width, new_height), interpolation=cv2.INTER_AREA)
+    return cv2.resize(frame, (new_width, new_height), interpolation=cv2.INTER_AREA)
 
 
 class Pacer:

@@ -136,6 +136,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     max_age = args.max_age_ms / 1000.0
+    max_skew = args.max_clock_skew_ms / 1000.0
     while not stop.is_set():
         wait = batcher.wait_ms(time.monotonic())
         if faces_in.poll(200 if wait is None else wait):
@@ -145,7 +146,7 @@ def main(argv=None) -> None:
                 except zmq.Again:
                     break
                 try:
-                    header, payloads = decode(parts, expect_kind=KIND_FACES)
+                    header, payloads = decode(parts, expect_kind=KIND_FACES, max_skew_s=max_skew)
                 except Rejected as exc:
                     rejected(exc)
                     continue

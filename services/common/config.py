@@ -11,6 +11,8 @@ import os
 import sys
 from typing import NoReturn
 
+from .protocol import MAX_CLOCK_SKEW_S, MAX_FRAME_PIXELS
+
 ENV_PREFIX = "EMOTION_"
 CONFIG_ERROR = 78   # exit status for "fix the configuration": supervisors do not restart it
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -51,6 +53,20 @@ class ServiceParser(argparse.ArgumentParser):
         self.error(f"environment variable {env}={raw!r} is not a yes/no value")
 
 
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"{text} is not a number >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text} is not an integer >= 1")
+    return value
+
+
 def service_parser(name: str, description: str, metrics_port: int,
                    connects: bool = True) -> ServiceParser:
     """The parser every service starts from: broker address, metrics port, logging."""
@@ -67,6 +83,12 @@ def service_parser(name: str, description: str, metrics_port: int,
     parser.option("--curve-keys", default="",
                   help="CurveZMQ key folder: encrypt and authenticate every broker connection "
                        "(make one with python -m services.common.keys DIR; empty = off)")
+    parser.option("--max-clock-skew-ms", default=MAX_CLOCK_SKEW_S * 1000, type=non_negative,
+                  help="refuse messages stamped further in the future than this (reason clock; "
+                       "0 = no check): clocks of the machines must agree within it")
+    parser.option("--max-frame-pixels", default=MAX_FRAME_PIXELS, type=positive_int,
+                  help="largest frame (width x height) decoded or published; larger ones are "
+                       "refused before decoding (reason dimensions), capture downscales to it")
     parser.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 

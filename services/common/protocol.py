@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -47,6 +48,9 @@ MAX_FACES = 256
 MAX_CROP_SIZE = 512
 MAX_STREAM_ID = 128
 MAX_TRACK_ID = 32
+MAX_CLOCK_SKEW_S = 2.0         # default: newest timestamp accepted ahead of the receiver's clock
+MAX_FRAME_PIXELS = 1920 * 1080  # default pixel limit of a decoded frame (--max-frame-pixels)
+MAX_PIXELS_PER_BYTE = 1000     # libjpeg's most compressible frame (one colour) is ~170
 
 
 class Rejected(ValueError):
@@ -203,10 +207,13 @@ def _payload_len(part) -> int:
     return memoryview(part).nbytes
 
 
-def decode(parts: Sequence, expect_kind: str | None = None) -> tuple[Header, list]:
+def decode(parts: Sequence, expect_kind: str | None = None, *,
+           max_skew_s: float = MAX_CLOCK_SKEW_S, now: float | None = None) -> tuple[Header, list]:
     """Validate a received multipart message and return its header and payloads.
 
-    ``parts`` may be bytes or zmq.Frame objects. Raises :class:`Rejected`.
+    ``parts`` may be bytes or zmq.Frame objects. A timestamp more than ``max_skew_s``
+    ahead of ``now`` (default: this machine's clock; 0 = no check) is refused with reason
+    ``clock``. Raises :class:`Rejected`.
     """
     parts = [p.buffer if hasattr(p, "buffer") else p for p in parts]
     if len(parts) < 2:
@@ -242,6 +249,7 @@ def decode(parts: Sequence, expect_kind: str | None = None) -> tuple[Header, lis
     if len(ts) > 16 or not all(isinstance(k, str) for k in ts):
         raise Rejected("field", "timestamps must map stage names to times")
     timestamps = {k: _finite(v, f"ts.{k}") for k, v in ts.items()}
+    check_clock(timestamps, max_skew_s, now)
     header = Header(kind=kind, stream=stream, seq=seq, width=width, height=height,
                     timestamps=timestamps)
     payloads = list(parts[2:])
@@ -358,6 +366,19 @@ def _event(wire: dict) -> TrackEvent:
     return event
 
 
+def check_clock(timestamps: dict[str, float], max_skew_s: float = MAX_CLOCK_SKEW_S,
+                now: float | None = None) -> None:
+    """Refuse timestamps from the future: one would hold a stream's order (everything
+    real looks older) and escape every age limit until the clock catches up."""
+    if not max_skew_s or not timestamps:
+        return
+    now = time.time() if now is None else now
+    stage, newest = max(timestamps.items(), key=lambda item: item[1])
+    if newest > now + max_skew_s:
+        raise Rejected("clock", f"ts.{stage[:32]} is {newest - now:.3f} s in the future "
+                                f"(at most {max_skew_s:g} s accepted)")
+
+
 def jpeg_size(data) -> tuple[int, int] | None:
     """Width and height from a JPEG's SOF marker, read without decoding the image."""
     buf = memoryview(data)
@@ -382,14 +403,20 @@ def jpeg_size(data) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(header: Header, payload) -> np.ndarray:
+def decode_image(header: Header, payload, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
     """Turn a frame payload into a BGR image, checking its size against the header first.
 
-    JPEG dimensions are read from the file's own header before decoding, so a small
-    file claiming a huge image (a decompression bomb) is refused without allocating it.
+    Decompression bombs are refused before anything is allocated: a frame of more than
+    ``max_pixels`` pixels (0 = only the protocol's 8192x8192), a JPEG whose own size (read
+    from its SOF marker) differs from the header's, and a JPEG claiming more than
+    ``MAX_PIXELS_PER_BYTE`` pixels per byte of file, which no real encoder produces.
     """
     import cv2
 
+    pixels = header.width * header.height
+    if max_pixels and pixels > max_pixels:
+        raise Rejected("dimensions", f"frame of {header.width}x{header.height} = {pixels} pixels, "
+                                     f"at most {max_pixels} accepted")
     if header.encoding == ENCODING_BGR:
         return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
     size = jpeg_size(payload)
@@ -397,6 +424,10 @@ def decode_image(header: Header, payload) -> np.ndarray:
         raise Rejected("image", "payload is not a JPEG")
     if size != (header.width, header.height):
         raise Rejected("size", f"JPEG is {size[0]}x{size[1]}, header says {header.width}x{header.height}")
+    length = _payload_len(payload)
+    if pixels > MAX_PIXELS_PER_BYTE * length:
+        raise Rejected("size", f"JPEG of {length} bytes claims {pixels} pixels (more than "
+                               f"{MAX_PIXELS_PER_BYTE} per byte: a decompression bomb)")
     image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.shape[:2] != (header.height, header.width):
         raise Rejected("image", "JPEG could not be decoded")

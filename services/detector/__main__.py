@@ -15,7 +15,8 @@ from prometheus_client import Counter, Histogram
 from services.common import bus
 from services.common.config import service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
-from services.common.protocol import KIND_FACES, KIND_FRAME, Header, Rejected, decode, decode_image, encode
+from services.common.protocol import (KIND_FACES, KIND_FRAME, MAX_FRAME_PIXELS, Header, Rejected,
+                                      decode, decode_image, encode)
 
 from .faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 
@@ -55,9 +56,10 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def faces_message(header: Header, payload, cascade, settings: DetectorSettings) -> list:
+def faces_message(header: Header, payload, cascade, settings: DetectorSettings,
+                  max_pixels: int = MAX_FRAME_PIXELS) -> list:
     """A decoded frame message in, a faces message out (Rejected if the image is bad)."""
-    image = decode_image(header, payload)
+    image = decode_image(header, payload, max_pixels)
     boxes = detect_faces(image, cascade, settings)
     crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
     out = Header(kind=KIND_FACES, stream=header.stream, seq=header.seq, width=header.width,
@@ -132,6 +134,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     max_age = args.max_age_ms / 1000.0
+    max_skew = args.max_clock_skew_ms / 1000.0
     log.info("detecting faces (%s), max frame age %.0f ms", settings, args.max_age_ms)
     newest = NewestFrames(frames_in, stop) if args.newest_only else None
     take = newest.take if newest else in_order(frames_in)
@@ -141,11 +144,11 @@ def main(argv=None) -> None:
             continue
         started = time.perf_counter()
         try:
-            header, payloads = decode(parts, expect_kind=KIND_FRAME)
+            header, payloads = decode(parts, expect_kind=KIND_FRAME, max_skew_s=max_skew)
             if max_age and bus.age_seconds(header.timestamps) > max_age:
                 drop("detector", "stale")
                 continue
-            out = faces_message(header, payloads[0], cascade, settings)
+            out = faces_message(header, payloads[0], cascade, settings, args.max_frame_pixels)
         except Rejected as exc:
             rejected(exc)
             continue

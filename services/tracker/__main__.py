@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
-from services.common.protocol import KIND_RESULT, Rejected, decode, encode
+from services.common.protocol import KIND_RESULT, MAX_CLOCK_SKEW_S, Rejected, decode, encode
 
 from .smoothing import SmoothingSettings
 from .tracks import Tracker, TrackerSettings
@@ -105,8 +105,10 @@ class TrackerService:
     """The tracker's work, message by message, without sockets (tests call it directly)."""
 
     def __init__(self, settings: TrackerSettings, rejects, shard: int = 0, shards: int = 1,
-                 clock=time.monotonic, wall_clock=time.time):
+                 clock=time.monotonic, wall_clock=time.time,
+                 max_skew_s: float = MAX_CLOCK_SKEW_S):
         self.tracker = Tracker(settings)
+        self.max_skew_s = max_skew_s
         self._rejects = rejects
         self.shard, self.shards = shard, shards
         self._clock, self._wall = clock, wall_clock
@@ -114,7 +116,8 @@ class TrackerService:
 
     def on_result(self, parts: list) -> None:
         try:
-            header, _ = decode(parts, expect_kind=KIND_RESULT)
+            header, _ = decode(parts, expect_kind=KIND_RESULT, max_skew_s=self.max_skew_s,
+                               now=self._wall())
         except Rejected as error:
             self._rejects(error)
             return
@@ -177,7 +180,8 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    service = TrackerService(settings, RejectLog(SERVICE, log), args.shard, args.shards)
+    service = TrackerService(settings, RejectLog(SERVICE, log), args.shard, args.shards,
+                             max_skew_s=args.max_clock_skew_ms / 1000)
     log.info("tracking results from %s into %s (shard %d of %d); %s", addr.endpoint("results", "out"),
              addr.endpoint("tracks", "in"), args.shard, args.shards, settings)
     run_loop(service, results, tracks, stop)

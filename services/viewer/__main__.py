@@ -69,7 +69,9 @@ def main(argv=None) -> int:
 
     settings = ViewerSettings(delay_s=args.delay_ms / 1000, buffer_frames=args.buffer_frames,
                               jpeg_quality=args.jpeg_quality, max_age_s=args.max_age_ms / 1000,
-                              max_streams=args.max_streams)
+                              max_streams=args.max_streams,
+                              max_skew_s=args.max_clock_skew_ms / 1000,
+                              max_pixels=args.max_frame_pixels)
     hub = StreamHub(delay_ms=args.delay_ms)
     try:
         metrics.serve_metrics(args.metrics_port, args.metrics_host)

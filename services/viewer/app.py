@@ -17,8 +17,8 @@ from prometheus_client import Counter, Histogram
 
 from services.common import metrics
 from services.common.bus import age_seconds
-from services.common.protocol import (KIND_FRAME, KIND_RESULT, KIND_TRACKS, Rejected, decode,
-                                      decode_image)
+from services.common.protocol import (KIND_FRAME, KIND_RESULT, KIND_TRACKS, MAX_CLOCK_SKEW_S,
+                                      MAX_FRAME_PIXELS, Rejected, decode, decode_image)
 
 from .draw import draw_results
 from .hub import StreamHub
@@ -52,6 +52,8 @@ class ViewerSettings:
     max_age_s: float = 1.0          # 0 = show frames however old they are
     max_streams: int = 16
     idle_s: float = 60.0            # streams silent this long disappear from the page
+    max_skew_s: float = MAX_CLOCK_SKEW_S   # timestamps further ahead are refused (reason clock)
+    max_pixels: int = MAX_FRAME_PIXELS     # larger frames are refused before decoding
 
 
 class Viewer:
@@ -73,10 +75,13 @@ class Viewer:
                                   settings.idle_s,
                                   on_drop=lambda reason, n: metrics.drop(SERVICE, reason, n))
 
+    def _decode(self, parts: list, kind: str | None = None):
+        return decode(parts, kind, max_skew_s=self.settings.max_skew_s, now=self._wall_clock())
+
     def on_frame(self, parts: list) -> None:
         """A frame message: validated and buffered, still encoded."""
         try:
-            header, payloads = decode(parts, KIND_FRAME)
+            header, payloads = self._decode(parts, KIND_FRAME)
         except Rejected as error:
             self._rejects(error)
             return
@@ -88,7 +93,7 @@ class Viewer:
 
     def on_result(self, parts: list) -> None:
         try:
-            header, _ = decode(parts, KIND_RESULT)
+            header, _ = self._decode(parts, KIND_RESULT)
         except Rejected as error:
             self._rejects(error)
             return
@@ -102,7 +107,7 @@ class Viewer:
         """A message of the tracker's: ``tracks`` are drawn like results (with ids and
         smoothed labels); track events are not the viewer's business."""
         try:
-            header, _ = decode(parts)
+            header, _ = self._decode(parts)
         except Rejected as error:
             self._rejects(error)
             return
@@ -141,7 +146,7 @@ class Viewer:
         """Decode, draw, encode and publish one frame; False when its image is refused."""
         header = item.header
         try:
-            image = decode_image(header, item.payload)
+            image = decode_image(header, item.payload, self.settings.max_pixels)
         except Rejected as error:
             self._rejects(error)
             return False

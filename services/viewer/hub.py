@@ -18,6 +18,7 @@ from services.common.protocol import EMOTIONS, FaceResult, TrackedFace
 
 TIMELINE_S = 60.0            # the dashboard's rolling timeline
 TIMELINE_STEP_S = 0.5        # one timeline point per stream this often
+NOT_SHOWN_AFTER_S = 5.0      # /status.json says a stream is not shown after this long without a frame
 
 
 class StreamClosed(Exception):
@@ -205,7 +206,8 @@ class StreamHub:
             streams = {sid: self._stream_status(state, now) for sid, state in self._streams.items()}
             clients = self._clients
         return {"uptime_s": round(now - self._started, 3), "delay_ms": self.delay_ms,
-                "mjpeg_clients": clients, "streams": streams}
+                "mjpeg_clients": clients, "streams": streams,
+                "streams_not_shown": sorted(s for s, v in streams.items() if not v["shown"])}
 
     @staticmethod
     def _stream_status(state: _StreamState, now: float) -> dict:
@@ -224,6 +226,7 @@ class StreamHub:
             "late_frames": state.late,
             "e2e_latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "last_frame_age_s": round(now - state.shown_at, 3),
+            "shown": now - state.shown_at < NOT_SHOWN_AFTER_S,
         }
 
 

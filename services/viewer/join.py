@@ -23,7 +23,15 @@ worth decoding. Every frame not shown is reported through ``on_drop(reason, n)``
 ``out_of_order`` (captured before a frame already shown), ``streams`` (too many streams),
 ``replaced`` (a newer frame with the same seq arrived while it waited). Frames that
 never arrived are counted too: capture numbers a stream's frames 0, 1, 2, …, so a jump
-in ``seq`` is ``missed`` frames, which the ZeroMQ fan-out discarded on the way.
+in ``seq`` is ``missed`` frames, which the ZeroMQ fan-out discarded on the way. A jump of
+more than ``MAX_MISSED`` cannot be loss (a restarted or another source): it counts once,
+as ``restart``.
+
+Order follows the capture time, which a source's clock can step back (NTP) or a message
+can push ahead. So when a stream's frames have all been refused as ``out_of_order`` for
+``resync_s`` of the viewer's own clock with none shown, its order starts again from the
+next frame (counted in :attr:`FrameJoiner.resyncs`); its labels likewise. A stream
+recovers within about ``resync_s`` from any clock step.
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from services.common.protocol import FaceResult, Header
+
+MAX_MISSED = 100_000     # a larger forward jump of seq is a source restart, not lost frames
+RESYNC_S = 1.0           # refusing every frame this long means the order, not the frames, is wrong
 
 
 @dataclass
@@ -71,6 +82,8 @@ class _Stream:
     last_shown: tuple[float | None, int] | None = None          # (capture time, seq)
     last_seen: float = 0.0
     last_received: int | None = None                            # seq of the latest frame
+    frames_refused_since: float | None = None    # first out_of_order frame since one was shown
+    labels_refused_since: float | None = None    # first older result since labels were taken
 
 
 def _capture(header: Header) -> float | None:
@@ -102,7 +115,8 @@ class FrameJoiner:
     """Bounded per-stream buffers joining frames and results by (stream, seq)."""
 
     def __init__(self, delay_s: float = 0.0, capacity: int = 64, max_streams: int = 16,
-                 idle_s: float = 60.0, on_drop: Callable[[str, int], None] | None = None):
+                 idle_s: float = 60.0, on_drop: Callable[[str, int], None] | None = None,
+                 resync_s: float = RESYNC_S):
         if delay_s < 0 or capacity < 1 or max_streams < 1:
             raise ValueError("delay_s >= 0, capacity >= 1 and max_streams >= 1 are required")
         self.delay_s = delay_s
@@ -111,6 +125,8 @@ class FrameJoiner:
         self.idle_s = idle_s
         self.dropped: Counter[str] = Counter()
         self.late = 0
+        self.resyncs = 0
+        self.resync_s = resync_s
         self._on_drop = on_drop
         self._streams: dict[str, _Stream] = {}
 
@@ -132,12 +148,17 @@ class FrameJoiner:
         state = self._stream(header.stream, now)
         if state is None:
             return False
-        if state.last_received is not None and header.seq > state.last_received + 1:
-            self._drop("missed", header.seq - state.last_received - 1)
+        gap = 0 if state.last_received is None else header.seq - state.last_received - 1
+        if gap > MAX_MISSED:
+            self._drop("restart")
+        elif gap > 0:
+            self._drop("missed", gap)
         state.last_received = header.seq
         if not _not_older(_capture(header), header.seq, state.last_shown, self.capacity):
-            self._drop("out_of_order")
-            return False
+            if not self._resync(state, "frames_refused_since", now):
+                self._drop("out_of_order")
+                return False
+            state.last_shown = None
         state.last_seen = now
         if state.pending.pop(header.seq, None) is not None:
             # the same seq twice (two sources on one stream id, or a capture restart)
@@ -163,8 +184,10 @@ class FrameJoiner:
             waiting.result = header
         latest = state.latest
         ref = None if latest is None else (latest.capture, latest.seq)
-        if _not_older(_capture(header), header.seq, ref, self.capacity):
+        if (_not_older(_capture(header), header.seq, ref, self.capacity)
+                or self._resync(state, "labels_refused_since", now)):
             state.latest = Labels(header.seq, _capture(header), list(header.results), header.model)
+            state.labels_refused_since = None
         return True
 
     def ready(self, now: float) -> list[Shown]:
@@ -224,8 +247,21 @@ class FrameJoiner:
         return self._show(state, entry, latest.results if latest else [],
                           latest.model if latest else "", own, late)
 
+    def _resync(self, state: _Stream, since: str, now: float) -> bool:
+        """Whether refusals have gone on for ``resync_s``: then the order starts again."""
+        first = getattr(state, since)
+        if first is None:
+            setattr(state, since, now)
+            return False
+        if now - first < self.resync_s:
+            return False
+        setattr(state, since, None)
+        self.resyncs += 1
+        return True
+
     def _show(self, state: _Stream, entry: _Pending, results, model, own, late) -> Shown:
         state.last_shown = (_capture(entry.header), entry.header.seq)
+        state.frames_refused_since = None
         return Shown(entry.header, entry.payload, list(results), model, own, late)
 
     def _drop(self, reason: str, n: int = 1) -> None:

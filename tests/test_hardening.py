@@ -1,0 +1,278 @@
+"""Regression tests of issue 21: clock skew, decompression bombs, byte-bounded sockets, HTTP
+log floods and idle connections, seq restarts and late results."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from conftest import free_port, http_get, metric_samples, metric_sum, wait_for
+from services.common.protocol import (EMOTIONS, MAX_PIXELS_PER_BYTE, FaceResult, Header,
+                                      Rejected, decode, decode_image, encode, jpeg_size)
+from services.viewer.app import Viewer, ViewerSettings
+from services.viewer.hub import NOT_SHOWN_AFTER_S, StreamHub
+from services.viewer.join import MAX_MISSED, RESYNC_S, FrameJoiner
+from test_viewer import bind_broker_side
+
+ROOT = Path(__file__).resolve().parents[1]
+W, H = 64, 48
+HOUR = 3600.0
+
+
+def jpeg(width: int = W, height: int = H, value: int = 90) -> bytes:
+    image = np.full((height, width, 3), value, np.uint8)
+    image[: height // 2, : width // 2] = 200
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def claim_size(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG with its SOF marker rewritten to claim another size (a decompression bomb)."""
+    at = next(i for i in range(2, len(data) - 9) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    return data[:at + 5] + struct.pack(">HH", height, width) + data[at + 9:]
+
+
+def frame(seq: int, capture: float | None, stream: str = "cam", width: int = W, height: int = H,
+          payload: bytes | None = None) -> list:
+    ts = {} if capture is None else {"capture": capture}
+    header = Header(kind="frame", stream=stream, seq=seq, width=width, height=height,
+                    timestamps=ts, encoding="jpeg")
+    return encode(header, [jpeg(width, height) if payload is None else payload])
+
+
+def result(seq: int, capture: float, label: str, stream: str = "cam") -> list:
+    scores = [0.0] * 7
+    scores[EMOTIONS.index(label)] = 0.9
+    box = (4, 4, 20, 20)
+    header = Header(kind="result", stream=stream, seq=seq, width=W, height=H,
+                    timestamps={"capture": capture}, boxes=[box],
+                    results=[FaceResult(box, label, 0.9, scores)], model="m")
+    return encode(header)
+
+
+class Clock:
+    """The viewer's monotonic clock and a wall clock that moves with it."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1.7e9 + self.now
+
+
+def viewer(**settings) -> tuple[Viewer, StreamHub, list, Clock]:
+    clock = Clock()
+    hub = StreamHub(clock=clock)
+    rejected: list[Rejected] = []
+    view = Viewer(ViewerSettings(**settings), hub, rejected.append, clock=clock,
+                  wall_clock=clock.wall)
+    return view, hub, rejected, clock
+
+
+# --- 1: timestamps from the future, clock steps -------------------------------------------
+
+def test_a_timestamp_from_the_future_is_refused_with_reason_clock():
+    header = Header(kind="result", stream="s", seq=1, width=W, height=H,
+                    timestamps={"capture": 1000.0, "classify": 1000.0 + HOUR}, model="m")
+    with pytest.raises(Rejected) as info:
+        decode(encode(header), now=1000.0)
+    assert info.value.reason == "clock" and "ts.classify" in str(info.value)
+    assert decode(encode(header), now=1000.0, max_skew_s=0)[0].seq == 1     # 0 = no check
+    header.timestamps["classify"] = 1001.5                                  # within 2 s
+    assert decode(encode(header), now=1000.0)[0].seq == 1
+
+
+def test_one_future_frame_or_result_does_not_freeze_a_stream_in_the_viewer():
+    view, hub, rejected, clock = viewer()
+    view.on_frame(frame(0, clock.wall()))
+    view.on_frame(frame(1, clock.wall() + HOUR))
+    view.on_result(result(1, clock.wall() + HOUR, "Disgust"))
+    assert [e.reason for e in rejected] == ["clock", "clock"]
+    for seq in range(2, 6):
+        clock.now += 0.05
+        view.on_result(result(seq, clock.wall(), "Happy"))
+        view.on_frame(frame(seq, clock.wall()))
+        assert view.flush() == 1
+    status = hub.status()["streams"]["cam"]
+    assert status["last_seq"] == 5 and [x["label"] for x in status["labels"]] == ["Happy"]
+
+
+def test_the_join_recovers_within_seconds_from_a_clock_step_back_of_a_live_source():
+    joiner = FrameJoiner()
+    now, captured = 0.0, 1.7e9
+    for seq in range(10):
+        joiner.add_frame(Header("frame", "cam", seq, W, H, {"capture": captured}), b"", now)
+        joiner.add_result(Header("result", "cam", seq, W, H, {"capture": captured}, model="old"),
+                          now)
+        assert len(joiner.ready(now)) == 1
+        now, captured = now + 0.04, captured + 0.04
+    captured -= HOUR                     # NTP steps the capture host's clock back an hour
+    recovered = None
+    for seq in range(10, 200):
+        joiner.add_frame(Header("frame", "cam", seq, W, H, {"capture": captured}), b"", now)
+        joiner.add_result(Header("result", "cam", seq, W, H, {"capture": captured}, model="new"),
+                          now)
+        if joiner.ready(now) and recovered is None:
+            recovered = now
+        now, captured = now + 0.04, captured + 0.04
+    assert recovered is not None and recovered - 0.4 <= RESYNC_S + 0.05
+    assert joiner.latest("cam").model == "new" and joiner.resyncs == 2
+    assert joiner.dropped["out_of_order"] <= RESYNC_S / 0.04 + 1
+
+
+def test_status_says_when_a_stream_stops_being_shown():
+    clock = Clock()
+    hub = StreamHub(clock=clock)
+    hub.publish("cam", b"jpeg", seq=0, results=[], model="m")
+    assert hub.status()["streams"]["cam"]["shown"] and hub.status()["streams_not_shown"] == []
+    clock.now += NOT_SHOWN_AFTER_S
+    assert not hub.status()["streams"]["cam"]["shown"]
+    assert hub.status()["streams_not_shown"] == ["cam"]
+
+
+# --- 2: decompression bombs ------------------------------------------------------------------
+
+def header_for(width: int, height: int) -> Header:
+    return Header(kind="frame", stream="s", seq=0, width=width, height=height, encoding="jpeg")
+
+
+def test_a_small_jpeg_claiming_8192_squared_is_refused_before_decoding():
+    bomb = claim_size(jpeg(), 8192, 8192)
+    assert jpeg_size(bomb) == (8192, 8192) and len(bomb) < 2000
+    with pytest.raises(Rejected) as info:
+        decode_image(header_for(8192, 8192), bomb)
+    assert info.value.reason == "dimensions"
+    with pytest.raises(Rejected) as info:
+        decode_image(header_for(8192, 8192), bomb, max_pixels=0)    # only the protocol's limit
+    assert info.value.reason == "size" and "per byte" in str(info.value)
+
+
+def test_an_absurd_compression_ratio_is_refused_within_the_pixel_limit():
+    bomb = claim_size(jpeg(), 1920, 1080)
+    assert 1920 * 1080 > MAX_PIXELS_PER_BYTE * len(bomb)
+    with pytest.raises(Rejected) as info:
+        decode_image(header_for(1920, 1080), bomb)
+    assert info.value.reason == "size"
+
+
+def test_the_most_compressible_real_frames_still_decode():
+    for width, height in ((1920, 1080), (640, 480), (8, 8)):
+        for quality in (1, 100):
+            data = cv2.imencode(".jpg", np.zeros((height, width, 3), np.uint8),
+                                [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+            assert decode_image(header_for(width, height), data).shape == (height, width, 3)
+    with pytest.raises(Rejected) as info:
+        decode_image(header_for(1920, 1080), jpeg(1920, 1080), max_pixels=640 * 480)
+    assert info.value.reason == "dimensions"
+
+
+# --- 6: a seq jump too large to be loss ----------------------------------------------------
+
+def test_a_huge_seq_jump_is_one_restart_not_missed_frames():
+    joiner = FrameJoiner()
+    joiner.add_frame(Header("frame", "cam", 0, W, H, {}), b"", 0.0)
+    joiner.add_frame(Header("frame", "cam", 2**64 - 1, W, H, {}), b"", 0.0)
+    joiner.add_frame(Header("frame", "cam", 5, W, H, {}), b"", 0.0)
+    joiner.add_frame(Header("frame", "cam", 6 + MAX_MISSED, W, H, {}), b"", 0.0)
+    joiner.add_frame(Header("frame", "cam", 8 + MAX_MISSED, W, H, {}), b"", 0.0)
+    assert joiner.dropped["restart"] == 1
+    assert joiner.dropped["missed"] == MAX_MISSED + 1
+
+
+# --- the real viewer process over real ZeroMQ ------------------------------------------------
+
+def test_viewer_process_refuses_future_stamps_bombs_and_restarts_and_keeps_showing(tmp_path):
+    ctx = zmq.Context()
+    base, frames, results = bind_broker_side(ctx)
+    http_port, metrics_port = free_port(), free_port()
+    log_path = tmp_path / "viewer.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.viewer", "--base-port", str(base),
+             "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    web = f"http://127.0.0.1:{http_port}"
+    seq = 0
+
+    def send_real(n: int = 1) -> None:
+        nonlocal seq
+        for _ in range(n):
+            captured = time.time()
+            frames.send_multipart(frame(seq, captured))
+            results.send_multipart(result(seq, captured, "Happy"))
+            seq += 1
+            time.sleep(0.03)
+
+    def status() -> dict:
+        return json.loads(http_get(web + "/status.json"))
+
+    def shown() -> int:
+        send_real()
+        try:
+            return status()["streams"].get("cam", {}).get("frames_shown", 0)
+        except OSError:
+            assert proc.poll() is None, log_path.read_text()
+            return 0
+
+    def rejected(reason: str) -> float:
+        text = http_get(f"http://127.0.0.1:{metrics_port}/metrics").decode()
+        return metric_sum(metric_samples(text), "emotion_messages_rejected_total",
+                          service="viewer", reason=reason)
+
+    try:
+        wait_for(lambda: shown() > 0, 20, interval=0.05, what="a first shown frame")
+        frames.send_multipart(frame(seq, time.time() + HOUR))
+        results.send_multipart(result(seq, time.time() + HOUR, "Disgust"))
+        time.sleep(0.3)      # each on its own, so none is skipped unseen behind the next
+        frames.send_multipart(frame(seq + 1, time.time(), payload=claim_size(jpeg(), 8192, 8192),
+                                    width=8192, height=8192))
+        time.sleep(0.3)
+        frames.send_multipart(frame(2**64 - 1, time.time()))
+        seq += 2
+        send_real(10)
+        wait_for(lambda: rejected("clock") == 2, 10, what="two clock rejections")
+        assert rejected("dimensions") == 1
+        before = status()["streams"]["cam"]["frames_shown"]
+        wait_for(lambda: shown() >= before + 5, 10, interval=0.03, what="frames shown again")
+        stream = status()["streams"]["cam"]
+        assert stream["shown"] and [x["label"] for x in stream["labels"]] == ["Happy"]
+        text = http_get(f"http://127.0.0.1:{metrics_port}/metrics").decode()
+        samples = metric_samples(text)
+        assert metric_sum(samples, "emotion_frames_dropped_total", service="viewer",
+                          reason="missed") < 1000
+        assert metric_sum(samples, "emotion_frames_dropped_total", service="viewer",
+                          reason="restart") == 1
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        frames.close()
+        results.close()
+        ctx.term()
+
+
+def test_capture_downscales_frames_to_the_pixel_limit_receivers_apply():
+    from services.capture.sources import fit_width
+
+    big = np.zeros((4320, 7680, 3), np.uint8)
+    for max_width, max_pixels in ((0, 1920 * 1080), (7680, 1920 * 1080), (640, 1920 * 1080),
+                                  (0, 1000), (0, 1)):
+        out = fit_width(big, max_width, max_pixels)
+        height, width = out.shape[:2]
+        assert width * height <= max_pixels and (not max_width or width <= max_width)
+        assert abs(width / height - 16 / 9) < 0.1 or width * height < 2000
+    assert fit_width(big, 640).shape[:2] == (360, 640)
+    small = np.zeros((480, 640, 3), np.uint8)
+    assert fit_width(small, 1920, 1920 * 1080) is small
