@@ -403,3 +403,16 @@ def test_a_long_export_streams_in_pages(sqlite):
     with client.stream("GET", "/api/tracks/1", params={"format": "jsonl"}) as response:
         lines = [line for line in response.iter_lines() if line]
     assert len(lines) == 2500 and json.loads(lines[-1])["seq"] == 2499
+
+
+def test_a_track_its_tracker_forgot_is_closed_and_written(sqlite):
+    clock = Clock()
+    service = RecorderService(sqlite, Rejects(), clock=clock)
+    record(sqlite, person("main", "1", T0, 1.0)[:-1] +                   # never ended
+           [tracks_message("main", 99, T0 + 400, [("2", "Sad", 0.0)])], service=service)
+    clock.now += 60
+    service.housekeeping()
+    assert service.due_in() is not None and service.flush(force=True)
+    with sqlite.connect() as connection:
+        ends = dict(connection.execute(select(tracks.c.track, tracks.c.end)).all())
+    assert ends["1"] == pytest.approx(T0 + 29 / 30) and ends["2"] is None

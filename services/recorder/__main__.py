@@ -186,7 +186,8 @@ class RecorderService:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + HOUSEKEEPING_S
-        self.recording.forget_silent()
+        if self.recording.forget_silent() and self.recording.batch.opened is None:
+            self.recording.batch.opened = now
         try:
             if self.retention_s and now >= self._next_retention:
                 self._next_retention = now + RETENTION_EVERY_S
