@@ -1,6 +1,7 @@
 # make run   -- start the whole pipeline locally (no Docker) and print the viewer URL
 # make test  -- install what the tests need and run the fast test suite
 # make bench -- throughput/latency benchmarks vs the fer package (BENCH_ARGS=--quick: smoke run)
+# make analyze VIDEO=clip.mp4 [OUT=dir] -- every frame of a video labelled: CSV, tracks, timeline, annotated video
 # make bench-tracking -- the tracker: label stability, id switches, faces/s (bench/results/tracking.md)
 # make bench-recorder -- the recorder: observations/s on SQLite and PostgreSQL (bench/results/recorder.md)
 # make report -- the recorder's per-person emotion timelines of the last 10 minutes (.run/report)
@@ -20,11 +21,12 @@ ARGS ?=
 STREAM ?= main
 SINCE ?= 10m
 
-.PHONY: install run test test-all train soak help clean compose-test bench bench-tracking bench-recorder report
+.PHONY: analyze install run test test-all train soak help clean compose-test bench bench-tracking bench-recorder report
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
 	@echo "make test      fast test suite"
+	@echo "make analyze VIDEO=clip.mp4 [OUT=dir]   label every frame of a video (CSV, tracks, timeline, video)"
 	@echo "make report [STREAM=main] [SINCE=10m]   the recorder's timeline of each person -> .run/report/index.html"
 	@echo "make compose-test   build the images, start the compose stack and smoke-test it (needs Docker)"
 	@echo "make bench [BENCH_ARGS='--quick --media DIR']   benchmarks -> bench/results/"
@@ -47,6 +49,12 @@ run: install
 		--detectors $(DETECTORS) --classifiers $(CLASSIFIERS) --viewer-args "$(VIEWER_ARGS)" > .run/Procfile
 	@echo "Starting the pipeline; the viewer will be at http://127.0.0.1:8080, the recorder's API at http://127.0.0.1:8081/docs  (Ctrl-C stops everything)"
 	@exec $(VENV)/bin/honcho --no-colour -f .run/Procfile -d . start
+
+VIDEO ?=
+OUT ?=
+analyze: install
+	@test -n "$(VIDEO)" || { echo "usage: make analyze VIDEO=clip.mp4 [OUT=dir] [ARGS=...]"; exit 2; }
+	$(PY) -m services.analyze "$(VIDEO)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 test: install
 	$(PY) -m pytest -q

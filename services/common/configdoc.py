@@ -11,7 +11,8 @@ import re
 
 from .config import ENV_PREFIX, env_name
 
-SERVICES = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer")
+SERVICES = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer",
+            "analyze")
 
 
 def options_table(parser: argparse.ArgumentParser) -> str:
