@@ -3,10 +3,13 @@ log floods and idle connections, seq restarts and late results."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pytest
 import zmq
 
 from conftest import free_port, http_get, metric_samples, metric_sum, wait_for
+from services.common.metrics import MAX_CONNECTIONS, ControlServer, serve_metrics
 from services.common.protocol import (EMOTIONS, MAX_PIXELS_PER_BYTE, FaceResult, Header,
                                       Rejected, decode, decode_image, encode, jpeg_size)
 from services.viewer.app import Viewer, ViewerSettings
@@ -276,3 +280,108 @@ def test_capture_downscales_frames_to_the_pixel_limit_receivers_apply():
     assert fit_width(big, 640).shape[:2] == (360, 640)
     small = np.zeros((480, 640, 3), np.uint8)
     assert fit_width(small, 1920, 1920 * 1080) is small
+
+
+# --- 4, 5: the metrics endpoints against hostile HTTP clients --------------------------------
+
+def handler_threads() -> int:
+    return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
+
+
+def hang_up_hard(port: int, data: bytes) -> None:
+    """Connect, send ``data``, and reset the connection (RST) without waiting for an answer."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(data)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_clients_hanging_up_log_no_traceback_only_a_rate_limited_debug_line(capfd, caplog):
+    caplog.set_level(logging.DEBUG, logger="metrics.http")
+    port = free_port()
+    server = serve_metrics(port)
+    try:
+        for i in range(30):
+            hang_up_hard(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"GET /me")
+        wait_for(lambda: handler_threads() == 0, 10, interval=0.05, what="every handler done")
+        assert http_get(f"http://127.0.0.1:{port}/healthz") == b"ok\n"
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err
+    went_away = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert len(went_away) <= 1 and all(r.levelno == logging.DEBUG for r in went_away)
+
+
+def test_metrics_connections_are_bounded_in_number_and_time():
+    port = free_port()
+    server = ControlServer(("127.0.0.1", port), lambda: True, {}, timeout_s=1.0,
+                           max_connections=4)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
+    try:
+        wait_for(lambda: handler_threads() == 4, 10, interval=0.05, what="4 handlers")
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert extra.recv(100).startswith(b"HTTP/1.0 503")
+        extra.close()
+        assert handler_threads() <= 4
+        for sock in idle:                  # idle: closed by the socket timeout
+            assert sock.recv(100) == b""
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=30)
+        closed = False
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: " + b"x" * 500:
+            try:                           # one byte at a time: cut by the whole-connection limit
+                trickle.send(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+        assert closed or trickle.recv(100) == b""
+        trickle.close()
+        wait_for(lambda: handler_threads() == 0, 10, interval=0.05, what="every handler done")
+        assert http_get(f"http://127.0.0.1:{port}/healthz") == b"ok\n"
+    finally:
+        for sock in idle:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_idle_connections_do_not_grow_a_real_services_threads(tmp_path):
+    from conftest import Service, free_base_port
+
+    port = free_port()
+    broker = Service("broker", ["--base-port", str(free_base_port()), "--metrics-port", str(port)],
+                     tmp_path)
+
+    def threads() -> int:
+        status = Path(f"/proc/{broker.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("Threads:")))
+
+    idle = []
+    try:
+        def up() -> bool:
+            try:
+                return http_get(f"http://127.0.0.1:{port}/healthz") == b"ok\n"
+            except OSError:
+                assert broker.alive(), broker.output()
+                return False
+
+        wait_for(up, 20, what="the broker's metrics endpoint")
+        before = threads()
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(40)]
+        refused = [s for s in idle[MAX_CONNECTIONS:] if s.recv(100).startswith(b"HTTP/1.0 503")]
+        assert len(refused) == 40 - MAX_CONNECTIONS
+        assert threads() <= before + MAX_CONNECTIONS
+        for sock in idle[:MAX_CONNECTIONS]:
+            assert sock.recv(100) == b""            # cut after the client timeout
+        wait_for(lambda: threads() <= before, 10, what="the handler threads gone")
+        assert b"emotion_http_connections_refused_total" in http_get(
+            f"http://127.0.0.1:{port}/metrics")
+        assert "Traceback" not in broker.output()
+    finally:
+        for sock in idle:
+            sock.close()
+        broker.stop()

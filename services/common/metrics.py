@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,24 +21,109 @@ FRAMES_DROPPED = Counter(
     "emotion_frames_dropped_total", "Frames or work items dropped on purpose, by reason",
     ["service", "reason"])
 
+HTTP_REFUSED = Counter(
+    "emotion_http_connections_refused_total",
+    "Connections to the metrics endpoint closed unanswered: too many open at once, or not "
+    "done within the client timeout", ["why"])
+
+CLIENT_TIMEOUT_S = 10.0      # longest a metrics connection may stay open, request and answer
+MAX_CONNECTIONS = 16         # open metrics connections at once; more are answered 503 and closed
+
+log = logging.getLogger("metrics.http")
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    2.0, 5.0)
 
 
 class ControlServer(ThreadingHTTPServer):
     """Each service's own small HTTP endpoint: ``GET /metrics`` (Prometheus), ``GET /healthz``,
-    and any ``POST`` actions the service registers (the classifier's ``/reload``)."""
+    and any ``POST`` actions the service registers (the classifier's ``/reload``).
+
+    Anyone who can reach the port is a client, so a client costs bounded resources: at most
+    ``max_connections`` open at once (a thread each), each closed after ``timeout_s`` however
+    slowly it trickles in, and a client that hangs up is a rate-limited debug line, not a
+    traceback in the log."""
 
     daemon_threads = True
 
-    def __init__(self, address, health: Callable[[], bool], actions: dict[str, Callable[[], dict]]):
+    def __init__(self, address, health: Callable[[], bool], actions: dict[str, Callable[[], dict]],
+                 timeout_s: float = CLIENT_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
         self.health = health
         self.actions = actions
+        self.timeout_s = timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: dict[socket.socket, float] = {}
+        self._open_lock = threading.Lock()
+        self._errors = RateLimitedLog(log)
+        self._closed = threading.Event()
         super().__init__(address, _ControlHandler)
+        threading.Thread(target=self._reap, name="metrics-http-reaper", daemon=True).start()
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            HTTP_REFUSED.labels("busy").inc()
+            self._errors.note("busy", logging.WARNING,
+                              f"metrics endpoint: too many connections, refused {client_address[0]}")
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._open_lock:
+            self._open[request] = time.monotonic()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done(request)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        self._slots.release()
+
+    def _reap(self) -> None:
+        """Cut connections open longer than the timeout: a client sending a byte a second
+        never trips the socket timeout, which counts per read."""
+        while not self._closed.wait(min(1.0, self.timeout_s / 2)):
+            now = time.monotonic()
+            with self._open_lock:
+                late = [s for s, started in self._open.items() if now - started > self.timeout_s]
+            for sock in late:
+                HTTP_REFUSED.labels("timeout").inc()
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def server_close(self):
+        self._closed.set()
+        super().server_close()
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            self._errors.note("closed", logging.DEBUG,
+                              f"metrics client {client_address[0]} went away: {error!r}")
+        else:
+            self._errors.note("failed", logging.WARNING,
+                              f"metrics request from {client_address[0]} failed: {error!r}")
 
 
 class _ControlHandler(BaseHTTPRequestHandler):
     server: ControlServer
+
+    def setup(self):
+        self.timeout = self.server.timeout_s
+        super().setup()
 
     def do_GET(self):
         if self.path == "/metrics":
@@ -75,6 +162,27 @@ def serve_metrics(port: int, host: str = "127.0.0.1", health: Callable[[], bool]
     server = ControlServer((host, port), health, actions or {})
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+class RateLimitedLog:
+    """Logs each kind of event at most once per interval, with how many were left out."""
+
+    def __init__(self, log: logging.Logger, interval: float = 10.0):
+        self.log = log
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def note(self, kind: str, level: int, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -1e9) < self.interval:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            extra = self._suppressed.pop(kind, 0)
+        self.log.log(level, "%s%s", message, f" (+{extra} more since last report)" if extra else "")
 
 
 class RejectLog:
