@@ -23,7 +23,7 @@ def capture_time(header: Header) -> float:
 
 def rounded(values) -> list[float]:
     """Scores to 4 decimals: a third of the bytes of full floats, and finer than any model."""
-    return [round(float(v), 4) for v in values]
+    return [round(v, 4) for v in values]
 
 
 @dataclass(eq=False)
