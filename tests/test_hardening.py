@@ -385,3 +385,44 @@ def test_idle_connections_do_not_grow_a_real_services_threads(tmp_path):
         for sock in idle:
             sock.close()
         broker.stop()
+
+
+# --- 7: the classifier tests the age again just before publishing ----------------------------
+
+class PausedRunner:
+    """A model call during which the process was paused (SIGSTOP) for ``pause_s``: the
+    frames' capture times move that much into the past, as seen after the call."""
+
+    def __init__(self, batch, pause_s: float):
+        self.batch, self.pause_s = batch, pause_s
+
+    def predict_faces(self, crops: np.ndarray) -> np.ndarray:
+        for item in self.batch:
+            item.header.timestamps["capture"] -= self.pause_s
+        return np.full((len(crops), 7), 1 / 7, np.float32)
+
+
+def pending_faces(seq: int, captured: float):
+    from services.classifier.batching import PendingFaces
+
+    header = Header(kind="faces", stream="cam", seq=seq, width=W, height=H,
+                    timestamps={"capture": captured}, boxes=[(0, 0, 8, 8)], crop_size=8)
+    return PendingFaces(header, np.zeros((1, 8, 8, 3), np.uint8), arrived=0.0)
+
+
+def stale_count() -> float:
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value("emotion_frames_dropped_total",
+                                     {"service": "classifier", "reason": "stale"}) or 0.0
+
+
+def test_a_batch_held_up_past_the_max_age_is_not_published():
+    from services.classifier.__main__ import run_batch
+
+    batch = [pending_faces(seq, time.time()) for seq in range(3)]
+    before = stale_count()
+    assert run_batch(batch, PausedRunner(batch, 10.0), "v", now=0.0, max_age=0.5) == []
+    assert stale_count() - before == 3
+    batch = [pending_faces(seq, time.time()) for seq in range(3)]
+    assert len(run_batch(batch, PausedRunner(batch, 0.0), "v", now=0.0, max_age=0.5)) == 3
+    assert len(run_batch(batch, PausedRunner(batch, 10.0), "v", now=0.0)) == 3   # 0: no limit

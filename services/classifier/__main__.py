@@ -19,7 +19,7 @@ from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
 from services.common.preprocess import preprocess_faces
 from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceResult, Header,
-                                      Rejected, decode, decode_crops, encode)
+                                      Rejected, decode, decode_crops, encode, is_job)
 
 from .batching import Batcher, BatchPolicy, PendingFaces
 from .runtime import RUNTIMES
@@ -87,8 +87,14 @@ def results_message(header: Header, probabilities: np.ndarray, version: str) -> 
     return encode(out)
 
 
-def run_batch(batch: list[PendingFaces], runner, version: str, now: float) -> list[list]:
-    """Classify every crop of the batch in one model call; one result message per frame."""
+def run_batch(batch: list[PendingFaces], runner, version: str, now: float,
+              max_age: float = 0.0) -> list[list]:
+    """Classify every crop of the batch in one model call; one result message per frame.
+
+    Frames captured more than ``max_age`` ago by now (0 = no limit) get no message and are
+    counted as stale: the age is tested again after the model call, because a paused or
+    starved process can hold a batch for seconds after its frames were still fresh.
+    """
     started = time.perf_counter()
     if len({item.crops.shape[1:] for item in batch}) == 1:
         probabilities = runner.predict_faces(np.concatenate([item.crops for item in batch]))
@@ -107,6 +113,9 @@ def run_batch(batch: list[PendingFaces], runner, version: str, now: float) -> li
         start += n
         for row in scores:
             FACES.labels(EMOTIONS[int(np.argmax(row))]).inc()
+        if max_age and bus.age_seconds(item.header.timestamps) > max_age:
+            drop("classifier", "stale")
+            continue
         messages.append(results_message(item.header, scores, version))
     return messages
 
@@ -150,7 +159,8 @@ def main(argv=None) -> None:
                 except Rejected as exc:
                     rejected(exc)
                     continue
-                if max_age and bus.age_seconds(header.timestamps) > max_age:
+                if max_age and not is_job(header.stream) and \
+                        bus.age_seconds(header.timestamps) > max_age:
                     drop("classifier", "stale")
                     continue
                 if not payloads:
@@ -166,7 +176,7 @@ def main(argv=None) -> None:
             served = fresh
         now = time.monotonic()
         if batcher.ready(now):
-            for message in run_batch(batcher.take(), served.runner, served.version, now):
+            for message in run_batch(batcher.take(), served.runner, served.version, now, max_age):
                 results_out.send_multipart(message)
     if watcher:
         watcher.stop()
