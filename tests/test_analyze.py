@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, media
+from conftest import ROOT, media, metric_sum
+from harness import Pipeline
 from services.analyze.job import Collector, Ledger
 from services.analyze.outputs import CSV_COLUMNS, track_summaries, write_csv
 from services.common.protocol import EMOTIONS, KIND_RESULT, FaceResult, Header
@@ -102,6 +103,7 @@ def short_clip(path, frames: int, codec: str = "mp4v") -> int:
 
 
 def analyze(video, out, registry, *args, timeout=240):
+    """The analyze command with a pipeline of its own."""
     return subprocess.run(
         [sys.executable, "-m", "services.analyze", str(video), "--out", str(out),
          "--pipeline", "start", "--registry", str(registry), "--no-progress", *args],
@@ -124,17 +126,27 @@ def check_outputs(out, frames: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_every_frame_of_a_clip_is_labelled_by_two_detectors_and_two_classifiers(tmp_path,
-                                                                              tiny_registry):
-    """(One of each is the truncated-video test's pipeline.)"""
-    replicas = 2
+def test_every_frame_is_labelled_by_a_running_pipeline_with_replicas_and_a_live_stream(
+        tmp_path, tiny_registry):
+    """Two detectors and two classifiers on their defaults (newest frame only, 500 ms age
+    limit) serve a live stream and the job at once; the job still gets every frame."""
     clip = tmp_path / "clip.mp4"
     frames = short_clip(clip, 45)
-    done = analyze(clip, tmp_path / "out", tiny_registry, "--detectors", str(replicas),
-                   "--classifiers", str(replicas))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"{frames} of {frames} frames labelled" in done.stdout
-    check_outputs(tmp_path / "out", frames)
+    pipeline = Pipeline(tmp_path, tiny_registry, detectors=2, classifiers=2)
+    try:
+        pipeline.start("capture", "--source", "demo", "--stream", "live")
+        done = subprocess.run(
+            [sys.executable, "-m", "services.analyze", str(clip), "--out", str(tmp_path / "out"),
+             "--pipeline", "running", "--base-port", str(pipeline.base), "--no-progress"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"{frames} of {frames} frames labelled" in done.stdout
+        check_outputs(tmp_path / "out", frames)
+        assert sum(metric_sum(pipeline.scrape(f"detector#{i}"), "emotion_detector_frames_total")
+                   > 0 for i in range(2)) == 2
+        assert metric_sum(pipeline.scrape("viewer"), "emotion_viewer_frames_total", stream="live") > 0
+    finally:
+        pipeline.stop()
 
 
 @pytest.mark.slow

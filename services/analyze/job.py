@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from services.common.protocol import Header, TrackedFace, TrackEvent
+from services.common.protocol import JOB_PREFIX, Header, TrackedFace, TrackEvent
 from services.tracker.tracks import Tracker, TrackerSettings
 
-JOB_PREFIX = "job:"   # stream ids of jobs: every frame is processed, none is too old
+__all__ = ["JOB_PREFIX", "Collector", "FrameRow", "Ledger"]
 
 
 @dataclass

@@ -35,6 +35,14 @@ KIND_EVENT = "event"      # tracker -> tracks: a track started, changed emotion 
 KINDS = (KIND_FRAME, KIND_FACES, KIND_RESULT, KIND_TRACKS, KIND_EVENT)
 EVENTS = ("track_started", "emotion_changed", "track_ended")
 
+# Streams whose id starts with this are jobs (python -m services.analyze): their frames are
+# sent with flow control, so every stage takes every one of them, in order, however old.
+JOB_PREFIX = "job:"
+
+
+def is_job(stream: str) -> bool:
+    return stream.startswith(JOB_PREFIX)
+
 ENCODING_JPEG = "jpeg"
 ENCODING_BGR = "bgr"
 ENCODINGS = (ENCODING_JPEG, ENCODING_BGR)

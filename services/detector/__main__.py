@@ -5,6 +5,7 @@ One message goes out per frame, also for frames with no face, so downstream stag
 """
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -15,11 +16,12 @@ from prometheus_client import Counter, Histogram
 from services.common import bus
 from services.common.config import service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
-from services.common.protocol import (KIND_FACES, KIND_FRAME, MAX_FRAME_PIXELS, Header, Rejected,
-                                      decode, decode_image, encode)
+from services.common.protocol import (JOB_PREFIX, KIND_FACES, KIND_FRAME, MAX_FRAME_PIXELS, Header,
+                                      Rejected, decode, decode_image, encode, is_job)
 
 from .faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 
+JOB_TOPIC = JOB_PREFIX.encode()
 FRAMES = Counter("emotion_detector_frames_total", "Frames run through face detection")
 FACES = Counter("emotion_detector_faces_total", "Faces found")
 FRAMES_WITH_FACES = Counter("emotion_detector_frames_with_faces_total",
@@ -75,6 +77,8 @@ class NewestFrames:
     dropped here (reason ``superseded``). Without this they wait in the queue's socket
     buffers, which hold hundreds of frames: under overload every frame would reach the
     detector almost --max-age-ms old and then go stale before its result is out.
+    Frames of jobs (stream ids starting ``job:``) are never superseded: they all wait, in
+    arrival order, since their sender already limits how many are in flight.
     """
 
     MAX_STREAMS = 64
@@ -83,6 +87,7 @@ class NewestFrames:
         self._sock, self._stop = sock, stop
         self._waiting: dict[bytes, list] = {}     # topic -> parts, oldest arrival first
         self._ready = threading.Condition()
+        self._arrivals = itertools.count()
         self.thread = threading.Thread(target=self._run, name="newest-frames", daemon=True)
         self.thread.start()
 
@@ -92,6 +97,8 @@ class NewestFrames:
                 continue
             parts = self._sock.recv_multipart(copy=False)
             topic = parts[0].bytes[:256]
+            if topic.startswith(JOB_TOPIC):
+                topic = (topic, next(self._arrivals))    # a key of its own: kept, not replaced
             with self._ready:
                 if self._waiting.pop(topic, None) is not None:
                     drop("detector", "superseded")
@@ -145,7 +152,7 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         try:
             header, payloads = decode(parts, expect_kind=KIND_FRAME, max_skew_s=max_skew)
-            if max_age and bus.age_seconds(header.timestamps) > max_age:
+            if max_age and not is_job(header.stream) and bus.age_seconds(header.timestamps) > max_age:
                 drop("detector", "stale")
                 continue
             out = faces_message(header, payloads[0], cascade, settings, args.max_frame_pixels)
