@@ -113,7 +113,8 @@ def run_batch(batch: list[PendingFaces], runner, version: str, now: float,
         start += n
         for row in scores:
             FACES.labels(EMOTIONS[int(np.argmax(row))]).inc()
-        if max_age and bus.age_seconds(item.header.timestamps) > max_age:
+        if max_age and not is_job(item.header.stream) and \
+                bus.age_seconds(item.header.timestamps) > max_age:
             drop("classifier", "stale")
             continue
         messages.append(results_message(item.header, scores, version))
