@@ -426,3 +426,52 @@ def test_a_batch_held_up_past_the_max_age_is_not_published():
     batch = [pending_faces(seq, time.time()) for seq in range(3)]
     assert len(run_batch(batch, PausedRunner(batch, 0.0), "v", now=0.0, max_age=0.5)) == 3
     assert len(run_batch(batch, PausedRunner(batch, 10.0), "v", now=0.0)) == 3   # 0: no limit
+
+
+# --- 3: queues bounded in bytes ----------------------------------------------------------------
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmRSS:"))) / 1024
+
+
+def test_the_broker_refuses_parts_over_the_protocols_limits_so_queues_stay_small(tmp_path):
+    from conftest import Service, free_base_port
+    from services.common import bus
+
+    base = free_base_port()
+    broker = Service("broker", ["--base-port", str(base), "--metrics-port", "0"], tmp_path)
+    ctx = zmq.Context()
+    address = bus.BrokerAddress("127.0.0.1", base)
+    stuck = ctx.socket(zmq.SUB)              # a subscriber that never reads
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.setsockopt(zmq.RCVHWM, 1)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.connect(address.endpoint("frames", "out"))
+    reader = bus.consumer(ctx, address, "frames")
+    producer = bus.producer(ctx, address, "frames")
+    try:
+        ok = frame(0, time.time())
+        wait_for(lambda: producer.send_multipart(ok) or reader.poll(100), 20,
+                 what="a frame through the broker")
+        while reader.poll(100):
+            reader.recv_multipart()
+        before = rss_mb(broker.proc.pid)
+        huge = bytes(50 * 1024 * 1024)
+        for seq in range(12):                 # the 12 x 50 MiB: +550 MB before
+            producer.send_multipart(frame(seq, time.time(), payload=huge), copy=False)
+        got = wait_for(lambda: producer.send_multipart(ok) or reader.poll(200)
+                       and reader.recv_multipart(), 30, what="the producer reconnected")
+        assert len(got[2]) == len(ok[2])     # nothing over the limit came through
+        limit = bus.max_message_part("frames")
+        producer.send_multipart(frame(99, time.time(), payload=bytes(limit - 1)), copy=False)
+        wait_for(lambda: reader.poll(200) and len(reader.recv_multipart()[2]) == limit - 1, 30,
+                 what="the frame within the limit")
+        assert rss_mb(broker.proc.pid) - before < 200
+        assert broker.alive()
+    finally:
+        for sock in (stuck, reader, producer):
+            sock.close(linger=0)
+        ctx.term()
+        broker.stop()

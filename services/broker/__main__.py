@@ -24,6 +24,7 @@ from prometheus_client import Counter
 from services.common import bus, keys
 from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import serve_metrics
+from services.common.protocol import MAX_FRAME_PIXELS
 
 BROKER_MESSAGES = Counter("emotion_broker_messages_total",
                           "Messages forwarded by the broker, per channel", ["channel"])
@@ -65,12 +66,17 @@ class Channel:
     """One proxy thread: frontend (producers) -> backend (consumers), steerable to stop it."""
 
     def __init__(self, ctx: zmq.Context, name: str, addr: bus.BrokerAddress, hwm: int,
-                 curve: keys.ServerKeys | None = None, on_failure=lambda: None):
-        """hwm bounds both sides of the proxy (per peer); curve makes both CURVE servers."""
+                 curve: keys.ServerKeys | None = None, on_failure=lambda: None,
+                 max_pixels: int = MAX_FRAME_PIXELS):
+        """hwm bounds both sides of the proxy (per peer), and the protocol's limits bound each
+        part a producer or subscriber may send (ZMQ_MAXMSGSIZE), so that the queues are
+        bounded in bytes too; curve makes both CURVE servers."""
         self.name = name
         front_type, back_type = SOCKET_TYPES[name]
         self.front = bus.tune(ctx.socket(front_type), hwm)
         self.back = bus.tune(ctx.socket(back_type), hwm)
+        self.front.setsockopt(zmq.MAXMSGSIZE, bus.max_message_part(name, max_pixels))
+        self.back.setsockopt(zmq.MAXMSGSIZE, bus.SUBSCRIPTION_BYTES)
         if curve is not None:
             keys.secure_server(self.front, curve)
             keys.secure_server(self.back, curve)
@@ -174,8 +180,9 @@ def main(argv=None) -> int:
                  len(list(curve.clients.glob("*.key"))), curve.clients)
     stop = threading.Event()
     hwms = {"frames": args.fanout_hwm, "results": args.results_hwm, "tracks": args.results_hwm}
-    channels = [Channel(ctx, name, addr, hwms.get(name, args.hwm),
-                        curve, on_failure=stop.set) for name in bus.CHANNELS]
+    channels = [Channel(ctx, name, addr, hwms.get(name, args.hwm), curve,
+                        on_failure=stop.set, max_pixels=args.max_frame_pixels)
+                for name in bus.CHANNELS]
     counter = threading.Thread(target=count_messages, args=(ctx, list(bus.CHANNELS), stop),
                                name="counter", daemon=True)
     counter.start()

@@ -21,6 +21,8 @@ import zmq
 
 from . import keys
 from .config import config_error
+from .protocol import (MAX_CROP_SIZE, MAX_FRAME_PIXELS, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES,
+                       MAX_STREAM_ID)
 
 CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6, "tracks": 8}
 FANOUT = ("frames", "results", "tracks")
@@ -32,6 +34,22 @@ SMALL_MESSAGES = ("results", "tracks")   # fan-out channels of small messages, n
 DEFAULT_HWM = 4
 FANOUT_HWM = 64
 RESULTS_HWM = 1000   # results are a few hundred bytes: room for a subscriber's long hiccup
+
+# ZeroMQ queues count messages, not bytes; ZMQ_MAXMSGSIZE bounds each part (frame) of a
+# received message, so the protocol's own limits also bound the bytes a queue can hold. A
+# peer that sends a larger part is disconnected (and reconnects by itself).
+FRAME_BYTES_PER_PIXEL = 6   # JPEG of noise at quality 100, 4:4:4: 4.1 bytes a pixel; raw BGR 3
+SUBSCRIPTION_BYTES = 4 * MAX_STREAM_ID + 1   # a SUB's subscribe message: flag + a UTF-8 topic
+
+
+def max_message_part(channel: str, max_pixels: int = MAX_FRAME_PIXELS) -> int:
+    """The largest part (topic, header or payload) a valid message of the channel has."""
+    if channel in ("frames", "detect"):
+        image = min(MAX_PAYLOAD_BYTES, FRAME_BYTES_PER_PIXEL * max_pixels)
+        return max(MAX_HEADER_BYTES, image)
+    if channel == "classify":
+        return max(MAX_HEADER_BYTES, MAX_CROP_SIZE * MAX_CROP_SIZE * 3)
+    return MAX_HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -86,10 +104,12 @@ def producer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int | Non
 
 
 def consumer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int | None = None,
-             topic: bytes = b""):
-    """A socket that receives from a channel: SUB for fan-out channels, PULL for queues."""
+             topic: bytes = b"", max_pixels: int = MAX_FRAME_PIXELS):
+    """A socket that receives from a channel: SUB for fan-out channels, PULL for queues; its
+    parts may not exceed the channel's :func:`max_message_part`."""
     kind = zmq.SUB if channel in FANOUT else zmq.PULL
     sock = tune(ctx.socket(kind), hwm or channel_hwm(channel))
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_part(channel, max_pixels))
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, topic)
     if addr.curve is not None:

@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     serve_metrics(args.metrics_port, args.metrics_host)
     addr = bus.client_address("detector", args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()
-    frames_in = bus.consumer(ctx, addr, "detect")
+    frames_in = bus.consumer(ctx, addr, "detect", max_pixels=args.max_frame_pixels)
     faces_out = bus.producer(ctx, addr, "classify")
     rejected = RejectLog("detector", log)
     stop = threading.Event()

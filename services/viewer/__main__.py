@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     ctx = zmq.Context()
     sockets = []
     try:
-        frames = bus.consumer(ctx, address, "frames")
+        frames = bus.consumer(ctx, address, "frames", max_pixels=args.max_frame_pixels)
         sockets.append(frames)
         results = bus.consumer(ctx, address, "results")
         sockets.append(results)
