@@ -121,6 +121,14 @@ def test_reorder_window_counts_out_of_order_arrivals_and_refuses_late_ones():
     assert window.due(1.0) == []
 
 
+def test_a_frame_answered_twice_is_taken_once():
+    window = ReorderWindow(0.1)
+    assert window.add(result(0), 0.0) == "ok"
+    assert window.add(result(0), 0.01) == "duplicate"
+    assert [h.seq for h in window.due(0.2)] == [0]
+    assert window.add(result(0), 0.3) == "duplicate"
+
+
 def test_the_next_result_in_sequence_does_not_wait():
     window = ReorderWindow(0.1)
     window.add(result(0), 0.0)

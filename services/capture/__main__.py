@@ -4,6 +4,10 @@ Each frame goes to two channels: ``frames`` (fan-out, for viewers) and ``detect`
 (the detectors' work queue). Sends never block: when the detect queue is full the
 frame is dropped there and counted, so a slow pipeline never makes capture fall
 behind the source.
+
+A file or folder is not live: it can wait. Before its first frame, capture sends that
+frame to the detectors until a result for it comes back (``--wait-ready-s``), so a short
+clip is not over before the classifier has loaded its model. Live sources start at once.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from prometheus_client import Counter, Gauge
 from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import drop, serve_metrics
-from services.common.protocol import ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, Header, encode
+from services.common.protocol import (ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, KIND_RESULT, Header,
+                                      Rejected, decode, encode)
 
 from .sources import DEFAULT_TIMEOUT_MS, Backoff, Pacer, SourceError, fit_width, open_source
 
@@ -53,6 +58,9 @@ def build_parser():
                   help="URL sources: longest opening or reading may block before the source "
                        "counts as down and is reopened with backoff (0 = OpenCV's default, 30 s)")
     parser.option("--max-frames", default=0, type=int, help="stop after this many frames (0 = no limit)")
+    parser.option("--wait-ready-s", default=120.0, type=float,
+                  help="files and folders: before the first frame, wait up to this long for a "
+                       "detector and a classifier to answer it (0 = start at once)")
     return parser
 
 
@@ -73,6 +81,40 @@ def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int) -> l
             raise RuntimeError("JPEG encoding failed")
         payload = jpeg
     return encode(header, [payload])
+
+
+def wait_until_answered(ctx: zmq.Context, addr: bus.BrokerAddress, detect_out: zmq.Socket,
+                        probe, stream: str, timeout_s: float, stop: threading.Event,
+                        log) -> bool:
+    """Send the first frame (seq 0, made anew by ``probe()`` so it is never too old for the
+    stages) to the detectors until its result comes back, each second in case the stages
+    were not connected yet; False after ``timeout_s``."""
+    results = bus.consumer(ctx, addr, "results", topic=stream.encode())
+    started = time.monotonic()
+    next_notice = started
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            if now - started > timeout_s:
+                log.warning("no detector and classifier answered within %.0f s; starting anyway",
+                            timeout_s)
+                return False
+            if now >= next_notice:
+                log.info("waiting for a detector and a classifier to answer before reading "
+                         "stream %r (--wait-ready-s %.0f)", stream, timeout_s)
+                next_notice = now + 10.0
+            bus.send_nowait(detect_out, probe())
+            if results.poll(1000):
+                try:
+                    header, _ = decode(results.recv_multipart(), expect_kind=KIND_RESULT)
+                except Rejected:
+                    continue
+                if header.stream == stream and header.seq == 0:
+                    log.info("the pipeline answered after %.1f s", time.monotonic() - started)
+                    return True
+        return False
+    finally:
+        results.close()
 
 
 def publish_every(native_fps: float, target_fps: float) -> float:
@@ -128,6 +170,7 @@ def main(argv=None) -> None:
             else:
                 pacer = Pacer((native if is_file else fps) if args.pace else 0.0)
             every = publish_every(native, args.fps) if is_file else 1.0
+            waits = not source.live and source.name != "demo"
             min_interval = 1.0 / args.fps if source.live and args.fps else 0.0
             last_publish = 0.0
             log.info("reading %s (%.1f fps native), publishing stream %r at %s", source.name,
@@ -149,10 +192,16 @@ def main(argv=None) -> None:
                     if now - last_publish < min_interval:
                         continue
                     last_publish = now
-                parts = encode_frame(fit_width(frame, args.max_width, args.max_frame_pixels),
-                                     stream, seq, args.encoding, args.jpeg_quality)
+                small = fit_width(frame, args.max_width, args.max_frame_pixels)
+                answered = False
+                if seq == 0 and waits and args.wait_ready_s > 0:
+                    answered = wait_until_answered(
+                        ctx, addr, detect_out,
+                        lambda: encode_frame(small, stream, 0, args.encoding, args.jpeg_quality),
+                        stream, args.wait_ready_s, stop, log)
+                parts = encode_frame(small, stream, seq, args.encoding, args.jpeg_quality)
                 frames_out.send_multipart(parts, copy=False)   # PUB: never blocks
-                if not bus.send_nowait(detect_out, parts):
+                if not answered and not bus.send_nowait(detect_out, parts):
                     drop("capture", "detect_queue_full")
                 FRAMES.labels(stream).inc()
                 seq += 1

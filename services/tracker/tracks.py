@@ -61,8 +61,11 @@ class ReorderWindow:
         self._newest: tuple[float, int] | None = None
 
     def add(self, header: Header, now: float) -> str:
-        """'ok', 'reordered' (arrived after a newer one, in time) or 'late' (refused)."""
+        """'ok', 'reordered' (arrived after a newer one, in time), 'late' (refused) or
+        'duplicate' (a frame already taken: refused)."""
         key = order_key(header)
+        if key == self._released or any(key == k for k, _, _ in self._pending):
+            return "duplicate"            # the same frame answered twice (a resent frame)
         if self._released is not None and key <= self._released:
             if self._released[0] - key[0] < CLOCK_STEP_S:
                 return "late"
