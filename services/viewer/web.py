@@ -142,6 +142,15 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self._send(b"not found\n", "text/plain; charset=utf-8", status=HTTPStatus.NOT_FOUND)
 
     def _mjpeg(self, stream: str) -> None:
+        self._long_response(stream, f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+                            self._write_parts)
+
+    def _events(self, stream: str) -> None:
+        self._long_response(stream, "text/event-stream; charset=utf-8", self._write_events)
+
+    def _long_response(self, stream: str, content_type: str, write) -> None:
+        """A response that lasts while the client reads (MJPEG or events): 404 for an
+        unknown stream, 503 over the client limit, else ``write(hub, stream)`` until done."""
         hub = self.server.hub
         if hub.snapshot(stream) is None:
             self._not_found()
@@ -152,52 +161,37 @@ class ViewerHandler(BaseHTTPRequestHandler):
                            status=HTTPStatus.SERVICE_UNAVAILABLE)
                 return
             self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
+            self.send_header("Content-Type", content_type)
             self.send_header("Cache-Control", "no-store")
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
-            self._write_parts(hub, stream)
+            write(hub, stream)
 
-    def _events(self, stream: str) -> None:
+    def _write_events(self, hub: StreamHub, stream: str) -> None:
         """Server-Sent Events: the stream's dashboard panel as JSON after each new picture, at
         most every EVENT_INTERVAL_S; a comment line when nothing changed, so a client that
         went away is noticed. Shares the client limit with the MJPEG streams."""
-        hub = self.server.hub
-        if hub.snapshot(stream) is None:
-            self._not_found()
-            return
-        with hub.client_slot() as granted:
-            if not granted:
-                self._send(b"too many viewers\n", "text/plain; charset=utf-8",
-                           status=HTTPStatus.SERVICE_UNAVAILABLE)
+        number = point = 0
+        while True:
+            try:
+                update = hub.wait_update(stream, number, WAIT_SLICE_S)
+            except StreamClosed:
                 return
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            number = point = 0
-            while True:
-                try:
-                    update = hub.wait_update(stream, number, WAIT_SLICE_S)
-                except StreamClosed:
-                    return
-                if update is None:
-                    self.wfile.write(b": idle\n\n")
-                    self.wfile.flush()
-                    continue
-                sent = time.monotonic()
-                number = update
-                panel = hub.panel(stream, point)
-                if panel is None:
-                    return
-                if panel["timeline"]:
-                    point = panel["timeline"][-1]["n"]
-                self.wfile.write(b"data: " + json.dumps(panel).encode() + b"\n\n")
+            if update is None:
+                self.wfile.write(b": idle\n\n")
                 self.wfile.flush()
-                time.sleep(max(0.0, EVENT_INTERVAL_S - (time.monotonic() - sent)))
+                continue
+            sent = time.monotonic()
+            number = update
+            panel = hub.panel(stream, point)
+            if panel is None:
+                return
+            if panel["timeline"]:
+                point = panel["timeline"][-1]["n"]
+            self.wfile.write(b"data: " + json.dumps(panel).encode() + b"\n\n")
+            self.wfile.flush()
+            time.sleep(max(0.0, EVENT_INTERVAL_S - (time.monotonic() - sent)))
 
     def _write_parts(self, hub: StreamHub, stream: str) -> None:
         """Write each new picture of the stream until it ends, the client leaves or we stop."""
