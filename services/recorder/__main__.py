@@ -222,18 +222,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     log = setup_logging(SERVICE, args.log_level)
     check(args)
-    engine = open_database(args.database, log)
-    service = RecorderService(engine, RejectLog(SERVICE, log), args.sample_hz,
-                              args.batch_ms / 1000, args.retention_days * 86400, log=log)
-    serve_metrics(args.metrics_port, args.metrics_host, health=lambda: service.healthy)
-    from .api import create_app, serve_api
-    api = serve_api(create_app(engine), args.api_host, args.api_port)
-    addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
-    ctx = zmq.Context()
-    tracks = bus.consumer(ctx, addr, "tracks", hwm=10000)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from .api import create_app, serve_api
+    engine = open_database(args.database, log)
+    service = RecorderService(engine, RejectLog(SERVICE, log), args.sample_hz,
+                              args.batch_ms / 1000, args.retention_days * 86400, log=log)
+    api = serve_api(create_app(engine), args.api_host, args.api_port)
+    serve_metrics(args.metrics_port, args.metrics_host, health=lambda: service.healthy)
+    addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
+    ctx = zmq.Context()
+    tracks = bus.consumer(ctx, addr, "tracks", hwm=10000)
     log.info("recording %s into %s; API %s", addr.endpoint("tracks", "out"),
              engine.url.render_as_string(hide_password=True),
              f"on http://{args.api_host}:{args.api_port} (/docs)" if api else "off")

@@ -8,8 +8,6 @@ import io
 from datetime import datetime, timezone
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from services.common.protocol import EMOTIONS
 
 COLOURS = ("#d62728", "#8c564b", "#9467bd", "#2ca02c", "#1f77b4", "#ff7f0e", "#7f7f7f")
@@ -23,6 +21,7 @@ def clock(t: float | None) -> str:
 
 def timeline_png(track: dict, points: list[tuple[float, list[float]]]) -> bytes:
     """``points``: (capture time, smoothed scores in EMOTIONS order), oldest first."""
+    from matplotlib.figure import Figure      # imported on first use: a second off the start
     figure = Figure(figsize=(8, 2.6), dpi=100)
     axes = figure.subplots()
     if points:
