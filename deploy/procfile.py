@@ -16,6 +16,7 @@ SUPERVISOR = Path(__file__).resolve().parent / "restart-on-crash.sh"
 METRICS_OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4,
                    "tracker": 5, "recorder": 6}
 REPLICA_PORT_STEP = 10   # detector replicas: 9102, 9112, 9122, ...
+RECORDER_URL = "http://127.0.0.1:8081"
 
 
 def procfile(python: str, source: str, detectors: int, classifiers: int,
@@ -37,7 +38,8 @@ def procfile(python: str, source: str, detectors: int, classifiers: int,
     lines.append(line("tracker", "tracker", ports["tracker"]))
     # its database defaults to data/recorder/recorder.db under the repository (gitignored)
     lines.append(line("recorder", "recorder", ports["recorder"]))
-    lines.append(line("viewer", "viewer", ports["viewer"]))
+    # the dashboard links each stream to its history in the recorder's API (a browser link)
+    lines.append(line("viewer", "viewer", ports["viewer"], f"--recorder-url {RECORDER_URL}"))
     return "\n".join(lines) + "\n"
 
 
