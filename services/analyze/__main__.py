@@ -148,6 +148,7 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None) -> d
     scale = 1.0
     ended, truncated, ready, ready_at = False, "", False, None
     started = time.monotonic()
+    cpu_started = time.process_time()
     next_notice = started + 5.0
     time.sleep(0.3)                     # let the subscription reach the broker
     try:
@@ -217,7 +218,7 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None) -> d
         results.close()
         ctx.term()
     seconds = time.monotonic() - started
-    return {"ready_after_s": ready_at - started if ready_at else None,"rows": collector.rows, "events": collector.events, "model": collector.model,
+    return {"cpu_s": time.process_time() - cpu_started,"ready_after_s": ready_at - started if ready_at else None,"rows": collector.rows, "events": collector.events, "model": collector.model,
             "fps": fps, "scale": scale, "frames": sent, "expected": expected,
             "truncated": truncated, "given_up": dict(ledger.given_up), "seconds": seconds}
 
@@ -236,6 +237,7 @@ def write_outputs(video: Path, out: Path, job: dict) -> dict:
                "partial": partial, "truncated": job["truncated"] or None,
                "missing_frames": {str(k): v for k, v in sorted(missing.items())},
                "seconds": round(job["seconds"], 2),
+               "analyze_cpu_s_while_labelling": round(job["cpu_s"], 2),
                "frames_per_s": round(job["frames"] / max(job["seconds"], 1e-9), 2),
                "pipeline_ready_after_s": (None if job["ready_after_s"] is None
                                           else round(job["ready_after_s"], 2)),
