@@ -114,6 +114,16 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
         with engine.connect() as connection:
             return {"streams": queries.list_streams(connection)}
 
+    def listing(query, count, output, name, columns, csv_row, to_dict):
+        """A list endpoint's answer: one page of JSON with the next cursor, or every row
+        streamed as CSV or JSON lines."""
+        if output != "json":
+            return export(queries.walk(engine, query, count), output, name, columns, csv_row, to_dict)
+        with engine.connect() as connection:
+            rows, following = queries.page(connection, query(), count)
+        return {name: [to_dict(r) for r in rows],
+                "next_cursor": None if following is None else str(following)}
+
     @app.get("/api/tracks", summary="Tracks seen, newest row last; paginated by cursor")
     def list_tracks(
             stream: str | None = Query(None, description="stream id"),
@@ -132,13 +142,7 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
         def query(after=after):
             return queries.tracks_query(stream, start, end, wanted, after)
-        if output != "json":
-            return export(queries.walk(engine, query, count), output, "tracks", TRACK_COLUMNS,
-                          track_csv, queries.track_dict)
-        with engine.connect() as connection:
-            rows, following = queries.page(connection, query(), count)
-        return {"tracks": [queries.track_dict(r) for r in rows],
-                "next_cursor": None if following is None else str(following)}
+        return listing(query, count, output, "tracks", TRACK_COLUMNS, track_csv, queries.track_dict)
 
     @app.get("/api/tracks/{track_id}", summary="One track: its timeline of sampled observations and its events")
     def get_track(track_id: str,
@@ -191,13 +195,7 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
         def query(after=after):
             return queries.events_query(stream, start, end, kind, pk, after)
-        if output != "json":
-            return export(queries.walk(engine, query, count), output, "events", EVENT_COLUMNS,
-                          event_csv, queries.event_dict)
-        with engine.connect() as connection:
-            rows, following = queries.page(connection, query(), count)
-        return {"events": [queries.event_dict(r) for r in rows],
-                "next_cursor": None if following is None else str(following)}
+        return listing(query, count, output, "events", EVENT_COLUMNS, event_csv, queries.event_dict)
 
     @app.get("/api/events/live", summary="Server-Sent Events: each new track event as it is recorded")
     async def live_events(request: Request,
