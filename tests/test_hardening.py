@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +22,7 @@ from services.common.protocol import (EMOTIONS, MAX_PIXELS_PER_BYTE, FaceResult,
 from services.viewer.app import Viewer, ViewerSettings
 from services.viewer.hub import NOT_SHOWN_AFTER_S, StreamHub
 from services.viewer.join import MAX_MISSED, RESYNC_S, FrameJoiner
-from test_viewer import bind_broker_side
+from test_viewer import bind_broker_side, start_viewer_process
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 64, 48
@@ -199,14 +196,7 @@ def test_a_huge_seq_jump_is_one_restart_not_missed_frames():
 def test_viewer_process_refuses_future_stamps_bombs_and_restarts_and_keeps_showing(tmp_path):
     ctx = zmq.Context()
     base, frames, results = bind_broker_side(ctx)
-    http_port, metrics_port = free_port(), free_port()
-    log_path = tmp_path / "viewer.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.viewer", "--base-port", str(base),
-             "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, log_path, http_port, metrics_port = start_viewer_process(base, tmp_path)
     web = f"http://127.0.0.1:{http_port}"
     seq = 0
 

@@ -689,9 +689,9 @@ def metric_total(text: str, name: str, **labels) -> float:
     return metric_sum(metric_samples(text), name, **labels)
 
 
-def test_viewer_process_end_to_end_over_zeromq(tmp_path):
-    ctx = zmq.Context()
-    base, frames, results = bind_broker_side(ctx)
+def start_viewer_process(base: int, tmp_path):
+    """The viewer as a real process on the given broker ports: (process, log, web and
+    metrics ports)."""
     http_port, metrics_port = free_port(), free_port()
     log_path = tmp_path / "viewer.log"
     with open(log_path, "w") as log:
@@ -700,6 +700,13 @@ def test_viewer_process_end_to_end_over_zeromq(tmp_path):
              "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, log_path, http_port, metrics_port
+
+
+def test_viewer_process_end_to_end_over_zeromq(tmp_path):
+    ctx = zmq.Context()
+    base, frames, results = bind_broker_side(ctx)
+    proc, log_path, http_port, metrics_port = start_viewer_process(base, tmp_path)
     publisher = Publisher(frames, results)
     publisher.start()
     web, metrics_url = f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"

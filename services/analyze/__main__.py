@@ -30,10 +30,10 @@ from services.capture.__main__ import encode_frame
 from services.capture.sources import fit_width
 from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging
-from services.common.protocol import ENCODING_JPEG, KIND_RESULT, Rejected, decode
+from services.common.protocol import ENCODING_JPEG, JOB_PREFIX, KIND_RESULT, Rejected, decode
 
 from . import outputs
-from .job import JOB_PREFIX, Collector, Ledger
+from .job import Collector, Ledger
 
 SERVICE = "analyze"
 PARTIAL = 3

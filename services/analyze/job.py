@@ -14,10 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from services.common.protocol import JOB_PREFIX, Header, TrackedFace, TrackEvent
+from services.common.protocol import Header, TrackedFace, TrackEvent
 from services.tracker.tracks import Tracker, TrackerSettings
-
-__all__ = ["JOB_PREFIX", "Collector", "FrameRow", "Ledger"]
 
 
 @dataclass
