@@ -124,6 +124,18 @@ def test_defaults_ask_for_the_curve_keys():
     assert helm("template", RELEASE, str(CHART), "--set", "curve.enabled=false").returncode == 0
 
 
+@needs_helm
+def test_values_schema_refuses_typos_and_wrong_values():
+    for setting, message in (("detectors.replicas=2", "additional properties 'detectors'"),
+                             ("image.pullPolicy=Sometimes", "must be one of"),
+                             ("detector.autoscaling.maxReplicas=0", "minimum"),
+                             ("keda.detector.threshold=lots", "pattern"),
+                             ("image.base.digest=latest", "pattern")):
+        result = helm("template", RELEASE, str(CHART), "--set", "curve.enabled=false",
+                      "--set", setting, check=False)
+        assert result.returncode != 0 and message in result.stderr, (setting, result.stderr)
+
+
 def test_manifests_pass_kubernetes_validate_strict(rendered):
     if shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("no kubernetes-validate (make install puts it in the venv)")
