@@ -273,8 +273,8 @@ def test_labels_flow_end_to_end(swarm):
     assert tracks > 3 and results > 3, (tracks, results)
     assert "main" in set().union(*(s["streams"] for s in recent))
     models = set().union(*(s["models"] for s in recent))
-    current = (ROOT / "models" / "current").read_text().strip()
-    assert models == {current}, models
+    # one version, from the registry bundled into the ml image
+    assert len(models) == 1 and (ROOT / "models" / models.pop()).is_dir(), models
     # the viewer and the recorder's API answer on the broker node's published ports
     status = json.loads(swarm.hub_get(f"http://{swarm.addresses['sw1']}:8080/status.json"))
     assert status
