@@ -19,13 +19,18 @@ from services.common.metrics import RejectLog, drop, serve_metrics
 from services.common.protocol import (JOB_PREFIX, KIND_FACES, KIND_FRAME, MAX_FRAME_PIXELS, Header,
                                       Rejected, decode, decode_image, encode, is_job)
 
-from .faces import DetectorSettings, crop_faces, detect_faces, load_cascade
+from .faces import DetectorSettings, crop_faces, load_cascade
+from .regions import FULL, REGION, RESCAN, FaceFinder, RegionSettings
 
 JOB_TOPIC = JOB_PREFIX.encode()
 FRAMES = Counter("emotion_detector_frames_total", "Frames run through face detection")
 FACES = Counter("emotion_detector_faces_total", "Faces found")
 FRAMES_WITH_FACES = Counter("emotion_detector_frames_with_faces_total",
                             "Frames in which at least one face was found")
+SCANS = Counter("emotion_detector_scans_total",
+                "Frames by how faces were searched: region (around known faces only), full "
+                "(regions plus the rest of the frame) or rescan (a region lost its face)",
+                ["kind"])
 SECONDS = Histogram("emotion_detector_seconds", "Time to decode, detect and crop one frame",
                     buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0))
 
@@ -46,6 +51,17 @@ def build_parser():
     parser.option("--crop-size", default=d.crop_size, type=int, help="side of the face crops sent on")
     parser.option("--equalize", default=d.equalize, type=bool,
                   help="equalise the grey histogram before detection (for dim scenes)")
+    r = RegionSettings()
+    parser.option("--full-scan-every", default=r.full_scan_every, type=int,
+                  help="scan the whole frame every this many frames of a stream and only "
+                       "regions around known faces in between (1 = always the whole frame)")
+    parser.option("--full-scan-ms", default=r.full_scan_ms, type=float,
+                  help="...and at least this often, in capture time (a new face is found "
+                       "within about this long)")
+    parser.option("--region-grow", default=r.grow, type=float,
+                  help="a region is its face grown by this fraction of its side on each side")
+    parser.option("--region-face-px", default=r.face_px, type=int,
+                  help="regions are scanned shrunk so that their face is this many pixels wide")
     parser.option("--max-age-ms", default=500.0, type=float,
                   help="drop frames captured longer ago than this (0 = never)")
     parser.option("--newest-only", default=True, type=bool,
@@ -58,11 +74,14 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def faces_message(header: Header, payload, cascade, settings: DetectorSettings,
+def faces_message(header: Header, payload, finder: FaceFinder,
                   max_pixels: int = MAX_FRAME_PIXELS) -> list:
     """A decoded frame message in, a faces message out (Rejected if the image is bad)."""
+    settings = finder.settings
     image = decode_image(header, payload, max_pixels)
-    boxes = detect_faces(image, cascade, settings)
+    boxes, how = finder.find(header.stream, header.seq,
+                             header.timestamps.get("capture", time.time()), image)
+    SCANS.labels(how).inc()
     crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
     out = Header(kind=KIND_FACES, stream=header.stream, seq=header.seq, width=header.width,
                  height=header.height, timestamps={**header.timestamps, "detect": time.time()},
@@ -130,7 +149,11 @@ def main(argv=None) -> None:
     log = setup_logging("detector", args.log_level)
     settings = DetectorSettings(args.scale_factor, args.min_neighbors, args.min_size,
                                 args.detect_width, args.margin, args.crop_size, args.equalize)
-    cascade = load_cascade(args.cascade)
+    regions = RegionSettings(args.full_scan_every, args.full_scan_ms, args.region_grow,
+                             face_px=args.region_face_px)
+    finder = FaceFinder(load_cascade(args.cascade), settings, regions)
+    for kind in (FULL, REGION, RESCAN):
+        SCANS.labels(kind)
     serve_metrics(args.metrics_port, args.metrics_host)
     addr = bus.client_address("detector", args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()
@@ -142,7 +165,8 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     max_age = args.max_age_ms / 1000.0
     max_skew = args.max_clock_skew_ms / 1000.0
-    log.info("detecting faces (%s), max frame age %.0f ms", settings, args.max_age_ms)
+    log.info("detecting faces (%s, %s), max frame age %.0f ms", settings, regions,
+             args.max_age_ms)
     newest = NewestFrames(frames_in, stop) if args.newest_only else None
     take = newest.take if newest else in_order(frames_in)
     while not stop.is_set():
@@ -155,7 +179,7 @@ def main(argv=None) -> None:
             if max_age and not is_job(header.stream) and bus.age_seconds(header.timestamps) > max_age:
                 drop("detector", "stale")
                 continue
-            out = faces_message(header, payloads[0], cascade, settings, args.max_frame_pixels)
+            out = faces_message(header, payloads[0], finder, args.max_frame_pixels)
         except Rejected as exc:
             rejected(exc)
             continue

@@ -30,7 +30,13 @@ def load_cascade(name: str = DEFAULT_CASCADE) -> cv2.CascadeClassifier:
 
 def detect_faces(image: np.ndarray, cascade: cv2.CascadeClassifier,
                  settings: DetectorSettings) -> list[tuple[int, int, int, int]]:
-    """Boxes (x, y, w, h) in full-resolution pixels, found on a small equalised grey copy."""
+    """Boxes (x, y, w, h) in full-resolution pixels, found on a small grey copy."""
+    grey, scale = detection_copy(image, settings)
+    return to_full_frame(scan(grey, cascade, settings, scale), scale, image.shape)
+
+
+def detection_copy(image: np.ndarray, settings: DetectorSettings) -> tuple[np.ndarray, float]:
+    """The grey, downscaled (and optionally equalised) copy the cascade runs on, and its scale."""
     height, width = image.shape[:2]
     scale = 1.0
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
@@ -40,17 +46,33 @@ def detect_faces(image: np.ndarray, cascade: cv2.CascadeClassifier,
                           interpolation=cv2.INTER_AREA)
     if settings.equalize:
         grey = cv2.equalizeHist(grey)
-    min_side = max(8, round(settings.min_size * scale))
+    return grey, scale
+
+
+def scan(grey: np.ndarray, cascade: cv2.CascadeClassifier, settings: DetectorSettings,
+         scale: float, min_side: int = 0, max_side: int = 0) -> list[tuple[int, int, int, int]]:
+    """The cascade over ``grey`` (a detection copy or a region of one): boxes in its pixels,
+    of sides between ``min_side`` (at least the settings' smallest face) and ``max_side``."""
+    min_side = max(8, round(settings.min_size * scale), min_side)
+    if max_side and max_side < min_side:
+        return []
     found = cascade.detectMultiScale(grey, scaleFactor=settings.scale_factor,
                                      minNeighbors=settings.min_neighbors,
-                                     minSize=(min_side, min_side))
-    boxes = []
-    for x, y, w, h in (found if len(found) else []):
+                                     minSize=(min_side, min_side),
+                                     maxSize=(max_side, max_side) if max_side else (0, 0))
+    return [tuple(int(v) for v in box) for box in (found if len(found) else [])]
+
+
+def to_full_frame(boxes, scale: float, shape) -> list[tuple[int, int, int, int]]:
+    """Boxes of the detection copy mapped back to the full-resolution frame, clipped to it."""
+    height, width = shape[:2]
+    out = []
+    for x, y, w, h in boxes:
         x0, y0 = int(round(x / scale)), int(round(y / scale))
         x1, y1 = min(width, int(round((x + w) / scale))), min(height, int(round((y + h) / scale)))
         if x1 > x0 and y1 > y0:
-            boxes.append((x0, y0, x1 - x0, y1 - y0))
-    return boxes
+            out.append((x0, y0, x1 - x0, y1 - y0))
+    return out
 
 
 def crop_faces(image: np.ndarray, boxes, margin: float, size: int) -> np.ndarray:
