@@ -395,6 +395,35 @@ def test_viewer_rejects_bad_input_without_raising():
     assert hub.streams() == []
 
 
+def test_hub_renders_a_picture_only_when_asked_and_once():
+    hub, calls = StreamHub(), []
+
+    def picture(n):
+        return lambda: calls.append(n) or f"jpeg {n}".encode()
+
+    for n in range(1, 6):
+        hub.publish("cam", picture(n), seq=n, results=[], model="m")
+    assert calls == [] and hub.status()["streams"]["cam"]["frames_shown"] == 5
+    assert hub.snapshot("cam") == b"jpeg 5" and hub.snapshot("cam") == b"jpeg 5"
+    assert hub.wait_frame("cam", 0, 0.01) == (5, b"jpeg 5", 5)
+    assert calls == [5]
+    hub.publish("cam", lambda: None, seq=6, results=[], model="m")   # a picture that fails
+    assert hub.wait_frame("cam", 5, 0.01) == (6, b"jpeg 5", 6)     # the last good picture
+
+
+def test_unwatched_frames_are_not_decoded_until_someone_looks():
+    viewer, hub, rejects = make_viewer()
+    good = jpeg_of(source_image())
+    broken = good[:200] + bytes(len(good) - 200)       # a real JPEG header, then zeros
+    viewer.on_frame(encode(frame_header(0, capture=time.time()), [broken]))
+    assert viewer.flush() == 1 and rejects == []       # checked, published, not decoded
+    assert hub.snapshot("cam") is None and rejects == ["image"]
+    viewer.on_frame(encode(frame_header(1, capture=time.time()), [good]))
+    assert viewer.flush() == 1
+    picture = cv2.imdecode(np.frombuffer(hub.snapshot("cam"), np.uint8), cv2.IMREAD_COLOR)
+    assert picture.shape == source_image().shape
+
+
 def test_viewer_drops_stale_frames_and_decodes_only_shown_ones():
     viewer, hub, _ = make_viewer(max_age_s=0.5)
     viewer.on_frame(encode(frame_header(0, capture=time.time() - 5), [jpeg_of(source_image())]))

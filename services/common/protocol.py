@@ -421,12 +421,23 @@ def decode_image(header: Header, payload, max_pixels: int = MAX_FRAME_PIXELS) ->
     """
     import cv2
 
+    check_image(header, payload, max_pixels)
+    if header.encoding == ENCODING_BGR:
+        return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
+    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.shape[:2] != (header.height, header.width):
+        raise Rejected("image", "JPEG could not be decoded")
+    return image
+
+
+def check_image(header: Header, payload, max_pixels: int = MAX_FRAME_PIXELS) -> None:
+    """The checks of :func:`decode_image` that need no decoding (Rejected if one fails)."""
     pixels = header.width * header.height
     if max_pixels and pixels > max_pixels:
         raise Rejected("dimensions", f"frame of {header.width}x{header.height} = {pixels} pixels, "
                                      f"at most {max_pixels} accepted")
     if header.encoding == ENCODING_BGR:
-        return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
+        return
     size = jpeg_size(payload)
     if size is None:
         raise Rejected("image", "payload is not a JPEG")
@@ -436,10 +447,6 @@ def decode_image(header: Header, payload, max_pixels: int = MAX_FRAME_PIXELS) ->
     if pixels > MAX_PIXELS_PER_BYTE * length:
         raise Rejected("size", f"JPEG of {length} bytes claims {pixels} pixels (more than "
                                f"{MAX_PIXELS_PER_BYTE} per byte: a decompression bomb)")
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.shape[:2] != (header.height, header.width):
-        raise Rejected("image", "JPEG could not be decoded")
-    return image
 
 
 def decode_crops(header: Header, payloads: list) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The viewer's work, message by message: validate, join, composite, encode, publish.
+"""The viewer's work, message by message: validate, join, publish; composite and encode
+when someone looks.
 
 :class:`Viewer` owns no sockets, so tests feed it multipart messages directly;
 :func:`run_loop` is the thin part that polls the two SUB sockets.
@@ -9,6 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import cv2
@@ -18,7 +20,8 @@ from prometheus_client import Counter, Histogram
 from services.common import metrics
 from services.common.bus import age_seconds
 from services.common.protocol import (KIND_FRAME, KIND_RESULT, KIND_TRACKS, MAX_CLOCK_SKEW_S,
-                                      MAX_FRAME_PIXELS, Rejected, decode, decode_image)
+                                      MAX_FRAME_PIXELS, Rejected, check_image, decode,
+                                      decode_image)
 
 from .draw import draw_results
 from .hub import StreamHub
@@ -31,7 +34,8 @@ DRAIN_LIMIT = 256            # messages taken from one socket per pass before co
 EXPIRE_EVERY_S = 1.0
 TRACKED_FOR_S = 2.0          # a stream with tracks this recent shows them instead of raw results
 
-FRAMES_SHOWN = Counter("emotion_viewer_frames_total", "Composited frames shown, per stream",
+FRAMES_SHOWN = Counter("emotion_viewer_frames_total",
+                       "Frames shown (made the stream's current picture), per stream",
                        ["stream"])
 RESULTS_RECEIVED = Counter("emotion_viewer_results_total",
                            "Classifier results received, per stream", ["stream"])
@@ -143,35 +147,58 @@ class Viewer:
                 pass
 
     def composite(self, item: Shown) -> bool:
-        """Decode, draw, encode and publish one frame; False when its image is refused."""
+        """Check one frame and publish it; False when its image is refused. Decoding,
+        drawing and encoding wait until a client asks for the picture (or a native window
+        shows it), so streams nobody watches cost none of it."""
         header = item.header
         try:
-            image = decode_image(header, item.payload, self.settings.max_pixels)
+            check_image(header, item.payload, self.settings.max_pixels)
         except Rejected as error:
             self._rejects(error)
             return False
-        except cv2.error as error:          # a JPEG that fools the header check but not libjpeg
-            self._rejects(Rejected("image", f"JPEG could not be decoded ({error.code})"))
-            return False
-        annotated = draw_results(image, item.results, item.model, stream=header.stream,
-                                 fps=self.hub.fps(header.stream))
-        ok, encoded = cv2.imencode(".jpg", annotated,
-                                   [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
-        if not ok:
-            metrics.drop(SERVICE, "encode")
-            return False
+        if self.windows is not None:
+            annotated = self._annotate(item)
+            if annotated is None:
+                return False
+            self.windows.show(header.stream, annotated)
+            picture = partial(self._encode, annotated)
+        else:
+            picture = partial(self._render, item)
         latency = None
         if "capture" in header.timestamps:
             latency = max(0.0, self._wall_clock() - header.timestamps["capture"])
             E2E_LATENCY.observe(latency)
-        self.hub.publish(header.stream, encoded.tobytes(), seq=header.seq, results=item.results,
+        self.hub.publish(header.stream, picture, seq=header.seq, results=item.results,
                          model=item.model, latency_s=latency, late=item.late)
         FRAMES_SHOWN.labels(header.stream).inc()
         if item.late:
             LATE_FRAMES.inc()
-        if self.windows is not None:
-            self.windows.show(header.stream, annotated)
         return True
+
+    def _annotate(self, item: Shown):
+        """The frame decoded with its labels drawn; None (and counted) if it cannot be decoded."""
+        try:
+            image = decode_image(item.header, item.payload, self.settings.max_pixels)
+        except Rejected as error:
+            self._rejects(error)
+            return None
+        except cv2.error as error:          # a JPEG that fools the header check but not libjpeg
+            self._rejects(Rejected("image", f"JPEG could not be decoded ({error.code})"))
+            return None
+        return draw_results(image, item.results, item.model, stream=item.header.stream,
+                            fps=self.hub.fps(item.header.stream))
+
+    def _encode(self, annotated) -> bytes | None:
+        ok, encoded = cv2.imencode(".jpg", annotated,
+                                   [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
+        if not ok:
+            metrics.drop(SERVICE, "encode")
+            return None
+        return encoded.tobytes()
+
+    def _render(self, item: Shown) -> bytes | None:
+        annotated = self._annotate(item)
+        return None if annotated is None else self._encode(annotated)
 
     def poll_timeout_ms(self) -> int:
         due = self.joiner.next_due(self._clock())

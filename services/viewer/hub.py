@@ -1,8 +1,11 @@
 """The hand-over point between the compositing loop and the HTTP threads.
 
-The loop publishes one annotated JPEG per shown frame; every MJPEG client thread waits on
-its stream's condition for the next one, so a slow client skips frames instead of
-queueing them, and a fast one never busy-waits. The dashboard's event clients wait the
+The loop publishes every shown frame, as a function that draws and encodes it: the first
+client that asks for a picture renders it (once, for everyone), so streams nobody watches
+cost no decoding, drawing or encoding, and a watched stream costs one JPEG per picture a
+client takes. Every MJPEG client thread waits on its stream's condition for the next
+picture, so a slow client skips frames instead of queueing them, and a fast one never
+busy-waits. The dashboard's event clients wait the
 same way and read :meth:`StreamHub.panel`: the faces now and a rolling 60-second timeline.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 from services.common.protocol import EMOTIONS, FaceResult, TrackedFace
 
@@ -48,7 +52,10 @@ class RateMeter:
 class _StreamState:
     condition: threading.Condition
     latency_window: int
-    jpeg: bytes = b""
+    jpeg: bytes = b""               # the latest picture rendered
+    rendered: int = 0               # the number of the picture in ``jpeg``
+    render: Callable[[], bytes | None] | None = None   # makes picture ``number`` when asked
+    render_lock: threading.Lock = field(default_factory=threading.Lock)
     number: int = 0                 # frames published so far; clients wait for a larger one
     seq: int = -1
     results: list[FaceResult] = field(default_factory=list)
@@ -81,17 +88,25 @@ class StreamHub:
         self._clients = 0
         self._closed = False
 
-    def publish(self, stream: str, jpeg: bytes, *, seq: int, results: list[FaceResult],
-                model: str, latency_s: float | None = None, late: bool = False) -> None:
-        """Make ``jpeg`` the stream's current picture and wake its waiting clients."""
+    def publish(self, stream: str, picture: bytes | Callable[[], bytes | None], *, seq: int,
+                results: list[FaceResult], model: str, latency_s: float | None = None,
+                late: bool = False) -> None:
+        """Make ``picture`` the stream's current one and wake its waiting clients.
+
+        ``picture`` is a JPEG, or a function that makes one (None if it cannot): it is then
+        called only when a client asks for this picture, at most once, so a stream that
+        nobody watches costs no decoding, drawing or encoding."""
         now = self._clock()
         with self._lock:
             state = self._streams.get(stream)
             if state is None:
                 state = _StreamState(threading.Condition(self._lock), self.latency_window)
                 self._streams[stream] = state
-            state.jpeg = jpeg
             state.number += 1
+            if callable(picture):
+                state.render = picture
+            else:
+                state.jpeg, state.rendered, state.render = picture, state.number, None
             state.seq = seq
             state.results = list(results)
             state.model = model
@@ -105,6 +120,23 @@ class StreamHub:
                 state.timeline.append((state.points, now, emotion_shares(state.results)))
             state.condition.notify_all()
 
+    def _current(self, state: _StreamState) -> tuple[int, bytes, int]:
+        """(number, JPEG, frame seq) of the stream's latest picture, rendered now if it was
+        published as a function; the previous picture if rendering fails."""
+        with state.render_lock:
+            with self._lock:
+                number, seq, render = state.number, state.seq, state.render
+                if state.rendered == number or render is None:
+                    return state.rendered, state.jpeg, seq
+            jpeg = render()
+            with self._lock:
+                if jpeg is not None:
+                    state.jpeg = jpeg
+                state.rendered = number
+                if state.number == number:
+                    state.render = None       # done: let go of the frame it holds
+                return number, state.jpeg, seq
+
     def fps(self, stream: str) -> float:
         with self._lock:
             state = self._streams.get(stream)
@@ -115,9 +147,12 @@ class StreamHub:
             return sorted(self._streams)
 
     def snapshot(self, stream: str) -> bytes | None:
+        """The stream's latest picture; None for an unknown stream or one never rendered."""
         with self._lock:
             state = self._streams.get(stream)
-            return state.jpeg if state else None
+        if state is None:
+            return None
+        return self._current(state)[1] or None
 
     def wait_frame(self, stream: str, after: int, timeout: float) -> tuple[int, bytes, int] | None:
         """(number, JPEG, frame seq) once the picture's number exceeds ``after``; None on timeout.
@@ -134,7 +169,7 @@ class StreamHub:
                 raise StreamClosed(stream)
             if state.number <= after:
                 return None
-            return state.number, state.jpeg, state.seq
+        return self._current(state)
 
     def wait_update(self, stream: str, after: int, timeout: float) -> int | None:
         """The stream's picture number once it exceeds ``after``; None on timeout. Raises

@@ -152,7 +152,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         """A response that lasts while the client reads (MJPEG or events): 404 for an
         unknown stream, 503 over the client limit, else ``write(hub, stream)`` until done."""
         hub = self.server.hub
-        if hub.snapshot(stream) is None:
+        if stream not in hub.streams():
             self._not_found()
             return
         with hub.client_slot() as granted:
@@ -201,7 +201,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 frame = hub.wait_frame(stream, number, WAIT_SLICE_S)
             except StreamClosed:
                 return
-            if frame is None:
+            if frame is None or not frame[1]:
                 continue
             number, jpeg, seq = frame
             self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
