@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT, media, metric_sum
 from harness import Pipeline
-from services.analyze.job import Collector, Ledger
+from services.analyze.job import Collector
+from services.common.flow import Ledger
 from services.analyze.outputs import CSV_COLUMNS, track_summaries, write_csv
 from services.common.protocol import EMOTIONS, KIND_RESULT, FaceResult, Header
 

@@ -22,6 +22,20 @@ def dropped_before_detection(capture: dict, detector: dict) -> float:
                   for reason in ("stale", "superseded")))
 
 
+def short_clip(path, frames: int):
+    """The first ``frames`` frames of woman2.mp4 as a clip of their own."""
+    source = cv2.VideoCapture(str(media("woman2.mp4")))
+    writer = None
+    for _ in range(frames):
+        ok, frame = source.read()
+        if writer is None:
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0,
+                                     (frame.shape[1], frame.shape[0]))
+        writer.write(frame)
+    writer.release()
+    return path
+
+
 def overlay_drawn(annotated: np.ndarray, raw: np.ndarray, box) -> bool:
     """The box outline is where the viewer draws; there the pixels must have changed."""
     x, y, w, h = box
@@ -168,16 +182,7 @@ def test_make_run_with_replicas_and_ctrl_c(tmp_path, tiny_registry):
 @pytest.mark.timeout(300)
 def test_make_run_labels_a_clip_shorter_than_the_model_load(tmp_path, tiny_registry):
     """A 4-second clip under `make run`: capture waits for the first answer, then plays it."""
-    source = cv2.VideoCapture(str(media("woman2.mp4")))
-    clip = tmp_path / "short.mp4"
-    writer = None
-    for _ in range(120):
-        ok, frame = source.read()
-        if writer is None:
-            writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 30.0,
-                                     (frame.shape[1], frame.shape[0]))
-        writer.write(frame)
-    writer.release()
+    clip = short_clip(tmp_path / "short.mp4", 120)
     runner = Runner(tmp_path, tiny_registry, source=str(clip))
     results = Collector(runner.addr, "results")
     results.start()
@@ -193,3 +198,29 @@ def test_make_run_labels_a_clip_shorter_than_the_model_load(tmp_path, tiny_regis
     finally:
         results.close()
         runner.ctrl_c()
+
+
+@pytest.mark.timeout(300)
+def test_unpaced_file_sends_only_what_the_pipeline_takes(tmp_path, tiny_registry):
+    """--no-pace with flow control: capture reads a frame only when there is room, so the
+    newest-only detector supersedes nothing and every frame is labelled."""
+    generous = ("--max-age-ms", "3000")   # a loaded test machine must not make frames stale
+    pipeline = Pipeline(tmp_path, tiny_registry, detector_args=generous, classifier_args=generous)
+    results = Collector(pipeline.addr, "results")
+    results.start()
+    time.sleep(0.5)
+    try:
+        pipeline.start("capture", "--source", str(short_clip(tmp_path / "150.mp4", 150)),
+                       "--stream", "clip", "--no-pace")
+        wait_for(lambda: len({s for s, h in results.messages.items() if h.stream == "clip"}) >= 145,
+                 90, what="results for the clip's frames")
+        time.sleep(1.0)
+        cap, det = pipeline.scrape("capture"), pipeline.scrape("detector#0")
+        assert metric_sum(cap, "emotion_capture_frames_total", stream="clip") == 150
+        assert metric_sum(det, "emotion_frames_dropped_total") == 0, det
+        assert metric_sum(cap, "emotion_frames_dropped_total") == 0
+        assert metric_sum(cap, "emotion_capture_unanswered_total") <= 2
+        assert metric_sum(det, "emotion_detector_frames_total") >= 148
+    finally:
+        results.close()
+        pipeline.stop()

@@ -30,10 +30,11 @@ from services.capture.__main__ import encode_frame
 from services.capture.sources import fit_width
 from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging
-from services.common.protocol import ENCODING_JPEG, JOB_PREFIX, KIND_RESULT, Rejected, decode
+from services.common.flow import Ledger, answers
+from services.common.protocol import ENCODING_JPEG, JOB_PREFIX
 
 from . import outputs
-from .job import Collector, Ledger
+from .job import Collector
 
 SERVICE = "analyze"
 PARTIAL = 3
@@ -172,17 +173,8 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None) -> d
             if ended and not ledger.in_flight:
                 break
             if results.poll(50):
-                for _ in range(1000):
-                    try:
-                        raw = results.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        header, _ = decode(raw, expect_kind=KIND_RESULT)
-                    except Rejected as exc:
-                        log.warning("ignored a malformed result: %s", exc)
-                        continue
-                    if header.stream == stream and ledger.answer(header.seq):
+                for header in answers(results, stream, log):
+                    if ledger.answer(header.seq):
                         if not ready:
                             ready_at = time.monotonic()
                             log.info("the pipeline answered after %.1f s", ready_at - started)
@@ -218,7 +210,8 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None) -> d
         results.close()
         ctx.term()
     seconds = time.monotonic() - started
-    return {"cpu_s": time.process_time() - cpu_started,"ready_after_s": ready_at - started if ready_at else None,"rows": collector.rows, "events": collector.events, "model": collector.model,
+    return {"cpu_s": time.process_time() - cpu_started,
+            "ready_after_s": ready_at - started if ready_at else None, "rows": collector.rows, "events": collector.events, "model": collector.model,
             "fps": fps, "scale": scale, "frames": sent, "expected": expected,
             "truncated": truncated, "given_up": dict(ledger.given_up), "seconds": seconds}
 

@@ -1,9 +1,5 @@
-"""A video as a job: flow control, resends and in-order tracking, with no sockets.
-
-:class:`Ledger` decides what to send: at most ``window`` frames are in flight (sent, not yet
-answered), so the pipeline is never asked for more than it can hold and nothing has to be
-dropped; a frame unanswered for ``resend_s`` is sent again (a replica died, a queue
-overflowed), and after ``attempts`` sends it is given up with that reason.
+"""A video as a job: in-order tracking of its answers, with no sockets (flow control and
+resends are :class:`services.common.flow.Ledger`'s).
 
 :class:`Collector` takes answers in any order and hands them on in frame order to the
 tracker's own :class:`~services.tracker.tracks.Tracker`, on the video's clock, so ids and
@@ -12,60 +8,10 @@ smoothing are those of the tracker stage and exact whatever order replicas answe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.common.protocol import Header, TrackedFace, TrackEvent
 from services.tracker.tracks import Tracker, TrackerSettings
-
-
-@dataclass
-class Flight:
-    parts: list            # the encoded message, kept for a resend
-    sent: float
-    attempts: int = 1
-
-
-@dataclass
-class Ledger:
-    window: int = 8
-    resend_s: float = 5.0
-    attempts: int = 4
-    in_flight: dict[int, Flight] = field(default_factory=dict)
-    answered: set[int] = field(default_factory=set)
-    given_up: dict[int, str] = field(default_factory=dict)   # seq -> reason
-
-    def room(self) -> bool:
-        return len(self.in_flight) < self.window
-
-    def sent(self, seq: int, parts: list, now: float) -> None:
-        self.in_flight[seq] = Flight(parts, now)
-
-    def answer(self, seq: int) -> bool:
-        """A result for ``seq`` arrived; False for a duplicate or a frame not sent."""
-        if seq not in self.in_flight:
-            return False
-        del self.in_flight[seq]
-        self.answered.add(seq)
-        return True
-
-    def due_again(self, now: float) -> list[tuple[int, list]]:
-        """Frames to send again now; frames out of attempts are given up instead."""
-        again = []
-        for seq, flight in list(self.in_flight.items()):
-            if now - flight.sent < self.resend_s:
-                continue
-            if flight.attempts >= self.attempts:
-                del self.in_flight[seq]
-                self.given_up[seq] = (f"no result after {flight.attempts} sends "
-                                      f"{self.resend_s:.0f} s apart")
-                continue
-            flight.attempts += 1
-            flight.sent = now
-            again.append((seq, flight.parts))
-        return again
-
-    def resends(self) -> int:
-        return sum(f.attempts - 1 for f in self.in_flight.values())
 
 
 @dataclass

@@ -8,6 +8,11 @@ behind the source.
 A file or folder is not live: it can wait. Before its first frame, capture sends that
 frame to the detectors until a result for it comes back (``--wait-ready-s``), so a short
 clip is not over before the classifier has loaded its model. Live sources start at once.
+
+A file or folder read as fast as possible (``--no-pace``) is flow-controlled: capture
+reads, encodes and sends its next frame only while fewer than ``--max-in-flight`` frames
+are waiting for their results, so it never makes a frame a detector would supersede.
+Live and paced sources keep every frame for the viewers and let the detectors skip.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging
+from services.common.flow import Ledger, answers
 from services.common.metrics import drop, serve_metrics
 from services.common.protocol import (ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, KIND_RESULT, Header,
                                       Rejected, decode, encode)
@@ -31,6 +37,9 @@ FRAMES = Counter("emotion_capture_frames_total", "Frames published", ["stream"])
 SOURCE_UP = Gauge("emotion_capture_source_up", "1 while the source delivers frames", ["stream"])
 SOURCE_FINISHED = Gauge("emotion_capture_source_finished",
                         "1 once a file or folder source has ended", ["stream"])
+UNANSWERED = Counter("emotion_capture_unanswered_total",
+                     "Frames sent under flow control that got no result within "
+                     "--in-flight-timeout-ms (lost on the way; not sent again)", ["stream"])
 SOURCE_RETRIES = Counter("emotion_capture_source_retries_total",
                          "Attempts to reopen a failed camera or URL", ["stream"])
 
@@ -58,6 +67,12 @@ def build_parser():
                   help="URL sources: longest opening or reading may block before the source "
                        "counts as down and is reopened with backoff (0 = OpenCV's default, 30 s)")
     parser.option("--max-frames", default=0, type=int, help="stop after this many frames (0 = no limit)")
+    parser.option("--max-in-flight", default=2, type=int,
+                  help="unpaced files and folders (--no-pace): read, encode and send a frame "
+                       "only while fewer than this many are in the pipeline, so none is made "
+                       "just to be superseded (0 = no flow control); about detectors + 1")
+    parser.option("--in-flight-timeout-ms", default=1000.0, type=float,
+                  help="a frame with no result after this long no longer counts as in flight")
     parser.option("--wait-ready-s", default=120.0, type=float,
                   help="files and folders: before the first frame, wait up to this long for a "
                        "detector and a classifier to answer it (0 = start at once)")
@@ -117,6 +132,23 @@ def wait_until_answered(ctx: zmq.Context, addr: bus.BrokerAddress, detect_out: z
         results.close()
 
 
+def wait_for_room(ledger: Ledger, results: zmq.Socket, stream: str, stop: threading.Event,
+                  log) -> None:
+    """Take the stream's results as they come and return once fewer than the window's
+    frames are in flight (or at stop). A frame unanswered for the ledger's resend time was
+    lost on the way (a full queue, a replica stopping) and stops counting."""
+    while not stop.is_set():
+        for header in answers(results, stream, log):
+            ledger.answer(header.seq)
+        ledger.due_again(time.monotonic())
+        if ledger.given_up:
+            UNANSWERED.labels(stream).inc(len(ledger.given_up))
+            ledger.given_up.clear()
+        if ledger.room():
+            return
+        results.poll(20)
+
+
 def publish_every(native_fps: float, target_fps: float) -> float:
     """For a file whose native rate exceeds the target: publish one frame in this many."""
     if native_fps <= 0 or target_fps <= 0 or target_fps >= native_fps:
@@ -144,6 +176,7 @@ def main(argv=None) -> None:
     SOURCE_FINISHED.labels(stream).set(0)
     backoff = Backoff()
     seq = 0
+    flow = None              # (ledger, results subscriber) for unpaced files and folders
     try:
         while not stop.is_set():
             try:
@@ -177,7 +210,13 @@ def main(argv=None) -> None:
                      native, stream, f"{fps:.1f} fps" if args.pace else "full speed")
             read_index = 0
             next_publish = 0.0
+            if flow is None and not source.live and not args.pace and args.max_in_flight > 0:
+                flow = (Ledger(args.max_in_flight, args.in_flight_timeout_ms / 1000.0, attempts=1),
+                        bus.consumer(ctx, addr, "results", topic=stream.encode()))
+                log.info("flow control: at most %d frames in the pipeline", args.max_in_flight)
             while not stop.is_set():
+                if flow and seq:
+                    wait_for_room(*flow, stream, stop, log)
                 frame = source.read()
                 if frame is None:
                     break
@@ -203,6 +242,8 @@ def main(argv=None) -> None:
                 frames_out.send_multipart(parts, copy=False)   # PUB: never blocks
                 if not answered and not bus.send_nowait(detect_out, parts):
                     drop("capture", "detect_queue_full")
+                elif flow and not answered:
+                    flow[0].sent(seq, [], time.monotonic())
                 FRAMES.labels(stream).inc()
                 seq += 1
                 if args.max_frames and seq >= args.max_frames:
@@ -229,6 +270,8 @@ def main(argv=None) -> None:
         time.sleep(0.2 if args.exit_at_end or args.max_frames else 0)
         frames_out.close()
         detect_out.close()
+        if flow:
+            flow[1].close()
         ctx.term()
         log.info("stopped after %d frames", seq)
 
