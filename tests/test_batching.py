@@ -533,3 +533,15 @@ def test_a_fold_that_changes_the_answers_is_not_served(tiny, monkeypatch):
     monkeypatch.setattr(optimize, "fold_for_inference", lambda m: 1 / 0)
     served, note = optimize.for_inference(model, x)
     assert served is model and "served unfolded (ZeroDivisionError" in note
+
+
+def test_auto_runtime_prefers_tflite_and_falls_back_to_tf_function(tiny, monkeypatch):
+    from services.classifier import runtime, serving
+
+    entry, _ = tiny
+    assert serving.load_served_model(entry).runner.runtime == "tflite"
+
+    def failing(_model):
+        raise runtime.RuntimeUnavailable("TFLite conversion failed (ConverterError: op X)")
+    monkeypatch.setattr(runtime, "tflite_model", failing)
+    assert serving.load_served_model(entry, "auto").runner.runtime == "tf-function"
