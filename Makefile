@@ -24,7 +24,7 @@ ARGS ?=
 STREAM ?= main
 SINCE ?= 10m
 
-.PHONY: analyze install run test test-all train soak help clean compose-test bench bench-tracking bench-recorder report \
+.PHONY: analyze install run test test-all train soak help clean compose-test bench bench-tracking bench-efficiency bench-recorder report \
 	swarm-test helm-test helm-tools
 
 help:
@@ -37,6 +37,7 @@ help:
 	@echo "make helm-test      the Helm chart offline: lint, template, kubernetes-validate --strict, checkov"
 	@echo "make bench [BENCH_ARGS='--quick --media DIR']   benchmarks -> bench/results/"
 	@echo "make bench-tracking   tracker benchmark -> bench/results/tracking.md"
+	@echo "make bench-efficiency CPU per frame before/after the efficiency levers, vs fer -> bench/results/efficiency.md"
 	@echo "make train ARGS='--data data/fer2013/fer2013.csv ...'"
 	@echo "make soak [SOAK_ARGS='--duration 120']   overload + soak run (not part of make test)"
 
@@ -113,6 +114,9 @@ bench-recorder: install
 bench-tracking: install
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m bench.tracking $(BENCH_ARGS)
+
+bench-efficiency: install
+	$(PY) -m bench.efficiency $(BENCH_ARGS)
 
 clean:
 	rm -rf .run .pytest_cache
