@@ -31,7 +31,7 @@ from services.capture.sources import fit_width
 from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging
 from services.common.flow import Ledger, answers
-from services.common.protocol import ENCODING_JPEG, JOB_PREFIX
+from services.common.protocol import ENCODING_BGR, ENCODING_JPEG, JOB_PREFIX
 
 from . import outputs
 from .job import Collector
@@ -63,6 +63,10 @@ def build_parser():
     parser.option("--max-width", default=640, type=int,
                   help="downscale wider frames to this width before sending (0 = never); "
                        "boxes in the outputs are in the video's own pixels")
+    parser.option("--encoding", default="auto", choices=("auto", ENCODING_JPEG, ENCODING_BGR),
+                  help="how frames travel: bgr (raw: no JPEG coding, more bytes), jpeg, or auto: "
+                       "bgr to a pipeline it starts on this machine, jpeg to a running one, "
+                       "which may be on other machines")
     parser.option("--progress", default=True, type=bool, help="show a progress bar")
     return parser
 
@@ -130,7 +134,8 @@ def _free(port: int) -> bool:
             return False
 
 
-def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None) -> dict:
+def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None,
+            encoding: str = ENCODING_JPEG) -> dict:
     """Send every frame, collect every result; returns the job's rows, events and facts."""
     reader = cv2.VideoCapture(str(video))
     if not reader.isOpened():
@@ -165,7 +170,7 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None) -> d
                     break
                 small = fit_width(frame, args.max_width)
                 scale = small.shape[1] / frame.shape[1]
-                parts = encode_frame(small, stream, sent, ENCODING_JPEG, 90)
+                parts = encode_frame(small, stream, sent, encoding, 90)
                 # a full queue is retried soon, like an unanswered frame
                 when = now if bus.send_nowait(detect, parts) else now - ledger.resend_s + 0.05
                 ledger.sent(sent, parts, when)
@@ -269,8 +274,11 @@ def main(argv=None) -> int:
     else:
         addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
         log.info("using the pipeline at %s:%d", args.broker_host, args.base_port)
+    encoding = args.encoding
+    if encoding == "auto":
+        encoding = ENCODING_BGR if own else ENCODING_JPEG
     try:
-        job = run_job(video, addr, args, own.check if own else lambda: None)
+        job = run_job(video, addr, args, own.check if own else lambda: None, encoding)
     except (TimeoutError, RuntimeError) as exc:
         print(f"{SERVICE}: {exc}", file=sys.stderr)
         return 1
