@@ -39,8 +39,8 @@ CONFIGS = {
     "after": {"detector": (), "classifier": (), "capture": (), "watched": False},
     "after, watched": {"detector": (), "classifier": (), "capture": (), "watched": True},
 }
-WORKLOADS = {"1 face, 30 fps": ("single", ()), "1 face, unpaced": ("single", ("--no-pace",)),
-             "4 faces, 30 fps": ("tiled", ())}
+WORKLOADS = {"1 face, 15 fps": ("single", ("--fps", "15")), "1 face, 30 fps": ("single", ()),
+             "1 face, unpaced": ("single", ("--no-pace",)), "4 faces, 30 fps": ("tiled", ())}
 
 
 # --- faces found ----------------------------------------------------------------------------

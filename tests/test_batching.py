@@ -535,11 +535,17 @@ def test_a_fold_that_changes_the_answers_is_not_served(tiny, monkeypatch):
     assert served is model and "served unfolded (ZeroDivisionError" in note
 
 
-def test_auto_runtime_prefers_tflite_and_falls_back_to_tf_function(tiny, monkeypatch):
+def test_auto_runtime_uses_tflite_for_small_batches_only(tiny, monkeypatch):
     from services.classifier import runtime, serving
 
-    entry, _ = tiny
-    assert serving.load_served_model(entry).runner.runtime == "tflite"
+    entry, model = tiny
+    runner = serving.load_served_model(entry).runner
+    assert runner.runtime == runtime.HYBRID
+    inputs = np.random.default_rng(5).random((70, 48, 48, 1), dtype=np.float32)
+    for n in (1, 3, 70):
+        np.testing.assert_allclose(runner.predict_inputs(inputs[:n]),
+                                   np.asarray(model(inputs[:n], training=False)),
+                                   rtol=1e-4, atol=1e-5)
 
     def failing(_model):
         raise runtime.RuntimeUnavailable("TFLite conversion failed (ConverterError: op X)")

@@ -44,12 +44,12 @@ def build_parser():
     parser.option("--model", default="",
                   help="serve this model instead: a version directory or a model.keras file "
                        "(with metadata.json beside it)")
-    parser.option("--runtime", default="auto", choices=["auto", *RUNTIMES],
+    parser.option("--runtime", default="auto", choices=list(RUNTIMES),
                   help="tf-function: the Keras model behind tf.function; tflite: converted to "
-                       "TensorFlow Lite when loaded (about 2x faster at batch 1 on a CPU for "
-                       "float32 versions; always float32, so slower for a bfloat16 version on "
-                       "a CPU with native bfloat16); auto: tflite, except for a bfloat16 "
-                       "version on such a CPU, and tf-function if TFLite cannot convert it")
+                       "TensorFlow Lite when loaded (about half the CPU per face at batch 1, "
+                       "but one thread and float32 only); auto: TFLite for batches of up to "
+                       "4 faces (8 with flip TTA) and tf-function above, or tf-function alone "
+                       "for a bfloat16 version on a CPU with native bfloat16")
     parser.option("--max-batch", default=policy.max_batch, type=int, help="largest batch of faces")
     parser.option("--max-wait-ms", default=policy.max_wait_ms, type=float,
                   help="longest a face waits for its batch to fill")

@@ -4,11 +4,13 @@
 around ``model(x, training=False)`` costs about two. Batches are padded up to a few
 fixed sizes so the function is traced once per size, never once per batch.
 
-Two runtimes: ``tf-function`` (the default) and ``tflite``, the same model converted to
-TensorFlow Lite with one interpreter per padded size: for a float32 version about twice
-the faces/s at batch 1 on a CPU and the same at large batches (see bench/results), at the
-cost of a conversion when the model loads. TFLite runs float32 only, so a bfloat16
-version is faster on the default runtime.
+Two runtimes: ``tf-function`` and ``tflite``, the same model converted to TensorFlow Lite
+with one interpreter per padded size: for a float32 version about twice the faces/s at
+batch 1 on a CPU, and about half the CPU per face, at the cost of a conversion when the
+model loads; but it runs on one thread, so large batches fall behind, and float32 only, so
+a bfloat16 version is faster on tf-function where the CPU has bfloat16. ``auto`` (the
+default) uses TFLite for batches of up to 8 model inputs and the tf.function above, or
+the tf.function alone for a bfloat16 version on a CPU with native bfloat16.
 
 A version may also ask for flip test-time augmentation (``"tta": "flip"`` in its
 metadata): every face is run twice, as is and mirrored, and the two answers averaged.
@@ -32,7 +34,9 @@ from services.common.registry import PRECISIONS, TTA_MODES
 from .optimize import for_inference, in_bfloat16
 
 BATCH_SHAPES = (1, 4, 16, 32, 64)   # 32 = the default --max-batch: a full batch is not padded
-RUNTIMES = ("tf-function", "tflite")
+RUNTIMES = ("auto", "tf-function", "tflite")
+HYBRID = "tflite+tf-function"     # what auto runs where it can
+SMALL_BATCH = 8                   # model inputs: up to here TFLite's one thread costs less CPU
 NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")   # x86 flags in /proc/cpuinfo
 
 
@@ -136,6 +140,8 @@ class InferenceRunner:
         if precision not in PRECISIONS:
             raise RuntimeUnavailable(f"unknown precision {precision!r} "
                                      f"(one of {', '.join(PRECISIONS)})")
+        if runtime == "auto":
+            runtime = "tf-function" if precision == "bfloat16" and native_bfloat16() else HYBRID
         # The same answers with less work: no training-only layers, BatchNormalization
         # folded into the convolutions (see optimize.py); fold_note says if it was not done.
         sample = np.random.default_rng(0).random((4, *spec.shape), dtype=np.float32)
@@ -156,8 +162,23 @@ class InferenceRunner:
         if runtime == "tflite":
             calls = tflite_calls(tflite_model(model), spec, self.batch_shapes)
             self._call = lambda x: calls[len(x)](x)
+        elif runtime == HYBRID:
+            self._call = self._hybrid_call(model, spec)
         else:
             self._call = compiled_call(model)
+
+    def _hybrid_call(self, model, spec: InputSpec):
+        """TFLite for small batches (a face or two per frame: about half the CPU), the
+        tf.function for larger ones (many faces: TFLite's one thread would fall behind);
+        the tf.function alone if TFLite cannot convert the model."""
+        compiled = compiled_call(model)
+        try:
+            small = tflite_calls(tflite_model(model), spec,
+                                 [n for n in self.batch_shapes if n <= SMALL_BATCH])
+        except RuntimeUnavailable:
+            self.runtime = "tf-function"
+            return compiled
+        return lambda x: small[len(x)](x) if len(x) in small else compiled(x)
 
     def warm_up(self) -> None:
         """Trace every padded shape now, so the first real batches are not slow."""

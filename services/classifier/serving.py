@@ -32,27 +32,16 @@ class ServedModel:
 
 
 def load_served_model(entry: registry.ModelEntry, runtime: str = "auto") -> ServedModel:
-    """Load, validate and warm up one registry entry (raises RegistryError).
-
-    ``auto`` picks TFLite (the least CPU per face at the small batches of a live stream)
-    unless the version asks for bfloat16 and this CPU does it natively; if TFLite cannot
-    convert the model, it serves it with tf-function instead."""
-    from .runtime import InferenceRunner, RuntimeUnavailable, native_bfloat16
+    """Load, validate and warm up one registry entry (raises RegistryError)."""
+    from .runtime import InferenceRunner, RuntimeUnavailable
 
     model = registry.load_checked(entry)
-    tries = [runtime]
-    if runtime == "auto":
-        native = entry.precision == "bfloat16" and native_bfloat16()
-        tries = ["tf-function"] if native else ["tflite", "tf-function"]
-    for i, name in enumerate(tries):
-        try:
-            runner = InferenceRunner(model, entry.spec, runtime=name, tta=entry.tta,
-                                     precision=entry.precision)
-            break
-        except RuntimeUnavailable as exc:
-            if i + 1 == len(tries):
-                raise registry.RegistryError(f"{entry.model_file}: cannot serve with --runtime "
-                                             f"{name}: {exc}") from None
+    try:
+        runner = InferenceRunner(model, entry.spec, runtime=runtime, tta=entry.tta,
+                                 precision=entry.precision)
+    except RuntimeUnavailable as exc:
+        raise registry.RegistryError(f"{entry.model_file}: cannot serve with --runtime "
+                                     f"{runtime}: {exc}") from None
     runner.warm_up()
     return ServedModel(entry.version, runner, str(entry.model_file))
 
