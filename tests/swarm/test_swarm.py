@@ -147,7 +147,7 @@ class Labels(threading.Thread):
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", HUB, sys.executable, str(ROOT / "tests" / "swarm" / "labels.py"),
              "--broker-host", swarm.addresses["sw1"], "--curve-keys", str(swarm.keys)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.samples: list[dict] = []
         self.lock = threading.Lock()
 
@@ -156,6 +156,7 @@ class Labels(threading.Thread):
             try:
                 sample = json.loads(line)
             except ValueError:
+                log(f"labels.py: {line.rstrip()}")
                 continue
             with self.lock:
                 self.samples.append(sample)
@@ -210,18 +211,20 @@ def swarm(tmp_path_factory):
         run(["bash", DOCKER_ENGINE_SH, "docker-compose.yml"], timeout=900)   # the Prometheus image
     timings["images built"] = time.monotonic() - t
 
-    t = time.monotonic()
-    log("starting two swarm nodes and loading the images into both")
-    up = run(["bash", SWARM_NODES_SH, "up", "2", *IMAGES], timeout=1200)
-    exports = dict(item.split("=", 1) for line in up.stdout.splitlines()
-                   if line.startswith("export ") for item in line.split()[1:])
-    timings["nodes up, images loaded"] = time.monotonic() - t
     keys = tmp_path_factory.mktemp("curve") / "keys"
     run([sys.executable, "-m", "services.common.keys", keys])
-    s = Swarm(exports["MANAGER_HOST"], {"sw1": exports["SW1_ADDR"], "sw2": exports["SW2_ADDR"]}, keys)
+    s = Swarm("", {}, keys)
     s.timings = timings
     labels = None
     try:
+        t = time.monotonic()
+        log("starting two swarm nodes and loading the images into both")
+        up = run(["bash", SWARM_NODES_SH, "up", "2", *IMAGES], timeout=1200)
+        exports = dict(item.split("=", 1) for line in up.stdout.splitlines()
+                       if line.startswith("export ") for item in line.split()[1:])
+        s.manager = exports["MANAGER_HOST"]
+        s.addresses = {"sw1": exports["SW1_ADDR"], "sw2": exports["SW2_ADDR"]}
+        timings["nodes up, images loaded"] = time.monotonic() - t
         t = time.monotonic()
         log("docker stack deploy")
         s.docker("stack", "deploy", "--resolve-image", "never", "-c", STACK_FILE, STACK,
@@ -237,17 +240,20 @@ def swarm(tmp_path_factory):
         log(" ".join(f"{k}: {v:.0f} s;" for k, v in timings.items()))
         yield s
     except BaseException:
-        for name in SERVICES:
-            out = s.docker("service", "logs", "--tail", "30", f"{STACK}_{name}", check=False, timeout=60)
-            log(f"--- {name}\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-        out = s.docker("stack", "ps", STACK, "--no-trunc", check=False)
-        log(out.stdout[-6000:])
+        if s.manager:
+            for name in SERVICES:
+                out = s.docker("service", "logs", "--tail", "30", f"{STACK}_{name}", check=False,
+                               timeout=60)
+                log(f"--- {name}\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+            log(s.docker("stack", "ps", STACK, "--no-trunc", check=False).stdout[-6000:])
         raise
     finally:
         if labels is not None:
             labels.stop()
-        s.docker("stack", "rm", STACK, check=False, timeout=120)
-        run(["bash", SWARM_NODES_SH, "down"], check=False, timeout=600)
+        if s.manager:
+            s.docker("stack", "rm", STACK, check=False, timeout=120)
+        down = run(["bash", SWARM_NODES_SH, "down"], check=False, timeout=600)
+        log(f"swarm-nodes.sh down: {down.returncode} {down.stderr.strip()[-300:]}")
         s.timings["whole run"] = time.monotonic() - started
         log(f"whole run: {s.timings['whole run']:.0f} s")
         if s.record:
