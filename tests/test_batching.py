@@ -53,6 +53,17 @@ def test_full_batch_is_ready_at_once():
     assert batcher.crops == 0 and len(batcher) == 0
 
 
+def test_a_newer_frame_takes_the_place_of_one_waiting_from_the_same_stream():
+    batcher = Batcher(BatchPolicy(max_batch=32, max_wait_ms=50.0))
+    batcher.add(pending(2, 10.0, seq=1, stream="a"))
+    batcher.add(pending(1, 10.01, seq=1, stream="b"))
+    assert not batcher.replace_older(pending(1, 10.02, seq=1, stream="c"))
+    assert batcher.replace_older(pending(4, 10.03, seq=2, stream="a"))
+    assert batcher.crops == 5 and len(batcher) == 2
+    assert batcher.wait_ms(10.03) == pytest.approx(20.0)     # its place and arrival kept
+    assert [(i.header.stream, i.header.seq) for i in batcher.take()] == [("a", 2), ("b", 1)]
+
+
 def test_take_fills_exactly_to_max_batch_oldest_first():
     batcher = Batcher(BatchPolicy(max_batch=8, max_wait_ms=5.0))
     for seq, n in enumerate([2, 2, 4, 1, 3], start=1):

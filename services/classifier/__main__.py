@@ -1,7 +1,9 @@
 """Classifier: pulls face crops, classifies them in dynamic batches, publishes results.
 
 Results go to the ``results`` fan-out channel, one message per frame (also for frames
-without faces), each naming the model version that produced it.
+without faces), each naming the model version that produced it. A newer frame of a live
+stream takes the place of one still waiting for its batch (reason ``superseded``), so an
+overloaded classifier keeps up with the newest frames instead of labelling none in time.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .batching import Batcher, BatchPolicy, PendingFaces
 from .runtime import RUNTIMES
 from .serving import RELOADS, ModelWatcher, announce, describe, load_served_model
 
+DRAIN_LIMIT = 256   # messages taken from the queue per pass (stale ones dropped, older replaced)
 FACES = Counter("emotion_classifier_faces_total", "Faces classified, by predicted emotion", ["emotion"])
 BATCH_SIZE = Histogram("emotion_classifier_batch_size", "Faces per model call",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
@@ -152,7 +155,7 @@ def main(argv=None) -> None:
     while not stop.is_set():
         wait = batcher.wait_ms(time.monotonic())
         if faces_in.poll(200 if wait is None else wait):
-            while batcher.crops < args.max_batch:
+            for _ in range(DRAIN_LIMIT):
                 try:
                     parts = faces_in.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
@@ -169,7 +172,11 @@ def main(argv=None) -> None:
                 if not payloads:
                     results_out.send_multipart(results_message(header, np.zeros((0, 7)), served.version))
                     continue
-                batcher.add(PendingFaces(header, decode_crops(header, payloads), time.monotonic()))
+                item = PendingFaces(header, decode_crops(header, payloads), time.monotonic())
+                if is_job(header.stream) or not batcher.replace_older(item):
+                    batcher.add(item)
+                else:
+                    drop("classifier", "superseded")
         # A new model is swapped in only here, between two batches.
         fresh = watcher.take_ready() if watcher else None
         if fresh is not None:

@@ -42,6 +42,20 @@ class Batcher:
         self.queue.append(item)
         self.crops += len(item.crops)
 
+    def replace_older(self, item: PendingFaces) -> bool:
+        """Put ``item`` in the place of a waiting message of the same stream, keeping that
+        one's place and arrival time; False (nothing done) when the stream has none waiting.
+
+        For live streams: a classifier that falls behind then works on each stream's newest
+        frame instead of a queue of frames that go stale before their turn (the detector's
+        own policy), and its output drops to its capacity instead of to nothing."""
+        for i, waiting in enumerate(self.queue):
+            if waiting.header.stream == item.header.stream:
+                self.crops += len(item.crops) - len(waiting.crops)
+                self.queue[i] = PendingFaces(item.header, item.crops, waiting.arrived)
+                return True
+        return False
+
     def ready(self, now: float) -> bool:
         if not self.queue:
             return False
