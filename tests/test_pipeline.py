@@ -218,6 +218,7 @@ def test_unpaced_file_sends_only_what_the_pipeline_takes(tmp_path, tiny_registry
         cap, det = pipeline.scrape("capture"), pipeline.scrape("detector#0")
         assert metric_sum(cap, "emotion_capture_frames_total", stream="clip") == 150
         assert metric_sum(det, "emotion_frames_dropped_total") == 0, det
+        assert metric_sum(pipeline.scrape("classifier#0"), "emotion_frames_dropped_total") == 0
         assert metric_sum(cap, "emotion_frames_dropped_total") == 0
         assert metric_sum(cap, "emotion_capture_unanswered_total") <= 2
         assert metric_sum(det, "emotion_detector_frames_total") >= 148

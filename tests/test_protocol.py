@@ -209,6 +209,17 @@ def test_to_wire_field_sets_per_kind():
     assert frame_header().to_wire()["v"] == PROTOCOL_VERSION == 1
 
 
+def test_flow_flag_round_trips_and_is_checked():
+    flagged = message(frame_header(flow=True).to_wire())
+    assert decode(flagged)[0].flow is True and protocol.flow_controlled(flagged)
+    plain = message(valid_wire(KIND_FRAME))
+    assert decode(plain)[0].flow is False and not protocol.flow_controlled(plain)
+    assert "flow" not in frame_header().to_wire()
+    assert decode(message(faces_header(flow=True).to_wire()))[0].flow is True
+    assert not protocol.flow_controlled([b"cam", b"\xc1 not msgpack"])
+    assert rejected(mutated(KIND_FRAME, flow=1)).reason == "field"
+
+
 def test_unknown_fields_are_ignored():
     w = valid_wire(KIND_RESULT)
     w["future_field"] = {"x": [1, 2]}

@@ -67,10 +67,10 @@ def build_parser():
                   help="URL sources: longest opening or reading may block before the source "
                        "counts as down and is reopened with backoff (0 = OpenCV's default, 30 s)")
     parser.option("--max-frames", default=0, type=int, help="stop after this many frames (0 = no limit)")
-    parser.option("--max-in-flight", default=2, type=int,
+    parser.option("--max-in-flight", default=4, type=int,
                   help="unpaced files and folders (--no-pace): read, encode and send a frame "
                        "only while fewer than this many are in the pipeline, so none is made "
-                       "just to be superseded (0 = no flow control); about detectors + 1")
+                       "just to be superseded (0 = no flow control); more keeps more replicas busy")
     parser.option("--in-flight-timeout-ms", default=1000.0, type=float,
                   help="a frame with no result after this long no longer counts as in flight")
     parser.option("--wait-ready-s", default=120.0, type=float,
@@ -83,11 +83,12 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int) -> list:
-    """One frame as a wire message (timestamped now)."""
+def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int,
+                 flow: bool = False) -> list:
+    """One frame as a wire message (timestamped now); ``flow``: sent under flow control."""
     height, width = frame.shape[:2]
     header = Header(kind=KIND_FRAME, stream=stream, seq=seq, width=width, height=height,
-                    encoding=encoding, timestamps={"capture": time.time()})
+                    encoding=encoding, timestamps={"capture": time.time()}, flow=flow)
     if encoding == ENCODING_BGR:
         payload = frame if frame.flags.c_contiguous else frame.copy()
     else:
@@ -238,7 +239,8 @@ def main(argv=None) -> None:
                         ctx, addr, detect_out,
                         lambda: encode_frame(small, stream, 0, args.encoding, args.jpeg_quality),
                         stream, args.wait_ready_s, stop, log)
-                parts = encode_frame(small, stream, seq, args.encoding, args.jpeg_quality)
+                parts = encode_frame(small, stream, seq, args.encoding, args.jpeg_quality,
+                                     flow=flow is not None)
                 frames_out.send_multipart(parts, copy=False)   # PUB: never blocks
                 if not answered and not bus.send_nowait(detect_out, parts):
                     drop("capture", "detect_queue_full")

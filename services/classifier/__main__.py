@@ -173,7 +173,7 @@ def main(argv=None) -> None:
                     results_out.send_multipart(results_message(header, np.zeros((0, 7)), served.version))
                     continue
                 item = PendingFaces(header, decode_crops(header, payloads), time.monotonic())
-                if is_job(header.stream) or not batcher.replace_older(item):
+                if is_job(header.stream) or header.flow or not batcher.replace_older(item):
                     batcher.add(item)
                 else:
                     drop("classifier", "superseded")

@@ -157,6 +157,7 @@ class Header:
     results: list[FaceResult] = field(default_factory=list)
     model: str = ""                  # result messages: model version that answered
     event: TrackEvent | None = None  # event messages
+    flow: bool = False               # frame/faces: the sender waits for each result (never superseded)
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict:
@@ -164,6 +165,8 @@ class Header:
                 "width": self.width, "height": self.height, "ts": self.timestamps}
         if self.kind == KIND_FRAME:
             wire["encoding"] = self.encoding
+        if self.kind in (KIND_FRAME, KIND_FACES) and self.flow:
+            wire["flow"] = True
         if self.kind in (KIND_FACES, KIND_RESULT, KIND_TRACKS):
             wire["boxes"] = [list(b) for b in self.boxes]
         if self.kind == KIND_FACES:
@@ -207,6 +210,21 @@ def _box(value, width: int, height: int) -> tuple[int, int, int, int]:
     if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width or y + h > height:
         raise Rejected("dimensions", f"box {value!r} lies outside the {width}x{height} frame")
     return (x, y, w, h)
+
+
+def flow_controlled(parts: Sequence) -> bool:
+    """Whether a frame or faces message says its sender waits for each result (``flow``),
+    read without validating the rest: stages that supersede waiting frames must not drop
+    these, or the sender waits in vain. False for anything unreadable."""
+    try:
+        raw = parts[1].buffer if hasattr(parts[1], "buffer") else parts[1]
+        if _payload_len(raw) > MAX_HEADER_BYTES:
+            return False
+        wire = msgpack.unpackb(raw, raw=False, max_map_len=64, max_array_len=4 * MAX_FACES + 64,
+                               max_str_len=4096, max_bin_len=0)
+        return isinstance(wire, dict) and wire.get("flow") is True
+    except Exception:   # msgpack raises several unrelated types for bad input
+        return False
 
 
 def _payload_len(part) -> int:
@@ -267,6 +285,11 @@ def decode(parts: Sequence, expect_kind: str | None = None, *,
     if kind == KIND_EVENT:
         header.event = _event(_field(wire, "event", dict))
         return header, payloads
+
+    if kind in (KIND_FRAME, KIND_FACES):
+        header.flow = wire.get("flow", False)
+        if not isinstance(header.flow, bool):
+            raise Rejected("field", f"field 'flow' has type {type(header.flow).__name__}")
 
     if kind == KIND_FRAME:
         header.encoding = _field(wire, "encoding", str)

@@ -17,7 +17,8 @@ from services.common import bus
 from services.common.config import service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
 from services.common.protocol import (JOB_PREFIX, KIND_FACES, KIND_FRAME, MAX_FRAME_PIXELS, Header,
-                                      Rejected, decode, decode_image, encode, is_job)
+                                      Rejected, decode, decode_image, encode, flow_controlled,
+                                      is_job)
 
 from .faces import DetectorSettings, crop_faces, load_cascade
 from .regions import FULL, REGION, RESCAN, FaceFinder, RegionSettings
@@ -85,7 +86,7 @@ def faces_message(header: Header, payload, finder: FaceFinder,
     crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
     out = Header(kind=KIND_FACES, stream=header.stream, seq=header.seq, width=header.width,
                  height=header.height, timestamps={**header.timestamps, "detect": time.time()},
-                 boxes=boxes, crop_size=settings.crop_size)
+                 boxes=boxes, crop_size=settings.crop_size, flow=header.flow)
     return encode(out, list(crops))
 
 
@@ -96,8 +97,9 @@ class NewestFrames:
     dropped here (reason ``superseded``). Without this they wait in the queue's socket
     buffers, which hold hundreds of frames: under overload every frame would reach the
     detector almost --max-age-ms old and then go stale before its result is out.
-    Frames of jobs (stream ids starting ``job:``) are never superseded: they all wait, in
-    arrival order, since their sender already limits how many are in flight.
+    Frames of jobs (stream ids starting ``job:``) and frames marked ``flow`` are never
+    superseded: they all wait, in arrival order, since their sender already limits how many
+    are in flight and waits for each result.
     """
 
     MAX_STREAMS = 64
@@ -116,7 +118,7 @@ class NewestFrames:
                 continue
             parts = self._sock.recv_multipart(copy=False)
             topic = parts[0].bytes[:256]
-            if topic.startswith(JOB_TOPIC):
+            if topic.startswith(JOB_TOPIC) or flow_controlled(parts):
                 topic = (topic, next(self._arrivals))    # a key of its own: kept, not replaced
             with self._ready:
                 if self._waiting.pop(topic, None) is not None:
