@@ -426,6 +426,19 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
     assert main(["train", "--resume", "--out-dir", str(tmp_path / "s"), "--registry", str(root)]) == 0
     out = capsys.readouterr().out
     assert "teacher targets from" in out and "teacher v1:" not in out
+    # a run stopped before its first epoch ended starts again in its directory without
+    # running the teachers again, unless what the targets are made from changed
+    for name in (train.TEACHER_TARGETS, "teacher-targets.json"):
+        (tmp_path / "again" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "again" / name).write_bytes((tmp_path / "s" / name).read_bytes())
+    assert main([*common, "--tta", "flip", "--version", "v1-again", "--epochs-this-run", "1",
+                 "--out-dir", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher targets from" in out and "teacher v1:" not in out
+    (tmp_path / "again" / train.STATE_FILE).unlink()
+    assert main([*common, "--teacher-weight", "0.5", "--version", "v1-again",
+                 "--epochs-this-run", "1", "--out-dir", str(tmp_path / "again")]) == 0
+    assert "teacher v1: 16 training faces" in capsys.readouterr().out
     meta = json.loads((root / "v1-student" / registry.METADATA_FILE).read_text())
     assert meta["training"]["teacher"] == ["v1"] and meta["training"]["teacher_weight"] == 0.7
     # the student is served and scored with flip TTA, as its registration asked

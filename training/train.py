@@ -252,21 +252,36 @@ def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weigh
     return (weight * soft + (1 - weight) * split.training_targets()).astype(np.float32)
 
 
+TEACHER_KEY_ARGS = ("teacher", "teacher_weight", "teacher_temperature", "data", "data_format",
+                    "val_split", "seed", "max_train", "ferplus", "ferplus_weight", "keep_not_faces")
+
+
 def cached_teacher_targets(out_dir: Path, args, split: datasets.Split, root: Path) -> np.ndarray:
-    """teacher_targets, saved in the run directory so --resume does not run the teachers again."""
+    """teacher_targets, saved in the run directory with what they were made from, so the
+    teachers do not run again: not on --resume, nor when a run stopped before its first
+    epoch ended is started again in the same directory with the same teachers and data."""
     path = out_dir / TEACHER_TARGETS
-    if args.resume and path.is_file():
-        targets = np.load(path, allow_pickle=False)
-        if targets.shape == (len(split), len(EMOTIONS)):
-            print(f"teacher targets from {path}")
-            return targets
-        print(f"{path}: shape {targets.shape}, expected {(len(split), len(EMOTIONS))}; recomputing")
+    key_path = path.with_suffix(".json")
+    key = {name: getattr(args, name, None) for name in TEACHER_KEY_ARGS}
+    if path.is_file():
+        try:
+            saved_key = json.loads(key_path.read_text())
+        except (OSError, ValueError):
+            saved_key = None
+        if saved_key == key or (args.resume and saved_key is None):
+            targets = np.load(path, allow_pickle=False)
+            if targets.shape == (len(split), len(EMOTIONS)):
+                print(f"teacher targets from {path}")
+                return targets
+            print(f"{path}: shape {targets.shape}, expected {(len(split), len(EMOTIONS))}; "
+                  f"recomputing")
     targets = teacher_targets(args.teacher, split, root, weight=args.teacher_weight,
                               temperature=args.teacher_temperature)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, targets, allow_pickle=False)
     os.replace(tmp, path)
+    registry.atomic_write(key_path, json.dumps(key, indent=1) + "\n")
     return targets
 
 
