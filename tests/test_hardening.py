@@ -360,7 +360,16 @@ def test_idle_connections_do_not_grow_a_real_services_threads(tmp_path):
                 return False
 
         wait_for(up, 20, what="the broker's metrics endpoint")
-        before = threads()
+        # The broker starts its channels' threads around the time its endpoint answers:
+        # count once the number has stopped changing.
+        counts = [threads()]
+
+        def settled() -> bool:
+            time.sleep(0.5)
+            counts.append(threads())
+            return counts[-1] == counts[-2]
+        wait_for(settled, 10, what="the broker's threads to settle")
+        before = counts[-1]
         idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(40)]
         refused = [s for s in idle[MAX_CONNECTIONS:] if s.recv(100).startswith(b"HTTP/1.0 503")]
         assert len(refused) == 40 - MAX_CONNECTIONS
