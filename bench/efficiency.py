@@ -188,9 +188,9 @@ def dropped(pipeline: Pipeline) -> dict[str, float]:
     return out
 
 
-def run_config(name: str, config: dict, registry: Path, clips: dict, work: Path, rep: int,
-               warmup: float, seconds: float) -> dict:
-    folder = work / f"{name.replace(', ', '-')}-{rep}"
+def start_pipeline(config: dict, registry: Path, folder: Path):
+    """The whole pipeline as ``make run`` has it, in one of CONFIGS, and a results
+    collector on it (capture is started per measurement)."""
     folder.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(folder, registry, detector_args=config["detector"],
                         classifier_args=config["classifier"])
@@ -199,6 +199,13 @@ def run_config(name: str, config: dict, registry: Path, clips: dict, work: Path,
     collector = ResultsCollector(pipeline.addr)
     collector.start()
     time.sleep(0.5)
+    return pipeline, collector
+
+
+def run_config(name: str, config: dict, registry: Path, clips: dict, work: Path, rep: int,
+               warmup: float, seconds: float) -> dict:
+    pipeline, collector = start_pipeline(config, registry,
+                                         work / f"{name.replace(', ', '-')}-{rep}")
     out = {}
     try:
         for i, (workload, (clip, args)) in enumerate(WORKLOADS.items()):

@@ -17,10 +17,8 @@ from pathlib import Path
 
 from . import common
 from .common import RESULTS, log
-from .efficiency import CONFIGS, watch
-from .pipeline import ResultsCollector
+from .efficiency import CONFIGS, start_pipeline, watch
 
-from harness import Pipeline   # noqa: E402  (tests/ is on sys.path)
 from conftest import wait_for  # noqa: E402
 
 TOP = 8
@@ -51,14 +49,7 @@ def inclusive_shares(collapsed: Path) -> tuple[int, list[tuple[str, float]]]:
 def profile_config(name: str, config: dict, registry: Path, clip: Path, work: Path,
                    seconds: float) -> dict:
     folder = work / name.replace(", ", "-")
-    folder.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline(folder, registry, detector_args=config["detector"],
-                        classifier_args=config["classifier"])
-    pipeline.start("tracker")
-    pipeline.start("recorder", "--database", str(folder / "observations.db"), "--api-port", "0")
-    collector = ResultsCollector(pipeline.addr)
-    collector.start()
-    time.sleep(0.5)
+    pipeline, collector = start_pipeline(config, registry, folder)
     out = {}
     try:
         pipeline.start("capture", "--source", str(clip), "--stream", "profile", "--loop",
