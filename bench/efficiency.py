@@ -2,10 +2,12 @@
 levers, side by side in one run, against the fer package on the same clip.
 
 *before* turns the levers off with flags (detector ``--full-scan-every 1``: the whole frame
-on every frame; classifier ``--runtime tf-function``; capture ``--max-in-flight 0``: no flow
-control) and watches the stream's MJPEG page, so the viewer renders every frame as it used
-to. *after* is every default, nobody watching; *after, watched* the same with an MJPEG
-client reading. Each pipeline is broker, capture, detector, classifier, tracker, recorder
+on every frame; classifier ``--runtime tf-function --live-tta version``: the version's flip
+TTA on live streams too; capture ``--max-in-flight 0``: no flow control, JPEG frames) and
+watches the stream's MJPEG page, so the viewer renders every frame as it used to. *after*
+is every default of ``make run`` (raw BGR frames, as its Procfile asks for on one host),
+nobody watching; *after, watched* the same with an MJPEG client reading; *after, live TTA
+off* the defaults plus the classifier's ``--live-tta none`` (an accuracy trade, not a default). Each pipeline is broker, capture, detector, classifier, tracker, recorder
 (SQLite) and viewer, as ``make run`` starts them; CPU is every process's, from /proc.
 
 Also, without a pipeline, whether re-detection finds the faces full-frame detection finds
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import threading
 import time
@@ -26,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.procfile import CAPTURE_ARGS
+
 from . import common, peer
 from .common import RESULTS, log, summary
 from .pipeline import ResultsCollector, _cpu_snapshot
@@ -33,11 +38,16 @@ from .pipeline import ResultsCollector, _cpu_snapshot
 from harness import MjpegReader, Pipeline   # noqa: E402  (tests/ is on sys.path)
 from conftest import wait_for               # noqa: E402
 
+MAKE_RUN_CAPTURE = tuple(shlex.split(CAPTURE_ARGS))
 CONFIGS = {
-    "before": {"detector": ("--full-scan-every", "1"), "classifier": ("--runtime", "tf-function"),
-               "capture": ("--max-in-flight", "0"), "watched": True},
-    "after": {"detector": (), "classifier": (), "capture": (), "watched": False},
-    "after, watched": {"detector": (), "classifier": (), "capture": (), "watched": True},
+    "before": {"detector": ("--full-scan-every", "1"),
+               "classifier": ("--runtime", "tf-function", "--live-tta", "version"),
+               "capture": ("--max-in-flight", "0", "--encoding", "jpeg"), "watched": True},
+    "after": {"detector": (), "classifier": (), "capture": MAKE_RUN_CAPTURE, "watched": False},
+    "after, watched": {"detector": (), "classifier": (), "capture": MAKE_RUN_CAPTURE,
+                       "watched": True},
+    "after, live TTA off": {"detector": (), "classifier": ("--live-tta", "none"),
+                            "capture": MAKE_RUN_CAPTURE, "watched": False},
 }
 WORKLOADS = {"1 face, 15 fps": ("single", ("--fps", "15")), "1 face, 30 fps": ("single", ()),
              "1 face, unpaced": ("single", ("--no-pace",)), "4 faces, 30 fps": ("tiled", ())}

@@ -1,6 +1,8 @@
 """Classifier: the dynamic batcher, the padded inference runner and run_batch."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -184,7 +186,7 @@ def runner(tiny):
     from services.classifier.runtime import BATCH_SHAPES, InferenceRunner
 
     entry, model = tiny
-    assert BATCH_SHAPES == (1, 4, 16, 32, 64)
+    assert BATCH_SHAPES == (1, 2, 4, 8, 16, 32, 64)
     runner = InferenceRunner(model, entry.spec)
     calls = []
     inner = runner._call
@@ -199,21 +201,20 @@ def runner(tiny):
 
 
 def test_padded_sizes(runner):
-    assert runner.batch_shapes == (1, 4, 16, 32, 64)
-    expected = {1: 1, 2: 4, 3: 4, 4: 4, 5: 16, 16: 16, 17: 32, 32: 32, 33: 64, 63: 64, 64: 64,
-                65: 64, 500: 64}
+    assert runner.batch_shapes == (1, 2, 4, 8, 16, 32, 64)
+    expected = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 9: 16, 16: 16, 17: 32, 32: 32, 33: 64,
+                63: 64, 64: 64, 65: 64, 500: 64}
     assert {n: runner.padded_size(n) for n in expected} == expected
 
 
 def test_warm_up_traces_every_shape(runner):
     runner.calls.clear()
     runner.warm_up()
-    assert runner.calls == [(1, 48, 48, 1), (4, 48, 48, 1), (16, 48, 48, 1), (32, 48, 48, 1),
-                            (64, 48, 48, 1)]
+    assert runner.calls == [(n, 48, 48, 1) for n in (1, 2, 4, 8, 16, 32, 64)]
 
 
-@pytest.mark.parametrize("n,chunks", [(0, []), (1, [1]), (3, [4]), (5, [16]), (64, [64]),
-                                      (70, [64, 16])])
+@pytest.mark.parametrize("n,chunks", [(0, []), (1, [1]), (3, [4]), (5, [8]), (12, [16]),
+                                      (64, [64]), (70, [64, 8])])
 def test_probabilities_match_the_model(runner, tiny, n, chunks):
     _, model = tiny
     rng = np.random.default_rng(n)
@@ -299,7 +300,7 @@ def test_run_batch_with_crops_of_different_sizes(runner):
         batch.append(item)
     runner.calls.clear()
     messages = run_batch(batch, runner, "tiny-v1", now=50.01)
-    assert runner.calls == [(16, 48, 48, 1)]          # still a single model call
+    assert runner.calls == [(8, 48, 48, 1)]           # still a single model call
     for item, parts in zip(batch, messages):
         header, _ = decode([bytes(p) for p in parts], expect_kind=KIND_RESULT)
         expected = runner.predict_faces(item.crops)
@@ -382,8 +383,42 @@ def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
     np.testing.assert_allclose(flip, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
     assert not np.allclose(flip, plain)
     # every face and its mirror image in one padded call: one face is a batch of 2
-    assert runner.batch_shapes == (2, 8, 32, 64, 128)
+    assert runner.batch_shapes == (1, 2, 4, 8, 16, 32, 64, 128)
     assert shapes == [2 if n == 1 else 128]
+    # a caller may skip the flip (live streams): the plain answers, one face a batch of 1
+    shapes.clear()
+    np.testing.assert_allclose(runner.predict_inputs(inputs, tta="none"), plain,
+                               rtol=1e-5, atol=1e-6)
+    assert shapes == [1 if n == 1 else 64]
+
+
+def test_live_streams_skip_the_versions_tta_and_jobs_keep_it(tiny):
+    from services.classifier.__main__ import run_batch
+    from services.classifier.runtime import InferenceRunner
+
+    entry, model = tiny
+    runner = InferenceRunner(model, entry.spec, tta="flip")
+    rng = np.random.default_rng(5)
+    crops = {stream: rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+             for stream in ("cam", "job:clip")}
+    batch = [PendingFaces(Header(kind="faces", stream=stream, seq=1, width=64, height=64,
+                                 timestamps={"capture": time.time()},
+                                 boxes=[(0, 0, 8, 8), (8, 8, 8, 8)], crop_size=48),
+                          crops[stream], 0.0) for stream in crops]
+
+    def scores(live_tta):
+        messages = run_batch(batch, runner, "tiny-flip", now=0.0, live_tta=live_tta)
+        return {decode(m)[0].stream: np.array([r.scores for r in decode(m)[0].results])
+                for m in messages}
+
+    skipped, kept = scores("none"), scores("version")
+    flip = {stream: runner.predict_faces(crops[stream]) for stream in crops}
+    plain = {stream: runner.predict_faces(crops[stream], "none") for stream in crops}
+    assert not np.allclose(flip["cam"], plain["cam"])
+    np.testing.assert_allclose(skipped["cam"], plain["cam"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(skipped["job:clip"], flip["job:clip"], rtol=1e-4, atol=1e-5)
+    for stream in crops:
+        np.testing.assert_allclose(kept[stream], flip[stream], rtol=1e-4, atol=1e-5)
 
 
 def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, tmp_path):

@@ -395,7 +395,7 @@ class PausedRunner:
     def __init__(self, batch, pause_s: float):
         self.batch, self.pause_s = batch, pause_s
 
-    def predict_faces(self, crops: np.ndarray) -> np.ndarray:
+    def predict_faces(self, crops: np.ndarray, tta=None) -> np.ndarray:
         for item in self.batch:
             item.header.timestamps["capture"] -= self.pause_s
         return np.full((len(crops), 7), 1 / 7, np.float32)

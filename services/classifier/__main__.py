@@ -4,6 +4,10 @@ Results go to the ``results`` fan-out channel, one message per frame (also for f
 without faces), each naming the model version that produced it. A newer frame of a live
 stream takes the place of one still waiting for its batch (reason ``superseded``), so an
 overloaded classifier keeps up with the newest frames instead of labelling none in time.
+``--live-tta none`` serves live streams without the version's test-time augmentation: half
+the model work with a flip-TTA version, at the cost of the accuracy the flip adds (1.8
+points on PublicTest for the shipped version; the labels the viewer shows differ on 11-15 %
+of frames, bench/results/live-tta.md). Analyze jobs always keep the version's TTA.
 """
 from __future__ import annotations
 
@@ -51,8 +55,13 @@ def build_parser():
                   help="tf-function: the Keras model behind tf.function; tflite: converted to "
                        "TensorFlow Lite when loaded (about half the CPU per face at batch 1, "
                        "but one thread and float32 only); auto: TFLite for batches of up to "
-                       "4 faces (8 with flip TTA) and tf-function above, or tf-function alone "
+                       "8 model inputs (a face with flip TTA is 2) and tf-function above, or tf-function alone "
                        "for a bfloat16 version on a CPU with native bfloat16")
+    parser.option("--live-tta", default="version", choices=["version", "none"],
+                  help="test-time augmentation for live streams (every stream but analyze "
+                       "jobs): version, as its metadata says, or none: half the model work "
+                       "with a flip-TTA version, a little less accuracy; jobs always follow "
+                       "the version")
     parser.option("--max-batch", default=policy.max_batch, type=int, help="largest batch of faces")
     parser.option("--max-wait-ms", default=policy.max_wait_ms, type=float,
                   help="longest a face waits for its batch to fill")
@@ -92,30 +101,43 @@ def results_message(header: Header, probabilities: np.ndarray, version: str) -> 
     return encode(out)
 
 
+def classify(items: list[PendingFaces], runner, tta: str | None) -> np.ndarray:
+    """Probabilities for every crop of the items, in order, in one model call."""
+    if len({item.crops.shape[1:] for item in items}) == 1:
+        return runner.predict_faces(np.concatenate([item.crops for item in items]), tta)
+    # Crops of different sizes (detectors with different --crop-size) cannot share one
+    # array: bring each message's crops to the model's input size first.
+    return runner.predict_inputs(np.concatenate(
+        [preprocess_faces(item.crops, runner.spec) for item in items]), tta)
+
+
 def run_batch(batch: list[PendingFaces], runner, version: str, now: float,
-              max_age: float = 0.0) -> list[list]:
-    """Classify every crop of the batch in one model call; one result message per frame.
+              max_age: float = 0.0, live_tta: str = "version") -> list[list]:
+    """Classify every crop of the batch, one model call per TTA in it (live streams run
+    without TTA when ``live_tta`` is "none", jobs always as the version says); one result
+    message per frame.
 
     Frames captured more than ``max_age`` ago by now (0 = no limit) get no message and are
     counted as stale: the age is tested again after the model call, because a paused or
     starved process can hold a batch for seconds after its frames were still fresh.
     """
     started = time.perf_counter()
-    if len({item.crops.shape[1:] for item in batch}) == 1:
-        probabilities = runner.predict_faces(np.concatenate([item.crops for item in batch]))
-    else:
-        # Crops of different sizes (detectors with different --crop-size) cannot share one
-        # array: bring each message's crops to the model's input size first.
-        probabilities = runner.predict_inputs(np.concatenate(
-            [preprocess_faces(item.crops, runner.spec) for item in batch]))
+    groups: dict[str | None, list[int]] = {}
+    for i, item in enumerate(batch):
+        tta = None if live_tta == "version" or is_job(item.header.stream) else live_tta
+        groups.setdefault(tta, []).append(i)
+    scores_of: dict[int, np.ndarray] = {}
+    for tta, members in groups.items():
+        probabilities, start = classify([batch[i] for i in members], runner, tta), 0
+        for i in members:
+            n = len(batch[i].crops)
+            scores_of[i], start = probabilities[start:start + n], start + n
     INFERENCE_SECONDS.observe(time.perf_counter() - started)
-    BATCH_SIZE.observe(len(probabilities))
-    messages, start = [], 0
-    for item in batch:
+    BATCH_SIZE.observe(sum(len(item.crops) for item in batch))
+    messages = []
+    for i, item in enumerate(batch):
         QUEUE_WAIT.observe(max(0.0, now - item.arrived))
-        n = len(item.crops)
-        scores = probabilities[start:start + n]
-        start += n
+        scores = scores_of[i]
         for row in scores:
             FACES.labels(EMOTIONS[int(np.argmax(row))]).inc()
         if max_age and not is_job(item.header.stream) and \
@@ -186,7 +208,8 @@ def main(argv=None) -> None:
             served = fresh
         now = time.monotonic()
         if batcher.ready(now):
-            for message in run_batch(batcher.take(), served.runner, served.version, now, max_age):
+            for message in run_batch(batcher.take(), served.runner, served.version, now, max_age,
+                                     args.live_tta):
                 results_out.send_multipart(message)
     if watcher:
         watcher.stop()

@@ -14,6 +14,8 @@ the tf.function alone for a bfloat16 version on a CPU with native bfloat16.
 
 A version may also ask for flip test-time augmentation (``"tta": "flip"`` in its
 metadata): every face is run twice, as is and mirrored, and the two answers averaged.
+A caller may skip it for some faces (``predict_faces(..., tta="none")``): the classifier
+does for live streams, whose answers the tracker averages over time anyway.
 
 And it may ask to run in bfloat16 (``"precision": "bfloat16"``): on CPUs with native
 bfloat16 arithmetic (AVX512-BF16 or AMX) that is about twice the faces/s, while the
@@ -33,7 +35,9 @@ from services.common.registry import PRECISIONS, TTA_MODES
 
 from .optimize import for_inference, in_bfloat16
 
-BATCH_SHAPES = (1, 4, 16, 32, 64)   # 32 = the default --max-batch: a full batch is not padded
+# Padded batch sizes: small steps where a frame or two of one or two faces are batched
+# (padding 2 inputs to 4 doubles the work), 32 = the default --max-batch unpadded.
+BATCH_SHAPES = (1, 2, 4, 8, 16, 32, 64)
 RUNTIMES = ("auto", "tf-function", "tflite")
 HYBRID = "tflite+tf-function"     # what auto runs where it can
 SMALL_BATCH = 8                   # model inputs: up to here TFLite's one thread costs less CPU
@@ -156,8 +160,8 @@ class InferenceRunner:
         self.spec = spec
         self.runtime = runtime
         self.tta = tta
-        if tta == "flip":   # each face runs twice: pad pairs, so one face is a batch of 2, not 4
-            batch_shapes = [2 * n for n in batch_shapes]
+        if tta == "flip":   # each face may run twice: one face is a batch of 2, not 4
+            batch_shapes = {*batch_shapes, *(2 * n for n in batch_shapes)}
         self.batch_shapes = tuple(sorted(batch_shapes))
         if runtime == "tflite":
             calls = tflite_calls(tflite_model(model), spec, self.batch_shapes)
@@ -191,9 +195,10 @@ class InferenceRunner:
                 return size
         return self.batch_shapes[-1]
 
-    def predict_inputs(self, inputs: np.ndarray) -> np.ndarray:
-        """Model inputs (N, S, S, C) float32 -> probabilities (N, 7), in padded chunks."""
-        if self.tta == "flip":
+    def predict_inputs(self, inputs: np.ndarray, tta: str | None = None) -> np.ndarray:
+        """Model inputs (N, S, S, C) float32 -> probabilities (N, 7), in padded chunks,
+        with the version's TTA unless ``tta`` says otherwise."""
+        if (self.tta if tta is None else tta) == "flip":
             return flip_averaged(self._predict_padded, inputs)
         return self._predict_padded(inputs)
 
@@ -211,6 +216,6 @@ class InferenceRunner:
             return np.zeros((0, 7), np.float32)
         return np.concatenate(out)
 
-    def predict_faces(self, faces: np.ndarray) -> np.ndarray:
+    def predict_faces(self, faces: np.ndarray, tta: str | None = None) -> np.ndarray:
         """uint8 face crops -> probabilities, through the model's own preprocessing."""
-        return self.predict_inputs(preprocess_faces(faces, self.spec))
+        return self.predict_inputs(preprocess_faces(faces, self.spec), tta)
