@@ -65,12 +65,12 @@ def false_boxes(boxes, shape, grid: int) -> int:
     return sum(n - 1 for n in per_tile.values())
 
 
-def faces_found(frames, grid: int, every: int = 1) -> dict:
+def faces_found(frames, grid: int, every: int = 1, regions=None) -> dict:
     from services.detector.faces import DetectorSettings, detect_faces, load_cascade
-    from services.detector.regions import FaceFinder
+    from services.detector.regions import FaceFinder, RegionSettings
 
     cascade, settings = load_cascade(), DetectorSettings()
-    finder = FaceFinder(cascade, settings)
+    finder = FaceFinder(cascade, settings, regions or RegionSettings())
     seqs = range(0, len(frames), every)
     cpu = time.process_time()
     full = [detect_faces(frames[i], cascade, settings) for i in seqs]

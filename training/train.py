@@ -83,6 +83,33 @@ class Batches(keras.utils.PyDataset):
         self.epoch += 1
 
 
+class KeepFreedMemory(keras.callbacks.Callback):
+    """Undoes TensorFlow's malloc setting for generator datasets (M_TRIM_THRESHOLD of
+    128 kB, set as each epoch's input pipeline starts), which makes glibc hand every large
+    tensor back to the kernel when freed and fault it in again, zeroed, at the next step:
+    measured on 2 cores, 39 % of the training process's time went to page faults, and a
+    step took 2.2 s instead of 1.3 s. Large blocks are kept for reuse instead (glibc only;
+    elsewhere this does nothing)."""
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    KEEP_BYTES = 512 << 20     # freed memory at the top of the heap kept before trimming
+    MMAP_BYTES = 32 << 20      # blocks below this come from the heap, not their own mmap
+
+    def __init__(self):
+        super().__init__()
+        try:
+            import ctypes
+
+            self._mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            self._mallopt = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 0 and self._mallopt is not None:
+            self._mallopt(self.M_MMAP_THRESHOLD, self.MMAP_BYTES)
+            self._mallopt(self.M_TRIM_THRESHOLD, self.KEEP_BYTES)
+
+
 class RunCheckpoints(keras.callbacks.Callback):
     """Per-epoch last/best checkpoints, early stopping, and state.json, all resumable
     (Keras' own EarlyStopping forgets its counters when a run restarts)."""
@@ -332,7 +359,8 @@ def run(args: argparse.Namespace) -> int:
     if not done:
         model.fit(batches, validation_data=val_batches, epochs=args.epochs,
                   initial_epoch=state["epoch"], verbose=args.verbose,
-                  callbacks=[RunCheckpoints(out_dir, state, args.patience, args.epochs_this_run)])
+                  callbacks=[KeepFreedMemory(),
+                             RunCheckpoints(out_dir, state, args.patience, args.epochs_this_run)])
         done = state["stopped_early"] or state["epoch"] >= args.epochs
     if not done:
         print(f"stopped after epoch {state['epoch']} of {args.epochs}; continue with:\n"
