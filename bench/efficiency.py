@@ -6,8 +6,9 @@ on every frame; classifier ``--runtime tf-function --live-tta version``: the ver
 TTA on live streams too; capture ``--max-in-flight 0``: no flow control, JPEG frames) and
 watches the stream's MJPEG page, so the viewer renders every frame as it used to. *after*
 is every default of ``make run`` (raw BGR frames, as its Procfile asks for on one host),
-nobody watching; *after, watched* the same with an MJPEG client reading; *after, live TTA
-off* the defaults plus the classifier's ``--live-tta none`` (an accuracy trade, not a default). Each pipeline is broker, capture, detector, classifier, tracker, recorder
+nobody watching; *after, watched* the same with an MJPEG client reading; *after, flip TTA
+on every frame* the defaults but the classifier's ``--live-tta version`` (each face run as
+is and mirrored on every frame, instead of alternating the two views from frame to frame). Each pipeline is broker, capture, detector, classifier, tracker, recorder
 (SQLite) and viewer, as ``make run`` starts them; CPU is every process's, from /proc.
 
 Also, without a pipeline, whether re-detection finds the faces full-frame detection finds
@@ -46,8 +47,8 @@ CONFIGS = {
     "after": {"detector": (), "classifier": (), "capture": MAKE_RUN_CAPTURE, "watched": False},
     "after, watched": {"detector": (), "classifier": (), "capture": MAKE_RUN_CAPTURE,
                        "watched": True},
-    "after, live TTA off": {"detector": (), "classifier": ("--live-tta", "none"),
-                            "capture": MAKE_RUN_CAPTURE, "watched": False},
+    "after, flip TTA on every frame": {"detector": (), "classifier": ("--live-tta", "version"),
+                                       "capture": MAKE_RUN_CAPTURE, "watched": False},
 }
 WORKLOADS = {"1 face, 15 fps": ("single", ("--fps", "15")), "1 face, 30 fps": ("single", ()),
              "1 face, unpaced": ("single", ("--no-pace",)), "4 faces, 30 fps": ("tiled", ())}

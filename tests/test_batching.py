@@ -385,15 +385,17 @@ def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
     # every face and its mirror image in one padded call: one face is a batch of 2
     assert runner.batch_shapes == (1, 2, 4, 8, 16, 32, 64, 128)
     assert shapes == [2 if n == 1 else 128]
-    # a caller may skip the flip (live streams): the plain answers, one face a batch of 1
+    # a caller may ask for one view (live streams): as is or mirrored, one face a batch of 1
     shapes.clear()
     np.testing.assert_allclose(runner.predict_inputs(inputs, tta="none"), plain,
                                rtol=1e-5, atol=1e-6)
-    assert shapes == [1 if n == 1 else 64]
+    np.testing.assert_allclose(runner.predict_inputs(inputs, tta="mirror"), mirrored,
+                               rtol=1e-5, atol=1e-6)
+    assert shapes == [1 if n == 1 else 64] * 2
 
 
-def test_live_streams_skip_the_versions_tta_and_jobs_keep_it(tiny):
-    from services.classifier.__main__ import run_batch
+def test_live_streams_alternate_as_is_and_mirrored_and_jobs_keep_the_versions_tta(tiny):
+    from services.classifier.__main__ import LiveTta, run_batch
     from services.classifier.runtime import InferenceRunner
 
     entry, model = tiny
@@ -401,24 +403,37 @@ def test_live_streams_skip_the_versions_tta_and_jobs_keep_it(tiny):
     rng = np.random.default_rng(5)
     crops = {stream: rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
              for stream in ("cam", "job:clip")}
-    batch = [PendingFaces(Header(kind="faces", stream=stream, seq=1, width=64, height=64,
-                                 timestamps={"capture": time.time()},
-                                 boxes=[(0, 0, 8, 8), (8, 8, 8, 8)], crop_size=48),
-                          crops[stream], 0.0) for stream in crops]
 
-    def scores(live_tta):
+    def scores(live_tta, seq=1):
+        batch = [PendingFaces(Header(kind="faces", stream=stream, seq=seq, width=64, height=64,
+                                     timestamps={"capture": time.time()},
+                                     boxes=[(0, 0, 8, 8), (8, 8, 8, 8)], crop_size=48),
+                              crops[stream], 0.0) for stream in crops]
         messages = run_batch(batch, runner, "tiny-flip", now=0.0, live_tta=live_tta)
         return {decode(m)[0].stream: np.array([r.scores for r in decode(m)[0].results])
                 for m in messages}
 
-    skipped, kept = scores("none"), scores("version")
     flip = {stream: runner.predict_faces(crops[stream]) for stream in crops}
     plain = {stream: runner.predict_faces(crops[stream], "none") for stream in crops}
+    mirrored = {stream: runner.predict_faces(crops[stream][:, :, ::-1].copy(), "none")
+                for stream in crops}
     assert not np.allclose(flip["cam"], plain["cam"])
-    np.testing.assert_allclose(skipped["cam"], plain["cam"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(skipped["job:clip"], flip["job:clip"], rtol=1e-4, atol=1e-5)
-    for stream in crops:
-        np.testing.assert_allclose(kept[stream], flip[stream], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(plain["cam"], mirrored["cam"])
+    np.testing.assert_allclose((plain["cam"] + mirrored["cam"]) / 2, flip["cam"], atol=1e-5)
+
+    def check(got, cam):
+        np.testing.assert_allclose(got["cam"], cam, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["job:clip"], flip["job:clip"], rtol=1e-4, atol=1e-5)
+
+    alternate = LiveTta("alternate", "flip")
+    for seq, cam in enumerate([plain, mirrored, plain, mirrored]):
+        check(scores(alternate, seq), cam["cam"])
+    check(scores(LiveTta("none", "flip")), plain["cam"])
+    check(scores(LiveTta("version", "flip")), flip["cam"])
+    check(scores(None), flip["cam"])
+    # a version without TTA is run as is, whatever --live-tta says
+    assert LiveTta("alternate", "none")(Header(kind="faces", stream="cam", seq=1, width=8,
+                                               height=8)) is None
 
 
 def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, tmp_path):

@@ -14,8 +14,9 @@ the tf.function alone for a bfloat16 version on a CPU with native bfloat16.
 
 A version may also ask for flip test-time augmentation (``"tta": "flip"`` in its
 metadata): every face is run twice, as is and mirrored, and the two answers averaged.
-A caller may skip it for some faces (``predict_faces(..., tta="none")``): the classifier
-does for live streams, whose answers the tracker averages over time anyway.
+A caller may ask otherwise for some faces: ``tta="none"`` (as is) or ``"mirror"`` (the mirror
+image only). The classifier alternates the two on the frames of live streams, whose
+answers the tracker averages over time: both views at the cost of one.
 
 And it may ask to run in bfloat16 (``"precision": "bfloat16"``): on CPUs with native
 bfloat16 arithmetic (AVX512-BF16 or AMX) that is about twice the faces/s, while the
@@ -197,9 +198,12 @@ class InferenceRunner:
 
     def predict_inputs(self, inputs: np.ndarray, tta: str | None = None) -> np.ndarray:
         """Model inputs (N, S, S, C) float32 -> probabilities (N, 7), in padded chunks,
-        with the version's TTA unless ``tta`` says otherwise."""
-        if (self.tta if tta is None else tta) == "flip":
+        with the version's TTA unless ``tta`` says otherwise (flip, none or mirror)."""
+        tta = self.tta if tta is None else tta
+        if tta == "flip":
             return flip_averaged(self._predict_padded, inputs)
+        if tta == "mirror":
+            return self._predict_padded(inputs[:, :, ::-1, :])
         return self._predict_padded(inputs)
 
     def _predict_padded(self, inputs: np.ndarray) -> np.ndarray:
