@@ -59,8 +59,8 @@ def build_parser():
                   help="tf-function: the Keras model behind tf.function; tflite: converted to "
                        "TensorFlow Lite when loaded (about half the CPU per face at batch 1, "
                        "but one thread and float32 only); auto: TFLite for batches of up to "
-                       "8 model inputs (a face with flip TTA is 2) and tf-function above, or tf-function alone "
-                       "for a bfloat16 version on a CPU with native bfloat16")
+                       "8 model inputs (a face with flip TTA is 2) and tf-function above, or "
+                       "tf-function alone for a bfloat16 version on a CPU with native bfloat16")
     parser.option("--live-tta", default=LIVE_ALTERNATE, choices=list(LIVE_TTA),
                   help="for a flip-TTA version, how faces of live streams (all but analyze "
                        "jobs) are run: alternate: once, mirrored on every other frame (the "
