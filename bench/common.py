@@ -82,6 +82,13 @@ def write_tiled_clip(frames: list[np.ndarray], fps: float, out: Path, grid: int 
     return out
 
 
+def tile_of(box, shape, grid: int) -> tuple[int, int]:
+    """The (column, row) of a grid x grid mosaic in which a box's centre lies."""
+    x, y, w, h = box
+    height, width = shape[:2]
+    return int((x + w / 2) * grid // width), int((y + h / 2) * grid // height)
+
+
 def write_image_folder(frames: list[np.ndarray], folder: Path) -> Path:
     """The clip's frames as JPEG files: a source that capture paces at any --fps."""
     import cv2

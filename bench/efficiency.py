@@ -58,10 +58,9 @@ WORKLOADS = {"1 face, 15 fps": ("single", ("--fps", "15")), "1 face, 30 fps": ("
 
 def false_boxes(boxes, shape, grid: int) -> int:
     """Boxes beyond one per tile (each tile of these clips shows one person)."""
-    height, width = shape[:2]
     per_tile: dict[tuple[int, int], int] = {}
-    for x, y, w, h in boxes:
-        tile = (int((x + w / 2) * grid // width), int((y + h / 2) * grid // height))
+    for box in boxes:
+        tile = common.tile_of(box, shape, grid)
         per_tile[tile] = per_tile.get(tile, 0) + 1
     return sum(n - 1 for n in per_tile.values())
 

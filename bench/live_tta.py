@@ -44,26 +44,25 @@ def smoothed_labels(frames_scores: list[list[tuple[int, np.ndarray]]], fps: floa
 
 def answers(frames, runner, grid: int, tta: str):
     """Per frame: (tile, probabilities) for each face full-frame Haar finds; ``tta`` is
-    the runner's (flip, none) or ``alternate``: frames with an odd number mirrored."""
+    the runner's (flip, none) or ``alternate``: frames with an odd number mirrored, as the
+    classifier's ``--live-tta alternate`` does."""
     from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 
     cascade, settings = load_cascade(), DetectorSettings()
     out = []
     for frame in frames:
         boxes = detect_faces(frame, cascade, settings)
-        height, width = frame.shape[:2]
-        tiles = [(int((x + w / 2) * grid // width), int((y + h / 2) * grid // height))
-                 for x, y, w, h in boxes]
         if not boxes:
             out.append([])
             continue
         crops = crop_faces(frame, boxes, settings.margin, settings.crop_size)
         if tta == "alternate":
-            probabilities = runner.predict_faces(
-                crops[:, :, ::-1] if len(out) % 2 else crops, "none")
+            tta_here = "mirror" if len(out) % 2 else "none"
         else:
-            probabilities = runner.predict_faces(crops, tta)
-        out.append(list(zip(tiles, probabilities)))
+            tta_here = tta
+        probabilities = runner.predict_faces(crops, tta_here)
+        out.append([(common.tile_of(box, frame.shape, grid), p)
+                    for box, p in zip(boxes, probabilities)])
     return out
 
 

@@ -155,11 +155,11 @@ def run_batch(batch: list[PendingFaces], runner, version: str, now: float,
     scores_of: dict[int, np.ndarray] = {}
     for tta, members in groups.items():
         probabilities, start = classify([batch[i] for i in members], runner, tta), 0
+        BATCH_SIZE.observe(len(probabilities))
         for i in members:
             n = len(batch[i].crops)
             scores_of[i], start = probabilities[start:start + n], start + n
     INFERENCE_SECONDS.observe(time.perf_counter() - started)
-    BATCH_SIZE.observe(sum(len(item.crops) for item in batch))
     messages = []
     for i, item in enumerate(batch):
         QUEUE_WAIT.observe(max(0.0, now - item.arrived))
