@@ -599,6 +599,30 @@ def test_evaluate_scores_every_image_of_a_plain_class_folder(trained, tmp_path, 
     assert json.loads(out_json.read_text())["n"] == 98
 
 
+def test_evaluate_scores_the_mean_probabilities_of_several_models(tmp_path, capsys):
+    """Repeated --model: an ensemble, scored on its members' mean probabilities (each with
+    its own TTA), the same answers as averaging the runners by hand."""
+    root, csv_path = tmp_path / "models", fer_csv(tmp_path / "fer.csv")
+    keras.utils.set_random_seed(11)
+    make_version(root, "a")
+    make_version(root, "b")
+    meta = json.loads((root / "b" / registry.METADATA_FILE).read_text())
+    (root / "b" / registry.METADATA_FILE).write_text(json.dumps({**meta, "tta": "flip"}))
+    out_json = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", "a", "--model", "b", "--registry", str(root), "--data",
+                 str(csv_path), "--bench-seconds", "0.05", "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    assert report["version"] == "a + b" and report["n"] == 14
+    assert [(m["version"], m["tta"]) for m in report["members"]] == [("a", "none"), ("b", "flip")]
+    split = data.load_dataset(csv_path).split("PublicTest")
+    probs = [evaluate.predict(InferenceRunner(registry.load_model(entry), entry.spec, tta=entry.tta),
+                              split) for entry in (registry.resolve(root, v) for v in ("a", "b"))]
+    expected = evaluate.confusion_matrix(split.labels, np.mean(probs, axis=0).argmax(axis=1))
+    assert report["confusion_matrix"] == expected.tolist()
+    assert set(report["speed_faces_per_s"]) == {"batch_1", "batch_64"}
+    assert "mean probabilities of a (tta none, float32), b (tta flip, float32)" in capsys.readouterr().out
+
+
 FERPLUS_HEADER = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n"
 
 

@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and "
                     "inference speed of a model on one split.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--model", required=True,
+    e.add_argument("--model", required=True, action="append",
                    help="'current', a registry version, a version directory, or a .keras file "
-                        "with metadata.json beside it")
+                        "with metadata.json beside it. Repeat it to score several models' mean "
+                        "probabilities (an ensemble, e.g. candidate --teachers)")
     _data_options(e, required=True)
     e.add_argument("--split", choices=("Training", "PublicTest", "PrivateTest", "all"),
                    help="the split to score; all: every face of the dataset. Default: all for "

@@ -93,8 +93,7 @@ def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
                    bench_seconds: float = 2.0, runtime: str = "tf-function",
                    precision: str = "float32") -> dict:
     runner = InferenceRunner(model, spec, runtime=runtime, tta=tta, precision=precision)
-    probs = predict(runner, split)
-    report = metrics_from_confusion(confusion_matrix(split.labels, probs.argmax(axis=1)))
+    report = _report(split, predict(runner, split))
     report["tta"] = tta
     report["runtime"] = runtime
     report["precision"] = runner.precision   # the one really used
@@ -103,6 +102,25 @@ def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
     if bench_seconds > 0:
         report["speed_faces_per_s"] = measure_speed(runner, bench_seconds)
     return report
+
+
+def evaluate_ensemble(members: list[tuple[str, InferenceRunner]], split: Split, *,
+                      bench_seconds: float = 2.0) -> dict:
+    """Scores of several models' mean probabilities, e.g. to choose ``train --teacher``s.
+    Each member runs with its own TTA and precision; the speed is that of running them
+    one after the other."""
+    report = _report(split, np.mean([predict(runner, split) for _, runner in members], axis=0))
+    report["members"] = [{"version": name, "tta": runner.tta, "precision": runner.precision}
+                         for name, runner in members]
+    if bench_seconds > 0:
+        speeds = [measure_speed(runner, bench_seconds) for _, runner in members]
+        report["speed_faces_per_s"] = {key: round(1 / sum(1 / s[key] for s in speeds), 1)
+                                       for key in speeds[0]}
+    return report
+
+
+def _report(split: Split, probs: np.ndarray) -> dict:
+    return metrics_from_confusion(confusion_matrix(split.labels, probs.argmax(axis=1)))
 
 
 def summary(report: dict, split: str) -> dict:
@@ -117,10 +135,11 @@ def format_report(report: dict) -> str:
     lines = [f"{'class':<10}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}"]
     for name, m in report["per_class"].items():
         lines.append(f"{name:<10}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}{m['support']:>9d}")
+    served = ("" if "members" in report else
+              f"   tta {report.get('tta', 'none')}   runtime {report.get('runtime', 'tf-function')}"
+              f"   precision {report.get('precision', 'float32')}")
     lines.append(f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
-                 f"n {report['n']}   tta {report.get('tta', 'none')}   "
-                 f"runtime {report.get('runtime', 'tf-function')}   "
-                 f"precision {report.get('precision', 'float32')}")
+                 f"n {report['n']}{served}")
     if report.get("precision_fallback"):
         lines.append(f"bfloat16 was asked for, float32 used: {report['precision_fallback']}")
     lines.append("confusion matrix (rows true, columns predicted):")
@@ -205,25 +224,40 @@ def resolve_model(ref: str, root: Path) -> registry.ModelEntry:
 
 
 def run(args) -> int:
-    entry = resolve_model(args.model, Path(args.registry))
-    model = registry.load_checked(entry)
+    refs = args.model
+    entries = [resolve_model(ref, Path(args.registry)) for ref in refs]
+    models = [registry.load_checked(entry) for entry in entries]
     dataset = load_dataset(args.data, args.data_format, args.val_split, args.seed)
     args.split = args.split or (ALL if dataset.pooled else VAL)
     split = dataset.split(args.split)
     try:
-        report = evaluate_split(model, entry.spec, split, tta=args.tta or entry.tta,
-                                bench_seconds=args.bench_seconds, runtime=args.runtime,
-                                precision=args.precision or entry.precision)
+        if len(entries) == 1:
+            entry = entries[0]
+            report = evaluate_split(models[0], entry.spec, split, tta=args.tta or entry.tta,
+                                    bench_seconds=args.bench_seconds, runtime=args.runtime,
+                                    precision=args.precision or entry.precision)
+        else:
+            members = [(entry.version,
+                        InferenceRunner(model, entry.spec, runtime=args.runtime,
+                                        tta=args.tta or entry.tta,
+                                        precision=args.precision or entry.precision))
+                       for entry, model in zip(entries, models)]
+            report = evaluate_ensemble(members, split, bench_seconds=args.bench_seconds)
     except RuntimeUnavailable as exc:
-        raise registry.RegistryError(f"{entry.model_file}: --runtime {args.runtime}: {exc}") from None
-    report = {"model": str(entry.model_file), "version": entry.version, "data": str(args.data),
-              "split": args.split, **report}
-    print(f"{entry.version} on {args.data} [{args.split}]: n = {len(split)} faces")
+        files = " + ".join(str(entry.model_file) for entry in entries)
+        raise registry.RegistryError(f"{files}: --runtime {args.runtime}: {exc}") from None
+    name = " + ".join(entry.version for entry in entries)
+    report = {"model": " + ".join(str(entry.model_file) for entry in entries), "version": name,
+              "data": str(args.data), "split": args.split, **report}
+    print(f"{name} on {args.data} [{args.split}]: n = {len(split)} faces")
+    if len(entries) > 1:
+        print("mean probabilities of " + ", ".join(
+            f"{m['version']} (tta {m['tta']}, {m['precision']})" for m in report["members"]))
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         registry.atomic_write(Path(args.json), json.dumps(report, indent=1) + "\n")
     if args.png:
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        save_confusion_png(report, Path(args.png), f"{entry.version} [{args.split}]")
+        save_confusion_png(report, Path(args.png), f"{name} [{args.split}]")
     return 0
