@@ -623,6 +623,55 @@ def test_evaluate_scores_the_mean_probabilities_of_several_models(tmp_path, caps
     assert "mean probabilities of a (tta none, float32), b (tta flip, float32)" in capsys.readouterr().out
 
 
+def test_folds_are_fixed_and_stratified():
+    labels = np.repeat(np.arange(7), [40, 5, 12, 70, 33, 21, 9])
+    folds = data.fold_ids(labels, 5)
+    np.testing.assert_array_equal(folds, data.fold_ids(labels, 5))   # the same every run
+    for label in range(7):
+        per_fold = np.bincount(folds[labels == label], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1
+    with pytest.raises(DataError, match="--folds 1"):
+        data.fold_ids(labels, 1)
+
+
+def test_cross_fitted_teachers_answer_only_for_the_fold_they_never_saw(tmp_path, capsys):
+    csv_path, root = fer_csv(tmp_path / "fer.csv"), tmp_path / "models"
+    common = ["train", "--data", str(csv_path), "--registry", str(root), "--arch", "compact",
+              "--width", "0.125", "--epochs", "1", "--batch-size", "16", "--bench-seconds", "0",
+              "--folds", "2"]
+    for k in (0, 1):
+        assert main([*common, "--holdout-fold", str(k), "--version", f"f{k}",
+                     "--out-dir", str(tmp_path / f"f{k}")]) == 0
+    whole = data.load_dataset(csv_path).split(data.TRAIN)
+    folds = data.fold_ids(whole.labels, 2)
+    for k in (0, 1):
+        meta = json.loads((root / f"f{k}" / registry.METADATA_FILE).read_text())
+        assert meta["dataset"]["train_used"] == int((folds != k).sum())
+        assert (meta["training"]["folds"], meta["training"]["holdout_fold"]) == (2, k)
+    assert "fold 1 of 2 held out: training on the other" in capsys.readouterr().out
+
+    # each face's target is the answer of the teacher that held its fold out
+    targets = train.teacher_targets(["f0", "f1"], whole, root, weight=1.0, temperature=1.0)
+    for k in (0, 1):
+        entry = registry.resolve(root, f"f{k}")
+        runner = InferenceRunner(registry.load_model(entry), entry.spec, tta="flip")
+        mine = np.flatnonzero(folds == k)
+        np.testing.assert_allclose(targets[mine], evaluate.predict(runner, whole.subset(mine)),
+                                   atol=1e-5)
+    # a subset (e.g. --max-train) keeps each face's fold
+    part = whole.subset(np.arange(0, 70, 3))
+    np.testing.assert_allclose(
+        train.teacher_targets(["f0", "f1"], part, root, weight=1.0, temperature=1.0,
+                              whole_labels=whole.labels), targets[::3], atol=1e-5)
+    with pytest.raises(train.RunError, match="35 training faces are in no fold a teacher held out"):
+        train.teacher_targets(["f0"], whole, root, weight=1.0, temperature=1.0)
+
+    assert main([*common[:-2], "--holdout-fold", "1", "--version", "bad"]) == 2
+    assert "--holdout-fold needs --folds" in capsys.readouterr().err
+    assert main([*common, "--holdout-fold", "2", "--version", "bad"]) == 2
+    assert "give --holdout-fold, 0 to 1" in capsys.readouterr().err
+
+
 FERPLUS_HEADER = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n"
 
 

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="counter class imbalance by repeating minority classes or weighting the loss")
     t.add_argument("--patience", type=int, default=10,
                    help="early stopping: epochs without a better validation accuracy")
+    t.add_argument("--folds", type=int, metavar="N",
+                   help="split Training into N fixed, stratified folds and train on all but "
+                        "--holdout-fold: N such runs are cross-fitted teachers, each answering "
+                        "--teacher only for the faces it never saw")
+    t.add_argument("--holdout-fold", type=int, metavar="K",
+                   help="with --folds: the fold (0 to N-1) this run leaves out")
     t.add_argument("--max-train", type=int, help="use a seeded random subset of N training faces")
     t.add_argument("--max-val", type=int, help="use a seeded random subset of N validation faces")
     t.add_argument("--out-dir", help="run directory for checkpoints (default runs/<version>)")

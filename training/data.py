@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -52,6 +52,7 @@ class Split:
     faces: np.ndarray | list
     labels: np.ndarray
     targets: np.ndarray | None = None  # soft training targets, one row of 7 per face
+    rows: np.ndarray | None = None     # each face's position in the whole split, once subset
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,7 +63,11 @@ class Split:
         else:
             faces = [self.faces[i] for i in indices]
         targets = None if self.targets is None else self.targets[indices]
-        return Split(faces, self.labels[indices], targets)
+        return Split(faces, self.labels[indices], targets, self.positions()[indices])
+
+    def positions(self) -> np.ndarray:
+        """Where each face sits in the split it was loaded as (for folds)."""
+        return np.arange(len(self)) if self.rows is None else self.rows
 
     def training_targets(self) -> np.ndarray:
         """What the model learns from: the soft targets if any, else the one-hot labels."""
@@ -277,7 +282,9 @@ def _split_off(pool: Split, fraction: float, seed: int) -> tuple[Split, Split]:
         val.extend(members[:take])
     val_mask = np.zeros(len(pool), bool)
     val_mask[np.asarray(val, np.int64)] = True
-    return pool.subset(np.flatnonzero(~val_mask)), pool.subset(np.flatnonzero(val_mask))
+    # each is a split of its own: positions count from its first face, not the pool's
+    return (replace(pool.subset(np.flatnonzero(~val_mask)), rows=None),
+            replace(pool.subset(np.flatnonzero(val_mask)), rows=None))
 
 
 # --- FER+ votes --------------------------------------------------------------------------
@@ -348,7 +355,8 @@ def with_ferplus(split: Split, ferplus: FerPlusVotes, weight: float,
     labels = one_hot(split.labels)
     counted = ferplus.votes.sum(1, keepdims=True)
     shares = np.divide(ferplus.votes, counted, out=labels.copy(), where=counted > 0)
-    mixed = Split(split.faces, split.labels, (weight * shares + (1 - weight) * labels).astype(np.float32))
+    mixed = Split(split.faces, split.labels,
+                  (weight * shares + (1 - weight) * labels).astype(np.float32), split.rows)
     if not drop_not_faces:
         return mixed
     return mixed.subset(np.flatnonzero(ferplus.not_face * 2 <= ferplus.total))
@@ -376,6 +384,22 @@ def subsample(split: Split, limit: int | None, seed: int) -> Split:
         return split
     keep = np.sort(np.random.default_rng(seed).choice(len(split), limit, replace=False))
     return split.subset(keep)
+
+
+FOLD_SEED = 2013   # the same folds for every run, so fold models of one dataset fit together
+
+
+def fold_ids(labels: np.ndarray, folds: int) -> np.ndarray:
+    """Each face's fold, 0 to ``folds`` - 1: every class dealt round-robin over the folds in
+    a fixed shuffled order, so each fold has its share of every class."""
+    if folds < 2:
+        raise DataError(f"--folds {folds}: needs at least 2")
+    rng = np.random.default_rng(FOLD_SEED)
+    out = np.empty(len(labels), np.int64)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        out[members] = np.arange(len(members)) % folds
+    return out
 
 
 def oversample_indices(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -219,6 +219,16 @@ def load_splits(args) -> tuple[datasets.Dataset, datasets.Split, datasets.Split]
                                       args.ferplus_weight, not args.keep_not_faces)
         print(f"FER+ votes {args.ferplus}: weight {args.ferplus_weight}, "
               f"{before - len(train)} training faces left out as not faces")
+    if getattr(args, "folds", None):
+        if args.holdout_fold is None or not 0 <= args.holdout_fold < args.folds:
+            raise RunError(f"--folds {args.folds}: give --holdout-fold, 0 to {args.folds - 1}, "
+                           f"the fold this run leaves out (got {args.holdout_fold})")
+        fold = datasets.fold_ids(dataset.split(datasets.TRAIN).labels, args.folds)
+        train = train.subset(np.flatnonzero(fold[train.positions()] != args.holdout_fold))
+        print(f"fold {args.holdout_fold} of {args.folds} held out: training on the other "
+              f"{len(train)} faces")
+    elif getattr(args, "holdout_fold", None) is not None:
+        raise RunError("--holdout-fold needs --folds, the number of folds")
     train = datasets.subsample(train, args.max_train, args.seed)
     val = datasets.subsample(dataset.split(datasets.VAL), args.max_val, args.seed)
     return dataset, train, val
@@ -257,33 +267,65 @@ def init_weights(model, spec: InputSpec, ref: str, root: Path) -> None:
 
 
 def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weight: float,
-                    temperature: float) -> np.ndarray:
+                    temperature: float, whole_labels: np.ndarray | None = None) -> np.ndarray:
     """Distillation targets: ``weight`` x the teachers' mean flip-averaged probabilities
     (softened as p^(1/T), renormalised) + the rest x the split's own targets (the one-hot
-    label, or its mix with FER+ votes), per face."""
+    label, or its mix with FER+ votes), per face.
+
+    A teacher trained with ``--folds N --holdout-fold K`` answers only for the faces of its
+    fold K, which it never saw (cross-fitting): a teacher's answers on the faces it was
+    trained on mostly repeat their labels. ``whole_labels`` are the labels of the whole
+    Training split ``split`` was taken from, which define the folds."""
     if not 0 <= weight <= 1:
         raise RunError(f"--teacher-weight {weight}: must be between 0 and 1")
     if temperature <= 0:
         raise RunError(f"--teacher-temperature {temperature}: must be above 0")
-    probs = []
+    whole_labels = split.labels if whole_labels is None else whole_labels
+    total = np.zeros((len(split), len(EMOTIONS)))
+    answers = np.zeros(len(split))
     for ref in refs:
         entry = evaluate.resolve_model(ref, root)
         teacher = registry.load_checked(entry)
+        faces, which = faces_for_teacher(entry, split, whole_labels)
         started = time.monotonic()
-        probs.append(evaluate.predict(InferenceRunner(teacher, entry.spec, tta="flip"), split))
-        print(f"teacher {entry.version}: {len(split)} training faces in "
+        probs = evaluate.predict(InferenceRunner(teacher, entry.spec, tta="flip"), split.subset(faces))
+        total[faces] += probs
+        answers[faces] += 1
+        print(f"teacher {entry.version}: {len(faces)} training faces{which} in "
               f"{time.monotonic() - started:.0f} s, agrees with the labels on "
-              f"{np.mean(probs[-1].argmax(1) == split.labels):.1%}")
-    soft = np.mean(probs, axis=0) ** (1.0 / temperature)
+              f"{np.mean(probs.argmax(1) == split.labels[faces]):.1%}")
+    if (answers == 0).any():
+        raise RunError(f"{int((answers == 0).sum())} training faces are in no fold a teacher "
+                       f"held out: give a teacher for every fold (--holdout-fold 0 to N-1), "
+                       f"or one trained on all of Training")
+    soft = (total / answers[:, None]) ** (1.0 / temperature)
     soft /= soft.sum(axis=1, keepdims=True)
     return (weight * soft + (1 - weight) * split.training_targets()).astype(np.float32)
 
 
+def faces_for_teacher(entry: registry.ModelEntry, split: datasets.Split,
+                      whole_labels: np.ndarray) -> tuple[np.ndarray, str]:
+    """(indices into ``split`` the teacher answers for, a note for the log)."""
+    training = entry.metadata.get("training") or {}
+    folds, held_out = training.get("folds"), training.get("holdout_fold")
+    if not folds:
+        return np.arange(len(split)), ""
+    trained_on = (entry.metadata.get("dataset") or {}).get("splits", {}).get(datasets.TRAIN)
+    if trained_on != len(whole_labels):
+        raise RunError(f"teacher {entry.version}: its folds are of a Training split of "
+                       f"{trained_on} faces, this run's has {len(whole_labels)}; fold "
+                       f"teachers must come from the same dataset")
+    fold = datasets.fold_ids(whole_labels, folds)[split.positions()]
+    return np.flatnonzero(fold == held_out), f" (fold {held_out} of {folds}, held out from it)"
+
+
 TEACHER_KEY_ARGS = ("teacher", "teacher_weight", "teacher_temperature", "data", "data_format",
-                    "val_split", "seed", "max_train", "ferplus", "ferplus_weight", "keep_not_faces")
+                    "val_split", "seed", "max_train", "ferplus", "ferplus_weight", "keep_not_faces",
+                    "folds", "holdout_fold")
 
 
-def cached_teacher_targets(out_dir: Path, args, split: datasets.Split, root: Path) -> np.ndarray:
+def cached_teacher_targets(out_dir: Path, args, split: datasets.Split, root: Path,
+                           whole_labels: np.ndarray) -> np.ndarray:
     """teacher_targets, saved in the run directory with what they were made from, so the
     teachers do not run again: not on --resume, nor when a run stopped before its first
     epoch ended is started again in the same directory with the same teachers and data."""
@@ -303,7 +345,7 @@ def cached_teacher_targets(out_dir: Path, args, split: datasets.Split, root: Pat
             print(f"{path}: shape {targets.shape}, expected {(len(split), len(EMOTIONS))}; "
                   f"recomputing")
     targets = teacher_targets(args.teacher, split, root, weight=args.teacher_weight,
-                              temperature=args.teacher_temperature)
+                              temperature=args.teacher_temperature, whole_labels=whole_labels)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, targets, allow_pickle=False)
@@ -331,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
         class_weights = datasets.balanced_class_weights(train.labels)
     targets = train.targets
     if getattr(args, "teacher", None):
-        targets = cached_teacher_targets(out_dir, args, train, root)
+        targets = cached_teacher_targets(out_dir, args, train, root,
+                                         dataset.split(datasets.TRAIN).labels)
     batches = Batches(train, spec, args.batch_size, shuffle=True, seed=args.seed,
                       epoch=state["epoch"], indices=indices, class_weights=class_weights,
                       targets=targets)
