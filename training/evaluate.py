@@ -224,9 +224,9 @@ def resolve_model(ref: str, root: Path) -> registry.ModelEntry:
 
 
 def run(args) -> int:
-    refs = args.model
-    entries = [resolve_model(ref, Path(args.registry)) for ref in refs]
+    entries = [resolve_model(ref, Path(args.registry)) for ref in args.model]
     models = [registry.load_checked(entry) for entry in entries]
+    files = " + ".join(str(entry.model_file) for entry in entries)
     dataset = load_dataset(args.data, args.data_format, args.val_split, args.seed)
     args.split = args.split or (ALL if dataset.pooled else VAL)
     split = dataset.split(args.split)
@@ -244,10 +244,9 @@ def run(args) -> int:
                        for entry, model in zip(entries, models)]
             report = evaluate_ensemble(members, split, bench_seconds=args.bench_seconds)
     except RuntimeUnavailable as exc:
-        files = " + ".join(str(entry.model_file) for entry in entries)
         raise registry.RegistryError(f"{files}: --runtime {args.runtime}: {exc}") from None
     name = " + ".join(entry.version for entry in entries)
-    report = {"model": " + ".join(str(entry.model_file) for entry in entries), "version": name,
+    report = {"model": files, "version": name,
               "data": str(args.data), "split": args.split, **report}
     print(f"{name} on {args.data} [{args.split}]: n = {len(split)} faces")
     if len(entries) > 1:
