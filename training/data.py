@@ -402,6 +402,12 @@ def fold_ids(labels: np.ndarray, folds: int) -> np.ndarray:
     return out
 
 
+def folds_of(split: Split, whole_labels: np.ndarray, folds: int) -> np.ndarray:
+    """The fold of each face of ``split``, a part of the split whose labels are
+    ``whole_labels``: folds are always drawn over the whole split, as loaded."""
+    return fold_ids(whole_labels, folds)[split.positions()]
+
+
 def oversample_indices(labels: np.ndarray, seed: int) -> np.ndarray:
     """Indices repeating every class up to the majority class's count."""
     rng = np.random.default_rng(seed)

@@ -223,8 +223,8 @@ def load_splits(args) -> tuple[datasets.Dataset, datasets.Split, datasets.Split]
         if args.holdout_fold is None or not 0 <= args.holdout_fold < args.folds:
             raise RunError(f"--folds {args.folds}: give --holdout-fold, 0 to {args.folds - 1}, "
                            f"the fold this run leaves out (got {args.holdout_fold})")
-        fold = datasets.fold_ids(dataset.split(datasets.TRAIN).labels, args.folds)
-        train = train.subset(np.flatnonzero(fold[train.positions()] != args.holdout_fold))
+        fold = datasets.folds_of(train, dataset.split(datasets.TRAIN).labels, args.folds)
+        train = train.subset(np.flatnonzero(fold != args.holdout_fold))
         print(f"fold {args.holdout_fold} of {args.folds} held out: training on the other "
               f"{len(train)} faces")
     elif getattr(args, "holdout_fold", None) is not None:
@@ -315,7 +315,7 @@ def faces_for_teacher(entry: registry.ModelEntry, split: datasets.Split,
         raise RunError(f"teacher {entry.version}: its folds are of a Training split of "
                        f"{trained_on} faces, this run's has {len(whole_labels)}; fold "
                        f"teachers must come from the same dataset")
-    fold = datasets.fold_ids(whole_labels, folds)[split.positions()]
+    fold = datasets.folds_of(split, whole_labels, folds)
     return np.flatnonzero(fold == held_out), f" (fold {held_out} of {folds}, held out from it)"
 
 
