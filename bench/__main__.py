@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-from . import common  # noqa: E402  (puts tests/ on sys.path)
+from . import common
 from .common import RESULTS, BenchError, log  # noqa: E402
 
 PARTS = ("raw", "classifier", "transport", "peer", "pipeline")

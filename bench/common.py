@@ -18,12 +18,6 @@ RESULTS = BENCH / "results"
 CLIP_NAME = "woman2.mp4"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# The test helpers (Pipeline, Collector, Service, write_tiny_model, ...) live in tests/.
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 
 class BenchError(RuntimeError):
     """A problem that stops the benchmark, worded for the person running it."""
@@ -130,7 +124,7 @@ def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]
                         "architecture": entry.metadata.get("architecture", "?"),
                         "input": entry.metadata.get("input"), "tta": entry.tta,
                         "precision": entry.precision}
-    from conftest import write_tiny_model
+    from tests.support import write_tiny_model
 
     root = workdir / "models"
     root.mkdir(parents=True, exist_ok=True)

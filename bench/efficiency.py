@@ -36,8 +36,8 @@ from . import common, peer
 from .common import RESULTS, log, summary
 from .pipeline import ResultsCollector, _cpu_snapshot
 
-from harness import MjpegReader, Pipeline   # noqa: E402  (tests/ is on sys.path)
-from conftest import wait_for               # noqa: E402
+from tests.support.pipeline import MjpegReader, Pipeline
+from tests.support import wait_for               # noqa: E402
 
 MAKE_RUN_CAPTURE = tuple(shlex.split(CAPTURE_ARGS))
 CONFIGS = {

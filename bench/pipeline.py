@@ -17,8 +17,8 @@ import zmq
 
 from .common import CLK_TCK, FAST_DETECT_WIDTH, histogram_quantile, log, percentiles, proc_cpu_seconds, summary
 
-from harness import Collector, Pipeline          # noqa: E402  (tests/ is on sys.path)
-from conftest import Service, free_base_port, free_port, metric_samples, http_get, wait_for  # noqa: E402
+from tests.support.pipeline import Collector, Pipeline       
+from tests.support import Service, free_base_port, free_port, metric_samples, http_get, wait_for  # noqa: E402
 
 STAGES = ("capture", "broker", "detector", "classifier", "viewer")
 
@@ -93,7 +93,7 @@ def _buckets(samples: dict, name: str) -> list[tuple[float, float]]:
 
 
 def _metric(samples: dict, name: str) -> float:
-    from conftest import metric_sum
+    from tests.support import metric_sum
 
     return metric_sum(samples or {}, name)
 

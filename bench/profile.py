@@ -19,7 +19,7 @@ from . import common
 from .common import RESULTS, log
 from .efficiency import CONFIGS, start_pipeline, watch
 
-from conftest import wait_for  # noqa: E402
+from tests.support import wait_for  # noqa: E402
 
 TOP = 8
 

@@ -20,17 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import common  # noqa: F401  (puts tests/ on sys.path)
 from .common import RESULTS, log
 
-import postgres                                        # noqa: E402  (tests/)
-from recorder_helpers import T0, person, tracks_message   # noqa: E402
+from tests.support import postgres
+from tests.support.recorder import T0, person, tracks_message   # noqa: E402
 from services.recorder import store                   # noqa: E402
 from services.recorder.__main__ import RecorderService   # noqa: E402
 from sqlalchemy import func, select                    # noqa: E402
 
 from services.common.protocol import EMOTIONS          # noqa: E402
-from services.recorder.schema import events, observations, streams, tracks   # noqa: E402
+from services.recorder.schema import observations, tracks   # noqa: E402
 
 FACES = 10
 

@@ -38,14 +38,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script (python bench/soak.py), this folder would shadow top-level modules.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import zmq  # noqa: E402
 
-from conftest import free_base_port, free_port, http_get, metric_samples, write_tiny_model  # noqa: E402
+from tests.support import free_base_port, free_port, http_get, metric_samples, write_tiny_model  # noqa: E402
 from services.common import bus  # noqa: E402
 from services.common.protocol import KIND_RESULT, Rejected, decode  # noqa: E402
 

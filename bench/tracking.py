@@ -17,7 +17,6 @@ Writes bench/results/tracking.json and tracking.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections import Counter

@@ -211,7 +211,7 @@ def serialization(seconds: float) -> dict:
 
 
 def run(log_dir: Path, quick: bool) -> dict:
-    from conftest import Service, free_base_port, wait_for
+    from tests.support import Service, free_base_port, wait_for
 
     count, rate, repeats = (150, 100.0, 1) if quick else (400, 100.0, 2)
     base = free_base_port()

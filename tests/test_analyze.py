@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, media, metric_sum
-from harness import Pipeline
+from tests.support import ROOT, media, metric_sum
+from tests.support.pipeline import Pipeline
 from services.analyze.job import Collector
 from services.common.flow import Ledger
 from services.analyze.outputs import CSV_COLUMNS, track_summaries, write_csv

@@ -9,7 +9,7 @@ import pytest
 from services.classifier.batching import Batcher, BatchPolicy, PendingFaces
 from services.common.protocol import EMOTIONS, KIND_FACES, KIND_RESULT, Header, decode
 
-from conftest import write_tiny_model
+from tests.support import write_tiny_model
 
 CROP = 24
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from services.capture.__main__ import encode_frame, publish_every
+from services.capture.frames import encode_frame, publish_every
 from services.capture.sources import (Backoff, DemoSource, ImageSource, SourceError, VideoSource,
                                       fit_width, open_source)
 from services.common.protocol import (ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, decode,

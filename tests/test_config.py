@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from tests.support import ROOT
 from services.common.config import ServiceParser, env_name
 from services.common.configdoc import SERVICES, document
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import ROOT, Service, free_base_port, free_port, http_get, wait_for
+from tests.support import ROOT, Service, free_base_port, free_port, http_get, wait_for
 from services.common import bus, keys
 from services.common.config import CONFIG_ERROR
 from services.common.protocol import KIND_FACES, KIND_RESULT, Header, decode, encode

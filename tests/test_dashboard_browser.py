@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import media, wait_for
-from harness import Pipeline
+from tests.support import media, wait_for
+from tests.support.pipeline import Pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +94,7 @@ def test_dashboard_shows_a_tracked_face_and_a_growing_timeline(tmp_path, tiny_re
 
 
 def _streams(base: str) -> str:
-    from conftest import http_get
+    from tests.support import http_get
 
     try:
         return http_get(base + "status.json").decode()

@@ -7,7 +7,7 @@ import pytest
 
 from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 
-from conftest import media
+from tests.support import media
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import http_get, metric_sum, wait_for
-from harness import Collector, Pipeline
+from tests.support import http_get, metric_sum, wait_for
+from tests.support.pipeline import Collector, Pipeline
 from services.common import bus
 from services.common.protocol import (KIND_FACES, KIND_FRAME, KIND_RESULT,
                                       MAX_HEADER_BYTES, FaceResult, Header, Rejected, decode)

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import free_port, http_get, metric_samples, metric_sum, wait_for
+from tests.support import free_port, http_get, metric_samples, metric_sum, wait_for
 from services.common.metrics import MAX_CONNECTIONS, ControlServer, serve_metrics
 from services.common.protocol import (EMOTIONS, MAX_PIXELS_PER_BYTE, FaceResult, Header,
                                       Rejected, decode, decode_image, encode, jpeg_size)
 from services.viewer.app import Viewer, ViewerSettings
 from services.viewer.hub import NOT_SHOWN_AFTER_S, StreamHub
 from services.viewer.join import MAX_MISSED, RESYNC_S, FrameJoiner
-from test_viewer import bind_broker_side, start_viewer_process
+from tests.support.viewer import bind_broker_side, start_viewer_process
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 64, 48
@@ -339,7 +339,7 @@ def test_metrics_connections_are_bounded_in_number_and_time():
 
 
 def test_idle_connections_do_not_grow_a_real_services_threads(tmp_path):
-    from conftest import Service, free_base_port
+    from tests.support import Service, free_base_port
 
     port = free_port()
     broker = Service("broker", ["--base-port", str(free_base_port()), "--metrics-port", str(port)],
@@ -436,7 +436,7 @@ def rss_mb(pid: int) -> float:
 
 
 def test_the_broker_refuses_parts_over_the_protocols_limits_so_queues_stay_small(tmp_path):
-    from conftest import Service, free_base_port
+    from tests.support import Service, free_base_port
     from services.common import bus
 
     base = free_base_port()

@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, metric_sum, wait_for, write_tiny_model
-from harness import Collector, Pipeline
+from tests.support import ROOT, metric_sum, wait_for, write_tiny_model
+from tests.support.pipeline import Collector, Pipeline
 from services.common import registry
 
 pytestmark = pytest.mark.slow

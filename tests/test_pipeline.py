@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import http_get, media, metric_sum, wait_for
-from harness import Collector, MjpegReader, Pipeline, Runner, alive
+from tests.support import http_get, media, metric_sum, wait_for
+from tests.support.pipeline import Collector, MjpegReader, Pipeline, Runner, alive
 from services.common.protocol import decode_image
 
 pytestmark = pytest.mark.slow

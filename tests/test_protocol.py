@@ -20,7 +20,7 @@ from services.common.protocol import (EMOTIONS, ENCODING_BGR, ENCODING_JPEG, KIN
                                       PROTOCOL_VERSION, FaceResult, Header, Rejected, decode,
                                       decode_crops, decode_image, encode, jpeg_size)
 
-from conftest import media
+from tests.support import media
 
 W, H = 160, 120
 TS = {"capture": 1700000000.25, "detect": 1700000000.5}

@@ -13,9 +13,9 @@ from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-import postgres
-from conftest import metric_sum
-from recorder_helpers import T0, event_message, person, tracks_message
+from tests.support import postgres
+from tests.support import metric_sum
+from tests.support.recorder import T0, person, tracks_message
 from services.common.protocol import EMOTIONS, encode, Header, KIND_RESULT
 from services.recorder import store
 from services.recorder.__main__ import RecorderService, WRITE_ERRORS
@@ -378,7 +378,7 @@ def test_api_until_before_since_and_long_stream_ids(any_client):
 
 def test_api_requests_are_counted_by_route_and_status(client):
     from prometheus_client import REGISTRY
-    from conftest import metric_samples
+    from tests.support import metric_samples
     from prometheus_client import generate_latest
     client.get("/api/tracks", params={"limit": "x"})
     client.get("/api/tracks")

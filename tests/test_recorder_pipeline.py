@@ -14,12 +14,12 @@ import urllib.request
 import pytest
 import zmq
 
-from conftest import Service, free_base_port, free_port, http_get, media, metric_samples, metric_sum, wait_for
-from harness import Pipeline
-from recorder_helpers import event_message, tracks_message
+from tests.support import Service, free_base_port, free_port, http_get, media, metric_samples, metric_sum, wait_for
+from tests.support.pipeline import Pipeline
+from tests.support.recorder import event_message, tracks_message
 from services.common import bus
 from services.common.protocol import KIND_TRACKS
-from test_tracker_pipeline import events, play_clip_through, send_garbage
+from tests.support.pipeline import events, play_clip_through, send_garbage
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from conftest import wait_for
-from harness import Collector, Runner, alive
+from tests.support import wait_for
+from tests.support.pipeline import Collector, Runner, alive
 
 pytestmark = pytest.mark.slow
 STAGES = ("detector", "classifier", "tracker", "capture", "broker", "viewer")

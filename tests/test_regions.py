@@ -10,7 +10,7 @@ import pytest
 from services.detector.faces import DetectorSettings, detect_faces, load_cascade
 from services.detector.regions import FULL, REGION, RESCAN, FaceFinder, RegionSettings
 
-from conftest import media
+from tests.support import media
 
 SETTINGS = DetectorSettings()
 

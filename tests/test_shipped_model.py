@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from tests.support import ROOT
 from services.common import registry
 from services.common.protocol import EMOTIONS
 

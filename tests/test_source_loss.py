@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import Service, free_base_port, free_port, http_get, metric_samples, metric_sum, wait_for
-from harness import Collector
+from tests.support import Service, free_base_port, free_port, http_get, metric_samples, metric_sum, wait_for
+from tests.support.pipeline import Collector
 from services.common import bus
 
 pytestmark = pytest.mark.slow

@@ -10,13 +10,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from tests.support import ROOT
 from services.common.protocol import (EMOTIONS, KIND_EVENT, KIND_RESULT, KIND_TRACKS, FaceResult,
                                       Header, Rejected, TrackedFace, TrackEvent, TrackSummary,
                                       decode, encode)
 from services.tracker.__main__ import TrackerService, owns
 from services.tracker.smoothing import SmoothedEmotion, SmoothingSettings
-from services.tracker.tracks import ReorderWindow, StreamTracks, Tracker, TrackerSettings
+from services.tracker.tracks import ReorderWindow, Tracker, TrackerSettings
 
 W, H = 640, 480
 T0 = 1_700_000_000.0

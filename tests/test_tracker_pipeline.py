@@ -1,42 +1,15 @@
 """The tracker in a real pipeline: real processes, real ZeroMQ, a real clip."""
 from __future__ import annotations
 
-import time
 from collections import Counter
 
-import msgpack
 import pytest
-import zmq
 
-from conftest import media, metric_sum, wait_for
-from harness import Collector, Pipeline
-from services.common import bus
-from services.common.protocol import KIND_EVENT, KIND_TRACKS
+from tests.support import media, metric_sum, wait_for
+from tests.support.pipeline import Collector, Pipeline, events, play_clip_through, send_garbage, tracked_faces
+from services.common.protocol import KIND_TRACKS
 
 pytestmark = pytest.mark.slow
-
-
-def play_clip_through(pipeline: Pipeline, clip, frames: int) -> tuple[Collector, Collector]:
-    results = Collector(pipeline.addr, "results")
-    tracks = Collector(pipeline.addr, "tracks")
-    results.start()
-    tracks.start()
-    time.sleep(0.5)   # let the subscriptions reach the broker before the first frame
-    capture = pipeline.start("capture", "--source", str(clip), "--stream", "clip",
-                             "--max-frames", str(frames))
-    wait_for(lambda: not capture.alive(), 60, what="the clip to finish")
-    assert capture.proc.returncode == 0, capture.output()[-2000:]
-    pipeline.services.remove(capture)
-    del pipeline.ports["capture"]
-    return results, tracks
-
-
-def tracked_faces(tracks: Collector) -> list:
-    return [f for _, h in tracks.arrivals if h.kind == KIND_TRACKS for f in h.results]
-
-
-def events(tracks: Collector, name: str) -> list:
-    return [h.event for _, h in tracks.arrivals if h.kind == KIND_EVENT and h.event.name == name]
 
 
 def check_one_person(results: Collector, tracks: Collector) -> None:
@@ -58,17 +31,6 @@ def check_one_person(results: Collector, tracks: Collector) -> None:
     faces = [f for f in tracked_faces(tracks) if f.track == main]
     assert all(f.smoothed_label and len(f.smoothed_scores) == 7 for f in faces)
     assert faces[-1].age_s > faces[0].age_s
-
-
-def send_garbage(pipeline: Pipeline, channel: str, n: int = 5) -> None:
-    ctx = zmq.Context.instance()
-    sock = bus.producer(ctx, pipeline.addr, channel)
-    time.sleep(0.3)
-    for i in range(n):
-        sock.send_multipart([b"clip", msgpack.packb({"v": 1, "kind": "tracks", "stream": "clip"})])
-        sock.send_multipart([b"clip", b"\xc1 not msgpack"])
-    time.sleep(0.3)
-    sock.close()
 
 
 @pytest.mark.timeout(300)

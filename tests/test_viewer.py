@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,7 +19,8 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import free_port, metric_samples, metric_sum, wait_for
+from tests.support import free_port, metric_samples, metric_sum, wait_for
+from tests.support.viewer import bind_broker_side, start_viewer_process
 from services.common.protocol import (EMOTIONS, ENCODING_BGR, FaceResult, Header, Rejected,
                                       TrackedFace, TrackEvent, encode)
 from services.viewer.app import Viewer, ViewerSettings
@@ -675,23 +675,6 @@ def test_mjpeg_client_gets_new_frames_and_may_disconnect(web):
 
 # --- the real process over real ZeroMQ -----------------------------------------------------
 
-def bind_broker_side(ctx: zmq.Context) -> tuple[int, zmq.Socket, zmq.Socket]:
-    """Stand in for the broker: PUB sockets on base+1 (frames) and base+7 (results)."""
-    for _ in range(50):
-        base = random.randint(20000, 40000)
-        frames, results = ctx.socket(zmq.PUB), ctx.socket(zmq.PUB)
-        for sock in (frames, results):
-            sock.setsockopt(zmq.LINGER, 0)
-        try:
-            frames.bind(f"tcp://127.0.0.1:{base + 1}")
-            results.bind(f"tcp://127.0.0.1:{base + 7}")
-            return base, frames, results
-        except zmq.ZMQError:
-            frames.close()
-            results.close()
-    raise RuntimeError("no free ports for the fake broker")
-
-
 class Publisher(threading.Thread):
     """Sends a frame and its result every 30 ms, plus any queued extra messages."""
 
@@ -716,20 +699,6 @@ class Publisher(threading.Thread):
 
 def metric_total(text: str, name: str, **labels) -> float:
     return metric_sum(metric_samples(text), name, **labels)
-
-
-def start_viewer_process(base: int, tmp_path):
-    """The viewer as a real process on the given broker ports: (process, log, web and
-    metrics ports)."""
-    http_port, metrics_port = free_port(), free_port()
-    log_path = tmp_path / "viewer.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.viewer", "--base-port", str(base),
-             "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return proc, log_path, http_port, metrics_port
 
 
 def test_viewer_process_end_to_end_over_zeromq(tmp_path):

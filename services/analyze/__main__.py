@@ -26,7 +26,7 @@ import cv2
 import zmq
 from tqdm import tqdm
 
-from services.capture.__main__ import encode_frame
+from services.capture.frames import encode_frame
 from services.capture.sources import fit_width
 from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging

@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 
-import cv2
 import zmq
 from prometheus_client import Counter, Gauge
 
@@ -28,9 +27,9 @@ from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging
 from services.common.flow import Ledger, answers
 from services.common.metrics import drop, serve_metrics
-from services.common.protocol import (ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, KIND_RESULT, Header,
-                                      Rejected, decode, encode)
+from services.common.protocol import (ENCODING_BGR, ENCODING_JPEG, KIND_RESULT, Rejected, decode)
 
+from .frames import encode_frame, publish_every
 from .sources import DEFAULT_TIMEOUT_MS, Backoff, Pacer, SourceError, fit_width, open_source
 
 FRAMES = Counter("emotion_capture_frames_total", "Frames published", ["stream"])
@@ -83,22 +82,6 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int,
-                 flow: bool = False) -> list:
-    """One frame as a wire message (timestamped now); ``flow``: sent under flow control."""
-    height, width = frame.shape[:2]
-    header = Header(kind=KIND_FRAME, stream=stream, seq=seq, width=width, height=height,
-                    encoding=encoding, timestamps={"capture": time.time()}, flow=flow)
-    if encoding == ENCODING_BGR:
-        payload = frame if frame.flags.c_contiguous else frame.copy()
-    else:
-        ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:
-            raise RuntimeError("JPEG encoding failed")
-        payload = jpeg
-    return encode(header, [payload])
-
-
 def wait_until_answered(ctx: zmq.Context, addr: bus.BrokerAddress, detect_out: zmq.Socket,
                         probe, stream: str, timeout_s: float, stop: threading.Event,
                         log) -> bool:
@@ -148,13 +131,6 @@ def wait_for_room(ledger: Ledger, results: zmq.Socket, stream: str, stop: thread
         if ledger.room():
             return
         results.poll(20)
-
-
-def publish_every(native_fps: float, target_fps: float) -> float:
-    """For a file whose native rate exceeds the target: publish one frame in this many."""
-    if native_fps <= 0 or target_fps <= 0 or target_fps >= native_fps:
-        return 1.0
-    return native_fps / target_fps
 
 
 def main(argv=None) -> None:

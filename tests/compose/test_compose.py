@@ -25,7 +25,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, free_port, wait_for, write_tiny_model
+from tests.support import ROOT, free_port, wait_for, write_tiny_model
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from tests.support import ROOT
 
 CHART = ROOT / "deploy" / "helm" / "emotion-stream"
 CHECKOV_CONFIG = ROOT / "deploy" / "helm" / "checkov.yaml"

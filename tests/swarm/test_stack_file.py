@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import ROOT
+from tests.support import ROOT
 
 SWARM = ROOT / "deploy" / "swarm"
 METRICS_PORTS = {"broker": 9100, "capture": 9101, "detector": 9102, "classifier": 9103,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from tests.support import ROOT
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(1800)]
 

@@ -12,9 +12,14 @@ from pathlib import Path
 
 import zmq
 
-from conftest import ROOT, Service, free_base_port, free_port, http_get, metric_samples, metric_sum, wait_for
+import msgpack
+
 from services.common import bus
-from services.common.protocol import Rejected, decode
+from services.common.ports import free_base_port, free_port
+from services.common.protocol import KIND_EVENT, KIND_TRACKS, Rejected, decode
+
+from .paths import ROOT
+from .processes import Service, http_get, metric_samples, metric_sum, wait_for
 
 
 class Pipeline:
@@ -204,3 +209,37 @@ class Runner:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.log.close()
         return time.monotonic() - started, processes
+
+
+def play_clip_through(pipeline: Pipeline, clip, frames: int) -> tuple[Collector, Collector]:
+    results = Collector(pipeline.addr, "results")
+    tracks = Collector(pipeline.addr, "tracks")
+    results.start()
+    tracks.start()
+    time.sleep(0.5)   # let the subscriptions reach the broker before the first frame
+    capture = pipeline.start("capture", "--source", str(clip), "--stream", "clip",
+                             "--max-frames", str(frames))
+    wait_for(lambda: not capture.alive(), 60, what="the clip to finish")
+    assert capture.proc.returncode == 0, capture.output()[-2000:]
+    pipeline.services.remove(capture)
+    del pipeline.ports["capture"]
+    return results, tracks
+
+
+def tracked_faces(tracks: Collector) -> list:
+    return [f for _, h in tracks.arrivals if h.kind == KIND_TRACKS for f in h.results]
+
+
+def events(tracks: Collector, name: str) -> list:
+    return [h.event for _, h in tracks.arrivals if h.kind == KIND_EVENT and h.event.name == name]
+
+
+def send_garbage(pipeline: Pipeline, channel: str, n: int = 5) -> None:
+    ctx = zmq.Context.instance()
+    sock = bus.producer(ctx, pipeline.addr, channel)
+    time.sleep(0.3)
+    for i in range(n):
+        sock.send_multipart([b"clip", msgpack.packb({"v": 1, "kind": "tracks", "stream": "clip"})])
+        sock.send_multipart([b"clip", b"\xc1 not msgpack"])
+    time.sleep(0.3)
+    sock.close()

@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from conftest import free_port
+from services.common.ports import free_port
 
 
 def bin_dir() -> Path | None:

@@ -1,0 +1,30 @@
+"""Small registered models for tests and benchmarks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_tiny_model(registry_dir: Path, version: str, seed: int = 0, outputs: int = 7) -> Path:
+    """A small randomly initialised 7-class model, registered like a trained one."""
+    import keras
+
+    from services.common.preprocess import InputSpec
+    from services.common.protocol import EMOTIONS
+
+    spec = InputSpec(48, 1, "unit")
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input(spec.shape),
+        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(outputs, activation="softmax"),
+    ])
+    folder = registry_dir / version
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    (folder / "metadata.json").write_text(json.dumps({
+        "version": version, "architecture": "test-tiny", "input": spec.to_dict(),
+        "classes": list(EMOTIONS), "note": "random weights, for tests only"}))
+    return folder

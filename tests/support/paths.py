@@ -1,0 +1,22 @@
+"""Where the repository and the third-party test media are."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MEDIA = ROOT.parent / "shared" / "media"
+
+
+def media(name: str) -> Path:
+    """A third-party test clip or picture. Missing, it skips the test on a developer's
+    machine and fails it in CI (``CI`` set), so CI never passes by skipping."""
+    for folder in (Path(os.environ.get("EMOTION_TEST_MEDIA", MEDIA)), MEDIA):
+        if (folder / name).is_file():
+            return folder / name
+    message = f"test media {name} not available (set EMOTION_TEST_MEDIA)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
