@@ -1,5 +1,7 @@
 # make run   -- start the whole pipeline locally (no Docker) and print the viewer URL
-# make test  -- install what the tests need and run the fast test suite
+# make test  -- install what the tests need and run the complete test suite (docs/testing.md)
+# make test-quick -- the unit tests only (no whole pipelines), for the edit loop
+# make lint  -- ruff: lint and format check (make format rewrites the files)
 # make bench -- throughput/latency benchmarks vs the fer package (BENCH_ARGS=--quick: smoke run)
 # make analyze VIDEO=clip.mp4 [OUT=dir] -- every frame of a video labelled: CSV, tracks, timeline, annotated video
 # make bench-tracking -- the tracker: label stability, id switches, faces/s (bench/results/tracking.md)
@@ -24,12 +26,13 @@ ARGS ?=
 STREAM ?= main
 SINCE ?= 10m
 
-.PHONY: analyze install run test test-all train soak help clean compose-test bench bench-tracking bench-efficiency bench-recorder report \
+.PHONY: analyze install run test test-quick lint format test-all train soak help clean compose-test bench bench-tracking bench-efficiency bench-recorder report \
 	swarm-test helm-test helm-tools
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
-	@echo "make test      fast test suite"
+	@echo "make test      the complete test suite (make test-quick: unit tests only)"
+	@echo "make lint      ruff lint + format check (make format fixes)"
 	@echo "make analyze VIDEO=clip.mp4 [OUT=dir]   label every frame of a video (CSV, tracks, timeline, video)"
 	@echo "make report [STREAM=main] [SINCE=10m]   the recorder's timeline of each person -> .run/report/index.html"
 	@echo "make compose-test   build the images, start the compose stack and smoke-test it (needs Docker)"
@@ -44,7 +47,7 @@ help:
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[ml,run,record,test]"
+	$(PY) -m pip install --quiet -e ".[ml,run,record,test,lint]"
 	$(PY) -m pip install --quiet --no-deps $$($(PY) deploy/nodeps.py)
 	touch $@
 
@@ -64,7 +67,19 @@ analyze: install
 	$(PY) -m services.analyze "$(VIDEO)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# Unit tests only: everything but whole pipelines and real service processes (marker `slow`).
+test-quick: install
+	$(PY) -m pytest -q -m "not slow and not compose and not swarm and not checkov" --durations=5
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 compose-test: install
 	$(PY) -m pytest -m compose tests/compose -v
