@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.palette import PALETTE
 from tests.support import media, wait_for
 from tests.support.pipeline import Pipeline
 
@@ -22,10 +23,12 @@ return {
   faces: [...s.querySelectorAll(".face")].map((f) => ({
     who: text(f.querySelector(".who")),
     emotions: [...f.querySelectorAll(".bars .emotion")].map(text),
-    pcts: [...f.querySelectorAll(".bars .pct")].map(text)})),
+    pcts: [...f.querySelectorAll(".bars .pct")].map(text),
+    fills: [...f.querySelectorAll(".bar span")].map((b) => getComputedStyle(b).backgroundColor)})),
   meta: text(s.querySelector(".meta")),
   points: Number(s.querySelector("canvas.timeline").dataset.points || 0),
   legend: [...s.querySelectorAll(".legend li")].map(text),
+  swatches: [...s.querySelectorAll(".legend li i")].map((i) => getComputedStyle(i).backgroundColor),
 };"""
 TRACK_TEXT = re.compile(r"^#\d+ (Angry|Disgust|Fear|Happy|Sad|Surprise|Neutral) \d{1,3}%$")
 
@@ -73,6 +76,8 @@ def test_dashboard_shows_a_tracked_face_and_a_growing_timeline(tmp_path, tiny_re
         state = panel()
         assert "fps" in state["meta"] and "tracked" in state["meta"]
         assert state["legend"] == emotions
+        palette = [_css_rgb(PALETTE[emotion]) for emotion in emotions]   # the viewer's colours
+        assert state["swatches"] == palette and face["fills"] == palette
         before = state["points"]
         wait_for(lambda: panel()["points"] >= before + 3, 20, interval=0.5,
                  what="the timeline to grow")
@@ -91,6 +96,10 @@ def test_dashboard_shows_a_tracked_face_and_a_growing_timeline(tmp_path, tiny_re
         assert tracked_face()
     finally:
         pipeline.stop()
+
+
+def _css_rgb(hex_colour: str) -> str:
+    return "rgb({}, {}, {})".format(*(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)))
 
 
 def _streams(base: str) -> str:

@@ -24,7 +24,7 @@ from tests.support.viewer import bind_broker_side, start_viewer_process
 from services.common.protocol import (EMOTIONS, ENCODING_BGR, FaceResult, Header, Rejected,
                                       TrackedFace, TrackEvent, encode)
 from services.viewer.app import Viewer, ViewerSettings
-from services.viewer.draw import EMOTION_COLOURS, draw_results, track_colour
+from services.viewer.draw import draw_results, track_colour
 from services.viewer.hub import RateMeter, StreamClosed, StreamHub
 from services.viewer.join import FrameJoiner
 from services.viewer.web import render_page, start_web_server, stop_web_server
@@ -280,10 +280,6 @@ def test_invalid_joiner_settings_are_refused():
 
 
 # --- drawing -------------------------------------------------------------------------------
-
-def test_every_emotion_has_a_colour():
-    assert set(EMOTION_COLOURS) == set(EMOTIONS)
-
 
 def test_draw_results_changes_the_box_area_and_leaves_the_input_alone():
     source = source_image()

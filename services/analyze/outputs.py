@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from services.common.palette import hex_colours
 from services.common.protocol import EMOTIONS, TrackEvent
 from services.viewer.draw import draw_results
 
@@ -83,10 +84,9 @@ def write_timeline(path: Path, rows: list[FrameRow], title: str) -> None:
     tracks = sorted(series, key=lambda t: int(t) if t.isdigit() else 0)
     fig, axes = plt.subplots(max(1, len(tracks)), 1, figsize=(10, 1.8 + 1.6 * max(1, len(tracks))),
                              squeeze=False, sharex=True)
-    colours = ["#dc2828", "#3c9628", "#9646aa", "#ffd200", "#1e78c8", "#00d2dc", "#b9b9b9"]
     for ax, track in zip(axes[:, 0], tracks):
         times, scores = series[track]
-        ax.stackplot(times, np.asarray(scores).T, labels=EMOTIONS, colors=colours)
+        ax.stackplot(times, np.asarray(scores).T, labels=EMOTIONS, colors=hex_colours())
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"#{track}")
     if not tracks:

@@ -8,9 +8,8 @@ import io
 from datetime import datetime, timezone
 from pathlib import Path
 
+from services.common.palette import hex_colours
 from services.common.protocol import EMOTIONS
-
-COLOURS = ("#d62728", "#8c564b", "#9467bd", "#2ca02c", "#1f77b4", "#ff7f0e", "#7f7f7f")
 
 
 def clock(t: float | None) -> str:
@@ -28,7 +27,7 @@ def timeline_png(track: dict, points: list[tuple[float, list[float]]]) -> bytes:
         start = points[0][0]
         times = [t - start for t, _ in points]
         series = [[scores[i] for _, scores in points] for i in range(len(EMOTIONS))]
-        axes.stackplot(times, *series, labels=EMOTIONS, colors=COLOURS, step="post")
+        axes.stackplot(times, *series, labels=EMOTIONS, colors=hex_colours(), step="post")
         axes.set_xlim(0, max(times[-1], 1e-3))
     axes.set_ylim(0, 1)
     axes.set_xlabel("seconds since the track started")

@@ -8,19 +8,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from services.common.palette import bgr
 from services.common.protocol import FaceResult, TrackedFace
 
-# BGR; chosen so that neighbouring emotions are easy to tell apart on screen.
-EMOTION_COLOURS: dict[str, tuple[int, int, int]] = {
-    "Angry": (40, 40, 220),
-    "Disgust": (40, 150, 60),
-    "Fear": (170, 70, 150),
-    "Happy": (0, 210, 255),
-    "Sad": (200, 120, 30),
-    "Surprise": (220, 210, 0),
-    "Neutral": (185, 185, 185),
-}
-UNKNOWN_COLOUR = (255, 255, 255)
 # Tracked faces are drawn in a colour of their own, so that people can be told apart.
 TRACK_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
                  (213, 94, 0), (204, 121, 167), (120, 220, 120))
@@ -71,7 +61,7 @@ def _draw_face(out: np.ndarray, result: FaceResult, scale: float, thickness: int
     x0, y0 = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
     x1, y1 = min(max(x + w - 1, 0), width - 1), min(max(y + h - 1, 0), height - 1)
     label, confidence = result.label, result.confidence
-    colour = EMOTION_COLOURS.get(label, UNKNOWN_COLOUR)
+    colour = bgr(label)                              # the palette of every output
     prefix = ""
     if isinstance(result, TrackedFace) and result.track is not None:
         label, confidence = result.smoothed_label, result.smoothed_confidence

@@ -4,7 +4,8 @@ status and health.
 Standard library only. MJPEG (``multipart/x-mixed-replace``) plays in a plain ``<img>``
 in every browser without any script. Beside each stream, a dashboard panel (the faces now,
 their emotion bars, a rolling 60-second timeline) is drawn by ``static/dashboard.js`` from
-Server-Sent Events at ``/events/<stream>``; the page's Content-Security-Policy allows
+Server-Sent Events at ``/events/<stream>``, in the colours of the shared palette that the
+page carries as JSON in ``<body data-palette>``. The page's Content-Security-Policy allows
 scripts from the viewer itself only. Only the listed paths exist; everything else is a 404.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from http import HTTPStatus
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
+
+from services.common.palette import PALETTE
 
 from .hub import StreamClosed, StreamHub
 
@@ -39,7 +42,8 @@ PAGE_CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; script-src 's
 
 def render_page(streams: list[str], recorder_url: str = "") -> str:
     """The index page; stream ids are escaped for HTML and quoted for URLs. Each stream gets
-    its picture and an empty dashboard panel that dashboard.js fills from /events/<stream>."""
+    its picture and an empty dashboard panel that dashboard.js fills from /events/<stream>,
+    coloured by the palette in the body's ``data-palette``."""
     sections = []
     recorder = f' data-recorder="{html.escape(recorder_url.rstrip("/"))}"' if recorder_url else ""
     for stream in streams:
@@ -59,10 +63,12 @@ def render_page(streams: list[str], recorder_url: str = "") -> str:
     empty = '<p class="empty">No streams yet; this page reloads until one arrives.</p>'
     body = "\n".join(sections) or empty
     refresh = "" if streams else '<meta http-equiv="refresh" content="2">'
+    palette = html.escape(json.dumps(PALETTE))
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{refresh}'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             '<title>Emotion viewer</title><link rel="stylesheet" href="/static/dashboard.css">'
-            '<script src="/static/dashboard.js" defer></script></head><body>'
+            '<script src="/static/dashboard.js" defer></script></head>'
+            f'<body data-palette="{palette}">'
             "<header><h1>Emotion viewer</h1><p>Live streams, the people in them and how they "
             'feel. Reload for new streams &middot; <a href="/status.json">status</a></p></header>'
             f"<main>{body}</main></body></html>\n")

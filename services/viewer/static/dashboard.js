@@ -1,12 +1,11 @@
 // The viewer's dashboard: fills each stream's panel from the Server-Sent Events of
 // /events/<stream> (see services/viewer/web.py). Plain JavaScript, no build step, no
-// library. Every label is written as text; colours only repeat it.
+// library. Every label is written as text; colours only repeat it. The emotion colours
+// are the shared palette (services/common/palette.py), which the page carries in
+// <body data-palette>, so the dashboard draws what the viewer, reports and charts draw.
 "use strict";
 
-const COLOURS = {
-  Angry: "#dc2828", Disgust: "#3c9628", Fear: "#9646aa", Happy: "#ffd200",
-  Sad: "#1e78c8", Surprise: "#00d2dc", Neutral: "#b9b9b9",
-};
+const PALETTE = JSON.parse(document.body.dataset.palette || "{}");
 const WINDOW_S = 60;
 
 function element(tag, className, text) {
@@ -14,6 +13,10 @@ function element(tag, className, text) {
   if (className) node.className = className;
   if (text !== undefined) node.textContent = text;
   return node;
+}
+
+function colour(emotion) {
+  return PALETTE[emotion] || "#fff";
 }
 
 function percent(value) {
@@ -35,7 +38,7 @@ function faceItem(face, emotions, recorder, stream) {
     const bar = element("div", "bar");
     const fill = element("span");
     fill.style.width = percent(face.scores[i]);
-    fill.style.background = COLOURS[emotion] || "#fff";
+    fill.style.background = colour(emotion);
     bar.append(fill);
     bars.append(bar, element("span", "pct", percent(face.scores[i])));
   });
@@ -63,7 +66,7 @@ function drawTimeline(canvas, points, emotions) {
     // one band per emotion: along its top edge, then back along its bottom edge
     const above = points.map((p, k) => below[k] + p.shares[i]);
     if (points.length > 1) {
-      ctx.fillStyle = COLOURS[emotion] || "#fff";
+      ctx.fillStyle = colour(emotion);
       ctx.beginPath();
       points.forEach((p, k) => ctx.lineTo(x(p.age), plot * (1 - above[k])));
       for (let k = points.length - 1; k >= 0; k--) {
@@ -98,7 +101,7 @@ function watch(section) {
       emotions.forEach((emotion) => {
         const entry = element("li");
         const swatch = element("i");
-        swatch.style.background = COLOURS[emotion] || "#fff";
+        swatch.style.background = colour(emotion);
         entry.append(swatch, document.createTextNode(emotion));
         legend.append(entry);
       });
