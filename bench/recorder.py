@@ -25,7 +25,7 @@ from .common import RESULTS, log
 from tests.support import postgres
 from tests.support.recorder import T0, person, tracks_message   # noqa: E402
 from services.recorder import store                   # noqa: E402
-from services.recorder.__main__ import RecorderService   # noqa: E402
+from services.recorder.service import RecorderService    # noqa: E402
 from sqlalchemy import func, select                    # noqa: E402
 
 from services.common.protocol import EMOTIONS          # noqa: E402

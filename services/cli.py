@@ -2,7 +2,7 @@
 name (``emotion-stream viewer --help``), the same as ``python -m services.<name>``."""
 from __future__ import annotations
 
-import importlib
+import runpy
 import sys
 
 COMMANDS = ("analyze", "broker", "capture", "detector", "classifier", "tracker", "recorder",
@@ -15,9 +15,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: emotion-stream {{{','.join(COMMANDS)}}} [options]  "
               f"(each answers --help)", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"services.{argv[0]}.__main__")
     sys.argv = [f"emotion-stream {argv[0]}", *argv[1:]]
-    return module.main(argv[1:]) or 0
+    try:
+        runpy.run_module(f"services.{argv[0]}", run_name="__main__", alter_sys=True)
+    except SystemExit as stopped:     # the exit status a service (or argparse) chose
+        if stopped.code is None or isinstance(stopped.code, int):
+            return stopped.code or 0
+        raise
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tests.support import metric_sum
 from tests.support.recorder import T0, person, tracks_message
 from services.common.protocol import EMOTIONS, encode, Header, KIND_RESULT
 from services.recorder import store
-from services.recorder.__main__ import RecorderService, WRITE_ERRORS
+from services.recorder.service import RecorderService, WRITE_ERRORS
 from services.recorder.api import create_app
 from services.recorder.plots import write_report
 from services.recorder.recording import Recording

@@ -14,7 +14,7 @@ from tests.support import ROOT
 from services.common.protocol import (EMOTIONS, KIND_EVENT, KIND_RESULT, KIND_TRACKS, FaceResult,
                                       Header, Rejected, TrackedFace, TrackEvent, TrackSummary,
                                       decode, encode)
-from services.tracker.__main__ import TrackerService, owns
+from services.tracker.service import TrackerService, owns
 from services.tracker.smoothing import SmoothedEmotion, SmoothingSettings
 from services.tracker.tracks import ReorderWindow, Tracker, TrackerSettings
 

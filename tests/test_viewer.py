@@ -468,7 +468,7 @@ def test_viewer_forgets_idle_streams():
 
 
 def test_options_are_validated(monkeypatch):
-    from services.viewer.__main__ import parse_args
+    from services.viewer.options import parse_args
 
     for name in [n for n in os.environ if n.startswith("EMOTION_")]:
         monkeypatch.delenv(name)

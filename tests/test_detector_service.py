@@ -1,0 +1,85 @@
+"""DetectorService in process, over real inproc:// ZeroMQ sockets: a frame with a face
+becomes a faces message; bad and stale frames are counted, and the service carries on."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+from prometheus_client import REGISTRY
+
+from services.capture.frames import encode_frame
+from services.capture.sources import DemoSource
+from services.common.protocol import KIND_FACES, Rejected, decode, encode
+from services.detector.faces import DetectorSettings, load_cascade
+from services.detector.regions import FaceFinder
+from services.detector.service import DetectorService, IntakeSettings
+
+
+@pytest.fixture(scope="module")
+def portrait():
+    source = DemoSource()
+    source.open()
+    return source.read()
+
+
+@pytest.fixture(params=[True, False], ids=["newest-only", "in-order"])
+def detector(request):
+    """A running DetectorService: (frames in, faces out, rejections)."""
+    ctx = zmq.Context()
+    name = request.node.name
+    frames_in, faces_out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    frames_in.bind(f"inproc://{name}-detect")
+    faces_out.bind(f"inproc://{name}-classify")
+    send, receive = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    send.connect(f"inproc://{name}-detect")
+    receive.connect(f"inproc://{name}-classify")
+    rejected: list[Rejected] = []
+    stop = threading.Event()
+    finder = FaceFinder(load_cascade(), DetectorSettings())
+    service = DetectorService(finder, IntakeSettings(max_age_s=2.0, newest_only=request.param),
+                              frames_in, faces_out, stop, rejected.append)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    yield send, receive, rejected
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    for sock in (frames_in, faces_out, send, receive):
+        sock.close(linger=0)
+    ctx.term()
+
+
+def faces(receive: zmq.Socket, timeout_ms: int = 5000):
+    assert receive.poll(timeout_ms), "no faces message"
+    return decode(receive.recv_multipart(), expect_kind=KIND_FACES)
+
+
+def stale_drops() -> float:
+    return REGISTRY.get_sample_value("emotion_frames_dropped_total",
+                                     {"service": "detector", "reason": "stale"}) or 0.0
+
+
+def test_a_frame_with_a_face_becomes_a_faces_message(detector, portrait):
+    send, receive, _ = detector
+    send.send_multipart(encode_frame(portrait, "cam", 7, "jpeg", 90))
+    header, crops = faces(receive)
+    assert (header.stream, header.seq, header.width, header.height) == ("cam", 7, 640, 480)
+    assert len(header.boxes) >= 1 and len(crops) == len(header.boxes)
+    assert {"capture", "detect"} <= set(header.timestamps)
+
+
+def test_bad_and_stale_frames_are_dropped_and_the_service_goes_on(detector, portrait):
+    send, receive, rejected = detector
+    stale_before = stale_drops()
+    send.send_multipart([b"bad", b"not json", b"x"])
+    header, payloads = decode(encode_frame(portrait, "old", 1, "jpeg", 90))
+    header.timestamps["capture"] = time.time() - 60
+    send.send_multipart(encode(header, payloads))
+    send.send_multipart(encode_frame(portrait, "cam", 8, "jpeg", 90))
+    header, _ = faces(receive)
+    assert header.seq == 8
+    assert len(rejected) == 1 and rejected[0].reason
+    assert stale_drops() == stale_before + 1
+    assert not receive.poll(200), "a bad or stale frame was answered"
