@@ -55,7 +55,7 @@ install: $(VENV)/.installed
 
 run: install
 	@mkdir -p .run
-	@$(PY) deploy/procfile.py --python $(PY) --source "$(SOURCE)" \
+	@$(PY) -m deploy.procfile --python $(PY) --source "$(SOURCE)" \
 		--detectors $(DETECTORS) --classifiers $(CLASSIFIERS) --viewer-args "$(VIEWER_ARGS)" > .run/Procfile
 	@echo "Starting the pipeline; the viewer will be at http://127.0.0.1:8080, the recorder's API at http://127.0.0.1:8081/docs  (Ctrl-C stops everything)"
 	@exec $(VENV)/bin/honcho --no-colour -f .run/Procfile -d . start

@@ -16,7 +16,6 @@ import json
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 from . import common, peer
@@ -46,14 +45,13 @@ def run_job(clip: Path, base: int, out: Path, in_flight: int) -> dict:
 
 def configuration(name: str, clip: Path, detectors: int, classifiers: int, repeats: int,
                   registry: Path, work: Path, fer: bool) -> dict:
-    from services.analyze.__main__ import OwnPipeline
+    from services.analyze.run import OwnPipeline
 
-    args = Namespace(detectors=detectors, classifiers=classifiers, registry=str(registry))
-    pipeline = OwnPipeline(args)
+    pipeline = OwnPipeline(detectors, classifiers, str(registry))
     in_flight = 4 * max(detectors, classifiers) + 4
     try:
         run_job(clip, pipeline.base, work / f"{name}-warm", in_flight)     # loads the model
-        pids = [p.pid for p in pipeline.procs]
+        pids = pipeline.pids
         ours, theirs = [], []
         for repeat in range(repeats):
             cpu = tree_cpu_seconds(pids)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import threading
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.procfile import CAPTURE_ARGS
+from services.launch import CAPTURE_ARGS
 
 from . import common, peer
 from .common import RESULTS, log, summary
@@ -39,7 +38,7 @@ from .pipeline import ResultsCollector, _cpu_snapshot
 from tests.support.pipeline import MjpegReader, Pipeline
 from tests.support import wait_for               # noqa: E402
 
-MAKE_RUN_CAPTURE = tuple(shlex.split(CAPTURE_ARGS))
+MAKE_RUN_CAPTURE = CAPTURE_ARGS
 CONFIGS = {
     "before": {"detector": ("--full-scan-every", "1"),
                "classifier": ("--runtime", "tf-function", "--live-tta", "version"),

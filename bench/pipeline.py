@@ -18,7 +18,8 @@ import zmq
 from .common import CLK_TCK, FAST_DETECT_WIDTH, histogram_quantile, log, percentiles, proc_cpu_seconds, summary
 
 from tests.support.pipeline import Collector, Pipeline       
-from tests.support import Service, free_base_port, free_port, metric_samples, http_get, wait_for  # noqa: E402
+from tests.support import ROOT, TEST_ENV, free_base_port, free_port, metric_samples, http_get, wait_for  # noqa: E402
+from services.launch import ProcessGroup, ProcessSpec
 
 STAGES = ("capture", "broker", "detector", "classifier", "viewer")
 
@@ -306,15 +307,16 @@ def classifier_saturation(registry_dir: Path, crops: np.ndarray, log_dir: Path, 
     addr = bus.BrokerAddress("127.0.0.1", base)
     folder = log_dir / "classifier-saturation"
     folder.mkdir(parents=True, exist_ok=True)
-    metrics_port = free_port()
-    broker = Service("broker", ["--base-port", str(base), "--metrics-port", "0"], folder)
-    classifier = Service("classifier", ["--base-port", str(base), "--metrics-port", str(metrics_port),
-                                        "--registry", str(registry_dir), "--max-age-ms", "0",
-                                        "--reload-poll-s", "0"], folder)
-    scrape = lambda: metric_samples(http_get(f"http://127.0.0.1:{metrics_port}/metrics").decode())
+    group = ProcessGroup(folder, TEST_ENV, ROOT)
+    group.start(ProcessSpec("broker", ("--base-port", str(base)), metrics_port=0))
+    classifier = group.start(ProcessSpec(
+        "classifier", ("--base-port", str(base), "--registry", str(registry_dir), "--max-age-ms",
+                       "0", "--reload-poll-s", "0"), metrics_port=free_port()))
+    scrape = lambda: metric_samples(
+        http_get(f"http://127.0.0.1:{classifier.spec.metrics_port}/metrics").decode())
     out = {"max_batch": 32, "repeats": repeats, "window_s": seconds, "cases": {}}
     try:
-        wait_for(lambda: classifier.alive() and _try(scrape), 180, what="the classifier")
+        group.wait_ready(180)
         ctx = zmq.Context.instance()
         sender = bus.producer(ctx, addr, "classify")
         collector = ResultsCollector(addr, decode=False)
@@ -369,16 +371,8 @@ def classifier_saturation(registry_dir: Path, crops: np.ndarray, log_dir: Path, 
         collector.close()
         sender.close()
     finally:
-        classifier.stop()
-        broker.stop()
+        group.stop()
     return out
-
-
-def _try(fn):
-    try:
-        return fn()
-    except OSError:
-        return None
 
 
 def _pump(sock, messages: list, stop: threading.Event) -> None:

@@ -4,15 +4,16 @@
     make soak SOAK_ARGS='--duration 120'
     python -m bench.soak --source clip.mp4      # a file, read with --no-pace --loop
 
-Starts broker, classifier(s), detector(s), viewer and capture as separate processes on
-free ports (nothing else needs to be running), with a source much faster than the
-pipeline. Every few seconds it samples each process's resident memory (VmRSS) and every
-service's /metrics. It reports:
+Starts what `make run` starts (services/launch.py's plan: broker, capture, detector(s),
+classifier(s), tracker, recorder and viewer) as separate processes on free ports (nothing
+else needs to be running), with a source much faster than the pipeline. Every few seconds
+it samples each process's resident memory (VmRSS) and every service's /metrics. It reports:
 
-* end-to-end latency percentiles: capture -> result on the results channel (exact, from
-  each result's capture timestamp, measured by a subscriber in this process) and
-  capture -> composited frame at the viewer (from the emotion_e2e_latency_seconds
-  histogram buckets);
+* end-to-end latency percentiles: capture -> result on the results channel and capture ->
+  tracks on the tracks channel (exact, from each message's capture timestamp, measured by
+  subscribers in this process), capture -> composited frame at the viewer (from the
+  emotion_e2e_latency_seconds histogram buckets), and the tracker's time per message and
+  the recorder's time per committed batch (from their histograms);
 * memory of every process at start, warmed-up, middle and end, and whether it stayed
   flat (end within 10 % or 30 MB of the warmed-up value, whichever is larger);
 * work dropped by service and reason, rejected messages, throughput per stage;
@@ -29,67 +30,27 @@ import json
 import math
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import zmq
 
-import zmq  # noqa: E402
-
-from tests.support import free_base_port, free_port, http_get, metric_samples, write_tiny_model  # noqa: E402
-from services.common import bus  # noqa: E402
-from services.common.protocol import KIND_RESULT, Rejected, decode  # noqa: E402
-
-SERVICES = ("broker", "classifier", "detector", "viewer", "capture")
+from services import launch
+from services.common import bus
+from services.common.ports import free_base_port, free_port, metrics_span
+from services.common.protocol import KIND_RESULT, KIND_TRACKS, Rejected, decode
+from tests.support import ROOT, TEST_ENV, metric_samples, write_tiny_model
 
 
-# --- processes and ports -------------------------------------------------------------------
+# --- metrics -------------------------------------------------------------------------------
 
-class Process:
-    def __init__(self, name: str, args: list[str], log_dir: Path):
-        self.name = name
-        self.metrics_port = free_port()
-        self.log_path = log_dir / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        module = name.split("#")[0]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{module}", "--metrics-port", str(self.metrics_port),
-             *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-                 "CUDA_VISIBLE_DEVICES": ""})
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def rss_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
-
-    def metrics(self) -> dict[str, float] | None:
-        try:
-            return metric_samples(http_get(f"http://127.0.0.1:{self.metrics_port}/metrics", 5).decode())
-        except OSError:
-            return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def scraped(process: launch.Process) -> dict[str, float] | None:
+    """A process's /metrics as samples, or None while it does not answer."""
+    text = process.metrics(timeout=5.0)
+    return None if text is None else metric_samples(text)
 
 
 def labels_of(key: str) -> dict[str, str]:
@@ -169,13 +130,15 @@ def tiny_model_registry(folder: Path) -> Path:
 
 # --- the results subscriber ----------------------------------------------------------------
 
-class ResultTap(threading.Thread):
-    """Subscribes to the results channel; keeps (arrival wall time, latency, faces)."""
+class Tap(threading.Thread):
+    """Subscribes to a fan-out channel; keeps (arrival wall time, latency, faces) of each
+    message of one kind (results on "results", tracks on "tracks")."""
 
-    def __init__(self, addr: bus.BrokerAddress):
+    def __init__(self, addr: bus.BrokerAddress, channel: str = "results", kind: str = KIND_RESULT):
         super().__init__(daemon=True)
         self.ctx = zmq.Context()
-        self.sock = bus.consumer(self.ctx, addr, "results", hwm=100000)
+        self.sock = bus.consumer(self.ctx, addr, channel, hwm=100000)
+        self.kind = kind
         self.records: list[tuple[float, float, int]] = []
         self.garbage = 0
         self.halt = threading.Event()
@@ -186,10 +149,12 @@ class ResultTap(threading.Thread):
                 parts = self.sock.recv_multipart()
                 now = time.time()
                 try:
-                    header, _ = decode(parts, KIND_RESULT)
+                    header, _ = decode(parts)
                 except Rejected:
                     self.garbage += 1
                     continue
+                if header.kind != self.kind:
+                    continue          # the tracks channel's events
                 captured = header.timestamps.get("capture")
                 if captured is not None:
                     self.records.append((now, now - captured, len(header.results)))
@@ -239,35 +204,33 @@ def main(argv=None) -> int:
 
     base = free_base_port()
     addr = bus.BrokerAddress("127.0.0.1", base)
-    common = ["--base-port", str(base), "--log-level", "WARNING"]
-    age = ["--max-age-ms", str(args.max_age_ms)]
-    procs: list[Process] = [Process("broker", common, work)]
-    for i in range(args.classifiers):
-        procs.append(Process(f"classifier#{i}", [*common, *age, "--registry", str(registry)], work))
-    for i in range(args.detectors):
-        procs.append(Process(f"detector#{i}", [*common, *age], work))
-    procs.append(Process("viewer", [*common, "--http-port", str(free_port())], work))
-    tap = ResultTap(addr)
-    tap.start()
+    age = ("--max-age-ms", str(args.max_age_ms))
+    if args.source == "demo":
+        source = ("--source", "demo", "--fps", str(args.fps))
+        source_note = f"demo at {args.fps:g} fps"
+    else:
+        source = ("--source", args.source, "--no-pace", "--loop")
+        source_note = f"{args.source}, --no-pace --loop"
+    plan = launch.plan(
+        launch.RUN_SET, detectors=args.detectors, classifiers=args.classifiers,
+        metrics_base=free_base_port(metrics_span(max(args.detectors, args.classifiers))),
+        common=("--base-port", str(base), "--log-level", "WARNING"),
+        args={"capture": (*source, "--max-width", str(args.max_width)),
+              "detector": age, "classifier": (*age, "--registry", str(registry)),
+              "recorder": ("--database", str(work / "recorder.db"), "--api-port", str(free_port())),
+              "viewer": ("--http-port", str(free_port()))})
+    group = launch.ProcessGroup(work, TEST_ENV, ROOT)
+    taps = {"results": Tap(addr, "results", KIND_RESULT), "tracks": Tap(addr, "tracks", KIND_TRACKS)}
+    for tap in taps.values():
+        tap.start()
     try:
-        deadline = time.monotonic() + 180
-        while not all(p.metrics() for p in procs):
-            dead = [p.name for p in procs if not p.alive()]
-            if dead or time.monotonic() > deadline:
-                raise SystemExit(f"{dead or 'services'} did not start; logs in {work}")
-            time.sleep(0.5)
-        if args.source == "demo":
-            source = ["--source", "demo", "--fps", str(args.fps)]
-            source_note = f"demo at {args.fps:g} fps"
-        else:
-            source = ["--source", args.source, "--no-pace", "--loop"]
-            source_note = f"{args.source}, --no-pace --loop"
-        procs.append(Process("capture", [*common, *source, "--max-width", str(args.max_width)],
-                             work))
-        while not procs[-1].metrics():
-            if not procs[-1].alive():
-                raise SystemExit(f"capture did not start; see {procs[-1].log_path}")
-            time.sleep(0.2)
+        try:      # every stage ready before the source starts
+            group.start_all([p for p in plan if p.service != "capture"])
+            group.wait_ready(180)
+            group.wait_ready(180, group.start_all([p for p in plan if p.service == "capture"]))
+        except (RuntimeError, TimeoutError) as error:
+            raise SystemExit(f"{error}\nlogs in {work}")
+        procs = group.processes
         print(f"running {args.duration:.0f} s: {source_note}, max age {args.max_age_ms:g} ms",
               flush=True)
         load_start = os.getloadavg()
@@ -278,22 +241,22 @@ def main(argv=None) -> int:
             sample = {"t": round(t, 1), "rss_mb": {}, "metrics": {}}
             for p in procs:
                 sample["rss_mb"][p.name] = p.rss_mb()
-                sample["metrics"][p.name] = p.metrics() or {}
+                sample["metrics"][p.name] = scraped(p) or {}
             sample["alive"] = {p.name: p.alive() for p in procs}
             samples.append(sample)
-            results = len(tap.records)
-            print(f"t={t:6.1f}s results={results:6d} rss=" + " ".join(
+            results, tracks = len(taps["results"].records), len(taps["tracks"].records)
+            print(f"t={t:6.1f}s results={results:6d} tracks={tracks:6d} rss=" + " ".join(
                 f"{n}:{v:.0f}" for n, v in sample["rss_mb"].items() if v), flush=True)
             if t >= args.duration:
                 break
             time.sleep(max(0.0, min(args.sample_every, args.duration - t)))
         load_end = os.getloadavg()
-        report = summarise(args, samples, tap, started_wall, model_note, source_note,
+        report = summarise(args, samples, taps, started_wall, model_note, source_note,
                            load_start, load_end)
     finally:
-        tap.close()
-        for p in reversed(procs):
-            p.stop()
+        for tap in taps.values():
+            tap.close()
+        group.stop(timeout=10)
     report["logs"] = str(work)
     (out_dir / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "soak.md").write_text(markdown(report))
@@ -302,7 +265,7 @@ def main(argv=None) -> int:
     return 0 if report["verdict"]["ok"] else 1
 
 
-def summarise(args, samples, tap, started_wall, model_note, source_note, load_start, load_end):
+def summarise(args, samples, taps, started_wall, model_note, source_note, load_start, load_end):
     first, last = samples[0], samples[-1]
     names = list(last["rss_mb"])
     warm_t = min(60.0, args.duration / 3)
@@ -341,26 +304,39 @@ def summarise(args, samples, tap, started_wall, model_note, source_note, load_st
                                    - total(first, "classifier", "emotion_classifier_faces_total")) / span,
         "viewer_shown_fps": (total(last, "viewer", "emotion_viewer_frames_total")
                              - total(first, "viewer", "emotion_viewer_frames_total")) / span,
+        "tracker_results_per_s": (total(last, "tracker", "emotion_tracker_results_total")
+                                  - total(first, "tracker", "emotion_tracker_results_total")) / span,
+        "recorder_messages_per_s": (total(last, "recorder", "emotion_recorder_messages_total")
+                                    - total(first, "recorder", "emotion_recorder_messages_total"))
+                                   / span,
     }
-    records = [r for r in tap.records if r[0] >= started_wall]
-    latencies = [r[1] for r in records]
-    result_latency = {f"p{int(q * 100)}_ms": round(percentile(latencies, q) * 1000, 1)
-                      if latencies else None for q in (0.5, 0.95, 0.99)}
-    result_latency.update(count=len(latencies),
-                          max_ms=round(max(latencies) * 1000, 1) if latencies else None,
-                          with_faces=sum(1 for r in records if r[2]))
-    viewer_hist = histogram(last["metrics"].get("viewer", {}), "emotion_e2e_latency_seconds")
-    viewer_latency = {f"p{int(q * 100)}_ms": (round(v * 1000, 1) if v is not None else None)
-                      for q in (0.5, 0.95, 0.99)
-                      for v in [histogram_quantile(q, viewer_hist)]}
-    viewer_latency["count"] = max((c for _, c in viewer_hist), default=0)
+
+    def exact(tap):
+        records = [r for r in tap.records if r[0] >= started_wall]
+        latencies = [r[1] for r in records]
+        out = {f"p{int(q * 100)}_ms": round(percentile(latencies, q) * 1000, 1)
+               if latencies else None for q in (0.5, 0.95, 0.99)}
+        out.update(count=len(latencies),
+                   max_ms=round(max(latencies) * 1000, 1) if latencies else None,
+                   with_faces=sum(1 for r in records if r[2]))
+        return out
+
+    def from_histogram(service, name):
+        buckets = histogram(last["metrics"].get(service, {}), name)
+        out = {f"p{int(q * 100)}_ms": (round(v * 1000, 1) if v is not None else None)
+               for q in (0.5, 0.95, 0.99) for v in [histogram_quantile(q, buckets)]}
+        out["count"] = max((c for _, c in buckets), default=0)
+        return out
+
+    result_latency, tracks_latency = exact(taps["results"]), exact(taps["tracks"])
+    viewer_latency = from_histogram("viewer", "emotion_e2e_latency_seconds")
     limit_ms = 2 * args.max_age_ms
     p99 = result_latency["p99_ms"]
     verdict = {
         "all_alive": all(last["alive"].values()),
         "memory_flat": all(m["flat"] for m in memory.values()),
         "results_p99_within_2x_max_age": p99 is not None and p99 <= limit_ms,
-        "results_flowing": len(latencies) > 0,
+        "results_flowing": result_latency["count"] > 0,
     }
     verdict["ok"] = all(verdict.values())
     return {
@@ -372,7 +348,11 @@ def summarise(args, samples, tap, started_wall, model_note, source_note, load_st
                     "load_average_start": [round(v, 2) for v in load_start],
                     "load_average_end": [round(v, 2) for v in load_end]},
         "latency_capture_to_result": result_latency,
+        "latency_capture_to_tracks": tracks_latency,
         "latency_capture_to_viewer_histogram": viewer_latency,
+        "tracker_seconds_per_message_histogram": from_histogram("tracker", "emotion_tracker_seconds"),
+        "recorder_seconds_per_batch_histogram": from_histogram("recorder",
+                                                               "emotion_recorder_batch_seconds"),
         "p99_limit_ms": limit_ms,
         "memory_mb": memory, "throughput": {k: round(v, 1) for k, v in throughput.items()},
         "dropped": {k: int(v) for k, v in sorted(drops.items())},
@@ -396,8 +376,17 @@ def markdown(r: dict) -> str:
     a, b = r["latency_capture_to_result"], r["latency_capture_to_viewer_histogram"]
     lines.append(f"| capture → result (results channel, exact) | {a['p50_ms']} ms | {a['p95_ms']} ms "
                  f"| {a['p99_ms']} ms | {a['count']} ({a['with_faces']} with faces) |")
+    t = r["latency_capture_to_tracks"]
+    lines.append(f"| capture → tracks (tracks channel, exact) | {t['p50_ms']} ms | {t['p95_ms']} ms "
+                 f"| {t['p99_ms']} ms | {t['count']} ({t['with_faces']} with faces) |")
     lines.append(f"| capture → shown (viewer histogram) | {b['p50_ms']} ms | {b['p95_ms']} ms "
                  f"| {b['p99_ms']} ms | {int(b['count'])} |")
+    for label, key in (("tracker, per message (histogram)", "tracker_seconds_per_message_histogram"),
+                       ("recorder, per committed batch (histogram)",
+                        "recorder_seconds_per_batch_histogram")):
+        h = r[key]
+        lines.append(f"| {label} | {h['p50_ms']} ms | {h['p95_ms']} ms | {h['p99_ms']} ms "
+                     f"| {int(h['count'])} |")
     lines += ["", f"p99 limit (2 × max age): {r['p99_limit_ms']:g} ms — "
               f"{'within' if r['verdict']['results_p99_within_2x_max_age'] else 'EXCEEDED'}.", "",
               "## Throughput", "", "| stage | per second |", "|---|---|"]

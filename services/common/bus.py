@@ -21,10 +21,10 @@ import zmq
 
 from . import keys
 from .config import config_error
+from .ports import CHANNELS
 from .protocol import (MAX_CROP_SIZE, MAX_FRAME_PIXELS, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES,
                        MAX_STREAM_ID)
 
-CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6, "tracks": 8}
 FANOUT = ("frames", "results", "tracks")
 SMALL_MESSAGES = ("results", "tracks")   # fan-out channels of small messages, no images
 

@@ -1,8 +1,42 @@
-"""Free local TCP ports, for a pipeline started on one machine (analyze's own pipeline,
-the tests and the benchmarks)."""
+"""The port layout of a pipeline, in one place, and free local TCP ports for a pipeline
+started on one machine (analyze's own pipeline, the tests and the benchmarks).
+
+The broker binds ``BROKER_PORTS`` consecutive ports from its base port (default 5555): a
+pair per channel, producers on ``base + CHANNELS[channel]``, consumers on the next one.
+Each service serves /metrics on its own port: 9100 + its offset for the first replica,
+``REPLICA_PORT_STEP`` more for each further one (detectors 9102, 9112, 9122, ...).
+"""
 from __future__ import annotations
 
 import socket
+
+BROKER_BASE_PORT = 5555
+CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6, "tracks": 8}
+BROKER_PORTS = max(CHANNELS.values()) + 2
+
+METRICS_BASE_PORT = 9100
+METRICS_OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4,
+                   "tracker": 5, "recorder": 6}
+REPLICA_PORT_STEP = 10
+
+VIEWER_HTTP_PORT = 8080
+RECORDER_API_PORT = 8081
+
+
+def metrics_port(service: str, replica: int = 0, base: int = METRICS_BASE_PORT) -> int:
+    """The metrics port of a service's replica (0 = the first) in the layout from ``base``."""
+    return base + METRICS_OFFSETS[service] + REPLICA_PORT_STEP * replica
+
+
+def metrics_ports(base: int = METRICS_BASE_PORT) -> dict[str, int]:
+    """The metrics port of each service's first replica."""
+    return {service: metrics_port(service, 0, base) for service in METRICS_OFFSETS}
+
+
+def metrics_span(replicas: int) -> int:
+    """How many consecutive ports the metrics of a layout with up to ``replicas`` of a
+    service take from its base."""
+    return REPLICA_PORT_STEP * max(1, replicas)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -21,7 +55,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_base_port(count: int = 10) -> int:
+def free_base_port(count: int = BROKER_PORTS) -> int:
     """The first of ``count`` consecutive free ports (asked of the kernel, then checked)."""
     for _ in range(200):
         base = free_port()

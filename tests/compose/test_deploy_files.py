@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 
+from services.common.ports import metrics_ports
 from tests.support import ROOT
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "emotion-stream.json"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
-DEFAULT_METRICS_PORTS = {"broker": 9100, "capture": 9101, "detector": 9102, "classifier": 9103,
-                         "viewer": 9104, "tracker": 9105, "recorder": 9106}
+DEFAULT_METRICS_PORTS = metrics_ports()
 
 
 def defined_metrics() -> set[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from services.common.ports import metrics_ports
 from tests.support import ROOT
 
 CHART = ROOT / "deploy" / "helm" / "emotion-stream"
@@ -40,8 +41,7 @@ KUBE_VERSIONS = ("1.25.0", "1.33.0")
 NAMESPACE = "vision"
 RELEASE = "es"
 COMPONENTS = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer")
-METRICS_PORTS = {"broker": 9100, "capture": 9101, "detector": 9102, "classifier": 9103,
-                 "viewer": 9104, "tracker": 9105, "recorder": 9106}
+METRICS_PORTS = metrics_ports()
 CRD_KINDS = {"ScaledObject": "keda.sh/v1alpha1", "ServiceMonitor": "monitoring.coreos.com/v1"}
 
 

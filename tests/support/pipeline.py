@@ -14,16 +14,19 @@ import zmq
 
 import msgpack
 
+from services import launch
 from services.common import bus
-from services.common.ports import free_base_port, free_port
+from services.common.ports import free_base_port, free_port, metrics_port, metrics_span
 from services.common.protocol import KIND_EVENT, KIND_TRACKS, Rejected, decode
+from services.launch import Process, ProcessGroup, ProcessSpec
 
 from .paths import ROOT
-from .processes import Service, http_get, metric_samples, metric_sum, wait_for
+from .processes import TEST_ENV, http_get, metric_samples, metric_sum, wait_for
 
 
 class Pipeline:
-    """Broker, classifiers, detectors and viewer started first; capture once all are ready."""
+    """Broker, classifiers, detectors and viewer started first; capture once all are ready.
+    Each process serves metrics on a free port of its own (``ports[name]``)."""
 
     def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
                  viewer_args: tuple = (), classifier_args: tuple = (), detector_args: tuple = ()):
@@ -32,38 +35,35 @@ class Pipeline:
         self.log_dir = log_dir
         self.http_port = free_port()
         self.ports: dict[str, int] = {}
-        self.services: list[Service] = []
-        self.start("broker")
-        for i in range(classifiers):
-            self.start(f"classifier#{i}", "--registry", str(registry), *classifier_args)
-        for i in range(detectors):
-            self.start(f"detector#{i}", *detector_args)
-        self.start("viewer", "--http-port", str(self.http_port), *viewer_args)
-        for name in self.ports:
-            wait_for(lambda: self.scrape(name), 120, what=f"{name} to serve metrics")
+        self.group = ProcessGroup(log_dir, TEST_ENV, ROOT)
+        self.services: list[Process] = self.group.processes
+        first = launch.plan(("broker", "classifier", "detector", "viewer"), detectors=detectors,
+                            classifiers=classifiers,
+                            args={"classifier": ("--registry", str(registry), *classifier_args),
+                                  "detector": detector_args,
+                                  "viewer": ("--http-port", str(self.http_port), *viewer_args)})
+        for spec in first:
+            self.start(spec.name, *spec.args)
+        self.group.wait_ready(120)
 
-    def start(self, name: str, *args: str) -> Service:
+    def start(self, name: str, *args: str) -> Process:
         self.ports[name] = free_port()
-        service = Service(name, ["--base-port", str(self.base), "--metrics-port",
-                                 str(self.ports[name]), *args], self.log_dir)
-        self.services.append(service)
-        return service
+        return self.group.start(ProcessSpec(name.split("#")[0], ("--base-port", str(self.base), *args),
+                                            self.ports[name], name=name))
 
     def scrape(self, name: str) -> dict[str, float] | None:
-        service = next(s for s in self.services if s.name == name)
+        service = self.group[name]
         if not service.alive():
             raise AssertionError(f"{name} exited:\n{service.output()[-3000:]}")
-        try:
-            return metric_samples(http_get(f"http://127.0.0.1:{self.ports[name]}/metrics").decode())
-        except OSError:
-            return None
+        text = service.metrics()
+        return None if text is None else metric_samples(text)
 
     def total(self, prefix: str, metric: str, **labels) -> float:
         return sum(metric_sum(self.scrape(name), metric, **labels)
                    for name in self.ports if name.split("#")[0] == prefix)
 
     def stop(self) -> dict[str, float]:
-        return {s.name: s.stop() for s in reversed(self.services)}
+        return self.group.stop()
 
 
 class Collector(threading.Thread):
@@ -159,19 +159,17 @@ def cmdline(pid: int) -> str:
 class Runner:
     """What `make run` starts: honcho with the generated Procfile, on free ports."""
 
-    OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4, "tracker": 5,
-               "recorder": 6}
-
     def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
                  source: str = "demo"):
-        self.metrics_base, self.http_port, self.base = free_base_port(30), free_port(), free_base_port()
+        self.metrics_base = free_base_port(metrics_span(max(detectors, classifiers)))
+        self.http_port, self.base = free_port(), free_base_port()
         self.addr = bus.BrokerAddress("127.0.0.1", self.base)
         self.log_path = log_dir / "honcho.log"
         procfile = log_dir / "Procfile"
         procfile.write_text(subprocess.check_output(
-            [sys.executable, str(ROOT / "deploy" / "procfile.py"), "--python", sys.executable,
+            [sys.executable, "-m", "deploy.procfile", "--python", sys.executable,
              "--source", source, "--detectors", str(detectors), "--classifiers", str(classifiers),
-             "--metrics-base", str(self.metrics_base)], text=True))
+             "--metrics-base", str(self.metrics_base)], cwd=ROOT, text=True))
         env = {**os.environ, "EMOTION_BASE_PORT": str(self.base),
                "EMOTION_HTTP_PORT": str(self.http_port), "EMOTION_REGISTRY": str(registry),
                "EMOTION_API_PORT": str(free_port()), "EMOTION_DATABASE": str(log_dir / "recorder.db"),
@@ -183,7 +181,7 @@ class Runner:
             stderr=subprocess.STDOUT, start_new_session=True)
 
     def port(self, service: str, replica: int = 0) -> int:
-        return self.metrics_base + self.OFFSETS[service] + 10 * replica
+        return metrics_port(service, replica, self.metrics_base)
 
     def scrape(self, service: str, replica: int = 0) -> dict[str, float] | None:
         assert self.proc.poll() is None, self.log_path.read_text()[-3000:]

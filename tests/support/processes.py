@@ -1,50 +1,23 @@
 """Real service processes, HTTP scrapes and waiting on conditions."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from services.launch import Process, ProcessSpec
+
 from .paths import ROOT
 
+TEST_ENV = {"CUDA_VISIBLE_DEVICES": ""}   # the tests' processes run on the CPU
 
-class Service:
-    """A service started as a real subprocess: ``python -m services.<name> ...``."""
+class Service(Process):
+    """A service started as a real subprocess: ``python -m services.<name> ...`` from the
+    repository, its output in ``<log_dir>/<name>.log``, GPUs hidden."""
 
     def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name.split('#')[0]}", *args], cwd=ROOT,
-            stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-                 "CUDA_VISIBLE_DEVICES": "", **(env or {})})
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return self.log_path.read_text()
-
-    def stop(self, timeout: float = 5.0) -> float:
-        """SIGTERM, wait; returns how long the process took to exit (kills it if it hangs)."""
-        started = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return time.monotonic() - started
+        super().__init__(ProcessSpec(name.split("#")[0], tuple(args), name=name), log_dir,
+                         {**TEST_ENV, **(env or {})}, cwd=ROOT)
 
 
 def http_get(url: str, timeout: float = 2.0) -> bytes:

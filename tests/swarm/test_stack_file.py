@@ -11,11 +11,11 @@ import subprocess
 import pytest
 import yaml
 
+from services.common.ports import metrics_ports
 from tests.support import ROOT
 
 SWARM = ROOT / "deploy" / "swarm"
-METRICS_PORTS = {"broker": 9100, "capture": 9101, "detector": 9102, "classifier": 9103,
-                 "viewer": 9104, "tracker": 9105, "recorder": 9106}
+METRICS_PORTS = metrics_ports()
 PINNED = ("broker", "recorder", "viewer", "prometheus")
 # the stack's variables a user may have exported
 VARIABLES = ("CURVE_KEYS", "BROKER_NODE", "IMAGE_BASE", "IMAGE_ML", "IMAGE_PROMETHEUS", "DETECTORS",
