@@ -300,7 +300,7 @@ def classifier_saturation(registry_dir: Path, crops: np.ndarray, log_dir: Path, 
     runner has them all, so the CPU ratio isolates the classifier's own overhead.
     """
     from services.common import bus
-    from services.common.protocol import KIND_FACES, Header, encode
+    from services.common.protocol import Faces, encode
 
     repeats, warmup, seconds = (1, 1.0, 3.0) if quick else (3, 2.0, 8.0)
     base = free_base_port()
@@ -328,8 +328,8 @@ def classifier_saturation(registry_dir: Path, crops: np.ndarray, log_dir: Path, 
             for i in range(256):
                 pick = [(i * faces_per_message + k) % len(crops) for k in range(faces_per_message)]
                 boxes = [(10 + 100 * k, 10, 90, 90) for k in range(faces_per_message)]
-                header = Header(kind=KIND_FACES, stream="sat", seq=i, width=640, height=480,
-                                timestamps={"capture": time.time()}, boxes=boxes, crop_size=size)
+                header = Faces(stream="sat", seq=i, width=640, height=480,
+                               timestamps={"capture": time.time()}, boxes=boxes, crop_size=size)
                 messages.append(encode(header, [crops[j].tobytes() for j in pick]))
             case = {"faces_per_message": faces_per_message, "faces_per_s": [], "mean_batch": [],
                     "raw_faces_per_s": [], "ratio": []}

@@ -36,7 +36,7 @@ LAG_LIMIT_S = 0.5
 
 def label_frames(frames: list[np.ndarray], fps: float, runner, stream: str = "clip") -> list:
     """Every frame through the detector's and classifier's functions: result headers."""
-    from services.common.protocol import EMOTIONS, KIND_RESULT, FaceResult, Header
+    from services.common.protocol import EMOTIONS, FaceResult, Result
     from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 
     cascade, settings = load_cascade(), DetectorSettings()
@@ -51,7 +51,7 @@ def label_frames(frames: list[np.ndarray], fps: float, runner, stream: str = "cl
                 results.append(FaceResult(tuple(box), EMOTIONS[best], float(scores[best]),
                                           [float(s) for s in scores]))
         height, width = frame.shape[:2]
-        headers.append(Header(KIND_RESULT, stream, seq, width, height,
+        headers.append(Result(stream, seq, width, height,
                               {"capture": 1_700_000_000.0 + seq / fps},
                               boxes=[r.box for r in results], results=results, model="bench"))
     return headers
@@ -226,7 +226,7 @@ def identity_metrics(tracks: list, regions: list, cut: int) -> dict:
 
 def throughput(settings, seconds: float, faces_per_frame: int = 4, streams: int = 8) -> dict:
     """Faces per second through one Tracker: moving faces on several streams, messages built."""
-    from services.common.protocol import EMOTIONS, KIND_RESULT, FaceResult, Header, encode
+    from services.common.protocol import EMOTIONS, FaceResult, Result, encode
     from services.tracker.tracks import Tracker
 
     rng = np.random.default_rng(0)
@@ -243,7 +243,7 @@ def throughput(settings, seconds: float, faces_per_frame: int = 4, streams: int 
                 scores = rng.dirichlet(np.ones(7)).tolist()
                 best = int(np.argmax(scores))
                 results.append(FaceResult((x, 100, 80, 80), EMOTIONS[best], scores[best], scores))
-            header = Header(KIND_RESULT, f"cam-{s}", seq, 1280, 720, {"capture": seq / 30},
+            header = Result(f"cam-{s}", seq, 1280, 720, {"capture": seq / 30},
                             boxes=[r.box for r in results], results=results, model="bench")
             tracker.add(header, seq / 30)
             faces += faces_per_frame

@@ -36,8 +36,7 @@ def make_message(case: str, image: np.ndarray, seq: int) -> tuple[list, float]:
     """The wire message a case sends; returns (parts, CPU seconds spent on JPEG encoding)."""
     import cv2
 
-    from services.common.protocol import (KIND_FACES, KIND_FRAME, KIND_RESULT, FaceResult,
-                                          Header, encode)
+    from services.common.protocol import FaceResult, Faces, Frame, Result, encode
 
     ts = {"capture": time.time()}
     if case.startswith("frame"):
@@ -49,16 +48,16 @@ def make_message(case: str, image: np.ndarray, seq: int) -> tuple[list, float]:
             jpeg_cpu = time.thread_time() - t
         else:
             payload = image
-        header = Header(kind=KIND_FRAME, stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
-                        timestamps=ts, encoding=encoding)
+        header = Frame(stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
+                       timestamps=ts, encoding=encoding)
         return encode(header, [payload]), jpeg_cpu
     box = (250, 100, 140, 140)
     if case == "faces":
-        header = Header(kind=KIND_FACES, stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
-                        timestamps=ts, boxes=[box], crop_size=CROP)
+        header = Faces(stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
+                       timestamps=ts, boxes=[box], crop_size=CROP)
         return encode(header, [image[:CROP, :CROP].copy()]), 0.0
     scores = [0.1, 0.0, 0.1, 0.6, 0.1, 0.05, 0.05]
-    header = Header(kind=KIND_RESULT, stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
+    header = Result(stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
                     timestamps=ts, boxes=[box], model="v1",
                     results=[FaceResult(box, "Happy", 0.6, scores)])
     return encode(header), 0.0

@@ -16,13 +16,13 @@ from tests.support.pipeline import Pipeline
 from services.analyze.job import Collector
 from services.common.flow import Ledger
 from services.analyze.outputs import CSV_COLUMNS, track_summaries, write_csv
-from services.common.protocol import EMOTIONS, KIND_RESULT, FaceResult, Header
+from services.common.protocol import EMOTIONS, FaceResult, Result
 
 
 def result(seq, boxes=((100, 100, 80, 80),)):
     scores = [0.1] * 6 + [0.4]
     faces = [FaceResult(tuple(b), "Neutral", 0.4, scores) for b in boxes]
-    return Header(KIND_RESULT, "job:x", seq, 640, 360, {"capture": 1e9 + seq},
+    return Result("job:x", seq, 640, 360, {"capture": 1e9 + seq},
                   boxes=[f.box for f in faces], results=faces, model="m")
 
 

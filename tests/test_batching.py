@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.classifier.batching import Batcher, BatchPolicy, PendingFaces
-from services.common.protocol import EMOTIONS, KIND_FACES, KIND_RESULT, Header, decode
+from services.common.protocol import EMOTIONS, KIND_RESULT, Faces, decode
 
 from tests.support import write_tiny_model
 
@@ -16,8 +16,8 @@ CROP = 24
 
 def pending(n: int, arrived: float, seq: int = 0, stream: str = "cam") -> PendingFaces:
     boxes = [(10 * i, 0, 10, 10) for i in range(n)]
-    header = Header(kind=KIND_FACES, stream=stream, seq=seq, width=640, height=480,
-                    timestamps={"capture": 1000.0 + seq}, boxes=boxes, crop_size=CROP)
+    header = Faces(stream=stream, seq=seq, width=640, height=480,
+                   timestamps={"capture": 1000.0 + seq}, boxes=boxes, crop_size=CROP)
     crops = np.full((n, CROP, CROP, 3), seq % 256, np.uint8)
     return PendingFaces(header, crops, arrived)
 
@@ -405,9 +405,9 @@ def test_live_streams_alternate_as_is_and_mirrored_and_jobs_keep_the_versions_tt
              for stream in ("cam", "job:clip")}
 
     def scores(live_tta, seq=1):
-        batch = [PendingFaces(Header(kind="faces", stream=stream, seq=seq, width=64, height=64,
-                                     timestamps={"capture": time.time()},
-                                     boxes=[(0, 0, 8, 8), (8, 8, 8, 8)], crop_size=48),
+        batch = [PendingFaces(Faces(stream=stream, seq=seq, width=64, height=64,
+                                    timestamps={"capture": time.time()},
+                                    boxes=[(0, 0, 8, 8), (8, 8, 8, 8)], crop_size=48),
                               crops[stream], 0.0) for stream in crops]
         messages = run_batch(batch, runner, "tiny-flip", now=0.0, live_tta=live_tta)
         return {decode(m)[0].stream: np.array([r.scores for r in decode(m)[0].results])
@@ -432,8 +432,8 @@ def test_live_streams_alternate_as_is_and_mirrored_and_jobs_keep_the_versions_tt
     check(scores(LiveTta("version", "flip")), flip["cam"])
     check(scores(None), flip["cam"])
     # a version without TTA is run as is, whatever --live-tta says
-    assert LiveTta("alternate", "none")(Header(kind="faces", stream="cam", seq=1, width=8,
-                                               height=8)) is None
+    assert LiveTta("alternate", "none")(Faces(stream="cam", seq=1, width=8,
+                                              height=8)) is None
 
 
 def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, tmp_path):

@@ -12,7 +12,7 @@ import zmq
 
 from services.capture.service import CaptureService, CaptureSettings
 from services.capture.sources import DemoSource, ImageSource
-from services.common.protocol import KIND_FRAME, KIND_RESULT, Header, decode, encode
+from services.common.protocol import KIND_FRAME, Message, Result, decode, encode
 
 
 class Harness:
@@ -54,8 +54,7 @@ class Harness:
             sub.recv_multipart()
 
     def answer(self, stream: str, seq: int) -> None:
-        self.results.send_multipart(encode(Header(KIND_RESULT, stream, seq, 64, 48,
-                                                  {"capture": time.time()})))
+        self.results.send_multipart(encode(Result(stream, seq, 64, 48, {"capture": time.time()})))
 
     def close(self) -> None:
         for sock in (self.frames, self.detect, self.results, self.frames_out, self.detect_out,
@@ -72,7 +71,7 @@ def harness(request):
     ctx.term()
 
 
-def received(sock: zmq.Socket, count: int, timeout: float = 5.0) -> list[Header]:
+def received(sock: zmq.Socket, count: int, timeout: float = 5.0) -> list[Message]:
     headers = []
     deadline = time.monotonic() + timeout
     while len(headers) < count and time.monotonic() < deadline:

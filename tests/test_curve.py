@@ -20,22 +20,22 @@ import zmq
 from tests.support import ROOT, Service, free_base_port, free_port, http_get, wait_for
 from services.common import bus, keys
 from services.common.config import CONFIG_ERROR
-from services.common.protocol import KIND_FACES, KIND_RESULT, Header, decode, encode
+from services.common.protocol import KIND_FACES, Faces, Message, Result, decode, encode
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 
 
 def result_message(stream: str, seq: int) -> list:
-    return encode(Header(kind=KIND_RESULT, stream=stream, seq=seq, width=64, height=48,
+    return encode(Result(stream=stream, seq=seq, width=64, height=48,
                          timestamps={"capture": time.time()}, model="m"))
 
 
 def faces_message(stream: str, seq: int) -> list:
-    return encode(Header(kind=KIND_FACES, stream=stream, seq=seq, width=64, height=48,
-                         timestamps={"capture": time.time()}, crop_size=8))
+    return encode(Faces(stream=stream, seq=seq, width=64, height=48,
+                        timestamps={"capture": time.time()}, crop_size=8))
 
 
-def receive_all(sock: zmq.Socket, seconds: float) -> list[Header]:
+def receive_all(sock: zmq.Socket, seconds: float) -> list[Message]:
     got, deadline = [], time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         if sock.poll(int(left * 1000) + 1):

@@ -19,9 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from services.common.protocol import (EMOTIONS, ENCODING_BGR, ENCODING_JPEG, KIND_FRAME,
-                                      KIND_RESULT, FaceResult, Header, Rejected, decode_image,
-                                      encode, jpeg_size)
+from services.common.protocol import (EMOTIONS, ENCODING_BGR, ENCODING_JPEG, FaceResult, Frame,
+                                      Rejected, Result, decode_image, encode, jpeg_size)
 from services.viewer.app import Viewer, ViewerSettings
 from services.viewer.hub import StreamHub
 
@@ -95,8 +94,8 @@ def test_damaged_jpegs_are_decoded_or_rejected(data, trust_sof):
         else (W, H)
     if not (0 < width and 0 < height):
         width, height = W, H
-    header = Header(kind=KIND_FRAME, stream="s", seq=0, width=width, height=height,
-                    encoding=ENCODING_JPEG)
+    header = Frame(stream="s", seq=0, width=width, height=height,
+                   encoding=ENCODING_JPEG)
     try:
         image = decode_image(header, data)
     except Rejected as exc:
@@ -172,8 +171,8 @@ def test_viewer_accounts_for_every_frame(script, delay_s, buffer_frames, max_str
             _, stream, seq, age, payload = event
             ts = {} if age is None else {"capture": clock.wall() - age}
             encoding = ENCODING_BGR if payload == "bgr" else ENCODING_JPEG
-            header = Header(kind=KIND_FRAME, stream=stream, seq=seq, width=W, height=H,
-                            timestamps=ts, encoding=encoding)
+            header = Frame(stream=stream, seq=seq, width=W, height=H,
+                           timestamps=ts, encoding=encoding)
             offered += 1
             phase["now"] = "frame"
             viewer.on_frame(encode(header, [BAD_PAYLOADS[payload]]))
@@ -182,7 +181,7 @@ def test_viewer_accounts_for_every_frame(script, delay_s, buffer_frames, max_str
             ts = {} if age is None else {"capture": clock.wall() - age}
             results = [FaceResult((i, i, 10, 10), EMOTIONS[i], 0.5, [0.5 / 6] * 7)
                        for i in range(faces)]
-            header = Header(kind=KIND_RESULT, stream=stream, seq=seq, width=W, height=H,
+            header = Result(stream=stream, seq=seq, width=W, height=H,
                             timestamps=ts, boxes=[r.box for r in results], results=results,
                             model="m")
             phase["now"] = "result"

@@ -36,8 +36,8 @@ import zmq
 from tests.support import http_get, metric_sum, wait_for
 from tests.support.pipeline import Collector, Pipeline
 from services.common import bus
-from services.common.protocol import (KIND_FACES, KIND_FRAME, KIND_RESULT,
-                                      MAX_HEADER_BYTES, FaceResult, Header, Rejected, decode)
+from services.common.protocol import (KIND_FACES, KIND_FRAME, KIND_RESULT, MAX_HEADER_BYTES,
+                                      MESSAGE_TYPES, FaceResult, Faces, Rejected, Result, decode)
 
 pytestmark = pytest.mark.slow
 
@@ -92,15 +92,16 @@ def wire(_kind: str, stream: str = "fuzz", **changes) -> dict:
     """A valid header of kind ``_kind`` with fields changed (``...`` removes a field)."""
     kind = _kind
     now = time.time()
-    header = Header(kind=kind, stream=stream, seq=rng.randrange(10**6), width=64, height=48,
+    envelope = dict(stream=stream, seq=rng.randrange(10**6), width=64, height=48,
                     timestamps={"capture": now})
     if kind == KIND_FACES:
-        header.boxes, header.crop_size = [(4, 4, 20, 20)], 16
-    if kind == KIND_RESULT:
+        header = Faces(**envelope, boxes=[(4, 4, 20, 20)], crop_size=16)
+    elif kind == KIND_RESULT:
         scores = [1 / 7] * 7
-        header.boxes = [(4, 4, 20, 20)]
-        header.results = [FaceResult((4, 4, 20, 20), "Happy", 1 / 7, scores)]
-        header.model = "fuzz"
+        header = Result(**envelope, boxes=[(4, 4, 20, 20)],
+                        results=[FaceResult((4, 4, 20, 20), "Happy", 1 / 7, scores)], model="fuzz")
+    else:
+        header = MESSAGE_TYPES[kind](**envelope)
     out = header.to_wire()
     for key, value in changes.items():
         if value is ...:

@@ -17,8 +17,8 @@ import zmq
 
 from tests.support import free_port, http_get, metric_samples, metric_sum, wait_for
 from services.common.metrics import MAX_CONNECTIONS, ControlServer, serve_metrics
-from services.common.protocol import (EMOTIONS, MAX_PIXELS_PER_BYTE, FaceResult, Header,
-                                      Rejected, decode, decode_image, encode, jpeg_size)
+from services.common.protocol import (EMOTIONS, MAX_PIXELS_PER_BYTE, FaceResult, Faces, Frame,
+                                      Rejected, Result, decode, decode_image, encode, jpeg_size)
 from services.viewer.app import Viewer, ViewerSettings
 from services.viewer.hub import NOT_SHOWN_AFTER_S, StreamHub
 from services.viewer.join import MAX_MISSED, RESYNC_S, FrameJoiner
@@ -44,8 +44,8 @@ def claim_size(data: bytes, width: int, height: int) -> bytes:
 def frame(seq: int, capture: float | None, stream: str = "cam", width: int = W, height: int = H,
           payload: bytes | None = None) -> list:
     ts = {} if capture is None else {"capture": capture}
-    header = Header(kind="frame", stream=stream, seq=seq, width=width, height=height,
-                    timestamps=ts, encoding="jpeg")
+    header = Frame(stream=stream, seq=seq, width=width, height=height,
+                   timestamps=ts, encoding="jpeg")
     return encode(header, [jpeg(width, height) if payload is None else payload])
 
 
@@ -53,7 +53,7 @@ def result(seq: int, capture: float, label: str, stream: str = "cam") -> list:
     scores = [0.0] * 7
     scores[EMOTIONS.index(label)] = 0.9
     box = (4, 4, 20, 20)
-    header = Header(kind="result", stream=stream, seq=seq, width=W, height=H,
+    header = Result(stream=stream, seq=seq, width=W, height=H,
                     timestamps={"capture": capture}, boxes=[box],
                     results=[FaceResult(box, label, 0.9, scores)], model="m")
     return encode(header)
@@ -84,7 +84,7 @@ def viewer(**settings) -> tuple[Viewer, StreamHub, list, Clock]:
 # --- 1: timestamps from the future, clock steps -------------------------------------------
 
 def test_a_timestamp_from_the_future_is_refused_with_reason_clock():
-    header = Header(kind="result", stream="s", seq=1, width=W, height=H,
+    header = Result(stream="s", seq=1, width=W, height=H,
                     timestamps={"capture": 1000.0, "classify": 1000.0 + HOUR}, model="m")
     with pytest.raises(Rejected) as info:
         decode(encode(header), now=1000.0)
@@ -113,16 +113,16 @@ def test_the_join_recovers_within_seconds_from_a_clock_step_back_of_a_live_sourc
     joiner = FrameJoiner()
     now, captured = 0.0, 1.7e9
     for seq in range(10):
-        joiner.add_frame(Header("frame", "cam", seq, W, H, {"capture": captured}), b"", now)
-        joiner.add_result(Header("result", "cam", seq, W, H, {"capture": captured}, model="old"),
+        joiner.add_frame(Frame("cam", seq, W, H, {"capture": captured}), b"", now)
+        joiner.add_result(Result("cam", seq, W, H, {"capture": captured}, model="old"),
                           now)
         assert len(joiner.ready(now)) == 1
         now, captured = now + 0.04, captured + 0.04
     captured -= HOUR                     # NTP steps the capture host's clock back an hour
     recovered = None
     for seq in range(10, 200):
-        joiner.add_frame(Header("frame", "cam", seq, W, H, {"capture": captured}), b"", now)
-        joiner.add_result(Header("result", "cam", seq, W, H, {"capture": captured}, model="new"),
+        joiner.add_frame(Frame("cam", seq, W, H, {"capture": captured}), b"", now)
+        joiner.add_result(Result("cam", seq, W, H, {"capture": captured}, model="new"),
                           now)
         if joiner.ready(now) and recovered is None:
             recovered = now
@@ -144,8 +144,8 @@ def test_status_says_when_a_stream_stops_being_shown():
 
 # --- 2: decompression bombs ------------------------------------------------------------------
 
-def header_for(width: int, height: int) -> Header:
-    return Header(kind="frame", stream="s", seq=0, width=width, height=height, encoding="jpeg")
+def header_for(width: int, height: int) -> Frame:
+    return Frame(stream="s", seq=0, width=width, height=height, encoding="jpeg")
 
 
 def test_a_small_jpeg_claiming_8192_squared_is_refused_before_decoding():
@@ -182,11 +182,11 @@ def test_the_most_compressible_real_frames_still_decode():
 
 def test_a_huge_seq_jump_is_one_restart_not_missed_frames():
     joiner = FrameJoiner()
-    joiner.add_frame(Header("frame", "cam", 0, W, H, {}), b"", 0.0)
-    joiner.add_frame(Header("frame", "cam", 2**64 - 1, W, H, {}), b"", 0.0)
-    joiner.add_frame(Header("frame", "cam", 5, W, H, {}), b"", 0.0)
-    joiner.add_frame(Header("frame", "cam", 6 + MAX_MISSED, W, H, {}), b"", 0.0)
-    joiner.add_frame(Header("frame", "cam", 8 + MAX_MISSED, W, H, {}), b"", 0.0)
+    joiner.add_frame(Frame("cam", 0, W, H, {}), b"", 0.0)
+    joiner.add_frame(Frame("cam", 2**64 - 1, W, H, {}), b"", 0.0)
+    joiner.add_frame(Frame("cam", 5, W, H, {}), b"", 0.0)
+    joiner.add_frame(Frame("cam", 6 + MAX_MISSED, W, H, {}), b"", 0.0)
+    joiner.add_frame(Frame("cam", 8 + MAX_MISSED, W, H, {}), b"", 0.0)
     assert joiner.dropped["restart"] == 1
     assert joiner.dropped["missed"] == MAX_MISSED + 1
 
@@ -404,8 +404,8 @@ class PausedRunner:
 def pending_faces(seq: int, captured: float):
     from services.classifier.batching import PendingFaces
 
-    header = Header(kind="faces", stream="cam", seq=seq, width=W, height=H,
-                    timestamps={"capture": captured}, boxes=[(0, 0, 8, 8)], crop_size=8)
+    header = Faces(stream="cam", seq=seq, width=W, height=H,
+                   timestamps={"capture": captured}, boxes=[(0, 0, 8, 8)], crop_size=8)
     return PendingFaces(header, np.zeros((1, 8, 8, 3), np.uint8), arrived=0.0)
 
 

@@ -1,8 +1,10 @@
-"""The wire protocol: round trips, every rejection reason, JPEG checks, and fuzzing."""
+"""The wire protocol: round trips, every rejection reason, JPEG checks, fuzzing, and the
+agreement of docs/protocol.md with the code."""
 from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 
 import cv2
@@ -14,13 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.common import protocol
-from services.common.protocol import (EMOTIONS, ENCODING_BGR, ENCODING_JPEG, KIND_FACES,
-                                      KIND_FRAME, KIND_RESULT, MAX_CROP_SIZE, MAX_DIMENSION,
-                                      MAX_FACES, MAX_HEADER_BYTES, MAX_STREAM_ID,
-                                      PROTOCOL_VERSION, FaceResult, Header, Rejected, decode,
-                                      decode_crops, decode_image, encode, jpeg_size)
+from services.common.protocol import (EMOTIONS, ENCODING_BGR, ENCODING_JPEG, EVENTS, KIND_EVENT,
+                                      KIND_FACES, KIND_FRAME, KIND_RESULT, KIND_TRACKS, KINDS,
+                                      MAX_CROP_SIZE, MAX_DIMENSION, MAX_FACES, MAX_HEADER_BYTES,
+                                      MAX_STREAM_ID, MESSAGE_TYPES, PROTOCOL_VERSION, REJECT_REASONS,
+                                      Event, FaceResult, Faces, Frame, Message, Rejected, Result,
+                                      TrackedFace, TrackEvent, Tracks, TrackSummary, decode,
+                                      decode_as, decode_crops, decode_image, encode, jpeg_size)
 
-from tests.support import media
+from tests.support import ROOT, media
 
 W, H = 160, 120
 TS = {"capture": 1700000000.25, "detect": 1700000000.5}
@@ -51,29 +55,29 @@ def scores_for(label: str, confidence: float) -> list[float]:
     return [confidence if e == label else rest for e in EMOTIONS]
 
 
-def frame_header(**kw) -> Header:
-    base = dict(kind=KIND_FRAME, stream="cam-1", seq=7, width=W, height=H, timestamps=dict(TS),
+def frame_header(**kw) -> Frame:
+    base = dict(stream="cam-1", seq=7, width=W, height=H, timestamps=dict(TS),
                 encoding=ENCODING_JPEG)
     base.update(kw)
-    return Header(**base)
+    return Frame(**base)
 
 
-def faces_header(boxes=((10, 20, 30, 40), (100, 50, 40, 40)), crop_size=16, **kw) -> Header:
-    base = dict(kind=KIND_FACES, stream="cam-1", seq=8, width=W, height=H, timestamps=dict(TS),
+def faces_header(boxes=((10, 20, 30, 40), (100, 50, 40, 40)), crop_size=16, **kw) -> Faces:
+    base = dict(stream="cam-1", seq=8, width=W, height=H, timestamps=dict(TS),
                 boxes=list(boxes), crop_size=crop_size)
     base.update(kw)
-    return Header(**base)
+    return Faces(**base)
 
 
-def result_header(**kw) -> Header:
+def result_header(**kw) -> Result:
     results = [FaceResult(box=(10, 20, 30, 40), label="Happy", confidence=0.7,
                           scores=scores_for("Happy", 0.7)),
                FaceResult(box=(100, 50, 40, 40), label="Fear", confidence=0.4,
                           scores=scores_for("Fear", 0.4))]
-    base = dict(kind=KIND_RESULT, stream="cam-1", seq=9, width=W, height=H, timestamps=dict(TS),
+    base = dict(stream="cam-1", seq=9, width=W, height=H, timestamps=dict(TS),
                 boxes=[r.box for r in results], results=results, model="v2024-01-01")
     base.update(kw)
-    return Header(**base)
+    return Result(**base)
 
 
 def valid_wire(kind: str = KIND_FRAME) -> dict:
@@ -602,7 +606,7 @@ def assert_only_rejected(parts, expect_kind=None):
         assert exc.reason in {"frames", "header", "version", "kind", "field", "dimensions",
                               "encoding", "size", "clock"}
         return None
-    assert isinstance(header, Header)
+    assert isinstance(header, Message) and type(header) is MESSAGE_TYPES[header.kind]
     if header.kind == KIND_FRAME:
         try:
             decode_image(header, payloads[0])
@@ -676,35 +680,35 @@ def valid_headers(draw):
     seq = draw(st.integers(0, 2**63 - 1))
     ts = draw(st.dictionaries(st.text(max_size=12),
                               st.floats(allow_nan=False, allow_infinity=False), max_size=16))
-    header = Header(kind=kind, stream=stream, seq=seq, width=width, height=height, timestamps=ts)
+    envelope = dict(stream=stream, seq=seq, width=width, height=height, timestamps=ts)
 
     def box():
         x = draw(st.integers(0, width - 1))
         y = draw(st.integers(0, height - 1))
         return (x, y, draw(st.integers(1, width - x)), draw(st.integers(1, height - y)))
 
-    payloads = []
     if kind == KIND_FRAME:
-        header.encoding = draw(st.sampled_from([ENCODING_JPEG, ENCODING_BGR]))
-        if header.encoding == ENCODING_BGR:
-            header.width, header.height = min(width, 64), min(height, 64)
-            payloads = [bytes(header.width * header.height * 3)]
+        encoding = draw(st.sampled_from([ENCODING_JPEG, ENCODING_BGR]))
+        if encoding == ENCODING_BGR:
+            envelope.update(width=min(width, 64), height=min(height, 64))
+            payloads = [bytes(envelope["width"] * envelope["height"] * 3)]
         else:
             payloads = [draw(st.binary(min_size=1, max_size=32))]
-    else:
-        n = draw(st.integers(0, 5))
-        header.boxes = [box() for _ in range(n)]
+        return Frame(**envelope, encoding=encoding), payloads
+    n = draw(st.integers(0, 5))
+    boxes = [box() for _ in range(n)]
     if kind == KIND_FACES:
-        header.crop_size = draw(st.integers(8, 24))
-        payloads = [bytes(header.crop_size ** 2 * 3) for _ in header.boxes]
-    if kind == KIND_RESULT:
-        header.model = draw(st.text(max_size=30))
-        for b in header.boxes:
-            scores = draw(st.lists(st.floats(0, 1), min_size=7, max_size=7))
-            best = int(np.argmax(scores))
-            header.results.append(FaceResult(box=b, label=EMOTIONS[best],
-                                             confidence=scores[best], scores=scores))
-    return header, payloads
+        crop_size = draw(st.integers(8, 24))
+        return (Faces(**envelope, boxes=boxes, crop_size=crop_size),
+                [bytes(crop_size ** 2 * 3) for _ in boxes])
+    model = draw(st.text(max_size=30))
+    results = []
+    for b in boxes:
+        scores = draw(st.lists(st.floats(0, 1), min_size=7, max_size=7))
+        best = int(np.argmax(scores))
+        results.append(FaceResult(box=b, label=EMOTIONS[best], confidence=scores[best],
+                                  scores=scores))
+    return Result(**envelope, boxes=boxes, results=results, model=model), []
 
 
 @PROPERTY
@@ -724,3 +728,157 @@ def test_protocol_constants_match_the_documentation():
     assert EMOTIONS == ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
     assert (MAX_HEADER_BYTES, MAX_DIMENSION, protocol.MAX_PAYLOAD_BYTES, MAX_FACES,
             MAX_CROP_SIZE, MAX_STREAM_ID) == (256 * 1024, 8192, 64 * 1024 * 1024, 256, 512, 128)
+
+
+# --- the table of kinds --------------------------------------------------------------------
+
+def samples() -> list[tuple[Message, list[bytes]]]:
+    """Messages of every kind, with every optional field set somewhere, and their payloads."""
+    face = TrackedFace(box=(10, 20, 30, 40), label="Fear", confidence=0.4,
+                       scores=scores_for("Fear", 0.4), track="3", smoothed_label="Happy",
+                       smoothed_scores=scores_for("Happy", 0.6), age_s=1.5)
+    untracked = TrackedFace(box=(100, 50, 40, 40), label="Sad", confidence=0.5,
+                            scores=scores_for("Sad", 0.5), smoothed_label="Sad",
+                            smoothed_scores=scores_for("Sad", 0.5))
+    summary = TrackSummary(start=TS["capture"] - 5, end=TS["capture"], frames=150,
+                           dominant="Happy", mean_scores=scores_for("Happy", 0.5),
+                           shares=scores_for("Happy", 0.7))
+    events = [TrackEvent("track_started", "3", TS["capture"], "Fear"),
+              TrackEvent("emotion_changed", "3", TS["capture"], "Happy", previous="Fear"),
+              TrackEvent("track_ended", "3", TS["capture"], "Happy", summary=summary)]
+    assert [e.name for e in events] == list(EVENTS)
+    return [
+        (frame_header(), [jpeg_bytes(scene())]),
+        (frame_header(encoding=ENCODING_BGR, flow=True), [scene().tobytes()]),
+        (faces_header(flow=True), [bytes(16 * 16 * 3)] * 2),
+        (result_header(), []),
+        (Tracks("cam-1", 9, W, H, dict(TS), boxes=[face.box, untracked.box],
+                results=[face, untracked], model="v2024-01-01"), []),
+        *[(Event("cam-1", 9, W, H, dict(TS), event=e), []) for e in events],
+    ]
+
+
+def test_the_table_has_a_class_per_kind():
+    assert KINDS == (KIND_FRAME, KIND_FACES, KIND_RESULT, KIND_TRACKS, KIND_EVENT)
+    assert tuple(MESSAGE_TYPES) == KINDS
+    assert [cls.KIND for cls in MESSAGE_TYPES.values()] == list(KINDS)
+    assert {m.kind for m, _ in samples()} == set(KINDS)
+
+
+@pytest.mark.parametrize("sample", samples(), ids=lambda s: s[0].kind)
+def test_every_kind_round_trips_as_its_own_class(sample):
+    sent, payloads = sample
+    kind_type = MESSAGE_TYPES[sent.kind]
+    assert type(sent) is kind_type and sent.kind == kind_type.KIND
+    got, out = decode(wire(encode(sent, payloads)), expect_kind=sent.kind)
+    assert type(got) is kind_type and got == sent
+    assert [bytes(p) for p in out] == payloads
+    typed, _ = decode_as(wire(encode(sent, payloads)), kind_type)
+    assert type(typed) is kind_type and typed == sent
+    if kind_type.PAYLOADS is not None:
+        assert len(payloads) == kind_type.PAYLOADS
+    other = next(k for k in KINDS if k != sent.kind)
+    assert rejected(wire(encode(sent, payloads)), expect_kind=other).reason == "kind"
+
+
+@pytest.mark.parametrize("kind", ["video", "", "Frame", "message", "result "])
+def test_a_kind_missing_from_the_table_is_rejected(kind):
+    error = rejected(mutated(KIND_RESULT, kind=kind))
+    assert error.reason == "kind"
+    assert error.detail == (f"message kind {kind!r} where ('frame', 'faces', 'result', "
+                            f"'tracks', 'event') expected")
+    assert rejected(mutated(KIND_RESULT, kind=kind), expect_kind=KIND_RESULT).detail == (
+        f"message kind {kind!r} where result expected")
+
+
+def test_rejected_takes_only_the_known_reasons():
+    assert Rejected("field", "x").reason == "field"
+    with pytest.raises(ValueError, match="unknown rejection reason 'bogus'"):
+        Rejected("bogus", "x")
+
+
+# --- docs/protocol.md against the code -----------------------------------------------------
+
+DOC = ROOT / "docs" / "protocol.md"
+
+
+def doc_sections() -> dict[str, str]:
+    """Heading (without the #s) -> the text up to the next heading."""
+    sections: dict[str, str] = {}
+    title = None
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip()
+            sections[title] = ""
+        elif title is not None:
+            sections[title] += line + "\n"
+    return sections
+
+
+def doc_tables(text: str) -> list[list[list[str]]]:
+    """The Markdown tables of a section: their rows (header and rule left out) of cells."""
+    tables, rows = [], None
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            rows = [] if rows is None else rows
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows is not None:
+            tables.append(rows[2:])
+            rows = None
+    return tables
+
+
+def names(table: list[list[str]]) -> set[str]:
+    """The names in a table's first column (a cell such as `start`, `end` names two)."""
+    return {name for row in table for name in re.findall(r"`([^`]+)`", row[0])}
+
+
+def test_doc_envelope_table_matches_the_code():
+    envelope = set(Message("s", 0, 1, 1).to_wire())
+    table, = doc_tables(doc_sections()["Fields of every message"])
+    assert names(table) == envelope
+    kind_row, = [row for row in table if row[0] == "`kind`"]
+    assert re.findall(r'`"(\w+)"`', kind_row[2]) == list(KINDS)
+
+
+def test_doc_field_tables_match_each_kinds_to_wire():
+    """The first table of each "`kind` messages" section lists the kind's own header fields;
+    the tables after it, the keys of its nested maps."""
+    envelope = set(Message("s", 0, 1, 1).to_wire())
+    fields: dict[str, set] = {kind: set() for kind in KINDS}
+    nested: dict[str, list[set]] = {}
+    for sent, _ in samples():
+        wire_header = sent.to_wire()
+        fields[sent.kind] |= set(wire_header) - envelope
+        if isinstance(sent, Result):
+            entries = [set(r) for r in wire_header["results"]]
+            face = set(FaceResult((0, 0, 1, 1), "Happy", 1.0, [0.0] * 7).to_wire())
+            own = set.union(*entries) - face if isinstance(sent, Tracks) else set.union(*entries)
+            nested[sent.kind] = [own]
+        if isinstance(sent, Event):
+            event, summary = nested.setdefault(sent.kind, [set(), set()])
+            event |= set(wire_header["event"])
+            summary |= set(wire_header["event"].get("summary", {}))
+    sections = doc_sections()
+    for kind in KINDS:
+        tables = doc_tables(sections[f"`{kind}` messages"])
+        assert [names(t) for t in tables] == [fields[kind], *nested.get(kind, [])], kind
+
+
+def test_doc_payload_table_matches_the_kinds():
+    table = next(t for t in doc_tables(doc_sections()["Message layout"])
+                 if t and t[0][0].startswith("`"))
+    counts = {row[0].strip("`"): row[1] for row in table}
+    assert list(counts) == list(KINDS)
+    for kind, text in counts.items():
+        expected = {0: "none", 1: "exactly 1:", None: "exactly one per box"}
+        assert text.startswith(expected[MESSAGE_TYPES[kind].PAYLOADS]), kind
+
+
+def test_doc_rejection_reasons_match_the_code():
+    table, = doc_tables(doc_sections()["Rejection reasons"])
+    assert [row[0].strip("`") for row in table] == list(REJECT_REASONS)
+    raised = set()
+    for path in (ROOT / "services").rglob("*.py"):
+        raised |= set(re.findall(r'Rejected\(\s*"(\w+)"', path.read_text(encoding="utf-8")))
+    assert raised == set(REJECT_REASONS)

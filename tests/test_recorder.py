@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from tests.support import postgres
 from tests.support import metric_sum
 from tests.support.recorder import T0, person, tracks_message
-from services.common.protocol import EMOTIONS, encode, Header, KIND_RESULT
+from services.common.protocol import EMOTIONS, encode, Result
 from services.recorder import store
 from services.recorder.service import RecorderService, WRITE_ERRORS
 from services.recorder.api import create_app
@@ -149,7 +149,7 @@ def test_batches_are_due_after_batch_s():
 def test_malformed_messages_are_counted_and_dropped(sqlite):
     rejects = Rejects()
     service = RecorderService(sqlite, rejects)
-    result = Header(kind=KIND_RESULT, stream="s", seq=1, width=10, height=10)
+    result = Result(stream="s", seq=1, width=10, height=10)
     for parts in ([b"s"], [b"s", b"\xc1 no msgpack"],
                   [b"s", msgpack.packb({"v": 1, "kind": "tracks", "stream": "s"})],
                   [b"s", msgpack.packb({"v": 2, "kind": "tracks"})], encode(result),

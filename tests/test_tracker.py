@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
-from services.common.protocol import (EMOTIONS, KIND_EVENT, KIND_RESULT, KIND_TRACKS, FaceResult,
-                                      Header, Rejected, TrackedFace, TrackEvent, TrackSummary,
-                                      decode, encode)
+from services.common.protocol import (EMOTIONS, KIND_EVENT, KIND_TRACKS, Event, FaceResult,
+                                      Message, Rejected, Result, TrackedFace, TrackEvent, Tracks,
+                                      TrackSummary, decode, encode)
 from services.tracker.service import TrackerService, owns
 from services.tracker.smoothing import SmoothedEmotion, SmoothingSettings
 from services.tracker.tracks import ReorderWindow, Tracker, TrackerSettings
@@ -31,7 +31,7 @@ def result(seq, boxes=(), labels=None, stream="cam", fps=30.0, capture=None):
     labels = labels or ["Happy"] * len(boxes)
     faces = [FaceResult(tuple(b), lab, 0.7, scores_for(lab)) for b, lab in zip(boxes, labels)]
     ts = {"capture": T0 + seq / fps if capture is None else capture}
-    return Header(KIND_RESULT, stream, seq, W, H, ts, boxes=[f.box for f in faces],
+    return Result(stream, seq, W, H, ts, boxes=[f.box for f in faces],
                   results=faces, model="m1")
 
 
@@ -260,14 +260,14 @@ def tracks_header():
                        scores_for("Happy", 0.5), 2.5)
     untracked = TrackedFace((100, 20, 30, 40), "Sad", 0.6, scores_for("Sad", 0.6), None, "Sad",
                             scores_for("Sad", 0.6), 0.0)
-    return Header(KIND_TRACKS, "cam", 3, W, H, {"capture": T0}, boxes=[face.box, untracked.box],
+    return Tracks("cam", 3, W, H, {"capture": T0}, boxes=[face.box, untracked.box],
                   results=[face, untracked], model="m1")
 
 
 def ended_event():
     summary = TrackSummary(T0, T0 + 3, 90, "Happy", scores_for("Happy"), scores_for("Happy", 1.0))
-    return Header(KIND_EVENT, "cam", 4, W, H, {"capture": T0},
-                  event=TrackEvent("track_ended", "7", T0 + 3, "Happy", summary=summary))
+    return Event("cam", 4, W, H, {"capture": T0},
+                 event=TrackEvent("track_ended", "7", T0 + 3, "Happy", summary=summary))
 
 
 def test_tracks_and_events_survive_the_wire():
@@ -276,12 +276,12 @@ def test_tracks_and_events_survive_the_wire():
     assert header.results[0].smoothed_confidence == pytest.approx(0.5)
     event, _ = decode(encode(ended_event()), expect_kind=KIND_EVENT)
     assert event.event == ended_event().event
-    change = Header(KIND_EVENT, "cam", 4, W, H, {}, event=TrackEvent(
+    change = Event("cam", 4, W, H, {}, event=TrackEvent(
         "emotion_changed", "7", T0, "Sad", previous="Happy"))
     assert decode(encode(change))[0].event.previous == "Happy"
 
 
-def mutate(header: Header, change) -> list:
+def mutate(header: Message, change) -> list:
     wire = header.to_wire()
     change(wire)
     return [b"cam", msgpack.packb(wire)]

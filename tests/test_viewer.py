@@ -21,8 +21,8 @@ import zmq
 
 from tests.support import free_port, metric_samples, metric_sum, wait_for
 from tests.support.viewer import bind_broker_side, start_viewer_process
-from services.common.protocol import (EMOTIONS, ENCODING_BGR, FaceResult, Header, Rejected,
-                                      TrackedFace, TrackEvent, encode)
+from services.common.protocol import (EMOTIONS, ENCODING_BGR, Event, FaceResult, Frame, Rejected,
+                                      Result, TrackedFace, TrackEvent, Tracks, encode)
 from services.viewer.app import Viewer, ViewerSettings
 from services.viewer.draw import draw_results, track_colour
 from services.viewer.hub import RateMeter, StreamClosed, StreamHub
@@ -44,14 +44,14 @@ def face(label="Happy", confidence=0.87, box=BOX) -> FaceResult:
 
 def frame_header(seq, stream="cam", capture=None, encoding="jpeg", width=WIDTH, height=HEIGHT):
     ts = {} if capture is None else {"capture": capture}
-    return Header(kind="frame", stream=stream, seq=seq, width=width, height=height,
-                  timestamps=ts, encoding=encoding)
+    return Frame(stream=stream, seq=seq, width=width, height=height,
+                 timestamps=ts, encoding=encoding)
 
 
 def result_header(seq, faces=(), stream="cam", capture=None, model="test-v1"):
     ts = {} if capture is None else {"capture": capture}
     faces = list(faces)
-    return Header(kind="result", stream=stream, seq=seq, width=WIDTH, height=HEIGHT,
+    return Result(stream=stream, seq=seq, width=WIDTH, height=HEIGHT,
                   timestamps=ts, boxes=[f.box for f in faces], results=faces, model=model)
 
 
@@ -338,7 +338,7 @@ def tracks_header(seq, track="3", smoothed="Happy", stream="cam"):
     smoothed_scores[EMOTIONS.index(smoothed)] = 0.82
     tracked = TrackedFace(raw.box, raw.label, raw.confidence, raw.scores, track, smoothed,
                           smoothed_scores, 4.0)
-    return Header(kind="tracks", stream=stream, seq=seq, width=WIDTH, height=HEIGHT,
+    return Tracks(stream=stream, seq=seq, width=WIDTH, height=HEIGHT,
                   timestamps={}, boxes=[tracked.box], results=[tracked], model="test-v1")
 
 
@@ -347,8 +347,8 @@ def test_viewer_draws_tracks_with_ids_and_smoothed_labels_instead_of_raw_results
     source = source_image()
     viewer.on_tracks(encode(tracks_header(0)))
     viewer.on_result(encode(result_header(0, [face("Sad")])))    # the raw view: not drawn
-    viewer.on_tracks(encode(Header(kind="event", stream="cam", seq=0, width=WIDTH, height=HEIGHT,
-                                   event=TrackEvent("track_started", "3", 0.0, "Happy"))))
+    viewer.on_tracks(encode(Event(stream="cam", seq=0, width=WIDTH, height=HEIGHT,
+                                  event=TrackEvent("track_started", "3", 0.0, "Happy"))))
     viewer.on_frame(encode(frame_header(1, capture=time.time()), [jpeg_of(source)]))
     assert viewer.flush() == 1
     status = hub.status()["streams"]["cam"]

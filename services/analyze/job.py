@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from services.common.protocol import Header, TrackedFace, TrackEvent
+from services.common.protocol import Result, TrackedFace, TrackEvent
 from services.tracker.tracks import Tracker, TrackerSettings
 
 
@@ -30,13 +30,13 @@ class Collector:
     def __init__(self, fps: float, settings: TrackerSettings | None = None):
         self.fps = fps
         self.tracker = Tracker(settings or TrackerSettings(reorder_s=0.0))
-        self.pending: dict[int, Header | str] = {}    # seq -> result, or the reason there is none
+        self.pending: dict[int, Result | str] = {}    # seq -> result, or the reason there is none
         self.next = 0
         self.rows: list[FrameRow] = []
         self.events: list[TrackEvent] = []
         self.model = ""
 
-    def add(self, header: Header) -> None:
+    def add(self, header: Result) -> None:
         self.pending.setdefault(header.seq, header)
 
     def give_up(self, seq: int, reason: str) -> None:

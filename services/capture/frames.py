@@ -5,15 +5,15 @@ import time
 
 import cv2
 
-from services.common.protocol import ENCODING_BGR, KIND_FRAME, Header, encode
+from services.common.protocol import ENCODING_BGR, Frame, encode
 
 
 def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int,
                  flow: bool = False) -> list:
     """One frame as a wire message (timestamped now); ``flow``: sent under flow control."""
     height, width = frame.shape[:2]
-    header = Header(kind=KIND_FRAME, stream=stream, seq=seq, width=width, height=height,
-                    encoding=encoding, timestamps={"capture": time.time()}, flow=flow)
+    header = Frame(stream=stream, seq=seq, width=width, height=height,
+                   encoding=encoding, timestamps={"capture": time.time()}, flow=flow)
     if encoding == ENCODING_BGR:
         payload = frame if frame.flags.c_contiguous else frame.copy()
     else:

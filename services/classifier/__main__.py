@@ -26,8 +26,8 @@ from services.common import bus, registry
 from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
 from services.common.preprocess import preprocess_faces
-from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceResult, Header,
-                                      Rejected, decode, decode_crops, encode, is_job)
+from services.common.protocol import (EMOTIONS, KIND_FACES, FaceResult, Faces, Rejected, Result,
+                                      decode, decode_crops, encode, is_job)
 
 from .batching import Batcher, BatchPolicy, PendingFaces
 from .runtime import RUNTIMES
@@ -93,13 +93,13 @@ def load_entry(registry_dir: str, model: str) -> registry.ModelEntry:
     return registry.read_entry(path)
 
 
-def results_message(header: Header, probabilities: np.ndarray, version: str) -> list:
+def results_message(header: Faces, probabilities: np.ndarray, version: str) -> list:
     results = []
     for box, scores in zip(header.boxes, probabilities):
         best = int(np.argmax(scores))
         results.append(FaceResult(box=box, label=EMOTIONS[best], confidence=float(scores[best]),
                                   scores=[float(s) for s in scores]))
-    out = Header(kind=KIND_RESULT, stream=header.stream, seq=header.seq, width=header.width,
+    out = Result(stream=header.stream, seq=header.seq, width=header.width,
                  height=header.height, timestamps={**header.timestamps, "classify": time.time()},
                  boxes=header.boxes, results=results, model=version)
     return encode(out)
@@ -126,7 +126,7 @@ class LiveTta:
         self.mode, self.version_tta = mode, version_tta
         self.mirrored: OrderedDict[str, bool] = OrderedDict()
 
-    def __call__(self, header: Header) -> str | None:
+    def __call__(self, header: Faces) -> str | None:
         if self.version_tta != "flip" or self.mode == "version" or is_job(header.stream):
             return None
         if self.mode == "none":

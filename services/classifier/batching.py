@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.protocol import Header
+from services.common.protocol import Faces
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class BatchPolicy:
 
 @dataclass
 class PendingFaces:
-    header: Header
+    header: Faces
     crops: np.ndarray        # (N, S, S, 3) uint8
     arrived: float           # monotonic seconds
 

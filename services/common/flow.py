@@ -16,7 +16,7 @@ from typing import Iterator
 
 import zmq
 
-from .protocol import KIND_RESULT, Header, Rejected, decode
+from .protocol import Rejected, Result, decode_as
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Ledger:
 
 
 def answers(results: zmq.Socket, stream: str, log: logging.Logger,
-            limit: int = 1000) -> Iterator[Header]:
+            limit: int = 1000) -> Iterator[Result]:
     """The result headers of ``stream`` waiting on a results subscriber, without blocking;
     a malformed message is logged and skipped."""
     for _ in range(limit):
@@ -77,7 +77,7 @@ def answers(results: zmq.Socket, stream: str, log: logging.Logger,
         except zmq.Again:
             return
         try:
-            header, _ = decode(raw, expect_kind=KIND_RESULT)
+            header, _ = decode_as(raw, Result)
         except Rejected as exc:
             log.warning("ignored a malformed result: %s", exc)
             continue

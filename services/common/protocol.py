@@ -5,14 +5,18 @@ A message is a ZeroMQ multipart message:
     [topic, header, payload_0, payload_1, ...]
 
 * ``topic``   -- the stream id as UTF-8 (lets subscribers filter by stream).
-* ``header``  -- a msgpack map (never pickle) described by :class:`Header`.
+* ``header``  -- a msgpack map (never pickle): the envelope every :class:`Message` shares,
+  plus the fields of its kind (:class:`Frame`, :class:`Faces`, :class:`Result`,
+  :class:`Tracks`, :class:`Event`).
 * ``payload`` -- raw bytes kept out of msgpack so images are never copied into it:
   one encoded frame for ``frame`` messages, one raw crop per face for ``faces``
-  messages, nothing for ``result`` messages.
+  messages, nothing for the others.
 
-Every receiver calls :func:`decode`, which validates everything it can before any
-image is decoded and raises :class:`Rejected` with a short, stable ``reason``
-(used as a metric label) for anything it does not accept.
+Every receiver calls :func:`decode`, which validates the envelope, then hands the rest to
+the kind's class (:data:`MESSAGE_TYPES`); everything is checked before any image is
+decoded, and anything not accepted raises :class:`Rejected` with a short, stable
+``reason`` (used as a metric label, one of :data:`REJECT_REASONS`). A new kind is one
+new :class:`Message` subclass and one entry in :data:`MESSAGE_TYPES`.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import math
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence, TypeVar, cast
 
 import msgpack
 import numpy as np
@@ -32,7 +36,6 @@ KIND_FACES = "faces"      # detector -> classify
 KIND_RESULT = "result"    # classifier -> results
 KIND_TRACKS = "tracks"    # tracker -> tracks: a frame's results with track ids and smoothing
 KIND_EVENT = "event"      # tracker -> tracks: a track started, changed emotion or ended
-KINDS = (KIND_FRAME, KIND_FACES, KIND_RESULT, KIND_TRACKS, KIND_EVENT)
 EVENTS = ("track_started", "emotion_changed", "track_ended")
 
 # Streams whose id starts with this are jobs (python -m services.analyze): their frames are
@@ -61,10 +64,18 @@ MAX_FRAME_PIXELS = 1920 * 1080  # default pixel limit of a decoded frame (--max-
 MAX_PIXELS_PER_BYTE = 1000     # libjpeg's most compressible frame (one colour) is ~170
 
 
+# Why a message is not accepted: the label of emotion_messages_rejected_total, listed in
+# docs/protocol.md ("Rejection reasons").
+REJECT_REASONS = ("frames", "header", "version", "kind", "field", "clock", "dimensions",
+                  "encoding", "size", "image")
+
+
 class Rejected(ValueError):
     """A message that is not accepted; ``reason`` is a short metric label."""
 
     def __init__(self, reason: str, detail: str):
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -142,47 +153,184 @@ class TrackEvent:
 
 
 @dataclass
-class Header:
-    """Everything about a message except the pixel payloads."""
+class Message:
+    """The envelope every kind of message shares: which frame of which stream it is about.
 
-    kind: str
+    Each kind is a subclass that adds its own fields, writes them in :meth:`to_wire` and
+    reads and validates them in :meth:`from_wire`, after :func:`decode` checked the envelope.
+    """
+
+    KIND: ClassVar[str] = ""
+    PAYLOADS: ClassVar[int | None] = 0   # payload frames it carries; None: one per box
+
     stream: str
     seq: int
     width: int                       # size of the original frame
     height: int
     timestamps: dict[str, float] = field(default_factory=dict)  # stage -> unix time
-    encoding: str = ENCODING_JPEG    # frame payload encoding (frame messages)
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
-    crop_size: int = 0               # faces messages: each crop is crop_size^2 BGR
-    results: list[FaceResult] = field(default_factory=list)
-    model: str = ""                  # result messages: model version that answered
-    event: TrackEvent | None = None  # event messages
-    flow: bool = False               # frame/faces: the sender waits for each result (never superseded)
-    version: int = PROTOCOL_VERSION
+    version: int = field(default=PROTOCOL_VERSION, kw_only=True)
+
+    @property
+    def kind(self) -> str:
+        return self.KIND
 
     def to_wire(self) -> dict:
-        wire = {"v": self.version, "kind": self.kind, "stream": self.stream, "seq": self.seq,
+        return {"v": self.version, "kind": self.kind, "stream": self.stream, "seq": self.seq,
                 "width": self.width, "height": self.height, "ts": self.timestamps}
-        if self.kind == KIND_FRAME:
-            wire["encoding"] = self.encoding
-        if self.kind in (KIND_FRAME, KIND_FACES) and self.flow:
+
+    @classmethod
+    def from_wire(cls, wire: dict, envelope: dict, payloads: list) -> Message:
+        """The message from the checked ``envelope`` (keyword arguments of the common fields),
+        the kind's own fields in ``wire`` and the ``payloads``; raises :class:`Rejected`."""
+        raise NotImplementedError
+
+
+@dataclass
+class Frame(Message):
+    """A captured frame: its one payload is the image, JPEG or raw BGR."""
+
+    KIND: ClassVar[str] = KIND_FRAME
+    PAYLOADS: ClassVar[int | None] = 1
+
+    encoding: str = ENCODING_JPEG
+    flow: bool = False               # the sender waits for each result (never superseded)
+
+    def to_wire(self) -> dict:
+        wire = {**super().to_wire(), "encoding": self.encoding}
+        if self.flow:
             wire["flow"] = True
-        if self.kind in (KIND_FACES, KIND_RESULT, KIND_TRACKS):
-            wire["boxes"] = [list(b) for b in self.boxes]
-        if self.kind == KIND_FACES:
-            wire["crop_size"] = self.crop_size
-        if self.kind in (KIND_RESULT, KIND_TRACKS):
-            wire["results"] = [r.to_wire() for r in self.results]
-            wire["model"] = self.model
-        if self.kind == KIND_EVENT:
-            wire["event"] = self.event.to_wire()
         return wire
 
+    @classmethod
+    def from_wire(cls, wire: dict, envelope: dict, payloads: list) -> Frame:
+        flow = _flow(wire)
+        encoding = _field(wire, "encoding", str)
+        if encoding not in ENCODINGS:
+            raise Rejected("encoding", f"unknown image encoding {encoding!r}")
+        _count_payloads(cls.KIND, payloads, 1)
+        width, height = envelope["width"], envelope["height"]
+        size = _payload_len(payloads[0])
+        if encoding == ENCODING_BGR and size != width * height * 3:
+            raise Rejected("size", f"raw payload of {size} bytes for {width}x{height}x3")
+        if size == 0 or size > MAX_PAYLOAD_BYTES:
+            raise Rejected("size", f"payload of {size} bytes")
+        return cls(**envelope, encoding=encoding, flow=flow)
 
-def encode(header: Header, payloads: Sequence = ()) -> list:
+
+@dataclass
+class Faces(Message):
+    """The faces found in a frame: one box each, and one raw crop per box as payloads."""
+
+    KIND: ClassVar[str] = KIND_FACES
+    PAYLOADS: ClassVar[int | None] = None
+
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
+    crop_size: int = 0               # each crop is crop_size^2 BGR
+    flow: bool = False               # copied from the frame
+
+    def to_wire(self) -> dict:
+        wire = super().to_wire()
+        if self.flow:
+            wire["flow"] = True
+        return {**wire, "boxes": [list(b) for b in self.boxes], "crop_size": self.crop_size}
+
+    @classmethod
+    def from_wire(cls, wire: dict, envelope: dict, payloads: list) -> Faces:
+        flow = _flow(wire)
+        boxes = _boxes(wire, envelope["width"], envelope["height"])
+        crop_size = _field(wire, "crop_size", int)
+        if not 8 <= crop_size <= MAX_CROP_SIZE:
+            raise Rejected("dimensions", f"crop size {crop_size} outside 8..{MAX_CROP_SIZE}")
+        if len(payloads) != len(boxes):
+            raise Rejected("frames", f"{len(payloads)} crops for {len(boxes)} boxes")
+        want = crop_size * crop_size * 3
+        for part in payloads:
+            if _payload_len(part) != want:
+                raise Rejected("size", f"crop of {_payload_len(part)} bytes, expected {want}")
+        return cls(**envelope, boxes=boxes, crop_size=crop_size, flow=flow)
+
+
+@dataclass
+class Result(Message):
+    """The classifier's answer for a frame: one :class:`FaceResult` per box."""
+
+    KIND: ClassVar[str] = KIND_RESULT
+
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
+    results: list[FaceResult] = field(default_factory=list)
+    model: str = ""                  # the model version that answered
+
+    def to_wire(self) -> dict:
+        return {**super().to_wire(), "boxes": [list(b) for b in self.boxes],
+                "results": [r.to_wire() for r in self.results], "model": self.model}
+
+    @classmethod
+    def from_wire(cls, wire: dict, envelope: dict, payloads: list) -> Result:
+        _count_payloads(cls.KIND, payloads, 0)
+        width, height = envelope["width"], envelope["height"]
+        boxes = _boxes(wire, width, height)
+        model = _field(wire, "model", str)
+        results = _field(wire, "results", list)
+        if len(results) != len(boxes):
+            raise Rejected("field", f"{len(results)} results for {len(boxes)} boxes")
+        faces = [cls._face(item, width, height) for item in results]
+        return cls(**envelope, boxes=boxes, results=faces, model=model)
+
+    @classmethod
+    def _face(cls, item, width: int, height: int) -> FaceResult:
+        if not isinstance(item, dict):
+            raise Rejected("field", "result entry is not a map")
+        return FaceResult(
+            box=_box(_field(item, "box", list), width, height),
+            label=_emotion(_field(item, "label", str), "label"),
+            confidence=_finite(_field(item, "confidence", (int, float)), "confidence"),
+            scores=_scores(_field(item, "scores", list), "scores"))
+
+
+@dataclass
+class Tracks(Result):
+    """The tracker's view of a result: the same faces as :class:`TrackedFace`."""
+
+    KIND: ClassVar[str] = KIND_TRACKS
+
+    results: list[TrackedFace] = field(default_factory=list)
+
+    @classmethod
+    def _face(cls, item, width: int, height: int) -> TrackedFace:
+        return _tracked_face(super()._face(item, width, height), item)
+
+
+@dataclass
+class Event(Message):
+    """Something that happened to a track, at the frame of the envelope."""
+
+    KIND: ClassVar[str] = KIND_EVENT
+
+    event: TrackEvent = field(kw_only=True)
+
+    def to_wire(self) -> dict:
+        return {**super().to_wire(), "event": self.event.to_wire()}
+
+    @classmethod
+    def from_wire(cls, wire: dict, envelope: dict, payloads: list) -> Event:
+        _count_payloads(cls.KIND, payloads, 0)
+        return cls(**envelope, event=_event(_field(wire, "event", dict)))
+
+
+# The kinds of message, and the class that decodes and validates each.
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    KIND_FRAME: Frame, KIND_FACES: Faces, KIND_RESULT: Result, KIND_TRACKS: Tracks,
+    KIND_EVENT: Event,
+}
+KINDS = tuple(MESSAGE_TYPES)
+
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message, payloads: Sequence = ()) -> list:
     """Build the multipart message; payloads (bytes, memoryview, ndarray) are not copied."""
-    packed = msgpack.packb(header.to_wire(), use_bin_type=True)
-    return [header.stream.encode("utf-8"), packed, *payloads]
+    packed = msgpack.packb(message.to_wire(), use_bin_type=True)
+    return [message.stream.encode("utf-8"), packed, *payloads]
 
 
 def _field(wire: dict, name: str, types, *, optional=False, default=None):
@@ -212,6 +360,25 @@ def _box(value, width: int, height: int) -> tuple[int, int, int, int]:
     return (x, y, w, h)
 
 
+def _boxes(wire: dict, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    boxes = _field(wire, "boxes", list)
+    if len(boxes) > MAX_FACES:
+        raise Rejected("dimensions", f"{len(boxes)} faces, at most {MAX_FACES}")
+    return [_box(b, width, height) for b in boxes]
+
+
+def _flow(wire: dict) -> bool:
+    flow = wire.get("flow", False)
+    if not isinstance(flow, bool):
+        raise Rejected("field", f"field 'flow' has type {type(flow).__name__}")
+    return flow
+
+
+def _count_payloads(kind: str, payloads: list, expected: int) -> None:
+    if len(payloads) != expected:
+        raise Rejected("frames", f"{kind} message with {len(payloads)} payloads, expected {expected}")
+
+
 def flow_controlled(parts: Sequence) -> bool:
     """Whether a frame or faces message says its sender waits for each result (``flow``),
     read without validating the rest: stages that supersede waiting frames must not drop
@@ -234,8 +401,9 @@ def _payload_len(part) -> int:
 
 
 def decode(parts: Sequence, expect_kind: str | None = None, *,
-           max_skew_s: float = MAX_CLOCK_SKEW_S, now: float | None = None) -> tuple[Header, list]:
-    """Validate a received multipart message and return its header and payloads.
+           max_skew_s: float = MAX_CLOCK_SKEW_S, now: float | None = None) -> tuple[Message, list]:
+    """Validate a received multipart message and return it, as its kind's class, and its
+    payloads.
 
     ``parts`` may be bytes or zmq.Frame objects. A timestamp more than ``max_skew_s``
     ahead of ``now`` (default: this machine's clock; 0 = no check) is refused with reason
@@ -244,7 +412,20 @@ def decode(parts: Sequence, expect_kind: str | None = None, *,
     parts = [p.buffer if hasattr(p, "buffer") else p for p in parts]
     if len(parts) < 2:
         raise Rejected("frames", f"{len(parts)} frames, need at least topic and header")
-    raw = parts[1]
+    wire = _header(parts[1])
+    kind, envelope = _envelope(wire, expect_kind, max_skew_s, now)
+    payloads = list(parts[2:])
+    return MESSAGE_TYPES[kind].from_wire(wire, envelope, payloads), payloads
+
+
+def decode_as(parts: Sequence, kind: type[M], *, max_skew_s: float = MAX_CLOCK_SKEW_S,
+              now: float | None = None) -> tuple[M, list]:
+    """:func:`decode` of a message that must be of one kind, typed as that kind's class."""
+    message, payloads = decode(parts, kind.KIND, max_skew_s=max_skew_s, now=now)
+    return cast(M, message), payloads
+
+
+def _header(raw) -> dict:
     if _payload_len(raw) > MAX_HEADER_BYTES:
         raise Rejected("header", f"header of {_payload_len(raw)} bytes is too large")
     try:
@@ -255,11 +436,17 @@ def decode(parts: Sequence, expect_kind: str | None = None, *,
         raise Rejected("header", f"undecodable msgpack ({type(exc).__name__})") from None
     if not isinstance(wire, dict):
         raise Rejected("header", f"header is a {type(wire).__name__}, not a map")
+    return wire
+
+
+def _envelope(wire: dict, expect_kind: str | None, max_skew_s: float,
+              now: float | None) -> tuple[str, dict]:
+    """The kind and the checked common fields (as keyword arguments of :class:`Message`)."""
     version = _field(wire, "v", int)
     if version != PROTOCOL_VERSION:
         raise Rejected("version", f"protocol version {version}, expected {PROTOCOL_VERSION}")
     kind = _field(wire, "kind", str)
-    if kind not in KINDS or (expect_kind is not None and kind != expect_kind):
+    if kind not in MESSAGE_TYPES or (expect_kind is not None and kind != expect_kind):
         raise Rejected("kind", f"message kind {kind!r} where {expect_kind or KINDS} expected")
     stream = _field(wire, "stream", str)
     if not stream or len(stream) > MAX_STREAM_ID:
@@ -276,67 +463,7 @@ def decode(parts: Sequence, expect_kind: str | None = None, *,
         raise Rejected("field", "timestamps must map stage names to times")
     timestamps = {k: _finite(v, f"ts.{k}") for k, v in ts.items()}
     check_clock(timestamps, max_skew_s, now)
-    header = Header(kind=kind, stream=stream, seq=seq, width=width, height=height,
-                    timestamps=timestamps)
-    payloads = list(parts[2:])
-    if kind in (KIND_RESULT, KIND_TRACKS, KIND_EVENT) and payloads:
-        raise Rejected("frames", f"{kind} message with {len(payloads)} payloads, expected 0")
-
-    if kind == KIND_EVENT:
-        header.event = _event(_field(wire, "event", dict))
-        return header, payloads
-
-    if kind in (KIND_FRAME, KIND_FACES):
-        header.flow = wire.get("flow", False)
-        if not isinstance(header.flow, bool):
-            raise Rejected("field", f"field 'flow' has type {type(header.flow).__name__}")
-
-    if kind == KIND_FRAME:
-        header.encoding = _field(wire, "encoding", str)
-        if header.encoding not in ENCODINGS:
-            raise Rejected("encoding", f"unknown image encoding {header.encoding!r}")
-        if len(payloads) != 1:
-            raise Rejected("frames", f"frame message with {len(payloads)} payloads, expected 1")
-        size = _payload_len(payloads[0])
-        if header.encoding == ENCODING_BGR and size != width * height * 3:
-            raise Rejected("size", f"raw payload of {size} bytes for {width}x{height}x3")
-        if size == 0 or size > MAX_PAYLOAD_BYTES:
-            raise Rejected("size", f"payload of {size} bytes")
-        return header, payloads
-
-    boxes = _field(wire, "boxes", list)
-    if len(boxes) > MAX_FACES:
-        raise Rejected("dimensions", f"{len(boxes)} faces, at most {MAX_FACES}")
-    header.boxes = [_box(b, width, height) for b in boxes]
-
-    if kind == KIND_FACES:
-        header.crop_size = _field(wire, "crop_size", int)
-        if not 8 <= header.crop_size <= MAX_CROP_SIZE:
-            raise Rejected("dimensions", f"crop size {header.crop_size} outside 8..{MAX_CROP_SIZE}")
-        if len(payloads) != len(header.boxes):
-            raise Rejected("frames", f"{len(payloads)} crops for {len(header.boxes)} boxes")
-        want = header.crop_size * header.crop_size * 3
-        for part in payloads:
-            if _payload_len(part) != want:
-                raise Rejected("size", f"crop of {_payload_len(part)} bytes, expected {want}")
-        return header, payloads
-
-    header.model = _field(wire, "model", str)
-    results = _field(wire, "results", list)
-    if len(results) != len(header.boxes):
-        raise Rejected("field", f"{len(results)} results for {len(header.boxes)} boxes")
-    for item in results:
-        if not isinstance(item, dict):
-            raise Rejected("field", "result entry is not a map")
-        face = FaceResult(
-            box=_box(_field(item, "box", list), width, height),
-            label=_emotion(_field(item, "label", str), "label"),
-            confidence=_finite(_field(item, "confidence", (int, float)), "confidence"),
-            scores=_scores(_field(item, "scores", list), "scores"))
-        if kind == KIND_TRACKS:
-            face = _tracked_face(face, item)
-        header.results.append(face)
-    return header, payloads
+    return kind, dict(stream=stream, seq=seq, width=width, height=height, timestamps=timestamps)
 
 
 def _emotion(value: str, name: str) -> str:
@@ -434,7 +561,7 @@ def jpeg_size(data) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(header: Header, payload, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
+def decode_image(header: Frame, payload, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
     """Turn a frame payload into a BGR image, checking its size against the header first.
 
     Decompression bombs are refused before anything is allocated: a frame of more than
@@ -453,7 +580,7 @@ def decode_image(header: Header, payload, max_pixels: int = MAX_FRAME_PIXELS) ->
     return image
 
 
-def check_image(header: Header, payload, max_pixels: int = MAX_FRAME_PIXELS) -> None:
+def check_image(header: Frame, payload, max_pixels: int = MAX_FRAME_PIXELS) -> None:
     """The checks of :func:`decode_image` that need no decoding (Rejected if one fails)."""
     pixels = header.width * header.height
     if max_pixels and pixels > max_pixels:
@@ -472,7 +599,7 @@ def check_image(header: Header, payload, max_pixels: int = MAX_FRAME_PIXELS) -> 
                                f"{MAX_PIXELS_PER_BYTE} per byte: a decompression bomb)")
 
 
-def decode_crops(header: Header, payloads: list) -> np.ndarray:
+def decode_crops(header: Faces, payloads: list) -> np.ndarray:
     """Stack the raw crops of a faces message into an (N, S, S, 3) uint8 array."""
     s = header.crop_size
     if not payloads:

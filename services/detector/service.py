@@ -16,9 +16,9 @@ from prometheus_client import Counter, Histogram
 
 from services.common import bus
 from services.common.metrics import drop
-from services.common.protocol import (JOB_PREFIX, KIND_FACES, KIND_FRAME, MAX_CLOCK_SKEW_S,
-                                      MAX_FRAME_PIXELS, Header, Rejected, decode, decode_image,
-                                      encode, flow_controlled, is_job)
+from services.common.protocol import (JOB_PREFIX, KIND_FRAME, MAX_CLOCK_SKEW_S, MAX_FRAME_PIXELS,
+                                      Faces, Frame, Rejected, decode, decode_image, encode,
+                                      flow_controlled, is_job)
 
 from .faces import crop_faces
 from .regions import FULL, REGION, RESCAN, FaceFinder
@@ -47,7 +47,7 @@ class IntakeSettings:
     newest_only: bool = True          # the newest waiting frame of each stream, older dropped
 
 
-def faces_message(header: Header, payload, finder: FaceFinder,
+def faces_message(header: Frame, payload, finder: FaceFinder,
                   max_pixels: int = MAX_FRAME_PIXELS) -> list:
     """A decoded frame message in, a faces message out (Rejected if the image is bad)."""
     settings = finder.settings
@@ -56,9 +56,9 @@ def faces_message(header: Header, payload, finder: FaceFinder,
                              header.timestamps.get("capture", time.time()), image)
     SCANS.labels(how).inc()
     crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
-    out = Header(kind=KIND_FACES, stream=header.stream, seq=header.seq, width=header.width,
-                 height=header.height, timestamps={**header.timestamps, "detect": time.time()},
-                 boxes=boxes, crop_size=settings.crop_size, flow=header.flow)
+    out = Faces(stream=header.stream, seq=header.seq, width=header.width,
+                height=header.height, timestamps={**header.timestamps, "detect": time.time()},
+                boxes=boxes, crop_size=settings.crop_size, flow=header.flow)
     return encode(out, list(crops))
 
 

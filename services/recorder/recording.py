@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from services.common.protocol import KIND_EVENT, KIND_TRACKS, Header
+from services.common.protocol import Event, Message, Tracks
 
 SAME_START_S = 1.0      # starts this close are the same track (age_s is rounded to 1 ms)
 CONTINUES_S = 5.0       # an event of a track we never saw start continues a row seen this recently
 FORGET_S = 300.0        # a track silent this long (capture time) without track_ended is closed
 
 
-def capture_time(header: Header) -> float:
+def capture_time(header: Message) -> float:
     ts = header.timestamps
     return float(ts.get("capture", ts.get("track", 0.0)))
 
@@ -113,13 +113,13 @@ class Recording:
         self.batch = Batch()
         self.counts = Counts()
 
-    def add(self, header: Header, now: float) -> None:
+    def add(self, header: Message, now: float) -> None:
         """Take one decoded message; ``now`` (monotonic) dates the batch."""
         if self.batch.opened is None:
             self.batch.opened = now
-        if header.kind == KIND_TRACKS:
+        if isinstance(header, Tracks):
             self._tracks(header)
-        elif header.kind == KIND_EVENT:
+        elif isinstance(header, Event):
             self._event(header)
 
     def take(self) -> Batch:
@@ -162,7 +162,7 @@ class Recording:
         self.live[key] = state
         return state
 
-    def _tracks(self, header: Header) -> None:
+    def _tracks(self, header: Tracks) -> None:
         t = capture_time(header)
         self.batch.see(header.stream, t)
         for face in header.results:
@@ -192,7 +192,7 @@ class Recording:
             state.last_label = face.smoothed_label
             self.batch.touch(state)
 
-    def _event(self, header: Header) -> None:
+    def _event(self, header: Event) -> None:
         event = header.event
         self.batch.see(header.stream, event.time, frames=0)
         if event.name == "track_started":

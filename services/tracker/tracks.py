@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import norfair
 import numpy as np
 
-from services.common.protocol import (KIND_EVENT, KIND_TRACKS, Header, TrackedFace, TrackEvent)
+from services.common.protocol import Event, Result, TrackedFace, TrackEvent, Tracks
 
 from .smoothing import SmoothedEmotion, SmoothingSettings
 
@@ -47,7 +47,7 @@ class TrackerSettings:
             raise ValueError("min IoU must be in (0, 1) and confirm frames in 1..100")
 
 
-def order_key(header: Header) -> tuple[float, int]:
+def order_key(header: Result) -> tuple[float, int]:
     return (header.timestamps.get("capture", 0.0), header.seq)
 
 
@@ -56,11 +56,11 @@ class ReorderWindow:
 
     def __init__(self, window_s: float):
         self.window_s = window_s
-        self._pending: list[tuple[tuple[float, int], float, Header]] = []   # sorted by key
+        self._pending: list[tuple[tuple[float, int], float, Result]] = []   # sorted by key
         self._released: tuple[float, int] | None = None
         self._newest: tuple[float, int] | None = None
 
-    def add(self, header: Header, now: float) -> str:
+    def add(self, header: Result, now: float) -> str:
         """'ok', 'reordered' (arrived after a newer one, in time), 'late' (refused) or
         'duplicate' (a frame already taken: refused)."""
         key = order_key(header)
@@ -75,7 +75,7 @@ class ReorderWindow:
         bisect.insort(self._pending, (key, now, header), key=lambda item: item[0])
         return outcome
 
-    def due(self, now: float) -> list[Header]:
+    def due(self, now: float) -> list[Result]:
         """Results to process now, oldest first: everything up to the newest that has waited
         the full window (older ones cannot wait longer than a newer one), and then every
         result that directly follows in sequence (nothing can come between them)."""
@@ -138,7 +138,7 @@ class StreamTracks:
         self._tracks: dict[int, _Track] = {}          # Norfair's id -> ours
         self.reorder = ReorderWindow(settings.reorder_s)
         self.last_arrival = 0.0
-        self.last_header: Header | None = None   # the latest result processed
+        self.last_header: Result | None = None   # the latest result processed
         self.raw_changes = 0
         self.smoothed_changes = 0
 
@@ -146,7 +146,7 @@ class StreamTracks:
     def active(self) -> int:
         return len(self._tracks)
 
-    def update(self, header: Header) -> tuple[list[TrackedFace], list[TrackEvent]]:
+    def update(self, header: Result) -> tuple[list[TrackedFace], list[TrackEvent]]:
         """One frame's results (in capture order) -> its tracked faces and the events."""
         t = header.timestamps.get("capture", 0.0)
         events = self._end_stale(t)
@@ -214,7 +214,7 @@ class StreamTracks:
 class Output:
     """What one pass of the tracker produced: messages to publish and counts for metrics."""
 
-    messages: list[Header] = field(default_factory=list)
+    messages: list[Tracks | Event] = field(default_factory=list)
     started: int = 0
     ended: int = 0
 
@@ -228,7 +228,7 @@ class Tracker:
         self._ids: dict[str, itertools.count] = {}
         self.counts: Counter[str] = Counter()   # ok / reordered / late / streams (refused)
 
-    def add(self, header: Header, now: float) -> str:
+    def add(self, header: Result, now: float) -> str:
         """Queue a result; returns how it was taken (see :class:`ReorderWindow`) or 'streams'."""
         state = self.streams.get(header.stream)
         if state is None:
@@ -267,12 +267,12 @@ class Tracker:
         return min(waits) if waits else None
 
     @staticmethod
-    def _tracks_message(result: Header, faces: list[TrackedFace], wall: float) -> Header:
-        return Header(KIND_TRACKS, result.stream, result.seq, result.width, result.height,
+    def _tracks_message(result: Result, faces: list[TrackedFace], wall: float) -> Tracks:
+        return Tracks(result.stream, result.seq, result.width, result.height,
                       timestamps={**result.timestamps, "track": wall},
                       boxes=list(result.boxes), results=faces, model=result.model)
 
     @staticmethod
-    def _event_message(result: Header, event: TrackEvent, wall: float) -> Header:
-        return Header(KIND_EVENT, result.stream, result.seq, result.width, result.height,
-                      timestamps={**result.timestamps, "track": wall}, event=event)
+    def _event_message(result: Result, event: TrackEvent, wall: float) -> Event:
+        return Event(result.stream, result.seq, result.width, result.height,
+                     timestamps={**result.timestamps, "track": wall}, event=event)

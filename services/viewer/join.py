@@ -39,7 +39,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from services.common.protocol import FaceResult, Header
+from services.common.protocol import FaceResult, Frame, Message, Result
 
 MAX_MISSED = 100_000     # a larger forward jump of seq is a source restart, not lost frames
 RESYNC_S = 1.0           # refusing every frame this long means the order, not the frames, is wrong
@@ -49,7 +49,7 @@ RESYNC_S = 1.0           # refusing every frame this long means the order, not t
 class Shown:
     """A frame due for display and the labels to draw on it."""
 
-    header: Header
+    header: Frame
     payload: Any                 # the still-encoded frame payload
     results: list[FaceResult]
     model: str
@@ -69,10 +69,10 @@ class Labels:
 
 @dataclass
 class _Pending:
-    header: Header
+    header: Frame
     payload: Any
     arrived: float
-    result: Header | None = None
+    result: Result | None = None
 
 
 @dataclass
@@ -86,7 +86,7 @@ class _Stream:
     labels_refused_since: float | None = None    # first older result since labels were taken
 
 
-def _capture(header: Header) -> float | None:
+def _capture(header: Message) -> float | None:
     return header.timestamps.get("capture")
 
 
@@ -105,7 +105,7 @@ def _not_older(capture: float | None, seq: int, ref: tuple[float | None, int] | 
     return seq >= ref[1] or ref[1] - seq > window
 
 
-def _same_frame(frame: Header, seq: int, capture: float | None) -> bool:
+def _same_frame(frame: Frame, seq: int, capture: float | None) -> bool:
     """A result belongs to a frame when seq matches and, if both know it, the capture time."""
     own = _capture(frame)
     return frame.seq == seq and (own is None or capture is None or own == capture)
@@ -143,7 +143,7 @@ class FrameJoiner:
         state = self._streams.get(stream)
         return list(state.pending) if state else []
 
-    def add_frame(self, header: Header, payload: Any, now: float) -> bool:
+    def add_frame(self, header: Frame, payload: Any, now: float) -> bool:
         """Buffer a frame; False when it is refused (counted through ``on_drop``)."""
         state = self._stream(header.stream, now)
         if state is None:
@@ -169,7 +169,7 @@ class FrameJoiner:
             self._drop("evicted")
         return True
 
-    def add_result(self, header: Header, now: float) -> bool:
+    def add_result(self, header: Result, now: float) -> bool:
         """Attach a result to its buffered frame and update the stream's latest labels.
 
         Results for frames already shown or evicted still update the latest labels, as long

@@ -1,8 +1,8 @@
 """Messages of the tracks channel, as the tracker sends them, for the recorder's tests."""
 from __future__ import annotations
 
-from services.common.protocol import (EMOTIONS, KIND_EVENT, KIND_TRACKS, Header, TrackedFace,
-                                      TrackEvent, TrackSummary, encode)
+from services.common.protocol import (EMOTIONS, Event, TrackedFace, TrackEvent, Tracks,
+                                      TrackSummary, encode)
 
 T0 = 1_700_000_000.0
 
@@ -19,7 +19,7 @@ def tracks_message(stream: str, seq: int, t: float, faces: list[tuple[str | None
                            scores=scores(label), track=track, smoothed_label=label,
                            smoothed_scores=scores(label, 0.6), age_s=age)
                for i, (track, label, age) in enumerate(faces)]
-    header = Header(kind=KIND_TRACKS, stream=stream, seq=seq, width=640, height=480,
+    header = Tracks(stream=stream, seq=seq, width=640, height=480,
                     timestamps={"capture": t, "track": t + 0.01},
                     boxes=[r.box for r in results], results=results, model=model)
     return encode(header)
@@ -32,9 +32,9 @@ def event_message(stream: str, seq: int, name: str, track: str, t: float, label:
         shares = [1.0 if e == label else 0.0 for e in EMOTIONS]
         summary = TrackSummary(start=start if start is not None else t - 1, end=t, frames=frames,
                                dominant=label, mean_scores=scores(label), shares=shares)
-    header = Header(kind=KIND_EVENT, stream=stream, seq=seq, width=640, height=480,
-                    timestamps={"capture": t, "track": t + 0.01},
-                    event=TrackEvent(name, track, t, label, previous, summary))
+    header = Event(stream=stream, seq=seq, width=640, height=480,
+                   timestamps={"capture": t, "track": t + 0.01},
+                   event=TrackEvent(name, track, t, label, previous, summary))
     return encode(header)
 
 
