@@ -8,8 +8,8 @@ import argparse
 import os
 import sys
 
-from services.classifier.runtime import RUNTIMES
-from services.common.registry import PRECISIONS, TTA_MODES
+from services.model.runtime import RUNTIMES
+from services.model.registry import PRECISIONS, TTA_MODES
 
 DEFAULT_REGISTRY = os.environ.get("EMOTION_REGISTRY", "models")
 
@@ -219,7 +219,7 @@ def _registry_cmd(name: str):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: one line, no traceback."""
-    from services.common.registry import RegistryError
+    from services.model.registry import RegistryError
 
     from .data import DataError
 

@@ -1,9 +1,9 @@
-"""The registry commands: thin wrappers over services.common.registry."""
+"""The registry commands: thin wrappers over services.model.registry."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from services.common import registry
+from services.model import registry
 
 
 def _metric(entry: registry.ModelEntry, key: str) -> str:

@@ -22,15 +22,16 @@ import numpy as np
 import zmq
 from prometheus_client import Counter, Histogram
 
-from services.common import bus, registry
+from services.common import bus
 from services.common.config import config_error, service_parser, setup_logging
 from services.common.metrics import RejectLog, drop, serve_metrics
-from services.common.preprocess import preprocess_faces
 from services.common.protocol import (EMOTIONS, KIND_FACES, KIND_RESULT, FaceResult, Header,
                                       Rejected, decode, decode_crops, encode, is_job)
+from services.model import registry
+from services.model.preprocess import preprocess_faces
+from services.model.runtime import RUNTIMES
 
 from .batching import Batcher, BatchPolicy, PendingFaces
-from .runtime import RUNTIMES
 from .serving import RELOADS, ModelWatcher, announce, describe, load_served_model
 
 LIVE_ALTERNATE = "alternate"

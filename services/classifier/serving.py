@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from services.common import registry
+from services.model import registry
 
 RELOADS = Counter("emotion_classifier_model_reloads_total",
                   "Attempts to switch to a newly promoted model, by result", ["result"])
@@ -33,7 +33,7 @@ class ServedModel:
 
 def load_served_model(entry: registry.ModelEntry, runtime: str = "auto") -> ServedModel:
     """Load, validate and warm up one registry entry (raises RegistryError)."""
-    from .runtime import InferenceRunner, RuntimeUnavailable
+    from services.model.runtime import InferenceRunner, RuntimeUnavailable
 
     model = registry.load_checked(entry)
     try:
