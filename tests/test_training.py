@@ -18,7 +18,7 @@ from services.model import registry  # noqa: E402
 from services.model.preprocess import InputSpec, preprocess_faces  # noqa: E402
 from services.model.runtime import InferenceRunner  # noqa: E402
 from training import data, evaluate, models, train  # noqa: E402
-from training.__main__ import main  # noqa: E402
+from training.cli import main  # noqa: E402
 from training.data import DataError  # noqa: E402
 
 HEADER = "emotion,pixels,Usage\n"
@@ -519,7 +519,7 @@ def test_import_copies_missing_versions_and_never_replaces(tmp_path, capsys):
 def test_registry_env_var(tmp_path, monkeypatch, capsys):
     import importlib
 
-    import training.__main__ as cli_main
+    import training.cli as cli_main
 
     make_version(tmp_path / "envreg", "only")
     monkeypatch.setenv("EMOTION_REGISTRY", str(tmp_path / "envreg"))
