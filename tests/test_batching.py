@@ -7,19 +7,10 @@ import numpy as np
 import pytest
 
 from services.classifier.batching import Batcher, BatchPolicy, PendingFaces
-from services.common.protocol import EMOTIONS, KIND_FACES, KIND_RESULT, Header, decode
+from services.common.protocol import EMOTIONS, KIND_RESULT, Header, decode
 
 from tests.support import write_tiny_model
-
-CROP = 24
-
-
-def pending(n: int, arrived: float, seq: int = 0, stream: str = "cam") -> PendingFaces:
-    boxes = [(10 * i, 0, 10, 10) for i in range(n)]
-    header = Header(kind=KIND_FACES, stream=stream, seq=seq, width=640, height=480,
-                    timestamps={"capture": 1000.0 + seq}, boxes=boxes, crop_size=CROP)
-    crops = np.full((n, CROP, CROP, 3), seq % 256, np.uint8)
-    return PendingFaces(header, crops, arrived)
+from tests.support.faces import CROP, pending
 
 
 # --- Batcher -------------------------------------------------------------------------------
@@ -243,7 +234,7 @@ def test_predict_faces_uses_the_model_preprocessing(runner, tiny):
 
 
 def test_run_batch_one_result_per_message(runner):
-    from services.classifier.__main__ import results_message, run_batch
+    from services.classifier.service import results_message, run_batch
 
     rng = np.random.default_rng(2)
     sizes = [2, 0, 3, 1]
@@ -289,7 +280,7 @@ def test_run_batch_one_result_per_message(runner):
 
 def test_run_batch_with_crops_of_different_sizes(runner):
     """Detectors with different --crop-size feed one classifier: one batch, right answers."""
-    from services.classifier.__main__ import run_batch
+    from services.classifier.service import run_batch
 
     rng = np.random.default_rng(5)
     batch = []
@@ -308,7 +299,7 @@ def test_run_batch_with_crops_of_different_sizes(runner):
 
 
 def test_results_message_labels_are_argmax():
-    from services.classifier.__main__ import results_message
+    from services.classifier.service import results_message
 
     header = pending(2, 0.0, seq=4).header
     probabilities = np.array([[0.05, 0.05, 0.1, 0.6, 0.1, 0.05, 0.05],
@@ -320,7 +311,7 @@ def test_results_message_labels_are_argmax():
 
 
 def test_load_entry(tiny, tmp_path):
-    from services.classifier.__main__ import load_entry
+    from services.classifier.serving import load_entry
     from services.model import registry
 
     entry, _ = tiny
@@ -395,7 +386,8 @@ def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
 
 
 def test_live_streams_alternate_as_is_and_mirrored_and_jobs_keep_the_versions_tta(tiny):
-    from services.classifier.__main__ import LiveTta, run_batch
+    from services.classifier.live_tta import LiveTta
+    from services.classifier.service import run_batch
     from services.model.runtime import InferenceRunner
 
     entry, model = tiny
