@@ -99,7 +99,7 @@ def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]
     else a tiny random model in workdir."""
     import shutil
 
-    from services.common import registry
+    from services.model import registry
 
     if model:
         path = Path(model)
@@ -139,7 +139,7 @@ def load_runner(registry_dir: Path):
     """The classifier's own loading path: (InferenceRunner as served, registry entry); the
     runner's model is in the precision it serves in, the entry's file is the float32 one."""
     from services.classifier.serving import load_served_model
-    from services.common import registry
+    from services.model import registry
 
     entry = registry.resolve(registry_dir)
     return load_served_model(entry).runner, entry

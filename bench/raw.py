@@ -62,9 +62,9 @@ def face_crops(frames: list[np.ndarray]) -> np.ndarray:
 def model_throughput(registry_dir: Path, frames: list[np.ndarray], repeats: int, seconds: float,
                      batches=BATCHES) -> dict:
     """Faces/s per batch size for the classifier's runtime and the alternatives, side by side."""
-    from services.classifier.runtime import InferenceRunner, RuntimeUnavailable, flip_averaged
-    from services.common import registry
-    from services.common.preprocess import preprocess_faces
+    from services.model import registry
+    from services.model.preprocess import preprocess_faces
+    from services.model.runtime import InferenceRunner, RuntimeUnavailable, flip_averaged
 
     runner, entry = load_runner(registry_dir)
     spec = runner.spec

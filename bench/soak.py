@@ -121,7 +121,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def tiny_model_registry(folder: Path) -> Path:
     """A small randomly initialised 7-class model, registered like a trained one."""
-    from services.common import registry
+    from services.model import registry
 
     write_tiny_model(folder, "soak-tiny")
     registry.promote(folder, "soak-tiny")

@@ -10,7 +10,7 @@ from tests.support import write_tiny_model
 
 @pytest.fixture(scope="session")
 def tiny_registry(tmp_path_factory) -> Path:
-    from services.common import registry
+    from services.model import registry
 
     root = tmp_path_factory.mktemp("models")
     write_tiny_model(root, "test-v1")

@@ -10,16 +10,7 @@ from services.classifier.batching import Batcher, BatchPolicy, PendingFaces
 from services.common.protocol import EMOTIONS, KIND_RESULT, Faces, decode
 
 from tests.support import write_tiny_model
-
-CROP = 24
-
-
-def pending(n: int, arrived: float, seq: int = 0, stream: str = "cam") -> PendingFaces:
-    boxes = [(10 * i, 0, 10, 10) for i in range(n)]
-    header = Faces(stream=stream, seq=seq, width=640, height=480,
-                   timestamps={"capture": 1000.0 + seq}, boxes=boxes, crop_size=CROP)
-    crops = np.full((n, CROP, CROP, 3), seq % 256, np.uint8)
-    return PendingFaces(header, crops, arrived)
+from tests.support.faces import CROP, pending
 
 
 # --- Batcher -------------------------------------------------------------------------------
@@ -172,7 +163,7 @@ def test_crop_counter_stays_consistent():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     pytest.importorskip("tensorflow")
-    from services.common import registry
+    from services.model import registry
 
     folder = write_tiny_model(tmp_path_factory.mktemp("registry"), "tiny-v1", seed=3)
     entry = registry.read_entry(folder)
@@ -183,7 +174,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(tiny):
-    from services.classifier.runtime import BATCH_SHAPES, InferenceRunner
+    from services.model.runtime import BATCH_SHAPES, InferenceRunner
 
     entry, model = tiny
     assert BATCH_SHAPES == (1, 2, 4, 8, 16, 32, 64)
@@ -234,7 +225,7 @@ def test_probabilities_match_the_model(runner, tiny, n, chunks):
 
 
 def test_predict_faces_uses_the_model_preprocessing(runner, tiny):
-    from services.common.preprocess import preprocess_faces
+    from services.model.preprocess import preprocess_faces
 
     entry, model = tiny
     faces = np.random.default_rng(1).integers(0, 256, (3, 96, 96, 3), np.uint8)
@@ -243,7 +234,7 @@ def test_predict_faces_uses_the_model_preprocessing(runner, tiny):
 
 
 def test_run_batch_one_result_per_message(runner):
-    from services.classifier.__main__ import results_message, run_batch
+    from services.classifier.service import results_message, run_batch
 
     rng = np.random.default_rng(2)
     sizes = [2, 0, 3, 1]
@@ -289,7 +280,7 @@ def test_run_batch_one_result_per_message(runner):
 
 def test_run_batch_with_crops_of_different_sizes(runner):
     """Detectors with different --crop-size feed one classifier: one batch, right answers."""
-    from services.classifier.__main__ import run_batch
+    from services.classifier.service import run_batch
 
     rng = np.random.default_rng(5)
     batch = []
@@ -308,7 +299,7 @@ def test_run_batch_with_crops_of_different_sizes(runner):
 
 
 def test_results_message_labels_are_argmax():
-    from services.classifier.__main__ import results_message
+    from services.classifier.service import results_message
 
     header = pending(2, 0.0, seq=4).header
     probabilities = np.array([[0.05, 0.05, 0.1, 0.6, 0.1, 0.05, 0.05],
@@ -320,8 +311,8 @@ def test_results_message_labels_are_argmax():
 
 
 def test_load_entry(tiny, tmp_path):
-    from services.classifier.__main__ import load_entry
-    from services.common import registry
+    from services.classifier.serving import load_entry
+    from services.model import registry
 
     entry, _ = tiny
     by_dir = load_entry("unused", str(entry.path))
@@ -339,7 +330,7 @@ def test_load_entry(tiny, tmp_path):
 
 @pytest.mark.parametrize("n", [1, 3, 70])
 def test_tflite_runtime_gives_the_models_answers(tiny, n):
-    from services.classifier.runtime import InferenceRunner
+    from services.model.runtime import InferenceRunner
 
     entry, model = tiny
     lite = InferenceRunner(model, entry.spec, runtime="tflite")
@@ -350,8 +341,8 @@ def test_tflite_runtime_gives_the_models_answers(tiny, n):
 
 
 def test_unknown_or_failing_runtime_is_a_clear_model_error(tiny, monkeypatch):
-    from services.classifier import runtime, serving
-    from services.common import registry
+    from services.classifier import serving
+    from services.model import registry, runtime
 
     entry, model = tiny
     with pytest.raises(runtime.RuntimeUnavailable, match="unknown runtime 'onnx'"):
@@ -370,7 +361,7 @@ def test_unknown_or_failing_runtime_is_a_clear_model_error(tiny, monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 40])
 def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
-    from services.classifier.runtime import InferenceRunner
+    from services.model.runtime import InferenceRunner
 
     entry, model = tiny
     inputs = np.random.default_rng(n).random((n, 48, 48, 1), dtype=np.float32)
@@ -395,8 +386,9 @@ def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
 
 
 def test_live_streams_alternate_as_is_and_mirrored_and_jobs_keep_the_versions_tta(tiny):
-    from services.classifier.__main__ import LiveTta, run_batch
-    from services.classifier.runtime import InferenceRunner
+    from services.classifier.live_tta import LiveTta
+    from services.classifier.service import run_batch
+    from services.model.runtime import InferenceRunner
 
     entry, model = tiny
     runner = InferenceRunner(model, entry.spec, tta="flip")
@@ -440,8 +432,8 @@ def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, t
     import json
     import shutil
 
-    from services.classifier import runtime, serving
-    from services.common import registry
+    from services.classifier import serving
+    from services.model import registry, runtime
 
     entry, model = tiny
     assert entry.tta == "none" and serving.load_served_model(entry).runner.tta == "none"
@@ -460,7 +452,7 @@ def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, t
 # --- bfloat16, a property of the model version ---------------------------------------------
 
 def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
-    from services.classifier import runtime
+    from services.model import runtime
 
     with_bf16, without = tmp_path / "with", tmp_path / "without"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
@@ -474,7 +466,7 @@ def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
 
 
 def test_bfloat16_gives_the_float32_answers_to_bfloat16_resolution(tiny):
-    from services.classifier import runtime
+    from services.model import runtime
 
     if not runtime.native_bfloat16():
         pytest.skip("this CPU has no native bfloat16; the fallback is tested below")
@@ -494,7 +486,8 @@ def test_bfloat16_gives_the_float32_answers_to_bfloat16_resolution(tiny):
 
 
 def test_bfloat16_falls_back_to_float32_where_the_cpu_would_emulate_it(tiny, monkeypatch):
-    from services.classifier import runtime, serving
+    from services.classifier import serving
+    from services.model import runtime
 
     entry, model = tiny
     monkeypatch.setattr(runtime, "native_bfloat16", lambda cpuinfo="": False)
@@ -512,8 +505,8 @@ def test_a_versions_precision_comes_from_its_metadata_and_bad_values_are_named(t
     import json
     import shutil
 
-    from services.classifier import runtime, serving
-    from services.common import registry
+    from services.classifier import serving
+    from services.model import registry, runtime
 
     entry, _ = tiny
     assert entry.precision == "float32"
@@ -545,7 +538,7 @@ def _trained_looking(model):
 
 def test_folding_drops_training_layers_and_keeps_the_answers():
     pytest.importorskip("tensorflow")
-    from services.classifier.optimize import fold_for_inference, for_inference
+    from services.model.optimize import fold_for_inference, for_inference
     from training.models import compact
 
     model = _trained_looking(compact(width=0.125, seed=1))
@@ -563,7 +556,7 @@ def test_folding_drops_training_layers_and_keeps_the_answers():
 
 def test_a_convolution_with_other_consumers_keeps_its_batchnorm():
     keras = pytest.importorskip("keras")
-    from services.classifier.optimize import fold_for_inference
+    from services.model.optimize import fold_for_inference
 
     inputs = keras.Input((8, 8, 2))
     x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="shared")(inputs)
@@ -579,7 +572,7 @@ def test_a_convolution_with_other_consumers_keeps_its_batchnorm():
 
 
 def test_a_fold_that_changes_the_answers_is_not_served(tiny, monkeypatch):
-    from services.classifier import optimize
+    from services.model import optimize
     from training.models import compact
 
     model = _trained_looking(compact(width=0.125, seed=1))
@@ -597,7 +590,8 @@ def test_a_fold_that_changes_the_answers_is_not_served(tiny, monkeypatch):
 
 
 def test_auto_runtime_uses_tflite_for_small_batches_only(tiny, monkeypatch):
-    from services.classifier import runtime, serving
+    from services.classifier import serving
+    from services.model import runtime
 
     entry, model = tiny
     runner = serving.load_served_model(entry).runner

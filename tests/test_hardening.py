@@ -416,7 +416,7 @@ def stale_count() -> float:
 
 
 def test_a_batch_held_up_past_the_max_age_is_not_published():
-    from services.classifier.__main__ import run_batch
+    from services.classifier.service import run_batch
 
     batch = [pending_faces(seq, time.time()) for seq in range(3)]
     before = stale_count()

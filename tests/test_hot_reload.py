@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import ROOT, metric_sum, wait_for, write_tiny_model
 from tests.support.pipeline import Collector, Pipeline
-from services.common import registry
+from services.model import registry
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
-from services.common import registry
+from services.model import registry
 from services.common.protocol import EMOTIONS
 
 MODELS = ROOT / "models"

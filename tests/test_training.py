@@ -13,12 +13,12 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from services.classifier.runtime import InferenceRunner  # noqa: E402
-from services.common import registry  # noqa: E402
-from services.common.preprocess import InputSpec, preprocess_faces  # noqa: E402
 from services.common.protocol import EMOTIONS  # noqa: E402
+from services.model import registry  # noqa: E402
+from services.model.preprocess import InputSpec, preprocess_faces  # noqa: E402
+from services.model.runtime import InferenceRunner  # noqa: E402
 from training import data, evaluate, models, train  # noqa: E402
-from training.__main__ import main  # noqa: E402
+from training.cli import main  # noqa: E402
 from training.data import DataError  # noqa: E402
 
 HEADER = "emotion,pixels,Usage\n"
@@ -373,7 +373,7 @@ def test_derive_serves_the_same_weights_another_way(trained, capsys):
 
 def test_derive_to_bfloat16_is_scored_in_bfloat16_or_refused_with_the_reason(trained, capsys,
                                                                             monkeypatch):
-    from services.classifier import runtime
+    from services.model import runtime
 
     root = trained["root"]
     common = ["--registry", str(root), "--bench-seconds", "0"]
@@ -519,7 +519,7 @@ def test_import_copies_missing_versions_and_never_replaces(tmp_path, capsys):
 def test_registry_env_var(tmp_path, monkeypatch, capsys):
     import importlib
 
-    import training.__main__ as cli_main
+    import training.cli as cli_main
 
     make_version(tmp_path / "envreg", "only")
     monkeypatch.setenv("EMOTION_REGISTRY", str(tmp_path / "envreg"))

@@ -2,7 +2,7 @@
 
 Both formats end up as the same :class:`Dataset`: canonical split names
 (Training / PublicTest / PrivateTest) mapped to a :class:`Split` of uint8 faces.
-Faces only become model inputs through ``services.common.preprocess.preprocess_faces``,
+Faces only become model inputs through ``services.model.preprocess.preprocess_faces``,
 the function the classifier service uses too, so training and serving cannot drift.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from services.common.preprocess import InputSpec, preprocess_faces
 from services.common.protocol import EMOTIONS
+from services.model.preprocess import InputSpec, preprocess_faces
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.classifier.runtime import bfloat16_unavailable
-from services.common import registry
+from services.model import registry
+from services.model.runtime import bfloat16_unavailable
 
 from . import data as datasets
 from . import evaluate

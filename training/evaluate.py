@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from services.classifier.runtime import InferenceRunner, RuntimeUnavailable
-from services.common import registry
-from services.common.preprocess import InputSpec
 from services.common.protocol import EMOTIONS
+from services.model import registry
+from services.model.preprocess import InputSpec
+from services.model.runtime import InferenceRunner, RuntimeUnavailable
 
 from .data import ALL, VAL, Split, load_dataset, model_inputs
 

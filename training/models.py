@@ -12,8 +12,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from services.common.preprocess import InputSpec
 from services.common.protocol import EMOTIONS
+from services.model.preprocess import InputSpec
 
 ARCHITECTURES = ("compact", "mobilenetv2")
 COMPACT_FILTERS = (32, 64, 128, 256)

@@ -20,10 +20,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from services.classifier.runtime import InferenceRunner
-from services.common import registry
-from services.common.preprocess import InputSpec
 from services.common.protocol import EMOTIONS
+from services.model import registry
+from services.model.preprocess import InputSpec
+from services.model.runtime import InferenceRunner
 
 from . import data as datasets
 from . import evaluate, models

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from services.common import registry
+from services.model import registry
 
 RELOADS = Counter("emotion_classifier_model_reloads_total",
                   "Attempts to switch to a newly promoted model, by result", ["result"])
@@ -31,9 +31,21 @@ class ServedModel:
     source: str             # the model file, for logs
 
 
+def load_entry(registry_dir: str, model: str) -> registry.ModelEntry:
+    """The model to serve: --model when given, otherwise the registry's current version."""
+    if not model:
+        return registry.resolve(Path(registry_dir))
+    path = Path(model)
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise registry.RegistryError(f"--model {model}: no such file or directory")
+    return registry.read_entry(path)
+
+
 def load_served_model(entry: registry.ModelEntry, runtime: str = "auto") -> ServedModel:
     """Load, validate and warm up one registry entry (raises RegistryError)."""
-    from .runtime import InferenceRunner, RuntimeUnavailable
+    from services.model.runtime import InferenceRunner, RuntimeUnavailable
 
     model = registry.load_checked(entry)
     try:

@@ -151,7 +151,7 @@ def stack(tmp_path_factory, pytestconfig):
                GRAFANA_PORT=str(free_port()))
     files = ["docker-compose.yml"]
     if not (ROOT / "models" / "current").is_file():
-        from services.common import registry
+        from services.model import registry
 
         scratch = tmp_path_factory.mktemp("compose-registry")
         models = scratch / "models"

@@ -9,8 +9,8 @@ def write_tiny_model(registry_dir: Path, version: str, seed: int = 0, outputs: i
     """A small randomly initialised 7-class model, registered like a trained one."""
     import keras
 
-    from services.common.preprocess import InputSpec
     from services.common.protocol import EMOTIONS
+    from services.model.preprocess import InputSpec
 
     spec = InputSpec(48, 1, "unit")
     keras.utils.set_random_seed(seed)

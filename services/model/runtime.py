@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.common.preprocess import InputSpec, preprocess_faces
-from services.common.registry import PRECISIONS, TTA_MODES
-
 from .optimize import for_inference, in_bfloat16
+from .preprocess import InputSpec, preprocess_faces
+from .registry import PRECISIONS, TTA_MODES
 
 # Padded batch sizes: small steps where a frame or two of one or two faces are batched
 # (padding 2 inputs to 4 doubles the work), 32 = the default --max-batch unpadded.

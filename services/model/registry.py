@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.protocol import EMOTIONS
+
 from .preprocess import InputSpec
-from .protocol import EMOTIONS
 
 CURRENT = "current"
 HISTORY = "history.json"
