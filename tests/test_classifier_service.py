@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from services.classifier.batching import BatchPolicy
 from services.classifier.service import ClassifierService, ClassifierSettings
 from services.classifier.serving import ModelWatcher, load_entry, load_served_model
-from services.common.protocol import KIND_RESULT, decode, encode
+from services.common.protocol import KIND_RESULT, Result, decode, encode
 from services.model import registry
 from tests.support import wait_for, write_tiny_model
 from tests.support.faces import faces_parts, pending
@@ -125,9 +125,9 @@ def test_a_malformed_or_stale_message_is_counted_and_dropped_and_the_loop_goes_o
     garbled = sample("emotion_messages_rejected_total", service="classifier", reason="header")
     stale = sample("emotion_frames_dropped_total", service="classifier", reason="stale")
     service.feed.send_multipart([b"cam", b"\xff not msgpack"])
-    result = fresh(1, 1)
-    result.header.kind = KIND_RESULT
-    service.feed.send_multipart(encode(result.header))          # a result on the faces queue
+    faces = fresh(1, 1).header
+    result = Result(faces.stream, faces.seq, faces.width, faces.height, faces.timestamps)
+    service.feed.send_multipart(encode(result))                 # a result on the faces queue
     service.send(pending(1, 0.0, seq=2))                         # captured long ago
     service.send(fresh(1, 3))
     assert service.receive().seq == 3
