@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 
 from services.common.protocol import (EMOTIONS, ENCODING_BGR, ENCODING_JPEG, FaceResult, Frame,
                                       Rejected, Result, decode_image, encode, jpeg_size)
-from services.viewer.app import Viewer, ViewerSettings
+from services.viewer.service import ViewerService, ViewerSettings
 from services.viewer.hub import StreamHub
 
 W, H = 64, 48
@@ -161,7 +161,7 @@ def test_viewer_accounts_for_every_frame(script, delay_s, buffer_frames, max_str
     def rejects(error: Rejected) -> None:
         rejected[phase["now"]] += 1
 
-    viewer = Viewer(ViewerSettings(delay_s=delay_s, buffer_frames=buffer_frames, max_age_s=1.0,
+    viewer = ViewerService(ViewerSettings(delay_s=delay_s, buffer_frames=buffer_frames, max_age_s=1.0,
                                    max_streams=max_streams, idle_s=1e9),
                     hub, rejects, clock=clock, wall_clock=clock.wall)
     before = {r: counted(r) for r in ("stale", "encode")}

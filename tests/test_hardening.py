@@ -19,7 +19,7 @@ from tests.support import free_port, http_get, metric_samples, metric_sum, wait_
 from services.common.metrics import MAX_CONNECTIONS, ControlServer, serve_metrics
 from services.common.protocol import (EMOTIONS, MAX_PIXELS_PER_BYTE, FaceResult, Faces, Frame,
                                       Rejected, Result, decode, decode_image, encode, jpeg_size)
-from services.viewer.app import Viewer, ViewerSettings
+from services.viewer.service import ViewerService, ViewerSettings
 from services.viewer.hub import NOT_SHOWN_AFTER_S, StreamHub
 from services.viewer.join import MAX_MISSED, RESYNC_S, FrameJoiner
 from tests.support.viewer import bind_broker_side, start_viewer_process
@@ -72,11 +72,11 @@ class Clock:
         return 1.7e9 + self.now
 
 
-def viewer(**settings) -> tuple[Viewer, StreamHub, list, Clock]:
+def viewer(**settings) -> tuple[ViewerService, StreamHub, list, Clock]:
     clock = Clock()
     hub = StreamHub(clock=clock)
     rejected: list[Rejected] = []
-    view = Viewer(ViewerSettings(**settings), hub, rejected.append, clock=clock,
+    view = ViewerService(ViewerSettings(**settings), hub, rejected.append, clock=clock,
                   wall_clock=clock.wall)
     return view, hub, rejected, clock
 

@@ -23,7 +23,7 @@ from tests.support import free_port, metric_samples, metric_sum, wait_for
 from tests.support.viewer import bind_broker_side, start_viewer_process
 from services.common.protocol import (EMOTIONS, ENCODING_BGR, Event, FaceResult, Frame, Rejected,
                                       Result, TrackedFace, TrackEvent, Tracks, encode)
-from services.viewer.app import Viewer, ViewerSettings
+from services.viewer.service import ViewerService, ViewerSettings
 from services.viewer.draw import draw_results, track_colour
 from services.viewer.hub import RateMeter, StreamClosed, StreamHub
 from services.viewer.join import FrameJoiner
@@ -311,9 +311,9 @@ class Rejects(list):
         self.append(error.reason)
 
 
-def make_viewer(**settings) -> tuple[Viewer, StreamHub, Rejects]:
+def make_viewer(**settings) -> tuple[ViewerService, StreamHub, Rejects]:
     hub, rejects = StreamHub(), Rejects()
-    return Viewer(ViewerSettings(**settings), hub, rejects), hub, rejects
+    return ViewerService(ViewerSettings(**settings), hub, rejects), hub, rejects
 
 
 def test_viewer_composites_frames_with_labels_into_the_hub():
@@ -330,6 +330,42 @@ def test_viewer_composites_frames_with_labels_into_the_hub():
     assert status["labels"][0]["label"] == "Happy" and status["model"] == "test-v1"
     assert status["e2e_latency_p50_ms"] is not None
     assert rejects == []
+
+
+def test_viewer_service_runs_its_loop_over_real_inproc_sockets_until_stopped():
+    """The loop as __main__ runs it, fed through ZeroMQ (inproc), not by direct calls."""
+    ctx = zmq.Context()
+    viewer, hub, rejects = make_viewer()
+    outs, ins = [], []
+    for channel in ("frames", "results", "tracks"):
+        pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+        pub.bind(f"inproc://viewer-{channel}")
+        sub.connect(f"inproc://viewer-{channel}")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        outs.append(pub)
+        ins.append(sub)
+    frames_out, results_out, _ = outs
+    stop = threading.Event()
+    loop = threading.Thread(target=viewer.run, args=(ins[0], ins[1], stop, ins[2]), daemon=True)
+    loop.start()
+    try:
+        def sent_and_shown() -> bool:
+            results_out.send_multipart(encode(result_header(0, [face("Happy")])))
+            frames_out.send_multipart(encode(frame_header(1, capture=time.time()),
+                                             [jpeg_of(source_image())]))
+            frames_out.send_multipart([b"cam", b"\xc1 not msgpack"])
+            return hub.snapshot("cam") is not None and "header" in rejects
+
+        wait_for(sent_and_shown, 5, interval=0.05, what="a frame shown through the sockets")
+        assert hub.status()["streams"]["cam"]["labels"][0]["label"] == "Happy"
+        stop.set()
+        loop.join(2)
+        assert not loop.is_alive(), "the loop did not end on stop"
+    finally:
+        stop.set()
+        for sock in outs + ins:
+            sock.close(0)
+        ctx.term()
 
 
 def tracks_header(seq, track="3", smoothed="Happy", stream="cam"):
@@ -442,7 +478,7 @@ class FakeClock:
 def test_viewer_with_delay_waits_for_results_and_counts_late_frames():
     clock = FakeClock()
     hub, rejects = StreamHub(clock=clock), Rejects()
-    viewer = Viewer(ViewerSettings(delay_s=0.2), hub, rejects, clock=clock)
+    viewer = ViewerService(ViewerSettings(delay_s=0.2), hub, rejects, clock=clock)
     jpeg = jpeg_of(source_image())
     viewer.on_frame(encode(frame_header(0), [jpeg]))
     viewer.on_frame(encode(frame_header(1), [jpeg]))
@@ -459,7 +495,7 @@ def test_viewer_with_delay_waits_for_results_and_counts_late_frames():
 def test_viewer_forgets_idle_streams():
     clock = FakeClock()
     hub, rejects = StreamHub(clock=clock), Rejects()
-    viewer = Viewer(ViewerSettings(idle_s=5.0), hub, rejects, clock=clock)
+    viewer = ViewerService(ViewerSettings(idle_s=5.0), hub, rejects, clock=clock)
     viewer.on_frame(encode(frame_header(0), [jpeg_of(source_image())]))
     assert viewer.flush() == 1 and hub.streams() == ["cam"]
     clock.now += 10

@@ -9,7 +9,7 @@ SERVICE = "broker"
 
 def build_parser():
     parser = service_parser(SERVICE, "The broker: binds the five channels every other service "
-                            "connects to.", metrics_port=9100, connects=False)
+                            "connects to.", connects=False)
     parser.option("--bind-host", default="127.0.0.1",
                   help="address the channel ports bind (0.0.0.0 for all interfaces)")
     parser.option("--hwm", default=bus.DEFAULT_HWM, type=int,

@@ -10,7 +10,7 @@ from .sources import DEFAULT_TIMEOUT_MS
 
 def build_parser():
     parser = service_parser(SERVICE, "Capture: reads a source and publishes its frames to the "
-                            "broker.", metrics_port=9101)
+                            "broker.")
     parser.option("--source", default="demo",
                   help="'demo', a camera index (0) or /dev/videoN, a video file, an "
                        "rtsp:// or http(s):// URL, an image folder, or a glob like 'pics/*.jpg'")

@@ -11,7 +11,7 @@ from .service import SERVICE, ClassifierSettings
 
 def build_parser():
     parser = service_parser(SERVICE, "Classifier: pulls face crops, classifies them in dynamic "
-                            "batches, publishes results.", metrics_port=9103)
+                            "batches, publishes results.")
     policy = BatchPolicy()
     parser.option("--registry", default="models",
                   help="model registry directory; the version named in its 'current' file is served")

@@ -21,7 +21,7 @@ import zmq
 
 from . import keys
 from .config import config_error
-from .ports import CHANNELS
+from .ports import BROKER_BASE_PORT, CHANNELS
 from .protocol import (MAX_CROP_SIZE, MAX_FRAME_PIXELS, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES,
                        MAX_STREAM_ID)
 
@@ -55,7 +55,7 @@ def max_message_part(channel: str, max_pixels: int = MAX_FRAME_PIXELS) -> int:
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str = "127.0.0.1"
-    base_port: int = 5555
+    base_port: int = BROKER_BASE_PORT
     curve: keys.ClientKeys | None = None   # CurveZMQ keys for every socket (None = plain TCP)
 
     def port(self, channel: str, side: str) -> int:

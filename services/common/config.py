@@ -11,6 +11,7 @@ import os
 import sys
 from typing import NoReturn
 
+from . import ports
 from .protocol import MAX_CLOCK_SKEW_S, MAX_FRAME_PIXELS
 
 ENV_PREFIX = "EMOTION_"
@@ -67,15 +68,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def service_parser(name: str, description: str, metrics_port: int,
-                   connects: bool = True) -> ServiceParser:
-    """The parser every service starts from: broker address, metrics port, logging."""
+def service_parser(name: str, description: str, connects: bool = True,
+                   metrics_port: int | None = None) -> ServiceParser:
+    """The parser every service starts from: broker address, metrics port (by default the
+    service's place in the port layout, services/common/ports.py), logging."""
     parser = ServiceParser(prog=f"python -m services.{name}", description=description)
     if connects:
         parser.option("--broker-host", default="127.0.0.1",
                       help="host name or address of the broker")
-    parser.option("--base-port", default=5555, type=int,
+    parser.option("--base-port", default=ports.BROKER_BASE_PORT, type=int,
                   help="first of the broker's 10 consecutive ports (see docs/protocol.md)")
+    if metrics_port is None:
+        metrics_port = ports.metrics_port(name)
     parser.option("--metrics-port", default=metrics_port, type=int,
                   help="port of the Prometheus /metrics endpoint (0 = none)")
     parser.option("--metrics-host", default="127.0.0.1",

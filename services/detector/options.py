@@ -10,7 +10,7 @@ from .service import SERVICE, IntakeSettings
 
 def build_parser():
     parser = service_parser(SERVICE, "Detector: pulls frames from the detect queue, finds "
-                            "faces, pushes crops to classify.", metrics_port=9102)
+                            "faces, pushes crops to classify.")
     d = DetectorSettings()
     parser.option("--cascade", default="haarcascade_frontalface_default.xml",
                   help="Haar cascade file name in cv2.data.haarcascades, or a path")

@@ -1,6 +1,7 @@
 """The recorder's options."""
 from __future__ import annotations
 
+from services.common import ports
 from services.common.config import config_error, service_parser
 
 from .service import DEFAULT_DATABASE, SERVICE
@@ -8,7 +9,7 @@ from .service import DEFAULT_DATABASE, SERVICE
 
 def build_parser():
     parser = service_parser(SERVICE, "Recorder: keeps tracks, their emotions over time and track "
-                            "events in a database, with an HTTP API.", metrics_port=9106)
+                            "events in a database, with an HTTP API.")
     parser.option("--database", default=DEFAULT_DATABASE,
                   help="SQLite file path (or sqlite:///path), or postgresql://user:pass@host/db")
     parser.option("--sample-hz", default=5.0, type=float,
@@ -20,7 +21,7 @@ def build_parser():
                   help="delete what was seen longer ago than this (0 = keep everything)")
     parser.option("--api-host", default="127.0.0.1",
                   help="address the HTTP API binds (0.0.0.0 in containers)")
-    parser.option("--api-port", default=8081, type=int, help="port of the HTTP API (0 = none)")
+    parser.option("--api-port", default=ports.RECORDER_API_PORT, type=int, help="port of the HTTP API (0 = none)")
     return parser
 
 

@@ -10,7 +10,7 @@ from .tracks import TrackerSettings
 
 def build_parser():
     parser = service_parser(SERVICE, "Tracker: gives each face a track id that lasts, smooths its "
-                            "emotion over time, and", metrics_port=9105)
+                            "emotion over time, and")
     d, s = TrackerSettings(), SmoothingSettings()
     parser.option("--reorder-ms", default=d.reorder_s * 1000, type=float,
                   help="longest a result waits for older results of its stream (several "

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m services.viewer`` (see ``--help``; the loop is in app.py)."""
+"""Entry point: ``python -m services.viewer`` (see ``--help``; the loop is in service.py)."""
 from __future__ import annotations
 
 import signal
@@ -10,7 +10,7 @@ import zmq
 from services.common import bus, metrics
 from services.common.config import setup_logging
 
-from .app import SERVICE, Viewer, run_loop
+from .service import SERVICE, ViewerService
 from .hub import StreamHub
 from .options import parse_args, settings_from
 from .web import start_web_server, stop_web_server
@@ -48,12 +48,12 @@ def main(argv=None) -> int:
         sockets.append(results)
         tracks = bus.consumer(ctx, address, "tracks")
         sockets.append(tracks)
-        viewer = Viewer(settings_from(args), hub, metrics.RejectLog(SERVICE, log), windows)
+        viewer = ViewerService(settings_from(args), hub, metrics.RejectLog(SERVICE, log), windows)
         log.info("web page on http://%s:%s/ ; frames from %s, results from %s, tracks from %s; "
                  "delay %d ms", args.http_host, server.server_address[1],
                  address.endpoint("frames", "out"), address.endpoint("results", "out"),
                  address.endpoint("tracks", "out"), args.delay_ms)
-        run_loop(viewer, frames, results, stop, tracks)
+        viewer.run(frames, results, stop, tracks)
     except zmq.ZMQError as exc:
         log.error("cannot reach the broker at %s:%s: %s", args.broker_host, args.base_port, exc)
         return 1

@@ -1,19 +1,19 @@
 """The viewer's options, and the settings they make."""
 from __future__ import annotations
 
+from services.common import ports
 from services.common.config import ServiceParser, service_parser
 
-from .app import SERVICE, ViewerSettings
+from .service import SERVICE, ViewerSettings
 
-METRICS_PORT = 9104
 
 
 def build_parser() -> ServiceParser:
     parser = service_parser(SERVICE, "Shows every stream with its emotion labels: a web page "
-                            "with MJPEG streams (and optionally native windows).", METRICS_PORT)
+                            "with MJPEG streams (and optionally native windows).")
     parser.option("--http-host", default="127.0.0.1",
                   help="address the web page binds (0.0.0.0 to reach it from other machines)")
-    parser.option("--http-port", default=8080, type=int, help="port of the web page")
+    parser.option("--http-port", default=ports.VIEWER_HTTP_PORT, type=int, help="port of the web page")
     parser.option("--delay-ms", default=0, type=int,
                   help="display delay: 0 shows each frame at once with the latest labels; "
                        ">0 holds frames until their own result arrives, at most this long")

@@ -60,7 +60,7 @@ class ViewerSettings:
     max_pixels: int = MAX_FRAME_PIXELS     # larger frames are refused before decoding
 
 
-class Viewer:
+class ViewerService:
     """Turns received messages into annotated JPEGs in the hub."""
 
     def __init__(self, settings: ViewerSettings, hub: StreamHub,
@@ -207,6 +207,27 @@ class Viewer:
         return min(POLL_MS, max(1, int(due * 1000) + 1))
 
 
+    def run(self, frames: zmq.Socket, results: zmq.Socket, stop: threading.Event,
+            tracks: zmq.Socket | None = None) -> None:
+        """Poll the channels until ``stop`` is set (or 'q' in a native window)."""
+        poller = zmq.Poller()
+        poller.register(frames, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
+        if tracks is not None:
+            poller.register(tracks, zmq.POLLIN)
+        while not stop.is_set():
+            ready = dict(poller.poll(self.poll_timeout_ms()))
+            if tracks is not None and tracks in ready:
+                _drain(tracks, self.on_tracks)
+            if results in ready:
+                _drain(results, self.on_result)
+            if frames in ready:
+                _drain(frames, self.on_frame)
+            self.flush()
+            if self.windows is not None and not self.windows.pump():
+                log.info("'q' pressed in a viewer window, stopping")
+                stop.set()
+
 def _drain(sock: zmq.Socket, handle: Callable[[list], None]) -> None:
     """Take what is queued (bounded), so live mode can skip straight to the newest frame."""
     for _ in range(DRAIN_LIMIT):
@@ -215,25 +236,3 @@ def _drain(sock: zmq.Socket, handle: Callable[[list], None]) -> None:
         except zmq.Again:
             return
         handle(parts)
-
-
-def run_loop(viewer: Viewer, frames: zmq.Socket, results: zmq.Socket,
-             stop: threading.Event, tracks: zmq.Socket | None = None) -> None:
-    """Poll the channels until ``stop`` is set (or 'q' in a native window)."""
-    poller = zmq.Poller()
-    poller.register(frames, zmq.POLLIN)
-    poller.register(results, zmq.POLLIN)
-    if tracks is not None:
-        poller.register(tracks, zmq.POLLIN)
-    while not stop.is_set():
-        ready = dict(poller.poll(viewer.poll_timeout_ms()))
-        if tracks is not None and tracks in ready:
-            _drain(tracks, viewer.on_tracks)
-        if results in ready:
-            _drain(results, viewer.on_result)
-        if frames in ready:
-            _drain(frames, viewer.on_frame)
-        viewer.flush()
-        if viewer.windows is not None and not viewer.windows.pump():
-            log.info("'q' pressed in a viewer window, stopping")
-            stop.set()
