@@ -1,4 +1,5 @@
 """Shared helpers: the test clip, the model under test, statistics, per-process CPU, machine facts."""
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,16 @@ FAST_DETECT_WIDTH = 240
 
 def find_media(folder: str | None) -> Path:
     """The folder holding the test clip: --media, else $EMOTION_TEST_MEDIA, else ../shared/media."""
-    candidates = [folder] if folder else [os.environ.get("EMOTION_TEST_MEDIA"),
-                                          str(ROOT.parent / "shared" / "media")]
+    candidates = (
+        [folder] if folder else [os.environ.get("EMOTION_TEST_MEDIA"), str(ROOT.parent / "shared" / "media")]
+    )
     for candidate in filter(None, candidates):
         if (Path(candidate) / CLIP_NAME).is_file():
             return Path(candidate).resolve()
-    raise BenchError(f"the test clip {CLIP_NAME} was not found in {' or '.join(filter(None, candidates))}; "
-                     f"pass --media DIR (or set EMOTION_TEST_MEDIA) to the folder that holds it")
+    raise BenchError(
+        f"the test clip {CLIP_NAME} was not found in {' or '.join(filter(None, candidates))}; "
+        f"pass --media DIR (or set EMOTION_TEST_MEDIA) to the folder that holds it"
+    )
 
 
 def read_clip(path: Path, max_width: int = 640) -> tuple[list[np.ndarray], float]:
@@ -64,13 +68,12 @@ def write_tiled_clip(frames: list[np.ndarray], fps: float, out: Path, grid: int 
 
     n = len(frames)
     height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), fps,
-                             (width * grid, height * grid))
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width * grid, height * grid))
     if not writer.isOpened():
         raise BenchError(f"cannot write {out} with the MJPG codec")
     for i in range(n):
         tiles = [frames[(i + k * n // (grid * grid)) % n] for k in range(grid * grid)]
-        rows = [np.hstack(tiles[r * grid:(r + 1) * grid]) for r in range(grid)]
+        rows = [np.hstack(tiles[r * grid : (r + 1) * grid]) for r in range(grid)]
         writer.write(np.vstack(rows))
     writer.release()
     return out
@@ -112,27 +115,38 @@ def model_registry(workdir: Path, model: str | None = None) -> tuple[Path, dict]
         shutil.copy(keras_file, root / version / registry.MODEL_FILE)
         (root / version / registry.METADATA_FILE).write_text(json.dumps(meta))
         registry.promote(root, version)
-        return root, {"source": f"--model {model}", "version": version,
-                      "architecture": meta.get("architecture", "?"), "input": meta.get("input"),
-                      "tta": meta.get("tta", "none"),
-                      "precision": meta.get("precision", "float32")}
+        return root, {
+            "source": f"--model {model}",
+            "version": version,
+            "architecture": meta.get("architecture", "?"),
+            "input": meta.get("input"),
+            "tta": meta.get("tta", "none"),
+            "precision": meta.get("precision", "float32"),
+        }
     served = ROOT / "models"
     version = registry.current_version(served)
     if version:
         entry = registry.resolve(served, version)
-        return served, {"source": "registry models/", "version": version,
-                        "architecture": entry.metadata.get("architecture", "?"),
-                        "input": entry.metadata.get("input"), "tta": entry.tta,
-                        "precision": entry.precision}
+        return served, {
+            "source": "registry models/",
+            "version": version,
+            "architecture": entry.metadata.get("architecture", "?"),
+            "input": entry.metadata.get("input"),
+            "tta": entry.tta,
+            "precision": entry.precision,
+        }
     from tests.support import write_tiny_model
 
     root = workdir / "models"
     root.mkdir(parents=True, exist_ok=True)
     write_tiny_model(root, "bench-tiny")
     registry.promote(root, "bench-tiny")
-    return root, {"source": "tiny random model (models/current absent)", "version": "bench-tiny",
-                  "architecture": "test-tiny (2 conv layers, random weights)",
-                  "input": {"size": 48, "channels": 1, "scaling": "unit"}}
+    return root, {
+        "source": "tiny random model (models/current absent)",
+        "version": "bench-tiny",
+        "architecture": "test-tiny (2 conv layers, random weights)",
+        "input": {"size": 48, "channels": 1, "scaling": "unit"},
+    }
 
 
 def load_runner(registry_dir: Path):
@@ -147,13 +161,13 @@ def load_runner(registry_dir: Path):
 
 # --- statistics ---------------------------------------------------------------------------
 
+
 def summary(values) -> dict:
     """Median with min and max over repeats (None values are skipped)."""
     values = [float(v) for v in values if v is not None]
     if not values:
         return {"median": None, "min": None, "max": None, "n": 0}
-    return {"median": float(np.median(values)), "min": min(values), "max": max(values),
-            "n": len(values)}
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def percentiles(values, qs=(50, 95, 99)) -> dict:
@@ -188,11 +202,16 @@ def time_loop(fn, seconds: float, min_calls: int = 3) -> dict:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return {"calls": len(times), "wall_s": time.perf_counter() - wall0,
-            "cpu_s": time.process_time() - cpu0, "median_call_s": float(np.median(times))}
+    return {
+        "calls": len(times),
+        "wall_s": time.perf_counter() - wall0,
+        "cpu_s": time.process_time() - cpu0,
+        "median_call_s": float(np.median(times)),
+    }
 
 
 # --- processes ----------------------------------------------------------------------------
+
 
 def proc_cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
@@ -206,8 +225,9 @@ def proc_cpu_seconds(pid: int) -> float | None:
 def busy_processes(exclude: set[int] = frozenset(), min_cpu_percent: float = 20.0) -> list[str]:
     """Other processes using a lot of CPU right now (to note a shared machine)."""
     try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,etimes,args", "--sort=-pcpu"],
-                             capture_output=True, text=True, timeout=10).stdout.splitlines()[1:]
+        out = subprocess.run(
+            ["ps", "-eo", "pid,pcpu,etimes,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()[1:]
     except (OSError, subprocess.SubprocessError):
         return []
     found = []
@@ -225,8 +245,12 @@ def machine_info() -> dict:
     import msgpack
     import zmq
 
-    info = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "load_average": list(os.getloadavg())}
+    info = {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": list(os.getloadavg()),
+    }
     try:
         info["cpus_allowed"] = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -237,12 +261,17 @@ def machine_info() -> dict:
             break
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal"):
-            info["memory_gib"] = round(int(line.split()[1]) / 1024 ** 2, 1)
-    versions = {"numpy": np.__version__, "opencv": cv2.__version__, "pyzmq": zmq.__version__,
-                "libzmq": zmq.zmq_version(), "msgpack": ".".join(map(str, msgpack.version))}
+            info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
+    versions = {
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "msgpack": ".".join(map(str, msgpack.version)),
+    }
     try:
-        import tensorflow as tf
         import keras
+        import tensorflow as tf
 
         versions["tensorflow"] = tf.__version__
         versions["keras"] = keras.__version__

@@ -6,6 +6,7 @@ Decodes the clip first, then calls ``FER(mtcnn=False).detect_emotions(frame)`` o
 frame, ``passes`` times, and prints one JSON object on stdout: frames/s, per-frame
 latency, CPU per frame, and how many frames had at least one face.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def main() -> None:
             break
         frames.append(frame)
     decode_ms = 1000 * (time.perf_counter() - decode_t) / max(1, len(frames))
-    detector.detect_emotions(frames[0])            # warm-up
+    detector.detect_emotions(frames[0])  # warm-up
     passes = []
     for _ in range(args.passes):
         times, with_faces, faces = [], 0, 0
@@ -61,21 +62,37 @@ def main() -> None:
             faces += len(found)
             with_faces += bool(found)
         wall = time.perf_counter() - wall0
-        passes.append({
-            "frames": len(frames), "fps": len(frames) / wall,
-            "latency_ms": {"p50": 1000 * float(np.percentile(times, 50)),
-                           "p95": 1000 * float(np.percentile(times, 95)),
-                           "p99": 1000 * float(np.percentile(times, 99))},
-            "cpu_ms_per_frame": 1000 * (time.process_time() - cpu0) / len(frames),
-            "frames_with_faces": with_faces, "faces": faces})
+        passes.append(
+            {
+                "frames": len(frames),
+                "fps": len(frames) / wall,
+                "latency_ms": {
+                    "p50": 1000 * float(np.percentile(times, 50)),
+                    "p95": 1000 * float(np.percentile(times, 95)),
+                    "p99": 1000 * float(np.percentile(times, 99)),
+                },
+                "cpu_ms_per_frame": 1000 * (time.process_time() - cpu0) / len(frames),
+                "frames_with_faces": with_faces,
+                "faces": faces,
+            }
+        )
     import tensorflow as tf
 
-    json.dump({"fer_version": fer_version, "tensorflow": tf.__version__, "opencv": cv2.__version__,
-               "numpy": np.__version__, "python": sys.version.split()[0],
-               "settings": "FER(mtcnn=False): Haar cascade on the full frame, "
-                           "its default TFLite emotion model",
-               "load_s": load_s, "clip_decode_ms_per_frame": decode_ms, "frame_shape": list(frames[0].shape),
-               "passes": passes}, sys.stdout)
+    json.dump(
+        {
+            "fer_version": fer_version,
+            "tensorflow": tf.__version__,
+            "opencv": cv2.__version__,
+            "numpy": np.__version__,
+            "python": sys.version.split()[0],
+            "settings": "FER(mtcnn=False): Haar cascade on the full frame, its default TFLite emotion model",
+            "load_s": load_s,
+            "clip_decode_ms_per_frame": decode_ms,
+            "frame_shape": list(frames[0].shape),
+            "passes": passes,
+        },
+        sys.stdout,
+    )
     sys.stdout.write("\n")
 
 

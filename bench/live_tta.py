@@ -6,13 +6,15 @@ each face as is (``none``), or mirrored on every other frame (``alternate``), so
 smoothing averages both views over time.
 
 For woman2 (one face) and a 2x2 mosaic of it (four faces at different moments), every
-frame goes through full-frame detection and the shipped version in each mode; each face's answers are smoothed on the clip's clock exactly as the tracker does
+frame goes through full-frame detection and the shipped version in each mode; each face's
+answers are smoothed on the clip's clock exactly as the tracker does
 (``SmoothedEmotion``, faces matched by mosaic tile). Reported per clip: agreement of the
 raw labels with flip TTA's, agreement of the smoothed (shown) labels, the largest gap
 between the smoothed probability vectors, and label changes per minute.
 
 Writes bench/results/live-tta.json and live-tta.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,23 +63,27 @@ def answers(frames, runner, grid: int, tta: str):
         else:
             tta_here = tta
         probabilities = runner.predict_faces(crops, tta_here)
-        out.append([(common.tile_of(box, frame.shape, grid), p)
-                    for box, p in zip(boxes, probabilities)])
+        out.append([(common.tile_of(box, frame.shape, grid), p) for box, p in zip(boxes, probabilities)])
     return out
 
 
 def agreement(flip, other, fps: float) -> dict:
     """How the answers and the shown labels of ``other`` compare with flip TTA's."""
-    raw_same = [int(np.argmax(a)) == int(np.argmax(b))
-                for fa, fb in zip(flip, other) for (_, a), (_, b) in zip(fa, fb)]
+    raw_same = [
+        int(np.argmax(a)) == int(np.argmax(b))
+        for fa, fb in zip(flip, other)
+        for (_, a), (_, b) in zip(fa, fb)
+    ]
     shown_flip, vec_flip, _ = smoothed_labels(flip, fps)
     shown_other, vec_other, changes = smoothed_labels(other, fps)
     shown_same = [a[2] == b[2] for a, b in zip(shown_flip, shown_other)]
-    return {"faces": len(raw_same),
-            "raw_label_agreement": round(float(np.mean(raw_same)), 4),
-            "shown_label_agreement": round(float(np.mean(shown_same)), 4),
-            "max_smoothed_probability_gap": round(float(np.abs(vec_flip - vec_other).max()), 4),
-            "label_changes_per_min": round(changes / (len(flip) / fps / 60), 1)}
+    return {
+        "faces": len(raw_same),
+        "raw_label_agreement": round(float(np.mean(raw_same)), 4),
+        "shown_label_agreement": round(float(np.mean(shown_same)), 4),
+        "max_smoothed_probability_gap": round(float(np.abs(vec_flip - vec_other).max()), 4),
+        "label_changes_per_min": round(changes / (len(flip) / fps / 60), 1),
+    }
 
 
 def compare(frames, fps: float, runner, grid: int) -> dict:
@@ -109,21 +115,27 @@ def main(argv=None) -> None:
 
 
 def write_markdown(path: Path, result: dict) -> None:
-    lines = ["# Live streams with less than flip TTA: what the viewer shows", "",
-             f"Model {result['model']['version']}; every frame, full-frame detection; "
-             "smoothing as the tracker's defaults (half-life 200 ms, hysteresis 0.1). "
-             "Each mode compared with flip TTA (every face run as is and mirrored): "
-             "*none* runs each face once as is, *alternate* once, mirrored on every "
-             "other frame. `python -m bench.live_tta`.", "",
-             "| clip | mode | faces | raw labels agree with flip | shown (smoothed) labels "
-             "agree | largest smoothed probability gap | label changes/min |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Live streams with less than flip TTA: what the viewer shows",
+        "",
+        f"Model {result['model']['version']}; every frame, full-frame detection; "
+        "smoothing as the tracker's defaults (half-life 200 ms, hysteresis 0.1). "
+        "Each mode compared with flip TTA (every face run as is and mirrored): "
+        "*none* runs each face once as is, *alternate* once, mirrored on every "
+        "other frame. `python -m bench.live_tta`.",
+        "",
+        "| clip | mode | faces | raw labels agree with flip | shown (smoothed) labels "
+        "agree | largest smoothed probability gap | label changes/min |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, clip in result["clips"].items():
         for mode in ("flip", "none", "alternate"):
             r = clip[mode]
-            lines.append(f"| {name} | {mode} | {r['faces']} | {r['raw_label_agreement']:.1%} | "
-                         f"{r['shown_label_agreement']:.1%} | "
-                         f"{r['max_smoothed_probability_gap']:.3f} | {r['label_changes_per_min']} |")
+            lines.append(
+                f"| {name} | {mode} | {r['faces']} | {r['raw_label_agreement']:.1%} | "
+                f"{r['shown_label_agreement']:.1%} | "
+                f"{r['max_smoothed_probability_gap']:.3f} | {r['label_changes_per_min']} |"
+            )
     path.write_text("\n".join(lines) + "\n")
 
 

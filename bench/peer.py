@@ -4,6 +4,7 @@ The environment ``bench/.venv-fer`` is created on first use: ``fer`` without its
 dependencies (they pull in PyTorch, moviepy, ...), plus the few it needs to import and
 run ``FER(mtcnn=False)``. Then ``fer_runner.py`` runs there as a subprocess and reports JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,19 @@ def venv_python() -> Path:
 def ensure_venv() -> None:
     """Create bench/.venv-fer with fer and what it needs, unless it already imports fer."""
     python = venv_python()
-    if python.exists() and subprocess.run([str(python), "-c", "import fer.fer"],
-                                          capture_output=True, env=_env()).returncode == 0:
+    if (
+        python.exists()
+        and subprocess.run([str(python), "-c", "import fer.fer"], capture_output=True, env=_env()).returncode
+        == 0
+    ):
         return
     log(f"creating {VENV} for the fer package (one-off, a few minutes)")
     base = getattr(sys, "_base_executable", sys.executable)
-    steps = [[base, "-m", "venv", str(VENV)],
-             [str(python), "-m", "pip", "install", "--quiet", *NEEDS],
-             [str(python), "-m", "pip", "install", "--quiet", "--no-deps", f"fer=={FER_VERSION}"]]
+    steps = [
+        [base, "-m", "venv", str(VENV)],
+        [str(python), "-m", "pip", "install", "--quiet", *NEEDS],
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", f"fer=={FER_VERSION}"],
+    ]
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode:
@@ -44,8 +50,7 @@ def ensure_venv() -> None:
 
 
 def _env() -> dict:
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
-            "PYTHONWARNINGS": "ignore"}
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
 
 
 def run_once(clip: Path, passes: int, max_frames: int = 0) -> dict:
@@ -62,18 +67,28 @@ def run_once(clip: Path, passes: int, max_frames: int = 0) -> dict:
 def summarize(reports: list[dict]) -> dict:
     """Medians with min-max over every pass of every run."""
     every = [p for r in reports for p in r["passes"]]
-    out = {k: reports[0][k] for k in ("fer_version", "tensorflow", "opencv", "numpy", "python",
-                                      "settings", "frame_shape")}
-    out.update({"runs": reports, "fps": summary([p["fps"] for p in every]),
-                "latency_p50_ms": summary([p["latency_ms"]["p50"] for p in every]),
-                "latency_p95_ms": summary([p["latency_ms"]["p95"] for p in every]),
-                "cpu_ms_per_frame": summary([p["cpu_ms_per_frame"] for p in every]),
-                "frames": every[0]["frames"], "frames_with_faces": every[0]["frames_with_faces"],
-                "faces": every[0]["faces"],
-                "clip_decode_ms_per_frame": summary([r["clip_decode_ms_per_frame"] for r in reports])})
-    log(f"fer {out['fer_version']}: {out['fps']['median']:.1f} frames/s, per frame p50 "
+    out = {
+        k: reports[0][k]
+        for k in ("fer_version", "tensorflow", "opencv", "numpy", "python", "settings", "frame_shape")
+    }
+    out.update(
+        {
+            "runs": reports,
+            "fps": summary([p["fps"] for p in every]),
+            "latency_p50_ms": summary([p["latency_ms"]["p50"] for p in every]),
+            "latency_p95_ms": summary([p["latency_ms"]["p95"] for p in every]),
+            "cpu_ms_per_frame": summary([p["cpu_ms_per_frame"] for p in every]),
+            "frames": every[0]["frames"],
+            "frames_with_faces": every[0]["frames_with_faces"],
+            "faces": every[0]["faces"],
+            "clip_decode_ms_per_frame": summary([r["clip_decode_ms_per_frame"] for r in reports]),
+        }
+    )
+    log(
+        f"fer {out['fer_version']}: {out['fps']['median']:.1f} frames/s, per frame p50 "
         f"{out['latency_p50_ms']['median']:.1f} ms p95 {out['latency_p95_ms']['median']:.1f} ms, "
-        f"{out['frames_with_faces']}/{out['frames']} frames with faces")
+        f"{out['frames_with_faces']}/{out['frames']} frames with faces"
+    )
     return out
 
 

@@ -6,6 +6,7 @@ it at once for a window, and each stage's report lists the functions with the la
 inclusive share of its samples (idle waiting left out: only samples py-spy sees running,
 ``--idle`` off). Writes bench/results/profile-stages.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,19 +16,35 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from tests.support import wait_for
+
 from . import common
 from .common import RESULTS, log
 from .efficiency import CONFIGS, start_pipeline, watch
-
-from tests.support import wait_for  # noqa: E402
 
 TOP = 8
 
 
 def record(pid: int, seconds: float, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                             "--rate", "100", "--format", "raw", "--output", str(out), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "100",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def inclusive_shares(collapsed: Path) -> tuple[int, list[tuple[str, float]]]:
@@ -46,21 +63,21 @@ def inclusive_shares(collapsed: Path) -> tuple[int, list[tuple[str, float]]]:
     return total, [(name, n / max(1, total)) for name, n in seen.most_common(TOP)]
 
 
-def profile_config(name: str, config: dict, registry: Path, clip: Path, work: Path,
-                   seconds: float) -> dict:
+def profile_config(name: str, config: dict, registry: Path, clip: Path, work: Path, seconds: float) -> dict:
     folder = work / name.replace(", ", "-")
     pipeline, collector = start_pipeline(config, registry, folder)
     out = {}
     try:
-        pipeline.start("capture", "--source", str(clip), "--stream", "profile", "--loop",
-                       *config["capture"])
-        wait_for(lambda: any(r[1] == "profile" for r in collector.records[-50:]), 60,
-                 what="first results")
+        pipeline.start("capture", "--source", str(clip), "--stream", "profile", "--loop", *config["capture"])
+        wait_for(lambda: any(r[1] == "profile" for r in collector.records[-50:]), 60, what="first results")
         if config["watched"]:
             watch(pipeline.http_port, "profile", threading.Event())
         time.sleep(5.0)
-        procs = {s.name.split("#")[0]: (s.proc.pid, folder / f"{s.name}.txt")
-                 for s in pipeline.services if s.alive()}
+        procs = {
+            s.name.split("#")[0]: (s.proc.pid, folder / f"{s.name}.txt")
+            for s in pipeline.services
+            if s.alive()
+        }
         spies = [record(pid, seconds, path) for pid, path in procs.values()]
         for spy in spies:
             spy.wait(seconds + 30)
@@ -82,19 +99,24 @@ def main(argv=None) -> int:
     media = common.find_media(args.media)
     work = common.temp_dir() / "profile"
     registry, _ = common.model_registry(work)
-    lines = ["# Where each stage spends its CPU (py-spy), before and after", "",
-             f"woman2.mp4 at 30 fps through broker, capture, detector, classifier, tracker, "
-             f"recorder and viewer; py-spy record --rate 100 on every process for "
-             f"{args.seconds:.0f} s at once. Per stage: samples (running, not idle), then the "
-             f"functions with the largest inclusive share of them. Configurations as in "
-             f"[efficiency.md](efficiency.md).", ""]
+    lines = [
+        "# Where each stage spends its CPU (py-spy), before and after",
+        "",
+        f"woman2.mp4 at 30 fps through broker, capture, detector, classifier, tracker, "
+        f"recorder and viewer; py-spy record --rate 100 on every process for "
+        f"{args.seconds:.0f} s at once. Per stage: samples (running, not idle), then the "
+        f"functions with the largest inclusive share of them. Configurations as in "
+        f"[efficiency.md](efficiency.md).",
+        "",
+    ]
     for name in ("before", "after"):
-        report = profile_config(name, CONFIGS[name], registry, media / common.CLIP_NAME, work,
-                                args.seconds)
+        report = profile_config(name, CONFIGS[name], registry, media / common.CLIP_NAME, work, args.seconds)
         lines += [f"## {name}", ""]
         for stage, (total, shares) in report.items():
-            lines.append(f"**{stage}** ({total} samples): " + ", ".join(
-                f"{fn} {share:.0%}" for fn, share in shares[:TOP]))
+            lines.append(
+                f"**{stage}** ({total} samples): "
+                + ", ".join(f"{fn} {share:.0%}" for fn, share in shares[:TOP])
+            )
             lines.append("")
         log(f"profiled {name}")
     path = Path(args.out) / "profile-stages.md"

@@ -23,6 +23,7 @@ Results go to bench/results/soak.json and soak.md. The model served is the regis
 current one (models/current) when there is one, otherwise a small randomly initialised
 model made for the run (the report says which).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,8 @@ from services.common.ports import free_base_port, free_port, metrics_span
 from services.common.protocol import KIND_RESULT, KIND_TRACKS, Rejected, decode
 from tests.support import ROOT, TEST_ENV, metric_samples, write_tiny_model
 
-
 # --- metrics -------------------------------------------------------------------------------
+
 
 def scraped(process: launch.Process) -> dict[str, float] | None:
     """A process's /metrics as samples, or None while it does not answer."""
@@ -66,8 +67,7 @@ def labels_of(key: str) -> dict[str, str]:
 def metric_total(samples: dict[str, float], name: str, **labels) -> float:
     total = 0.0
     for key, value in samples.items():
-        if key.partition("{")[0] == name and all(labels_of(key).get(k) == v
-                                                  for k, v in labels.items()):
+        if key.partition("{")[0] == name and all(labels_of(key).get(k) == v for k, v in labels.items()):
             total += value
     return total
 
@@ -92,7 +92,7 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
     for bound, count in buckets:
         if count >= rank:
             if math.isinf(bound):
-                return lower_bound               # beyond the last finite bucket
+                return lower_bound  # beyond the last finite bucket
             if count == lower_count:
                 return bound
             return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
@@ -119,6 +119,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 # --- the model -----------------------------------------------------------------------------
 
+
 def tiny_model_registry(folder: Path) -> Path:
     """A small randomly initialised 7-class model, registered like a trained one."""
     from services.model import registry
@@ -129,6 +130,7 @@ def tiny_model_registry(folder: Path) -> Path:
 
 
 # --- the results subscriber ----------------------------------------------------------------
+
 
 class Tap(threading.Thread):
     """Subscribes to a fan-out channel; keeps (arrival wall time, latency, faces) of each
@@ -154,7 +156,7 @@ class Tap(threading.Thread):
                     self.garbage += 1
                     continue
                 if header.kind != self.kind:
-                    continue          # the tracks channel's events
+                    continue  # the tracks channel's events
                 captured = header.timestamps.get("capture")
                 if captured is not None:
                     self.records.append((now, now - captured, len(header.results)))
@@ -167,23 +169,33 @@ class Tap(threading.Thread):
 
 # --- the run -------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=300.0, help="seconds of load (300)")
     parser.add_argument("--sample-every", type=float, default=5.0, help="sampling period (5 s)")
-    parser.add_argument("--source", default="demo",
-                        help="'demo' (paced at --fps) or a video file (read with --no-pace --loop)")
+    parser.add_argument(
+        "--source",
+        default="demo",
+        help="'demo' (paced at --fps) or a video file (read with --no-pace --loop)",
+    )
     parser.add_argument("--fps", type=float, default=200.0, help="demo rate (200)")
-    parser.add_argument("--max-width", type=int, default=1920,
-                        help="capture --max-width (large: frames are not downscaled)")
-    parser.add_argument("--max-age-ms", type=float, default=500.0,
-                        help="detector and classifier --max-age-ms (500)")
+    parser.add_argument(
+        "--max-width", type=int, default=1920, help="capture --max-width (large: frames are not downscaled)"
+    )
+    parser.add_argument(
+        "--max-age-ms", type=float, default=500.0, help="detector and classifier --max-age-ms (500)"
+    )
     parser.add_argument("--detectors", type=int, default=1)
     parser.add_argument("--classifiers", type=int, default=1)
-    parser.add_argument("--registry", default=str(ROOT / "models"),
-                        help="model registry; a tiny random model is made when it has no current")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"),
-                        help="folder for soak.json and soak.md")
+    parser.add_argument(
+        "--registry",
+        default=str(ROOT / "models"),
+        help="model registry; a tiny random model is made when it has no current",
+    )
+    parser.add_argument(
+        "--out", default=str(ROOT / "bench" / "results"), help="folder for soak.json and soak.md"
+    )
     return parser.parse_args(argv)
 
 
@@ -212,27 +224,32 @@ def main(argv=None) -> int:
         source = ("--source", args.source, "--no-pace", "--loop")
         source_note = f"{args.source}, --no-pace --loop"
     plan = launch.plan(
-        launch.RUN_SET, detectors=args.detectors, classifiers=args.classifiers,
+        launch.RUN_SET,
+        detectors=args.detectors,
+        classifiers=args.classifiers,
         metrics_base=free_base_port(metrics_span(max(args.detectors, args.classifiers))),
         common=("--base-port", str(base), "--log-level", "WARNING"),
-        args={"capture": (*source, "--max-width", str(args.max_width)),
-              "detector": age, "classifier": (*age, "--registry", str(registry)),
-              "recorder": ("--database", str(work / "recorder.db"), "--api-port", str(free_port())),
-              "viewer": ("--http-port", str(free_port()))})
+        args={
+            "capture": (*source, "--max-width", str(args.max_width)),
+            "detector": age,
+            "classifier": (*age, "--registry", str(registry)),
+            "recorder": ("--database", str(work / "recorder.db"), "--api-port", str(free_port())),
+            "viewer": ("--http-port", str(free_port())),
+        },
+    )
     group = launch.ProcessGroup(work, TEST_ENV, ROOT)
     taps = {"results": Tap(addr, "results", KIND_RESULT), "tracks": Tap(addr, "tracks", KIND_TRACKS)}
     for tap in taps.values():
         tap.start()
     try:
-        try:      # every stage ready before the source starts
+        try:  # every stage ready before the source starts
             group.start_all([p for p in plan if p.service != "capture"])
             group.wait_ready(180)
             group.wait_ready(180, group.start_all([p for p in plan if p.service == "capture"]))
         except (RuntimeError, TimeoutError) as error:
-            raise SystemExit(f"{error}\nlogs in {work}")
+            raise SystemExit(f"{error}\nlogs in {work}") from None
         procs = group.processes
-        print(f"running {args.duration:.0f} s: {source_note}, max age {args.max_age_ms:g} ms",
-              flush=True)
+        print(f"running {args.duration:.0f} s: {source_note}, max age {args.max_age_ms:g} ms", flush=True)
         load_start = os.getloadavg()
         started_wall, started = time.time(), time.monotonic()
         samples = []
@@ -245,14 +262,16 @@ def main(argv=None) -> int:
             sample["alive"] = {p.name: p.alive() for p in procs}
             samples.append(sample)
             results, tracks = len(taps["results"].records), len(taps["tracks"].records)
-            print(f"t={t:6.1f}s results={results:6d} tracks={tracks:6d} rss=" + " ".join(
-                f"{n}:{v:.0f}" for n, v in sample["rss_mb"].items() if v), flush=True)
+            print(
+                f"t={t:6.1f}s results={results:6d} tracks={tracks:6d} rss="
+                + " ".join(f"{n}:{v:.0f}" for n, v in sample["rss_mb"].items() if v),
+                flush=True,
+            )
             if t >= args.duration:
                 break
             time.sleep(max(0.0, min(args.sample_every, args.duration - t)))
         load_end = os.getloadavg()
-        report = summarise(args, samples, taps, started_wall, model_note, source_note,
-                           load_start, load_end)
+        report = summarise(args, samples, taps, started_wall, model_note, source_note, load_start, load_end)
     finally:
         for tap in taps.values():
             tap.close()
@@ -273,14 +292,19 @@ def summarise(args, samples, taps, started_wall, model_note, source_note, load_s
     middle = next(s for s in samples if s["t"] >= args.duration / 2)
     memory = {}
     for name in names:
-        values = {k: s["rss_mb"].get(name) for k, s in
-                  (("start", first), ("warm", warm), ("middle", middle), ("end", last))}
+        values = {
+            k: s["rss_mb"].get(name)
+            for k, s in (("start", first), ("warm", warm), ("middle", middle), ("end", last))
+        }
         peak = max((s["rss_mb"].get(name) or 0) for s in samples)
         allowed = max(30.0, 0.1 * (values["warm"] or 0))
         flat = None if None in values.values() else values["end"] - values["warm"] <= allowed
-        memory[name] = {**{k: round(v, 1) if v is not None else None for k, v in values.items()},
-                        "peak": round(peak, 1), "growth_after_warm_up": None if flat is None
-                        else round(values["end"] - values["warm"], 1), "flat": flat}
+        memory[name] = {
+            **{k: round(v, 1) if v is not None else None for k, v in values.items()},
+            "peak": round(peak, 1),
+            "growth_after_warm_up": None if flat is None else round(values["end"] - values["warm"], 1),
+            "flat": flat,
+        }
 
     merged_end: dict[str, float] = {}
     for metrics in last["metrics"].values():
@@ -291,40 +315,65 @@ def summarise(args, samples, taps, started_wall, model_note, source_note, load_s
     rejected = by_labels(merged_end, "emotion_messages_rejected_total", "service", "reason")
 
     def total(sample, prefix, name, **labels):
-        return sum(metric_total(m, name, **labels) for n, m in sample["metrics"].items()
-                   if n.split("#")[0] == prefix)
+        return sum(
+            metric_total(m, name, **labels) for n, m in sample["metrics"].items() if n.split("#")[0] == prefix
+        )
 
     span = last["t"] - first["t"] or 1.0
     throughput = {
-        "captured_fps": (total(last, "capture", "emotion_capture_frames_total")
-                         - total(first, "capture", "emotion_capture_frames_total")) / span,
-        "detected_fps": (total(last, "detector", "emotion_detector_frames_total")
-                         - total(first, "detector", "emotion_detector_frames_total")) / span,
-        "faces_classified_per_s": (total(last, "classifier", "emotion_classifier_faces_total")
-                                   - total(first, "classifier", "emotion_classifier_faces_total")) / span,
-        "viewer_shown_fps": (total(last, "viewer", "emotion_viewer_frames_total")
-                             - total(first, "viewer", "emotion_viewer_frames_total")) / span,
-        "tracker_results_per_s": (total(last, "tracker", "emotion_tracker_results_total")
-                                  - total(first, "tracker", "emotion_tracker_results_total")) / span,
-        "recorder_messages_per_s": (total(last, "recorder", "emotion_recorder_messages_total")
-                                    - total(first, "recorder", "emotion_recorder_messages_total"))
-                                   / span,
+        "captured_fps": (
+            total(last, "capture", "emotion_capture_frames_total")
+            - total(first, "capture", "emotion_capture_frames_total")
+        )
+        / span,
+        "detected_fps": (
+            total(last, "detector", "emotion_detector_frames_total")
+            - total(first, "detector", "emotion_detector_frames_total")
+        )
+        / span,
+        "faces_classified_per_s": (
+            total(last, "classifier", "emotion_classifier_faces_total")
+            - total(first, "classifier", "emotion_classifier_faces_total")
+        )
+        / span,
+        "viewer_shown_fps": (
+            total(last, "viewer", "emotion_viewer_frames_total")
+            - total(first, "viewer", "emotion_viewer_frames_total")
+        )
+        / span,
+        "tracker_results_per_s": (
+            total(last, "tracker", "emotion_tracker_results_total")
+            - total(first, "tracker", "emotion_tracker_results_total")
+        )
+        / span,
+        "recorder_messages_per_s": (
+            total(last, "recorder", "emotion_recorder_messages_total")
+            - total(first, "recorder", "emotion_recorder_messages_total")
+        )
+        / span,
     }
 
     def exact(tap):
         records = [r for r in tap.records if r[0] >= started_wall]
         latencies = [r[1] for r in records]
-        out = {f"p{int(q * 100)}_ms": round(percentile(latencies, q) * 1000, 1)
-               if latencies else None for q in (0.5, 0.95, 0.99)}
-        out.update(count=len(latencies),
-                   max_ms=round(max(latencies) * 1000, 1) if latencies else None,
-                   with_faces=sum(1 for r in records if r[2]))
+        out = {
+            f"p{int(q * 100)}_ms": round(percentile(latencies, q) * 1000, 1) if latencies else None
+            for q in (0.5, 0.95, 0.99)
+        }
+        out.update(
+            count=len(latencies),
+            max_ms=round(max(latencies) * 1000, 1) if latencies else None,
+            with_faces=sum(1 for r in records if r[2]),
+        )
         return out
 
     def from_histogram(service, name):
         buckets = histogram(last["metrics"].get(service, {}), name)
-        out = {f"p{int(q * 100)}_ms": (round(v * 1000, 1) if v is not None else None)
-               for q in (0.5, 0.95, 0.99) for v in [histogram_quantile(q, buckets)]}
+        out = {
+            f"p{int(q * 100)}_ms": (round(v * 1000, 1) if v is not None else None)
+            for q in (0.5, 0.95, 0.99)
+            for v in [histogram_quantile(q, buckets)]
+        }
         out["count"] = max((c for _, c in buckets), default=0)
         return out
 
@@ -341,67 +390,114 @@ def summarise(args, samples, taps, started_wall, model_note, source_note, load_s
     verdict["ok"] = all(verdict.values())
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_wall)),
-        "duration_s": round(span, 1), "source": source_note, "model": model_note,
-        "max_age_ms": args.max_age_ms, "detectors": args.detectors,
-        "classifiers": args.classifiers, "max_width": args.max_width,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_start": [round(v, 2) for v in load_start],
-                    "load_average_end": [round(v, 2) for v in load_end]},
+        "duration_s": round(span, 1),
+        "source": source_note,
+        "model": model_note,
+        "max_age_ms": args.max_age_ms,
+        "detectors": args.detectors,
+        "classifiers": args.classifiers,
+        "max_width": args.max_width,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_start": [round(v, 2) for v in load_start],
+            "load_average_end": [round(v, 2) for v in load_end],
+        },
         "latency_capture_to_result": result_latency,
         "latency_capture_to_tracks": tracks_latency,
         "latency_capture_to_viewer_histogram": viewer_latency,
         "tracker_seconds_per_message_histogram": from_histogram("tracker", "emotion_tracker_seconds"),
-        "recorder_seconds_per_batch_histogram": from_histogram("recorder",
-                                                               "emotion_recorder_batch_seconds"),
+        "recorder_seconds_per_batch_histogram": from_histogram("recorder", "emotion_recorder_batch_seconds"),
         "p99_limit_ms": limit_ms,
-        "memory_mb": memory, "throughput": {k: round(v, 1) for k, v in throughput.items()},
+        "memory_mb": memory,
+        "throughput": {k: round(v, 1) for k, v in throughput.items()},
         "dropped": {k: int(v) for k, v in sorted(drops.items())},
         "rejected": {k: int(v) for k, v in sorted(rejected.items())},
         "verdict": verdict,
-        "rss_timeline": [{"t": s["t"], **{k: (round(v, 1) if v else None)
-                                          for k, v in s["rss_mb"].items()}} for s in samples],
+        "rss_timeline": [
+            {"t": s["t"], **{k: (round(v, 1) if v else None) for k, v in s["rss_mb"].items()}}
+            for s in samples
+        ],
     }
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Soak run, {r['when']}", "",
-             f"{r['duration_s']:.0f} s, source {r['source']}, {r['detectors']} detector(s), "
-             f"{r['classifiers']} classifier(s), --max-age-ms {r['max_age_ms']:g}, "
-             f"--max-width {r['max_width']}.  ",
-             f"Model: {r['model']}.  ",
-             f"Machine: {r['machine']['cpus']} CPUs, load average "
-             f"{r['machine']['load_average_start'][0]} at start, "
-             f"{r['machine']['load_average_end'][0]} at end.", "",
-             "## Latency", "", "| path | p50 | p95 | p99 | samples |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Soak run, {r['when']}",
+        "",
+        f"{r['duration_s']:.0f} s, source {r['source']}, {r['detectors']} detector(s), "
+        f"{r['classifiers']} classifier(s), --max-age-ms {r['max_age_ms']:g}, "
+        f"--max-width {r['max_width']}.  ",
+        f"Model: {r['model']}.  ",
+        f"Machine: {r['machine']['cpus']} CPUs, load average "
+        f"{r['machine']['load_average_start'][0]} at start, "
+        f"{r['machine']['load_average_end'][0]} at end.",
+        "",
+        "## Latency",
+        "",
+        "| path | p50 | p95 | p99 | samples |",
+        "|---|---|---|---|---|",
+    ]
     a, b = r["latency_capture_to_result"], r["latency_capture_to_viewer_histogram"]
-    lines.append(f"| capture → result (results channel, exact) | {a['p50_ms']} ms | {a['p95_ms']} ms "
-                 f"| {a['p99_ms']} ms | {a['count']} ({a['with_faces']} with faces) |")
+    lines.append(
+        f"| capture → result (results channel, exact) | {a['p50_ms']} ms | {a['p95_ms']} ms "
+        f"| {a['p99_ms']} ms | {a['count']} ({a['with_faces']} with faces) |"
+    )
     t = r["latency_capture_to_tracks"]
-    lines.append(f"| capture → tracks (tracks channel, exact) | {t['p50_ms']} ms | {t['p95_ms']} ms "
-                 f"| {t['p99_ms']} ms | {t['count']} ({t['with_faces']} with faces) |")
-    lines.append(f"| capture → shown (viewer histogram) | {b['p50_ms']} ms | {b['p95_ms']} ms "
-                 f"| {b['p99_ms']} ms | {int(b['count'])} |")
-    for label, key in (("tracker, per message (histogram)", "tracker_seconds_per_message_histogram"),
-                       ("recorder, per committed batch (histogram)",
-                        "recorder_seconds_per_batch_histogram")):
+    lines.append(
+        f"| capture → tracks (tracks channel, exact) | {t['p50_ms']} ms | {t['p95_ms']} ms "
+        f"| {t['p99_ms']} ms | {t['count']} ({t['with_faces']} with faces) |"
+    )
+    lines.append(
+        f"| capture → shown (viewer histogram) | {b['p50_ms']} ms | {b['p95_ms']} ms "
+        f"| {b['p99_ms']} ms | {int(b['count'])} |"
+    )
+    for label, key in (
+        ("tracker, per message (histogram)", "tracker_seconds_per_message_histogram"),
+        ("recorder, per committed batch (histogram)", "recorder_seconds_per_batch_histogram"),
+    ):
         h = r[key]
-        lines.append(f"| {label} | {h['p50_ms']} ms | {h['p95_ms']} ms | {h['p99_ms']} ms "
-                     f"| {int(h['count'])} |")
-    lines += ["", f"p99 limit (2 × max age): {r['p99_limit_ms']:g} ms — "
-              f"{'within' if r['verdict']['results_p99_within_2x_max_age'] else 'EXCEEDED'}.", "",
-              "## Throughput", "", "| stage | per second |", "|---|---|"]
+        lines.append(
+            f"| {label} | {h['p50_ms']} ms | {h['p95_ms']} ms | {h['p99_ms']} ms | {int(h['count'])} |"
+        )
+    lines += [
+        "",
+        f"p99 limit (2 × max age): {r['p99_limit_ms']:g} ms — "
+        f"{'within' if r['verdict']['results_p99_within_2x_max_age'] else 'EXCEEDED'}.",
+        "",
+        "## Throughput",
+        "",
+        "| stage | per second |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in r["throughput"].items()]
-    lines += ["", "## Memory (RSS, MB)", "",
-              "| process | start | warmed up | middle | end | peak | growth after warm-up | flat |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Memory (RSS, MB)",
+        "",
+        "| process | start | warmed up | middle | end | peak | growth after warm-up | flat |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in r["memory_mb"].items():
-        lines.append(f"| {name} | {m['start']} | {m['warm']} | {m['middle']} | {m['end']} | "
-                     f"{m['peak']} | {m['growth_after_warm_up']} | {'yes' if m['flat'] else 'NO'} |")
-    lines += ["", "## Dropped work (emotion_frames_dropped_total)", "",
-              "| service/reason | count |", "|---|---|"]
+        lines.append(
+            f"| {name} | {m['start']} | {m['warm']} | {m['middle']} | {m['end']} | "
+            f"{m['peak']} | {m['growth_after_warm_up']} | {'yes' if m['flat'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "## Dropped work (emotion_frames_dropped_total)",
+        "",
+        "| service/reason | count |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in r["dropped"].items()] or ["| (none) | 0 |"]
-    lines += ["", "## Rejected messages (emotion_messages_rejected_total)", "",
-              "| service/reason | count |", "|---|---|"]
+    lines += [
+        "",
+        "## Rejected messages (emotion_messages_rejected_total)",
+        "",
+        "| service/reason | count |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in r["rejected"].items()] or ["| (none) | 0 |"]
     lines += ["", "## Verdict", ""]
     lines += [f"- {k}: {v}" for k, v in r["verdict"].items()]

@@ -14,6 +14,7 @@ tracker's :class:`Tracker`, exactly as the service runs it. Reported side by sid
 
 Writes bench/results/tracking.json and tracking.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,13 @@ import numpy as np
 from . import common
 from .common import RESULTS, log
 
-WINDOW_S = 1.0          # centred window of the raw-label majority
-REAL_CHANGE_S = 1.0     # a majority change counts as real when the new label holds this long
+WINDOW_S = 1.0  # centred window of the raw-label majority
+REAL_CHANGE_S = 1.0  # a majority change counts as real when the new label holds this long
 LAG_LIMIT_S = 0.5
 
 
 # --- labelled frames ------------------------------------------------------------------------
+
 
 def label_frames(frames: list[np.ndarray], fps: float, runner, stream: str = "clip") -> list:
     """Every frame through the detector's and classifier's functions: result headers."""
@@ -48,12 +50,22 @@ def label_frames(frames: list[np.ndarray], fps: float, runner, stream: str = "cl
             crops = crop_faces(frame, boxes, settings.margin, settings.crop_size)
             for box, scores in zip(boxes, runner.predict_faces(crops)):
                 best = int(np.argmax(scores))
-                results.append(FaceResult(tuple(box), EMOTIONS[best], float(scores[best]),
-                                          [float(s) for s in scores]))
+                results.append(
+                    FaceResult(tuple(box), EMOTIONS[best], float(scores[best]), [float(s) for s in scores])
+                )
         height, width = frame.shape[:2]
-        headers.append(Result(stream, seq, width, height,
-                              {"capture": 1_700_000_000.0 + seq / fps},
-                              boxes=[r.box for r in results], results=results, model="bench"))
+        headers.append(
+            Result(
+                stream,
+                seq,
+                width,
+                height,
+                {"capture": 1_700_000_000.0 + seq / fps},
+                boxes=[r.box for r in results],
+                results=results,
+                model="bench",
+            )
+        )
     return headers
 
 
@@ -71,6 +83,7 @@ def track_all(headers: list, settings) -> list:
 
 
 # --- label stability ------------------------------------------------------------------------
+
 
 def main_face_labels(tracks: list) -> tuple[np.ndarray, list, list]:
     """(capture times, raw labels, smoothed labels) of the most seen track, frame by frame."""
@@ -149,20 +162,23 @@ def stability(tracks: list) -> dict:
         "majority_changes_per_100": round(changes_per_100(majority), 2),
         "past_majority_reference": {
             "changes_per_100": round(changes_per_100(causal), 2),
-            "agreement_with_majority": round(float(np.mean([c == m for c, m in zip(causal, majority)])), 4)},
+            "agreement_with_majority": round(float(np.mean([c == m for c, m in zip(causal, majority)])), 4),
+        },
         "frames": len(raw),
         "raw_changes_per_100": round(changes_per_100(raw), 2),
         "smoothed_changes_per_100": round(changes_per_100(smoothed), 2),
         "agreement_with_majority": round(float(np.mean([s == m for s, m in zip(smoothed, majority)])), 4),
         "majority_changes": len(lags) + missed,
-        "lag_s": ({k: round(v, 3) for k, v in common.percentiles(lags, (50, 90, 100)).items()}
-                  if lags else None),
+        "lag_s": (
+            {k: round(v, 3) for k, v in common.percentiles(lags, (50, 90, 100)).items()} if lags else None
+        ),
         "lags_within_limit": sum(lag <= LAG_LIMIT_S for lag in lags),
         "changes_not_reached": missed,
     }
 
 
 # --- identity -------------------------------------------------------------------------------
+
 
 def composite_clip(frames: list[np.ndarray], portrait: np.ndarray) -> tuple[list, list]:
     """640x360 frames with three real faces that move: two copies of the clip (different
@@ -186,7 +202,7 @@ def composite_clip(frames: list[np.ndarray], portrait: np.ndarray) -> tuple[list
         frame_regions = []
         for name, (x, y) in places.items():
             tile = tiles[name]
-            canvas[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+            canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
             frame_regions.append((name, (x, y, tile.shape[1], tile.shape[0])))
         out.append(canvas)
         regions.append(frame_regions)
@@ -200,12 +216,16 @@ def identity_metrics(tracks: list, regions: list, cut: int) -> dict:
 
     def owner(box, frame_regions):
         cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
-        return next((name for name, (x, y, w, h) in frame_regions
-                     if x <= cx < x + w and y <= cy < y + h), None)
+        return next(
+            (name for name, (x, y, w, h) in frame_regions if x <= cx < x + w and y <= cy < y + h), None
+        )
 
     report = {}
-    for part, span in (("before_cut", range(0, cut)), ("after_cut", range(cut, len(tracks))),
-                       ("whole", range(len(tracks)))):
+    for part, span in (
+        ("before_cut", range(0, cut)),
+        ("after_cut", range(cut, len(tracks))),
+        ("whole", range(len(tracks))),
+    ):
         acc = mm.MOTAccumulator(auto_id=True)
         for i in span:
             faces = [f for f in tracks[i].results if owner(f.box, regions[i])]
@@ -213,16 +233,22 @@ def identity_metrics(tracks: list, regions: list, cut: int) -> dict:
             hyp = [(int(f.track), f) for f in faces if f.track]
             dist = np.array([[0.0 if h is f else np.nan for _, h in hyp] for f in faces])
             acc.update(truth, [h for h, _ in hyp], dist.reshape(len(faces), len(hyp)))
-        summary = mm.metrics.create().compute(acc, metrics=["num_switches", "num_frames",
-                                                            "num_unique_objects", "idf1"])
+        summary = mm.metrics.create().compute(
+            acc, metrics=["num_switches", "num_frames", "num_unique_objects", "idf1"]
+        )
         row = summary.iloc[0]
-        report[part] = {"id_switches": int(row["num_switches"]), "frames": int(row["num_frames"]),
-                        "faces": int(row["num_unique_objects"]), "idf1": round(float(row["idf1"]), 4)}
+        report[part] = {
+            "id_switches": int(row["num_switches"]),
+            "frames": int(row["num_frames"]),
+            "faces": int(row["num_unique_objects"]),
+            "idf1": round(float(row["idf1"]), 4),
+        }
     report["track_ids"] = len({f.track for m in tracks for f in m.results if f.track})
     return report
 
 
 # --- throughput -----------------------------------------------------------------------------
+
 
 def throughput(settings, seconds: float, faces_per_frame: int = 4, streams: int = 8) -> dict:
     """Faces per second through one Tracker: moving faces on several streams, messages built."""
@@ -243,8 +269,16 @@ def throughput(settings, seconds: float, faces_per_frame: int = 4, streams: int 
                 scores = rng.dirichlet(np.ones(7)).tolist()
                 best = int(np.argmax(scores))
                 results.append(FaceResult((x, 100, 80, 80), EMOTIONS[best], scores[best], scores))
-            header = Result(f"cam-{s}", seq, 1280, 720, {"capture": seq / 30},
-                            boxes=[r.box for r in results], results=results, model="bench")
+            header = Result(
+                f"cam-{s}",
+                seq,
+                1280,
+                720,
+                {"capture": seq / 30},
+                boxes=[r.box for r in results],
+                results=results,
+                model="bench",
+            )
             tracker.add(header, seq / 30)
             faces += faces_per_frame
         for message in tracker.due(seq / 30 + settings.reorder_s, 0.0).messages:
@@ -252,11 +286,17 @@ def throughput(settings, seconds: float, faces_per_frame: int = 4, streams: int 
             done += 1
         seq += 1
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return {"faces_per_s": round(faces / wall), "faces_per_cpu_s": round(faces / cpu),
-            "messages": done, "faces_per_frame": faces_per_frame, "streams": streams}
+    return {
+        "faces_per_s": round(faces / wall),
+        "faces_per_cpu_s": round(faces / cpu),
+        "messages": done,
+        "faces_per_frame": faces_per_frame,
+        "streams": streams,
+    }
 
 
 # --- the run --------------------------------------------------------------------------------
+
 
 def sweep(headers: list, base) -> list[dict]:
     from dataclasses import replace
@@ -275,45 +315,69 @@ def sweep(headers: list, base) -> list[dict]:
 def write_markdown(path: Path, r: dict) -> None:
     s, ident = r["stability"], r["identity"]
     lines = [
-        "# Tracker benchmark", "",
+        "# Tracker benchmark",
+        "",
         f"Model `{r['model']['version']}`; clip {r['clip']} ({s['frames']} frames with the face); "
         f"{r['started']}. Defaults: half-life {r['settings']['half_life_s']} s, hysteresis "
-        f"{r['settings']['hysteresis']}.", "",
-        "## Label stability (woman2.mp4, every frame labelled)", "",
-        "| | raw | smoothed |", "|---|---|---|",
+        f"{r['settings']['hysteresis']}.",
+        "",
+        "## Label stability (woman2.mp4, every frame labelled)",
+        "",
+        "| | raw | smoothed |",
+        "|---|---|---|",
         f"| label changes per 100 frames | {s['raw_changes_per_100']} | {s['smoothed_changes_per_100']} |",
-        f"| agrees with the 1 s centred raw majority | - | {s['agreement_with_majority']:.1%} |", "",
+        f"| agrees with the 1 s centred raw majority | - | {s['agreement_with_majority']:.1%} |",
+        "",
         f"The centred majority itself changes {s['majority_changes_per_100']} times per 100 frames. "
         f"For reference, the majority of the *past* second (what a filter that cannot see ahead "
         f"could vote) changes {s['past_majority_reference']['changes_per_100']} times per 100 "
         f"frames and agrees with the centred one on "
-        f"{s['past_majority_reference']['agreement_with_majority']:.1%} of frames.", "",
+        f"{s['past_majority_reference']['agreement_with_majority']:.1%} of frames.",
+        "",
         f"Real changes of the majority (new label held >= {REAL_CHANGE_S} s): {s['majority_changes']}; "
         f"lag to the smoothed label: {s['lag_s']} s; within {LAG_LIMIT_S} s: "
-        f"{s['lags_within_limit']}; never reached: {s['changes_not_reached']}.", "",
-        "### Sweep", "",
-        "| half-life s | hysteresis | raw /100 | smoothed /100 | agreement | lag p50 s | lag max s | not reached |",
+        f"{s['lags_within_limit']}; never reached: {s['changes_not_reached']}.",
+        "",
+        "### Sweep",
+        "",
+        "| half-life s | hysteresis | raw /100 | smoothed /100 | agreement | lag p50 s | lag max s "
+        "| not reached |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in r["sweep"]:
         lag = row["lag_s"] or {}
-        lines.append(f"| {row['half_life_s']} | {row['hysteresis']} | {row['raw_changes_per_100']} | "
-                     f"{row['smoothed_changes_per_100']} | {row['agreement_with_majority']:.1%} | "
-                     f"{lag.get('p50', '-')} | {lag.get('p100', '-')} | {row['changes_not_reached']} |")
-    lines += ["", "## Identity", "",
-              f"One face (woman2.mp4, {r['one_face']['seconds']} s): {r['one_face']['track_ids']} "
-              f"track id(s), {r['one_face']['id_switches_per_minute']} switches per minute.", "",
-              "Composite of three real moving faces (two copies of the clip, one mirrored, and "
-              "justin.jpg), 640x360; half-way the two clip copies swap places (a scene cut):", "",
-              "| part | frames | faces | id switches | IDF1 |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['half_life_s']} | {row['hysteresis']} | {row['raw_changes_per_100']} | "
+            f"{row['smoothed_changes_per_100']} | {row['agreement_with_majority']:.1%} | "
+            f"{lag.get('p50', '-')} | {lag.get('p100', '-')} | {row['changes_not_reached']} |"
+        )
+    lines += [
+        "",
+        "## Identity",
+        "",
+        f"One face (woman2.mp4, {r['one_face']['seconds']} s): {r['one_face']['track_ids']} "
+        f"track id(s), {r['one_face']['id_switches_per_minute']} switches per minute.",
+        "",
+        "Composite of three real moving faces (two copies of the clip, one mirrored, and "
+        "justin.jpg), 640x360; half-way the two clip copies swap places (a scene cut):",
+        "",
+        "| part | frames | faces | id switches | IDF1 |",
+        "|---|---|---|---|---|",
+    ]
     for part in ("before_cut", "after_cut", "whole"):
         row = ident[part]
         lines.append(f"| {part} | {row['frames']} | {row['faces']} | {row['id_switches']} | {row['idf1']} |")
-    lines += ["", f"Distinct track ids over the composite: {ident['track_ids']}.", "",
-              "## Throughput (one process, one core)", "",
-              f"{r['throughput']['faces_per_s']:,} faces/s ({r['throughput']['faces_per_cpu_s']:,} "
-              f"per CPU second), {r['throughput']['faces_per_frame']} faces per frame on "
-              f"{r['throughput']['streams']} streams, messages encoded.", ""]
+    lines += [
+        "",
+        f"Distinct track ids over the composite: {ident['track_ids']}.",
+        "",
+        "## Throughput (one process, one core)",
+        "",
+        f"{r['throughput']['faces_per_s']:,} faces/s ({r['throughput']['faces_per_cpu_s']:,} "
+        f"per CPU second), {r['throughput']['faces_per_frame']} faces per frame on "
+        f"{r['throughput']['streams']} streams, messages encoded.",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -332,11 +396,18 @@ def main(argv=None) -> int:
     registry_dir, model = common.model_registry(common.temp_dir())
     runner, _ = common.load_runner(registry_dir)
     settings = TrackerSettings()
-    result = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "clip": common.CLIP_NAME,
-              "model": model, "machine": common.machine_info(),
-              "settings": {"half_life_s": settings.smoothing.half_life_s,
-                           "hysteresis": settings.smoothing.hysteresis,
-                           "reorder_s": settings.reorder_s, "track_timeout_s": settings.track_timeout_s}}
+    result = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "clip": common.CLIP_NAME,
+        "model": model,
+        "machine": common.machine_info(),
+        "settings": {
+            "half_life_s": settings.smoothing.half_life_s,
+            "hysteresis": settings.smoothing.hysteresis,
+            "reorder_s": settings.reorder_s,
+            "track_timeout_s": settings.track_timeout_s,
+        },
+    }
     log("labelling", len(frames), "frames")
     headers = label_frames(frames, fps, runner)
     tracks = track_all(headers, settings)
@@ -345,15 +416,19 @@ def main(argv=None) -> int:
     result["sweep"] = sweep(headers, settings)
     ids = {f.track for m in tracks for f in m.results if f.track}
     seconds = len(frames) / fps
-    result["one_face"] = {"seconds": round(seconds, 1), "track_ids": len(ids),
-                          "id_switches_per_minute": round((len(ids) - 1) * 60 / seconds, 2)}
+    result["one_face"] = {
+        "seconds": round(seconds, 1),
+        "track_ids": len(ids),
+        "id_switches_per_minute": round((len(ids) - 1) * 60 / seconds, 2),
+    }
     portrait = cv2.imread(str(media / "justin.jpg"))
     if portrait is None:
         raise common.BenchError(f"{media / 'justin.jpg'}: missing or unreadable")
     composite, regions = composite_clip(frames, portrait)
     log("labelling the composite")
-    result["identity"] = identity_metrics(track_all(label_frames(composite, fps, runner), settings),
-                                          regions, len(composite) // 2)
+    result["identity"] = identity_metrics(
+        track_all(label_frames(composite, fps, runner), settings), regions, len(composite) // 2
+    )
     log("identity", result["identity"])
     result["throughput"] = throughput(settings, args.seconds)
     log("throughput", result["throughput"])

@@ -6,6 +6,7 @@ ZeroMQ's I/O thread) and the consumer the latency send -> receive; the broker's 
 read from /proc. Serialization (protocol.encode + decode) and JPEG coding are also timed
 alone, in this process.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -18,13 +19,14 @@ from .common import log, percentiles, proc_cpu_seconds, summary
 
 WIDTH, HEIGHT = 640, 480
 CROP = 96
-JPEG_QUALITY = 85   # capture's default
+JPEG_QUALITY = 85  # capture's default
 
 
 def _image() -> np.ndarray:
     """A 640x480 BGR picture with real content (a clip frame when there is one)."""
     rng = np.random.default_rng(0)
     import cv2
+
     yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
     img = np.dstack([(xx * 255 // WIDTH), (yy * 255 // HEIGHT), ((xx + yy) % 256)]).astype(np.uint8)
     cv2.circle(img, (320, 200), 120, (200, 180, 160), -1)
@@ -48,18 +50,25 @@ def make_message(case: str, image: np.ndarray, seq: int) -> tuple[list, float]:
             jpeg_cpu = time.thread_time() - t
         else:
             payload = image
-        header = Frame(stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
-                       timestamps=ts, encoding=encoding)
+        header = Frame(stream="bench", seq=seq, width=WIDTH, height=HEIGHT, timestamps=ts, encoding=encoding)
         return encode(header, [payload]), jpeg_cpu
     box = (250, 100, 140, 140)
     if case == "faces":
-        header = Faces(stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
-                       timestamps=ts, boxes=[box], crop_size=CROP)
+        header = Faces(
+            stream="bench", seq=seq, width=WIDTH, height=HEIGHT, timestamps=ts, boxes=[box], crop_size=CROP
+        )
         return encode(header, [image[:CROP, :CROP].copy()]), 0.0
     scores = [0.1, 0.0, 0.1, 0.6, 0.1, 0.05, 0.05]
-    header = Result(stream="bench", seq=seq, width=WIDTH, height=HEIGHT,
-                    timestamps=ts, boxes=[box], model="v1",
-                    results=[FaceResult(box, "Happy", 0.6, scores)])
+    header = Result(
+        stream="bench",
+        seq=seq,
+        width=WIDTH,
+        height=HEIGHT,
+        timestamps=ts,
+        boxes=[box],
+        model="v1",
+        results=[FaceResult(box, "Happy", 0.6, scores)],
+    )
     return encode(header), 0.0
 
 
@@ -89,7 +98,7 @@ def _consumer(base: int, case: str, count: int, ready, queue) -> None:
     while got < count and time.monotonic() < deadline:
         if not sock.poll(500):
             if got:
-                break            # the producer is done; some were lost
+                break  # the producer is done; some were lost
             continue
         if cpu0 is None:
             cpu0 = time.process_time()
@@ -110,8 +119,15 @@ def _consumer(base: int, case: str, count: int, ready, queue) -> None:
     cpu = time.process_time() - (cpu0 or time.process_time())
     sock.close()
     ctx.term()
-    queue.put({"received": got, "latencies": latencies, "cpu_s": cpu,
-               "protocol_decode_cpu_s": decode_cpu, "image_decode_cpu_s": image_cpu})
+    queue.put(
+        {
+            "received": got,
+            "latencies": latencies,
+            "cpu_s": cpu,
+            "protocol_decode_cpu_s": decode_cpu,
+            "image_decode_cpu_s": image_cpu,
+        }
+    )
 
 
 def _producer(base: int, case: str, count: int, rate: float, queue) -> None:
@@ -123,7 +139,7 @@ def _producer(base: int, case: str, count: int, rate: float, queue) -> None:
     ctx = zmq.Context()
     sock = bus.producer(ctx, bus.BrokerAddress("127.0.0.1", base), channel, hwm=1000)
     image = _image()
-    time.sleep(0.5)                           # subscriptions and connections settle
+    time.sleep(0.5)  # subscriptions and connections settle
     sent = dropped = 0
     jpeg_cpu = encode_cpu = 0.0
     cpu0 = time.process_time()
@@ -131,7 +147,7 @@ def _producer(base: int, case: str, count: int, rate: float, queue) -> None:
     for i in range(count):
         due = start + i / rate
         if (now := time.perf_counter()) < due:
-            time.sleep(due - now)        # one sleep per message, as a paced source does
+            time.sleep(due - now)  # one sleep per message, as a paced source does
         t = time.thread_time()
         parts, jpeg = make_message(case, image, i)
         encode_cpu += time.thread_time() - t - jpeg
@@ -144,8 +160,15 @@ def _producer(base: int, case: str, count: int, rate: float, queue) -> None:
     time.sleep(0.3)
     sock.close()
     ctx.term()
-    queue.put({"sent": sent, "dropped": dropped, "cpu_s": cpu, "jpeg_encode_cpu_s": jpeg_cpu,
-               "protocol_encode_cpu_s": encode_cpu})
+    queue.put(
+        {
+            "sent": sent,
+            "dropped": dropped,
+            "cpu_s": cpu,
+            "jpeg_encode_cpu_s": jpeg_cpu,
+            "protocol_encode_cpu_s": encode_cpu,
+        }
+    )
 
 
 def hop(broker_pid: int, base: int, case: str, count: int, rate: float) -> dict:
@@ -166,7 +189,9 @@ def hop(broker_pid: int, base: int, case: str, count: int, rate: float) -> dict:
     cons = next(r for r in reports if "received" in r)
     n = max(1, cons["received"])
     return {
-        "sent": prod["sent"], "received": cons["received"], "dropped": prod["dropped"],
+        "sent": prod["sent"],
+        "received": cons["received"],
+        "dropped": prod["dropped"],
         "latency_ms": {k: v * 1000 for k, v in percentiles(cons["latencies"], (50, 99)).items()},
         "producer_cpu_us": 1e6 * prod["cpu_s"] / max(1, prod["sent"]),
         "producer_jpeg_encode_us": 1e6 * prod["jpeg_encode_cpu_s"] / max(1, prod["sent"]),
@@ -194,12 +219,16 @@ def serialization(seconds: float) -> dict:
             make_message(case if case != "frame-jpeg" else "frame-bgr", image, n)
             decode(parts)
             n += 1
-        out[case] = {"encode_plus_decode_us": 1e6 * (time.process_time() - cpu0) / n,
-                     "header_bytes": len(parts[1]),
-                     "payload_bytes": sum(len(p) for p in parts[2:])}
+        out[case] = {
+            "encode_plus_decode_us": 1e6 * (time.process_time() - cpu0) / n,
+            "header_bytes": len(parts[1]),
+            "payload_bytes": sum(len(p) for p in parts[2:]),
+        }
     ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    for name, fn in (("jpeg_encode", lambda: cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])),
-                     ("jpeg_decode", lambda: cv2.imdecode(jpeg, cv2.IMREAD_COLOR))):
+    for name, fn in (
+        ("jpeg_encode", lambda: cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])),
+        ("jpeg_decode", lambda: cv2.imdecode(jpeg, cv2.IMREAD_COLOR)),
+    ):
         n, cpu0 = 0, time.process_time()
         while time.process_time() - cpu0 < seconds:
             fn()
@@ -223,8 +252,13 @@ def run(log_dir: Path, quick: bool) -> dict:
                 runs[case].append(hop(broker.proc.pid, base, case, count, rate))
     finally:
         broker.stop()
-    out = {"messages_per_run": count, "rate_per_s": rate, "repeats": repeats,
-           "frame_size": f"{WIDTH}x{HEIGHT}", "cases": {}}
+    out = {
+        "messages_per_run": count,
+        "rate_per_s": rate,
+        "repeats": repeats,
+        "frame_size": f"{WIDTH}x{HEIGHT}",
+        "cases": {},
+    }
     for case, results in runs.items():
         keys = [k for k in results[0] if k != "latency_ms"]
         merged = {k: summary([r[k] for r in results]) for k in keys}
@@ -232,14 +266,23 @@ def run(log_dir: Path, quick: bool) -> dict:
         merged["latency_p99_ms"] = summary([r["latency_ms"]["p99"] for r in results])
         merged["channel"], merged["what"] = CASES[case]
         # CPU of the hop itself: producer + broker + consumer, less the JPEG codec.
-        merged["transport_cpu_us"] = summary([
-            r["producer_cpu_us"] - r["producer_jpeg_encode_us"] + r["broker_cpu_us"]
-            + r["consumer_cpu_us"] - r["consumer_image_decode_us"] for r in results])
+        merged["transport_cpu_us"] = summary(
+            [
+                r["producer_cpu_us"]
+                - r["producer_jpeg_encode_us"]
+                + r["broker_cpu_us"]
+                + r["consumer_cpu_us"]
+                - r["consumer_image_decode_us"]
+                for r in results
+            ]
+        )
         out["cases"][case] = merged
-        log(f"transport {case}: p50 {merged['latency_p50_ms']['median']:.2f} ms, "
+        log(
+            f"transport {case}: p50 {merged['latency_p50_ms']['median']:.2f} ms, "
             f"p99 {merged['latency_p99_ms']['median']:.2f} ms, "
             f"hop CPU {merged['transport_cpu_us']['median']:.0f} µs/msg "
             f"(producer {merged['producer_cpu_us']['median']:.0f}, broker "
-            f"{merged['broker_cpu_us']['median']:.0f}, consumer {merged['consumer_cpu_us']['median']:.0f})")
+            f"{merged['broker_cpu_us']['median']:.0f}, consumer {merged['consumer_cpu_us']['median']:.0f})"
+        )
     out["serialization"] = serialization(0.3 if quick else 1.0)
     return out

@@ -1,10 +1,11 @@
 """Write the Procfile that `make run` hands to honcho: broker, capture, N detectors,
-M classifiers, the tracker, the recorder and the viewer, each replica with its own metrics port, each restarted
-when it crashes (honcho itself stops everything on Ctrl-C). The plan and its rendering are
-services/launch.py's.
+M classifiers, the tracker, the recorder and the viewer, each replica with its own metrics
+port, each restarted when it crashes (honcho itself stops everything on Ctrl-C). The plan
+and its rendering are services/launch.py's.
 
     python -m deploy.procfile --source demo --detectors 2 --classifiers 2 > .run/Procfile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,12 @@ def main(argv=None) -> None:
     parser.add_argument("--detectors", type=int, default=1)
     parser.add_argument("--classifiers", type=int, default=1)
     parser.add_argument("--viewer-args", default="", help="extra arguments for the viewer")
-    parser.add_argument("--metrics-base", type=int, default=METRICS_BASE_PORT,
-                        help="metrics port of the broker; the others follow (see README)")
+    parser.add_argument(
+        "--metrics-base",
+        type=int,
+        default=METRICS_BASE_PORT,
+        help="metrics port of the broker; the others follow (see README)",
+    )
     args = parser.parse_args(argv)
     if not (1 <= args.detectors <= 9 and 1 <= args.classifiers <= 9):
         parser.error("DETECTORS and CLASSIFIERS must be between 1 and 9")

@@ -1,24 +1,26 @@
 """The ``emotion-stream`` command: ``emotion-stream analyze clip.mp4``, or any service by
 name (``emotion-stream viewer --help``), the same as ``python -m services.<name>``."""
+
 from __future__ import annotations
 
 import runpy
 import sys
 
-COMMANDS = ("analyze", "broker", "capture", "detector", "classifier", "tracker", "recorder",
-            "viewer")
+COMMANDS = ("analyze", "broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: emotion-stream {{{','.join(COMMANDS)}}} [options]  "
-              f"(each answers --help)", file=sys.stderr)
+        print(
+            f"usage: emotion-stream {{{','.join(COMMANDS)}}} [options]  (each answers --help)",
+            file=sys.stderr,
+        )
         return 2
     sys.argv = [f"emotion-stream {argv[0]}", *argv[1:]]
     try:
         runpy.run_module(f"services.{argv[0]}", run_name="__main__", alter_sys=True)
-    except SystemExit as stopped:     # the exit status a service (or argparse) chose
+    except SystemExit as stopped:  # the exit status a service (or argparse) chose
         if stopped.code is None or isinstance(stopped.code, int):
             return stopped.code or 0
         raise

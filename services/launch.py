@@ -8,6 +8,7 @@ of real processes (analyze's own pipeline, the tests, the benchmarks, `make soak
         group.start_all(plan)
         group.wait_ready(120)                     # each answers /metrics
 """
+
 from __future__ import annotations
 
 import os
@@ -43,24 +44,29 @@ class ProcessSpec:
 
     service: str
     args: tuple[str, ...] = ()
-    metrics_port: int | None = None   # None: not passed (the service's default); 0: none
+    metrics_port: int | None = None  # None: not passed (the service's default); 0: none
     replica: int = 0
-    name: str = ""                    # default: the service, "<service>#<replica>" if replicated
+    name: str = ""  # default: the service, "<service>#<replica>" if replicated
 
     def __post_init__(self):
         if not self.name:
             replicated = self.service in REPLICATED
-            object.__setattr__(self, "name", f"{self.service}#{self.replica}" if replicated
-                               else self.service)
+            object.__setattr__(self, "name", f"{self.service}#{self.replica}" if replicated else self.service)
 
     def command(self, python: str = sys.executable) -> list[str]:
         port = [] if self.metrics_port is None else ["--metrics-port", str(self.metrics_port)]
         return [python, "-m", f"services.{self.service}", *port, *self.args]
 
 
-def plan(services: Sequence[str] = RUN_SET, *, detectors: int = 1, classifiers: int = 1,
-         metrics_base: int | None = None, common: Sequence[str] = (),
-         args: Mapping[str, Sequence[str]] | None = None) -> list[ProcessSpec]:
+def plan(
+    services: Sequence[str] = RUN_SET,
+    *,
+    detectors: int = 1,
+    classifiers: int = 1,
+    metrics_base: int | None = None,
+    common: Sequence[str] = (),
+    args: Mapping[str, Sequence[str]] | None = None,
+) -> list[ProcessSpec]:
     """The processes of ``services`` in that order, detectors and classifiers replicated;
     metrics ports from the layout at ``metrics_base`` (None: no metrics server, port 0).
     ``common`` arguments go to every process, ``args[service]`` to that service's."""
@@ -74,18 +80,24 @@ def plan(services: Sequence[str] = RUN_SET, *, detectors: int = 1, classifiers: 
     return out
 
 
-def run_plan(source: str = "demo", detectors: int = 1, classifiers: int = 1,
-             metrics_base: int = 9100) -> list[ProcessSpec]:
+def run_plan(
+    source: str = "demo", detectors: int = 1, classifiers: int = 1, metrics_base: int = 9100
+) -> list[ProcessSpec]:
     """What `make run` starts: every stage, each replica on its own metrics port. The
     recorder's database defaults to data/recorder/recorder.db under the repository; the
     dashboard links each stream to its history in the recorder's API (a browser link)."""
-    return plan(RUN_SET, detectors=detectors, classifiers=classifiers, metrics_base=metrics_base,
-                args={"capture": ("--source", source, *CAPTURE_ARGS),
-                      "viewer": ("--recorder-url", RECORDER_URL)})
+    return plan(
+        RUN_SET,
+        detectors=detectors,
+        classifiers=classifiers,
+        metrics_base=metrics_base,
+        args={"capture": ("--source", source, *CAPTURE_ARGS), "viewer": ("--recorder-url", RECORDER_URL)},
+    )
 
 
-def procfile(processes: Sequence[ProcessSpec], python: str = sys.executable,
-             extra: Mapping[str, str] | None = None) -> str:
+def procfile(
+    processes: Sequence[ProcessSpec], python: str = sys.executable, extra: Mapping[str, str] | None = None
+) -> str:
     """The Procfile for honcho: a line a process, each restarted when it crashes.
     ``extra[service]`` is shell text appended to that service's lines as it is."""
     extra = extra or {}
@@ -93,8 +105,12 @@ def procfile(processes: Sequence[ProcessSpec], python: str = sys.executable,
     lines = []
     for p in processes:
         name = p.service if counts[p.service] == 1 else f"{p.service}{p.replica + 1}"
-        command = [shlex.quote(str(SUPERVISOR)), *p.command(python)[:3],
-                   *map(shlex.quote, p.command(python)[3:]), extra.get(p.service, "")]
+        command = [
+            shlex.quote(str(SUPERVISOR)),
+            *p.command(python)[:3],
+            *map(shlex.quote, p.command(python)[3:]),
+            extra.get(p.service, ""),
+        ]
         lines.append(f"{name}: {' '.join(filter(None, command))}")
     return "\n".join(lines) + "\n"
 
@@ -103,16 +119,25 @@ class Process:
     """A service started as a real subprocess; its output goes to ``<log_dir>/<name>.log``,
     or to this process's own when there is no log_dir. Its stdin is /dev/null."""
 
-    def __init__(self, spec: ProcessSpec, log_dir: Path | None = None,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None):
+    def __init__(
+        self,
+        spec: ProcessSpec,
+        log_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.spec = spec
         self.name = spec.name
         self.log_path = log_dir / f"{spec.name}.log" if log_dir else None
         self.log = open(self.log_path, "w") if self.log_path else None
         self.proc = subprocess.Popen(
-            spec.command(), cwd=cwd, stdin=subprocess.DEVNULL, stdout=self.log,
+            spec.command(),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
             stderr=subprocess.STDOUT if self.log else None,
-            env={**os.environ, **CHILD_ENV, **(env or {})})
+            env={**os.environ, **CHILD_ENV, **(env or {})},
+        )
 
     @property
     def pid(self) -> int:
@@ -134,8 +159,9 @@ class Process:
         if not self.spec.metrics_port:
             return None
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.spec.metrics_port}/metrics",
-                                        timeout=timeout) as response:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.spec.metrics_port}/metrics", timeout=timeout
+            ) as response:
                 return response.read().decode()
         except OSError:
             return None
@@ -168,8 +194,9 @@ class Process:
 class ProcessGroup:
     """Processes started together and stopped together (the last started stops first)."""
 
-    def __init__(self, log_dir: Path | None = None, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None):
+    def __init__(
+        self, log_dir: Path | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ):
         self.log_dir, self.env, self.cwd = log_dir, env, cwd
         self.processes: list[Process] = []
 
@@ -198,12 +225,15 @@ class ProcessGroup:
         while waiting:
             dead = [p for p in waiting if not p.alive()]
             if dead:
-                raise RuntimeError(f"{', '.join(p.name for p in dead)} exited while starting"
-                                   + "".join(f"\n{p.name}: {p.output()[-2000:]}" for p in dead))
+                raise RuntimeError(
+                    f"{', '.join(p.name for p in dead)} exited while starting"
+                    + "".join(f"\n{p.name}: {p.output()[-2000:]}" for p in dead)
+                )
             waiting = [p for p in waiting if p.metrics(timeout=1.0) is None]
             if waiting and time.monotonic() > deadline:
-                raise TimeoutError(f"{', '.join(p.name for p in waiting)} did not serve "
-                                   f"metrics within {timeout:.0f} s")
+                raise TimeoutError(
+                    f"{', '.join(p.name for p in waiting)} did not serve metrics within {timeout:.0f} s"
+                )
             if waiting:
                 time.sleep(0.2)
 

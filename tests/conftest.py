@@ -1,4 +1,5 @@
 """Shared fixtures; the helpers themselves live in tests/support."""
+
 from __future__ import annotations
 
 from pathlib import Path

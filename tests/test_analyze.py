@@ -1,5 +1,6 @@
 """Analyze: flow control and ordering as plain functions; whole videos through real
 pipelines it starts itself (real processes, real ZeroMQ)."""
+
 from __future__ import annotations
 
 import csv
@@ -11,22 +12,24 @@ import cv2
 import numpy as np
 import pytest
 
+from services.analyze.job import Collector
+from services.analyze.outputs import CSV_COLUMNS, track_summaries, write_csv
+from services.common.flow import Ledger
+from services.common.protocol import EMOTIONS, FaceResult, Result
 from tests.support import ROOT, media, metric_sum
 from tests.support.pipeline import Pipeline
-from services.analyze.job import Collector
-from services.common.flow import Ledger
-from services.analyze.outputs import CSV_COLUMNS, track_summaries, write_csv
-from services.common.protocol import EMOTIONS, FaceResult, Result
 
 
 def result(seq, boxes=((100, 100, 80, 80),)):
     scores = [0.1] * 6 + [0.4]
     faces = [FaceResult(tuple(b), "Neutral", 0.4, scores) for b in boxes]
-    return Result("job:x", seq, 640, 360, {"capture": 1e9 + seq},
-                  boxes=[f.box for f in faces], results=faces, model="m")
+    return Result(
+        "job:x", seq, 640, 360, {"capture": 1e9 + seq}, boxes=[f.box for f in faces], results=faces, model="m"
+    )
 
 
 # --- flow control and order ----------------------------------------------------------------
+
 
 def test_ledger_bounds_frames_in_flight_and_resends_then_gives_up():
     ledger = Ledger(window=2, resend_s=1.0, attempts=2)
@@ -36,8 +39,8 @@ def test_ledger_bounds_frames_in_flight_and_resends_then_gives_up():
     assert not ledger.room()
     assert ledger.answer(1) and not ledger.answer(1) and not ledger.answer(7)
     assert ledger.due_again(0.5) == []
-    assert ledger.due_again(1.0) == [(0, ["f0"])]              # second send
-    assert ledger.due_again(2.0) == [] and 0 in ledger.given_up   # out of attempts
+    assert ledger.due_again(1.0) == [(0, ["f0"])]  # second send
+    assert ledger.due_again(2.0) == [] and 0 in ledger.given_up  # out of attempts
     assert "2 sends" in ledger.given_up[0] and ledger.room()
 
 
@@ -46,13 +49,13 @@ def test_collector_tracks_in_frame_order_whatever_order_answers_come_in():
     for seq in (2, 0, 3):
         collector.add(result(seq))
     collector.drain()
-    assert [r.index for r in collector.rows] == [0]               # 1 is still missing
+    assert [r.index for r in collector.rows] == [0]  # 1 is still missing
     collector.give_up(1, "no result")
     collector.add(result(4))
     collector.drain()
     assert [r.index for r in collector.rows] == [0, 1, 2, 3, 4]
     assert collector.rows[1].missing == "no result" and collector.rows[1].faces == []
-    assert collector.rows[3].time_s == pytest.approx(0.3)         # the video's clock
+    assert collector.rows[3].time_s == pytest.approx(0.3)  # the video's clock
     assert [f.track for f in collector.rows[3].faces] == ["1"]
     collector.finish()
     ended = [e for e in collector.events if e.name == "track_ended"]
@@ -70,7 +73,7 @@ def test_csv_has_a_row_per_face_and_one_per_empty_or_missing_frame(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert list(rows[0]) == CSV_COLUMNS
     assert [r["frame"] for r in rows] == ["0", "0", "1", "2"]
-    assert rows[0]["box"] == "(20, 20, 80, 80)" and rows[0]["w"] == "80"   # original pixels
+    assert rows[0]["box"] == "(20, 20, 80, 80)" and rows[0]["w"] == "80"  # original pixels
     assert rows[0]["neutral"] == "0.4000" and rows[0]["label"] == "Neutral"
     assert rows[2]["label"] == "" and rows[3]["missing"] == "no result after 4 sends"
 
@@ -88,6 +91,7 @@ def test_track_summaries_count_changes_per_person():
 
 # --- whole videos through real pipelines -----------------------------------------------------
 
+
 def short_clip(path, frames: int, codec: str = "mp4v") -> int:
     source = cv2.VideoCapture(str(media("woman2.mp4")))
     fps = source.get(cv2.CAP_PROP_FPS)
@@ -96,8 +100,9 @@ def short_clip(path, frames: int, codec: str = "mp4v") -> int:
         ok, frame = source.read()
         assert ok
         if writer is None:
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps,
-                                     (frame.shape[1], frame.shape[0]))
+            writer = cv2.VideoWriter(
+                str(path), cv2.VideoWriter_fourcc(*codec), fps, (frame.shape[1], frame.shape[0])
+            )
         writer.write(frame)
     writer.release()
     return int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT))
@@ -106,9 +111,25 @@ def short_clip(path, frames: int, codec: str = "mp4v") -> int:
 def analyze(video, out, registry, *args, timeout=240):
     """The analyze command with a pipeline of its own."""
     return subprocess.run(
-        [sys.executable, "-m", "services.analyze", str(video), "--out", str(out),
-         "--pipeline", "start", "--registry", str(registry), "--no-progress", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        [
+            sys.executable,
+            "-m",
+            "services.analyze",
+            str(video),
+            "--out",
+            str(out),
+            "--pipeline",
+            "start",
+            "--registry",
+            str(registry),
+            "--no-progress",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def check_outputs(out, frames: int) -> dict:
@@ -128,7 +149,8 @@ def check_outputs(out, frames: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_every_frame_is_labelled_by_a_running_pipeline_with_replicas_and_a_live_stream(
-        tmp_path, tiny_registry):
+    tmp_path, tiny_registry
+):
     """Two detectors and two classifiers on their defaults (newest frame only, 500 ms age
     limit) serve a live stream and the job at once; the job still gets every frame."""
     clip = tmp_path / "clip.mp4"
@@ -137,14 +159,34 @@ def test_every_frame_is_labelled_by_a_running_pipeline_with_replicas_and_a_live_
     try:
         pipeline.start("capture", "--source", "demo", "--stream", "live")
         done = subprocess.run(
-            [sys.executable, "-m", "services.analyze", str(clip), "--out", str(tmp_path / "out"),
-             "--pipeline", "running", "--base-port", str(pipeline.base), "--no-progress"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "services.analyze",
+                str(clip),
+                "--out",
+                str(tmp_path / "out"),
+                "--pipeline",
+                "running",
+                "--base-port",
+                str(pipeline.base),
+                "--no-progress",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"{frames} of {frames} frames labelled" in done.stdout
         check_outputs(tmp_path / "out", frames)
-        assert sum(metric_sum(pipeline.scrape(f"detector#{i}"), "emotion_detector_frames_total")
-                   > 0 for i in range(2)) == 2
+        assert (
+            sum(
+                metric_sum(pipeline.scrape(f"detector#{i}"), "emotion_detector_frames_total") > 0
+                for i in range(2)
+            )
+            == 2
+        )
         assert metric_sum(pipeline.scrape("viewer"), "emotion_viewer_frames_total", stream="live") > 0
     finally:
         pipeline.stop()
@@ -156,7 +198,7 @@ def test_a_truncated_video_gives_a_partial_result_marked_as_such(tmp_path, tiny_
     clip = tmp_path / "clip.avi"
     frames = short_clip(clip, 40, codec="MJPG")
     data = clip.read_bytes()
-    clip.write_bytes(data[:len(data) // 2])
+    clip.write_bytes(data[: len(data) // 2])
     done = analyze(clip, tmp_path / "out", tiny_registry)
     summary = json.loads((tmp_path / "out" / "tracks.json").read_text())
     assert done.returncode == 3, done.stderr[-3000:]
@@ -168,15 +210,38 @@ def test_a_truncated_video_gives_a_partial_result_marked_as_such(tmp_path, tiny_
 
 
 def test_a_missing_or_unreadable_video_is_a_clear_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "services.analyze", str(tmp_path / "nope.mp4")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.analyze", str(tmp_path / "nope.mp4")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 78 and "nope.mp4: no such video file" in done.stderr
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(np.random.default_rng(0).bytes(5000))
-    done = subprocess.run([sys.executable, "-m", "services.analyze", str(junk)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.analyze", str(junk)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 78 and "junk.mp4: cannot be read as a video" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "services.analyze", str(media("woman2.mp4")),
-                           "--pipeline", "running", "--base-port", "1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.analyze",
+            str(media("woman2.mp4")),
+            "--pipeline",
+            "running",
+            "--base-port",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 78 and "no broker answers at 127.0.0.1:1" in done.stderr

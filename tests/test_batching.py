@@ -1,4 +1,5 @@
 """Classifier: the dynamic batcher, the padded inference runner and run_batch."""
+
 from __future__ import annotations
 
 import time
@@ -8,12 +9,11 @@ import pytest
 
 from services.classifier.batching import Batcher, BatchPolicy, PendingFaces
 from services.common.protocol import EMOTIONS, KIND_RESULT, Faces, decode
-
 from tests.support import write_tiny_model
 from tests.support.faces import CROP, pending
 
-
 # --- Batcher -------------------------------------------------------------------------------
+
 
 def test_defaults():
     assert BatchPolicy() == BatchPolicy(max_batch=32, max_wait_ms=5.0)
@@ -35,10 +35,10 @@ def test_full_batch_is_ready_at_once():
     assert batcher.wait_ms(10.0) == pytest.approx(50.0)
     batcher.add(pending(2, 10.0, seq=3))
     assert batcher.crops == 9 and len(batcher) == 3
-    assert batcher.ready(10.0)                     # full: no waiting
+    assert batcher.ready(10.0)  # full: no waiting
     assert batcher.wait_ms(10.0) == 0.0
     batch = batcher.take()
-    assert [item.header.seq for item in batch] == [1, 2]    # 3 + 4 = 7; adding 2 would exceed 8
+    assert [item.header.seq for item in batch] == [1, 2]  # 3 + 4 = 7; adding 2 would exceed 8
     assert sum(len(item.crops) for item in batch) == 7
     assert batcher.crops == 2 and len(batcher) == 1
     assert not batcher.ready(10.0)
@@ -53,7 +53,7 @@ def test_a_newer_frame_takes_the_place_of_one_waiting_from_the_same_stream():
     assert not batcher.replace_older(pending(1, 10.02, seq=1, stream="c"))
     assert batcher.replace_older(pending(4, 10.03, seq=2, stream="a"))
     assert batcher.crops == 5 and len(batcher) == 2
-    assert batcher.wait_ms(10.03) == pytest.approx(20.0)     # its place and arrival kept
+    assert batcher.wait_ms(10.03) == pytest.approx(20.0)  # its place and arrival kept
     assert [(i.header.stream, i.header.seq) for i in batcher.take()] == [("a", 2), ("b", 1)]
 
 
@@ -94,7 +94,7 @@ def test_timeout_path_with_explicit_clock():
     assert batcher.ready(100.0625)
     assert batcher.wait_ms(100.0625) == 0.0
     assert batcher.ready(100.07)
-    assert batcher.wait_ms(100.5) == 0.0           # overdue: never negative
+    assert batcher.wait_ms(100.5) == 0.0  # overdue: never negative
     batch = batcher.take()
     assert [i.header.seq for i in batch] == [1, 2]
     assert batcher.crops == 0 and not batcher.ready(200.0)
@@ -105,9 +105,9 @@ def test_timeout_restarts_from_the_next_oldest_message():
     batcher = Batcher(BatchPolicy(max_batch=4, max_wait_ms=10.0))
     batcher.add(pending(3, 0.0, seq=1))
     batcher.add(pending(3, 0.008, seq=2))
-    assert batcher.ready(0.0)                      # 6 >= 4 crops
+    assert batcher.ready(0.0)  # 6 >= 4 crops
     assert [i.header.seq for i in batcher.take()] == [1]
-    assert not batcher.ready(0.015)                # seq 2 arrived at 8 ms: due at 18 ms
+    assert not batcher.ready(0.015)  # seq 2 arrived at 8 ms: due at 18 ms
     assert batcher.wait_ms(0.015) == pytest.approx(3.0)
     assert not batcher.ready(0.0179)
     assert batcher.ready(0.0181)
@@ -155,10 +155,11 @@ def test_crop_counter_stays_consistent():
     while len(batcher):
         taken.extend(i.header.seq for i in batcher.take())
     assert batcher.crops == 0
-    assert taken == list(range(1, seq + 1))        # every message once, in arrival order
+    assert taken == list(range(1, seq + 1))  # every message once, in arrival order
 
 
 # --- InferenceRunner and run_batch ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -193,8 +194,23 @@ def runner(tiny):
 
 def test_padded_sizes(runner):
     assert runner.batch_shapes == (1, 2, 4, 8, 16, 32, 64)
-    expected = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 9: 16, 16: 16, 17: 32, 32: 32, 33: 64,
-                63: 64, 64: 64, 65: 64, 500: 64}
+    expected = {
+        1: 1,
+        2: 2,
+        3: 4,
+        4: 4,
+        5: 8,
+        8: 8,
+        9: 16,
+        16: 16,
+        17: 32,
+        32: 32,
+        33: 64,
+        63: 64,
+        64: 64,
+        65: 64,
+        500: 64,
+    }
     assert {n: runner.padded_size(n) for n in expected} == expected
 
 
@@ -204,8 +220,9 @@ def test_warm_up_traces_every_shape(runner):
     assert runner.calls == [(n, 48, 48, 1) for n in (1, 2, 4, 8, 16, 32, 64)]
 
 
-@pytest.mark.parametrize("n,chunks", [(0, []), (1, [1]), (3, [4]), (5, [8]), (12, [16]),
-                                      (64, [64]), (70, [64, 8])])
+@pytest.mark.parametrize(
+    "n,chunks", [(0, []), (1, [1]), (3, [4]), (5, [8]), (12, [16]), (64, [64]), (70, [64, 8])]
+)
 def test_probabilities_match_the_model(runner, tiny, n, chunks):
     _, model = tiny
     rng = np.random.default_rng(n)
@@ -257,12 +274,16 @@ def test_run_batch_one_result_per_message(runner):
         assert payloads == []
         n = len(item.crops)
         assert (header.stream, header.seq, header.width, header.height) == (
-            item.header.stream, item.header.seq, 640, 480)
+            item.header.stream,
+            item.header.seq,
+            640,
+            480,
+        )
         assert header.model == "tiny-v1"
         assert header.boxes == item.header.boxes
         assert [r.box for r in header.results] == item.header.boxes
-        assert [r.label for r in header.results] == labels[start:start + n]
-        for r, row in zip(header.results, expected[start:start + n]):
+        assert [r.label for r in header.results] == labels[start : start + n]
+        for r, row in zip(header.results, expected[start : start + n]):
             assert r.scores == pytest.approx(row.tolist(), abs=1e-6)
             assert r.confidence == pytest.approx(float(row.max()), abs=1e-6)
             assert r.label == EMOTIONS[int(np.argmax(r.scores))]
@@ -273,8 +294,7 @@ def test_run_batch_one_result_per_message(runner):
 
     # the classifier's answer for a frame without faces is also a valid result message
     empty = pending(0, 0.0, seq=9)
-    header, _ = decode(results_message(empty.header, np.zeros((0, 7)), "tiny-v1"),
-                       expect_kind=KIND_RESULT)
+    header, _ = decode(results_message(empty.header, np.zeros((0, 7)), "tiny-v1"), expect_kind=KIND_RESULT)
     assert header.results == [] and header.boxes == [] and header.seq == 9
 
 
@@ -291,7 +311,7 @@ def test_run_batch_with_crops_of_different_sizes(runner):
         batch.append(item)
     runner.calls.clear()
     messages = run_batch(batch, runner, "tiny-v1", now=50.01)
-    assert runner.calls == [(8, 48, 48, 1)]           # still a single model call
+    assert runner.calls == [(8, 48, 48, 1)]  # still a single model call
     for item, parts in zip(batch, messages):
         header, _ = decode([bytes(p) for p in parts], expect_kind=KIND_RESULT)
         expected = runner.predict_faces(item.crops)
@@ -302,8 +322,9 @@ def test_results_message_labels_are_argmax():
     from services.classifier.service import results_message
 
     header = pending(2, 0.0, seq=4).header
-    probabilities = np.array([[0.05, 0.05, 0.1, 0.6, 0.1, 0.05, 0.05],
-                              [0.0, 0.0, 0.0, 0.0, 0.1, 0.2, 0.7]], np.float32)
+    probabilities = np.array(
+        [[0.05, 0.05, 0.1, 0.6, 0.1, 0.05, 0.05], [0.0, 0.0, 0.0, 0.0, 0.1, 0.2, 0.7]], np.float32
+    )
     got, _ = decode(results_message(header, probabilities, "m1"), expect_kind=KIND_RESULT)
     assert [r.label for r in got.results] == ["Happy", "Neutral"]
     assert [r.confidence for r in got.results] == pytest.approx([0.6, 0.7])
@@ -321,12 +342,13 @@ def test_load_entry(tiny, tmp_path):
     with pytest.raises(registry.RegistryError):
         load_entry("unused", str(tmp_path / "missing" / "model.keras"))
     with pytest.raises(registry.RegistryError):
-        load_entry(str(tmp_path), "")              # nothing promoted there
+        load_entry(str(tmp_path), "")  # nothing promoted there
     registry.promote(entry.path.parent, "tiny-v1")
     assert load_entry(str(entry.path.parent), "").version == "tiny-v1"
 
 
 # --- the TFLite runtime --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [1, 3, 70])
 def test_tflite_runtime_gives_the_models_answers(tiny, n):
@@ -336,8 +358,9 @@ def test_tflite_runtime_gives_the_models_answers(tiny, n):
     lite = InferenceRunner(model, entry.spec, runtime="tflite")
     lite.warm_up()
     inputs = np.random.default_rng(n).random((n, 48, 48, 1), dtype=np.float32)
-    np.testing.assert_allclose(lite.predict_inputs(inputs),
-                               np.asarray(model(inputs, training=False)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        lite.predict_inputs(inputs), np.asarray(model(inputs, training=False)), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_unknown_or_failing_runtime_is_a_clear_model_error(tiny, monkeypatch):
@@ -350,6 +373,7 @@ def test_unknown_or_failing_runtime_is_a_clear_model_error(tiny, monkeypatch):
 
     def failing(_model):
         raise runtime.RuntimeUnavailable("TFLite conversion failed (ConverterError: op X)")
+
     monkeypatch.setattr(runtime, "tflite_model", failing)
     with pytest.raises(registry.RegistryError) as err:
         serving.load_served_model(entry, "tflite")
@@ -358,6 +382,7 @@ def test_unknown_or_failing_runtime_is_a_clear_model_error(tiny, monkeypatch):
 
 
 # --- flip test-time augmentation, a property of the model version ---------------------------
+
 
 @pytest.mark.parametrize("n", [1, 40])
 def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
@@ -378,10 +403,8 @@ def test_flip_tta_averages_each_face_with_its_mirror_image(tiny, n):
     assert shapes == [2 if n == 1 else 128]
     # a caller may ask for one view (live streams): as is or mirrored, one face a batch of 1
     shapes.clear()
-    np.testing.assert_allclose(runner.predict_inputs(inputs, tta="none"), plain,
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(runner.predict_inputs(inputs, tta="mirror"), mirrored,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(runner.predict_inputs(inputs, tta="none"), plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(runner.predict_inputs(inputs, tta="mirror"), mirrored, rtol=1e-5, atol=1e-6)
     assert shapes == [1 if n == 1 else 64] * 2
 
 
@@ -393,22 +416,31 @@ def test_live_streams_alternate_as_is_and_mirrored_and_jobs_keep_the_versions_tt
     entry, model = tiny
     runner = InferenceRunner(model, entry.spec, tta="flip")
     rng = np.random.default_rng(5)
-    crops = {stream: rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
-             for stream in ("cam", "job:clip")}
+    crops = {stream: rng.integers(0, 256, (2, 48, 48, 3), dtype=np.uint8) for stream in ("cam", "job:clip")}
 
     def scores(live_tta, seq=1):
-        batch = [PendingFaces(Faces(stream=stream, seq=seq, width=64, height=64,
-                                    timestamps={"capture": time.time()},
-                                    boxes=[(0, 0, 8, 8), (8, 8, 8, 8)], crop_size=48),
-                              crops[stream], 0.0) for stream in crops]
+        batch = [
+            PendingFaces(
+                Faces(
+                    stream=stream,
+                    seq=seq,
+                    width=64,
+                    height=64,
+                    timestamps={"capture": time.time()},
+                    boxes=[(0, 0, 8, 8), (8, 8, 8, 8)],
+                    crop_size=48,
+                ),
+                crops[stream],
+                0.0,
+            )
+            for stream in crops
+        ]
         messages = run_batch(batch, runner, "tiny-flip", now=0.0, live_tta=live_tta)
-        return {decode(m)[0].stream: np.array([r.scores for r in decode(m)[0].results])
-                for m in messages}
+        return {decode(m)[0].stream: np.array([r.scores for r in decode(m)[0].results]) for m in messages}
 
     flip = {stream: runner.predict_faces(crops[stream]) for stream in crops}
     plain = {stream: runner.predict_faces(crops[stream], "none") for stream in crops}
-    mirrored = {stream: runner.predict_faces(crops[stream][:, :, ::-1].copy(), "none")
-                for stream in crops}
+    mirrored = {stream: runner.predict_faces(crops[stream][:, :, ::-1].copy(), "none") for stream in crops}
     assert not np.allclose(flip["cam"], plain["cam"])
     assert not np.allclose(plain["cam"], mirrored["cam"])
     np.testing.assert_allclose((plain["cam"] + mirrored["cam"]) / 2, flip["cam"], atol=1e-5)
@@ -424,8 +456,7 @@ def test_live_streams_alternate_as_is_and_mirrored_and_jobs_keep_the_versions_tt
     check(scores(LiveTta("version", "flip")), flip["cam"])
     check(scores(None), flip["cam"])
     # a version without TTA is run as is, whatever --live-tta says
-    assert LiveTta("alternate", "none")(Faces(stream="cam", seq=1, width=8,
-                                              height=8)) is None
+    assert LiveTta("alternate", "none")(Faces(stream="cam", seq=1, width=8, height=8)) is None
 
 
 def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, tmp_path):
@@ -450,6 +481,7 @@ def test_a_versions_tta_comes_from_its_metadata_and_bad_values_are_named(tiny, t
 
 
 # --- bfloat16, a property of the model version ---------------------------------------------
+
 
 def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
     from services.model import runtime
@@ -477,9 +509,9 @@ def test_bfloat16_gives_the_float32_answers_to_bfloat16_resolution(tiny):
     assert bf16.precision == "bfloat16" and bf16.precision_fallback == ""
     out = bf16.predict_inputs(inputs)
     assert out.dtype == np.float32 and out.shape == (70, 7)
-    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)   # a float32 softmax
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)  # a float32 softmax
     np.testing.assert_allclose(out, f32, atol=0.03)
-    assert not np.array_equal(out, f32)                           # it did compute in bfloat16
+    assert not np.array_equal(out, f32)  # it did compute in bfloat16
     # the weights stay float32; only the arithmetic is bfloat16
     assert all(w.dtype == "float32" for w in bf16.model.weights)
     assert bf16.model.layers[-1].compute_dtype == "float32"
@@ -495,8 +527,9 @@ def test_bfloat16_falls_back_to_float32_where_the_cpu_would_emulate_it(tiny, mon
     assert runner.precision == "float32" and "no native bfloat16" in runner.precision_fallback
     assert runner.model.compute_dtype == "float32"
     served = serving.ServedModel("tiny-bf16", runner, "model.keras")
-    assert "precision float32 (the version asks for bfloat16, but this CPU has no native" \
-        in serving.describe(served)
+    assert "precision float32 (the version asks for bfloat16, but this CPU has no native" in serving.describe(
+        served
+    )
     with pytest.raises(runtime.RuntimeUnavailable, match="unknown precision 'float16'"):
         runtime.InferenceRunner(model, entry.spec, precision="float16")
 
@@ -516,8 +549,7 @@ def test_a_versions_precision_comes_from_its_metadata_and_bad_values_are_named(t
     (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "precision": "bfloat16"}))
     runner = serving.load_served_model(registry.read_entry(folder)).runner
     assert runner.precision == ("bfloat16" if runtime.native_bfloat16() else "float32")
-    assert serving.load_served_model(registry.read_entry(folder), "tflite").runner.precision \
-        == "float32"
+    assert serving.load_served_model(registry.read_entry(folder), "tflite").runner.precision == "float32"
     (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "precision": "int4"}))
     with pytest.raises(registry.RegistryError, match=r"metadata.json: 'precision' is 'int4'"):
         serving.load_served_model(registry.read_entry(folder))
@@ -525,14 +557,16 @@ def test_a_versions_precision_comes_from_its_metadata_and_bad_values_are_named(t
 
 # --- the inference copy: training-only layers dropped, BatchNormalization folded -------------
 
+
 def _trained_looking(model):
     """Give every BatchNormalization statistics far from the identity, as training does."""
     rng = np.random.default_rng(11)
     for layer in model.layers:
         if type(layer).__name__ == "BatchNormalization":
             n = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 0.5, n),
-                               rng.normal(0, 0.5, n), rng.uniform(0.2, 3, n)])
+            layer.set_weights(
+                [rng.uniform(0.5, 2, n), rng.normal(0, 0.5, n), rng.normal(0, 0.5, n), rng.uniform(0.2, 3, n)]
+            )
     return model
 
 
@@ -548,8 +582,9 @@ def test_folding_drops_training_layers_and_keeps_the_answers():
     assert {type(layer).__name__ for layer in model.layers} >= {"BatchNormalization", "Sequential"}
     assert lean.get_layer("stem1_conv").use_bias and not model.get_layer("stem1_conv").use_bias
     x = np.random.default_rng(2).random((16, 48, 48, 1), dtype=np.float32)
-    np.testing.assert_allclose(np.asarray(lean(x, training=False)),
-                               np.asarray(model(x, training=False)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(lean(x, training=False)), np.asarray(model(x, training=False)), atol=1e-5
+    )
     served, note = for_inference(model, x[:4])
     assert served is not model and note == ""
 
@@ -598,11 +633,15 @@ def test_auto_runtime_uses_tflite_for_small_batches_only(tiny, monkeypatch):
     assert runner.runtime == runtime.HYBRID
     inputs = np.random.default_rng(5).random((70, 48, 48, 1), dtype=np.float32)
     for n in (1, 3, 70):
-        np.testing.assert_allclose(runner.predict_inputs(inputs[:n]),
-                                   np.asarray(model(inputs[:n], training=False)),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            runner.predict_inputs(inputs[:n]),
+            np.asarray(model(inputs[:n], training=False)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
     def failing(_model):
         raise runtime.RuntimeUnavailable("TFLite conversion failed (ConverterError: op X)")
+
     monkeypatch.setattr(runtime, "tflite_model", failing)
     assert serving.load_served_model(entry, "auto").runner.runtime == "tf-function"

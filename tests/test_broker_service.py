@@ -1,5 +1,6 @@
 """BrokerService in process, its channels bound on inproc:// addresses: a message sent to a
 channel's producer side comes out of its consumer side, and is counted."""
+
 from __future__ import annotations
 
 import threading
@@ -68,7 +69,7 @@ def test_a_work_queue_forwards_each_message_to_one_consumer(broker, channel):
 def test_a_fanout_channel_reaches_every_subscriber(broker, channel):
     producer = broker(zmq.PUB, channel, "in")
     subscribers = [broker(zmq.SUB, channel, "out") for _ in range(2)]
-    for sub in subscribers:   # subscriptions travel through the proxy: send until both hear
+    for sub in subscribers:  # subscriptions travel through the proxy: send until both hear
         deadline = time.monotonic() + 5
         while not sub.poll(20):
             assert time.monotonic() < deadline, "the subscription never reached the producer"

@@ -1,4 +1,5 @@
 """Capture: source selection, image folders/globs/files, video files, demo, helpers."""
+
 from __future__ import annotations
 
 import socket
@@ -10,10 +11,16 @@ import numpy as np
 import pytest
 
 from services.capture.frames import encode_frame, publish_every
-from services.capture.sources import (Backoff, DemoSource, ImageSource, SourceError, VideoSource,
-                                      fit_width, open_source)
-from services.common.protocol import (ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, decode,
-                                      decode_image)
+from services.capture.sources import (
+    Backoff,
+    DemoSource,
+    ImageSource,
+    SourceError,
+    VideoSource,
+    fit_width,
+    open_source,
+)
+from services.common.protocol import ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, decode, decode_image
 from services.detector.faces import DetectorSettings, detect_faces, load_cascade
 
 COLOURS = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200)}
@@ -44,12 +51,13 @@ def image_folder(tmp_path):
     # written out of order; read back in name order
     for name in ("c", "a", "b"):
         assert cv2.imwrite(str(folder / f"{name}.jpg"), solid(COLOURS[name]))
-    (folder / "b-broken.jpg").write_bytes(b"not a jpeg at all")     # between b and c
+    (folder / "b-broken.jpg").write_bytes(b"not a jpeg at all")  # between b and c
     (folder / "notes.txt").write_text("ignored: not an image suffix")
     return folder
 
 
 # --- open_source ---------------------------------------------------------------------------
+
 
 def test_demo():
     source = open_source("demo")
@@ -62,7 +70,7 @@ def test_camera_index(spec, target):
     source = open_source(spec)
     assert isinstance(source, VideoSource)
     assert source.target == target and isinstance(source.target, int)
-    assert source.live and source.capture is None     # not opened
+    assert source.live and source.capture is None  # not opened
     assert spec in source.name
 
 
@@ -72,8 +80,10 @@ def test_camera_device_path():
     assert source.target == "/dev/video0" and source.live and source.capture is None
 
 
-@pytest.mark.parametrize("url", ["rtsp://x/y", "http://cam.local/video.mjpg",
-                                 "HTTPS://cam.local/s", "udp://@:1234", "rtmp://host/live"])
+@pytest.mark.parametrize(
+    "url",
+    ["rtsp://x/y", "http://cam.local/video.mjpg", "HTTPS://cam.local/s", "udp://@:1234", "rtmp://host/live"],
+)
 def test_url(url):
     source = open_source(url)
     assert isinstance(source, VideoSource)
@@ -84,8 +94,7 @@ def test_url(url):
 def test_image_folder_in_name_order_skipping_unreadable(image_folder):
     source = open_source(str(image_folder))
     assert isinstance(source, ImageSource) and not source.live
-    assert [p.rsplit("/", 1)[-1] for p in source.paths] == ["a.jpg", "b-broken.jpg", "b.jpg",
-                                                            "c.jpg"]
+    assert [p.rsplit("/", 1)[-1] for p in source.paths] == ["a.jpg", "b-broken.jpg", "b.jpg", "c.jpg"]
     source.open()
     frames = read_all(source)
     assert len(frames) == 3
@@ -108,7 +117,7 @@ def test_unreadable_file_in_the_middle_is_skipped(tmp_path):
     source.open()
     frames = read_all(source)
     assert len(frames) == 2
-    np.testing.assert_array_equal(frames[0], solid(COLOURS["a"]))   # PNG is lossless
+    np.testing.assert_array_equal(frames[0], solid(COLOURS["a"]))  # PNG is lossless
     np.testing.assert_array_equal(frames[1], solid(COLOURS["c"]))
 
 
@@ -120,8 +129,7 @@ def test_glob(image_folder):
     frames = read_all(source)
     assert [close_to(f, COLOURS[n]) for f, n in zip(frames, "ab")] == [True, True]
     everything = open_source(str(image_folder / "*"))
-    assert [p.rsplit("/", 1)[-1] for p in everything.paths] == ["a.jpg", "b-broken.jpg",
-                                                                "b.jpg", "c.jpg"]
+    assert [p.rsplit("/", 1)[-1] for p in everything.paths] == ["a.jpg", "b-broken.jpg", "b.jpg", "c.jpg"]
 
 
 def test_single_image_file(image_folder):
@@ -148,7 +156,7 @@ def test_video_file(tmp_path, suffix, fourcc):
     source = open_source(str(path))
     assert isinstance(source, VideoSource) and not source.live
     assert source.target == str(path)
-    assert source.read() is None                     # not opened yet
+    assert source.read() is None  # not opened yet
     source.open()
     try:
         assert source.native_fps == pytest.approx(10.0)
@@ -201,7 +209,7 @@ def test_video_file_that_cannot_be_opened(tmp_path):
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]                   # nothing listens once closed
+        return s.getsockname()[1]  # nothing listens once closed
 
 
 @pytest.mark.parametrize("scheme", ["rtsp", "http"])
@@ -233,6 +241,7 @@ def test_url_that_cannot_be_opened_fails_fast(scheme):
 
 # --- the demo source -----------------------------------------------------------------------
 
+
 def test_demo_frames_contain_a_face():
     source = DemoSource()
     source.open()
@@ -246,22 +255,23 @@ def test_demo_frames_contain_a_face():
         if previous is not None and not np.array_equal(frame, previous):
             moved += 1
         previous = frame
-    assert found >= 54                              # >= 90 % of 60 frames
-    assert moved == 59                              # every frame differs (motion + counter)
-    source.open()                                   # reopening restarts the clock
+    assert found >= 54  # >= 90 % of 60 frames
+    assert moved == 59  # every frame differs (motion + counter)
+    source.open()  # reopening restarts the clock
     assert source.tick == 0
 
 
 # --- helpers -------------------------------------------------------------------------------
+
 
 def test_fit_width_downscales_keeping_aspect():
     frame = np.zeros((720, 1280, 3), np.uint8)
     out = fit_width(frame, 640)
     assert out.shape == (360, 640, 3)
     out = fit_width(np.zeros((1080, 1920, 3), np.uint8), 500)
-    assert out.shape == (281, 500, 3)                # round(1080 * 500 / 1920) = 281.25
+    assert out.shape == (281, 500, 3)  # round(1080 * 500 / 1920) = 281.25
     assert fit_width(np.zeros((3000, 10, 3), np.uint8), 5).shape == (1500, 5, 3)
-    assert fit_width(np.zeros((1, 5000, 3), np.uint8), 100).shape == (1, 100, 3)   # never 0
+    assert fit_width(np.zeros((1, 5000, 3), np.uint8), 100).shape == (1, 100, 3)  # never 0
     assert fit_width(np.zeros((480, 640), np.uint8), 320).shape == (240, 320)
 
 
@@ -279,9 +289,20 @@ def test_fit_width_keeps_content():
     assert np.all(out[:, :50] == 0) and np.all(out[:, 50:] == 255)
 
 
-@pytest.mark.parametrize("native,target,every", [
-    (30, 15, 2.0), (25, 10, 2.5), (60, 24, 2.5), (30, 30, 1.0), (15, 30, 1.0),
-    (0, 10, 1.0), (30, 0, 1.0), (-5, 10, 1.0), (30, -1, 1.0)])
+@pytest.mark.parametrize(
+    "native,target,every",
+    [
+        (30, 15, 2.0),
+        (25, 10, 2.5),
+        (60, 24, 2.5),
+        (30, 30, 1.0),
+        (15, 30, 1.0),
+        (0, 10, 1.0),
+        (30, 0, 1.0),
+        (-5, 10, 1.0),
+        (30, -1, 1.0),
+    ],
+)
 def test_publish_every(native, target, every):
     assert publish_every(native, target) == pytest.approx(every)
 
@@ -305,10 +326,14 @@ def test_encode_frame_decodes(encoding):
     before = time.time()
     parts = encode_frame(frame, "cam-7", 42, encoding, 90)
     assert parts[0] == b"cam-7"
-    header, payloads = decode([bytes(memoryview(p).cast("B")) for p in parts],
-                              expect_kind=KIND_FRAME)
+    header, payloads = decode([bytes(memoryview(p).cast("B")) for p in parts], expect_kind=KIND_FRAME)
     assert (header.stream, header.seq, header.width, header.height, header.encoding) == (
-        "cam-7", 42, 320, 240, encoding)
+        "cam-7",
+        42,
+        320,
+        240,
+        encoding,
+    )
     assert before - 1 <= header.timestamps["capture"] <= time.time() + 1
     image = decode_image(header, payloads[0])
     assert image.shape == (240, 320, 3)
@@ -320,7 +345,7 @@ def test_encode_frame_decodes(encoding):
 
 def test_encode_frame_bgr_of_a_non_contiguous_view():
     frame = np.arange(100 * 80 * 3, dtype=np.uint32).astype(np.uint8).reshape(100, 80, 3)
-    view = frame[10:60, 5:45]                       # a view with row gaps
+    view = frame[10:60, 5:45]  # a view with row gaps
     assert not view.flags.c_contiguous
     parts = encode_frame(view, "s", 0, ENCODING_BGR, 85)
     header, payloads = decode([bytes(memoryview(p).cast("B")) for p in parts])

@@ -1,5 +1,6 @@
 """CaptureService in process, over real inproc:// ZeroMQ sockets: what it publishes, how it
 waits for the pipeline before a file's first frame, and its flow control."""
+
 from __future__ import annotations
 
 import threading
@@ -57,8 +58,7 @@ class Harness:
         self.results.send_multipart(encode(Result(stream, seq, 64, 48, {"capture": time.time()})))
 
     def close(self) -> None:
-        for sock in (self.frames, self.detect, self.results, self.frames_out, self.detect_out,
-                     *self.opened):
+        for sock in (self.frames, self.detect, self.results, self.frames_out, self.detect_out, *self.opened):
             sock.close(linger=0)
 
 
@@ -88,10 +88,15 @@ def start(service: CaptureService) -> threading.Thread:
 
 def test_demo_frames_reach_frames_and_detect_in_order(harness):
     stop = threading.Event()
-    settings = CaptureSettings(stream="cam", pace=False, max_in_flight=0, max_frames=5,
-                               max_width=320)
-    service = CaptureService(DemoSource(), settings, harness.frames_out, harness.detect_out,
-                             lambda: harness.open_results(b"cam"), stop)
+    settings = CaptureSettings(stream="cam", pace=False, max_in_flight=0, max_frames=5, max_width=320)
+    service = CaptureService(
+        DemoSource(),
+        settings,
+        harness.frames_out,
+        harness.detect_out,
+        lambda: harness.open_results(b"cam"),
+        stop,
+    )
     start(service).join(10)
     assert stop.is_set() and service.seq == 5
     for sock in (harness.frames, harness.detect):
@@ -107,29 +112,41 @@ def test_a_folder_waits_for_its_first_answer_then_ends(harness, tmp_path):
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((48, 64, 3), 40 * i, np.uint8))
     paths = sorted(str(p) for p in tmp_path.iterdir())
     stop = threading.Event()
-    settings = CaptureSettings(stream="pics", pace=False, max_in_flight=0, wait_ready_s=10,
-                               exit_at_end=True)
-    service = CaptureService(ImageSource(paths, "folder"), settings, harness.frames_out,
-                             harness.detect_out, lambda: harness.open_results(b"pics"), stop)
+    settings = CaptureSettings(stream="pics", pace=False, max_in_flight=0, wait_ready_s=10, exit_at_end=True)
+    service = CaptureService(
+        ImageSource(paths, "folder"),
+        settings,
+        harness.frames_out,
+        harness.detect_out,
+        lambda: harness.open_results(b"pics"),
+        stop,
+    )
     thread = start(service)
     probe = received(harness.detect, 1)[0]
     assert probe.seq == 0
     assert not harness.frames.poll(200), "no frame is published before the pipeline answers"
-    while thread.is_alive():          # answered until capture hears it (its SUB may be late)
+    while thread.is_alive():  # answered until capture hears it (its SUB may be late)
         harness.answer("pics", 0)
         thread.join(0.05)
     assert not stop.is_set() and service.seq == 3
     assert [h.seq for h in received(harness.frames, 3)] == [0, 1, 2]
     later = [h.seq for h in received(harness.detect, 10, timeout=0.5)]
-    assert later[-2:] == [1, 2] and set(later[:-2]) <= {0}, later   # seq 0 only as a probe
+    assert later[-2:] == [1, 2] and set(later[:-2]) <= {0}, later  # seq 0 only as a probe
 
 
 def test_flow_control_sends_only_while_the_window_has_room(harness):
     stop = threading.Event()
-    settings = CaptureSettings(stream="fast", pace=False, max_in_flight=2, max_frames=4,
-                               in_flight_timeout_s=30)
-    service = CaptureService(DemoSource(), settings, harness.frames_out, harness.detect_out,
-                             lambda: harness.open_results(b"fast"), stop)
+    settings = CaptureSettings(
+        stream="fast", pace=False, max_in_flight=2, max_frames=4, in_flight_timeout_s=30
+    )
+    service = CaptureService(
+        DemoSource(),
+        settings,
+        harness.frames_out,
+        harness.detect_out,
+        lambda: harness.open_results(b"fast"),
+        stop,
+    )
     thread = start(service)
     first = received(harness.detect, 2)
     assert [h.seq for h in first] == [0, 1] and all(h.flow for h in first)

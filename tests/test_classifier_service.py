@@ -1,5 +1,6 @@
 """ClassifierService in process: real inproc:// ZeroMQ sockets on both sides, a tiny Keras
 model, a thread running the loop."""
+
 from __future__ import annotations
 
 import itertools
@@ -35,8 +36,7 @@ class Running:
     """A ClassifierService on its own thread: ``feed`` stands for the broker's classify
     queue, ``results`` for its results channel."""
 
-    def __init__(self, served, settings=ClassifierSettings(), clock=time.monotonic,
-                 watcher=None):
+    def __init__(self, served, settings=ClassifierSettings(), clock=time.monotonic, watcher=None):
         n = next(ENDPOINTS)
         self.ctx = zmq.Context()
         self.feed = self.ctx.socket(zmq.PUSH)
@@ -49,8 +49,9 @@ class Running:
         self.results.connect(f"inproc://results-{n}")
         self.sockets = [self.feed, faces_in, results_out, self.results]
         self.stop = threading.Event()
-        self.service = ClassifierService(served, settings, faces_in, results_out, self.stop,
-                                         watcher=watcher, clock=clock)
+        self.service = ClassifierService(
+            served, settings, faces_in, results_out, self.stop, watcher=watcher, clock=clock
+        )
         self.thread = threading.Thread(target=self.service.run, daemon=True)
         self.thread.start()
 
@@ -127,36 +128,32 @@ def test_a_malformed_or_stale_message_is_counted_and_dropped_and_the_loop_goes_o
     service.feed.send_multipart([b"cam", b"\xff not msgpack"])
     faces = fresh(1, 1).header
     result = Result(faces.stream, faces.seq, faces.width, faces.height, faces.timestamps)
-    service.feed.send_multipart(encode(result))                 # a result on the faces queue
-    service.send(pending(1, 0.0, seq=2))                         # captured long ago
+    service.feed.send_multipart(encode(result))  # a result on the faces queue
+    service.send(pending(1, 0.0, seq=2))  # captured long ago
     service.send(fresh(1, 3))
     assert service.receive().seq == 3
     assert service.quiet()
-    assert sample("emotion_messages_rejected_total", service="classifier", reason="kind") \
-        == rejected + 1
-    assert sample("emotion_messages_rejected_total", service="classifier", reason="header") \
-        == garbled + 1
-    assert sample("emotion_frames_dropped_total", service="classifier", reason="stale") \
-        == stale + 1
+    assert sample("emotion_messages_rejected_total", service="classifier", reason="kind") == rejected + 1
+    assert sample("emotion_messages_rejected_total", service="classifier", reason="header") == garbled + 1
+    assert sample("emotion_frames_dropped_total", service="classifier", reason="stale") == stale + 1
     assert service.thread.is_alive()
 
 
 def test_a_newer_live_frame_takes_the_place_of_a_waiting_one_but_job_frames_all_run(running):
     now = [100.0]
-    service = running(settings=ClassifierSettings(BatchPolicy(max_batch=32, max_wait_ms=50.0)),
-                      clock=lambda: now[0])
-    superseded = sample("emotion_frames_dropped_total", service="classifier",
-                        reason="superseded")
+    service = running(
+        settings=ClassifierSettings(BatchPolicy(max_batch=32, max_wait_ms=50.0)), clock=lambda: now[0]
+    )
+    superseded = sample("emotion_frames_dropped_total", service="classifier", reason="superseded")
     for item in (fresh(1, 1), fresh(1, 2), fresh(1, 1, "job:clip"), fresh(1, 2, "job:clip")):
         service.send(item)
     wait_for(lambda: len(service.service.batcher) == 3, 5, 0.01, "three frames waiting")
-    assert service.quiet(0.1)                                    # not due on the frozen clock
+    assert service.quiet(0.1)  # not due on the frozen clock
     now[0] += 1.0
     got = sorted((header.stream, header.seq) for header in (service.receive() for _ in range(3)))
     assert got == [("cam", 2), ("job:clip", 1), ("job:clip", 2)]
     assert service.quiet()
-    assert sample("emotion_frames_dropped_total", service="classifier",
-                  reason="superseded") == superseded + 1
+    assert sample("emotion_frames_dropped_total", service="classifier", reason="superseded") == superseded + 1
 
 
 def test_the_stop_event_ends_the_loop_promptly(running):
@@ -170,8 +167,7 @@ def test_the_stop_event_ends_the_loop_promptly(running):
     assert time.monotonic() - started < 1.0
 
 
-def test_a_newly_promoted_version_is_swapped_in_between_batches(running, tiny_registry,
-                                                               tmp_path):
+def test_a_newly_promoted_version_is_swapped_in_between_batches(running, tiny_registry, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(tiny_registry / "test-v1", root / "test-v1")
     registry.promote(root, "test-v1")

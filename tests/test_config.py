@@ -1,4 +1,5 @@
 """Options: every flag has an environment variable, documented, and every service answers --help."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,20 +7,26 @@ import sys
 
 import pytest
 
-from tests.support import ROOT
 from services.common.config import ServiceParser, env_name
 from services.common.configdoc import SERVICES, document
+from tests.support import ROOT
 
 
 def test_configuration_doc_is_current():
-    assert (ROOT / "docs" / "configuration.md").read_text() == document(), \
+    assert (ROOT / "docs" / "configuration.md").read_text() == document(), (
         "regenerate: python -m services.common.configdoc > docs/configuration.md"
+    )
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_every_service_answers_help(service):
-    out = subprocess.run([sys.executable, "-m", f"services.{service}", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", f"services.{service}", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "--metrics-port" in out.stdout and "EMOTION_METRICS_PORT" in out.stdout
 
@@ -36,13 +43,14 @@ def test_environment_sets_defaults_and_flags_win(monkeypatch):
     assert (args.max_age_ms, args.loop) == (100.0, False)
 
 
-@pytest.mark.parametrize("name,value,kind", [("EMOTION_FPS", "fast", float),
-                                              ("EMOTION_LOOP", "perhaps", bool)])
+@pytest.mark.parametrize(
+    "name,value,kind", [("EMOTION_FPS", "fast", float), ("EMOTION_LOOP", "perhaps", bool)]
+)
 def test_bad_environment_value_names_the_variable(monkeypatch, capsys, name, value, kind):
     monkeypatch.setenv(name, value)
     parser = ServiceParser()
     with pytest.raises(SystemExit):
-        parser.option("--" + name[len("EMOTION_"):].lower(), default=kind(), type=kind)
+        parser.option("--" + name[len("EMOTION_") :].lower(), default=kind(), type=kind)
     assert name in capsys.readouterr().err
 
 

@@ -6,6 +6,7 @@ know, can neither publish (its messages never reach an authorised subscriber) no
 subscribe (it receives nothing). Missing key files stop a service with exit status 78
 and a message naming the file.
 """
+
 from __future__ import annotations
 
 import stat
@@ -17,22 +18,24 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tests.support import ROOT, Service, free_base_port, free_port, http_get, wait_for
 from services.common import bus, keys
 from services.common.config import CONFIG_ERROR
 from services.common.protocol import KIND_FACES, Faces, Message, Result, decode, encode
+from tests.support import ROOT, Service, free_base_port, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 
 
 def result_message(stream: str, seq: int) -> list:
-    return encode(Result(stream=stream, seq=seq, width=64, height=48,
-                         timestamps={"capture": time.time()}, model="m"))
+    return encode(
+        Result(stream=stream, seq=seq, width=64, height=48, timestamps={"capture": time.time()}, model="m")
+    )
 
 
 def faces_message(stream: str, seq: int) -> list:
-    return encode(Faces(stream=stream, seq=seq, width=64, height=48,
-                        timestamps={"capture": time.time()}, crop_size=8))
+    return encode(
+        Faces(stream=stream, seq=seq, width=64, height=48, timestamps={"capture": time.time()}, crop_size=8)
+    )
 
 
 def receive_all(sock: zmq.Socket, seconds: float) -> list[Message]:
@@ -47,7 +50,7 @@ def receive_all(sock: zmq.Socket, seconds: float) -> list[Message]:
 def key_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("curve")
     keys.generate(root / "keys")
-    keys.generate(root / "rogue")      # a complete, valid key set the broker never heard of
+    keys.generate(root / "rogue")  # a complete, valid key set the broker never heard of
     return root / "keys", root / "rogue"
 
 
@@ -55,8 +58,11 @@ def key_dirs(tmp_path_factory):
 def secured_broker(key_dirs, tmp_path_factory):
     good, _ = key_dirs
     base, metrics = free_base_port(), free_port()
-    broker = Service("broker", ["--base-port", str(base), "--metrics-port", str(metrics),
-                                "--curve-keys", str(good)], tmp_path_factory.mktemp("logs"))
+    broker = Service(
+        "broker",
+        ["--base-port", str(base), "--metrics-port", str(metrics), "--curve-keys", str(good)],
+        tmp_path_factory.mktemp("logs"),
+    )
     wait_for(lambda: _up(metrics, broker), 30, what="the broker")
     yield base, broker
     broker.stop()
@@ -78,11 +84,13 @@ def addresses(base: int, key_dirs) -> dict[str, bus.BrokerAddress]:
         "authorised": bus.BrokerAddress("127.0.0.1", base, authorised),
         "plain": bus.BrokerAddress("127.0.0.1", base),
         # right broker key, but a client key pair that is not in keys/clients/
-        "unauthorised": bus.BrokerAddress("127.0.0.1", base, keys.ClientKeys(
-            stranger.public, stranger.secret, authorised.server)),
+        "unauthorised": bus.BrokerAddress(
+            "127.0.0.1", base, keys.ClientKeys(stranger.public, stranger.secret, authorised.server)
+        ),
         # an authorised client that trusts the wrong broker key (a man in the middle)
-        "wrong_server": bus.BrokerAddress("127.0.0.1", base, keys.ClientKeys(
-            authorised.public, authorised.secret, stranger.server)),
+        "wrong_server": bus.BrokerAddress(
+            "127.0.0.1", base, keys.ClientKeys(authorised.public, authorised.secret, stranger.server)
+        ),
     }
 
 
@@ -98,8 +106,11 @@ def test_only_authorised_clients_get_through(secured_broker, key_dirs, channel):
         pub = bus.producer(ctx, addrs["authorised"], channel, hwm=10000)
         intruders = {name: bus.producer(ctx, addrs[name], channel, hwm=10000) for name in others}
         # The authorised client publishes and subscribes through the broker.
-        wait_for(lambda: pub.send_multipart(make("ok", 0)) or sub.poll(100), 10,
-                 what="the authorised subscriber to hear the authorised publisher")
+        wait_for(
+            lambda: pub.send_multipart(make("ok", 0)) or sub.poll(100),
+            10,
+            what="the authorised subscriber to hear the authorised publisher",
+        )
         receive_all(sub, 0.2)
         # Everybody sends for a while; only the authorised messages arrive.
         for seq in range(1, 31):
@@ -108,7 +119,7 @@ def test_only_authorised_clients_get_through(secured_broker, key_dirs, channel):
                 try:
                     sock.send_multipart(make(name, seq), flags=zmq.NOBLOCK)
                 except zmq.Again:
-                    pass           # never connected: its queue is full, nothing left it
+                    pass  # never connected: its queue is full, nothing left it
             time.sleep(0.02)
         streams = {h.stream for h in receive_all(sub, 1.0)}
         assert streams == {"ok"}, streams
@@ -119,8 +130,7 @@ def test_only_authorised_clients_get_through(secured_broker, key_dirs, channel):
         for seq in range(100, 160):
             pub.send_multipart(make("ok", seq))
             time.sleep(0.02)
-        heard = {name: receive_all(sock, 0.01)
-                 for name, sock in {**ears, "authorised": second}.items()}
+        heard = {name: receive_all(sock, 0.01) for name, sock in {**ears, "authorised": second}.items()}
         heard["authorised"] += receive_all(second, 1.0)
         if channel == "results":
             assert heard["authorised"], "a second authorised subscriber heard nothing"
@@ -137,15 +147,19 @@ def test_broker_admits_and_withdraws_client_keys_without_a_restart(tmp_path):
     keys.generate(tmp_path / "keys")
     keys.generate(tmp_path / "late")
     base, metrics = free_base_port(), free_port()
-    broker = Service("broker", ["--base-port", str(base), "--metrics-port", str(metrics),
-                                "--curve-keys", str(tmp_path / "keys")], tmp_path)
+    broker = Service(
+        "broker",
+        ["--base-port", str(base), "--metrics-port", str(metrics), "--curve-keys", str(tmp_path / "keys")],
+        tmp_path,
+    )
     ctx = zmq.Context()
     try:
         wait_for(lambda: _up(metrics, broker), 30, what="the broker")
         good = keys.client_keys(tmp_path / "keys")
         late = keys.client_keys(tmp_path / "late")
-        late_addr = bus.BrokerAddress("127.0.0.1", base, keys.ClientKeys(late.public, late.secret,
-                                                                          good.server))
+        late_addr = bus.BrokerAddress(
+            "127.0.0.1", base, keys.ClientKeys(late.public, late.secret, good.server)
+        )
         sub = bus.consumer(ctx, bus.BrokerAddress("127.0.0.1", base, good), "results", hwm=10000)
 
         def late_client_gets_through(seconds: float) -> bool:
@@ -167,12 +181,18 @@ def test_broker_admits_and_withdraws_client_keys_without_a_restart(tmp_path):
         authorised = tmp_path / "keys" / keys.CLIENTS_DIR / "late.key"
         authorised.write_bytes((tmp_path / "late" / keys.CLIENT_PUBLIC).read_bytes())
         # a refused socket does not try again, so connect after the broker's next key poll
-        wait_for(lambda: "authorised client keys reloaded: 2" in broker.output(), 10,
-                 what="the broker to read the new key")
+        wait_for(
+            lambda: "authorised client keys reloaded: 2" in broker.output(),
+            10,
+            what="the broker to read the new key",
+        )
         assert late_client_gets_through(5), broker.output()
         authorised.unlink()
-        wait_for(lambda: "authorised client keys reloaded: 1" in broker.output(), 10,
-                 what="the broker to read the withdrawal")
+        wait_for(
+            lambda: "authorised client keys reloaded: 1" in broker.output(),
+            10,
+            what="the broker to read the withdrawal",
+        )
         receive_all(sub, 0.2)
         assert not late_client_gets_through(1.5)
         assert broker.alive()
@@ -186,14 +206,20 @@ def test_secured_pipeline_stages(key_dirs, tmp_path):
     good, _ = key_dirs
     base = free_base_port()
     common = ["--base-port", str(base), "--curve-keys", str(good)]
-    services = [Service("broker", [*common, "--metrics-port", str(free_port())], tmp_path),
-                Service("detector", [*common, "--metrics-port", str(free_port())], tmp_path),
-                Service("capture", [*common, "--metrics-port", str(free_port()),
-                                    "--source", "demo", "--fps", "20"], tmp_path)]
+    services = [
+        Service("broker", [*common, "--metrics-port", str(free_port())], tmp_path),
+        Service("detector", [*common, "--metrics-port", str(free_port())], tmp_path),
+        Service(
+            "capture",
+            [*common, "--metrics-port", str(free_port()), "--source", "demo", "--fps", "20"],
+            tmp_path,
+        ),
+    ]
     ctx = zmq.Context()
     try:
-        faces = bus.consumer(ctx, bus.BrokerAddress("127.0.0.1", base, keys.client_keys(good)),
-                             "classify", hwm=1000)
+        faces = bus.consumer(
+            ctx, bus.BrokerAddress("127.0.0.1", base, keys.client_keys(good)), "classify", hwm=1000
+        )
         found = []
 
         def a_face():
@@ -212,9 +238,22 @@ def test_secured_pipeline_stages(key_dirs, tmp_path):
 
 
 def run_service(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"services.{name}", "--metrics-port", "0",
-                           "--base-port", str(free_base_port()), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            f"services.{name}",
+            "--metrics-port",
+            "0",
+            "--base-port",
+            str(free_base_port()),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_missing_key_files_are_configuration_errors(tmp_path, key_dirs):
@@ -255,8 +294,7 @@ def test_key_generation_command(tmp_path):
     command = [sys.executable, "-m", "services.common.keys", str(folder)]
     made = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert made.returncode == 0, made.stderr
-    for name in ("broker.key", "broker.key_secret", "client.key", "client.key_secret",
-                 "clients/client.key"):
+    for name in ("broker.key", "broker.key_secret", "client.key", "client.key_secret", "clients/client.key"):
         assert (folder / name).is_file(), name
     for name in ("broker.key_secret", "client.key_secret"):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
@@ -265,8 +303,13 @@ def test_key_generation_command(tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr
 
     other = tmp_path / "camera-host"
-    added = subprocess.run([*command[:-1], str(other), "--client-of", str(folder)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=30)
+    added = subprocess.run(
+        [*command[:-1], str(other), "--client-of", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert added.returncode == 0, added.stderr
     client = keys.client_keys(other)
     assert client.server == keys.server_keys(folder).public

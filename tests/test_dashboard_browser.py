@@ -1,5 +1,6 @@
 """The viewer's dashboard in a real browser (Debian's chromium through Selenium), fed by a
 real pipeline with a tracker playing a real clip."""
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,17 @@ def browser():
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--window-size=1280,800"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,800",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(str(CHROMEDRIVER)), options=options)
     yield driver
@@ -58,8 +67,11 @@ def test_dashboard_shows_a_tracked_face_and_a_growing_timeline(tmp_path, tiny_re
         wait_for(lambda: pipeline.scrape("tracker"), 30, what="the tracker")
         pipeline.start("capture", "--source", str(clip), "--stream", "main", "--loop")
         base = f"http://127.0.0.1:{pipeline.http_port}/"
-        wait_for(lambda: "main" in (pipeline.scrape("viewer") and _streams(base)), 60,
-                 what="the viewer to show the stream")
+        wait_for(
+            lambda: "main" in (pipeline.scrape("viewer") and _streams(base)),
+            60,
+            what="the viewer to show the stream",
+        )
         browser.get(base)
 
         def panel():
@@ -76,30 +88,31 @@ def test_dashboard_shows_a_tracked_face_and_a_growing_timeline(tmp_path, tiny_re
         state = panel()
         assert "fps" in state["meta"] and "tracked" in state["meta"]
         assert state["legend"] == emotions
-        palette = [_css_rgb(PALETTE[emotion]) for emotion in emotions]   # the viewer's colours
+        palette = [_css_rgb(PALETTE[emotion]) for emotion in emotions]  # the viewer's colours
         assert state["swatches"] == palette and face["fills"] == palette
         before = state["points"]
-        wait_for(lambda: panel()["points"] >= before + 3, 20, interval=0.5,
-                 what="the timeline to grow")
-        errors = [entry["message"] for entry in browser.get_log("browser")
-                  if entry["level"] == "SEVERE" and "favicon.ico" not in entry["message"]]
-        assert not errors, errors                 # no script error, no CSP refusal
+        wait_for(lambda: panel()["points"] >= before + 3, 20, interval=0.5, what="the timeline to grow")
+        errors = [
+            entry["message"]
+            for entry in browser.get_log("browser")
+            if entry["level"] == "SEVERE" and "favicon.ico" not in entry["message"]
+        ]
+        assert not errors, errors  # no script error, no CSP refusal
 
         shot = Path(os.environ.get("EMOTION_DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
 
-        browser.set_window_size(390, 844)           # phone width: no sideways scrolling
+        browser.set_window_size(390, 844)  # phone width: no sideways scrolling
         time.sleep(0.5)
-        assert browser.execute_script(
-            "return document.documentElement.scrollWidth <= window.innerWidth + 1")
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
         assert tracked_face()
     finally:
         pipeline.stop()
 
 
 def _css_rgb(hex_colour: str) -> str:
-    return "rgb({}, {}, {})".format(*(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)))
+    return "rgb({}, {}, {})".format(*(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)))
 
 
 def _streams(base: str) -> str:

@@ -1,4 +1,5 @@
 """Detector: Haar-cascade face detection on real pictures and video, and face cropping."""
+
 from __future__ import annotations
 
 import cv2
@@ -6,7 +7,6 @@ import numpy as np
 import pytest
 
 from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
-
 from tests.support import media
 
 
@@ -53,7 +53,7 @@ def test_one_face_in_justin(cascade):
     x, y, w, h = boxes[0]
     assert all(isinstance(v, int) for v in boxes[0])
     assert inside(boxes[0], image)
-    assert w >= 60 and h >= 60                      # a portrait: the face is large
+    assert w >= 60 and h >= 60  # a portrait: the face is large
     # the face is in the middle third of the picture, not somewhere in the background
     cx, cy = x + w / 2, y + h / 2
     height, width = image.shape[:2]
@@ -96,7 +96,7 @@ def test_detect_width_maps_boxes_to_full_resolution(cascade, factor):
     image = cv2.imread(str(media("justin.jpg")))
     if factor != 1:
         image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
-    assert image.shape[1] > 320                     # so detect_width=320 really downscales
+    assert image.shape[1] > 320  # so detect_width=320 really downscales
     full = detect_faces(image, cascade, DetectorSettings(detect_width=0))
     small = detect_faces(image, cascade, DetectorSettings(detect_width=320))
     assert len(full) == 1 and len(small) == 1
@@ -133,6 +133,7 @@ def test_min_size_is_in_full_resolution_pixels(cascade):
 
 
 # --- crop_faces ----------------------------------------------------------------------------
+
 
 def pattern(height=100, width=120) -> np.ndarray:
     """Every pixel different, so misplaced crops are noticed."""
@@ -176,10 +177,9 @@ def test_crop_at_top_left_border_replicates_edge_pixels():
     crops = crop_faces(image, [(0, 0, 40, 40)], margin=0.25, size=60)
     crop = crops[0]
     np.testing.assert_array_equal(crop[10:, 10:], image[0:50, 0:50])
-    assert np.all(crop[:10, :10] == image[0, 0])               # corner repeated
+    assert np.all(crop[:10, :10] == image[0, 0])  # corner repeated
     np.testing.assert_array_equal(crop[:10, 10:], np.broadcast_to(image[0, 0:50], (10, 50, 3)))
-    np.testing.assert_array_equal(crop[10:, :10],
-                                  np.broadcast_to(image[0:50, 0][:, None], (50, 10, 3)))
+    np.testing.assert_array_equal(crop[10:, :10], np.broadcast_to(image[0:50, 0][:, None], (50, 10, 3)))
 
 
 def test_crop_at_bottom_right_border_replicates_edge_pixels():
@@ -214,4 +214,4 @@ def test_crop_of_detected_face(cascade):
     boxes = detect_faces(image, cascade, settings)
     crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
     assert crops.shape == (1, 96, 96, 3)
-    assert crops.std() > 10                         # real picture content, not padding
+    assert crops.std() > 10  # real picture content, not padding

@@ -1,5 +1,6 @@
 """DetectorService in process, over real inproc:// ZeroMQ sockets: a frame with a face
 becomes a faces message; bad and stale frames are counted, and the service carries on."""
+
 from __future__ import annotations
 
 import threading
@@ -38,8 +39,14 @@ def detector(request):
     rejected: list[Rejected] = []
     stop = threading.Event()
     finder = FaceFinder(load_cascade(), DetectorSettings())
-    service = DetectorService(finder, IntakeSettings(max_age_s=2.0, newest_only=request.param),
-                              frames_in, faces_out, stop, rejected.append)
+    service = DetectorService(
+        finder,
+        IntakeSettings(max_age_s=2.0, newest_only=request.param),
+        frames_in,
+        faces_out,
+        stop,
+        rejected.append,
+    )
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     yield send, receive, rejected
@@ -57,8 +64,10 @@ def faces(receive: zmq.Socket, timeout_ms: int = 5000):
 
 
 def stale_drops() -> float:
-    return REGISTRY.get_sample_value("emotion_frames_dropped_total",
-                                     {"service": "detector", "reason": "stale"}) or 0.0
+    return (
+        REGISTRY.get_sample_value("emotion_frames_dropped_total", {"service": "detector", "reason": "stale"})
+        or 0.0
+    )
 
 
 def test_a_frame_with_a_face_becomes_a_faces_message(detector, portrait):

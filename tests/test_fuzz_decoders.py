@@ -9,6 +9,7 @@
   stays within its bounds, and accounts for every frame it was offered -- each one is
   shown, still waiting, or counted under exactly one drop or rejection reason.
 """
+
 from __future__ import annotations
 
 import struct
@@ -19,14 +20,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from services.common.protocol import (EMOTIONS, ENCODING_BGR, ENCODING_JPEG, FaceResult, Frame,
-                                      Rejected, Result, decode_image, encode, jpeg_size)
-from services.viewer.service import ViewerService, ViewerSettings
+from services.common.protocol import (
+    EMOTIONS,
+    ENCODING_BGR,
+    ENCODING_JPEG,
+    FaceResult,
+    Frame,
+    Rejected,
+    Result,
+    decode_image,
+    encode,
+    jpeg_size,
+)
 from services.viewer.hub import StreamHub
+from services.viewer.service import ViewerService, ViewerSettings
 
 W, H = 64, 48
-PROPERTY = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 def _image(seed: int, grey: bool = False) -> np.ndarray:
@@ -57,30 +69,30 @@ def damaged_jpegs(draw):
         spots = markers(bytes(data)) or [2]
         if op == "byte" and len(data) > 2:
             data[draw(st.integers(2, len(data) - 1))] = draw(st.integers(0, 255))
-        elif op == "length":                  # a segment length that lies
+        elif op == "length":  # a segment length that lies
             at = draw(st.sampled_from(spots))
             if at + 4 <= len(data):
-                data[at + 2:at + 4] = struct.pack(">H", draw(st.integers(0, 0xFFFF)))
-        elif op == "sof":                     # any claimed size, including 0 and 65535
-            sof = next((i for i in spots if i + 1 < len(data) and data[i + 1] in (0xC0, 0xC2)),
-                       None)
+                data[at + 2 : at + 4] = struct.pack(">H", draw(st.integers(0, 0xFFFF)))
+        elif op == "sof":  # any claimed size, including 0 and 65535
+            sof = next((i for i in spots if i + 1 < len(data) and data[i + 1] in (0xC0, 0xC2)), None)
             if sof is not None and sof + 9 <= len(data):
-                data[sof + 5:sof + 9] = struct.pack(">HH", draw(st.integers(0, 0xFFFF)),
-                                                    draw(st.integers(0, 0xFFFF)))
+                data[sof + 5 : sof + 9] = struct.pack(
+                    ">HH", draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFFFF))
+                )
         elif op == "cut":
-            del data[draw(st.integers(2, len(data))):]
+            del data[draw(st.integers(2, len(data))) :]
         elif op == "insert":
             at = draw(st.integers(2, len(data)))
             data[at:at] = draw(st.binary(min_size=1, max_size=40))
-        elif op == "marker":                  # a stray or repeated marker
+        elif op == "marker":  # a stray or repeated marker
             at = draw(st.integers(2, len(data)))
             data[at:at] = bytes([0xFF, draw(st.integers(0xC0, 0xFE))])
-        else:                                 # garbage entropy-coded data
+        else:  # garbage entropy-coded data
             start = bytes(data).find(b"\xff\xda")
             if start > 0:
                 at = draw(st.integers(start + 2, len(data)))
                 noise = draw(st.binary(min_size=1, max_size=200))
-                data[at:at + len(noise)] = noise
+                data[at : at + len(noise)] = noise
     return bytes(data)
 
 
@@ -90,12 +102,10 @@ def test_damaged_jpegs_are_decoded_or_rejected(data, trust_sof):
     size = jpeg_size(data)
     if size is not None:
         assert all(isinstance(v, int) and 0 <= v <= 0xFFFF for v in size)
-    width, height = size if trust_sof and size and 0 < size[0] * size[1] <= 4096 * 4096 \
-        else (W, H)
+    width, height = size if trust_sof and size and 0 < size[0] * size[1] <= 4096 * 4096 else (W, H)
     if not (0 < width and 0 < height):
         width, height = W, H
-    header = Frame(stream="s", seq=0, width=width, height=height,
-                   encoding=ENCODING_JPEG)
+    header = Frame(stream="s", seq=0, width=width, height=height, encoding=ENCODING_JPEG)
     try:
         image = decode_image(header, data)
     except Rejected as exc:
@@ -118,7 +128,7 @@ GOOD_JPEG = SEEDS[0]
 BAD_PAYLOADS = {
     "jpeg": GOOD_JPEG,
     "bgr": _image(3).tobytes(),
-    "damaged": GOOD_JPEG[:40],                       # headers only: "image" at display
+    "damaged": GOOD_JPEG[:40],  # headers only: "image" at display
     "lying": cv2.imencode(".jpg", np.zeros((10, 10, 3), np.uint8))[1].tobytes(),  # "size"
     "noise": b"\xff\xd8 not really",
 }
@@ -145,8 +155,7 @@ class Clock:
 
 
 def counted(reason: str) -> float:
-    value = REGISTRY.get_sample_value("emotion_frames_dropped_total",
-                                      {"service": "viewer", "reason": reason})
+    value = REGISTRY.get_sample_value("emotion_frames_dropped_total", {"service": "viewer", "reason": reason})
     return value or 0.0
 
 
@@ -161,9 +170,15 @@ def test_viewer_accounts_for_every_frame(script, delay_s, buffer_frames, max_str
     def rejects(error: Rejected) -> None:
         rejected[phase["now"]] += 1
 
-    viewer = ViewerService(ViewerSettings(delay_s=delay_s, buffer_frames=buffer_frames, max_age_s=1.0,
-                                   max_streams=max_streams, idle_s=1e9),
-                    hub, rejects, clock=clock, wall_clock=clock.wall)
+    viewer = ViewerService(
+        ViewerSettings(
+            delay_s=delay_s, buffer_frames=buffer_frames, max_age_s=1.0, max_streams=max_streams, idle_s=1e9
+        ),
+        hub,
+        rejects,
+        clock=clock,
+        wall_clock=clock.wall,
+    )
     before = {r: counted(r) for r in ("stale", "encode")}
     offered = shown = results_refused = 0
     for event in script:
@@ -171,19 +186,24 @@ def test_viewer_accounts_for_every_frame(script, delay_s, buffer_frames, max_str
             _, stream, seq, age, payload = event
             ts = {} if age is None else {"capture": clock.wall() - age}
             encoding = ENCODING_BGR if payload == "bgr" else ENCODING_JPEG
-            header = Frame(stream=stream, seq=seq, width=W, height=H,
-                           timestamps=ts, encoding=encoding)
+            header = Frame(stream=stream, seq=seq, width=W, height=H, timestamps=ts, encoding=encoding)
             offered += 1
             phase["now"] = "frame"
             viewer.on_frame(encode(header, [BAD_PAYLOADS[payload]]))
         elif event[0] == "result":
             _, stream, seq, age, faces = event
             ts = {} if age is None else {"capture": clock.wall() - age}
-            results = [FaceResult((i, i, 10, 10), EMOTIONS[i], 0.5, [0.5 / 6] * 7)
-                       for i in range(faces)]
-            header = Result(stream=stream, seq=seq, width=W, height=H,
-                            timestamps=ts, boxes=[r.box for r in results], results=results,
-                            model="m")
+            results = [FaceResult((i, i, 10, 10), EMOTIONS[i], 0.5, [0.5 / 6] * 7) for i in range(faces)]
+            header = Result(
+                stream=stream,
+                seq=seq,
+                width=W,
+                height=H,
+                timestamps=ts,
+                boxes=[r.box for r in results],
+                results=results,
+                model="m",
+            )
             phase["now"] = "result"
             refused = viewer.joiner.dropped["streams"]
             viewer.on_result(encode(header))
@@ -204,10 +224,11 @@ def test_viewer_accounts_for_every_frame(script, delay_s, buffer_frames, max_str
         pending = sum(len(joiner.pending(s)) for s in joiner.streams)
         # "missed" and "restart" count gaps in seq (frames that never arrived, a restarted
         # source), not a fate of these
-        dropped = (sum(n for reason, n in joiner.dropped.items()
-                       if reason not in ("missed", "restart"))
-                   - results_refused
-                   + sum(counted(r) - before[r] for r in before))
+        dropped = (
+            sum(n for reason, n in joiner.dropped.items() if reason not in ("missed", "restart"))
+            - results_refused
+            + sum(counted(r) - before[r] for r in before)
+        )
         accounted = rejected["frame"] + rejected["display"] + dropped + shown + pending
         assert accounted == offered, (offered, shown, pending, dict(joiner.dropped), rejected)
     assert rejected["result"] == sum(1 for e in script if e[0] == "garbage")

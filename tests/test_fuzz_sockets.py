@@ -18,6 +18,7 @@ classified during and after the garbage, each service must count what it refused
 (``emotion_messages_rejected_total`` with the expected reasons), and no service may grow
 its memory by more than ``RSS_BOUND_MB`` over a sustained garbage phase.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,11 +34,21 @@ import numpy as np
 import pytest
 import zmq
 
+from services.common import bus
+from services.common.protocol import (
+    KIND_FACES,
+    KIND_FRAME,
+    KIND_RESULT,
+    MAX_HEADER_BYTES,
+    MESSAGE_TYPES,
+    FaceResult,
+    Faces,
+    Rejected,
+    Result,
+    decode,
+)
 from tests.support import http_get, metric_sum, wait_for
 from tests.support.pipeline import Collector, Pipeline
-from services.common import bus
-from services.common.protocol import (KIND_FACES, KIND_FRAME, KIND_RESULT, MAX_HEADER_BYTES,
-                                      MESSAGE_TYPES, FaceResult, Faces, Rejected, Result, decode)
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +61,11 @@ rng = random.Random(20240501)
 
 # --- valid building blocks -------------------------------------------------------------------
 
+
 def jpeg(width: int, height: int, seed: int = 0, **params) -> bytes:
-    small = np.random.default_rng(seed).integers(0, 256, (max(2, height // 8), max(2, width // 8), 3),
-                                                 np.uint8)
+    small = np.random.default_rng(seed).integers(
+        0, 256, (max(2, height // 8), max(2, width // 8), 3), np.uint8
+    )
     image = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
     flags = [cv2.IMWRITE_JPEG_QUALITY, 80]
     if params.get("progressive"):
@@ -73,33 +86,36 @@ def sof_at(data: bytes) -> int:
 def claim_size(data: bytes, width: int, height: int) -> bytes:
     """The same JPEG with its SOF marker claiming another size (a decompression bomb)."""
     i = sof_at(data)
-    return data[:i + 5] + struct.pack(">HH", height, width) + data[i + 9:]
+    return data[: i + 5] + struct.pack(">HH", height, width) + data[i + 9 :]
 
 
 def corrupt_scan(data: bytes) -> bytes:
     """Valid JPEG headers, garbage entropy-coded data."""
     start = data.find(b"\xff\xda")
     body = bytearray(os.urandom(len(data) - start - 20))
-    return data[:start + 14] + bytes(body) + b"\xff\xd9"
+    return data[: start + 14] + bytes(body) + b"\xff\xd9"
 
 
 def headers_only(data: bytes) -> bytes:
     """SOI .. SOF and tables, no scan: libjpeg cannot produce an image."""
-    return data[:data.find(b"\xff\xda")]
+    return data[: data.find(b"\xff\xda")]
 
 
 def wire(_kind: str, stream: str = "fuzz", **changes) -> dict:
     """A valid header of kind ``_kind`` with fields changed (``...`` removes a field)."""
     kind = _kind
     now = time.time()
-    envelope = dict(stream=stream, seq=rng.randrange(10**6), width=64, height=48,
-                    timestamps={"capture": now})
+    envelope = dict(stream=stream, seq=rng.randrange(10**6), width=64, height=48, timestamps={"capture": now})
     if kind == KIND_FACES:
         header = Faces(**envelope, boxes=[(4, 4, 20, 20)], crop_size=16)
     elif kind == KIND_RESULT:
         scores = [1 / 7] * 7
-        header = Result(**envelope, boxes=[(4, 4, 20, 20)],
-                        results=[FaceResult((4, 4, 20, 20), "Happy", 1 / 7, scores)], model="fuzz")
+        header = Result(
+            **envelope,
+            boxes=[(4, 4, 20, 20)],
+            results=[FaceResult((4, 4, 20, 20), "Happy", 1 / 7, scores)],
+            model="fuzz",
+        )
     else:
         header = MESSAGE_TYPES[kind](**envelope)
     out = header.to_wire()
@@ -123,6 +139,7 @@ def msg(header, *payloads, topic: bytes = b"fuzz") -> list[bytes]:
 # Each generator returns (parts, reason): the reason the receiver should give, or None when
 # the message is valid (or may be, like a JPEG with a damaged scan that libjpeg still decodes).
 
+
 def common_garbage(kind: str) -> list:
     """Header-level damage every receiver must refuse, whatever the channel."""
     good = wire(kind)
@@ -131,13 +148,13 @@ def common_garbage(kind: str) -> list:
     return [
         lambda: ([os.urandom(rng.randrange(1, 300))], "frames"),
         lambda: ([b""], "frames"),
-        lambda: (msg(os.urandom(rng.randrange(0, 400)), *payloads), None),   # mostly "header"
-        lambda: (msg(packed[:rng.randrange(1, len(packed))], *payloads), "header"),
+        lambda: (msg(os.urandom(rng.randrange(0, 400)), *payloads), None),  # mostly "header"
+        lambda: (msg(packed[: rng.randrange(1, len(packed))], *payloads), "header"),
         lambda: (msg(pack([1, "frame", "fuzz"]), *payloads), "header"),
         lambda: (msg(pack({**good, "blob": b"\x00" * 10}), *payloads), "header"),
         lambda: (msg(pack({1: 2, **good}), *payloads), "header"),
-        lambda: (msg(b"\xc1" * 10, *payloads), "header"),                    # never-used byte
-        lambda: (msg(b"\xdd\xff\xff\xff\xff"), "header"),                   # array32 of 4 G
+        lambda: (msg(b"\xc1" * 10, *payloads), "header"),  # never-used byte
+        lambda: (msg(b"\xdd\xff\xff\xff\xff"), "header"),  # array32 of 4 G
         lambda: (msg(pack({**good, "pad": "x" * (MAX_HEADER_BYTES + 10)}), *payloads), "header"),
         lambda: (msg(pack({**good, "note": "y" * 5000}), *payloads), "header"),
         lambda: (msg(wire(kind, v=2), *payloads), "version"),
@@ -162,28 +179,34 @@ def common_garbage(kind: str) -> list:
 def frame_garbage() -> list:
     k = KIND_FRAME
     big = jpeg(640, 480, seed=3)
-    return common_garbage(k) + [
-        lambda: (msg(wire(k, kind=KIND_RESULT), SMALL_JPEG), "kind"),
-        lambda: (msg(wire(k, encoding="png"), SMALL_JPEG), "encoding"),
-        lambda: (msg(wire(k, encoding=...), SMALL_JPEG), "field"),
-        lambda: (msg(wire(k)), "frames"),
-        lambda: (msg(wire(k), SMALL_JPEG, SMALL_JPEG), "frames"),
-        lambda: (msg(wire(k), b""), "size"),
-        lambda: (msg(wire(k, encoding="bgr"), bytes(64 * 48 * 3 - 1)), "size"),
-        lambda: (msg(wire(k, encoding="bgr", width=100000, height=100000), b"\x00" * 30), "dimensions"),
-        lambda: (msg(wire(k, width=640, height=480), SMALL_JPEG), "size"),          # header lies
-        lambda: (msg(wire(k), claim_size(SMALL_JPEG, 8192, 8192)), "size"),        # SOF lies
-        lambda: (msg(wire(k), os.urandom(500)), "image"),
-        lambda: (msg(wire(k), cv2.imencode(".png", np.zeros((48, 64, 3), np.uint8))[1].tobytes()), "image"),
-        lambda: (msg(wire(k), b"\xff\xd8\xff\xe0" + os.urandom(300)), "image"),
-        lambda: (msg(wire(k), headers_only(SMALL_JPEG)), "image"),
-        lambda: (msg(wire(k, width=640, height=480), corrupt_scan(big)), None),    # often decodes
-        lambda: (msg(wire(k, width=640, height=480), big[:len(big) // 3]), None),  # truncated
-        lambda: (msg(wire(k), SMALL_JPEG), None),                                  # valid, unknown stream
-        lambda: (msg(wire(k, stream=f"fuzz-{rng.randrange(40)}"), SMALL_JPEG), None),
-        lambda: (msg(wire(k, stream=HOSTILE_STREAM), SMALL_JPEG, topic=HOSTILE_STREAM.encode()), None),
-        lambda: (msg(wire(k, stream="main", seq=2**62), SMALL_JPEG, topic=b"main"), None),
-    ]
+    return (
+        common_garbage(k)
+        + [
+            lambda: (msg(wire(k, kind=KIND_RESULT), SMALL_JPEG), "kind"),
+            lambda: (msg(wire(k, encoding="png"), SMALL_JPEG), "encoding"),
+            lambda: (msg(wire(k, encoding=...), SMALL_JPEG), "field"),
+            lambda: (msg(wire(k)), "frames"),
+            lambda: (msg(wire(k), SMALL_JPEG, SMALL_JPEG), "frames"),
+            lambda: (msg(wire(k), b""), "size"),
+            lambda: (msg(wire(k, encoding="bgr"), bytes(64 * 48 * 3 - 1)), "size"),
+            lambda: (msg(wire(k, encoding="bgr", width=100000, height=100000), b"\x00" * 30), "dimensions"),
+            lambda: (msg(wire(k, width=640, height=480), SMALL_JPEG), "size"),  # header lies
+            lambda: (msg(wire(k), claim_size(SMALL_JPEG, 8192, 8192)), "size"),  # SOF lies
+            lambda: (msg(wire(k), os.urandom(500)), "image"),
+            lambda: (
+                msg(wire(k), cv2.imencode(".png", np.zeros((48, 64, 3), np.uint8))[1].tobytes()),
+                "image",
+            ),
+            lambda: (msg(wire(k), b"\xff\xd8\xff\xe0" + os.urandom(300)), "image"),
+            lambda: (msg(wire(k), headers_only(SMALL_JPEG)), "image"),
+            lambda: (msg(wire(k, width=640, height=480), corrupt_scan(big)), None),  # often decodes
+            lambda: (msg(wire(k, width=640, height=480), big[: len(big) // 3]), None),  # truncated
+            lambda: (msg(wire(k), SMALL_JPEG), None),  # valid, unknown stream
+            lambda: (msg(wire(k, stream=f"fuzz-{rng.randrange(40)}"), SMALL_JPEG), None),
+            lambda: (msg(wire(k, stream=HOSTILE_STREAM), SMALL_JPEG, topic=HOSTILE_STREAM.encode()), None),
+            lambda: (msg(wire(k, stream="main", seq=2**62), SMALL_JPEG, topic=b"main"), None),
+        ]
+    )
 
 
 def faces_garbage() -> list:
@@ -202,8 +225,8 @@ def faces_garbage() -> list:
         lambda: (msg(wire(k)), "frames"),
         lambda: (msg(wire(k), crop, crop), "frames"),
         lambda: (msg(wire(k), crop[:-1]), "size"),
-        lambda: (msg(wire(k), os.urandom(16 * 16 * 3)), None),                     # valid noise
-        lambda: (msg(wire(k, boxes=[], crop_size=16)), None),                      # no faces
+        lambda: (msg(wire(k), os.urandom(16 * 16 * 3)), None),  # valid noise
+        lambda: (msg(wire(k, boxes=[], crop_size=16)), None),  # no faces
     ]
 
 
@@ -220,27 +243,32 @@ def result_garbage() -> list:
         lambda: (msg(wire(k, results=[entry, entry])), "field"),
         lambda: (msg(wire(k, results=["x"])), "field"),
         lambda: (msg(wire(k, model=7)), "field"),
-        lambda: (msg(wire(k, boxes=[[60, 40, 20, 20]], results=[{**entry, "box": [60, 40, 20, 20]}])),
-                 "dimensions"),
-        lambda: (msg(wire(k)), None),                                              # valid, unknown stream
+        lambda: (
+            msg(wire(k, boxes=[[60, 40, 20, 20]], results=[{**entry, "box": [60, 40, 20, 20]}])),
+            "dimensions",
+        ),
+        lambda: (msg(wire(k)), None),  # valid, unknown stream
         lambda: (msg(wire(k, stream=HOSTILE_STREAM), topic=HOSTILE_STREAM.encode()), None),
     ]
 
 
-PATHS = {"frames": frame_garbage, "detect": frame_garbage, "classify": faces_garbage,
-         "results": result_garbage}
+PATHS = {
+    "frames": frame_garbage,
+    "detect": frame_garbage,
+    "classify": faces_garbage,
+    "results": result_garbage,
+}
 RECEIVER = {"frames": "viewer", "detect": "detector", "classify": "classifier", "results": "viewer"}
 # Every reason each receiver must have counted by the end.
 EXPECTED = {
-    "detector": {"frames", "header", "version", "kind", "field", "dimensions", "encoding", "size",
-                 "image"},
+    "detector": {"frames", "header", "version", "kind", "field", "dimensions", "encoding", "size", "image"},
     "classifier": {"frames", "header", "version", "kind", "field", "dimensions", "size"},
-    "viewer": {"frames", "header", "version", "kind", "field", "dimensions", "encoding", "size",
-               "image"},
+    "viewer": {"frames", "header", "version", "kind", "field", "dimensions", "encoding", "size", "image"},
 }
 
 
 # --- the test --------------------------------------------------------------------------------
+
 
 class TolerantCollector(Collector):
     """The harness's subscriber, but it survives garbage on the channel (any tool must)."""
@@ -268,7 +296,7 @@ class Fuzzer:
         self.socks = {}
         for channel in PATHS:
             sock = bus.producer(self.ctx, addr, channel, hwm=64)
-            sock.setsockopt(zmq.SNDTIMEO, 250)    # queues: wait a little for the receiver
+            sock.setsockopt(zmq.SNDTIMEO, 250)  # queues: wait a little for the receiver
             self.socks[channel] = sock
         self.sent = {channel: 0 for channel in PATHS}
         self.unsent = 0
@@ -278,7 +306,7 @@ class Fuzzer:
             self.socks[channel].send_multipart(parts)
             self.sent[channel] += 1
         except zmq.Again:
-            self.unsent += 1                       # receiver busy: the queue stayed full
+            self.unsent += 1  # receiver busy: the queue stayed full
 
     def round(self, generators: dict, count: int, rate: float) -> None:
         """``count`` messages spread over the paths at about ``rate`` per second."""
@@ -324,7 +352,7 @@ def test_garbage_into_every_inbound_path(tmp_path, tiny_registry):
 
         wait_for(lambda: faces_since(0) >= 3, 90, what="classified faces before the garbage")
         fuzzer = Fuzzer(pipeline.addr, pipeline.services)
-        time.sleep(1.0)                            # let the PUB sockets' subscriptions arrive
+        time.sleep(1.0)  # let the PUB sockets' subscriptions arrive
         generators = {channel: make() for channel, make in PATHS.items()}
         pids = {s.name: s.proc.pid for s in pipeline.services}
 
@@ -340,7 +368,7 @@ def test_garbage_into_every_inbound_path(tmp_path, tiny_registry):
         for channel in ("detect", "frames"):
             for _ in range(2):
                 fuzzer.send(channel, msg(wire(KIND_FRAME, width=8192, height=8192), bomb))
-        fuzzer.round(generators, 600, rate=400)                    # allocator warm-up
+        fuzzer.round(generators, 600, rate=400)  # allocator warm-up
         time.sleep(2.0)
         for name in pids:
             assert pipeline.scrape(name) is not None, f"{name} stopped answering /metrics"
@@ -364,10 +392,11 @@ def test_garbage_into_every_inbound_path(tmp_path, tiny_registry):
         rejected = {}
         for service in EXPECTED:
             samples = pipeline.scrape(service if service == "viewer" else f"{service}#0")
-            rejected[service] = {key.split('reason="')[1].split('"')[0]: value
-                                 for key, value in samples.items()
-                                 if key.startswith("emotion_messages_rejected_total{")
-                                 and f'service="{service}"' in key}
+            rejected[service] = {
+                key.split('reason="')[1].split('"')[0]: value
+                for key, value in samples.items()
+                if key.startswith("emotion_messages_rejected_total{") and f'service="{service}"' in key
+            }
         for service, reasons in EXPECTED.items():
             missing = reasons - set(rejected[service])
             assert not missing, f"{service} counted no {sorted(missing)} rejections: {rejected[service]}"
@@ -380,17 +409,20 @@ def test_garbage_into_every_inbound_path(tmp_path, tiny_registry):
         page = http_get(f"http://127.0.0.1:{pipeline.http_port}/").decode()
         assert HOSTILE_STREAM not in page and "&lt;img src=x" in page
         assert http_get(f"http://127.0.0.1:{pipeline.http_port}/healthz") == b"ok\n"
-        assert results.garbage > 0                  # our own subscriber met garbage too
-        dropped_streams = metric_sum(pipeline.scrape("viewer"), "emotion_frames_dropped_total",
-                                     service="viewer", reason="streams")
+        assert results.garbage > 0  # our own subscriber met garbage too
+        dropped_streams = metric_sum(
+            pipeline.scrape("viewer"), "emotion_frames_dropped_total", service="viewer", reason="streams"
+        )
         assert dropped_streams > 0
 
         for service in pipeline.services:
             assert service.alive(), f"{service.name} died:\n{service.output()[-3000:]}"
-        print(f"\nsent {fuzzer.sent} ({fuzzer.unsent} not taken); rejected {rejected}; "
-              f"RSS warm {({k: round(v) for k, v in warm.items()})} MB, growth "
-              f"{({k: round(v, 1) for k, v in growth.items()})} MB; faces during the "
-              f"sustained phase {during}")
+        print(
+            f"\nsent {fuzzer.sent} ({fuzzer.unsent} not taken); rejected {rejected}; "
+            f"RSS warm { ({k: round(v) for k, v in warm.items()}) } MB, growth "
+            f"{ ({k: round(v, 1) for k, v in growth.items()}) } MB; faces during the "
+            f"sustained phase {during}"
+        )
     finally:
         if fuzzer is not None:
             fuzzer.close()

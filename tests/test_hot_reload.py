@@ -1,4 +1,5 @@
 """Hot reload: promote, roll back and break the registry under a running pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -9,16 +10,17 @@ import urllib.request
 
 import pytest
 
+from services.model import registry
 from tests.support import ROOT, metric_sum, wait_for, write_tiny_model
 from tests.support.pipeline import Collector, Pipeline
-from services.model import registry
 
 pytestmark = pytest.mark.slow
 
 
 def training_cli(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -30,8 +32,7 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
     registry.promote(root, "v1")
     # The TFLite runtime here (test_pipeline covers the default): every reloaded version is
     # converted beside the served one too.
-    pipeline = Pipeline(tmp_path, root, classifier_args=("--reload-poll-s", "0.5",
-                                                         "--runtime", "tflite"))
+    pipeline = Pipeline(tmp_path, root, classifier_args=("--reload-poll-s", "0.5", "--runtime", "tflite"))
     results = Collector(pipeline.addr, "results")
     results.start()
     time.sleep(0.5)
@@ -74,9 +75,18 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
         write_tiny_model(root, "five-classes", outputs=5)
         for failures, version in enumerate(("corrupt", "five-classes"), start=1):
             registry.atomic_write(root / registry.CURRENT, version + "\n")
-            wait_for(lambda: metric_sum(pipeline.scrape("classifier#0"),
-                                        "emotion_classifier_model_reloads_total",
-                                        result="failed") == failures, 30, what=f"{version} rejected")
+            wait_for(
+                lambda: (
+                    metric_sum(
+                        pipeline.scrape("classifier#0"),
+                        "emotion_classifier_model_reloads_total",
+                        result="failed",
+                    )
+                    == failures
+                ),
+                30,
+                what=f"{version} rejected",
+            )
         check_from = time.monotonic()
         time.sleep(1.5)
         recent = [h.model for at, h in results.arrivals if at > check_from]
@@ -85,15 +95,18 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
 
         # Operators can ask for a check at once.
         request = urllib.request.Request(
-            f"http://127.0.0.1:{pipeline.ports['classifier#0']}/reload", method="POST")
+            f"http://127.0.0.1:{pipeline.ports['classifier#0']}/reload", method="POST"
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert json.load(response) == {"serving": "v1", "current": "five-classes"}
 
         # No frame went missing because of the swaps: every gap is a counted drop.
         seqs = sorted({h.seq for _, h in results.arrivals})
         missing = set(range(seqs[0], seqs[-1] + 1)) - set(seqs)
-        drops = sum(metric_sum(pipeline.scrape(name), "emotion_frames_dropped_total")
-                    for name in ("capture", "detector#0", "classifier#0"))
+        drops = sum(
+            metric_sum(pipeline.scrape(name), "emotion_frames_dropped_total")
+            for name in ("capture", "detector#0", "classifier#0")
+        )
         assert len(missing) <= drops, (sorted(missing)[:20], drops)
 
         # The stream never stalled while a new model loaded beside the serving one.

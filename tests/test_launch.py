@@ -1,5 +1,6 @@
 """The launcher: the port layout, the plan of `make run`, its Procfile, and a process group
 of real service processes."""
+
 from __future__ import annotations
 
 import io
@@ -20,15 +21,23 @@ SUPERVISOR = shlex.quote(str(ROOT / "deploy" / "restart-on-crash.sh"))
 
 # --- the port layout -----------------------------------------------------------------------
 
+
 def test_the_port_layout_is_the_documented_one():
     assert ports.BROKER_BASE_PORT == 5555 and ports.BROKER_PORTS == 10
     assert bus.CHANNELS is ports.CHANNELS
     address = bus.BrokerAddress("127.0.0.1", ports.BROKER_BASE_PORT)
-    assert [address.port(c, side) for c in ports.CHANNELS for side in ("in", "out")] == \
-        list(range(5555, 5565))
-    assert ports.metrics_ports() == {"broker": 9100, "capture": 9101, "detector": 9102,
-                                     "classifier": 9103, "viewer": 9104, "tracker": 9105,
-                                     "recorder": 9106}
+    assert [address.port(c, side) for c in ports.CHANNELS for side in ("in", "out")] == list(
+        range(5555, 5565)
+    )
+    assert ports.metrics_ports() == {
+        "broker": 9100,
+        "capture": 9101,
+        "detector": 9102,
+        "classifier": 9103,
+        "viewer": 9104,
+        "tracker": 9105,
+        "recorder": 9106,
+    }
     assert [ports.metrics_port("detector", i) for i in range(3)] == [9102, 9112, 9122]
     assert ports.metrics_port("classifier", 1, base=20000) == 20013
     assert (ports.VIEWER_HTTP_PORT, ports.RECORDER_API_PORT) == (8080, 8081)
@@ -38,39 +47,62 @@ def test_the_port_layout_is_the_documented_one():
 def test_a_metrics_span_holds_every_replica_of_the_layout():
     for replicas in range(1, 10):
         span = ports.metrics_span(replicas)
-        assert all(ports.metrics_port(s, r, 0) < span
-                   for s in ports.METRICS_OFFSETS for r in range(replicas))
+        assert all(ports.metrics_port(s, r, 0) < span for s in ports.METRICS_OFFSETS for r in range(replicas))
 
 
 # --- the plan and its Procfile -------------------------------------------------------------
 
+
 def test_the_plan_of_make_run_numbers_replicas_and_follows_the_layout():
     plan = launch.run_plan("demo", detectors=2, classifiers=3)
-    assert [p.name for p in plan] == ["broker", "capture", "detector#0", "detector#1",
-                                      "classifier#0", "classifier#1", "classifier#2", "tracker",
-                                      "recorder", "viewer"]
-    assert [p.metrics_port for p in plan] == [9100, 9101, 9102, 9112, 9103, 9113, 9123, 9105,
-                                              9106, 9104]
+    assert [p.name for p in plan] == [
+        "broker",
+        "capture",
+        "detector#0",
+        "detector#1",
+        "classifier#0",
+        "classifier#1",
+        "classifier#2",
+        "tracker",
+        "recorder",
+        "viewer",
+    ]
+    assert [p.metrics_port for p in plan] == [9100, 9101, 9102, 9112, 9103, 9113, 9123, 9105, 9106, 9104]
     capture = plan[1]
     assert capture.args == ("--source", "demo", "--encoding", "bgr")
     assert plan[-1].args == ("--recorder-url", "http://127.0.0.1:8081")
-    assert capture.command("py") == ["py", "-m", "services.capture", "--metrics-port", "9101",
-                                     "--source", "demo", "--encoding", "bgr"]
+    assert capture.command("py") == [
+        "py",
+        "-m",
+        "services.capture",
+        "--metrics-port",
+        "9101",
+        "--source",
+        "demo",
+        "--encoding",
+        "bgr",
+    ]
 
 
 def test_a_subset_plan_takes_common_and_own_arguments_and_no_metrics_port():
-    plan = launch.plan(("broker", "detector"), detectors=2, common=("--base-port", "7000"),
-                       args={"detector": ("--max-age-ms", "0")})
+    plan = launch.plan(
+        ("broker", "detector"),
+        detectors=2,
+        common=("--base-port", "7000"),
+        args={"detector": ("--max-age-ms", "0")},
+    )
     assert [(p.name, p.metrics_port, p.args) for p in plan] == [
         ("broker", 0, ("--base-port", "7000")),
         ("detector#0", 0, ("--base-port", "7000", "--max-age-ms", "0")),
-        ("detector#1", 0, ("--base-port", "7000", "--max-age-ms", "0"))]
+        ("detector#1", 0, ("--base-port", "7000", "--max-age-ms", "0")),
+    ]
     assert ProcessSpec("viewer", ("--x",)).command("py") == ["py", "-m", "services.viewer", "--x"]
 
 
 def test_the_procfile_names_replicas_restarts_each_and_quotes_the_source():
-    text = launch.procfile(launch.run_plan("my clip.mp4", detectors=2), "/venv/python",
-                           {"viewer": "--delay-ms 500"})
+    text = launch.procfile(
+        launch.run_plan("my clip.mp4", detectors=2), "/venv/python", {"viewer": "--delay-ms 500"}
+    )
     lines = text.splitlines()
     assert text.endswith("\n") and len(lines) == 8
     run = f"{SUPERVISOR} /venv/python -m services"
@@ -82,23 +114,37 @@ def test_the_procfile_names_replicas_restarts_each_and_quotes_the_source():
         f"classifier: {run}.classifier --metrics-port 9103",
         f"tracker: {run}.tracker --metrics-port 9105",
         f"recorder: {run}.recorder --metrics-port 9106",
-        f"viewer: {run}.viewer --metrics-port 9104 --recorder-url http://127.0.0.1:8081 "
-        f"--delay-ms 500"]
+        f"viewer: {run}.viewer --metrics-port 9104 --recorder-url http://127.0.0.1:8081 --delay-ms 500",
+    ]
 
 
 def test_the_procfile_command_of_make_run_renders_the_plan(capsys):
     out = io.StringIO()
     with redirect_stdout(out):
-        procfile_cli.main(["--python", "py", "--source", "0", "--detectors", "3",
-                           "--metrics-base", "20000", "--viewer-args", "--max-age-ms 900"])
+        procfile_cli.main(
+            [
+                "--python",
+                "py",
+                "--source",
+                "0",
+                "--detectors",
+                "3",
+                "--metrics-base",
+                "20000",
+                "--viewer-args",
+                "--max-age-ms 900",
+            ]
+        )
     assert out.getvalue() == launch.procfile(
-        launch.run_plan("0", 3, 1, metrics_base=20000), "py", {"viewer": "--max-age-ms 900"})
+        launch.run_plan("0", 3, 1, metrics_base=20000), "py", {"viewer": "--max-age-ms 900"}
+    )
     with pytest.raises(SystemExit):
         procfile_cli.main(["--detectors", "0"])
     assert "between 1 and 9" in capsys.readouterr().err
 
 
 # --- a process group of real processes -----------------------------------------------------
+
 
 def test_a_group_starts_a_broker_waits_for_its_metrics_and_stops_it(tmp_path):
     spec = ProcessSpec("broker", ("--base-port", str(free_base_port())), free_port())

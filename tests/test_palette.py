@@ -1,5 +1,6 @@
 """One palette for the seven emotions: the viewer's boxes, the dashboard, the recorder's
 charts and analyze's timeline all draw each emotion in the same colour."""
+
 from __future__ import annotations
 
 import itertools
@@ -26,23 +27,29 @@ BOX = (100, 60, 120, 120)
 # (linear RGB), to check that the colours stay apart for colour-blind readers too.
 VISION = {
     "normal": np.eye(3),
-    "protan": np.array([[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
-                        [-0.003882, -0.048116, 1.051998]]),
-    "deutan": np.array([[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
-                        [-0.011820, 0.042940, 0.968881]]),
-    "tritan": np.array([[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
-                        [0.004733, 0.691367, 0.303900]]),
+    "protan": np.array(
+        [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]]
+    ),
+    "deutan": np.array(
+        [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]]
+    ),
+    "tritan": np.array(
+        [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]]
+    ),
 }
 
 
 def rgb(hex_value: str) -> tuple[int, int, int]:
-    return tuple(int(hex_value[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(hex_value[i : i + 2], 16) for i in (1, 3, 5))
 
 
 def lab(colour: np.ndarray) -> np.ndarray:
     """CIELAB (D65) of a linear-RGB colour."""
-    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
-                    [0.0193, 0.1192, 0.9505]]) @ colour / np.array([0.95047, 1.0, 1.08883])
+    xyz = (
+        np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+        @ colour
+        / np.array([0.95047, 1.0, 1.08883])
+    )
     f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
     return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
 
@@ -63,8 +70,9 @@ def bgr_of(hex_value: str) -> tuple[int, int, int]:
 
 # --- the palette itself -----------------------------------------------------------------------
 
+
 def test_every_emotion_has_a_colour():
-    assert tuple(PALETTE) == EMOTIONS                       # EMOTIONS order, nothing else
+    assert tuple(PALETTE) == EMOTIONS  # EMOTIONS order, nothing else
     assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in PALETTE.values())
     assert hex_colours() == [PALETTE[e] for e in EMOTIONS]
     assert len(set(hex_colours())) == len(EMOTIONS) and UNKNOWN not in hex_colours()
@@ -99,15 +107,17 @@ def test_colours_stay_apart_for_normal_and_colour_blind_vision():
 
 # --- everything that draws uses it ------------------------------------------------------------
 
+
 def test_viewer_draws_each_emotion_in_its_palette_colour():
-    source = np.full((640, 640, 3), 100, np.uint8)     # lines 3 px wide: a solid middle
+    source = np.full((640, 640, 3), 100, np.uint8)  # lines 3 px wide: a solid middle
     x, y, w, h = box = (160, 160, 320, 320)
     for emotion in EMOTIONS:
         scores = [0.0] * len(EMOTIONS)
         scores[EMOTIONS.index(emotion)] = 0.9
-        drawn = draw_results(source, [FaceResult(box=box, label=emotion, confidence=0.9,
-                                                 scores=scores)], "m1")
-        assert tuple(drawn[y + h // 2, x]) == bgr(emotion), emotion          # left edge
+        drawn = draw_results(
+            source, [FaceResult(box=box, label=emotion, confidence=0.9, scores=scores)], "m1"
+        )
+        assert tuple(drawn[y + h // 2, x]) == bgr(emotion), emotion  # left edge
         assert tuple(drawn[y + h - 1, x + w // 2]) == bgr(emotion), emotion  # bottom edge
 
 
@@ -119,20 +129,34 @@ def test_recorder_chart_draws_in_the_palette():
     track = {"stream": "main", "track": "1", "start": 1_700_000_000.0}
     for emotion in ("Happy", "Disgust"):
         points = [(1_700_000_000.0 + t, one_emotion_scores(emotion)) for t in range(10)]
-        png = cv2.imdecode(np.frombuffer(timeline_png(track, points), np.uint8),
-                           cv2.IMREAD_COLOR)
-        assert pixels_of(png, PALETTE[emotion]) > 10_000, emotion        # the filled band
+        png = cv2.imdecode(np.frombuffer(timeline_png(track, points), np.uint8), cv2.IMREAD_COLOR)
+        assert pixels_of(png, PALETTE[emotion]) > 10_000, emotion  # the filled band
         others = [c for e, c in PALETTE.items() if e != emotion]
-        assert all(pixels_of(png, c) < 500 for c in others), emotion     # legend swatches only
-        assert pixels_of(png, "#2ca02c") == 0              # the old chart's green "Happy"
+        assert all(pixels_of(png, c) < 500 for c in others), emotion  # legend swatches only
+        assert pixels_of(png, "#2ca02c") == 0  # the old chart's green "Happy"
 
 
 def test_analyze_timeline_draws_in_the_palette(tmp_path):
     for emotion in ("Happy", "Disgust"):
         scores = one_emotion_scores(emotion)
-        rows = [FrameRow(index=i, time_s=i / 10, faces=[TrackedFace(
-            box=BOX, label=emotion, confidence=1.0, scores=scores, track="1",
-            smoothed_label=emotion, smoothed_scores=scores)]) for i in range(20)]
+        rows = [
+            FrameRow(
+                index=i,
+                time_s=i / 10,
+                faces=[
+                    TrackedFace(
+                        box=BOX,
+                        label=emotion,
+                        confidence=1.0,
+                        scores=scores,
+                        track="1",
+                        smoothed_label=emotion,
+                        smoothed_scores=scores,
+                    )
+                ],
+            )
+            for i in range(20)
+        ]
         path = tmp_path / f"{emotion}.png"
         write_timeline(path, rows, "clip.mp4")
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -162,12 +186,12 @@ def test_dashboard_gets_the_palette_from_the_viewer():
     body.feed(page)
     assert json.loads(body.palette) == PALETTE
     assert list(json.loads(body.palette)) == list(EMOTIONS)
-    body.feed(render_page(['"><script>']))                 # escaped whatever the streams are
+    body.feed(render_page(['"><script>']))  # escaped whatever the streams are
     assert json.loads(body.palette) == PALETTE
     assert "data-palette" in script or "dataset.palette" in script
     # its own colours: the axis text and the fallback for a label outside the palette
     assert set(re.findall(r"#[0-9a-fA-F]{3,8}\b", script)) == {"#6b717c", "#fff"}
-    for emotion in EMOTIONS:                               # no colour table of its own
+    for emotion in EMOTIONS:  # no colour table of its own
         assert emotion not in script
         assert PALETTE[emotion] not in script
     assert script == (Path(STATIC) / "dashboard.js").read_text()

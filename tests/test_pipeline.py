@@ -1,4 +1,5 @@
 """End-to-end: the real services as subprocesses on loopback, talking over real ZeroMQ."""
+
 from __future__ import annotations
 
 import time
@@ -7,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
+from services.common.protocol import decode_image
 from tests.support import http_get, media, metric_sum, wait_for
 from tests.support.pipeline import Collector, MjpegReader, Pipeline, Runner, alive
-from services.common.protocol import decode_image
 
 pytestmark = pytest.mark.slow
 
@@ -17,9 +18,10 @@ pytestmark = pytest.mark.slow
 def dropped_before_detection(capture: dict, detector: dict) -> float:
     """Frames that never reached detection, each counted once with its reason (a frame
     dropped after detection, on a full classify queue, was already counted as detected)."""
-    return (metric_sum(capture, "emotion_frames_dropped_total")
-            + sum(metric_sum(detector, "emotion_frames_dropped_total", reason=reason)
-                  for reason in ("stale", "superseded")))
+    return metric_sum(capture, "emotion_frames_dropped_total") + sum(
+        metric_sum(detector, "emotion_frames_dropped_total", reason=reason)
+        for reason in ("stale", "superseded")
+    )
 
 
 def short_clip(path, frames: int):
@@ -29,8 +31,9 @@ def short_clip(path, frames: int):
     for _ in range(frames):
         ok, frame = source.read()
         if writer is None:
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0,
-                                     (frame.shape[1], frame.shape[0]))
+            writer = cv2.VideoWriter(
+                str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (frame.shape[1], frame.shape[0])
+            )
         writer.write(frame)
     writer.release()
     return path
@@ -50,26 +53,35 @@ def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
     # Generous max ages, every frame in order: this test follows every frame through;
     # dropping stale or superseded work under load is the drop policy's business.
     generous = ("--max-age-ms", "3000")
-    pipeline = Pipeline(tmp_path, tiny_registry, viewer_args=("--delay-ms", "1500", *generous),
-                        detector_args=(*generous, "--no-newest-only"), classifier_args=generous)
+    pipeline = Pipeline(
+        tmp_path,
+        tiny_registry,
+        viewer_args=("--delay-ms", "1500", *generous),
+        detector_args=(*generous, "--no-newest-only"),
+        classifier_args=generous,
+    )
     frames = Collector(pipeline.addr, "frames")
     results = Collector(pipeline.addr, "results")
     frames.start()
     results.start()
-    time.sleep(0.5)   # let the subscriptions reach the broker before the first frame
+    time.sleep(0.5)  # let the subscriptions reach the broker before the first frame
     reader = None
     try:
         capture = pipeline.start("capture", "--source", str(clip), "--stream", "clip")
         wait_for(lambda: pipeline.scrape("capture"), 30, what="capture metrics")
-        wait_for(lambda: metric_sum(pipeline.scrape("capture"), "emotion_capture_source_finished") == 1,
-                 60, what="the clip to finish")
+        wait_for(
+            lambda: metric_sum(pipeline.scrape("capture"), "emotion_capture_source_finished") == 1,
+            60,
+            what="the clip to finish",
+        )
         reader_url = f"http://127.0.0.1:{pipeline.http_port}/stream/clip.mjpg"
 
         def drained():
             """Every frame detected or dropped, and no result arrived for half a second."""
             det = pipeline.scrape("detector#0")
-            handled = (metric_sum(det, "emotion_detector_frames_total") + dropped_before_detection(
-                pipeline.scrape("capture"), det))
+            handled = metric_sum(det, "emotion_detector_frames_total") + dropped_before_detection(
+                pipeline.scrape("capture"), det
+            )
             sent = metric_sum(pipeline.scrape("capture"), "emotion_capture_frames_total")
             quiet = not results.arrivals or time.monotonic() - results.arrivals[-1][0] > 0.5
             return handled == sent and quiet
@@ -77,7 +89,7 @@ def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
         try:
             wait_for(drained, 30, what="the last frames to drain through every stage")
         except AssertionError:
-            pass   # the accounting below says what is missing
+            pass  # the accounting below says what is missing
         assert capture.alive(), "capture must stay up after a file ends"
 
         cap = pipeline.scrape("capture")
@@ -91,8 +103,12 @@ def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
         # Every frame is accounted for: detected, or dropped with a counted reason.
         detected = metric_sum(det, "emotion_detector_frames_total")
         dropped = dropped_before_detection(cap, det)
-        assert detected + dropped == sent, (detected, dropped, sent, {
-            k: v for k, v in {**cap, **det}.items() if "dropped_total" in k or "rejected_total" in k})
+        assert detected + dropped == sent, (
+            detected,
+            dropped,
+            sent,
+            {k: v for k, v in {**cap, **det}.items() if "dropped_total" in k or "rejected_total" in k},
+        )
         assert detected >= 100, "the detector should get through most of the clip"
 
         # Results arrive for >= 90 % of the frames in which the detector found a face.
@@ -152,11 +168,13 @@ def test_make_run_with_replicas_and_ctrl_c(tmp_path, tiny_registry):
     """What `make run DETECTORS=2 CLASSIFIERS=2` starts: honcho and a generated Procfile."""
     runner = Runner(tmp_path, tiny_registry, detectors=2, classifiers=2)
     try:
+
         def every_replica_worked():
             batches = [runner.scrape("classifier", i) for i in range(2)]
             frames = [runner.scrape("detector", i) for i in range(2)]
-            return (all(b and metric_sum(b, "emotion_classifier_batch_size_count") > 0 for b in batches)
-                    and all(f and metric_sum(f, "emotion_detector_frames_total") > 0 for f in frames))
+            return all(
+                b and metric_sum(b, "emotion_classifier_batch_size_count") > 0 for b in batches
+            ) and all(f and metric_sum(f, "emotion_detector_frames_total") > 0 for f in frames)
 
         wait_for(every_replica_worked, 150, interval=1.0, what="every replica to get work")
         page = http_get(f"http://127.0.0.1:{runner.http_port}/").decode()
@@ -168,10 +186,17 @@ def test_make_run_with_replicas_and_ctrl_c(tmp_path, tiny_registry):
         jpegs = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for _, j in reader.parts]
         assert all(j is not None and j.shape == (480, 640, 3) for j in jpegs)
         assert metric_sum(runner.scrape("viewer"), "emotion_viewer_frames_total", stream="main") > 0
-        assert sum(metric_sum(runner.scrape("classifier", i), "emotion_classifier_faces_total")
-                   for i in range(2)) > 0
-        wait_for(lambda: metric_sum(runner.scrape("tracker") or {}, "emotion_tracker_results_total") > 0,
-                 10, what="the tracker to take results")
+        assert (
+            sum(
+                metric_sum(runner.scrape("classifier", i), "emotion_classifier_faces_total") for i in range(2)
+            )
+            > 0
+        )
+        wait_for(
+            lambda: metric_sum(runner.scrape("tracker") or {}, "emotion_tracker_results_total") > 0,
+            10,
+            what="the tracker to take results",
+        )
     finally:
         took, processes = runner.ctrl_c()
     assert len(processes) >= 8, f"expected 8 services, saw {len(processes)} processes"
@@ -187,8 +212,12 @@ def test_make_run_labels_a_clip_shorter_than_the_model_load(tmp_path, tiny_regis
     results = Collector(runner.addr, "results")
     results.start()
     try:
-        wait_for(lambda: metric_sum(runner.scrape("capture") or {}, "emotion_capture_source_finished") == 1,
-                 180, interval=0.5, what="the clip to be played")
+        wait_for(
+            lambda: metric_sum(runner.scrape("capture") or {}, "emotion_capture_source_finished") == 1,
+            180,
+            interval=0.5,
+            what="the clip to be played",
+        )
         time.sleep(2)
         answered = {seq for seq, h in results.messages.items() if h.stream == "main" and h.results}
         assert 0 in answered, "the first frame is labelled"
@@ -204,16 +233,20 @@ def test_make_run_labels_a_clip_shorter_than_the_model_load(tmp_path, tiny_regis
 def test_unpaced_file_sends_only_what_the_pipeline_takes(tmp_path, tiny_registry):
     """--no-pace with flow control: capture reads a frame only when there is room, so the
     newest-only detector supersedes nothing and every frame is labelled."""
-    generous = ("--max-age-ms", "3000")   # a loaded test machine must not make frames stale
+    generous = ("--max-age-ms", "3000")  # a loaded test machine must not make frames stale
     pipeline = Pipeline(tmp_path, tiny_registry, detector_args=generous, classifier_args=generous)
     results = Collector(pipeline.addr, "results")
     results.start()
     time.sleep(0.5)
     try:
-        pipeline.start("capture", "--source", str(short_clip(tmp_path / "150.mp4", 150)),
-                       "--stream", "clip", "--no-pace")
-        wait_for(lambda: len({s for s, h in results.messages.items() if h.stream == "clip"}) >= 145,
-                 90, what="results for the clip's frames")
+        pipeline.start(
+            "capture", "--source", str(short_clip(tmp_path / "150.mp4", 150)), "--stream", "clip", "--no-pace"
+        )
+        wait_for(
+            lambda: len({s for s, h in results.messages.items() if h.stream == "clip"}) >= 145,
+            90,
+            what="results for the clip's frames",
+        )
         time.sleep(1.0)
         cap, det = pipeline.scrape("capture"), pipeline.scrape("detector#0")
         assert metric_sum(cap, "emotion_capture_frames_total", stream="clip") == 150

@@ -1,5 +1,6 @@
 """The wire protocol: round trips, every rejection reason, JPEG checks, fuzzing, and the
 agreement of docs/protocol.md with the code."""
+
 from __future__ import annotations
 
 import math
@@ -16,14 +17,43 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.common import protocol
-from services.common.protocol import (EMOTIONS, ENCODING_BGR, ENCODING_JPEG, EVENTS, KIND_EVENT,
-                                      KIND_FACES, KIND_FRAME, KIND_RESULT, KIND_TRACKS, KINDS,
-                                      MAX_CROP_SIZE, MAX_DIMENSION, MAX_FACES, MAX_HEADER_BYTES,
-                                      MAX_STREAM_ID, MESSAGE_TYPES, PROTOCOL_VERSION, REJECT_REASONS,
-                                      Event, FaceResult, Faces, Frame, Message, Rejected, Result,
-                                      TrackedFace, TrackEvent, Tracks, TrackSummary, decode,
-                                      decode_as, decode_crops, decode_image, encode, jpeg_size)
-
+from services.common.protocol import (
+    EMOTIONS,
+    ENCODING_BGR,
+    ENCODING_JPEG,
+    EVENTS,
+    KIND_EVENT,
+    KIND_FACES,
+    KIND_FRAME,
+    KIND_RESULT,
+    KIND_TRACKS,
+    KINDS,
+    MAX_CROP_SIZE,
+    MAX_DIMENSION,
+    MAX_FACES,
+    MAX_HEADER_BYTES,
+    MAX_STREAM_ID,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    REJECT_REASONS,
+    Event,
+    FaceResult,
+    Faces,
+    Frame,
+    Message,
+    Rejected,
+    Result,
+    TrackedFace,
+    TrackEvent,
+    Tracks,
+    TrackSummary,
+    decode,
+    decode_as,
+    decode_crops,
+    decode_image,
+    encode,
+    jpeg_size,
+)
 from tests.support import ROOT, media
 
 W, H = 160, 120
@@ -31,6 +61,7 @@ TS = {"capture": 1700000000.25, "detect": 1700000000.5}
 
 
 # --- helpers -------------------------------------------------------------------------------
+
 
 def scene(width=W, height=H, seed=0) -> np.ndarray:
     """A smooth image with structure (compresses well, survives JPEG recognisably)."""
@@ -56,33 +87,40 @@ def scores_for(label: str, confidence: float) -> list[float]:
 
 
 def frame_header(**kw) -> Frame:
-    base = dict(stream="cam-1", seq=7, width=W, height=H, timestamps=dict(TS),
-                encoding=ENCODING_JPEG)
+    base = dict(stream="cam-1", seq=7, width=W, height=H, timestamps=dict(TS), encoding=ENCODING_JPEG)
     base.update(kw)
     return Frame(**base)
 
 
 def faces_header(boxes=((10, 20, 30, 40), (100, 50, 40, 40)), crop_size=16, **kw) -> Faces:
-    base = dict(stream="cam-1", seq=8, width=W, height=H, timestamps=dict(TS),
-                boxes=list(boxes), crop_size=crop_size)
+    base = dict(
+        stream="cam-1", seq=8, width=W, height=H, timestamps=dict(TS), boxes=list(boxes), crop_size=crop_size
+    )
     base.update(kw)
     return Faces(**base)
 
 
 def result_header(**kw) -> Result:
-    results = [FaceResult(box=(10, 20, 30, 40), label="Happy", confidence=0.7,
-                          scores=scores_for("Happy", 0.7)),
-               FaceResult(box=(100, 50, 40, 40), label="Fear", confidence=0.4,
-                          scores=scores_for("Fear", 0.4))]
-    base = dict(stream="cam-1", seq=9, width=W, height=H, timestamps=dict(TS),
-                boxes=[r.box for r in results], results=results, model="v2024-01-01")
+    results = [
+        FaceResult(box=(10, 20, 30, 40), label="Happy", confidence=0.7, scores=scores_for("Happy", 0.7)),
+        FaceResult(box=(100, 50, 40, 40), label="Fear", confidence=0.4, scores=scores_for("Fear", 0.4)),
+    ]
+    base = dict(
+        stream="cam-1",
+        seq=9,
+        width=W,
+        height=H,
+        timestamps=dict(TS),
+        boxes=[r.box for r in results],
+        results=results,
+        model="v2024-01-01",
+    )
     base.update(kw)
     return Result(**base)
 
 
 def valid_wire(kind: str = KIND_FRAME) -> dict:
-    return {KIND_FRAME: frame_header, KIND_FACES: faces_header,
-            KIND_RESULT: result_header}[kind]().to_wire()
+    return {KIND_FRAME: frame_header, KIND_FACES: faces_header, KIND_RESULT: result_header}[kind]().to_wire()
 
 
 def valid_payloads(kind: str, wire_header: dict) -> list[bytes]:
@@ -122,6 +160,7 @@ def mutated(_kind: str, **changes) -> list[bytes]:
 
 # --- round trips ---------------------------------------------------------------------------
 
+
 def test_frame_jpeg_round_trip():
     image = scene()
     header = frame_header()
@@ -141,7 +180,7 @@ def test_frame_bgr_round_trip_with_ndarray_payload():
     image = scene(seed=3)
     header = frame_header(encoding=ENCODING_BGR, seq=0, timestamps={})
     sent = encode(header, [image])
-    assert sent[2] is image                        # not copied into the message
+    assert sent[2] is image  # not copied into the message
     got, payloads = decode(wire(sent), expect_kind=KIND_FRAME)
     assert got == header and got.encoding == ENCODING_BGR and got.timestamps == {}
     np.testing.assert_array_equal(decode_image(got, payloads[0]), image)
@@ -234,6 +273,7 @@ def test_unknown_fields_are_ignored():
 
 # --- one test per rejection ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("parts", [[], [b"cam-1"]])
 def test_too_few_frames(parts):
     assert rejected(parts).reason == "frames"
@@ -241,7 +281,7 @@ def test_too_few_frames(parts):
 
 def test_oversized_header():
     w = valid_wire()
-    packed = msgpack.packb(w) + bytes(MAX_HEADER_BYTES)   # size checked before parsing
+    packed = msgpack.packb(w) + bytes(MAX_HEADER_BYTES)  # size checked before parsing
     assert rejected([b"cam-1", packed, jpeg_bytes(scene())]).reason == "header"
 
 
@@ -249,7 +289,7 @@ def test_undecodable_msgpack_random_bytes():
     rng = np.random.default_rng(1)
     reasons = set()
     for n in (1, 5, 40, 300):
-        junk = b"\xc1" + rng.integers(0, 256, n, np.uint8).tobytes()   # 0xc1 is never valid
+        junk = b"\xc1" + rng.integers(0, 256, n, np.uint8).tobytes()  # 0xc1 is never valid
         reasons.add(rejected([b"x", junk]).reason)
     assert reasons == {"header"}
     assert rejected([b"x", b""]).reason == "header"
@@ -275,21 +315,33 @@ def test_unknown_kind():
     assert rejected(mutated(KIND_FRAME, kind="video")).reason == "kind"
 
 
-@pytest.mark.parametrize("kind,expect", [(KIND_FRAME, KIND_FACES), (KIND_FACES, KIND_RESULT),
-                                         (KIND_RESULT, KIND_FRAME)])
+@pytest.mark.parametrize(
+    "kind,expect", [(KIND_FRAME, KIND_FACES), (KIND_FACES, KIND_RESULT), (KIND_RESULT, KIND_FRAME)]
+)
 def test_kind_mismatch_with_expect_kind(kind, expect):
     parts = message(valid_wire(kind))
-    decode(parts)                                   # fine without an expectation
+    decode(parts)  # fine without an expectation
     decode(parts, expect_kind=kind)
     assert rejected(parts, expect_kind=expect).reason == "kind"
 
 
-@pytest.mark.parametrize("kind,name", [
-    (KIND_FRAME, "kind"), (KIND_FRAME, "stream"), (KIND_FRAME, "seq"), (KIND_FRAME, "width"),
-    (KIND_FRAME, "height"), (KIND_FRAME, "ts"), (KIND_FRAME, "encoding"),
-    (KIND_FACES, "boxes"), (KIND_FACES, "crop_size"),
-    (KIND_RESULT, "boxes"), (KIND_RESULT, "results"), (KIND_RESULT, "model"),
-])
+@pytest.mark.parametrize(
+    "kind,name",
+    [
+        (KIND_FRAME, "kind"),
+        (KIND_FRAME, "stream"),
+        (KIND_FRAME, "seq"),
+        (KIND_FRAME, "width"),
+        (KIND_FRAME, "height"),
+        (KIND_FRAME, "ts"),
+        (KIND_FRAME, "encoding"),
+        (KIND_FACES, "boxes"),
+        (KIND_FACES, "crop_size"),
+        (KIND_RESULT, "boxes"),
+        (KIND_RESULT, "results"),
+        (KIND_RESULT, "model"),
+    ],
+)
 def test_missing_field(kind, name):
     error = rejected(mutated(kind, **{name: None}))
     assert error.reason == "field"
@@ -303,37 +355,46 @@ def test_missing_result_entry_field(name):
     assert rejected(message(w)).reason == "field"
 
 
-@pytest.mark.parametrize("kind,changes", [
-    (KIND_FRAME, {"seq": "7"}),
-    (KIND_FRAME, {"seq": True}),          # bool is not an int on this wire
-    (KIND_FRAME, {"seq": 7.0}),
-    (KIND_FRAME, {"width": False}),
-    (KIND_FRAME, {"height": "120"}),
-    (KIND_FRAME, {"stream": 5}),
-    (KIND_FRAME, {"kind": 1}),
-    (KIND_FRAME, {"v": True}),
-    (KIND_FRAME, {"v": "1"}),
-    (KIND_FRAME, {"ts": [1.0]}),
-    (KIND_FRAME, {"ts": {"capture": "now"}}),
-    (KIND_FRAME, {"ts": {"capture": True}}),
-    (KIND_FRAME, {"encoding": 1}),
-    (KIND_FACES, {"crop_size": 16.0}),
-    (KIND_FACES, {"boxes": "none"}),
-    (KIND_FACES, {"boxes": [[1, 2, 3]]}),
-    (KIND_FACES, {"boxes": [[1, 2, 3, 4.0]]}),
-    (KIND_FACES, {"boxes": [[1, 2, True, 4]]}),
-    (KIND_RESULT, {"model": 5}),
-    (KIND_RESULT, {"results": "x"}),
-    (KIND_RESULT, {"results": [1, 2]}),
-])
+@pytest.mark.parametrize(
+    "kind,changes",
+    [
+        (KIND_FRAME, {"seq": "7"}),
+        (KIND_FRAME, {"seq": True}),  # bool is not an int on this wire
+        (KIND_FRAME, {"seq": 7.0}),
+        (KIND_FRAME, {"width": False}),
+        (KIND_FRAME, {"height": "120"}),
+        (KIND_FRAME, {"stream": 5}),
+        (KIND_FRAME, {"kind": 1}),
+        (KIND_FRAME, {"v": True}),
+        (KIND_FRAME, {"v": "1"}),
+        (KIND_FRAME, {"ts": [1.0]}),
+        (KIND_FRAME, {"ts": {"capture": "now"}}),
+        (KIND_FRAME, {"ts": {"capture": True}}),
+        (KIND_FRAME, {"encoding": 1}),
+        (KIND_FACES, {"crop_size": 16.0}),
+        (KIND_FACES, {"boxes": "none"}),
+        (KIND_FACES, {"boxes": [[1, 2, 3]]}),
+        (KIND_FACES, {"boxes": [[1, 2, 3, 4.0]]}),
+        (KIND_FACES, {"boxes": [[1, 2, True, 4]]}),
+        (KIND_RESULT, {"model": 5}),
+        (KIND_RESULT, {"results": "x"}),
+        (KIND_RESULT, {"results": [1, 2]}),
+    ],
+)
 def test_mistyped_field(kind, changes):
     assert rejected(mutated(kind, **changes)).reason == "field"
 
 
 def test_mistyped_result_entry_fields():
-    for field, value in [("confidence", "high"), ("confidence", True), ("label", 3),
-                         ("scores", "0.1"), ("scores", [0.1] * 6 + ["x"]),
-                         ("box", "10,20,30,40"), ("box", [10, 20, 30])]:
+    for field, value in [
+        ("confidence", "high"),
+        ("confidence", True),
+        ("label", 3),
+        ("scores", "0.1"),
+        ("scores", [0.1] * 6 + ["x"]),
+        ("box", "10,20,30,40"),
+        ("box", [10, 20, 30]),
+    ]:
         w = valid_wire(KIND_RESULT)
         w["results"][0][field] = value
         assert rejected(message(w)).reason == "field", (field, value)
@@ -355,8 +416,10 @@ def test_negative_seq():
     assert error.reason == "field" and "negative" in str(error)
 
 
-@pytest.mark.parametrize("width,height", [(100000, 100000), (0, 120), (160, 0), (-5, 120),
-                                          (MAX_DIMENSION + 1, 100), (100, MAX_DIMENSION + 1)])
+@pytest.mark.parametrize(
+    "width,height",
+    [(100000, 100000), (0, 120), (160, 0), (-5, 120), (MAX_DIMENSION + 1, 100), (100, MAX_DIMENSION + 1)],
+)
 def test_absurd_dimensions(width, height):
     parts = mutated(KIND_FRAME, width=width, height=height)
     assert rejected(parts).reason == "dimensions"
@@ -389,8 +452,9 @@ def test_unknown_encoding(encoding):
     assert rejected(message(w, [b"\xff\xd8data"])).reason == "encoding"
 
 
-@pytest.mark.parametrize("kind,count", [(KIND_FRAME, 0), (KIND_FRAME, 2), (KIND_FACES, 1),
-                                        (KIND_FACES, 3), (KIND_RESULT, 1)])
+@pytest.mark.parametrize(
+    "kind,count", [(KIND_FRAME, 0), (KIND_FRAME, 2), (KIND_FACES, 1), (KIND_FACES, 3), (KIND_RESULT, 1)]
+)
 def test_wrong_payload_count(kind, count):
     w = valid_wire(kind)
     size = w["crop_size"] ** 2 * 3 if kind == KIND_FACES else 10
@@ -423,9 +487,20 @@ def test_crop_size_out_of_range(crop_size):
     assert rejected(message(w, [b"", b""])).reason == "dimensions"
 
 
-@pytest.mark.parametrize("box", [[-1, 0, 10, 10], [0, -1, 10, 10], [0, 0, 0, 10],
-                                 [0, 0, 10, 0], [0, 0, -3, 10], [W - 9, 0, 10, 10],
-                                 [0, H - 9, 10, 10], [W, H, 1, 1], [0, 0, W + 1, H]])
+@pytest.mark.parametrize(
+    "box",
+    [
+        [-1, 0, 10, 10],
+        [0, -1, 10, 10],
+        [0, 0, 0, 10],
+        [0, 0, 10, 0],
+        [0, 0, -3, 10],
+        [W - 9, 0, 10, 10],
+        [0, H - 9, 10, 10],
+        [W, H, 1, 1],
+        [0, 0, W + 1, H],
+    ],
+)
 def test_box_outside_the_frame(box):
     w = valid_wire(KIND_FACES)
     w["boxes"][1] = box
@@ -487,6 +562,7 @@ def test_rejected_carries_reason_and_detail():
 
 # --- JPEG checks in decode_image -----------------------------------------------------------
 
+
 def sof_offset(data: bytes) -> int:
     """Offset of the baseline/progressive SOF marker in an encoder-made JPEG."""
     for marker in (b"\xff\xc0", b"\xff\xc2"):
@@ -498,7 +574,7 @@ def sof_offset(data: bytes) -> int:
 
 def with_sof_size(data: bytes, width: int, height: int) -> bytes:
     i = sof_offset(data)
-    return data[:i + 5] + struct.pack(">HH", height, width) + data[i + 9:]
+    return data[: i + 5] + struct.pack(">HH", height, width) + data[i + 9 :]
 
 
 def test_jpeg_size_of_real_jpegs():
@@ -519,8 +595,17 @@ def test_jpeg_size_of_the_test_picture():
     assert jpeg_size(data) == (image.shape[1], image.shape[0])
 
 
-@pytest.mark.parametrize("data", [b"", b"\xff", b"\xff\xd8", b"\x89PNG\r\n\x1a\n" + bytes(40),
-                                  b"GIF89a" + bytes(40), b"\xff\xd8" + bytes(40)])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff",
+        b"\xff\xd8",
+        b"\x89PNG\r\n\x1a\n" + bytes(40),
+        b"GIF89a" + bytes(40),
+        b"\xff\xd8" + bytes(40),
+    ],
+)
 def test_jpeg_size_of_non_jpegs(data):
     assert jpeg_size(data) is None
 
@@ -559,9 +644,9 @@ def test_truncated_and_corrupt_jpegs_only_raise_rejected():
             assert exc.reason in ("image", "size")
             outcomes.add(exc.reason)
         else:
-            assert image.shape == (H, W, 3)       # decodable despite damage: right size
+            assert image.shape == (H, W, 3)  # decodable despite damage: right size
             outcomes.add("decoded")
-    assert outcomes                                 # the loop really ran
+    assert outcomes  # the loop really ran
 
 
 def test_decompression_bomb_is_rejected_without_decoding(monkeypatch):
@@ -578,8 +663,7 @@ def test_decompression_bomb_is_rejected_without_decoding(monkeypatch):
     honest = frame_header(width=60000, height=60000).to_wire()
     assert rejected([b"c", msgpack.packb(honest), bomb]).reason == "dimensions"
     # a header claiming a normal size passes decode(); decode_image refuses the payload
-    header, payloads = decode([b"c", msgpack.packb(frame_header(width=64, height=48).to_wire()),
-                               bomb])
+    header, payloads = decode([b"c", msgpack.packb(frame_header(width=64, height=48).to_wire()), bomb])
     error = pytest.raises(Rejected, decode_image, header, payloads[0]).value
     assert error.reason == "size"
     assert "60000x60000" in str(error)
@@ -587,24 +671,52 @@ def test_decompression_bomb_is_rejected_without_decoding(monkeypatch):
 
 # --- property tests ------------------------------------------------------------------------
 
-PROPERTY = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-primitives = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
-              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
-              | st.binary(max_size=20))
-values = st.recursive(primitives, lambda inner: st.lists(inner, max_size=6)
-                      | st.dictionaries(st.text(max_size=10), inner, max_size=6), max_leaves=20)
-FIELD_NAMES = ["v", "kind", "stream", "seq", "width", "height", "ts", "encoding", "boxes",
-               "crop_size", "results", "model"]
+primitives = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+values = st.recursive(
+    primitives,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=10), inner, max_size=6),
+    max_leaves=20,
+)
+FIELD_NAMES = [
+    "v",
+    "kind",
+    "stream",
+    "seq",
+    "width",
+    "height",
+    "ts",
+    "encoding",
+    "boxes",
+    "crop_size",
+    "results",
+    "model",
+]
 
 
 def assert_only_rejected(parts, expect_kind=None):
     try:
         header, payloads = decode(parts, expect_kind=expect_kind)
     except Rejected as exc:
-        assert exc.reason in {"frames", "header", "version", "kind", "field", "dimensions",
-                              "encoding", "size", "clock"}
+        assert exc.reason in {
+            "frames",
+            "header",
+            "version",
+            "kind",
+            "field",
+            "dimensions",
+            "encoding",
+            "size",
+            "clock",
+        }
         return None
     assert isinstance(header, Message) and type(header) is MESSAGE_TYPES[header.kind]
     if header.kind == KIND_FRAME:
@@ -618,23 +730,27 @@ def assert_only_rejected(parts, expect_kind=None):
 
 
 @PROPERTY
-@given(st.lists(st.binary(max_size=64), max_size=6),
-       st.sampled_from([None, KIND_FRAME, KIND_FACES, KIND_RESULT]))
+@given(
+    st.lists(st.binary(max_size=64), max_size=6), st.sampled_from([None, KIND_FRAME, KIND_FACES, KIND_RESULT])
+)
 def test_decode_arbitrary_bytes_only_rejects(parts, expect_kind):
     assert_only_rejected(parts, expect_kind)
 
 
 @PROPERTY
-@given(st.dictionaries(st.text(max_size=12), values, max_size=12),
-       st.lists(st.binary(max_size=64), max_size=3))
+@given(
+    st.dictionaries(st.text(max_size=12), values, max_size=12), st.lists(st.binary(max_size=64), max_size=3)
+)
 def test_decode_arbitrary_maps_only_rejects(wire_header, payloads):
     assert_only_rejected([b"t", msgpack.packb(wire_header, use_bin_type=True), *payloads])
 
 
 @PROPERTY
-@given(st.sampled_from([KIND_FRAME, KIND_FACES, KIND_RESULT]),
-       st.dictionaries(st.sampled_from(FIELD_NAMES), st.one_of(primitives, values), max_size=4),
-       st.booleans())
+@given(
+    st.sampled_from([KIND_FRAME, KIND_FACES, KIND_RESULT]),
+    st.dictionaries(st.sampled_from(FIELD_NAMES), st.one_of(primitives, values), max_size=4),
+    st.booleans(),
+)
 def test_decode_damaged_valid_headers_only_rejects(kind, changes, with_payloads):
     w = valid_wire(kind)
     w.update(changes)
@@ -675,11 +791,11 @@ def valid_headers(draw):
     kind = draw(st.sampled_from([KIND_FRAME, KIND_FACES, KIND_RESULT]))
     width = draw(st.integers(1, MAX_DIMENSION))
     height = draw(st.integers(1, MAX_DIMENSION))
-    stream = draw(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1,
-                          max_size=MAX_STREAM_ID))
+    stream = draw(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=MAX_STREAM_ID))
     seq = draw(st.integers(0, 2**63 - 1))
-    ts = draw(st.dictionaries(st.text(max_size=12),
-                              st.floats(allow_nan=False, allow_infinity=False), max_size=16))
+    ts = draw(
+        st.dictionaries(st.text(max_size=12), st.floats(allow_nan=False, allow_infinity=False), max_size=16)
+    )
     envelope = dict(stream=stream, seq=seq, width=width, height=height, timestamps=ts)
 
     def box():
@@ -699,15 +815,13 @@ def valid_headers(draw):
     boxes = [box() for _ in range(n)]
     if kind == KIND_FACES:
         crop_size = draw(st.integers(8, 24))
-        return (Faces(**envelope, boxes=boxes, crop_size=crop_size),
-                [bytes(crop_size ** 2 * 3) for _ in boxes])
+        return (Faces(**envelope, boxes=boxes, crop_size=crop_size), [bytes(crop_size**2 * 3) for _ in boxes])
     model = draw(st.text(max_size=30))
     results = []
     for b in boxes:
         scores = draw(st.lists(st.floats(0, 1), min_size=7, max_size=7))
         best = int(np.argmax(scores))
-        results.append(FaceResult(box=b, label=EMOTIONS[best], confidence=scores[best],
-                                  scores=scores))
+        results.append(FaceResult(box=b, label=EMOTIONS[best], confidence=scores[best], scores=scores))
     return Result(**envelope, boxes=boxes, results=results, model=model), []
 
 
@@ -718,7 +832,7 @@ def test_valid_headers_round_trip(generated, as_frames):
     parts = wire(encode(header, payloads))
     if as_frames:
         parts = [zmq.Frame(p) for p in parts]
-    got, out = decode(parts, expect_kind=header.kind, max_skew_s=0)   # any time round-trips
+    got, out = decode(parts, expect_kind=header.kind, max_skew_s=0)  # any time round-trips
     assert got == header
     assert [bytes(p) for p in out] == payloads
     assert bytes(parts[0]) == header.stream.encode("utf-8")
@@ -726,34 +840,71 @@ def test_valid_headers_round_trip(generated, as_frames):
 
 def test_protocol_constants_match_the_documentation():
     assert EMOTIONS == ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
-    assert (MAX_HEADER_BYTES, MAX_DIMENSION, protocol.MAX_PAYLOAD_BYTES, MAX_FACES,
-            MAX_CROP_SIZE, MAX_STREAM_ID) == (256 * 1024, 8192, 64 * 1024 * 1024, 256, 512, 128)
+    assert (
+        MAX_HEADER_BYTES,
+        MAX_DIMENSION,
+        protocol.MAX_PAYLOAD_BYTES,
+        MAX_FACES,
+        MAX_CROP_SIZE,
+        MAX_STREAM_ID,
+    ) == (256 * 1024, 8192, 64 * 1024 * 1024, 256, 512, 128)
 
 
 # --- the table of kinds --------------------------------------------------------------------
 
+
 def samples() -> list[tuple[Message, list[bytes]]]:
     """Messages of every kind, with every optional field set somewhere, and their payloads."""
-    face = TrackedFace(box=(10, 20, 30, 40), label="Fear", confidence=0.4,
-                       scores=scores_for("Fear", 0.4), track="3", smoothed_label="Happy",
-                       smoothed_scores=scores_for("Happy", 0.6), age_s=1.5)
-    untracked = TrackedFace(box=(100, 50, 40, 40), label="Sad", confidence=0.5,
-                            scores=scores_for("Sad", 0.5), smoothed_label="Sad",
-                            smoothed_scores=scores_for("Sad", 0.5))
-    summary = TrackSummary(start=TS["capture"] - 5, end=TS["capture"], frames=150,
-                           dominant="Happy", mean_scores=scores_for("Happy", 0.5),
-                           shares=scores_for("Happy", 0.7))
-    events = [TrackEvent("track_started", "3", TS["capture"], "Fear"),
-              TrackEvent("emotion_changed", "3", TS["capture"], "Happy", previous="Fear"),
-              TrackEvent("track_ended", "3", TS["capture"], "Happy", summary=summary)]
+    face = TrackedFace(
+        box=(10, 20, 30, 40),
+        label="Fear",
+        confidence=0.4,
+        scores=scores_for("Fear", 0.4),
+        track="3",
+        smoothed_label="Happy",
+        smoothed_scores=scores_for("Happy", 0.6),
+        age_s=1.5,
+    )
+    untracked = TrackedFace(
+        box=(100, 50, 40, 40),
+        label="Sad",
+        confidence=0.5,
+        scores=scores_for("Sad", 0.5),
+        smoothed_label="Sad",
+        smoothed_scores=scores_for("Sad", 0.5),
+    )
+    summary = TrackSummary(
+        start=TS["capture"] - 5,
+        end=TS["capture"],
+        frames=150,
+        dominant="Happy",
+        mean_scores=scores_for("Happy", 0.5),
+        shares=scores_for("Happy", 0.7),
+    )
+    events = [
+        TrackEvent("track_started", "3", TS["capture"], "Fear"),
+        TrackEvent("emotion_changed", "3", TS["capture"], "Happy", previous="Fear"),
+        TrackEvent("track_ended", "3", TS["capture"], "Happy", summary=summary),
+    ]
     assert [e.name for e in events] == list(EVENTS)
     return [
         (frame_header(), [jpeg_bytes(scene())]),
         (frame_header(encoding=ENCODING_BGR, flow=True), [scene().tobytes()]),
         (faces_header(flow=True), [bytes(16 * 16 * 3)] * 2),
         (result_header(), []),
-        (Tracks("cam-1", 9, W, H, dict(TS), boxes=[face.box, untracked.box],
-                results=[face, untracked], model="v2024-01-01"), []),
+        (
+            Tracks(
+                "cam-1",
+                9,
+                W,
+                H,
+                dict(TS),
+                boxes=[face.box, untracked.box],
+                results=[face, untracked],
+                model="v2024-01-01",
+            ),
+            [],
+        ),
         *[(Event("cam-1", 9, W, H, dict(TS), event=e), []) for e in events],
     ]
 
@@ -785,10 +936,12 @@ def test_every_kind_round_trips_as_its_own_class(sample):
 def test_a_kind_missing_from_the_table_is_rejected(kind):
     error = rejected(mutated(KIND_RESULT, kind=kind))
     assert error.reason == "kind"
-    assert error.detail == (f"message kind {kind!r} where ('frame', 'faces', 'result', "
-                            f"'tracks', 'event') expected")
+    assert error.detail == (
+        f"message kind {kind!r} where ('frame', 'faces', 'result', 'tracks', 'event') expected"
+    )
     assert rejected(mutated(KIND_RESULT, kind=kind), expect_kind=KIND_RESULT).detail == (
-        f"message kind {kind!r} where result expected")
+        f"message kind {kind!r} where result expected"
+    )
 
 
 def test_rejected_takes_only_the_known_reasons():
@@ -835,9 +988,9 @@ def names(table: list[list[str]]) -> set[str]:
 
 def test_doc_envelope_table_matches_the_code():
     envelope = set(Message("s", 0, 1, 1).to_wire())
-    table, = doc_tables(doc_sections()["Fields of every message"])
+    (table,) = doc_tables(doc_sections()["Fields of every message"])
     assert names(table) == envelope
-    kind_row, = [row for row in table if row[0] == "`kind`"]
+    (kind_row,) = [row for row in table if row[0] == "`kind`"]
     assert re.findall(r'`"(\w+)"`', kind_row[2]) == list(KINDS)
 
 
@@ -866,8 +1019,7 @@ def test_doc_field_tables_match_each_kinds_to_wire():
 
 
 def test_doc_payload_table_matches_the_kinds():
-    table = next(t for t in doc_tables(doc_sections()["Message layout"])
-                 if t and t[0][0].startswith("`"))
+    table = next(t for t in doc_tables(doc_sections()["Message layout"]) if t and t[0][0].startswith("`"))
     counts = {row[0].strip("`"): row[1] for row in table}
     assert list(counts) == list(KINDS)
     for kind, text in counts.items():
@@ -876,7 +1028,7 @@ def test_doc_payload_table_matches_the_kinds():
 
 
 def test_doc_rejection_reasons_match_the_code():
-    table, = doc_tables(doc_sections()["Rejection reasons"])
+    (table,) = doc_tables(doc_sections()["Rejection reasons"])
     assert [row[0].strip("`") for row in table] == list(REJECT_REASONS)
     raised = set()
     for path in (ROOT / "services").rglob("*.py"):

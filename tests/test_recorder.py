@@ -1,5 +1,6 @@
 """The recorder without sockets: sampling, batching, the writer on a real SQLite file and a
 real PostgreSQL server, the migrations, the HTTP API's answers and its parameter checks."""
+
 from __future__ import annotations
 
 import csv
@@ -13,16 +14,15 @@ from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from tests.support import postgres
-from tests.support import metric_sum
-from tests.support.recorder import T0, person, tracks_message
-from services.common.protocol import EMOTIONS, encode, Result
+from services.common.protocol import EMOTIONS, Result, encode
 from services.recorder import store
-from services.recorder.service import RecorderService, WRITE_ERRORS
 from services.recorder.api import create_app
 from services.recorder.plots import write_report
 from services.recorder.recording import Recording
 from services.recorder.schema import events, metadata, observations, streams, tracks
+from services.recorder.service import WRITE_ERRORS, RecorderService
+from tests.support import metric_sum, postgres
+from tests.support.recorder import T0, person, tracks_message
 
 
 class Rejects(list):
@@ -86,8 +86,10 @@ def count(engine, table) -> int:
 
 # --- sampling and batching, no database ---
 
+
 def decoded(messages):
     from services.common.protocol import decode
+
     return [decode(m)[0] for m in messages]
 
 
@@ -104,8 +106,11 @@ def test_sampling_keeps_the_rate_every_change_and_the_last_frame():
     assert abs(times[-1] - 119 / 30) < 1e-6
     assert recording.counts.kept == len(kept)
     assert recording.counts.kept + recording.counts.sampled_out == 120
-    assert [name for _, e in batch.events for name in [e["name"]]] == \
-        ["track_started", "emotion_changed", "track_ended"]
+    assert [name for _, e in batch.events for name in [e["name"]]] == [
+        "track_started",
+        "emotion_changed",
+        "track_ended",
+    ]
     assert not recording.live
 
 
@@ -124,8 +129,8 @@ def test_untracked_faces_are_counted_not_stored():
 
 def test_a_restarted_tracker_reusing_an_id_makes_a_new_track():
     recording = Recording()
-    first = decoded(person("s", "1", T0, 1.0)[:-1])           # never ended: the tracker died
-    second = decoded([tracks_message("s", 5, T0 + 3, [("1", "Sad", 0.5)])])   # started at T0+2.5
+    first = decoded(person("s", "1", T0, 1.0)[:-1])  # never ended: the tracker died
+    second = decoded([tracks_message("s", 5, T0 + 3, [("1", "Sad", 0.5)])])  # started at T0+2.5
     for header in first + second:
         recording.add(header, 0.0)
     states = list(recording.take().tracks.values())
@@ -141,7 +146,7 @@ def test_batches_are_due_after_batch_s():
     assert service.due_in() == pytest.approx(0.5)
     clock.now += 0.3
     assert service.due_in() == pytest.approx(0.2)
-    assert service.flush() and service.recording.batch.observations   # not due: kept
+    assert service.flush() and service.recording.batch.observations  # not due: kept
     clock.now += 0.2
     assert service.due_in() == 0
 
@@ -150,13 +155,28 @@ def test_malformed_messages_are_counted_and_dropped(sqlite):
     rejects = Rejects()
     service = RecorderService(sqlite, rejects)
     result = Result(stream="s", seq=1, width=10, height=10)
-    for parts in ([b"s"], [b"s", b"\xc1 no msgpack"],
-                  [b"s", msgpack.packb({"v": 1, "kind": "tracks", "stream": "s"})],
-                  [b"s", msgpack.packb({"v": 2, "kind": "tracks"})], encode(result),
-                  [b"s", msgpack.packb({"v": 1, "kind": "event", "stream": "s", "seq": 1, "width": 1,
-                                        "height": 1, "ts": {}, "event": {"name": "track_ended",
-                                                                         "track": "1", "time": 1.0,
-                                                                         "label": "Sad"}})]):
+    for parts in (
+        [b"s"],
+        [b"s", b"\xc1 no msgpack"],
+        [b"s", msgpack.packb({"v": 1, "kind": "tracks", "stream": "s"})],
+        [b"s", msgpack.packb({"v": 2, "kind": "tracks"})],
+        encode(result),
+        [
+            b"s",
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "kind": "event",
+                    "stream": "s",
+                    "seq": 1,
+                    "width": 1,
+                    "height": 1,
+                    "ts": {},
+                    "event": {"name": "track_ended", "track": "1", "time": 1.0, "label": "Sad"},
+                }
+            ),
+        ],
+    ):
         service.on_message(parts)
     assert rejects == ["frames", "header", "field", "version", "kind", "field"]
     assert service.flush(force=True) and count(sqlite, tracks) == 0
@@ -164,24 +184,34 @@ def test_malformed_messages_are_counted_and_dropped(sqlite):
 
 # --- the writer, on SQLite and PostgreSQL ---
 
+
 def test_migrations_create_exactly_the_schema(engine):
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
-    store.migrate(engine)     # a second start changes nothing
+    store.migrate(engine)  # a second start changes nothing
 
 
 def test_tracks_observations_and_events_are_written(engine):
-    messages = person("main", "1", T0, 3.0, labels=("Happy", "Sad")) + \
-        person("main", "1", T0 + 10, 1.0, seq0=200) + person("door", "7", T0, 2.0)
+    messages = (
+        person("main", "1", T0, 3.0, labels=("Happy", "Sad"))
+        + person("main", "1", T0 + 10, 1.0, seq0=200)
+        + person("door", "7", T0, 2.0)
+    )
     record(engine, messages, sample_hz=0)
     with engine.connect() as connection:
         rows = connection.execute(select(tracks).order_by(tracks.c.id)).all()
-        assert [(r.stream, r.track, r.start) for r in rows] == \
-            [("main", "1", T0), ("main", "1", T0 + 10), ("door", "7", T0)]
+        assert [(r.stream, r.track, r.start) for r in rows] == [
+            ("main", "1", T0),
+            ("main", "1", T0 + 10),
+            ("door", "7", T0),
+        ]
         assert rows[0].dominant == "Sad" and rows[0].frames == 90 and rows[0].end is not None
         assert sum(rows[0].shares) == pytest.approx(1)
-        per_track = dict(connection.execute(
-            select(observations.c.track_id, func.count()).group_by(observations.c.track_id)).all())
+        per_track = dict(
+            connection.execute(
+                select(observations.c.track_id, func.count()).group_by(observations.c.track_id)
+            ).all()
+        )
         assert per_track == {rows[0].id: 90, rows[1].id: 30, rows[2].id: 60}
         assert connection.execute(select(func.count()).select_from(events)).scalar() == 3 + 2 + 2
         seen = {r.name: r for r in connection.execute(select(streams))}
@@ -191,7 +221,7 @@ def test_tracks_observations_and_events_are_written(engine):
 def test_a_restarted_recorder_continues_the_same_rows(engine):
     messages = person("main", "1", T0, 2.0)
     record(engine, messages[:30])
-    record(engine, messages[30:])          # a new process: nothing in memory
+    record(engine, messages[30:])  # a new process: nothing in memory
     assert count(engine, tracks) == 1
     with engine.connect() as connection:
         assert connection.execute(select(tracks.c.end)).scalar() is not None
@@ -206,7 +236,7 @@ def test_a_failed_commit_is_kept_and_retried(sqlite):
         service.on_message(message)
     assert not service.flush(force=True)
     assert WRITE_ERRORS._value.get() == errors + 1 and service.pending is not None
-    assert count(sqlite, tracks) == 0               # the whole batch rolled back
+    assert count(sqlite, tracks) == 0  # the whole batch rolled back
     with sqlite.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE observations_away RENAME TO observations")
     assert service.flush(force=True) and service.pending is None
@@ -225,24 +255,30 @@ def test_retention_deletes_old_rows(engine):
 def test_sqlite_runs_in_wal_mode_and_passes_its_integrity_check(sqlite):
     with sqlite.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2      # FULL
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     assert store.integrity_ok(sqlite)
     assert store.size_bytes(sqlite) > 0
 
 
 # --- the API ---
 
+
 @pytest.fixture
 def client(engine):
-    record(engine, person("main", "1", T0, 4.0, labels=("Happy", "Sad")) +
-           person("main", "2", T0 + 5, 2.0, seq0=200, labels=("Angry",)) +
-           person("door", "1", T0, 1.0))
+    record(
+        engine,
+        person("main", "1", T0, 4.0, labels=("Happy", "Sad"))
+        + person("main", "2", T0 + 5, 2.0, seq0=200, labels=("Angry",))
+        + person("door", "1", T0, 1.0),
+    )
     return TestClient(create_app(engine, clock=lambda: T0 + 60))
 
 
 def test_api_lists_streams_and_tracks(client):
-    assert [(s["name"], s["tracks"]) for s in client.get("/api/streams").json()["streams"]] == \
-        [("door", 1), ("main", 2)]
+    assert [(s["name"], s["tracks"]) for s in client.get("/api/streams").json()["streams"]] == [
+        ("door", 1),
+        ("main", 2),
+    ]
     main = client.get("/api/tracks", params={"stream": "main"}).json()
     assert [(t["track"], t["dominant"]) for t in main["tracks"]] == [("1", "Sad"), ("2", "Angry")]
     assert main["next_cursor"] is None
@@ -277,8 +313,9 @@ def test_api_track_timeline_events_and_picture(client):
     assert [e["name"] for e in detail["events"]] == ["track_started", "emotion_changed", "track_ended"]
     png = client.get(f"/api/tracks/{track['id']}/timeline.png")
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
-    rows = list(csv.DictReader(io.StringIO(client.get(f"/api/tracks/{track['id']}",
-                                                      params={"format": "csv"}).text)))
+    rows = list(
+        csv.DictReader(io.StringIO(client.get(f"/api/tracks/{track['id']}", params={"format": "csv"}).text))
+    )
     assert len(rows) == len(times) and float(rows[0]["time"]) == times[0]
     assert client.get("/api/tracks/999").status_code == 404
     assert "track_id" in client.get("/api/tracks/999/timeline.png").json()["detail"]
@@ -294,8 +331,11 @@ def test_api_exports_match_the_json(client):
     lines = client.get("/api/tracks", params={"format": "jsonl"}).text.splitlines()
     assert [json.loads(line) for line in lines] == listed
     events_json = client.get("/api/events", params={"stream": "main", "limit": 1000}).json()["events"]
-    events_csv = list(csv.DictReader(io.StringIO(
-        client.get("/api/events", params={"stream": "main", "format": "csv"}).text)))
+    events_csv = list(
+        csv.DictReader(
+            io.StringIO(client.get("/api/events", params={"stream": "main", "format": "csv"}).text)
+        )
+    )
     assert [e["name"] for e in events_json] == [e["name"] for e in events_csv]
     assert len(client.get("/api/events", params={"format": "jsonl", "limit": 2}).text.splitlines()) == 2
     ended = client.get("/api/events", params={"name": "track_ended"}).json()["events"]
@@ -363,8 +403,16 @@ def test_api_bad_parameters_are_4xx_naming_the_parameter(any_client, path, name,
         assert name in response.json()["detail"], (name, value, response.text)
 
 
-@pytest.mark.parametrize("path", ["/api/tracks/abc", "/api/tracks/-1", "/api/tracks/1.5",
-                                  "/api/tracks/99999999999999999999", "/api/tracks/abc/timeline.png"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/tracks/abc",
+        "/api/tracks/-1",
+        "/api/tracks/1.5",
+        "/api/tracks/99999999999999999999",
+        "/api/tracks/abc/timeline.png",
+    ],
+)
 def test_api_bad_track_ids_are_4xx(any_client, path):
     response = any_client.get(path)
     assert 400 <= response.status_code < 500 and "track_id" in response.json()["detail"]
@@ -377,9 +425,10 @@ def test_api_until_before_since_and_long_stream_ids(any_client):
 
 
 def test_api_requests_are_counted_by_route_and_status(client):
-    from prometheus_client import REGISTRY
+    from prometheus_client import REGISTRY, generate_latest
+
     from tests.support import metric_samples
-    from prometheus_client import generate_latest
+
     client.get("/api/tracks", params={"limit": "x"})
     client.get("/api/tracks")
     samples = metric_samples(generate_latest(REGISTRY).decode())
@@ -408,8 +457,12 @@ def test_a_long_export_streams_in_pages(sqlite):
 def test_a_track_its_tracker_forgot_is_closed_and_written(sqlite):
     clock = Clock()
     service = RecorderService(sqlite, Rejects(), clock=clock)
-    record(sqlite, person("main", "1", T0, 1.0)[:-1] +                   # never ended
-           [tracks_message("main", 99, T0 + 400, [("2", "Sad", 0.0)])], service=service)
+    record(
+        sqlite,
+        person("main", "1", T0, 1.0)[:-1]  # never ended
+        + [tracks_message("main", 99, T0 + 400, [("2", "Sad", 0.0)])],
+        service=service,
+    )
     clock.now += 60
     service.housekeeping()
     assert service.due_in() is not None and service.flush(force=True)

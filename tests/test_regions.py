@@ -1,4 +1,5 @@
 """Re-detection around known faces finds what full-frame detection finds, for less work."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -9,7 +10,6 @@ import pytest
 
 from services.detector.faces import DetectorSettings, detect_faces, load_cascade
 from services.detector.regions import FULL, REGION, RESCAN, FaceFinder, RegionSettings
-
 from tests.support import media
 
 SETTINGS = DetectorSettings()
@@ -41,8 +41,7 @@ def full_boxes(clip, cascade):
 
 def run(finder: FaceFinder, frames, stream="cam", every=1, fps=15.0):
     """(boxes, kind) for frames seq 0, every, 2*every, ... as one replica would see them."""
-    return [finder.find(stream, seq, seq / fps, frames[seq])
-            for seq in range(0, len(frames), every)]
+    return [finder.find(stream, seq, seq / fps, frames[seq]) for seq in range(0, len(frames), every)]
 
 
 def iou(a, b) -> float:
@@ -56,13 +55,13 @@ def iou(a, b) -> float:
 def test_same_faces_as_full_frame_detection(clip, cascade, full_boxes):
     found = run(FaceFinder(cascade, SETTINGS), clip)
     kinds = Counter(kind for _, kind in found)
-    assert kinds[REGION] > 0.7 * len(clip), kinds          # mostly the cheap kind of frame
+    assert kinds[REGION] > 0.7 * len(clip), kinds  # mostly the cheap kind of frame
     with_face = [i for i, boxes in enumerate(full_boxes) if boxes]
     kept = sum(1 for i in with_face if found[i][0])
     assert kept >= 0.99 * len(with_face)
     for (boxes, _), full in zip(found, full_boxes):
-        assert len(boxes) <= max(1, len(full))              # no extra boxes
-        for box in boxes:                                   # and where full detection has them
+        assert len(boxes) <= max(1, len(full))  # no extra boxes
+        for box in boxes:  # and where full detection has them
             assert not full or max(iou(box, f) for f in full) > 0.5
 
 
@@ -82,7 +81,7 @@ def test_always_full_when_regions_are_off(clip, cascade, full_boxes):
 
 def portrait_on_canvas(face: np.ndarray, x: int, width=960, height=400) -> np.ndarray:
     canvas = np.full((height, width, 3), 128, np.uint8)
-    canvas[:face.shape[0], x:x + face.shape[1]] = face
+    canvas[: face.shape[0], x : x + face.shape[1]] = face
     return canvas
 
 
@@ -100,9 +99,9 @@ def test_a_face_entering_is_found_by_the_next_full_scan(cascade, face):
     arrived = portrait_on_canvas(face, 600)
     kinds = [finder.find("cam", seq, seq / 30, arrived) for seq in range(3, 12)]
     first = next(i for i, (boxes, _) in enumerate(kinds) if boxes)
-    assert kinds[first][1] == FULL and first + 3 == 8       # the scheduled full scan, seq 8
+    assert kinds[first][1] == FULL and first + 3 == 8  # the scheduled full scan, seq 8
     assert all(len(boxes) == 1 for boxes, _ in kinds[first:])
-    assert {kind for _, kind in kinds[first + 1:]} == {REGION}
+    assert {kind for _, kind in kinds[first + 1 :]} == {REGION}
 
 
 def test_the_whole_frame_is_scanned_by_capture_time_too(cascade, face):
@@ -127,10 +126,10 @@ def test_restart_resize_and_streams_are_kept_apart(cascade, face):
     frame = portrait_on_canvas(face, 300)
     assert finder.find("a", 5, 0.0, frame)[1] == FULL
     assert finder.find("a", 6, 0.03, frame)[1] == REGION
-    assert finder.find("b", 6, 0.03, frame)[1] == FULL        # another stream: its own memory
-    assert finder.find("a", 1, 0.06, frame)[1] == FULL        # seq went back: a restart
-    assert finder.find("a", 2, 0.01, frame)[1] == FULL        # the clock went back
-    assert finder.find("a", 3, 0.1, cv2.resize(frame, (480, 200)))[1] == FULL   # new size
+    assert finder.find("b", 6, 0.03, frame)[1] == FULL  # another stream: its own memory
+    assert finder.find("a", 1, 0.06, frame)[1] == FULL  # seq went back: a restart
+    assert finder.find("a", 2, 0.01, frame)[1] == FULL  # the clock went back
+    assert finder.find("a", 3, 0.1, cv2.resize(frame, (480, 200)))[1] == FULL  # new size
 
 
 def test_memory_is_bounded(cascade):

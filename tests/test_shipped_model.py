@@ -3,6 +3,7 @@
 ``make run`` and ``docker compose up`` serve it out of the box, so a broken or partial
 commit of models/ must fail here rather than at a user's first start.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,14 @@ import json
 import numpy as np
 import pytest
 
-from tests.support import ROOT
-from services.model import registry
 from services.common.protocol import EMOTIONS
+from services.model import registry
+from tests.support import ROOT
 
 MODELS = ROOT / "models"
-pytestmark = pytest.mark.skipif(not (MODELS / registry.CURRENT).is_file(),
-                                reason="no model promoted in models/")
+pytestmark = pytest.mark.skipif(
+    not (MODELS / registry.CURRENT).is_file(), reason="no model promoted in models/"
+)
 
 
 def test_current_names_a_complete_version():

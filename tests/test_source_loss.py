@@ -7,6 +7,7 @@ its own once the camera is back on the same address -- both when the server goes
 (connection closed, then refused) and when it stalls (connection open, no data: the
 case where OpenCV would otherwise block for 30 s).
 """
+
 from __future__ import annotations
 
 import re
@@ -18,16 +19,16 @@ import cv2
 import numpy as np
 import pytest
 
+from services.common import bus
 from tests.support import Service, free_base_port, free_port, http_get, metric_samples, metric_sum, wait_for
 from tests.support.pipeline import Collector
-from services.common import bus
 
 pytestmark = pytest.mark.slow
 
 STREAM = "cam"
 SIZE = (320, 240)
-PERIOD_S = 0.05            # the camera's frame rate: 20 fps
-TIMEOUT_MS = 1500          # capture --source-timeout-ms
+PERIOD_S = 0.05  # the camera's frame rate: 20 fps
+TIMEOUT_MS = 1500  # capture --source-timeout-ms
 
 
 def picture(n: int) -> bytes:
@@ -46,8 +47,8 @@ class MjpegCamera:
     def __init__(self, port: int):
         self.port = port
         self.server: ThreadingHTTPServer | None = None
-        self.off = threading.Event()       # handlers end their streams
-        self.stalled = threading.Event()   # handlers keep the connection but send nothing
+        self.off = threading.Event()  # handlers end their streams
+        self.stalled = threading.Event()  # handlers keep the connection but send nothing
         self.frames = [picture(n) for n in range(40)]
         self.connections = 0
 
@@ -79,12 +80,14 @@ class MjpegCamera:
                             continue
                         jpeg = camera.frames[n % len(camera.frames)]
                         n += 1
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n"
-                                         b"Content-Length: %d\r\n\r\n" % len(jpeg) + jpeg + b"\r\n")
+                        self.wfile.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(jpeg) + jpeg + b"\r\n"
+                        )
                         self.wfile.flush()
                         time.sleep(PERIOD_S)
                 except OSError:
-                    pass                   # the client went away
+                    pass  # the client went away
 
             def log_message(self, *args):
                 pass
@@ -94,8 +97,7 @@ class MjpegCamera:
             allow_reuse_address = True
 
         self.server = Server(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                         daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
 
     def stop(self) -> None:
         """Switch off: open streams end, the port refuses connections."""
@@ -112,11 +114,23 @@ def test_capture_survives_camera_loss_and_stall(tmp_path):
     camera = MjpegCamera(free_port())
     camera.start()
     broker_port, capture_port = free_port(), free_port()
-    broker = Service("broker", ["--base-port", str(base), "--metrics-port", str(broker_port)],
-                     tmp_path)
-    capture = Service("capture", ["--base-port", str(base), "--metrics-port", str(capture_port),
-                                  "--source", camera.url, "--stream", STREAM,
-                                  "--source-timeout-ms", str(TIMEOUT_MS)], tmp_path)
+    broker = Service("broker", ["--base-port", str(base), "--metrics-port", str(broker_port)], tmp_path)
+    capture = Service(
+        "capture",
+        [
+            "--base-port",
+            str(base),
+            "--metrics-port",
+            str(capture_port),
+            "--source",
+            camera.url,
+            "--stream",
+            STREAM,
+            "--source-timeout-ms",
+            str(TIMEOUT_MS),
+        ],
+        tmp_path,
+    )
     frames = Collector(addr, "frames")
     frames.start()
 
@@ -150,44 +164,60 @@ def test_capture_survives_camera_loss_and_stall(tmp_path):
         wait_for(lambda: up() == 0, 10, interval=0.1, what="source_up to drop to 0")
         noticed = time.monotonic() - lost
         retries_at_loss = retries()
-        wait_for(lambda: retries() >= retries_at_loss + 3, 15, interval=0.2,
-                 what="at least three reconnection attempts")
+        wait_for(
+            lambda: retries() >= retries_at_loss + 3,
+            15,
+            interval=0.2,
+            what="at least three reconnection attempts",
+        )
         count_while_down = published()
         time.sleep(0.5)
         assert published() == count_while_down, "frames published while the camera was off"
         assert up() == 0
-        delays = [float(d) for d in re.findall(r"(?:retrying|reopening) in ([0-9.]+) s",
-                                               capture.output())]
+        delays = [float(d) for d in re.findall(r"(?:retrying|reopening) in ([0-9.]+) s", capture.output())]
         assert len(delays) >= 3 and delays == sorted(delays) and delays[-1] > delays[0], delays
 
         # 3. the camera comes back on the same address: capture resumes by itself
         camera.start()
         back = time.monotonic()
         wait_for(lambda: up() == 1, 20, interval=0.1, what="source_up back to 1")
-        wait_for(lambda: published() >= count_while_down + 20, 15,
-                 what="frames published again after the camera came back")
+        wait_for(
+            lambda: published() >= count_while_down + 20,
+            15,
+            what="frames published again after the camera came back",
+        )
         recovered = time.monotonic() - back
         newest_before = first
-        wait_for(lambda: max(frames.messages) > newest_before + 20, 10,
-                 what="new frames on the frames channel")
+        wait_for(
+            lambda: max(frames.messages) > newest_before + 20, 10, what="new frames on the frames channel"
+        )
 
         # 4. the camera stalls (connection open, no data): the read timeout ends the wait
         camera.stalled.set()
         stalled = time.monotonic()
-        wait_for(lambda: up() == 0, TIMEOUT_MS / 1000 + 8, interval=0.1,
-                 what="source_up to drop to 0 on a stalled stream")
+        wait_for(
+            lambda: up() == 0,
+            TIMEOUT_MS / 1000 + 8,
+            interval=0.1,
+            what="source_up to drop to 0 on a stalled stream",
+        )
         stall_noticed = time.monotonic() - stalled
         retries_at_stall = retries()
         wait_for(lambda: retries() > retries_at_stall, 10, what="a reconnection after the stall")
         count_while_stalled = published()
         camera.stalled.clear()
-        wait_for(lambda: up() == 1 and published() >= count_while_stalled + 10, 30,
-                 what="capture to resume after the stall")
+        wait_for(
+            lambda: up() == 1 and published() >= count_while_stalled + 10,
+            30,
+            what="capture to resume after the stall",
+        )
 
         assert capture.alive() and broker.alive()
-        print(f"\nloss noticed in {noticed:.2f} s, recovered {recovered:.2f} s after the camera "
-              f"returned; stall noticed in {stall_noticed:.2f} s; backoff delays {delays}; "
-              f"{camera.connections} connections")
+        print(
+            f"\nloss noticed in {noticed:.2f} s, recovered {recovered:.2f} s after the camera "
+            f"returned; stall noticed in {stall_noticed:.2f} s; backoff delays {delays}; "
+            f"{camera.connections} connections"
+        )
     finally:
         frames.close()
         camera.stop()

@@ -1,5 +1,6 @@
 """Tracker: smoothing, reordering, association and events as plain functions; the service's
 message handling without sockets; the wire format of tracks and events."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,13 +11,26 @@ import msgpack
 import numpy as np
 import pytest
 
-from tests.support import ROOT
-from services.common.protocol import (EMOTIONS, KIND_EVENT, KIND_TRACKS, Event, FaceResult,
-                                      Message, Rejected, Result, TrackedFace, TrackEvent, Tracks,
-                                      TrackSummary, decode, encode)
+from services.common.protocol import (
+    EMOTIONS,
+    KIND_EVENT,
+    KIND_TRACKS,
+    Event,
+    FaceResult,
+    Message,
+    Rejected,
+    Result,
+    TrackedFace,
+    TrackEvent,
+    Tracks,
+    TrackSummary,
+    decode,
+    encode,
+)
 from services.tracker.service import TrackerService, owns
 from services.tracker.smoothing import SmoothedEmotion, SmoothingSettings
 from services.tracker.tracks import ReorderWindow, Tracker, TrackerSettings
+from tests.support import ROOT
 
 W, H = 640, 480
 T0 = 1_700_000_000.0
@@ -31,8 +45,7 @@ def result(seq, boxes=(), labels=None, stream="cam", fps=30.0, capture=None):
     labels = labels or ["Happy"] * len(boxes)
     faces = [FaceResult(tuple(b), lab, 0.7, scores_for(lab)) for b, lab in zip(boxes, labels)]
     ts = {"capture": T0 + seq / fps if capture is None else capture}
-    return Result(stream, seq, W, H, ts, boxes=[f.box for f in faces],
-                  results=faces, model="m1")
+    return Result(stream, seq, W, H, ts, boxes=[f.box for f in faces], results=faces, model="m1")
 
 
 def run(tracker: Tracker, headers, step=1 / 30):
@@ -51,6 +64,7 @@ def events(messages, name=None):
 
 # --- smoothing --------------------------------------------------------------------------------
 
+
 def test_smoothing_halves_a_frames_weight_after_one_half_life():
     s = SmoothedEmotion(scores_for("Happy", 1.0), 0.0, SmoothingSettings(half_life_s=0.5, hysteresis=0))
     s.update(scores_for("Sad", 1.0), 0.5)
@@ -64,7 +78,7 @@ def test_smoothing_depends_on_time_not_on_frame_count():
     for i in range(1, 31):
         every.update(scores_for("Fear"), i / 30)
         if i % 2 == 0:
-            half.update(scores_for("Fear"), i / 30)        # every other frame dropped
+            half.update(scores_for("Fear"), i / 30)  # every other frame dropped
     assert np.allclose(every.scores, half.scores, atol=1e-9)
 
 
@@ -73,7 +87,7 @@ def test_hysteresis_keeps_the_label_until_the_new_one_leads_clearly():
     close = [0.0] * 7
     close[EMOTIONS.index("Happy")], close[EMOTIONS.index("Sad")] = 0.45, 0.55
     for i in range(1, 20):
-        assert s.update(close, i / 30) is None              # Sad leads by 0.1 < 0.2
+        assert s.update(close, i / 30) is None  # Sad leads by 0.1 < 0.2
     assert s.label_name == "Happy"
     changed = [s.update(scores_for("Sad", 0.9), 1 + i / 30) for i in range(30)]
     assert "Happy" in changed and s.label_name == "Sad"
@@ -81,9 +95,9 @@ def test_hysteresis_keeps_the_label_until_the_new_one_leads_clearly():
 
 def test_summary_reports_time_shares_dominant_and_mean_scores():
     s = SmoothedEmotion(scores_for("Happy", 1.0), 10.0, SmoothingSettings(0.01, 0.0))
-    s.update(scores_for("Happy", 1.0), 13.0)     # 3 s of Happy
-    s.update(scores_for("Sad", 1.0), 14.0)       # 1 s of Happy shown, then Sad
-    s.update(scores_for("Sad", 1.0), 16.0)       # 2 s of Sad
+    s.update(scores_for("Happy", 1.0), 13.0)  # 3 s of Happy
+    s.update(scores_for("Sad", 1.0), 14.0)  # 1 s of Happy shown, then Sad
+    s.update(scores_for("Sad", 1.0), 16.0)  # 2 s of Sad
     summary = s.summary()
     assert summary.frames == 4 and summary.start == 10.0 and summary.end == 16.0
     assert summary.shares[EMOTIONS.index("Happy")] == pytest.approx(4 / 6, abs=1e-3)
@@ -104,6 +118,7 @@ def test_bad_smoothing_settings_are_refused():
 
 
 # --- reordering -------------------------------------------------------------------------------
+
 
 def test_reorder_window_releases_in_capture_order():
     window = ReorderWindow(0.1)
@@ -136,7 +151,7 @@ def test_the_next_result_in_sequence_does_not_wait():
     window.add(result(1), 0.2)
     window.add(result(2), 0.2)
     window.add(result(4), 0.2)
-    assert [h.seq for h in window.due(0.2)] == [1, 2]      # 4 waits: 3 may still come
+    assert [h.seq for h in window.due(0.2)] == [1, 2]  # 4 waits: 3 may still come
     assert window.next_due(0.2) == pytest.approx(0.1)
     assert [h.seq for h in window.due(0.301)] == [4]
 
@@ -152,6 +167,7 @@ def test_a_clock_step_back_restarts_the_order_instead_of_refusing_the_stream():
 
 # --- association and events --------------------------------------------------------------------
 
+
 def moving_faces(n, fps=30.0):
     """Two faces moving in opposite directions; the second leaves after frame 40."""
     for seq in range(n):
@@ -165,8 +181,8 @@ def test_each_face_keeps_one_id_and_a_new_face_is_confirmed_after_two_frames():
     tracker = Tracker(TrackerSettings(reorder_s=0.0))
     messages, _ = run(tracker, moving_faces(60))
     tracks = [m for m in messages if m.kind == KIND_TRACKS]
-    assert [m.seq for m in tracks] == list(range(60))             # one per result, in order
-    assert [f.track for f in tracks[0].results] == [None, None]    # not confirmed yet
+    assert [m.seq for m in tracks] == list(range(60))  # one per result, in order
+    assert [f.track for f in tracks[0].results] == [None, None]  # not confirmed yet
     for m in tracks[1:]:
         ids = [f.track for f in m.results]
         assert ids == (["1", "2"] if m.seq < 40 else ["1"]), (m.seq, ids)
@@ -186,14 +202,14 @@ def test_a_track_ends_after_the_timeout_and_a_returning_face_gets_a_new_id():
     assert ended[0].summary.frames == 9 and ended[0].summary.dominant == "Happy"
     assert ended[0].time == pytest.approx(T0 + 9 / 30)
     tracks = [m for m in messages if m.kind == KIND_TRACKS]
-    assert tracks[-1].results[0].track == "2"                      # never reused
-    assert tracks[20].results == []                                # frames without faces too
+    assert tracks[-1].results[0].track == "2"  # never reused
+    assert tracks[20].results == []  # frames without faces too
 
 
 def test_smoothed_label_changes_are_events_and_raw_flicker_is_not():
     tracker = Tracker(TrackerSettings(reorder_s=0.0))
     box = [(100, 100, 80, 80)]
-    flicker = ["Happy", "Neutral", "Happy", "Happy"] * 10        # raw label changes 20 times
+    flicker = ["Happy", "Neutral", "Happy", "Happy"] * 10  # raw label changes 20 times
     frames = [result(s, box, [flicker[s]]) for s in range(40)]
     frames += [result(s, box, ["Sad"]) for s in range(40, 80)]
     messages, _ = run(tracker, frames)
@@ -215,8 +231,8 @@ def test_out_of_order_results_give_the_same_ids_as_in_order_ones():
     in_order, _ = run(Tracker(TrackerSettings(reorder_s=0.1)), moving_faces(60))
     frames = list(moving_faces(60))
     shuffled = []
-    for i in range(0, 60, 3):                                     # 3 replicas answer in turn
-        shuffled += frames[i:i + 3][::-1]
+    for i in range(0, 60, 3):  # 3 replicas answer in turn
+        shuffled += frames[i : i + 3][::-1]
     tracker = Tracker(TrackerSettings(reorder_s=0.1))
     messages, now = run(tracker, shuffled)
     messages += tracker.due(now + 1, T0).messages
@@ -241,33 +257,48 @@ def test_a_track_id_is_never_reused_even_after_its_stream_was_forgotten():
     run(tracker, [result(s, [(10, 10, 50, 50)]) for s in range(3)])
     tracker.due(100.0, T0)
     assert "cam" not in tracker.streams
-    messages, _ = run(tracker, [result(s, [(10, 10, 50, 50)], capture=T0 + 200 + s)
-                                for s in range(3)])
+    messages, _ = run(tracker, [result(s, [(10, 10, 50, 50)], capture=T0 + 200 + s) for s in range(3)])
     assert events(messages, "track_started")[0].track == "2"
 
 
 def test_settings_are_validated():
-    for kwargs in ({"reorder_s": -1}, {"track_timeout_s": 0}, {"min_iou": 1.0},
-                   {"confirm_frames": 0}):
+    for kwargs in ({"reorder_s": -1}, {"track_timeout_s": 0}, {"min_iou": 1.0}, {"confirm_frames": 0}):
         with pytest.raises(ValueError):
             TrackerSettings(**kwargs)
 
 
 # --- the wire format ---------------------------------------------------------------------------
 
+
 def tracks_header():
-    face = TrackedFace((10, 20, 30, 40), "Fear", 0.6, scores_for("Fear", 0.6), "7", "Happy",
-                       scores_for("Happy", 0.5), 2.5)
-    untracked = TrackedFace((100, 20, 30, 40), "Sad", 0.6, scores_for("Sad", 0.6), None, "Sad",
-                            scores_for("Sad", 0.6), 0.0)
-    return Tracks("cam", 3, W, H, {"capture": T0}, boxes=[face.box, untracked.box],
-                  results=[face, untracked], model="m1")
+    face = TrackedFace(
+        (10, 20, 30, 40), "Fear", 0.6, scores_for("Fear", 0.6), "7", "Happy", scores_for("Happy", 0.5), 2.5
+    )
+    untracked = TrackedFace(
+        (100, 20, 30, 40), "Sad", 0.6, scores_for("Sad", 0.6), None, "Sad", scores_for("Sad", 0.6), 0.0
+    )
+    return Tracks(
+        "cam",
+        3,
+        W,
+        H,
+        {"capture": T0},
+        boxes=[face.box, untracked.box],
+        results=[face, untracked],
+        model="m1",
+    )
 
 
 def ended_event():
     summary = TrackSummary(T0, T0 + 3, 90, "Happy", scores_for("Happy"), scores_for("Happy", 1.0))
-    return Event("cam", 4, W, H, {"capture": T0},
-                 event=TrackEvent("track_ended", "7", T0 + 3, "Happy", summary=summary))
+    return Event(
+        "cam",
+        4,
+        W,
+        H,
+        {"capture": T0},
+        event=TrackEvent("track_ended", "7", T0 + 3, "Happy", summary=summary),
+    )
 
 
 def test_tracks_and_events_survive_the_wire():
@@ -276,8 +307,7 @@ def test_tracks_and_events_survive_the_wire():
     assert header.results[0].smoothed_confidence == pytest.approx(0.5)
     event, _ = decode(encode(ended_event()), expect_kind=KIND_EVENT)
     assert event.event == ended_event().event
-    change = Event("cam", 4, W, H, {}, event=TrackEvent(
-        "emotion_changed", "7", T0, "Sad", previous="Happy"))
+    change = Event("cam", 4, W, H, {}, event=TrackEvent("emotion_changed", "7", T0, "Sad", previous="Happy"))
     assert decode(encode(change))[0].event.previous == "Happy"
 
 
@@ -287,32 +317,38 @@ def mutate(header: Message, change) -> list:
     return [b"cam", msgpack.packb(wire)]
 
 
-@pytest.mark.parametrize("change,reason", [
-    (lambda w: w["results"][0].pop("track"), "field"),
-    (lambda w: w["results"][0].update(track=5), "field"),
-    (lambda w: w["results"][0].update(track="x" * 40), "field"),
-    (lambda w: w["results"][0].update(smoothed_label="Joy"), "field"),
-    (lambda w: w["results"][0].update(smoothed_scores=[0.1] * 6), "field"),
-    (lambda w: w["results"][0].update(smoothed_scores=[float("nan")] * 7), "field"),
-    (lambda w: w["results"][0].update(age_s=-1), "field"),
-    (lambda w: w["results"][0].update(age_s=True), "field"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (lambda w: w["results"][0].pop("track"), "field"),
+        (lambda w: w["results"][0].update(track=5), "field"),
+        (lambda w: w["results"][0].update(track="x" * 40), "field"),
+        (lambda w: w["results"][0].update(smoothed_label="Joy"), "field"),
+        (lambda w: w["results"][0].update(smoothed_scores=[0.1] * 6), "field"),
+        (lambda w: w["results"][0].update(smoothed_scores=[float("nan")] * 7), "field"),
+        (lambda w: w["results"][0].update(age_s=-1), "field"),
+        (lambda w: w["results"][0].update(age_s=True), "field"),
+    ],
+)
 def test_malformed_tracks_are_rejected_with_a_reason(change, reason):
     with pytest.raises(Rejected) as err:
         decode(mutate(tracks_header(), change))
     assert err.value.reason == reason
 
 
-@pytest.mark.parametrize("change", [
-    lambda w: w.pop("event"),
-    lambda w: w["event"].update(name="track_paused"),
-    lambda w: w["event"].update(track=""),
-    lambda w: w["event"]["summary"].update(frames=-1),
-    lambda w: w["event"]["summary"].update(dominant="Joy"),
-    lambda w: w["event"]["summary"].update(shares=[1.0]),
-    lambda w: w["event"].pop("summary"),
-    lambda w: w["event"].update(time="now"),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda w: w.pop("event"),
+        lambda w: w["event"].update(name="track_paused"),
+        lambda w: w["event"].update(track=""),
+        lambda w: w["event"]["summary"].update(frames=-1),
+        lambda w: w["event"]["summary"].update(dominant="Joy"),
+        lambda w: w["event"]["summary"].update(shares=[1.0]),
+        lambda w: w["event"].pop("summary"),
+        lambda w: w["event"].update(time="now"),
+    ],
+)
 def test_malformed_events_are_rejected(change):
     with pytest.raises(Rejected):
         decode(mutate(ended_event(), change))
@@ -326,6 +362,7 @@ def test_an_event_with_payload_frames_is_rejected():
 
 # --- the service without sockets -----------------------------------------------------------------
 
+
 class Clock:
     def __init__(self):
         self.now = 0.0
@@ -337,25 +374,31 @@ class Clock:
 def test_service_tracks_valid_results_and_counts_bad_ones():
     rejected = []
     clock = Clock()
-    service = TrackerService(TrackerSettings(reorder_s=0.05), rejected.append, clock=clock,
-                             wall_clock=lambda: T0)
-    service.on_result([b"cam", b"\xc1"])                      # not msgpack
-    service.on_result(encode(tracks_header()))                # wrong kind for the results channel
+    service = TrackerService(
+        TrackerSettings(reorder_s=0.05), rejected.append, clock=clock, wall_clock=lambda: T0
+    )
+    service.on_result([b"cam", b"\xc1"])  # not msgpack
+    service.on_result(encode(tracks_header()))  # wrong kind for the results channel
     service.on_result([b"cam"])
     assert [r.reason for r in rejected] == ["header", "kind", "frames"]
     for seq in range(3):
         service.on_result(encode(result(seq, [(10, 10, 50, 50)])))
     clock.now = 0.1
     out = [decode(m)[0] for m in service.flush()]
-    assert [(m.kind, m.seq) for m in out] == [(KIND_TRACKS, 0), (KIND_TRACKS, 1), (KIND_EVENT, 1),
-                                             (KIND_TRACKS, 2)]
+    assert [(m.kind, m.seq) for m in out] == [
+        (KIND_TRACKS, 0),
+        (KIND_TRACKS, 1),
+        (KIND_EVENT, 1),
+        (KIND_TRACKS, 2),
+    ]
     assert out[1].timestamps["track"] == T0 and out[1].results[0].track == "1"
 
 
 def test_a_result_without_capture_time_is_tracked_on_arrival_time():
     clock = Clock()
-    service = TrackerService(TrackerSettings(reorder_s=0.0), [].append, clock=clock,
-                             wall_clock=lambda: T0 + clock.now)
+    service = TrackerService(
+        TrackerSettings(reorder_s=0.0), [].append, clock=clock, wall_clock=lambda: T0 + clock.now
+    )
     header = result(0, [(10, 10, 50, 50)])
     header.timestamps = {}
     service.on_result(encode(header))
@@ -366,15 +409,14 @@ def test_a_result_without_capture_time_is_tracked_on_arrival_time():
 def test_shards_split_the_streams_between_replicas():
     streams = [f"cam-{i}" for i in range(200)]
     owners = [[s for s in streams if owns(s, shard, 3)] for shard in range(3)]
-    assert sorted(itertools.chain(*owners)) == sorted(streams)   # each exactly once
+    assert sorted(itertools.chain(*owners)) == sorted(streams)  # each exactly once
     assert all(len(o) > 30 for o in owners)
     assert owns("main", 0, 1)
 
 
 def test_a_replica_ignores_the_streams_of_other_shards():
     clock = Clock()
-    service = TrackerService(TrackerSettings(reorder_s=0.0), [].append, shard=0, shards=2,
-                             clock=clock)
+    service = TrackerService(TrackerSettings(reorder_s=0.0), [].append, shard=0, shards=2, clock=clock)
     mine = next(s for s in (f"s{i}" for i in range(20)) if owns(s, 0, 2))
     theirs = next(s for s in (f"s{i}" for i in range(20)) if not owns(s, 0, 2))
     service.on_result(encode(result(0, [(1, 1, 9, 9)], stream=mine)))
@@ -382,14 +424,22 @@ def test_a_replica_ignores_the_streams_of_other_shards():
     assert {decode(m)[0].stream for m in service.flush()} == {mine}
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--shards", "2", "--shard", "2"], "--shard 2"),
-    (["--reorder-ms", "-5"], "--reorder-ms"),
-    (["--half-life-ms", "0"], "--half-life-ms"),
-    (["--min-iou", "1.5"], "--min-iou"),
-    (["--max-streams", "0"], "--max-streams"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--shards", "2", "--shard", "2"], "--shard 2"),
+        (["--reorder-ms", "-5"], "--reorder-ms"),
+        (["--half-life-ms", "0"], "--half-life-ms"),
+        (["--min-iou", "1.5"], "--min-iou"),
+        (["--max-streams", "0"], "--max-streams"),
+    ],
+)
 def test_configuration_errors_exit_78_naming_the_option(args, message):
-    out = subprocess.run([sys.executable, "-m", "services.tracker", "--metrics-port", "0", *args],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.tracker", "--metrics-port", "0", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 78 and message in out.stderr, out.stderr

@@ -1,13 +1,14 @@
 """The tracker in a real pipeline: real processes, real ZeroMQ, a real clip."""
+
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
 
+from services.common.protocol import KIND_TRACKS
 from tests.support import media, metric_sum, wait_for
 from tests.support.pipeline import Collector, Pipeline, events, play_clip_through, send_garbage, tracked_faces
-from services.common.protocol import KIND_TRACKS
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +38,9 @@ def check_one_person(results: Collector, tracks: Collector) -> None:
 def test_one_face_in_a_clip_is_one_track_with_events(tmp_path, tiny_registry):
     clip = media("woman2.mp4")
     generous = ("--max-age-ms", "3000")
-    pipeline = Pipeline(tmp_path, tiny_registry, detector_args=(*generous, "--no-newest-only"),
-                        classifier_args=generous)
+    pipeline = Pipeline(
+        tmp_path, tiny_registry, detector_args=(*generous, "--no-newest-only"), classifier_args=generous
+    )
     tracker = pipeline.start("tracker")
     wait_for(lambda: pipeline.scrape("tracker"), 30, what="the tracker")
     results = tracks = None
@@ -46,9 +48,12 @@ def test_one_face_in_a_clip_is_one_track_with_events(tmp_path, tiny_registry):
         results, tracks = play_clip_through(pipeline, clip, 150)
         check_one_person(results, tracks)
         stats = pipeline.scrape("tracker")
-        assert metric_sum(stats, "emotion_tracker_tracks_started_total") == len(events(tracks, "track_started"))
-        assert metric_sum(stats, "emotion_tracker_label_changes_total", kind="raw") >= \
-            metric_sum(stats, "emotion_tracker_label_changes_total", kind="smoothed")
+        assert metric_sum(stats, "emotion_tracker_tracks_started_total") == len(
+            events(tracks, "track_started")
+        )
+        assert metric_sum(stats, "emotion_tracker_label_changes_total", kind="raw") >= metric_sum(
+            stats, "emotion_tracker_label_changes_total", kind="smoothed"
+        )
         # the viewer draws and lists the tracks
         view = pipeline.scrape("viewer")
         assert metric_sum(view, "emotion_messages_rejected_total") == 0
@@ -56,10 +61,16 @@ def test_one_face_in_a_clip_is_one_track_with_events(tmp_path, tiny_registry):
         # malformed messages on both channels are counted, and nobody falls over
         send_garbage(pipeline, "results")
         send_garbage(pipeline, "tracks")
-        wait_for(lambda: metric_sum(pipeline.scrape("tracker"), "emotion_messages_rejected_total") >= 10,
-                 10, what="the tracker to count the malformed results")
-        wait_for(lambda: metric_sum(pipeline.scrape("viewer"), "emotion_messages_rejected_total") >= 10,
-                 10, what="the viewer to count the malformed tracks")
+        wait_for(
+            lambda: metric_sum(pipeline.scrape("tracker"), "emotion_messages_rejected_total") >= 10,
+            10,
+            what="the tracker to count the malformed results",
+        )
+        wait_for(
+            lambda: metric_sum(pipeline.scrape("viewer"), "emotion_messages_rejected_total") >= 10,
+            10,
+            what="the viewer to count the malformed tracks",
+        )
         assert tracker.alive()
     finally:
         for collector in (results, tracks):
@@ -72,8 +83,13 @@ def test_one_face_in_a_clip_is_one_track_with_events(tmp_path, tiny_registry):
 def test_two_classifier_replicas_still_give_one_track(tmp_path, tiny_registry):
     clip = media("woman2.mp4")
     generous = ("--max-age-ms", "3000")
-    pipeline = Pipeline(tmp_path, tiny_registry, classifiers=2,
-                        detector_args=(*generous, "--no-newest-only"), classifier_args=generous)
+    pipeline = Pipeline(
+        tmp_path,
+        tiny_registry,
+        classifiers=2,
+        detector_args=(*generous, "--no-newest-only"),
+        classifier_args=generous,
+    )
     pipeline.start("tracker")
     wait_for(lambda: pipeline.scrape("tracker"), 30, what="the tracker")
     results = tracks = None

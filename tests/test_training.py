@@ -1,5 +1,6 @@
 """The training CLI on tiny synthetic data: data formats and their errors, metrics,
 train -> evaluate -> registry, resume, promote/rollback, atomic registration."""
+
 from __future__ import annotations
 
 import json
@@ -62,6 +63,7 @@ def make_version(root: Path, version: str, outputs: int = 7) -> Path:
 
 # --- CSV -----------------------------------------------------------------------------
 
+
 def test_csv_splits_and_shapes(tmp_path):
     ds = data.load_dataset(fer_csv(tmp_path / "fer.csv"))
     assert ds.format == "csv" and ds.sizes() == {"Training": 70, "PublicTest": 14, "PrivateTest": 14}
@@ -78,15 +80,23 @@ def test_csv_accepts_spaced_header_and_quoted_pixels(tmp_path):
     assert data.load_dataset(path).sizes()["Training"] == 1
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([(0, pixels(0, 2303), "Training")], ":2: 2303 pixel values, expected 2304"),
-    ([(0, pixels(0), "Training"), (0, pixels(0)[:-3] + " 1x", "Training")], ":3: pixel value '1x' is not an integer"),
-    ([(7, pixels(0), "Training")], ":2: emotion 7 outside 0..6"),
-    ([("happy", pixels(0), "Training")], ":2: emotion 'happy' is not an integer"),
-    ([(1, pixels(0), "Train")], ":2: unknown Usage 'Train'"),
-    ([(1, pixels(0).replace("1", "300", 1) if "1" in pixels(0) else "300 " * 2304, "Training")],
-     "pixel values must be 0..255"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([(0, pixels(0, 2303), "Training")], ":2: 2303 pixel values, expected 2304"),
+        (
+            [(0, pixels(0), "Training"), (0, pixels(0)[:-3] + " 1x", "Training")],
+            ":3: pixel value '1x' is not an integer",
+        ),
+        ([(7, pixels(0), "Training")], ":2: emotion 7 outside 0..6"),
+        ([("happy", pixels(0), "Training")], ":2: emotion 'happy' is not an integer"),
+        ([(1, pixels(0), "Train")], ":2: unknown Usage 'Train'"),
+        (
+            [(1, pixels(0).replace("1", "300", 1) if "1" in pixels(0) else "300 " * 2304, "Training")],
+            "pixel values must be 0..255",
+        ),
+    ],
+)
 def test_csv_errors_name_file_and_line(tmp_path, rows, message):
     path = write_csv(tmp_path / "bad.csv", rows)
     with pytest.raises(DataError) as err:
@@ -112,12 +122,15 @@ def test_csv_missing_columns_empty_and_missing_split(tmp_path):
 
 # --- image folders -------------------------------------------------------------------
 
+
 def test_index_folders_with_split_dirs_and_any_image_kind(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 3), ("val", 1), ("test", 1)):
         for label in range(7):
             for i in range(n):
-                write_image(tmp_path / split / str(label) / f"{i}.png", rng.integers(0, 256, (48, 48), np.uint8))
+                write_image(
+                    tmp_path / split / str(label) / f"{i}.png", rng.integers(0, 256, (48, 48), np.uint8)
+                )
     # colour, other size, BGRA and 16-bit images mix with the grey ones
     write_image(tmp_path / "train" / "3" / "colour.jpg", rng.integers(0, 256, (64, 50, 3), np.uint8))
     write_image(tmp_path / "train" / "4" / "alpha.png", rng.integers(0, 256, (20, 20, 4), np.uint8))
@@ -172,6 +185,7 @@ def test_folder_errors_name_the_file_or_folder(tmp_path):
 
 # --- balancing, batches, metrics -----------------------------------------------------
 
+
 def test_balancing():
     labels = np.array([0] * 6 + [1] * 2 + [3] * 3)
     idx = data.oversample_indices(labels, seed=0)
@@ -208,7 +222,9 @@ def test_metrics_match_hand_computation():
     assert cm.tolist() == [[1, 1, 0], [0, 2, 1], [0, 0, 1]]
     m = evaluate.metrics_from_confusion(cm, ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(4 / 6) and m["n"] == 6
-    assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert m["per_class"]["b"] == pytest.approx(
+        {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3}
+    )
     f1 = [2 / 3, 2 / 3, 2 * 0.5 / 1.5]
     assert m["macro_f1"] == pytest.approx(np.mean(f1))
     empty = evaluate.metrics_from_confusion(evaluate.confusion_matrix([], [], 7))
@@ -216,6 +232,7 @@ def test_metrics_match_hand_computation():
 
 
 # --- models --------------------------------------------------------------------------
+
 
 def test_compact_model_shape_and_size():
     model = models.compact(width=1.0)
@@ -235,9 +252,23 @@ def test_mobilenetv2_from_scratch_and_offline_imagenet_message(monkeypatch, tmp_
         raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(mnv2.file_utils, "get_file", offline)
-    code = main(["train", "--data", str(fer_csv(tmp_path / "fer.csv")), "--arch", "mobilenetv2",
-                 "--input-size", "32", "--weights", "imagenet", "--registry", str(tmp_path / "models"),
-                 "--out-dir", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(fer_csv(tmp_path / "fer.csv")),
+            "--arch",
+            "mobilenetv2",
+            "--input-size",
+            "32",
+            "--weights",
+            "imagenet",
+            "--registry",
+            str(tmp_path / "models"),
+            "--out-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "cannot download ImageNet weights" in err and "--weights none" in err
     assert "Traceback" not in err
@@ -247,6 +278,7 @@ def test_mobilenetv2_from_scratch_and_offline_imagenet_message(monkeypatch, tmp_
 
 # --- train -> evaluate -> registry, with an interrupted and resumed run --------------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny 2-epoch run, interrupted after epoch 1 and resumed, then promoted."""
@@ -254,14 +286,43 @@ def trained(tmp_path_factory):
     csv_path = fer_csv(tmp / "fer.csv")
     root, run_dir = tmp / "models", tmp / "run"
     common = ["--registry", str(root), "--bench-seconds", "0.05"]
-    first = main(["train", "--data", str(csv_path), "--arch", "compact", "--width", "0.125",
-                  "--epochs", "2", "--batch-size", "16", "--max-train", "48", "--version", "v1",
-                  "--out-dir", str(run_dir), "--epochs-this-run", "1", "--seed", "7", *common])
+    first = main(
+        [
+            "train",
+            "--data",
+            str(csv_path),
+            "--arch",
+            "compact",
+            "--width",
+            "0.125",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--max-train",
+            "48",
+            "--version",
+            "v1",
+            "--out-dir",
+            str(run_dir),
+            "--epochs-this-run",
+            "1",
+            "--seed",
+            "7",
+            *common,
+        ]
+    )
     after_first = json.loads((run_dir / train.STATE_FILE).read_text())
     registered_early = (root / "v1").exists()
     second = main(["train", "--resume", "--out-dir", str(run_dir), "--promote", *common])
-    return {"csv": csv_path, "root": root, "run": run_dir, "codes": (first, second),
-            "after_first": after_first, "registered_early": registered_early}
+    return {
+        "csv": csv_path,
+        "root": root,
+        "run": run_dir,
+        "codes": (first, second),
+        "after_first": after_first,
+        "registered_early": registered_early,
+    }
 
 
 def test_interrupted_run_resumes_at_epoch_2(trained):
@@ -304,9 +365,27 @@ def test_registered_version_metadata_and_promotion(trained):
 
 def test_evaluate_command_writes_report(trained, tmp_path, capsys):
     out_json, out_png = tmp_path / "eval.json", tmp_path / "cm.png"
-    code = main(["evaluate", "--model", "v1", "--registry", str(trained["root"]), "--data",
-                 str(trained["csv"]), "--split", "PrivateTest", "--tta", "flip",
-                 "--json", str(out_json), "--png", str(out_png), "--bench-seconds", "0.05"])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            "v1",
+            "--registry",
+            str(trained["root"]),
+            "--data",
+            str(trained["csv"]),
+            "--split",
+            "PrivateTest",
+            "--tta",
+            "flip",
+            "--json",
+            str(out_json),
+            "--png",
+            str(out_png),
+            "--bench-seconds",
+            "0.05",
+        ]
+    )
     assert code == 0
     report = json.loads(out_json.read_text())
     for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "n"):
@@ -318,21 +397,77 @@ def test_evaluate_command_writes_report(trained, tmp_path, capsys):
     assert out_png.read_bytes()[:4] == b"\x89PNG"
     assert "macro-F1" in capsys.readouterr().out
     # a run's checkpoint evaluates too: the run dir has the metadata with the input spec
-    assert main(["evaluate", "--model", "current", "--registry", str(trained["root"]), "--data",
-                 str(trained["csv"]), "--bench-seconds", "0"]) == 0
-    assert main(["evaluate", "--model", str(trained["run"] / train.BEST), "--data",
-                 str(trained["csv"]), "--bench-seconds", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "current",
+                "--registry",
+                str(trained["root"]),
+                "--data",
+                str(trained["csv"]),
+                "--bench-seconds",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(trained["run"] / train.BEST),
+                "--data",
+                str(trained["csv"]),
+                "--bench-seconds",
+                "0",
+            ]
+        )
+        == 0
+    )
 
 
 def test_init_from_starts_a_run_at_a_registered_models_weights(trained, tmp_path, capsys):
     """Warm start: epoch 0 of the new run is the old model, so its first loss is far from
     a random init's; a different width is refused before any training."""
     root = trained["root"]
-    common = ["train", "--data", str(trained["csv"]), "--registry", str(root), "--arch",
-              "compact", "--epochs", "1", "--batch-size", "16", "--max-train", "16",
-              "--bench-seconds", "0", "--seed", "8"]  # v1's seed was 7: another init
-    assert main([*common, "--width", "0.125", "--init-from", "v1", "--version", "v1-tuned",
-                 "--out-dir", str(tmp_path / "tuned")]) == 0
+    common = [
+        "train",
+        "--data",
+        str(trained["csv"]),
+        "--registry",
+        str(root),
+        "--arch",
+        "compact",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-train",
+        "16",
+        "--bench-seconds",
+        "0",
+        "--seed",
+        "8",
+    ]  # v1's seed was 7: another init
+    assert (
+        main(
+            [
+                *common,
+                "--width",
+                "0.125",
+                "--init-from",
+                "v1",
+                "--version",
+                "v1-tuned",
+                "--out-dir",
+                str(tmp_path / "tuned"),
+            ]
+        )
+        == 0
+    )
     assert "initialised" in capsys.readouterr().out
     old = registry.load_model(registry.resolve(root, "v1"))
     new = registry.load_model(registry.resolve(root, "v1-tuned"))
@@ -340,8 +475,22 @@ def test_init_from_starts_a_run_at_a_registered_models_weights(trained, tmp_path
     kernel = {w.path: w.numpy() for w in old.weights}["stem1_conv/kernel"]
     moved = {w.path: w.numpy() for w in new.weights}["stem1_conv/kernel"]
     assert np.abs(moved - kernel).max() < 0.1 * np.abs(kernel).max()
-    assert main([*common, "--width", "0.25", "--init-from", "v1", "--version", "v1-wide",
-                 "--out-dir", str(tmp_path / "wide")]) == 2
+    assert (
+        main(
+            [
+                *common,
+                "--width",
+                "0.25",
+                "--init-from",
+                "v1",
+                "--version",
+                "v1-wide",
+                "--out-dir",
+                str(tmp_path / "wide"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "not the same network" in err and "stem1_conv/kernel" in err
     assert not (root / "v1-wide").exists()
@@ -371,14 +520,12 @@ def test_derive_serves_the_same_weights_another_way(trained, capsys):
     assert "invalid version name" in capsys.readouterr().err
 
 
-def test_derive_to_bfloat16_is_scored_in_bfloat16_or_refused_with_the_reason(trained, capsys,
-                                                                            monkeypatch):
+def test_derive_to_bfloat16_is_scored_in_bfloat16_or_refused_with_the_reason(trained, capsys, monkeypatch):
     from services.model import runtime
 
     root = trained["root"]
     common = ["--registry", str(root), "--bench-seconds", "0"]
-    assert main(["derive", "v1", "v1-same", "--tta", "none", "--precision", "float32",
-                 *common]) == 2
+    assert main(["derive", "v1", "v1-same", "--tta", "none", "--precision", "float32", *common]) == 2
     assert "already served with tta none and precision float32" in capsys.readouterr().err
     if runtime.native_bfloat16():
         assert main(["derive", "v1", "v1-bf16", "--precision", "bfloat16", *common]) == 0
@@ -392,14 +539,15 @@ def test_derive_to_bfloat16_is_scored_in_bfloat16_or_refused_with_the_reason(tra
     assert "no native bfloat16" in capsys.readouterr().err
     assert not (root / "v1-bf16-here").exists()
     # evaluate says which precision it really used
-    assert main(["evaluate", "--model", "v1", "--data", str(trained["csv"]), "--precision",
-                 "bfloat16", *common]) == 0
+    assert (
+        main(["evaluate", "--model", "v1", "--data", str(trained["csv"]), "--precision", "bfloat16", *common])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "precision float32" in out and "bfloat16 was asked for, float32 used" in out
 
 
-def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(trained, tmp_path,
-                                                                           capsys):
+def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(trained, tmp_path, capsys):
     root = trained["root"]
     split = data.load_dataset(trained["csv"]).split(data.TRAIN)
     teacher = registry.resolve(root, "v1")
@@ -414,11 +562,43 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
     assert (mixed[np.arange(len(split)), split.labels] >= 0.5).all()
     assert np.ptp(mixed - 0.5 * np.eye(7)[split.labels], axis=1).max() < np.ptp(flipped, axis=1).max() / 2
 
-    common = ["train", "--data", str(trained["csv"]), "--registry", str(root), "--arch",
-              "compact", "--width", "0.125", "--epochs", "2", "--batch-size", "16",
-              "--max-train", "16", "--bench-seconds", "0", "--teacher", "v1"]
-    assert main([*common, "--tta", "flip", "--version", "v1-student",
-                 "--out-dir", str(tmp_path / "s"), "--epochs-this-run", "1"]) == 0
+    common = [
+        "train",
+        "--data",
+        str(trained["csv"]),
+        "--registry",
+        str(root),
+        "--arch",
+        "compact",
+        "--width",
+        "0.125",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-train",
+        "16",
+        "--bench-seconds",
+        "0",
+        "--teacher",
+        "v1",
+    ]
+    assert (
+        main(
+            [
+                *common,
+                "--tta",
+                "flip",
+                "--version",
+                "v1-student",
+                "--out-dir",
+                str(tmp_path / "s"),
+                "--epochs-this-run",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "teacher v1: 16 training faces" in capsys.readouterr().out
     saved = np.load(tmp_path / "s" / train.TEACHER_TARGETS, allow_pickle=False)
     np.testing.assert_allclose(saved.sum(axis=1), 1.0, atol=1e-5)
@@ -431,13 +611,41 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
     for name in (train.TEACHER_TARGETS, "teacher-targets.json"):
         (tmp_path / "again" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "again" / name).write_bytes((tmp_path / "s" / name).read_bytes())
-    assert main([*common, "--tta", "flip", "--version", "v1-again", "--epochs-this-run", "1",
-                 "--out-dir", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--tta",
+                "flip",
+                "--version",
+                "v1-again",
+                "--epochs-this-run",
+                "1",
+                "--out-dir",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "teacher targets from" in out and "teacher v1:" not in out
     (tmp_path / "again" / train.STATE_FILE).unlink()
-    assert main([*common, "--teacher-weight", "0.5", "--version", "v1-again",
-                 "--epochs-this-run", "1", "--out-dir", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--teacher-weight",
+                "0.5",
+                "--version",
+                "v1-again",
+                "--epochs-this-run",
+                "1",
+                "--out-dir",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
     assert "teacher v1: 16 training faces" in capsys.readouterr().out
     meta = json.loads((root / "v1-student" / registry.METADATA_FILE).read_text())
     assert meta["training"]["teacher"] == ["v1"] and meta["training"]["teacher_weight"] == 0.7
@@ -445,11 +653,29 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
     assert meta["tta"] == "flip" and registry.resolve(root, "v1-student").tta == "flip"
     assert json.loads((root / "v1-student" / "eval-PublicTest.json").read_text())["tta"] == "flip"
     out_json = tmp_path / "student.json"
-    assert main(["evaluate", "--model", "v1-student", "--registry", str(root), "--data",
-                 str(trained["csv"]), "--bench-seconds", "0", "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "v1-student",
+                "--registry",
+                str(root),
+                "--data",
+                str(trained["csv"]),
+                "--bench-seconds",
+                "0",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out_json.read_text())["tta"] == "flip"
-    assert main([*common, "--teacher-weight", "1.5", "--version", "bad",
-                 "--out-dir", str(tmp_path / "bad")]) == 2
+    assert (
+        main([*common, "--teacher-weight", "1.5", "--version", "bad", "--out-dir", str(tmp_path / "bad")])
+        == 2
+    )
     assert "--teacher-weight 1.5: must be between 0 and 1" in capsys.readouterr().err
     assert not (root / "bad").exists()
 
@@ -472,13 +698,26 @@ def test_train_refuses_existing_version_and_existing_run(trained, capsys):
 
 def test_bad_data_through_the_cli_is_one_line(tmp_path, capsys):
     path = write_csv(tmp_path / "bad.csv", [(9, pixels(0), "Training")])
-    assert main(["train", "--data", str(path), "--registry", str(tmp_path / "m"),
-                 "--out-dir", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(path),
+                "--registry",
+                str(tmp_path / "m"),
+                "--out-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.strip() == f"error: {path}:2: emotion 9 outside 0..6"
 
 
 # --- registry commands ---------------------------------------------------------------
+
 
 def test_promote_rollback_and_list(tmp_path, capsys):
     root = tmp_path / "models"
@@ -508,8 +747,9 @@ def test_import_copies_missing_versions_and_never_replaces(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "v2" in out and "already there: v1" in out and "promoted v2" in out
     assert (mine / registry.MODEL_FILE).read_bytes() == before
-    assert (root / "v2" / registry.MODEL_FILE).read_bytes() == \
-        (shipped / "v2" / registry.MODEL_FILE).read_bytes()
+    assert (root / "v2" / registry.MODEL_FILE).read_bytes() == (
+        shipped / "v2" / registry.MODEL_FILE
+    ).read_bytes()
     assert registry.current_version(root) == "v2"
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     assert main(["import", str(tmp_path / "nowhere"), "--registry", str(root)]) == 2
@@ -536,7 +776,9 @@ def test_promoting_a_broken_model_fails_and_keeps_current(tmp_path, damage, caps
     if damage == "garbage":
         (bad / registry.MODEL_FILE).write_bytes(b"\x00garbage" * 100)
     registry.promote(root, "good")
-    with pytest.raises(registry.RegistryError, match="cannot be loaded" if damage == "garbage" else "output shape"):
+    with pytest.raises(
+        registry.RegistryError, match="cannot be loaded" if damage == "garbage" else "output shape"
+    ):
         registry.promote(root, "bad")
     assert registry.current_version(root) == "good"
     assert main(["promote", "bad", "--registry", str(root)]) == 2
@@ -557,7 +799,9 @@ def test_interrupted_registration_leaves_no_partial_version(tmp_path, monkeypatc
     assert list(root.iterdir()) == []
     assert registry.list_versions(root) == []
     monkeypatch.undo()
-    train.register(root, "v1", tiny_model(), {"version": "v1", "input": InputSpec(8, 1, "unit").to_dict()}, report)
+    train.register(
+        root, "v1", tiny_model(), {"version": "v1", "input": InputSpec(8, 1, "unit").to_dict()}, report
+    )
     assert [e.version for e in registry.list_versions(root)] == ["v1"]
     with pytest.raises(registry.RegistryError, match="already exists"):
         train.register(root, "v1", tiny_model(), {"version": "v1"}, report)
@@ -572,16 +816,28 @@ def test_half_written_hidden_version_is_not_listed(tmp_path):
 
 # --- evaluate on a whole folder, FER+ votes --------------------------------------------------
 
+
 def test_evaluate_scores_every_image_of_a_plain_class_folder(trained, tmp_path, capsys):
     rng = np.random.default_rng(3)
     counts = [5, 2, 4, 6, 3, 4, 7]
     for label, n in enumerate(counts):
         for i in range(n):
-            write_image(tmp_path / "faces" / EMOTIONS[label].lower() / f"{i}.png",
-                        rng.integers(0, 256, (48, 48), np.uint8))
+            write_image(
+                tmp_path / "faces" / EMOTIONS[label].lower() / f"{i}.png",
+                rng.integers(0, 256, (48, 48), np.uint8),
+            )
     out_json = tmp_path / "eval.json"
-    common = ["evaluate", "--model", "v1", "--registry", str(trained["root"]), "--data",
-              str(tmp_path / "faces"), "--bench-seconds", "0"]
+    common = [
+        "evaluate",
+        "--model",
+        "v1",
+        "--registry",
+        str(trained["root"]),
+        "--data",
+        str(tmp_path / "faces"),
+        "--bench-seconds",
+        "0",
+    ]
     assert main([*common, "--json", str(out_json)]) == 0
     report = json.loads(out_json.read_text())
     assert report["split"] == "all" and report["n"] == sum(counts) == 31
@@ -589,13 +845,46 @@ def test_evaluate_scores_every_image_of_a_plain_class_folder(trained, tmp_path, 
     assert "[all]: n = 31 faces" in capsys.readouterr().out
     # the hold-out is still there on request, and a CSV keeps PublicTest as its default
     assert main([*common, "--split", "PublicTest", "--json", str(out_json)]) == 0
-    assert json.loads(out_json.read_text())["n"] == 2     # 10 % per class, rounded
-    assert main(["evaluate", "--model", "v1", "--registry", str(trained["root"]), "--data",
-                 str(trained["csv"]), "--bench-seconds", "0", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["n"] == 2  # 10 % per class, rounded
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "v1",
+                "--registry",
+                str(trained["root"]),
+                "--data",
+                str(trained["csv"]),
+                "--bench-seconds",
+                "0",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out_json.read_text())["split"] == "PublicTest"
-    assert main(["evaluate", "--model", "v1", "--registry", str(trained["root"]), "--data",
-                 str(trained["csv"]), "--bench-seconds", "0", "--split", "all",
-                 "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "v1",
+                "--registry",
+                str(trained["root"]),
+                "--data",
+                str(trained["csv"]),
+                "--bench-seconds",
+                "0",
+                "--split",
+                "all",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out_json.read_text())["n"] == 98
 
 
@@ -609,14 +898,34 @@ def test_evaluate_scores_the_mean_probabilities_of_several_models(tmp_path, caps
     meta = json.loads((root / "b" / registry.METADATA_FILE).read_text())
     (root / "b" / registry.METADATA_FILE).write_text(json.dumps({**meta, "tta": "flip"}))
     out_json = tmp_path / "eval.json"
-    assert main(["evaluate", "--model", "a", "--model", "b", "--registry", str(root), "--data",
-                 str(csv_path), "--bench-seconds", "0.05", "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "a",
+                "--model",
+                "b",
+                "--registry",
+                str(root),
+                "--data",
+                str(csv_path),
+                "--bench-seconds",
+                "0.05",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out_json.read_text())
     assert report["version"] == "a + b" and report["n"] == 14
     assert [(m["version"], m["tta"]) for m in report["members"]] == [("a", "none"), ("b", "flip")]
     split = data.load_dataset(csv_path).split("PublicTest")
-    probs = [evaluate.predict(InferenceRunner(registry.load_model(entry), entry.spec, tta=entry.tta),
-                              split) for entry in (registry.resolve(root, v) for v in ("a", "b"))]
+    probs = [
+        evaluate.predict(InferenceRunner(registry.load_model(entry), entry.spec, tta=entry.tta), split)
+        for entry in (registry.resolve(root, v) for v in ("a", "b"))
+    ]
     expected = evaluate.confusion_matrix(split.labels, np.mean(probs, axis=0).argmax(axis=1))
     assert report["confusion_matrix"] == expected.tolist()
     assert set(report["speed_faces_per_s"]) == {"batch_1", "batch_64"}
@@ -626,7 +935,7 @@ def test_evaluate_scores_the_mean_probabilities_of_several_models(tmp_path, caps
 def test_folds_are_fixed_and_stratified():
     labels = np.repeat(np.arange(7), [40, 5, 12, 70, 33, 21, 9])
     folds = data.fold_ids(labels, 5)
-    np.testing.assert_array_equal(folds, data.fold_ids(labels, 5))   # the same every run
+    np.testing.assert_array_equal(folds, data.fold_ids(labels, 5))  # the same every run
     for label in range(7):
         per_fold = np.bincount(folds[labels == label], minlength=5)
         assert per_fold.max() - per_fold.min() <= 1
@@ -636,12 +945,40 @@ def test_folds_are_fixed_and_stratified():
 
 def test_cross_fitted_teachers_answer_only_for_the_fold_they_never_saw(tmp_path, capsys):
     csv_path, root = fer_csv(tmp_path / "fer.csv"), tmp_path / "models"
-    common = ["train", "--data", str(csv_path), "--registry", str(root), "--arch", "compact",
-              "--width", "0.125", "--epochs", "1", "--batch-size", "16", "--bench-seconds", "0",
-              "--folds", "2"]
+    common = [
+        "train",
+        "--data",
+        str(csv_path),
+        "--registry",
+        str(root),
+        "--arch",
+        "compact",
+        "--width",
+        "0.125",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--bench-seconds",
+        "0",
+        "--folds",
+        "2",
+    ]
     for k in (0, 1):
-        assert main([*common, "--holdout-fold", str(k), "--version", f"f{k}",
-                     "--out-dir", str(tmp_path / f"f{k}")]) == 0
+        assert (
+            main(
+                [
+                    *common,
+                    "--holdout-fold",
+                    str(k),
+                    "--version",
+                    f"f{k}",
+                    "--out-dir",
+                    str(tmp_path / f"f{k}"),
+                ]
+            )
+            == 0
+        )
     whole = data.load_dataset(csv_path).split(data.TRAIN)
     folds = data.fold_ids(whole.labels, 2)
     for k in (0, 1):
@@ -656,13 +993,16 @@ def test_cross_fitted_teachers_answer_only_for_the_fold_they_never_saw(tmp_path,
         entry = registry.resolve(root, f"f{k}")
         runner = InferenceRunner(registry.load_model(entry), entry.spec, tta="flip")
         mine = np.flatnonzero(folds == k)
-        np.testing.assert_allclose(targets[mine], evaluate.predict(runner, whole.subset(mine)),
-                                   atol=1e-5)
+        np.testing.assert_allclose(targets[mine], evaluate.predict(runner, whole.subset(mine)), atol=1e-5)
     # a subset (e.g. --max-train) keeps each face's fold
     part = whole.subset(np.arange(0, 70, 3))
     np.testing.assert_allclose(
-        train.teacher_targets(["f0", "f1"], part, root, weight=1.0, temperature=1.0,
-                              whole_labels=whole.labels), targets[::3], atol=1e-5)
+        train.teacher_targets(
+            ["f0", "f1"], part, root, weight=1.0, temperature=1.0, whole_labels=whole.labels
+        ),
+        targets[::3],
+        atol=1e-5,
+    )
     with pytest.raises(train.RunError, match="35 training faces are in no fold a teacher held out"):
         train.teacher_targets(["f0"], whole, root, weight=1.0, temperature=1.0)
 
@@ -672,17 +1012,21 @@ def test_cross_fitted_teachers_answer_only_for_the_fold_they_never_saw(tmp_path,
     assert "give --holdout-fold, 0 to 1" in capsys.readouterr().err
 
 
-FERPLUS_HEADER = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n"
+FERPLUS_HEADER = (
+    "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n"
+)
 
 
 def test_ferplus_votes_become_soft_targets_and_not_faces_are_left_out(tmp_path):
     votes = tmp_path / "ferplus.csv"
-    votes.write_text(FERPLUS_HEADER
-                     + "Training,a.png,0,10,0,0,0,0,0,0,0,0\n"     # all Happy
-                     + "Training,b.png,5,0,0,0,5,0,0,0,0,0\n"      # half Neutral, half Angry
-                     + "Training,c.png,0,0,0,0,0,0,0,0,2,8\n"      # not a face
-                     + "Training,,0,0,0,0,0,0,0,2,8,0\n"           # no votes for our classes
-                     + "PublicTest,e.png,10,0,0,0,0,0,0,0,0,0\n")
+    votes.write_text(
+        FERPLUS_HEADER
+        + "Training,a.png,0,10,0,0,0,0,0,0,0,0\n"  # all Happy
+        + "Training,b.png,5,0,0,0,5,0,0,0,0,0\n"  # half Neutral, half Angry
+        + "Training,c.png,0,0,0,0,0,0,0,0,2,8\n"  # not a face
+        + "Training,,0,0,0,0,0,0,0,2,8,0\n"  # no votes for our classes
+        + "PublicTest,e.png,10,0,0,0,0,0,0,0,0,0\n"
+    )
     split = data.Split(np.zeros((4, 48, 48), np.uint8), np.array([3, 6, 0, 2]))
     ferplus = data.load_ferplus(votes)
     assert ferplus.votes.shape == (4, 7) and ferplus.not_face.tolist() == [0, 0, 8, 0]
@@ -693,7 +1037,7 @@ def test_ferplus_votes_become_soft_targets_and_not_faces_are_left_out(tmp_path):
     expected_b[6] += 0.5
     assert np.allclose(mixed.targets[0], np.eye(7)[3])
     assert np.allclose(mixed.targets[1], expected_b)
-    assert np.allclose(mixed.targets[2], np.eye(7)[2])         # label kept where no votes count
+    assert np.allclose(mixed.targets[2], np.eye(7)[2])  # label kept where no votes count
     assert np.allclose(mixed.training_targets().sum(axis=1), 1)
     assert np.allclose(mixed.subset(np.array([1])).targets[0], expected_b)
     kept = data.with_ferplus(split, ferplus, weight=1.0, drop_not_faces=False)
@@ -719,12 +1063,40 @@ def test_ferplus_problems_name_the_file_and_line(tmp_path):
 
 def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsys):
     votes = tmp_path / "votes.csv"
-    votes.write_text(FERPLUS_HEADER + "".join(
-        f"Training,{i}.png,{i % 3},{10 - i % 3},0,0,0,0,0,0,0,{15 if i == 5 else 0}\n" for i in range(70)))
-    assert main(["train", "--data", str(trained["csv"]), "--ferplus", str(votes), "--arch",
-                 "compact", "--width", "0.125", "--epochs", "1", "--batch-size", "16",
-                 "--version", "fp", "--registry", str(tmp_path / "models"), "--out-dir",
-                 str(tmp_path / "run"), "--bench-seconds", "0"]) == 0
+    votes.write_text(
+        FERPLUS_HEADER
+        + "".join(
+            f"Training,{i}.png,{i % 3},{10 - i % 3},0,0,0,0,0,0,0,{15 if i == 5 else 0}\n" for i in range(70)
+        )
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(trained["csv"]),
+                "--ferplus",
+                str(votes),
+                "--arch",
+                "compact",
+                "--width",
+                "0.125",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--version",
+                "fp",
+                "--registry",
+                str(tmp_path / "models"),
+                "--out-dir",
+                str(tmp_path / "run"),
+                "--bench-seconds",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "1 training faces left out as not faces" in out and "training on 69" in out
     meta = json.loads((tmp_path / "models" / "fp" / "metadata.json").read_text())

@@ -1,4 +1,5 @@
 """Viewer: joiner rules, drawing, the web server, and the real process over real ZeroMQ."""
+
 from __future__ import annotations
 
 import json
@@ -19,15 +20,26 @@ import numpy as np
 import pytest
 import zmq
 
-from tests.support import free_port, metric_samples, metric_sum, wait_for
-from tests.support.viewer import bind_broker_side, start_viewer_process
-from services.common.protocol import (EMOTIONS, ENCODING_BGR, Event, FaceResult, Frame, Rejected,
-                                      Result, TrackedFace, TrackEvent, Tracks, encode)
-from services.viewer.service import ViewerService, ViewerSettings
+from services.common.protocol import (
+    EMOTIONS,
+    ENCODING_BGR,
+    Event,
+    FaceResult,
+    Frame,
+    Rejected,
+    Result,
+    TrackedFace,
+    TrackEvent,
+    Tracks,
+    encode,
+)
 from services.viewer.draw import draw_results, track_colour
 from services.viewer.hub import RateMeter, StreamClosed, StreamHub
 from services.viewer.join import FrameJoiner
+from services.viewer.service import ViewerService, ViewerSettings
 from services.viewer.web import render_page, start_web_server, stop_web_server
+from tests.support import free_port, metric_samples, metric_sum, wait_for
+from tests.support.viewer import bind_broker_side, start_viewer_process
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 320, 240
@@ -35,6 +47,7 @@ BOX = (100, 60, 120, 120)
 
 
 # --- helpers -------------------------------------------------------------------------------
+
 
 def face(label="Happy", confidence=0.87, box=BOX) -> FaceResult:
     scores = [0.0] * len(EMOTIONS)
@@ -44,22 +57,29 @@ def face(label="Happy", confidence=0.87, box=BOX) -> FaceResult:
 
 def frame_header(seq, stream="cam", capture=None, encoding="jpeg", width=WIDTH, height=HEIGHT):
     ts = {} if capture is None else {"capture": capture}
-    return Frame(stream=stream, seq=seq, width=width, height=height,
-                 timestamps=ts, encoding=encoding)
+    return Frame(stream=stream, seq=seq, width=width, height=height, timestamps=ts, encoding=encoding)
 
 
 def result_header(seq, faces=(), stream="cam", capture=None, model="test-v1"):
     ts = {} if capture is None else {"capture": capture}
     faces = list(faces)
-    return Result(stream=stream, seq=seq, width=WIDTH, height=HEIGHT,
-                  timestamps=ts, boxes=[f.box for f in faces], results=faces, model=model)
+    return Result(
+        stream=stream,
+        seq=seq,
+        width=WIDTH,
+        height=HEIGHT,
+        timestamps=ts,
+        boxes=[f.box for f in faces],
+        results=faces,
+        model=model,
+    )
 
 
 def source_image() -> np.ndarray:
     """A grey scene with a darker 'face' square, so any overlay stands out."""
     image = np.full((HEIGHT, WIDTH, 3), 100, np.uint8)
     x, y, w, h = BOX
-    image[y + 10:y + h - 10, x + 10:x + w - 10] = 60
+    image[y + 10 : y + h - 10, x + 10 : x + w - 10] = 60
     return image
 
 
@@ -73,8 +93,7 @@ def box_border_difference(annotated: np.ndarray, source: np.ndarray) -> float:
     """Mean absolute difference along the box's top and left edges."""
     x, y, w, h = BOX
     edges = [(slice(y, y + 2), slice(x, x + w)), (slice(y, y + h), slice(x, x + 2))]
-    return float(np.mean([np.abs(annotated[e].astype(int) - source[e].astype(int)).mean()
-                          for e in edges]))
+    return float(np.mean([np.abs(annotated[e].astype(int) - source[e].astype(int)).mean() for e in edges]))
 
 
 def labels(shown) -> list[str]:
@@ -82,6 +101,7 @@ def labels(shown) -> list[str]:
 
 
 # --- FrameJoiner: live mode (delay 0) ------------------------------------------------------
+
 
 def test_live_shows_newest_frame_at_once_with_latest_labels():
     joiner = FrameJoiner(delay_s=0)
@@ -147,7 +167,7 @@ def test_without_capture_times_seq_orders_and_a_big_step_back_is_a_restart():
     joiner.add_frame(frame_header(20), b"", now=0)
     joiner.ready(now=0)
     assert not joiner.add_frame(frame_header(15), b"", now=0)
-    assert joiner.add_frame(frame_header(0), b"", now=1)        # 20 back: capture restarted
+    assert joiner.add_frame(frame_header(0), b"", now=1)  # 20 back: capture restarted
     joiner.add_result(result_header(0, []), now=1)
     assert joiner.latest("cam").seq == 0
 
@@ -170,6 +190,7 @@ def test_frames_that_never_arrived_are_counted_as_missed():
 
 
 # --- FrameJoiner: exact sync (delay > 0) ---------------------------------------------------
+
 
 def test_sync_holds_a_frame_until_its_own_result_arrives():
     joiner = FrameJoiner(delay_s=0.5)
@@ -200,12 +221,12 @@ def test_sync_skips_older_waiting_frames_once_a_newer_one_has_its_result():
     joiner = FrameJoiner(delay_s=0.5)
     for seq in (1, 2, 3, 4):
         joiner.add_frame(frame_header(seq), b"", now=seq * 0.03)
-    joiner.add_result(result_header(3, [face("Fear")]), now=0.2)    # 1 and 2 lost upstream
+    joiner.add_result(result_header(3, [face("Fear")]), now=0.2)  # 1 and 2 lost upstream
     [shown] = joiner.ready(now=0.2)
     assert shown.header.seq == 3 and shown.own and labels(shown) == ["Fear"]
     assert joiner.dropped["superseded"] == 2 and joiner.late == 0
     assert joiner.pending("cam") == [4]
-    joiner.add_result(result_header(2, [face("Sad")]), now=0.25)    # too late to matter
+    joiner.add_result(result_header(2, [face("Sad")]), now=0.25)  # too late to matter
     assert joiner.ready(now=0.25) == []
     assert joiner.latest("cam").results[0].label == "Fear"
 
@@ -237,6 +258,7 @@ def test_sync_ignores_a_result_whose_capture_time_belongs_to_another_frame():
 
 # --- FrameJoiner: bounds and streams -------------------------------------------------------
 
+
 def test_buffer_is_bounded_and_evicted_frames_are_counted():
     drops = []
     joiner = FrameJoiner(delay_s=10.0, capacity=4, on_drop=lambda r, n: drops.append((r, n)))
@@ -245,7 +267,7 @@ def test_buffer_is_bounded_and_evicted_frames_are_counted():
         assert len(joiner.pending("cam")) <= 4
     assert joiner.pending("cam") == [6, 7, 8, 9]
     assert joiner.dropped["evicted"] == 6 and drops.count(("evicted", 1)) == 6
-    joiner.add_result(result_header(2, [face("Disgust")]), now=0.2)   # frame 2 is long gone
+    joiner.add_result(result_header(2, [face("Disgust")]), now=0.2)  # frame 2 is long gone
     assert [r.label for r in joiner.latest("cam").results] == ["Disgust"]
 
 
@@ -268,7 +290,7 @@ def test_stream_count_is_bounded_and_idle_streams_make_room():
     assert joiner.add_frame(frame_header(0, stream="b"), b"", now=3)
     assert not joiner.add_frame(frame_header(0, stream="c"), b"", now=4)
     assert joiner.dropped["streams"] == 1
-    assert joiner.add_frame(frame_header(0, stream="c"), b"", now=6)   # "a" idle for 6 s
+    assert joiner.add_frame(frame_header(0, stream="c"), b"", now=6)  # "a" idle for 6 s
     assert sorted(joiner.streams) == ["b", "c"]
 
 
@@ -281,6 +303,7 @@ def test_invalid_joiner_settings_are_refused():
 
 # --- drawing -------------------------------------------------------------------------------
 
+
 def test_draw_results_changes_the_box_area_and_leaves_the_input_alone():
     source = source_image()
     before = source.copy()
@@ -289,22 +312,22 @@ def test_draw_results_changes_the_box_area_and_leaves_the_input_alone():
     assert annotated.shape == source.shape and annotated.dtype == np.uint8
     assert box_border_difference(annotated, source) > 40
     x, y, w, _ = BOX
-    tag = np.abs(annotated[y - 12:y, x:x + 40].astype(int) - source[y - 12:y, x:x + 40]).mean()
-    assert tag > 40                                          # the filled label background
+    tag = np.abs(annotated[y - 12 : y, x : x + 40].astype(int) - source[y - 12 : y, x : x + 40]).mean()
+    assert tag > 40  # the filled label background
     footer = annotated[-8:].astype(int).mean()
-    assert footer < source[-8:].mean()                       # darkened footer bar
+    assert footer < source[-8:].mean()  # darkened footer bar
 
 
 def test_draw_results_copes_with_edges_odd_text_and_grey_input():
     grey = np.full((60, 80), 128, np.uint8)
-    annotated = draw_results(grey, [face("Fear", 1.7, box=(0, 0, 80, 60))], "",
-                             stream="caméra ☺", fps=None)
+    annotated = draw_results(grey, [face("Fear", 1.7, box=(0, 0, 80, 60))], "", stream="caméra ☺", fps=None)
     assert annotated.shape == (60, 80, 3)
     no_faces = draw_results(source_image(), [], "v2")
     assert box_border_difference(no_faces, source_image()) == 0
 
 
 # --- Viewer (no sockets) -------------------------------------------------------------------
+
 
 class Rejects(list):
     def __call__(self, error: Rejected) -> None:
@@ -349,10 +372,10 @@ def test_viewer_service_runs_its_loop_over_real_inproc_sockets_until_stopped():
     loop = threading.Thread(target=viewer.run, args=(ins[0], ins[1], stop, ins[2]), daemon=True)
     loop.start()
     try:
+
         def sent_and_shown() -> bool:
             results_out.send_multipart(encode(result_header(0, [face("Happy")])))
-            frames_out.send_multipart(encode(frame_header(1, capture=time.time()),
-                                             [jpeg_of(source_image())]))
+            frames_out.send_multipart(encode(frame_header(1, capture=time.time()), [jpeg_of(source_image())]))
             frames_out.send_multipart([b"cam", b"\xc1 not msgpack"])
             return hub.snapshot("cam") is not None and "header" in rejects
 
@@ -372,28 +395,47 @@ def tracks_header(seq, track="3", smoothed="Happy", stream="cam"):
     raw = face("Fear", 0.5)
     smoothed_scores = [0.02] * len(EMOTIONS)
     smoothed_scores[EMOTIONS.index(smoothed)] = 0.82
-    tracked = TrackedFace(raw.box, raw.label, raw.confidence, raw.scores, track, smoothed,
-                          smoothed_scores, 4.0)
-    return Tracks(stream=stream, seq=seq, width=WIDTH, height=HEIGHT,
-                  timestamps={}, boxes=[tracked.box], results=[tracked], model="test-v1")
+    tracked = TrackedFace(
+        raw.box, raw.label, raw.confidence, raw.scores, track, smoothed, smoothed_scores, 4.0
+    )
+    return Tracks(
+        stream=stream,
+        seq=seq,
+        width=WIDTH,
+        height=HEIGHT,
+        timestamps={},
+        boxes=[tracked.box],
+        results=[tracked],
+        model="test-v1",
+    )
 
 
 def test_viewer_draws_tracks_with_ids_and_smoothed_labels_instead_of_raw_results():
     viewer, hub, rejects = make_viewer()
     source = source_image()
     viewer.on_tracks(encode(tracks_header(0)))
-    viewer.on_result(encode(result_header(0, [face("Sad")])))    # the raw view: not drawn
-    viewer.on_tracks(encode(Event(stream="cam", seq=0, width=WIDTH, height=HEIGHT,
-                                  event=TrackEvent("track_started", "3", 0.0, "Happy"))))
+    viewer.on_result(encode(result_header(0, [face("Sad")])))  # the raw view: not drawn
+    viewer.on_tracks(
+        encode(
+            Event(
+                stream="cam",
+                seq=0,
+                width=WIDTH,
+                height=HEIGHT,
+                event=TrackEvent("track_started", "3", 0.0, "Happy"),
+            )
+        )
+    )
     viewer.on_frame(encode(frame_header(1, capture=time.time()), [jpeg_of(source)]))
     assert viewer.flush() == 1
     status = hub.status()["streams"]["cam"]
-    assert status["tracks"] == [{"track": "3", "label": "Happy", "confidence": 0.82,
-                                 "box": list(BOX), "age_s": 4.0}]
+    assert status["tracks"] == [
+        {"track": "3", "label": "Happy", "confidence": 0.82, "box": list(BOX), "age_s": 4.0}
+    ]
     assert status["labels"][0]["label"] == "Fear"
     annotated = cv2.imdecode(np.frombuffer(hub.snapshot("cam"), np.uint8), cv2.IMREAD_COLOR)
     assert box_border_difference(annotated, source) > 30
-    viewer.on_tracks(encode(result_header(2, [face("Sad")])))     # a result on the tracks channel
+    viewer.on_tracks(encode(result_header(2, [face("Sad")])))  # a result on the tracks channel
     assert rejects == ["kind"]
 
 
@@ -403,7 +445,7 @@ def test_tracked_faces_are_drawn_with_their_id_and_colour():
     drawn = draw_results(image, [tracked], "m")
     untracked = draw_results(image, [face("Happy", 0.82)], "m")
     assert track_colour("3") != track_colour("4") and track_colour("3") == track_colour("3")
-    assert np.abs(drawn.astype(int) - untracked.astype(int)).sum() > 0   # "#3 " and colour
+    assert np.abs(drawn.astype(int) - untracked.astype(int)).sum() > 0  # "#3 " and colour
 
 
 def test_viewer_accepts_raw_bgr_frames():
@@ -418,8 +460,8 @@ def test_viewer_rejects_bad_input_without_raising():
     viewer.on_frame([b"cam", os.urandom(40)])
     viewer.on_frame([b"cam"])
     viewer.on_frame([b"cam", msgpack.packb({"v": 99, "kind": "frame"})])
-    viewer.on_result(encode(frame_header(0), [b"x"]))                  # wrong kind
-    viewer.on_frame(encode(frame_header(0), [b"not a jpeg"]))          # refused at display
+    viewer.on_result(encode(frame_header(0), [b"x"]))  # wrong kind
+    viewer.on_frame(encode(frame_header(0), [b"not a jpeg"]))  # refused at display
     assert viewer.flush() == 0
     viewer.on_frame(encode(frame_header(1, width=64, height=64), [jpeg_of(source_image())]))
     assert viewer.flush() == 0
@@ -439,16 +481,16 @@ def test_hub_renders_a_picture_only_when_asked_and_once():
     assert hub.snapshot("cam") == b"jpeg 5" and hub.snapshot("cam") == b"jpeg 5"
     assert hub.wait_frame("cam", 0, 0.01) == (5, b"jpeg 5", 5)
     assert calls == [5]
-    hub.publish("cam", lambda: None, seq=6, results=[], model="m")   # a picture that fails
-    assert hub.wait_frame("cam", 5, 0.01) == (6, b"jpeg 5", 6)     # the last good picture
+    hub.publish("cam", lambda: None, seq=6, results=[], model="m")  # a picture that fails
+    assert hub.wait_frame("cam", 5, 0.01) == (6, b"jpeg 5", 6)  # the last good picture
 
 
 def test_unwatched_frames_are_not_decoded_until_someone_looks():
     viewer, hub, rejects = make_viewer()
     good = jpeg_of(source_image())
-    broken = good[:200] + bytes(len(good) - 200)       # a real JPEG header, then zeros
+    broken = good[:200] + bytes(len(good) - 200)  # a real JPEG header, then zeros
     viewer.on_frame(encode(frame_header(0, capture=time.time()), [broken]))
-    assert viewer.flush() == 1 and rejects == []       # checked, published, not decoded
+    assert viewer.flush() == 1 and rejects == []  # checked, published, not decoded
     assert hub.snapshot("cam") is None and rejects == ["image"]
     viewer.on_frame(encode(frame_header(1, capture=time.time()), [good]))
     assert viewer.flush() == 1
@@ -486,7 +528,7 @@ def test_viewer_with_delay_waits_for_results_and_counts_late_frames():
     viewer.on_result(encode(result_header(0, [face("Sad")])))
     assert viewer.flush() == 1
     clock.now += 0.25
-    assert viewer.flush() == 1                          # frame 1 never got its result
+    assert viewer.flush() == 1  # frame 1 never got its result
     status = hub.status()["streams"]["cam"]
     assert status["last_seq"] == 1 and status["late_frames"] == 1
     assert status["labels"][0]["label"] == "Sad"
@@ -509,15 +551,23 @@ def test_options_are_validated(monkeypatch):
     for name in [n for n in os.environ if n.startswith("EMOTION_")]:
         monkeypatch.delenv(name)
     args = parse_args([])
-    assert (args.http_host, args.http_port, args.delay_ms, args.buffer_frames, args.jpeg_quality,
-            args.max_age_ms, args.window, args.metrics_port) == (
-        "127.0.0.1", 8080, 0, 64, 80, 1000, False, 9104)
+    assert (
+        args.http_host,
+        args.http_port,
+        args.delay_ms,
+        args.buffer_frames,
+        args.jpeg_quality,
+        args.max_age_ms,
+        args.window,
+        args.metrics_port,
+    ) == ("127.0.0.1", 8080, 0, 64, 80, 1000, False, 9104)
     for bad in (["--jpeg-quality", "0"], ["--delay-ms", "-1"], ["--buffer-frames", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
 
 # --- hub and web server (in process) -------------------------------------------------------
+
 
 def test_rate_meter_measures_recent_events_only():
     meter = RateMeter(window_s=2.0)
@@ -534,8 +584,7 @@ def test_hub_wait_frame_wakes_on_publish_and_ends_on_removal():
     hub.publish("cam", b"one", seq=1, results=[], model="m")
     assert hub.wait_frame("cam", 0, 0.01)[:2] == (1, b"one")
     assert hub.wait_frame("cam", 1, 0.01) is None
-    threading.Timer(0.05, hub.publish, ("cam", b"two"),
-                    {"seq": 2, "results": [], "model": "m"}).start()
+    threading.Timer(0.05, hub.publish, ("cam", b"two"), {"seq": 2, "results": [], "model": "m"}).start()
     assert hub.wait_frame("cam", 1, 2.0)[:2] == (2, b"two")
     threading.Timer(0.05, hub.remove, ("cam",)).start()
     with pytest.raises(StreamClosed):
@@ -583,8 +632,15 @@ def test_web_serves_only_its_paths_with_correct_headers(web):
     assert info["streams"]["a b/c"]["e2e_latency_p50_ms"] == 40.0
     status, headers, body = get(base + "/healthz")
     assert status == 200 and body == b"ok\n"
-    for path in ("/nope", "/snapshot/other.jpg", "/stream/other.mjpg", "/stream/.mjpg",
-                 "/snapshot/%ff.jpg", "/status.json/x", "/../etc/passwd"):
+    for path in (
+        "/nope",
+        "/snapshot/other.jpg",
+        "/stream/other.mjpg",
+        "/stream/.mjpg",
+        "/snapshot/%ff.jpg",
+        "/status.json/x",
+        "/../etc/passwd",
+    ):
         status, headers, _ = get(base + path)
         assert status == 404, path
         assert headers["X-Content-Type-Options"] == "nosniff"
@@ -603,7 +659,7 @@ def test_dashboard_page_loads_script_and_style_only_from_the_viewer(web):
     for path, kind in (("/static/dashboard.js", "text/javascript"), ("/static/dashboard.css", "text/css")):
         status, headers, body = get(base + path)
         assert status == 200 and headers["Content-Type"].startswith(kind) and len(body) > 500
-        assert b"http://" not in body and b"https://" not in body        # no CDN
+        assert b"http://" not in body and b"https://" not in body  # no CDN
     assert get(base + "/static/nope.js")[0] == 404
     linked = render_page(["cam"], recorder_url="http://127.0.0.1:8081/")
     assert 'data-recorder="http://127.0.0.1:8081"' in linked
@@ -615,18 +671,23 @@ def test_panel_reports_tracks_or_raw_faces_and_a_numbered_timeline():
     hub.publish("cam", b"jpeg", seq=1, results=[face("Sad", 0.6)], model="m1", latency_s=0.03)
     raw = hub.panel("cam")
     assert raw["source"] == "classifier" and raw["model"] == "m1" and raw["latency_ms"] == 30.0
-    assert raw["faces"] == [{"track": None, "label": "Sad", "confidence": 0.6,
-                             "scores": face("Sad", 0.6).scores, "age_s": None}]
+    assert raw["faces"] == [
+        {"track": None, "label": "Sad", "confidence": 0.6, "scores": face("Sad", 0.6).scores, "age_s": None}
+    ]
     assert raw["emotions"] == list(EMOTIONS) and len(raw["timeline"]) == 1
     assert raw["timeline"][0]["shares"][EMOTIONS.index("Sad")] == 0.6
-    for step in range(1, 11):                        # 2 s of frames at 20 fps
+    for step in range(1, 11):  # 2 s of frames at 20 fps
         now[0] = 100.0 + step * 0.2
         hub.publish("cam", b"jpeg", seq=1 + step, results=tracks_header(step).results, model="m1")
     panel = hub.panel("cam")
     assert panel["source"] == "tracker"
-    assert panel["faces"][0] == {"track": "3", "label": "Happy", "confidence": 0.82,
-                                 "scores": tracks_header(0).results[0].smoothed_scores,
-                                 "age_s": 4.0}
+    assert panel["faces"][0] == {
+        "track": "3",
+        "label": "Happy",
+        "confidence": 0.82,
+        "scores": tracks_header(0).results[0].smoothed_scores,
+        "age_s": 4.0,
+    }
     numbers = [p["n"] for p in panel["timeline"]]
     assert numbers == list(range(1, len(numbers) + 1)) and 4 <= len(numbers) <= 6
     assert [p["n"] for p in hub.panel("cam", after_point=numbers[-2])["timeline"]] == numbers[-1:]
@@ -667,7 +728,7 @@ def read_mjpeg_parts(response, count: int) -> list[bytes]:
         if line.strip() != b"--frame":
             continue
         headers = {}
-        while (line := response.readline().strip()):
+        while line := response.readline().strip():
             name, _, value = line.decode().partition(":")
             headers[name.strip().lower()] = value.strip()
         assert headers["content-type"] == "image/jpeg"
@@ -689,7 +750,7 @@ def test_mjpeg_client_gets_new_frames_and_may_disconnect(web):
     publisher = threading.Thread(target=keep_publishing, daemon=True)
     publisher.start()
     try:
-        for _ in range(3):      # connect, read a little, hang up: nothing may break
+        for _ in range(3):  # connect, read a little, hang up: nothing may break
             with urllib.request.urlopen(base + "/stream/cam.mjpg", timeout=3) as response:
                 content_type = response.headers["Content-Type"]
                 assert content_type == "multipart/x-mixed-replace; boundary=frame"
@@ -707,6 +768,7 @@ def test_mjpeg_client_gets_new_frames_and_may_disconnect(web):
 
 # --- the real process over real ZeroMQ -----------------------------------------------------
 
+
 class Publisher(threading.Thread):
     """Sends a frame and its result every 30 ms, plus any queued extra messages."""
 
@@ -722,8 +784,7 @@ class Publisher(threading.Thread):
         while not self.stop.wait(0.03):
             captured = time.time()
             self.frames.send_multipart(encode(frame_header(seq, capture=captured), [self.jpeg]))
-            self.results.send_multipart(encode(result_header(seq, [face("Happy", 0.87)],
-                                                             capture=captured)))
+            self.results.send_multipart(encode(result_header(seq, [face("Happy", 0.87)], capture=captured)))
             while self.extra:
                 self.frames.send_multipart(self.extra.popleft())
             seq += 1
@@ -754,7 +815,9 @@ def test_viewer_process_end_to_end_over_zeromq(tmp_path):
     stream = None
     try:
         wait_for(lambda: reachable(web + "/healthz"), 10, interval=0.05, what="the viewer's web server")
-        wait_for(lambda: reachable(web + "/snapshot/cam.jpg"), 10, interval=0.05, what="a first composited frame")
+        wait_for(
+            lambda: reachable(web + "/snapshot/cam.jpg"), 10, interval=0.05, what="a first composited frame"
+        )
         source = source_image()
         stream = urllib.request.urlopen(web + "/stream/cam.mjpg", timeout=5)
         parts = read_mjpeg_parts(stream, 3)
@@ -773,25 +836,32 @@ def test_viewer_process_end_to_end_over_zeromq(tmp_path):
         assert metric_total(text, "emotion_e2e_latency_seconds_count") > 0
         assert metric_total(text, "emotion_messages_rejected_total", service="viewer") == 0
 
-        publisher.extra.extend([
-            [b"cam", os.urandom(64)],
-            [b"cam", msgpack.packb({"v": 99, "kind": "frame", "stream": "cam"}), b"x"],
-            encode(result_header(1, [face()]))])                 # a result on the frames channel
-        wait_for(lambda: metric_total(metrics_text(), "emotion_messages_rejected_total",
-                                      service="viewer") >= 3, 10, interval=0.05,
-                 what="rejected messages counted")
+        publisher.extra.extend(
+            [
+                [b"cam", os.urandom(64)],
+                [b"cam", msgpack.packb({"v": 99, "kind": "frame", "stream": "cam"}), b"x"],
+                encode(result_header(1, [face()])),
+            ]
+        )  # a result on the frames channel
+        wait_for(
+            lambda: metric_total(metrics_text(), "emotion_messages_rejected_total", service="viewer") >= 3,
+            10,
+            interval=0.05,
+            what="rejected messages counted",
+        )
         text = metrics_text()
-        assert metric_total(text, "emotion_messages_rejected_total", service="viewer",
-                            reason="version") == 1
-        assert metric_total(text, "emotion_messages_rejected_total", service="viewer",
-                            reason="kind") == 1
+        assert metric_total(text, "emotion_messages_rejected_total", service="viewer", reason="version") == 1
+        assert metric_total(text, "emotion_messages_rejected_total", service="viewer", reason="kind") == 1
         shown = metric_total(text, "emotion_viewer_frames_total", stream="cam")
-        wait_for(lambda: metric_total(metrics_text(), "emotion_viewer_frames_total",
-                                      stream="cam") > shown + 3, 10, interval=0.05,
-                 what="frames after garbage")
+        wait_for(
+            lambda: metric_total(metrics_text(), "emotion_viewer_frames_total", stream="cam") > shown + 3,
+            10,
+            interval=0.05,
+            what="frames after garbage",
+        )
         assert len(read_mjpeg_parts(stream, 2)) == 2
 
-        started = time.monotonic()                    # an MJPEG client is still connected
+        started = time.monotonic()  # an MJPEG client is still connected
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0, log_path.read_text()
         assert time.monotonic() - started < 5
@@ -810,8 +880,22 @@ def test_viewer_process_end_to_end_over_zeromq(tmp_path):
 
 def test_window_without_gui_support_exits_with_a_clear_message():
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    done = subprocess.run([sys.executable, "-m", "services.viewer", "--window",
-                           "--metrics-port", "0", "--http-port", str(free_port())],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.viewer",
+            "--window",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2
     assert "opencv-python" in done.stderr and "--window" in done.stderr

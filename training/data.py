@@ -5,6 +5,7 @@ Both formats end up as the same :class:`Dataset`: canonical split names
 Faces only become model inputs through ``services.model.preprocess.preprocess_faces``,
 the function the classifier service uses too, so training and serving cannot drift.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,23 +23,50 @@ log = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = "Training", "PublicTest", "PrivateTest"
 SPLITS = (TRAIN, VAL, TEST)
-ALL = "all"   # every face of the dataset, whatever split it is in
+ALL = "all"  # every face of the dataset, whatever split it is in
 FER_SIZE = 48
 FER_COLUMNS = ("emotion", "pixels", "Usage")
 
 # Folder names accepted for the splits of an image-folder dataset.
 SPLIT_ALIASES = {
-    "training": TRAIN, "train": TRAIN,
-    "publictest": VAL, "val": VAL, "valid": VAL, "validation": VAL,
-    "privatetest": TEST, "test": TEST,
+    "training": TRAIN,
+    "train": TRAIN,
+    "publictest": VAL,
+    "val": VAL,
+    "valid": VAL,
+    "validation": VAL,
+    "privatetest": TEST,
+    "test": TEST,
 }
 # Folder names accepted for the classes: the index, the class name, common synonyms.
 CLASS_ALIASES = {
-    "anger": "angry", "disgusted": "disgust", "fearful": "fear", "scared": "fear",
-    "happiness": "happy", "sadness": "sad", "surprised": "surprise",
+    "anger": "angry",
+    "disgusted": "disgust",
+    "fearful": "fear",
+    "scared": "fear",
+    "happiness": "happy",
+    "sadness": "sad",
+    "surprised": "surprise",
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm",
-                  ".ppm", ".pbm", ".pnm", ".jp2", ".sr", ".ras", ".exr", ".hdr", ".avif"}
+IMAGE_SUFFIXES = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".pgm",
+    ".ppm",
+    ".pbm",
+    ".pnm",
+    ".jp2",
+    ".sr",
+    ".ras",
+    ".exr",
+    ".hdr",
+    ".avif",
+}
 
 
 class DataError(Exception):
@@ -52,12 +80,12 @@ class Split:
     faces: np.ndarray | list
     labels: np.ndarray
     targets: np.ndarray | None = None  # soft training targets, one row of 7 per face
-    rows: np.ndarray | None = None     # each face's position in the whole split, once subset
+    rows: np.ndarray | None = None  # each face's position in the whole split, once subset
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: np.ndarray) -> "Split":
+    def subset(self, indices: np.ndarray) -> Split:
         if isinstance(self.faces, np.ndarray):
             faces = self.faces[indices]
         else:
@@ -83,7 +111,7 @@ class Dataset:
     format: str
     splits: dict[str, Split] = field(default_factory=dict)
 
-    pooled: bool = False   # a folder of class folders only: its splits are drawn from one pool
+    pooled: bool = False  # a folder of class folders only: its splits are drawn from one pool
 
     def split(self, name: str) -> Split:
         if name == ALL:
@@ -117,6 +145,7 @@ def load_dataset(path, fmt: str = "auto", val_fraction: float = 0.1, seed: int =
 
 # --- FER2013 CSV -------------------------------------------------------------------------
 
+
 def load_csv(path: Path) -> Dataset:
     """Parse ``emotion,pixels,Usage`` rows; every error names the file and the line."""
     pixels_per_face = FER_SIZE * FER_SIZE
@@ -126,8 +155,10 @@ def load_csv(path: Path) -> Dataset:
         header = [name.strip() for name in next(reader, [])]
         missing = [c for c in FER_COLUMNS if c not in header]
         if missing:
-            raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} "
-                            f"(expected a header with {', '.join(FER_COLUMNS)})")
+            raise DataError(
+                f"{path}:1: missing column(s) {', '.join(missing)} "
+                f"(expected a header with {', '.join(FER_COLUMNS)})"
+            )
         i_label, i_pixels, i_usage = (header.index(c) for c in FER_COLUMNS)
         for row in reader:
             line = reader.line_num
@@ -139,15 +170,18 @@ def load_csv(path: Path) -> Dataset:
             faces.append(_parse_pixels(row[i_pixels], pixels_per_face, path, line))
             usage = row[i_usage].strip()
             if usage not in SPLITS:
-                raise DataError(f"{path}:{line}: unknown Usage {usage!r} (expected one of {', '.join(SPLITS)})")
+                raise DataError(
+                    f"{path}:{line}: unknown Usage {usage!r} (expected one of {', '.join(SPLITS)})"
+                )
             usages.append(usage)
     if not labels:
         raise DataError(f"{path}: empty dataset (no rows after the header)")
     faces = np.stack(faces).reshape(-1, FER_SIZE, FER_SIZE)
     labels = np.asarray(labels, np.int64)
     usages = np.asarray(usages)
-    return Dataset(str(path), "csv",
-                   {name: Split(faces[usages == name], labels[usages == name]) for name in SPLITS})
+    return Dataset(
+        str(path), "csv", {name: Split(faces[usages == name], labels[usages == name]) for name in SPLITS}
+    )
 
 
 def _parse_label(text: str, path: Path, line: int) -> int:
@@ -170,14 +204,16 @@ def _parse_pixels(text: str, expected: int, path: Path, line: int) -> np.ndarray
         bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
         if bad is not None:
             raise DataError(f"{path}:{line}: pixel value {bad!r} is not an integer")
-        raise DataError(f"{path}:{line}: {len(tokens)} pixel values, expected {expected} "
-                        f"({FER_SIZE}x{FER_SIZE})")
+        raise DataError(
+            f"{path}:{line}: {len(tokens)} pixel values, expected {expected} ({FER_SIZE}x{FER_SIZE})"
+        )
     if values.min() < 0 or values.max() > 255:
         raise DataError(f"{path}:{line}: pixel values must be 0..255")
     return values.astype(np.uint8)
 
 
 # --- image folders ---------------------------------------------------------------------
+
 
 def class_index(folder_name: str) -> int | None:
     """The class a folder holds, from its index or (aliased) name; None if unknown."""
@@ -199,7 +235,9 @@ def load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
         split = SPLIT_ALIASES.get(child.name.lower()) if child.is_dir() else None
         if split is not None:
             if split in split_dirs:
-                raise DataError(f"{root}: both {split_dirs[split].name}/ and {child.name}/ are the {split} split")
+                raise DataError(
+                    f"{root}: both {split_dirs[split].name}/ and {child.name}/ are the {split} split"
+                )
             split_dirs[split] = child
     dataset = Dataset(str(root), "folders")
     if split_dirs:
@@ -221,8 +259,7 @@ def concatenate(splits: list[Split]) -> Split:
     if len(splits) == 1:
         return splits[0]
     labels = np.concatenate([s.labels for s in splits])
-    if all(isinstance(s.faces, np.ndarray) for s in splits) and \
-            len({s.faces.shape[1:] for s in splits}) == 1:
+    if all(isinstance(s.faces, np.ndarray) for s in splits) and len({s.faces.shape[1:] for s in splits}) == 1:
         return Split(np.concatenate([s.faces for s in splits]), labels)
     return Split([face for s in splits for face in s.faces], labels)
 
@@ -236,16 +273,21 @@ def _load_class_folders(folder: Path) -> Split:
         if label is None:
             log.warning("%s: not one of the classes %s, skipped", child, ", ".join(EMOTIONS))
             continue
-        files = [p for p in sorted(child.iterdir())
-                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+        files = [
+            p
+            for p in sorted(child.iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        ]
         if not files:
             raise DataError(f"{child}: empty class folder (no images)")
         for file in files:
             faces.append(read_face(file))
             labels.append(label)
     if not faces:
-        raise DataError(f"{folder}: empty dataset (no class folders with images; "
-                        f"expected subfolders named 0..6 or {', '.join(e.lower() for e in EMOTIONS)})")
+        raise DataError(
+            f"{folder}: empty dataset (no class folders with images; "
+            f"expected subfolders named 0..6 or {', '.join(e.lower() for e in EMOTIONS)})"
+        )
     shapes = {face.shape for face in faces}
     stacked = np.stack(faces) if len(shapes) == 1 else faces
     return Split(stacked, np.asarray(labels, np.int64))
@@ -263,7 +305,7 @@ def read_face(file: Path) -> np.ndarray:
     if image.ndim == 3:
         if image.shape[2] == 1:
             image = image[:, :, 0]
-        elif image.shape[2] == 2:          # grey + alpha
+        elif image.shape[2] == 2:  # grey + alpha
             image = image[:, :, 0]
         elif image.shape[2] == 4:
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
@@ -283,26 +325,45 @@ def _split_off(pool: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     val_mask = np.zeros(len(pool), bool)
     val_mask[np.asarray(val, np.int64)] = True
     # each is a split of its own: positions count from its first face, not the pool's
-    return (replace(pool.subset(np.flatnonzero(~val_mask)), rows=None),
-            replace(pool.subset(np.flatnonzero(val_mask)), rows=None))
+    return (
+        replace(pool.subset(np.flatnonzero(~val_mask)), rows=None),
+        replace(pool.subset(np.flatnonzero(val_mask)), rows=None),
+    )
 
 
 # --- FER+ votes --------------------------------------------------------------------------
 
-FERPLUS_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
-                   "contempt", "unknown", "NF")
+FERPLUS_COLUMNS = (
+    "neutral",
+    "happiness",
+    "surprise",
+    "sadness",
+    "anger",
+    "disgust",
+    "fear",
+    "contempt",
+    "unknown",
+    "NF",
+)
 # FER+ vote column -> our class index; contempt, unknown and NF have no class of ours.
-FERPLUS_CLASSES = {"anger": 0, "disgust": 1, "fear": 2, "happiness": 3, "sadness": 4,
-                   "surprise": 5, "neutral": 6}
+FERPLUS_CLASSES = {
+    "anger": 0,
+    "disgust": 1,
+    "fear": 2,
+    "happiness": 3,
+    "sadness": 4,
+    "surprise": 5,
+    "neutral": 6,
+}
 
 
 @dataclass
 class FerPlusVotes:
     """The FER+ taggers' votes for the rows of one FER2013 split, in CSV order."""
 
-    votes: np.ndarray      # (N, 7) votes per class of ours
-    not_face: np.ndarray   # (N,) votes for "not a face"
-    total: np.ndarray      # (N,) all votes, contempt and unknown included
+    votes: np.ndarray  # (N, 7) votes per class of ours
+    not_face: np.ndarray  # (N,) votes for "not a face"
+    total: np.ndarray  # (N,) all votes, contempt and unknown included
 
 
 def load_ferplus(path, split_name: str = TRAIN) -> FerPlusVotes:
@@ -318,8 +379,10 @@ def load_ferplus(path, split_name: str = TRAIN) -> FerPlusVotes:
         header = [name.strip() for name in next(reader, [])]
         missing = [c for c in ("Usage", *FERPLUS_COLUMNS) if c not in header]
         if missing:
-            raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} "
-                            f"(expected Usage, Image name, {', '.join(FERPLUS_COLUMNS)})")
+            raise DataError(
+                f"{path}:1: missing column(s) {', '.join(missing)} "
+                f"(expected Usage, Image name, {', '.join(FERPLUS_COLUMNS)})"
+            )
         i_usage = header.index("Usage")
         columns = [header.index(c) for c in FERPLUS_COLUMNS]
         for row in reader:
@@ -329,40 +392,43 @@ def load_ferplus(path, split_name: str = TRAIN) -> FerPlusVotes:
             try:
                 counts = [int(row[i]) for i in columns]
             except (ValueError, IndexError):
-                raise DataError(f"{path}:{line}: vote counts must be integers "
-                                f"in columns {', '.join(FERPLUS_COLUMNS)}") from None
+                raise DataError(
+                    f"{path}:{line}: vote counts must be integers in columns {', '.join(FERPLUS_COLUMNS)}"
+                ) from None
             if min(counts) < 0:
                 raise DataError(f"{path}:{line}: negative vote count")
             rows.append(counts)
     if not rows:
         raise DataError(f"{path}: no {split_name} rows")
     table = np.asarray(rows, np.float32)
-    ours = [FERPLUS_COLUMNS.index(name) for name, _ in sorted(FERPLUS_CLASSES.items(),
-                                                              key=lambda kv: kv[1])]
+    ours = [FERPLUS_COLUMNS.index(name) for name, _ in sorted(FERPLUS_CLASSES.items(), key=lambda kv: kv[1])]
     return FerPlusVotes(table[:, ours], table[:, FERPLUS_COLUMNS.index("NF")], table.sum(1))
 
 
-def with_ferplus(split: Split, ferplus: FerPlusVotes, weight: float,
-                 drop_not_faces: bool) -> Split:
+def with_ferplus(split: Split, ferplus: FerPlusVotes, weight: float, drop_not_faces: bool) -> Split:
     """``split`` with soft targets: ``weight`` x the FER+ vote shares over our 7 classes + the
     rest x the FER2013 label. Rows without votes for our classes keep their label; with
     ``drop_not_faces``, faces most taggers called "not a face" are left out."""
     if len(ferplus.votes) != len(split):
-        raise DataError(f"FER+ votes for {len(ferplus.votes)} rows, the split has {len(split)}: "
-                        f"the vote file must list the rows of this dataset in its order")
+        raise DataError(
+            f"FER+ votes for {len(ferplus.votes)} rows, the split has {len(split)}: "
+            f"the vote file must list the rows of this dataset in its order"
+        )
     if not 0 <= weight <= 1:
         raise DataError(f"--ferplus-weight {weight}: must be between 0 and 1")
     labels = one_hot(split.labels)
     counted = ferplus.votes.sum(1, keepdims=True)
     shares = np.divide(ferplus.votes, counted, out=labels.copy(), where=counted > 0)
-    mixed = Split(split.faces, split.labels,
-                  (weight * shares + (1 - weight) * labels).astype(np.float32), split.rows)
+    mixed = Split(
+        split.faces, split.labels, (weight * shares + (1 - weight) * labels).astype(np.float32), split.rows
+    )
     if not drop_not_faces:
         return mixed
     return mixed.subset(np.flatnonzero(ferplus.not_face * 2 <= ferplus.total))
 
 
 # --- from faces to batches -------------------------------------------------------------
+
 
 def model_inputs(faces, spec: InputSpec) -> np.ndarray:
     """preprocess_faces over an array, or image by image over a list of mixed sizes."""
@@ -386,7 +452,7 @@ def subsample(split: Split, limit: int | None, seed: int) -> Split:
     return split.subset(keep)
 
 
-FOLD_SEED = 2013   # the same folds for every run, so fold models of one dataset fit together
+FOLD_SEED = 2013  # the same folds for every run, so fold models of one dataset fit together
 
 
 def fold_ids(labels: np.ndarray, folds: int) -> np.ndarray:

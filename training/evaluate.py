@@ -5,6 +5,7 @@ Models run through the classifier service's own :class:`InferenceRunner` (a comp
 are those of the served model -- not of ``model.predict``, whose ~55 ms per-call
 overhead would swamp batch-1 latency.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ BATCH = 64
 
 
 # --- metrics (numpy only) --------------------------------------------------------------
+
 
 def confusion_matrix(y_true, y_pred, n_classes: int = len(EMOTIONS)) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
@@ -51,8 +53,12 @@ def metrics_from_confusion(cm: np.ndarray, class_names=EMOTIONS) -> dict:
         "accuracy": float(tp.sum() / n) if n else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                   "f1": float(f1[i]), "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": cm.astype(np.int64).tolist(),
@@ -61,12 +67,12 @@ def metrics_from_confusion(cm: np.ndarray, class_names=EMOTIONS) -> dict:
 
 # --- running the model -----------------------------------------------------------------
 
+
 def predict(runner: InferenceRunner, split: Split, batch_size: int = BATCH) -> np.ndarray:
     """Class probabilities for every face of ``split``, with the runner's TTA."""
     out = []
     for start in range(0, len(split), batch_size):
-        out.append(runner.predict_inputs(model_inputs(split.faces[start:start + batch_size],
-                                                      runner.spec)))
+        out.append(runner.predict_inputs(model_inputs(split.faces[start : start + batch_size], runner.spec)))
     return np.concatenate(out) if out else np.empty((0, len(EMOTIONS)), np.float32)
 
 
@@ -89,14 +95,21 @@ def measure_speed(runner: InferenceRunner, seconds: float = 2.0) -> dict:
     return speeds
 
 
-def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
-                   bench_seconds: float = 2.0, runtime: str = "tf-function",
-                   precision: str = "float32") -> dict:
+def evaluate_split(
+    model,
+    spec: InputSpec,
+    split: Split,
+    *,
+    tta: str = "none",
+    bench_seconds: float = 2.0,
+    runtime: str = "tf-function",
+    precision: str = "float32",
+) -> dict:
     runner = InferenceRunner(model, spec, runtime=runtime, tta=tta, precision=precision)
     report = _report(split, predict(runner, split))
     report["tta"] = tta
     report["runtime"] = runtime
-    report["precision"] = runner.precision   # the one really used
+    report["precision"] = runner.precision  # the one really used
     if runner.precision_fallback:
         report["precision_fallback"] = runner.precision_fallback
     if bench_seconds > 0:
@@ -104,18 +117,21 @@ def evaluate_split(model, spec: InputSpec, split: Split, *, tta: str = "none",
     return report
 
 
-def evaluate_ensemble(members: list[tuple[str, InferenceRunner]], split: Split, *,
-                      bench_seconds: float = 2.0) -> dict:
+def evaluate_ensemble(
+    members: list[tuple[str, InferenceRunner]], split: Split, *, bench_seconds: float = 2.0
+) -> dict:
     """Scores of several models' mean probabilities, e.g. to choose ``train --teacher``s.
     Each member runs with its own TTA and precision; the speed is that of running them
     one after the other."""
     report = _report(split, np.mean([predict(runner, split) for _, runner in members], axis=0))
-    report["members"] = [{"version": name, "tta": runner.tta, "precision": runner.precision}
-                         for name, runner in members]
+    report["members"] = [
+        {"version": name, "tta": runner.tta, "precision": runner.precision} for name, runner in members
+    ]
     if bench_seconds > 0:
         speeds = [measure_speed(runner, bench_seconds) for _, runner in members]
-        report["speed_faces_per_s"] = {key: round(1 / sum(1 / s[key] for s in speeds), 1)
-                                       for key in speeds[0]}
+        report["speed_faces_per_s"] = {
+            key: round(1 / sum(1 / s[key] for s in speeds), 1) for key in speeds[0]
+        }
     return report
 
 
@@ -125,21 +141,31 @@ def _report(split: Split, probs: np.ndarray) -> dict:
 
 def summary(report: dict, split: str) -> dict:
     """The headline numbers a version's metadata.json keeps from a report."""
-    return {"split": split, "n": report["n"], "accuracy": report["accuracy"],
-            "macro_f1": report["macro_f1"], "speed_faces_per_s": report.get("speed_faces_per_s")}
+    return {
+        "split": split,
+        "n": report["n"],
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "speed_faces_per_s": report.get("speed_faces_per_s"),
+    }
 
 
 # --- presenting ------------------------------------------------------------------------
+
 
 def format_report(report: dict) -> str:
     lines = [f"{'class':<10}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}"]
     for name, m in report["per_class"].items():
         lines.append(f"{name:<10}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>8.3f}{m['support']:>9d}")
-    served = ("" if "members" in report else
-              f"   tta {report.get('tta', 'none')}   runtime {report.get('runtime', 'tf-function')}"
-              f"   precision {report.get('precision', 'float32')}")
-    lines.append(f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
-                 f"n {report['n']}{served}")
+    served = (
+        ""
+        if "members" in report
+        else f"   tta {report.get('tta', 'none')}   runtime {report.get('runtime', 'tf-function')}"
+        f"   precision {report.get('precision', 'float32')}"
+    )
+    lines.append(
+        f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   n {report['n']}{served}"
+    )
     if report.get("precision_fallback"):
         lines.append(f"bfloat16 was asked for, float32 used: {report['precision_fallback']}")
     lines.append("confusion matrix (rows true, columns predicted):")
@@ -148,8 +174,10 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<10}" + "".join(f"{v:>8d}" for v in row))
     speed = report.get("speed_faces_per_s")
     if speed:
-        lines.append(f"speed: {speed['batch_1']:.0f} faces/s at batch 1, "
-                     f"{speed[f'batch_{BATCH}']:.0f} faces/s at batch {BATCH}")
+        lines.append(
+            f"speed: {speed['batch_1']:.0f} faces/s at batch 1, "
+            f"{speed[f'batch_{BATCH}']:.0f} faces/s at batch {BATCH}"
+        )
     return "\n".join(lines)
 
 
@@ -165,8 +193,15 @@ def save_confusion_png(report: dict, path: Path, title: str) -> None:
     ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, f"{int(cm[i, j])}\n{rows[i, j]:.0%}", ha="center", va="center",
-                    fontsize=7, color="white" if rows[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}\n{rows[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rows[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=45)
     ax.set_yticks(range(len(EMOTIONS)), EMOTIONS)
     ax.set_xlabel("predicted")
@@ -185,6 +220,7 @@ def write_artefacts(report: dict, directory: Path, split: str, title: str) -> No
 
 
 # --- the command -----------------------------------------------------------------------
+
 
 @dataclass
 class FileEntry(registry.ModelEntry):
@@ -212,7 +248,8 @@ def resolve_model(ref: str, root: Path) -> registry.ModelEntry:
         if not meta.is_file():
             raise registry.RegistryError(
                 f"{path}: no {registry.METADATA_FILE} beside the model, so its input spec "
-                f"(size, channels, scaling) is unknown; evaluate a registry version instead")
+                f"(size, channels, scaling) is unknown; evaluate a registry version instead"
+            )
         try:
             metadata = json.loads(meta.read_text())
         except json.JSONDecodeError as exc:
@@ -233,25 +270,40 @@ def run(args) -> int:
     try:
         if len(entries) == 1:
             entry = entries[0]
-            report = evaluate_split(models[0], entry.spec, split, tta=args.tta or entry.tta,
-                                    bench_seconds=args.bench_seconds, runtime=args.runtime,
-                                    precision=args.precision or entry.precision)
+            report = evaluate_split(
+                models[0],
+                entry.spec,
+                split,
+                tta=args.tta or entry.tta,
+                bench_seconds=args.bench_seconds,
+                runtime=args.runtime,
+                precision=args.precision or entry.precision,
+            )
         else:
-            members = [(entry.version,
-                        InferenceRunner(model, entry.spec, runtime=args.runtime,
-                                        tta=args.tta or entry.tta,
-                                        precision=args.precision or entry.precision))
-                       for entry, model in zip(entries, models)]
+            members = [
+                (
+                    entry.version,
+                    InferenceRunner(
+                        model,
+                        entry.spec,
+                        runtime=args.runtime,
+                        tta=args.tta or entry.tta,
+                        precision=args.precision or entry.precision,
+                    ),
+                )
+                for entry, model in zip(entries, models)
+            ]
             report = evaluate_ensemble(members, split, bench_seconds=args.bench_seconds)
     except RuntimeUnavailable as exc:
         raise registry.RegistryError(f"{files}: --runtime {args.runtime}: {exc}") from None
     name = " + ".join(entry.version for entry in entries)
-    report = {"model": files, "version": name,
-              "data": str(args.data), "split": args.split, **report}
+    report = {"model": files, "version": name, "data": str(args.data), "split": args.split, **report}
     print(f"{name} on {args.data} [{args.split}]: n = {len(split)} faces")
     if len(entries) > 1:
-        print("mean probabilities of " + ", ".join(
-            f"{m['version']} (tta {m['tta']}, {m['precision']})" for m in report["members"]))
+        print(
+            "mean probabilities of "
+            + ", ".join(f"{m['version']} (tta {m['tta']}, {m['precision']})" for m in report["members"])
+        )
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ returns 7 softmax probabilities. Augmentation is part of the model as Keras
 preprocessing layers: active in ``fit``, identity at inference, so the served model
 needs no augmentation code and the classifier feeds it the same inputs as training.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,15 @@ def input_spec(arch: str, input_size: int | None = None) -> InputSpec:
     raise ModelError(f"unknown architecture {arch!r} (one of {', '.join(ARCHITECTURES)})")
 
 
-def build(arch: str, spec: InputSpec, *, width: float = 1.0, dropout: float = 0.4,
-          weights: str = "none", seed: int | None = None) -> keras.Model:
+def build(
+    arch: str,
+    spec: InputSpec,
+    *,
+    width: float = 1.0,
+    dropout: float = 0.4,
+    weights: str = "none",
+    seed: int | None = None,
+) -> keras.Model:
     if arch == "compact":
         return compact(spec, width=width, dropout=dropout, seed=seed)
     if arch == "mobilenetv2":
@@ -43,14 +51,17 @@ def build(arch: str, spec: InputSpec, *, width: float = 1.0, dropout: float = 0.
 def augmentation(spec: InputSpec, seed: int | None = None) -> keras.Sequential:
     """Mild geometric + photometric jitter; faces are already centred crops."""
     value_range = (0.0, 1.0) if spec.scaling == "unit" else (-1.0, 1.0)
-    return keras.Sequential([
-        layers.RandomFlip("horizontal", seed=seed),
-        layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed),
-        layers.RandomRotation(0.06, fill_mode="reflect", seed=seed),
-        layers.RandomZoom(0.1, fill_mode="reflect", seed=seed),
-        layers.RandomContrast(0.25, value_range=value_range, seed=seed),
-        layers.RandomBrightness(0.1, value_range=value_range, seed=seed),
-    ], name="augment")
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed),
+            layers.RandomRotation(0.06, fill_mode="reflect", seed=seed),
+            layers.RandomZoom(0.1, fill_mode="reflect", seed=seed),
+            layers.RandomContrast(0.25, value_range=value_range, seed=seed),
+            layers.RandomBrightness(0.1, value_range=value_range, seed=seed),
+        ],
+        name="augment",
+    )
 
 
 def _conv_bn_relu(x, filters: int, name: str):
@@ -71,8 +82,13 @@ def _residual_stage(x, filters: int, name: str):
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
-def compact(spec: InputSpec = InputSpec(48, 1, "unit"), *, width: float = 1.0,
-            dropout: float = 0.4, seed: int | None = None) -> keras.Model:
+def compact(
+    spec: InputSpec = InputSpec(48, 1, "unit"),
+    *,
+    width: float = 1.0,
+    dropout: float = 0.4,
+    seed: int | None = None,
+) -> keras.Model:
     """A small residual CNN for real time on a CPU (~1.2 M params at width 1).
 
     Two plain convs at full resolution (where every layer is costly), then residual
@@ -93,8 +109,9 @@ def compact(spec: InputSpec = InputSpec(48, 1, "unit"), *, width: float = 1.0,
     return keras.Model(inputs, outputs, name=f"compact_w{width:g}")
 
 
-def mobilenetv2(spec: InputSpec, *, weights: str = "none", dropout: float = 0.2,
-                seed: int | None = None) -> keras.Model:
+def mobilenetv2(
+    spec: InputSpec, *, weights: str = "none", dropout: float = 0.2, seed: int | None = None
+) -> keras.Model:
     """The seed project's recipe: MobileNetV2 backbone + a 128-64-7 dense head."""
     if spec.channels != 3:
         raise ModelError("mobilenetv2 needs 3-channel input")
@@ -124,12 +141,14 @@ def _mobilenetv2_backbone(spec: InputSpec, weights: str) -> keras.Model:
                 f"cannot download ImageNet weights for MobileNetV2 ({type(exc).__name__}: {exc}). "
                 f"Use --weights none to train from scratch, or --weights PATH to a local .h5 "
                 f"file of MobileNetV2 no-top weights "
-                f"(mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{spec.size}_no_top.h5)") from None
+                f"(mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{spec.size}_no_top.h5)"
+            ) from None
     path = Path(weights)
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found (--weights imagenet|none|PATH)")
     try:
         return make(str(path))
     except Exception as exc:
-        raise ModelError(f"{path}: cannot load MobileNetV2 no-top weights "
-                         f"({type(exc).__name__}: {exc})") from None
+        raise ModelError(
+            f"{path}: cannot load MobileNetV2 no-top weights ({type(exc).__name__}: {exc})"
+        ) from None

@@ -1,5 +1,6 @@
 """The registry commands (list, promote, rollback, import): thin wrappers over
 services.model.registry."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ def list_cmd(args) -> int:
         spec = meta.get("input") or {}
         shape = f"{spec.get('size', '?')}x{spec.get('size', '?')}x{spec.get('channels', '?')}"
         mark = "*" if entry.path.name == current else " "
-        print(f"{mark} {entry.path.name:<32}{str(meta.get('architecture', '?')):<13}{shape:<12}"
-              f"{_metric(entry, 'accuracy'):>8}{_metric(entry, 'macro_f1'):>9}  {meta.get('created', '')}")
+        print(
+            f"{mark} {entry.path.name:<32}{str(meta.get('architecture', '?')):<13}{shape:<12}"
+            f"{_metric(entry, 'accuracy'):>8}{_metric(entry, 'macro_f1'):>9}  {meta.get('created', '')}"
+        )
     print(f"(* = current: {current})" if current else "(no current version)")
     return 0
 
@@ -50,8 +53,10 @@ def rollback_cmd(args) -> int:
 def import_cmd(args) -> int:
     root, source = Path(args.registry), Path(args.source)
     copied, kept = registry.import_versions(source, root)
-    print(f"copied {len(copied)} version(s) from {source} to {root}: {', '.join(copied) or 'none'}"
-          f"; already there: {', '.join(kept) or 'none'}")
+    print(
+        f"copied {len(copied)} version(s) from {source} to {root}: {', '.join(copied) or 'none'}"
+        f"; already there: {', '.join(kept) or 'none'}"
+    )
     if args.promote:
         version = registry.current_version(source)
         if version is None:

@@ -5,6 +5,7 @@ The run directory holds everything needed to continue an interrupted run:
 ``best.keras`` (best validation accuracy so far) and ``state.json`` (the run's
 arguments, epoch, early-stopping counters, history). ``--resume`` reloads them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,19 @@ class Batches(keras.utils.PyDataset):
     sees the order the uninterrupted run would have seen. ``targets`` (one probability row
     per face of ``split``) replace the one-hot labels, e.g. a teacher's soft targets."""
 
-    def __init__(self, split: datasets.Split, spec: InputSpec, batch_size: int, *,
-                 shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                 indices: np.ndarray | None = None, class_weights: np.ndarray | None = None,
-                 targets: np.ndarray | None = None):
+    def __init__(
+        self,
+        split: datasets.Split,
+        spec: InputSpec,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        indices: np.ndarray | None = None,
+        class_weights: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
+    ):
         super().__init__()
         self.split, self.spec, self.batch_size = split, spec, batch_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
@@ -68,7 +78,7 @@ class Batches(keras.utils.PyDataset):
         return self._order
 
     def __getitem__(self, i: int):
-        picked = self._current_order()[i * self.batch_size:(i + 1) * self.batch_size]
+        picked = self._current_order()[i * self.batch_size : (i + 1) * self.batch_size]
         part = self.split.subset(picked)
         x = datasets.model_inputs(part.faces, self.spec)
         if self.targets is None:
@@ -92,8 +102,8 @@ class KeepFreedMemory(keras.callbacks.Callback):
     elsewhere this does nothing)."""
 
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    KEEP_BYTES = 512 << 20     # freed memory at the top of the heap kept before trimming
-    MMAP_BYTES = 32 << 20      # blocks below this come from the heap, not their own mmap
+    KEEP_BYTES = 512 << 20  # freed memory at the top of the heap kept before trimming
+    MMAP_BYTES = 32 << 20  # blocks below this come from the heap, not their own mmap
 
     def __init__(self):
         super().__init__()
@@ -139,8 +149,10 @@ class RunCheckpoints(keras.callbacks.Callback):
         if state["wait"] >= self.patience:
             state["stopped_early"] = True
             self.model.stop_training = True
-            print(f"early stopping: no better val_accuracy for {self.patience} epochs "
-                  f"(best {state['best_val_accuracy']:.4f} at epoch {state['best_epoch']})")
+            print(
+                f"early stopping: no better val_accuracy for {self.patience} epochs "
+                f"(best {state['best_val_accuracy']:.4f} at epoch {state['best_epoch']})"
+            )
         self.epochs_done_here += 1
         if self.epochs_this_run and self.epochs_done_here >= self.epochs_this_run:
             self.model.stop_training = True
@@ -160,8 +172,13 @@ def write_json(path: Path, data: dict) -> None:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -174,6 +191,7 @@ def utc_now() -> str:
 
 
 # --- the run ---------------------------------------------------------------------------
+
 
 def check_version_name(version: str) -> None:
     if not VERSION_RE.match(version):
@@ -199,14 +217,24 @@ def prepare_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path, dic
     check_version_name(args.version)
     out_dir = Path(args.out_dir or Path("runs") / args.version)
     if (out_dir / STATE_FILE).exists():
-        raise RunError(f"{out_dir} already holds a run: continue it with --resume, "
-                       f"or choose another --out-dir")
+        raise RunError(
+            f"{out_dir} already holds a run: continue it with --resume, or choose another --out-dir"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     args.out_dir = str(out_dir)
     saved = {k: v for k, v in vars(args).items() if k not in SESSION_ARGS and k != "func"}
-    state = {"args": saved, "epoch": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "wait": 0,
-             "stopped_early": False, "train_seconds": 0.0, "optimizer_iterations": 0,
-             "history": [], "started": utc_now()}
+    state = {
+        "args": saved,
+        "epoch": 0,
+        "best_val_accuracy": -1.0,
+        "best_epoch": 0,
+        "wait": 0,
+        "stopped_early": False,
+        "train_seconds": 0.0,
+        "optimizer_iterations": 0,
+        "history": [],
+        "started": utc_now(),
+    }
     return args, out_dir, state
 
 
@@ -215,18 +243,25 @@ def load_splits(args) -> tuple[datasets.Dataset, datasets.Split, datasets.Split]
     train = dataset.split(datasets.TRAIN)
     if getattr(args, "ferplus", None):
         before = len(train)
-        train = datasets.with_ferplus(train, datasets.load_ferplus(args.ferplus, datasets.TRAIN),
-                                      args.ferplus_weight, not args.keep_not_faces)
-        print(f"FER+ votes {args.ferplus}: weight {args.ferplus_weight}, "
-              f"{before - len(train)} training faces left out as not faces")
+        train = datasets.with_ferplus(
+            train,
+            datasets.load_ferplus(args.ferplus, datasets.TRAIN),
+            args.ferplus_weight,
+            not args.keep_not_faces,
+        )
+        print(
+            f"FER+ votes {args.ferplus}: weight {args.ferplus_weight}, "
+            f"{before - len(train)} training faces left out as not faces"
+        )
     if getattr(args, "folds", None):
         if args.holdout_fold is None or not 0 <= args.holdout_fold < args.folds:
-            raise RunError(f"--folds {args.folds}: give --holdout-fold, 0 to {args.folds - 1}, "
-                           f"the fold this run leaves out (got {args.holdout_fold})")
+            raise RunError(
+                f"--folds {args.folds}: give --holdout-fold, 0 to {args.folds - 1}, "
+                f"the fold this run leaves out (got {args.holdout_fold})"
+            )
         fold = datasets.folds_of(train, dataset.split(datasets.TRAIN).labels, args.folds)
         train = train.subset(np.flatnonzero(fold != args.holdout_fold))
-        print(f"fold {args.holdout_fold} of {args.folds} held out: training on the other "
-              f"{len(train)} faces")
+        print(f"fold {args.holdout_fold} of {args.folds} held out: training on the other {len(train)} faces")
     elif getattr(args, "holdout_fold", None) is not None:
         raise RunError("--holdout-fold needs --folds, the number of folds")
     train = datasets.subsample(train, args.max_train, args.seed)
@@ -238,36 +273,52 @@ def compile_model(model, args, steps_per_epoch: int) -> None:
     total = max(1, args.epochs * steps_per_epoch)
     warmup = min(int(args.warmup_epochs * steps_per_epoch), total // 2)
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=args.lr * 0.05, warmup_target=args.lr, warmup_steps=warmup,
-        decay_steps=max(1, total - warmup), alpha=0.01)
+        initial_learning_rate=args.lr * 0.05,
+        warmup_target=args.lr,
+        warmup_steps=warmup,
+        decay_steps=max(1, total - warmup),
+        alpha=0.01,
+    )
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
 
 
 def init_weights(model, spec: InputSpec, ref: str, root: Path) -> None:
     """Copy every weight of the model ``ref`` into ``model``; both must be the same network."""
     entry = evaluate.resolve_model(ref, root)
     if entry.spec != spec:
-        raise RunError(f"--init-from {ref}: its input is {entry.spec.to_dict()}, "
-                       f"this run's is {spec.to_dict()}")
+        raise RunError(
+            f"--init-from {ref}: its input is {entry.spec.to_dict()}, this run's is {spec.to_dict()}"
+        )
     source = registry.load_model(entry)
     theirs = {w.path: w for w in source.weights}
-    mismatched = [w.path for w in model.weights
-                  if w.path not in theirs or tuple(theirs[w.path].shape) != tuple(w.shape)]
+    mismatched = [
+        w.path for w in model.weights if w.path not in theirs or tuple(theirs[w.path].shape) != tuple(w.shape)
+    ]
     if mismatched or len(theirs) != len(model.weights):
-        raise RunError(f"--init-from {ref}: {entry.model_file} is not the same network as "
-                       f"{model.name} (first differing weight: "
-                       f"{mismatched[0] if mismatched else 'extra weights in the source'}); "
-                       f"use the same --arch, --width and --input-size")
+        raise RunError(
+            f"--init-from {ref}: {entry.model_file} is not the same network as "
+            f"{model.name} (first differing weight: "
+            f"{mismatched[0] if mismatched else 'extra weights in the source'}); "
+            f"use the same --arch, --width and --input-size"
+        )
     for w in model.weights:
         w.assign(theirs[w.path])
     print(f"initialised {len(model.weights)} weights from {entry.model_file}")
 
 
-def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weight: float,
-                    temperature: float, whole_labels: np.ndarray | None = None) -> np.ndarray:
+def teacher_targets(
+    refs: list[str],
+    split: datasets.Split,
+    root: Path,
+    *,
+    weight: float,
+    temperature: float,
+    whole_labels: np.ndarray | None = None,
+) -> np.ndarray:
     """Distillation targets: ``weight`` x the teachers' mean flip-averaged probabilities
     (softened as p^(1/T), renormalised) + the rest x the split's own targets (the one-hot
     label, or its mix with FER+ votes), per face.
@@ -291,20 +342,25 @@ def teacher_targets(refs: list[str], split: datasets.Split, root: Path, *, weigh
         probs = evaluate.predict(InferenceRunner(teacher, entry.spec, tta="flip"), split.subset(faces))
         total[faces] += probs
         answers[faces] += 1
-        print(f"teacher {entry.version}: {len(faces)} training faces{which} in "
-              f"{time.monotonic() - started:.0f} s, agrees with the labels on "
-              f"{np.mean(probs.argmax(1) == split.labels[faces]):.1%}")
+        print(
+            f"teacher {entry.version}: {len(faces)} training faces{which} in "
+            f"{time.monotonic() - started:.0f} s, agrees with the labels on "
+            f"{np.mean(probs.argmax(1) == split.labels[faces]):.1%}"
+        )
     if (answers == 0).any():
-        raise RunError(f"{int((answers == 0).sum())} training faces are in no fold a teacher "
-                       f"held out: give a teacher for every fold (--holdout-fold 0 to N-1), "
-                       f"or one trained on all of Training")
+        raise RunError(
+            f"{int((answers == 0).sum())} training faces are in no fold a teacher "
+            f"held out: give a teacher for every fold (--holdout-fold 0 to N-1), "
+            f"or one trained on all of Training"
+        )
     soft = (total / answers[:, None]) ** (1.0 / temperature)
     soft /= soft.sum(axis=1, keepdims=True)
     return (weight * soft + (1 - weight) * split.training_targets()).astype(np.float32)
 
 
-def faces_for_teacher(entry: registry.ModelEntry, split: datasets.Split,
-                      whole_labels: np.ndarray) -> tuple[np.ndarray, str]:
+def faces_for_teacher(
+    entry: registry.ModelEntry, split: datasets.Split, whole_labels: np.ndarray
+) -> tuple[np.ndarray, str]:
     """(indices into ``split`` the teacher answers for, a note for the log)."""
     training = entry.metadata.get("training") or {}
     folds, held_out = training.get("folds"), training.get("holdout_fold")
@@ -312,20 +368,35 @@ def faces_for_teacher(entry: registry.ModelEntry, split: datasets.Split,
         return np.arange(len(split)), ""
     trained_on = (entry.metadata.get("dataset") or {}).get("splits", {}).get(datasets.TRAIN)
     if trained_on != len(whole_labels):
-        raise RunError(f"teacher {entry.version}: its folds are of a Training split of "
-                       f"{trained_on} faces, this run's has {len(whole_labels)}; fold "
-                       f"teachers must come from the same dataset")
+        raise RunError(
+            f"teacher {entry.version}: its folds are of a Training split of "
+            f"{trained_on} faces, this run's has {len(whole_labels)}; fold "
+            f"teachers must come from the same dataset"
+        )
     fold = datasets.folds_of(split, whole_labels, folds)
     return np.flatnonzero(fold == held_out), f" (fold {held_out} of {folds}, held out from it)"
 
 
-TEACHER_KEY_ARGS = ("teacher", "teacher_weight", "teacher_temperature", "data", "data_format",
-                    "val_split", "seed", "max_train", "ferplus", "ferplus_weight", "keep_not_faces",
-                    "folds", "holdout_fold")
+TEACHER_KEY_ARGS = (
+    "teacher",
+    "teacher_weight",
+    "teacher_temperature",
+    "data",
+    "data_format",
+    "val_split",
+    "seed",
+    "max_train",
+    "ferplus",
+    "ferplus_weight",
+    "keep_not_faces",
+    "folds",
+    "holdout_fold",
+)
 
 
-def cached_teacher_targets(out_dir: Path, args, split: datasets.Split, root: Path,
-                           whole_labels: np.ndarray) -> np.ndarray:
+def cached_teacher_targets(
+    out_dir: Path, args, split: datasets.Split, root: Path, whole_labels: np.ndarray
+) -> np.ndarray:
     """teacher_targets, saved in the run directory with what they were made from, so the
     teachers do not run again: not on --resume, nor when a run stopped before its first
     epoch ended is started again in the same directory with the same teachers and data."""
@@ -342,10 +413,15 @@ def cached_teacher_targets(out_dir: Path, args, split: datasets.Split, root: Pat
             if targets.shape == (len(split), len(EMOTIONS)):
                 print(f"teacher targets from {path}")
                 return targets
-            print(f"{path}: shape {targets.shape}, expected {(len(split), len(EMOTIONS))}; "
-                  f"recomputing")
-    targets = teacher_targets(args.teacher, split, root, weight=args.teacher_weight,
-                              temperature=args.teacher_temperature, whole_labels=whole_labels)
+            print(f"{path}: shape {targets.shape}, expected {(len(split), len(EMOTIONS))}; recomputing")
+    targets = teacher_targets(
+        args.teacher,
+        split,
+        root,
+        weight=args.teacher_weight,
+        temperature=args.teacher_temperature,
+        whole_labels=whole_labels,
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, targets, allow_pickle=False)
@@ -358,13 +434,17 @@ def run(args: argparse.Namespace) -> int:
     args, out_dir, state = prepare_run(args)
     root = Path(args.registry)
     if (root / args.version).exists():
-        raise registry.RegistryError(f"version {args.version!r} already exists in {root}; "
-                                     f"versions are never overwritten, pass another --version")
+        raise registry.RegistryError(
+            f"version {args.version!r} already exists in {root}; "
+            f"versions are never overwritten, pass another --version"
+        )
     keras.utils.set_random_seed(args.seed)
     spec = models.input_spec(args.arch, args.input_size)
     dataset, train, val = load_splits(args)
-    print(f"data {args.data}: {dataset.sizes()}; training on {len(train)} "
-          f"(per class {train.counts()}), validating on {len(val)} [{datasets.VAL}]")
+    print(
+        f"data {args.data}: {dataset.sizes()}; training on {len(train)} "
+        f"(per class {train.counts()}), validating on {len(val)} [{datasets.VAL}]"
+    )
 
     indices, class_weights = None, None
     if args.balance == "oversample":
@@ -373,41 +453,66 @@ def run(args: argparse.Namespace) -> int:
         class_weights = datasets.balanced_class_weights(train.labels)
     targets = train.targets
     if getattr(args, "teacher", None):
-        targets = cached_teacher_targets(out_dir, args, train, root,
-                                         dataset.split(datasets.TRAIN).labels)
-    batches = Batches(train, spec, args.batch_size, shuffle=True, seed=args.seed,
-                      epoch=state["epoch"], indices=indices, class_weights=class_weights,
-                      targets=targets)
+        targets = cached_teacher_targets(out_dir, args, train, root, dataset.split(datasets.TRAIN).labels)
+    batches = Batches(
+        train,
+        spec,
+        args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        epoch=state["epoch"],
+        indices=indices,
+        class_weights=class_weights,
+        targets=targets,
+    )
     val_batches = Batches(val, spec, args.batch_size)
 
     if args.resume and state["epoch"]:
         model = keras.saving.load_model(out_dir / LAST)
         iterations = int(model.optimizer.iterations.numpy())
         if iterations != state["optimizer_iterations"]:
-            raise RunError(f"{out_dir / LAST}: optimizer at step {iterations}, "
-                           f"state.json says {state['optimizer_iterations']}")
+            raise RunError(
+                f"{out_dir / LAST}: optimizer at step {iterations}, "
+                f"state.json says {state['optimizer_iterations']}"
+            )
         print(f"resuming {out_dir} at epoch {state['epoch'] + 1} of {args.epochs} (step {iterations})")
     else:
-        model = models.build(args.arch, spec, width=args.width, dropout=args.dropout,
-                             weights=args.weights, seed=args.seed)
+        model = models.build(
+            args.arch, spec, width=args.width, dropout=args.dropout, weights=args.weights, seed=args.seed
+        )
         if getattr(args, "init_from", None):
             init_weights(model, spec, args.init_from, root)
         compile_model(model, args, len(batches))
-        write_json(out_dir / registry.METADATA_FILE,
-                   {"version": args.version, "architecture": args.arch,
-                    "input": spec.to_dict(), "classes": list(EMOTIONS)})
+        write_json(
+            out_dir / registry.METADATA_FILE,
+            {
+                "version": args.version,
+                "architecture": args.arch,
+                "input": spec.to_dict(),
+                "classes": list(EMOTIONS),
+            },
+        )
         print(f"{model.name}: {model.count_params():,} parameters, input {spec.to_dict()}")
 
     done = state["stopped_early"] or state["epoch"] >= args.epochs
     if not done:
-        model.fit(batches, validation_data=val_batches, epochs=args.epochs,
-                  initial_epoch=state["epoch"], verbose=args.verbose,
-                  callbacks=[KeepFreedMemory(),
-                             RunCheckpoints(out_dir, state, args.patience, args.epochs_this_run)])
+        model.fit(
+            batches,
+            validation_data=val_batches,
+            epochs=args.epochs,
+            initial_epoch=state["epoch"],
+            verbose=args.verbose,
+            callbacks=[
+                KeepFreedMemory(),
+                RunCheckpoints(out_dir, state, args.patience, args.epochs_this_run),
+            ],
+        )
         done = state["stopped_early"] or state["epoch"] >= args.epochs
     if not done:
-        print(f"stopped after epoch {state['epoch']} of {args.epochs}; continue with:\n"
-              f"  python -m training train --resume --out-dir {out_dir}")
+        print(
+            f"stopped after epoch {state['epoch']} of {args.epochs}; continue with:\n"
+            f"  python -m training train --resume --out-dir {out_dir}"
+        )
         return 0
     if not (out_dir / BEST).is_file():
         raise RunError(f"{out_dir / BEST}: missing, no epoch finished with a validation accuracy")
@@ -423,8 +528,14 @@ def run(args: argparse.Namespace) -> int:
         "input": spec.to_dict(),
         "classes": list(EMOTIONS),
         "tta": tta,
-        "dataset": {"path": str(args.data), "format": dataset.format, "splits": dataset.sizes(),
-                    "train_used": len(train), "val_used": len(val), "val_split": datasets.VAL},
+        "dataset": {
+            "path": str(args.data),
+            "format": dataset.format,
+            "splits": dataset.sizes(),
+            "train_used": len(train),
+            "val_used": len(val),
+            "val_split": datasets.VAL,
+        },
         "metrics": evaluate.summary(report, datasets.VAL),
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
@@ -438,10 +549,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(root: Path, version: str, model, metadata: dict, report: dict,
-             promote: bool = False) -> Path:
+def register(root: Path, version: str, model, metadata: dict, report: dict, promote: bool = False) -> Path:
     """Save the model, its PublicTest artefacts and metadata as the new version
     <root>/<version>, and serve it if ``promote``."""
+
     def fill(folder: Path) -> None:
         model.save(folder / registry.MODEL_FILE)
         evaluate.write_artefacts(report, folder, datasets.VAL, f"{version} [{datasets.VAL}]")

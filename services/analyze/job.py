@@ -5,6 +5,7 @@ resends are :class:`services.common.flow.Ledger`'s).
 tracker's own :class:`~services.tracker.tracks.Tracker`, on the video's clock, so ids and
 smoothing are those of the tracker stage and exact whatever order replicas answered in.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,7 @@ class FrameRow:
     index: int
     time_s: float
     faces: list[TrackedFace]
-    missing: str = ""        # why this frame has no result ("" when it has one)
+    missing: str = ""  # why this frame has no result ("" when it has one)
 
 
 class Collector:
@@ -30,7 +31,7 @@ class Collector:
     def __init__(self, fps: float, settings: TrackerSettings | None = None):
         self.fps = fps
         self.tracker = Tracker(settings or TrackerSettings(reorder_s=0.0))
-        self.pending: dict[int, Result | str] = {}    # seq -> result, or the reason there is none
+        self.pending: dict[int, Result | str] = {}  # seq -> result, or the reason there is none
         self.next = 0
         self.rows: list[FrameRow] = []
         self.events: list[TrackEvent] = []
@@ -51,7 +52,7 @@ class Collector:
                 self.rows.append(FrameRow(self.next, time_s, [], item))
             else:
                 self.model = item.model or self.model
-                item.timestamps = {**item.timestamps, "capture": time_s}   # the video's clock
+                item.timestamps = {**item.timestamps, "capture": time_s}  # the video's clock
                 self.tracker.add(item, 0.0)
                 for message in self.tracker.due(0.0, time.time()).messages:
                     if message.kind == "tracks":

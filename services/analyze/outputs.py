@@ -1,5 +1,6 @@
 """What a job leaves in its output folder: frames.csv, tracks.json, timeline.png and
 annotated.mp4 (see docs/analyze.md)."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,22 @@ from .job import FrameRow
 
 # fer's CSV names its score columns by the lower-case emotion and has "frame" and "box".
 SCORE_COLUMNS = [e.lower() for e in EMOTIONS]
-CSV_COLUMNS = ["frame", "time_s", "face", "track", "box", "x", "y", "w", "h", "label",
-               "confidence", *SCORE_COLUMNS, "smoothed_label", "missing"]
+CSV_COLUMNS = [
+    "frame",
+    "time_s",
+    "face",
+    "track",
+    "box",
+    "x",
+    "y",
+    "w",
+    "h",
+    "label",
+    "confidence",
+    *SCORE_COLUMNS,
+    "smoothed_label",
+    "missing",
+]
 
 
 def scaled_box(box, scale: float) -> tuple[int, int, int, int]:
@@ -41,9 +56,23 @@ def write_csv(path: Path, rows: list[FrameRow], scale: float) -> int:
                 continue
             for i, face in enumerate(row.faces):
                 x, y, w, h = scaled_box(face.box, scale)
-                out.writerow(base + [i, face.track or "", f"({x}, {y}, {w}, {h})", x, y, w, h,
-                                     face.label, f"{face.confidence:.4f}",
-                                     *(f"{s:.4f}" for s in face.scores), face.smoothed_label, ""])
+                out.writerow(
+                    base
+                    + [
+                        i,
+                        face.track or "",
+                        f"({x}, {y}, {w}, {h})",
+                        x,
+                        y,
+                        w,
+                        h,
+                        face.label,
+                        f"{face.confidence:.4f}",
+                        *(f"{s:.4f}" for s in face.scores),
+                        face.smoothed_label,
+                        "",
+                    ]
+                )
                 written += 1
     return written
 
@@ -59,11 +88,18 @@ def track_summaries(events: list[TrackEvent]) -> list[dict]:
         if event.name != "track_ended":
             continue
         s = event.summary
-        out.append({"track": event.track, "start_s": round(s.start, 3), "end_s": round(s.end, 3),
-                    "frames": s.frames, "dominant": s.dominant,
-                    "emotion_changes": changes.get(event.track, 0),
-                    "mean_scores": dict(zip(EMOTIONS, s.mean_scores)),
-                    "shares": dict(zip(EMOTIONS, s.shares))})
+        out.append(
+            {
+                "track": event.track,
+                "start_s": round(s.start, 3),
+                "end_s": round(s.end, 3),
+                "frames": s.frames,
+                "dominant": s.dominant,
+                "emotion_changes": changes.get(event.track, 0),
+                "mean_scores": dict(zip(EMOTIONS, s.mean_scores)),
+                "shares": dict(zip(EMOTIONS, s.shares)),
+            }
+        )
     return sorted(out, key=lambda t: int(t["track"]) if t["track"].isdigit() else 0)
 
 
@@ -82,8 +118,9 @@ def write_timeline(path: Path, rows: list[FrameRow], title: str) -> None:
                 times.append(row.time_s)
                 scores.append(face.smoothed_scores)
     tracks = sorted(series, key=lambda t: int(t) if t.isdigit() else 0)
-    fig, axes = plt.subplots(max(1, len(tracks)), 1, figsize=(10, 1.8 + 1.6 * max(1, len(tracks))),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        max(1, len(tracks)), 1, figsize=(10, 1.8 + 1.6 * max(1, len(tracks))), squeeze=False, sharex=True
+    )
     for ax, track in zip(axes[:, 0], tracks):
         times, scores = series[track]
         ax.stackplot(times, np.asarray(scores).T, labels=EMOTIONS, colors=hex_colours())
@@ -101,8 +138,9 @@ def write_timeline(path: Path, rows: list[FrameRow], title: str) -> None:
     plt.close(fig)
 
 
-def write_annotated(path: Path, video: Path, rows: list[FrameRow], fps: float, scale: float,
-                    model: str) -> int:
+def write_annotated(
+    path: Path, video: Path, rows: list[FrameRow], fps: float, scale: float, model: str
+) -> int:
     """The video again with the labels drawn (the viewer's drawing), same rate and frame
     count; frames the reader cannot decode again are written as black. Returns frames written."""
     source = cv2.VideoCapture(str(video))

@@ -2,6 +2,7 @@
 result collected in frame order, and the outputs written (see ``__main__`` for the whole
 story). :class:`OwnPipeline` is the pipeline it starts when none answers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,13 +50,24 @@ class OwnPipeline:
         self.base = free_base_port()
         self.addr = bus.BrokerAddress("127.0.0.1", self.base)
         self.group = launch.ProcessGroup()
-        self.group.start_all(launch.plan(
-            ("broker", "detector", "classifier"), detectors=detectors, classifiers=classifiers,
-            common=("--base-port", str(self.base), "--log-level", "WARNING"),
-            args={"detector": ("--no-newest-only", "--max-age-ms", "0"),
-                  "classifier": ("--max-age-ms", "0", "--registry", registry)}))
-        log.info("started a pipeline of its own on base port %d: %d detector(s), %d classifier(s)",
-                 self.base, detectors, classifiers)
+        self.group.start_all(
+            launch.plan(
+                ("broker", "detector", "classifier"),
+                detectors=detectors,
+                classifiers=classifiers,
+                common=("--base-port", str(self.base), "--log-level", "WARNING"),
+                args={
+                    "detector": ("--no-newest-only", "--max-age-ms", "0"),
+                    "classifier": ("--max-age-ms", "0", "--registry", registry),
+                },
+            )
+        )
+        log.info(
+            "started a pipeline of its own on base port %d: %d detector(s), %d classifier(s)",
+            self.base,
+            detectors,
+            classifiers,
+        )
 
     @property
     def pids(self) -> list[int]:
@@ -68,8 +80,9 @@ class OwnPipeline:
         self.group.stop(timeout=10)
 
 
-def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None,
-            encoding: str = ENCODING_JPEG) -> dict:
+def run_job(
+    video: Path, addr: bus.BrokerAddress, args, check=lambda: None, encoding: str = ENCODING_JPEG
+) -> dict:
     """Send every frame, collect every result; returns the job's rows, events and facts."""
     reader = cv2.VideoCapture(str(video))
     if not reader.isOpened():
@@ -82,15 +95,16 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None,
     results = bus.consumer(ctx, addr, "results", topic=stream.encode())
     ledger = Ledger(args.in_flight, args.resend_ms / 1000, args.attempts)
     collector = Collector(fps)
-    progress = tqdm(total=expected or None, unit="frame", disable=not args.progress,
-                    desc=video.name, dynamic_ncols=True)
+    progress = tqdm(
+        total=expected or None, unit="frame", disable=not args.progress, desc=video.name, dynamic_ncols=True
+    )
     sent = 0
     scale = 1.0
     ended, truncated, ready, ready_at = False, "", False, None
     started = time.monotonic()
     cpu_started = time.process_time()
     next_notice = started + 5.0
-    time.sleep(0.3)                     # let the subscription reach the broker
+    time.sleep(0.3)  # let the subscription reach the broker
     try:
         while True:
             now = time.monotonic()
@@ -99,8 +113,10 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None,
                 if not ok or frame is None:
                     ended = True
                     if expected and sent < expected:
-                        truncated = (f"the video ended after {sent} of the {expected} frames its "
-                                     f"header announces (truncated or damaged)")
+                        truncated = (
+                            f"the video ended after {sent} of the {expected} frames its "
+                            f"header announces (truncated or damaged)"
+                        )
                     break
                 small = fit_width(frame, args.max_width)
                 scale = small.shape[1] / frame.shape[1]
@@ -122,7 +138,7 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None,
                         progress.update(1)
             now = time.monotonic()
             if ready:
-                for seq, parts in ledger.due_again(now):
+                for _seq, parts in ledger.due_again(now):
                     bus.send_nowait(detect, parts)
                 for seq, reason in list(ledger.given_up.items()):
                     if seq not in collector.pending and seq >= collector.next:
@@ -131,13 +147,19 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None,
             else:
                 check()
                 if now - started > args.ready_timeout_s:
-                    raise TimeoutError(f"no detector and classifier answered within "
-                                       f"{args.ready_timeout_s:.0f} s at {addr.host}:{addr.base_port}")
+                    raise TimeoutError(
+                        f"no detector and classifier answered within "
+                        f"{args.ready_timeout_s:.0f} s at {addr.host}:{addr.base_port}"
+                    )
                 if now >= next_notice:
-                    log.info("waiting for a detector and a classifier to answer at %s:%d "
-                             "(a classifier loads its model first)", addr.host, addr.base_port)
+                    log.info(
+                        "waiting for a detector and a classifier to answer at %s:%d "
+                        "(a classifier loads its model first)",
+                        addr.host,
+                        addr.base_port,
+                    )
                     next_notice = now + 10.0
-                    for seq, flight in ledger.in_flight.items():   # keep them coming, uncounted
+                    for flight in ledger.in_flight.values():  # keep them coming, uncounted
                         bus.send_nowait(detect, flight.parts)
             collector.drain()
         collector.drain()
@@ -149,10 +171,20 @@ def run_job(video: Path, addr: bus.BrokerAddress, args, check=lambda: None,
         results.close()
         ctx.term()
     seconds = time.monotonic() - started
-    return {"cpu_s": time.process_time() - cpu_started,
-            "ready_after_s": ready_at - started if ready_at else None, "rows": collector.rows, "events": collector.events, "model": collector.model,
-            "fps": fps, "scale": scale, "frames": sent, "expected": expected,
-            "truncated": truncated, "given_up": dict(ledger.given_up), "seconds": seconds}
+    return {
+        "cpu_s": time.process_time() - cpu_started,
+        "ready_after_s": ready_at - started if ready_at else None,
+        "rows": collector.rows,
+        "events": collector.events,
+        "model": collector.model,
+        "fps": fps,
+        "scale": scale,
+        "frames": sent,
+        "expected": expected,
+        "truncated": truncated,
+        "given_up": dict(ledger.given_up),
+        "seconds": seconds,
+    }
 
 
 def write_outputs(video: Path, out: Path, job: dict) -> dict:
@@ -162,20 +194,28 @@ def write_outputs(video: Path, out: Path, job: dict) -> dict:
     tracks = outputs.track_summaries(job["events"])
     missing = {row.index: row.missing for row in rows if row.missing}
     partial = bool(job["truncated"] or missing)
-    summary = {"video": str(video), "model": job["model"], "fps": job["fps"],
-               "frames": job["frames"], "frames_in_header": job["expected"],
-               "frames_labelled": len(rows) - len(missing),
-               "frames_with_faces": sum(1 for r in rows if r.faces),
-               "partial": partial, "truncated": job["truncated"] or None,
-               "missing_frames": {str(k): v for k, v in sorted(missing.items())},
-               "seconds": round(job["seconds"], 2),
-               "analyze_cpu_s_while_labelling": round(job["cpu_s"], 2),
-               "frames_per_s": round(job["frames"] / max(job["seconds"], 1e-9), 2),
-               "pipeline_ready_after_s": (None if job["ready_after_s"] is None
-                                          else round(job["ready_after_s"], 2)),
-               "frames_per_s_once_ready": (None if job["ready_after_s"] is None else round(
-                   job["frames"] / max(job["seconds"] - job["ready_after_s"], 1e-9), 2)),
-               "tracks": tracks}
+    summary = {
+        "video": str(video),
+        "model": job["model"],
+        "fps": job["fps"],
+        "frames": job["frames"],
+        "frames_in_header": job["expected"],
+        "frames_labelled": len(rows) - len(missing),
+        "frames_with_faces": sum(1 for r in rows if r.faces),
+        "partial": partial,
+        "truncated": job["truncated"] or None,
+        "missing_frames": {str(k): v for k, v in sorted(missing.items())},
+        "seconds": round(job["seconds"], 2),
+        "analyze_cpu_s_while_labelling": round(job["cpu_s"], 2),
+        "frames_per_s": round(job["frames"] / max(job["seconds"], 1e-9), 2),
+        "pipeline_ready_after_s": (None if job["ready_after_s"] is None else round(job["ready_after_s"], 2)),
+        "frames_per_s_once_ready": (
+            None
+            if job["ready_after_s"] is None
+            else round(job["frames"] / max(job["seconds"] - job["ready_after_s"], 1e-9), 2)
+        ),
+        "tracks": tracks,
+    }
     outputs.write_json(out / "tracks.json", summary)
     outputs.write_timeline(out / "timeline.png", rows, f"{video.name}: emotions per person")
     outputs.write_annotated(out / "annotated.mp4", video, rows, job["fps"], job["scale"], job["model"])
@@ -193,13 +233,15 @@ def analyze(args) -> int:
     readable = probe.isOpened() and probe.read()[0]
     probe.release()
     if not readable:
-        config_error(SERVICE, f"{video}: cannot be read as a video (not a video, or damaged "
-                              f"before its first frame)")
+        config_error(
+            SERVICE, f"{video}: cannot be read as a video (not a video, or damaged before its first frame)"
+        )
     out = Path(args.out) if args.out else video.with_name(f"{video.stem}-emotions")
     running = broker_answers(args.broker_host, args.base_port)
     if args.pipeline == "running" and not running:
-        config_error(SERVICE, f"no broker answers at {args.broker_host}:{args.base_port} "
-                              f"(--pipeline running)")
+        config_error(
+            SERVICE, f"no broker answers at {args.broker_host}:{args.base_port} (--pipeline running)"
+        )
     own = None
     if args.pipeline == "start" or not running:
         own = OwnPipeline(args.detectors, args.classifiers, args.registry)
@@ -219,12 +261,16 @@ def analyze(args) -> int:
         if own:
             own.stop()
     summary = write_outputs(video, out, job)
-    print(f"{video}: {summary['frames_labelled']} of {summary['frames']} frames labelled, "
-          f"{summary['frames_with_faces']} with faces, {len(summary['tracks'])} track(s), "
-          f"{summary['frames_per_s_once_ready']} frames/s once the pipeline answered -> {out}/")
+    print(
+        f"{video}: {summary['frames_labelled']} of {summary['frames']} frames labelled, "
+        f"{summary['frames_with_faces']} with faces, {len(summary['tracks'])} track(s), "
+        f"{summary['frames_per_s_once_ready']} frames/s once the pipeline answered -> {out}/"
+    )
     if summary["partial"]:
-        print(f"{SERVICE}: partial result: {summary['truncated'] or ''} "
-              f"{len(summary['missing_frames'])} frame(s) without a result (see tracks.json)",
-              file=sys.stderr)
+        print(
+            f"{SERVICE}: partial result: {summary['truncated'] or ''} "
+            f"{len(summary['missing_frames'])} frame(s) without a result (see tracks.json)",
+            file=sys.stderr,
+        )
         return PARTIAL
     return 0

@@ -1,4 +1,5 @@
 """Entry point: ``python -m services.broker`` (see ``--help``, and service.py)."""
+
 from __future__ import annotations
 
 import signal
@@ -27,15 +28,14 @@ def main(argv=None) -> int:
     addr = bus.BrokerAddress(args.bind_host, args.base_port)
     ctx = zmq.Context()
     stop = threading.Event()
-    broker = BrokerService(ctx, addr.endpoint, stop, hwms_from(args), curve,
-                           max_pixels=args.max_frame_pixels)
+    broker = BrokerService(ctx, addr.endpoint, stop, hwms_from(args), curve, max_pixels=args.max_frame_pixels)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     broker.run()
     ctx.term()
     if broker.failed:
         log.error("exiting because channel(s) %s failed", ", ".join(broker.failed))
-        return 1                                  # supervisors restart the broker
+        return 1  # supervisors restart the broker
     return 0
 
 

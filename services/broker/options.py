@@ -1,4 +1,5 @@
 """The broker's options."""
+
 from __future__ import annotations
 
 from services.common import bus
@@ -8,17 +9,30 @@ SERVICE = "broker"
 
 
 def build_parser():
-    parser = service_parser(SERVICE, "The broker: binds the five channels every other service "
-                            "connects to.", connects=False)
-    parser.option("--bind-host", default="127.0.0.1",
-                  help="address the channel ports bind (0.0.0.0 for all interfaces)")
-    parser.option("--hwm", default=bus.DEFAULT_HWM, type=int,
-                  help="high-water mark (messages) of the work queues detect and classify")
-    parser.option("--fanout-hwm", default=bus.FANOUT_HWM, type=int,
-                  help="high-water mark (messages per subscriber) of the frames channel")
-    parser.option("--results-hwm", default=bus.RESULTS_HWM, type=int,
-                  help="high-water mark (messages per subscriber) of the results and tracks "
-                       "channels")
+    parser = service_parser(
+        SERVICE, "The broker: binds the five channels every other service connects to.", connects=False
+    )
+    parser.option(
+        "--bind-host", default="127.0.0.1", help="address the channel ports bind (0.0.0.0 for all interfaces)"
+    )
+    parser.option(
+        "--hwm",
+        default=bus.DEFAULT_HWM,
+        type=int,
+        help="high-water mark (messages) of the work queues detect and classify",
+    )
+    parser.option(
+        "--fanout-hwm",
+        default=bus.FANOUT_HWM,
+        type=int,
+        help="high-water mark (messages per subscriber) of the frames channel",
+    )
+    parser.option(
+        "--results-hwm",
+        default=bus.RESULTS_HWM,
+        type=int,
+        help="high-water mark (messages per subscriber) of the results and tracks channels",
+    )
     return parser
 
 

@@ -11,12 +11,13 @@ and only clients whose public key is in ``DIR/clients/`` get in (checked by a ZA
 authenticator thread); others cannot publish or subscribe. The broker re-reads that folder
 every few seconds, so keys can be added or withdrawn without a restart.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 from prometheus_client import Counter
@@ -24,32 +25,48 @@ from prometheus_client import Counter
 from services.common import bus, keys
 from services.common.protocol import MAX_FRAME_PIXELS
 
-BROKER_MESSAGES = Counter("emotion_broker_messages_total",
-                          "Messages forwarded by the broker, per channel", ["channel"])
-BROKER_BYTES = Counter("emotion_broker_bytes_total",
-                       "Bytes forwarded by the broker (all frames of a message), per channel",
-                       ["channel"])
+BROKER_MESSAGES = Counter(
+    "emotion_broker_messages_total", "Messages forwarded by the broker, per channel", ["channel"]
+)
+BROKER_BYTES = Counter(
+    "emotion_broker_bytes_total",
+    "Bytes forwarded by the broker (all frames of a message), per channel",
+    ["channel"],
+)
 
-PROXY_RESTARTS = Counter("emotion_broker_proxy_restarts_total",
-                         "Times a channel's proxy stopped on a spurious wake-up and was restarted",
-                         ["channel"])
+PROXY_RESTARTS = Counter(
+    "emotion_broker_proxy_restarts_total",
+    "Times a channel's proxy stopped on a spurious wake-up and was restarted",
+    ["channel"],
+)
 
 log = logging.getLogger("broker")
-KEYS_POLL_S = 2.0   # how often the authorised client keys are checked for changes
+KEYS_POLL_S = 2.0  # how often the authorised client keys are checked for changes
 
-SOCKET_TYPES = {"frames": (zmq.XSUB, zmq.XPUB), "results": (zmq.XSUB, zmq.XPUB),
-                "tracks": (zmq.XSUB, zmq.XPUB),
-                "detect": (zmq.PULL, zmq.PUSH), "classify": (zmq.PULL, zmq.PUSH)}
+SOCKET_TYPES = {
+    "frames": (zmq.XSUB, zmq.XPUB),
+    "results": (zmq.XSUB, zmq.XPUB),
+    "tracks": (zmq.XSUB, zmq.XPUB),
+    "detect": (zmq.PULL, zmq.PUSH),
+    "classify": (zmq.PULL, zmq.PUSH),
+}
 
-Endpoint = Callable[[str, str], str]   # (channel, "in" or "out") -> address to bind
+Endpoint = Callable[[str, str], str]  # (channel, "in" or "out") -> address to bind
 
 
 class Channel:
     """One proxy thread: frontend (producers) -> backend (consumers), steerable to stop it."""
 
-    def __init__(self, ctx: zmq.Context, name: str, endpoint: Endpoint, hwm: int,
-                 curve: keys.ServerKeys | None = None, on_failure=lambda: None,
-                 max_pixels: int = MAX_FRAME_PIXELS):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        name: str,
+        endpoint: Endpoint,
+        hwm: int,
+        curve: keys.ServerKeys | None = None,
+        on_failure=lambda: None,
+        max_pixels: int = MAX_FRAME_PIXELS,
+    ):
         """hwm bounds both sides of the proxy (per peer), and the protocol's limits bound each
         part a producer or subscriber may send (ZMQ_MAXMSGSIZE), so that the queues are
         bounded in bytes too; curve makes both CURVE servers."""
@@ -81,7 +98,7 @@ class Channel:
             while True:
                 try:
                     zmq.proxy_steerable(self.front, self.back, self.capture, peer)
-                    break                         # TERMINATE
+                    break  # TERMINATE
                 except zmq.Again:
                     # libzmq's proxy gives up with EAGAIN when a socket it saw as readable
                     # has nothing to read (happens while CURVE handshakes settle). Nothing
@@ -91,7 +108,7 @@ class Channel:
                     time.sleep(0.001)
         except zmq.ContextTerminated:
             pass
-        except Exception as exc:                  # a dead channel must not go unnoticed
+        except Exception as exc:  # a dead channel must not go unnoticed
             log.error("channel %s failed: %s", self.name, exc)
             self.failed = exc
             self._on_failure()
@@ -145,9 +162,16 @@ class BrokerService:
     fails. With ``curve`` the channels are CurveZMQ servers whose authorised client keys
     are re-read while it runs."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: Endpoint, stop: threading.Event,
-                 hwms: dict[str, int] | None = None, curve: keys.ServerKeys | None = None,
-                 max_pixels: int = MAX_FRAME_PIXELS, keys_poll_s: float = KEYS_POLL_S):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: Endpoint,
+        stop: threading.Event,
+        hwms: dict[str, int] | None = None,
+        curve: keys.ServerKeys | None = None,
+        max_pixels: int = MAX_FRAME_PIXELS,
+        keys_poll_s: float = KEYS_POLL_S,
+    ):
         self.ctx, self.endpoint, self.stop = ctx, endpoint, stop
         self.curve, self.keys_poll_s = curve, keys_poll_s
         self.auth = None
@@ -157,22 +181,38 @@ class BrokerService:
             self.auth = ThreadAuthenticator(ctx, log=log.getChild("auth"))
             self.auth.start()
             self.auth.configure_curve(domain="*", location=str(curve.clients))
-            log.info("CurveZMQ on: %d authorised client key(s) in %s",
-                     len(list(curve.clients.glob("*.key"))), curve.clients)
+            log.info(
+                "CurveZMQ on: %d authorised client key(s) in %s",
+                len(list(curve.clients.glob("*.key"))),
+                curve.clients,
+            )
         hwms = hwms or {}
-        self.channels = [Channel(ctx, name, endpoint, hwms.get(name, bus.channel_hwm(name)),
-                                 curve, on_failure=stop.set, max_pixels=max_pixels)
-                         for name in bus.CHANNELS]
+        self.channels = [
+            Channel(
+                ctx,
+                name,
+                endpoint,
+                hwms.get(name, bus.channel_hwm(name)),
+                curve,
+                on_failure=stop.set,
+                max_pixels=max_pixels,
+            )
+            for name in bus.CHANNELS
+        ]
 
     def run(self) -> None:
-        counter = threading.Thread(target=count_messages,
-                                   args=(self.ctx, list(bus.CHANNELS), self.stop),
-                                   name="counter", daemon=True)
+        counter = threading.Thread(
+            target=count_messages, args=(self.ctx, list(bus.CHANNELS), self.stop), name="counter", daemon=True
+        )
         counter.start()
         for channel in self.channels:
             channel.thread.start()
-            log.info("channel %-8s producers -> %s, consumers -> %s", channel.name,
-                     self.endpoint(channel.name, "in"), self.endpoint(channel.name, "out"))
+            log.info(
+                "channel %-8s producers -> %s, consumers -> %s",
+                channel.name,
+                self.endpoint(channel.name, "in"),
+                self.endpoint(channel.name, "out"),
+            )
         log.info("broker ready")
         keys_seen = keys.clients_signature(self.curve.clients) if self.curve is not None else ()
         while not self.stop.wait(self.keys_poll_s):

@@ -1,4 +1,5 @@
 """Entry point: ``python -m services.capture`` (see ``--help``, and service.py)."""
+
 from __future__ import annotations
 
 import signal
@@ -33,8 +34,14 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     service = CaptureService(
-        source, settings, frames_out, detect_out,
-        lambda: bus.consumer(ctx, addr, "results", topic=settings.stream.encode()), stop, log=log)
+        source,
+        settings,
+        frames_out,
+        detect_out,
+        lambda: bus.consumer(ctx, addr, "results", topic=settings.stream.encode()),
+        stop,
+        log=log,
+    )
     try:
         service.run()
     except SourceError as exc:

@@ -1,4 +1,5 @@
 """A frame as a wire message, and which frames of a file to publish."""
+
 from __future__ import annotations
 
 import time
@@ -8,12 +9,18 @@ import cv2
 from services.common.protocol import ENCODING_BGR, Frame, encode
 
 
-def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int,
-                 flow: bool = False) -> list:
+def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int, flow: bool = False) -> list:
     """One frame as a wire message (timestamped now); ``flow``: sent under flow control."""
     height, width = frame.shape[:2]
-    header = Frame(stream=stream, seq=seq, width=width, height=height,
-                   encoding=encoding, timestamps={"capture": time.time()}, flow=flow)
+    header = Frame(
+        stream=stream,
+        seq=seq,
+        width=width,
+        height=height,
+        encoding=encoding,
+        timestamps={"capture": time.time()},
+        flow=flow,
+    )
     if encoding == ENCODING_BGR:
         payload = frame if frame.flags.c_contiguous else frame.copy()
     else:

@@ -1,4 +1,5 @@
 """Capture's options, and the settings they make."""
+
 from __future__ import annotations
 
 from services.common.config import service_parser
@@ -9,38 +10,73 @@ from .sources import DEFAULT_TIMEOUT_MS
 
 
 def build_parser():
-    parser = service_parser(SERVICE, "Capture: reads a source and publishes its frames to the "
-                            "broker.")
-    parser.option("--source", default="demo",
-                  help="'demo', a camera index (0) or /dev/videoN, a video file, an "
-                       "rtsp:// or http(s):// URL, an image folder, or a glob like 'pics/*.jpg'")
+    parser = service_parser(SERVICE, "Capture: reads a source and publishes its frames to the broker.")
+    parser.option(
+        "--source",
+        default="demo",
+        help="'demo', a camera index (0) or /dev/videoN, a video file, an "
+        "rtsp:// or http(s):// URL, an image folder, or a glob like 'pics/*.jpg'",
+    )
     parser.option("--stream", default="main", help="stream id carried by every frame")
-    parser.option("--fps", default=0.0, type=float,
-                  help="frames per second to publish (0 = the source's own rate; "
-                       "15 for demo, image folders and cameras that do not say)")
-    parser.option("--pace", default=True, type=bool,
-                  help="pace files at their frame rate; --no-pace reads as fast as possible")
-    parser.option("--max-width", default=640, type=int,
-                  help="downscale wider frames to this width (0 = never)")
-    parser.option("--encoding", default=ENCODING_JPEG, choices=[ENCODING_JPEG, ENCODING_BGR],
-                  help="how frames travel: jpeg, or raw bgr (more bandwidth, less CPU)")
+    parser.option(
+        "--fps",
+        default=0.0,
+        type=float,
+        help="frames per second to publish (0 = the source's own rate; "
+        "15 for demo, image folders and cameras that do not say)",
+    )
+    parser.option(
+        "--pace",
+        default=True,
+        type=bool,
+        help="pace files at their frame rate; --no-pace reads as fast as possible",
+    )
+    parser.option(
+        "--max-width", default=640, type=int, help="downscale wider frames to this width (0 = never)"
+    )
+    parser.option(
+        "--encoding",
+        default=ENCODING_JPEG,
+        choices=[ENCODING_JPEG, ENCODING_BGR],
+        help="how frames travel: jpeg, or raw bgr (more bandwidth, less CPU)",
+    )
     parser.option("--jpeg-quality", default=85, type=int, help="JPEG quality 1-100")
     parser.option("--loop", default=False, type=bool, help="restart file sources at their end")
-    parser.option("--exit-at-end", default=False, type=bool,
-                  help="exit when a file source ends (batch use) instead of idling")
-    parser.option("--source-timeout-ms", default=DEFAULT_TIMEOUT_MS, type=int,
-                  help="URL sources: longest opening or reading may block before the source "
-                       "counts as down and is reopened with backoff (0 = OpenCV's default, 30 s)")
+    parser.option(
+        "--exit-at-end",
+        default=False,
+        type=bool,
+        help="exit when a file source ends (batch use) instead of idling",
+    )
+    parser.option(
+        "--source-timeout-ms",
+        default=DEFAULT_TIMEOUT_MS,
+        type=int,
+        help="URL sources: longest opening or reading may block before the source "
+        "counts as down and is reopened with backoff (0 = OpenCV's default, 30 s)",
+    )
     parser.option("--max-frames", default=0, type=int, help="stop after this many frames (0 = no limit)")
-    parser.option("--max-in-flight", default=4, type=int,
-                  help="unpaced files and folders (--no-pace): read, encode and send a frame "
-                       "only while fewer than this many are in the pipeline, so none is made "
-                       "just to be superseded (0 = no flow control); more keeps more replicas busy")
-    parser.option("--in-flight-timeout-ms", default=1000.0, type=float,
-                  help="a frame with no result after this long no longer counts as in flight")
-    parser.option("--wait-ready-s", default=120.0, type=float,
-                  help="files and folders: before the first frame, wait up to this long for a "
-                       "detector and a classifier to answer it (0 = start at once)")
+    parser.option(
+        "--max-in-flight",
+        default=4,
+        type=int,
+        help="unpaced files and folders (--no-pace): read, encode and send a frame "
+        "only while fewer than this many are in the pipeline, so none is made "
+        "just to be superseded (0 = no flow control); more keeps more replicas busy",
+    )
+    parser.option(
+        "--in-flight-timeout-ms",
+        default=1000.0,
+        type=float,
+        help="a frame with no result after this long no longer counts as in flight",
+    )
+    parser.option(
+        "--wait-ready-s",
+        default=120.0,
+        type=float,
+        help="files and folders: before the first frame, wait up to this long for a "
+        "detector and a classifier to answer it (0 = start at once)",
+    )
     return parser
 
 
@@ -50,8 +86,17 @@ def parse_args(argv=None):
 
 def settings_from(args) -> CaptureSettings:
     return CaptureSettings(
-        stream=args.stream, fps=args.fps, pace=args.pace, max_width=args.max_width,
-        max_pixels=args.max_frame_pixels, encoding=args.encoding,
-        jpeg_quality=args.jpeg_quality, loop=args.loop, exit_at_end=args.exit_at_end,
-        max_frames=args.max_frames, max_in_flight=args.max_in_flight,
-        in_flight_timeout_s=args.in_flight_timeout_ms / 1000.0, wait_ready_s=args.wait_ready_s)
+        stream=args.stream,
+        fps=args.fps,
+        pace=args.pace,
+        max_width=args.max_width,
+        max_pixels=args.max_frame_pixels,
+        encoding=args.encoding,
+        jpeg_quality=args.jpeg_quality,
+        loop=args.loop,
+        exit_at_end=args.exit_at_end,
+        max_frames=args.max_frames,
+        max_in_flight=args.max_in_flight,
+        in_flight_timeout_s=args.in_flight_timeout_ms / 1000.0,
+        wait_ready_s=args.wait_ready_s,
+    )

@@ -14,13 +14,14 @@ reads, encodes and sends its next frame only while fewer than ``--max-in-flight`
 are waiting for their results, so it never makes a frame a detector would supersede.
 Live and paced sources keep every frame for the viewers and let the detectors skip.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import zmq
 from prometheus_client import Counter, Gauge
@@ -28,8 +29,7 @@ from prometheus_client import Counter, Gauge
 from services.common import bus
 from services.common.flow import Ledger, answers
 from services.common.metrics import drop
-from services.common.protocol import (ENCODING_JPEG, KIND_RESULT, MAX_FRAME_PIXELS, Rejected,
-                                      decode)
+from services.common.protocol import ENCODING_JPEG, KIND_RESULT, MAX_FRAME_PIXELS, Rejected, decode
 
 from .frames import encode_frame, publish_every
 from .sources import Backoff, Pacer, Source, SourceError, fit_width
@@ -37,19 +37,24 @@ from .sources import Backoff, Pacer, Source, SourceError, fit_width
 SERVICE = "capture"
 FRAMES = Counter("emotion_capture_frames_total", "Frames published", ["stream"])
 SOURCE_UP = Gauge("emotion_capture_source_up", "1 while the source delivers frames", ["stream"])
-SOURCE_FINISHED = Gauge("emotion_capture_source_finished",
-                        "1 once a file or folder source has ended", ["stream"])
-UNANSWERED = Counter("emotion_capture_unanswered_total",
-                     "Frames sent under flow control that got no result within "
-                     "--in-flight-timeout-ms (lost on the way; not sent again)", ["stream"])
-SOURCE_RETRIES = Counter("emotion_capture_source_retries_total",
-                         "Attempts to reopen a failed camera or URL", ["stream"])
+SOURCE_FINISHED = Gauge(
+    "emotion_capture_source_finished", "1 once a file or folder source has ended", ["stream"]
+)
+UNANSWERED = Counter(
+    "emotion_capture_unanswered_total",
+    "Frames sent under flow control that got no result within "
+    "--in-flight-timeout-ms (lost on the way; not sent again)",
+    ["stream"],
+)
+SOURCE_RETRIES = Counter(
+    "emotion_capture_source_retries_total", "Attempts to reopen a failed camera or URL", ["stream"]
+)
 
 
 @dataclass(frozen=True)
 class CaptureSettings:
     stream: str = "main"
-    fps: float = 0.0                 # 0 = the source's own rate
+    fps: float = 0.0  # 0 = the source's own rate
     pace: bool = True
     max_width: int = 640
     max_pixels: int = MAX_FRAME_PIXELS
@@ -57,8 +62,8 @@ class CaptureSettings:
     jpeg_quality: int = 85
     loop: bool = False
     exit_at_end: bool = False
-    max_frames: int = 0              # 0 = no limit
-    max_in_flight: int = 4           # unpaced files and folders; 0 = no flow control
+    max_frames: int = 0  # 0 = no limit
+    max_in_flight: int = 4  # unpaced files and folders; 0 = no flow control
     in_flight_timeout_s: float = 1.0
     wait_ready_s: float = 120.0
 
@@ -120,16 +125,24 @@ class CaptureService:
     ``stop`` is set (or the source ends, as the settings say). ``open_results()`` makes a
     subscriber to the stream's results, for the first-frame wait and flow control."""
 
-    def __init__(self, source: Source, settings: CaptureSettings, frames_out: zmq.Socket,
-                 detect_out: zmq.Socket, open_results: Callable[[], zmq.Socket],
-                 stop: threading.Event, clock=time.monotonic, log: logging.Logger | None = None):
+    def __init__(
+        self,
+        source: Source,
+        settings: CaptureSettings,
+        frames_out: zmq.Socket,
+        detect_out: zmq.Socket,
+        open_results: Callable[[], zmq.Socket],
+        stop: threading.Event,
+        clock=time.monotonic,
+        log: logging.Logger | None = None,
+    ):
         self.source, self.settings = source, settings
         self.frames_out, self.detect_out, self.open_results = frames_out, detect_out, open_results
         self.stop, self.clock = stop, clock
         self.log = log or logging.getLogger(SERVICE)
         self.backoff = Backoff()
         self.flow: FlowControl | None = None
-        self.seq = 0                 # frames published so far; the next frame's number
+        self.seq = 0  # frames published so far; the next frame's number
 
     def run(self) -> None:
         """Raises SourceError when a file or folder cannot be opened."""
@@ -173,8 +186,7 @@ class CaptureService:
         if source.live:
             delay = self.backoff.next()
             SOURCE_RETRIES.labels(stream).inc()
-            self.log.warning("%s stopped delivering frames; reopening in %.1f s", source.name,
-                             delay)
+            self.log.warning("%s stopped delivering frames; reopening in %.1f s", source.name, delay)
             self.stop.wait(delay)
             return True
         if self.settings.loop:
@@ -182,7 +194,7 @@ class CaptureService:
         SOURCE_FINISHED.labels(stream).set(1)
         self.log.info("%s finished after %d frames", source.name, self.seq)
         if not self.settings.exit_at_end:
-            self.stop.wait()   # stay up so metrics and the rest of the pipeline stay up
+            self.stop.wait()  # stay up so metrics and the rest of the pipeline stay up
         return False
 
     def read_source(self) -> None:
@@ -199,11 +211,18 @@ class CaptureService:
             pacer = Pacer(0.0)
         else:
             pacer = Pacer((native if is_file else fps) if s.pace else 0.0)
-        thinning = Thinning(every=publish_every(native, s.fps) if is_file else 1.0,
-                            min_interval=1.0 / s.fps if source.live and s.fps else 0.0)
+        thinning = Thinning(
+            every=publish_every(native, s.fps) if is_file else 1.0,
+            min_interval=1.0 / s.fps if source.live and s.fps else 0.0,
+        )
         waits = not source.live and source.name != "demo"
-        self.log.info("reading %s (%.1f fps native), publishing stream %r at %s", source.name,
-                      native, s.stream, f"{fps:.1f} fps" if s.pace else "full speed")
+        self.log.info(
+            "reading %s (%.1f fps native), publishing stream %r at %s",
+            source.name,
+            native,
+            s.stream,
+            f"{fps:.1f} fps" if s.pace else "full speed",
+        )
         if self.flow is None and not source.live and not s.pace and s.max_in_flight > 0:
             self.flow = FlowControl(s.max_in_flight, s.in_flight_timeout_s, self.open_results())
             self.log.info("flow control: at most %d frames in the pipeline", s.max_in_flight)
@@ -225,10 +244,12 @@ class CaptureService:
         answered = False
         if self.seq == 0 and waits and s.wait_ready_s > 0:
             answered = self.wait_until_answered(
-                lambda: encode_frame(frame, s.stream, 0, s.encoding, s.jpeg_quality))
-        parts = encode_frame(frame, s.stream, self.seq, s.encoding, s.jpeg_quality,
-                             flow=self.flow is not None)
-        self.frames_out.send_multipart(parts, copy=False)   # PUB: never blocks
+                lambda: encode_frame(frame, s.stream, 0, s.encoding, s.jpeg_quality)
+            )
+        parts = encode_frame(
+            frame, s.stream, self.seq, s.encoding, s.jpeg_quality, flow=self.flow is not None
+        )
+        self.frames_out.send_multipart(parts, copy=False)  # PUB: never blocks
         if not answered and not bus.send_nowait(self.detect_out, parts):
             drop(SERVICE, "detect_queue_full")
         elif self.flow and not answered:
@@ -250,12 +271,17 @@ class CaptureService:
             while not self.stop.is_set():
                 now = self.clock()
                 if now - started > timeout_s:
-                    self.log.warning("no detector and classifier answered within %.0f s; "
-                                     "starting anyway", timeout_s)
+                    self.log.warning(
+                        "no detector and classifier answered within %.0f s; starting anyway", timeout_s
+                    )
                     return False
                 if now >= next_notice:
-                    self.log.info("waiting for a detector and a classifier to answer before "
-                                  "reading stream %r (--wait-ready-s %.0f)", stream, timeout_s)
+                    self.log.info(
+                        "waiting for a detector and a classifier to answer before "
+                        "reading stream %r (--wait-ready-s %.0f)",
+                        stream,
+                        timeout_s,
+                    )
                     next_notice = now + 10.0
                 bus.send_nowait(self.detect_out, probe())
                 if results.poll(1000):
@@ -264,8 +290,7 @@ class CaptureService:
                     except Rejected:
                         continue
                     if header.stream == stream and header.seq == 0:
-                        self.log.info("the pipeline answered after %.1f s",
-                                      self.clock() - started)
+                        self.log.info("the pipeline answered after %.1f s", self.clock() - started)
                         return True
             return False
         finally:

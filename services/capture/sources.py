@@ -5,6 +5,7 @@ Every source has the same small interface -- ``open()``, ``read()`` and ``close(
 frame, or None when the source has ended (files) or failed (cameras and URLs, which
 the capture loop then reopens with backoff).
 """
+
 from __future__ import annotations
 
 import glob
@@ -18,7 +19,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://")
-DEFAULT_TIMEOUT_MS = 5000   # URLs: longest an open or a read may block (OpenCV's own is 30 s)
+DEFAULT_TIMEOUT_MS = 5000  # URLs: longest an open or a read may block (OpenCV's own is 30 s)
 
 
 class SourceError(Exception):
@@ -27,8 +28,8 @@ class SourceError(Exception):
 
 class Source:
     name = "source"
-    live = False          # cameras and URLs: retried with backoff when they fail
-    native_fps = 0.0      # 0 = unknown / not a timed medium
+    live = False  # cameras and URLs: retried with backoff when they fail
+    native_fps = 0.0  # 0 = unknown / not a timed medium
 
     def open(self) -> None: ...
 
@@ -45,7 +46,7 @@ class VideoSource(Source):
         self.target = target
         self.live = live
         self.name = name
-        self.timeout_ms = timeout_ms   # URLs only: FFmpeg open/read timeout (0 = OpenCV's)
+        self.timeout_ms = timeout_ms  # URLs only: FFmpeg open/read timeout (0 = OpenCV's)
         self.capture = None
 
     def open(self) -> None:
@@ -53,9 +54,16 @@ class VideoSource(Source):
         if self.timeout_ms > 0:
             # A dead or stalled stream fails after timeout_ms instead of blocking the
             # capture loop (and its shutdown) for OpenCV's default 30 s.
-            capture = cv2.VideoCapture(self.target, cv2.CAP_FFMPEG,
-                                       [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.timeout_ms,
-                                        cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.timeout_ms])
+            capture = cv2.VideoCapture(
+                self.target,
+                cv2.CAP_FFMPEG,
+                [
+                    cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                    self.timeout_ms,
+                    cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                    self.timeout_ms,
+                ],
+            )
         else:
             capture = cv2.VideoCapture(self.target)
         if not capture.isOpened():
@@ -127,16 +135,24 @@ class DemoSource(Source):
         scale = 0.62 + 0.08 * math.sin(t * 0.7)
         face = cv2.resize(self.portrait, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         if int(t / 4) % 2:
-            face = cv2.flip(face, 1)   # alternate the pose every few seconds
+            face = cv2.flip(face, 1)  # alternate the pose every few seconds
         fh, fw = face.shape[:2]
         x = int((width - fw) / 2 + (width - fw) / 2 * 0.8 * math.sin(t * 0.5))
         y = int((height - fh) / 2 + max(0, height - fh) / 2 * 0.8 * math.cos(t * 0.4))
         canvas = np.full((height, width, 3), (48, 40, 36), np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + fw, width), min(y + fh, height)
-        canvas[y0:y1, x0:x1] = face[y0 - y:y1 - y, x0 - x:x1 - x]
-        cv2.putText(canvas, f"demo #{self.tick}", (10, 20), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.5, (220, 220, 220), 1, cv2.LINE_AA)
+        canvas[y0:y1, x0:x1] = face[y0 - y : y1 - y, x0 - x : x1 - x]
+        cv2.putText(
+            canvas,
+            f"demo #{self.tick}",
+            (10, 20),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.5,
+            (220, 220, 220),
+            1,
+            cv2.LINE_AA,
+        )
         return canvas
 
 
@@ -168,9 +184,10 @@ def open_source(spec: str, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Source:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return ImageSource([spec], name=f"image {spec}")
         return VideoSource(spec, live=False, name=f"file {spec}")
-    raise SourceError(f"source {spec!r} is not 'demo', a camera index, /dev/video*, a URL, "
-                      f"an existing file, a folder or a glob pattern"
-                      + ("" if os.path.exists(spec) else " (no such file)"))
+    raise SourceError(
+        f"source {spec!r} is not 'demo', a camera index, /dev/video*, a URL, "
+        f"an existing file, a folder or a glob pattern" + ("" if os.path.exists(spec) else " (no such file)")
+    )
 
 
 def fit_width(frame: np.ndarray, max_width: int, max_pixels: int = 0) -> np.ndarray:
@@ -206,7 +223,7 @@ class Pacer:
         if delay > 0:
             time.sleep(delay)
         elif delay < -self.period:
-            self.next_time = now   # fell behind: do not try to catch up with a burst
+            self.next_time = now  # fell behind: do not try to catch up with a burst
         self.next_time += self.period
 
 

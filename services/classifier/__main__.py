@@ -1,4 +1,5 @@
 """Entry point: ``python -m services.classifier`` (see ``--help``, and service.py)."""
+
 from __future__ import annotations
 
 import signal
@@ -16,6 +17,7 @@ from .options import parse_args, settings_from
 from .service import SERVICE, ClassifierService
 from .serving import ModelWatcher, announce, describe, load_entry, load_served_model
 
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     log = setup_logging(SERVICE, args.log_level)
@@ -28,10 +30,12 @@ def main(argv=None) -> None:
     log.info("serving %s", describe(served))
     watcher = None
     if not args.model:
-        watcher = ModelWatcher(Path(args.registry), served.version, args.reload_poll_s, log,
-                               args.runtime).start()
-    serve_metrics(args.metrics_port, args.metrics_host,
-                  actions={"/reload": watcher.request_reload} if watcher else {})
+        watcher = ModelWatcher(
+            Path(args.registry), served.version, args.reload_poll_s, log, args.runtime
+        ).start()
+    serve_metrics(
+        args.metrics_port, args.metrics_host, actions={"/reload": watcher.request_reload} if watcher else {}
+    )
     addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()
     faces_in = bus.consumer(ctx, addr, "classify")
@@ -39,8 +43,16 @@ def main(argv=None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    ClassifierService(served, settings, faces_in, results_out, stop, watcher=watcher,
-                      rejects=RejectLog(SERVICE, log), log=log).run()
+    ClassifierService(
+        served,
+        settings,
+        faces_in,
+        results_out,
+        stop,
+        watcher=watcher,
+        rejects=RejectLog(SERVICE, log),
+        log=log,
+    ).run()
     if watcher:
         watcher.stop()
     faces_in.close()

@@ -4,6 +4,7 @@ A batch runs as soon as it is full (``max_batch`` crops) or as soon as its oldes
 has waited ``max_wait_ms`` -- the same two knobs as Triton's dynamic batcher
 (``max_queue_delay_microseconds``) and TF Serving's ``batch_timeout_micros``.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -23,8 +24,8 @@ class BatchPolicy:
 @dataclass
 class PendingFaces:
     header: Faces
-    crops: np.ndarray        # (N, S, S, 3) uint8
-    arrived: float           # monotonic seconds
+    crops: np.ndarray  # (N, S, S, 3) uint8
+    arrived: float  # monotonic seconds
 
 
 class Batcher:

@@ -5,6 +5,7 @@ A job's frames (analyze) always get the version's TTA. A live stream's follow
 of the stream, and the tracker's smoothing averages both views over time; ``version``
 runs both views on every frame (twice the model work); ``none`` runs the face as is.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict

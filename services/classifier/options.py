@@ -1,4 +1,5 @@
 """The classifier's options, and the settings they make."""
+
 from __future__ import annotations
 
 from services.common.config import service_parser
@@ -10,33 +11,60 @@ from .service import SERVICE, ClassifierSettings
 
 
 def build_parser():
-    parser = service_parser(SERVICE, "Classifier: pulls face crops, classifies them in dynamic "
-                            "batches, publishes results.")
+    parser = service_parser(
+        SERVICE, "Classifier: pulls face crops, classifies them in dynamic batches, publishes results."
+    )
     policy = BatchPolicy()
-    parser.option("--registry", default="models",
-                  help="model registry directory; the version named in its 'current' file is served")
-    parser.option("--model", default="",
-                  help="serve this model instead: a version directory or a model.keras file "
-                       "(with metadata.json beside it)")
-    parser.option("--runtime", default="auto", choices=list(RUNTIMES),
-                  help="tf-function: the Keras model behind tf.function; tflite: converted to "
-                       "TensorFlow Lite when loaded (about half the CPU per face at batch 1, "
-                       "but one thread and float32 only); auto: TFLite for batches of up to "
-                       "8 model inputs (a face with flip TTA is 2) and tf-function above, or "
-                       "tf-function alone for a bfloat16 version on a CPU with native bfloat16")
-    parser.option("--live-tta", default=LIVE_ALTERNATE, choices=list(LIVE_TTA),
-                  help="for a flip-TTA version, how faces of live streams (all but analyze "
-                       "jobs) are run: alternate: once, mirrored on every other frame (the "
-                       "tracker averages both views); version: as is and mirrored on every "
-                       "frame (twice the model work); none: once, as is (less accurate)")
+    parser.option(
+        "--registry",
+        default="models",
+        help="model registry directory; the version named in its 'current' file is served",
+    )
+    parser.option(
+        "--model",
+        default="",
+        help="serve this model instead: a version directory or a model.keras file "
+        "(with metadata.json beside it)",
+    )
+    parser.option(
+        "--runtime",
+        default="auto",
+        choices=list(RUNTIMES),
+        help="tf-function: the Keras model behind tf.function; tflite: converted to "
+        "TensorFlow Lite when loaded (about half the CPU per face at batch 1, "
+        "but one thread and float32 only); auto: TFLite for batches of up to "
+        "8 model inputs (a face with flip TTA is 2) and tf-function above, or "
+        "tf-function alone for a bfloat16 version on a CPU with native bfloat16",
+    )
+    parser.option(
+        "--live-tta",
+        default=LIVE_ALTERNATE,
+        choices=list(LIVE_TTA),
+        help="for a flip-TTA version, how faces of live streams (all but analyze "
+        "jobs) are run: alternate: once, mirrored on every other frame (the "
+        "tracker averages both views); version: as is and mirrored on every "
+        "frame (twice the model work); none: once, as is (less accurate)",
+    )
     parser.option("--max-batch", default=policy.max_batch, type=int, help="largest batch of faces")
-    parser.option("--max-wait-ms", default=policy.max_wait_ms, type=float,
-                  help="longest a face waits for its batch to fill")
-    parser.option("--max-age-ms", default=500.0, type=float,
-                  help="drop faces of frames captured longer ago than this (0 = never)")
-    parser.option("--reload-poll-s", default=1.0, type=float,
-                  help="how often to check the registry for a newly promoted model "
-                       "(0 = never; POST /reload on the metrics port checks at once)")
+    parser.option(
+        "--max-wait-ms",
+        default=policy.max_wait_ms,
+        type=float,
+        help="longest a face waits for its batch to fill",
+    )
+    parser.option(
+        "--max-age-ms",
+        default=500.0,
+        type=float,
+        help="drop faces of frames captured longer ago than this (0 = never)",
+    )
+    parser.option(
+        "--reload-poll-s",
+        default=1.0,
+        type=float,
+        help="how often to check the registry for a newly promoted model "
+        "(0 = never; POST /reload on the metrics port checks at once)",
+    )
     return parser
 
 
@@ -45,5 +73,9 @@ def parse_args(argv=None):
 
 
 def settings_from(args) -> ClassifierSettings:
-    return ClassifierSettings(BatchPolicy(args.max_batch, args.max_wait_ms), args.live_tta,
-                              args.max_age_ms / 1000.0, args.max_clock_skew_ms / 1000.0)
+    return ClassifierSettings(
+        BatchPolicy(args.max_batch, args.max_wait_ms),
+        args.live_tta,
+        args.max_age_ms / 1000.0,
+        args.max_clock_skew_ms / 1000.0,
+    )

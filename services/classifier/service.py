@@ -10,6 +10,7 @@ classifier by default runs each face once, mirrored on every other frame of the 
 the labels it shows match flip TTA's on 98 % of frames (bench/results/live-tta.md) for half
 the model work. Analyze jobs, whose every frame is reported, always get the version's TTA.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,19 @@ from prometheus_client import Counter, Histogram
 
 from services.common import bus
 from services.common.metrics import RejectLog, drop
-from services.common.protocol import (EMOTIONS, KIND_FACES, MAX_CLOCK_SKEW_S, FaceResult, Faces,
-                                      Rejected, Result, decode, decode_crops, encode, is_job)
+from services.common.protocol import (
+    EMOTIONS,
+    KIND_FACES,
+    MAX_CLOCK_SKEW_S,
+    FaceResult,
+    Faces,
+    Rejected,
+    Result,
+    decode,
+    decode_crops,
+    encode,
+    is_job,
+)
 from services.model.preprocess import preprocess_faces
 
 from .batching import Batcher, BatchPolicy, PendingFaces
@@ -32,41 +44,59 @@ from .live_tta import LIVE_ALTERNATE, LiveTta
 from .serving import RELOADS, ModelWatcher, ServedModel, announce, describe
 
 SERVICE = "classifier"
-POLL_MS = 200       # longest wait for input while no batch is due (and for the stop event)
-DRAIN_LIMIT = 256   # messages taken from the queue per pass (stale ones dropped, older replaced)
+POLL_MS = 200  # longest wait for input while no batch is due (and for the stop event)
+DRAIN_LIMIT = 256  # messages taken from the queue per pass (stale ones dropped, older replaced)
 FACES = Counter("emotion_classifier_faces_total", "Faces classified, by predicted emotion", ["emotion"])
-BATCH_SIZE = Histogram("emotion_classifier_batch_size", "Faces per model call",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-INFERENCE_SECONDS = Histogram("emotion_classifier_inference_seconds",
-                              "Preprocessing plus model time per batch",
-                              buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
-QUEUE_WAIT = Histogram("emotion_classifier_queue_wait_seconds",
-                       "Time a message waited in the batcher before its batch ran",
-                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2))
+BATCH_SIZE = Histogram(
+    "emotion_classifier_batch_size", "Faces per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+INFERENCE_SECONDS = Histogram(
+    "emotion_classifier_inference_seconds",
+    "Preprocessing plus model time per batch",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
+QUEUE_WAIT = Histogram(
+    "emotion_classifier_queue_wait_seconds",
+    "Time a message waited in the batcher before its batch ran",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2),
+)
 
 
 @dataclass(frozen=True)
 class ClassifierSettings:
     """How faces are batched, which view of a face live streams get, and what is too old."""
+
     policy: BatchPolicy = field(default_factory=BatchPolicy)
     live_tta: str = LIVE_ALTERNATE
-    max_age_s: float = 0.5          # frames captured longer ago are dropped (0 = never)
+    max_age_s: float = 0.5  # frames captured longer ago are dropped (0 = never)
     max_skew_s: float = MAX_CLOCK_SKEW_S
 
 
-def results_message(header: Faces, probabilities: np.ndarray, version: str,
-                    now: float | None = None) -> list:
+def results_message(header: Faces, probabilities: np.ndarray, version: str, now: float | None = None) -> list:
     """The encoded result of one frame: a label and 7 scores per face, stamped ``classify``
     at ``now`` (default: this machine's clock)."""
     results = []
     for box, scores in zip(header.boxes, probabilities):
         best = int(np.argmax(scores))
-        results.append(FaceResult(box=box, label=EMOTIONS[best], confidence=float(scores[best]),
-                                  scores=[float(s) for s in scores]))
+        results.append(
+            FaceResult(
+                box=box,
+                label=EMOTIONS[best],
+                confidence=float(scores[best]),
+                scores=[float(s) for s in scores],
+            )
+        )
     classified = time.time() if now is None else now
-    out = Result(stream=header.stream, seq=header.seq, width=header.width,
-                 height=header.height, timestamps={**header.timestamps, "classify": classified},
-                 boxes=header.boxes, results=results, model=version)
+    out = Result(
+        stream=header.stream,
+        seq=header.seq,
+        width=header.width,
+        height=header.height,
+        timestamps={**header.timestamps, "classify": classified},
+        boxes=header.boxes,
+        results=results,
+        model=version,
+    )
     return encode(out)
 
 
@@ -76,12 +106,20 @@ def classify(items: list[PendingFaces], runner, tta: str | None) -> np.ndarray:
         return runner.predict_faces(np.concatenate([item.crops for item in items]), tta)
     # Crops of different sizes (detectors with different --crop-size) cannot share one
     # array: bring each message's crops to the model's input size first.
-    return runner.predict_inputs(np.concatenate(
-        [preprocess_faces(item.crops, runner.spec) for item in items]), tta)
+    return runner.predict_inputs(
+        np.concatenate([preprocess_faces(item.crops, runner.spec) for item in items]), tta
+    )
 
 
-def run_batch(batch: list[PendingFaces], runner, version: str, now: float,
-              max_age: float = 0.0, live_tta=None, wall_clock=time.time) -> list[list]:
+def run_batch(
+    batch: list[PendingFaces],
+    runner,
+    version: str,
+    now: float,
+    max_age: float = 0.0,
+    live_tta=None,
+    wall_clock=time.time,
+) -> list[list]:
     """Classify every crop of the batch, one model call per TTA in it (``live_tta``, a
     :class:`LiveTta`, chooses each frame's; None: the version's); one result message per
     frame.
@@ -100,7 +138,7 @@ def run_batch(batch: list[PendingFaces], runner, version: str, now: float,
         BATCH_SIZE.observe(len(probabilities))
         for i in members:
             n = len(batch[i].crops)
-            scores_of[i], start = probabilities[start:start + n], start + n
+            scores_of[i], start = probabilities[start : start + n], start + n
     INFERENCE_SECONDS.observe(time.perf_counter() - started)
     messages = []
     wall_now = wall_clock()
@@ -109,8 +147,11 @@ def run_batch(batch: list[PendingFaces], runner, version: str, now: float,
         scores = scores_of[i]
         for row in scores:
             FACES.labels(EMOTIONS[int(np.argmax(row))]).inc()
-        if max_age and not is_job(item.header.stream) and \
-                bus.age_seconds(item.header.timestamps, wall_now) > max_age:
+        if (
+            max_age
+            and not is_job(item.header.stream)
+            and bus.age_seconds(item.header.timestamps, wall_now) > max_age
+        ):
             drop(SERVICE, "stale")
             continue
         messages.append(results_message(item.header, scores, version, wall_now))
@@ -123,10 +164,20 @@ class ClassifierService:
     and answered on ``results_out``; a model the ``watcher`` has validated is swapped in
     between two batches. Runs until ``stop`` is set."""
 
-    def __init__(self, served: ServedModel, settings: ClassifierSettings,
-                 faces_in: zmq.Socket, results_out: zmq.Socket, stop: threading.Event, *,
-                 watcher: ModelWatcher | None = None, rejects=None,
-                 log: logging.Logger | None = None, clock=time.monotonic, wall_clock=time.time):
+    def __init__(
+        self,
+        served: ServedModel,
+        settings: ClassifierSettings,
+        faces_in: zmq.Socket,
+        results_out: zmq.Socket,
+        stop: threading.Event,
+        *,
+        watcher: ModelWatcher | None = None,
+        rejects=None,
+        log: logging.Logger | None = None,
+        clock=time.monotonic,
+        wall_clock=time.time,
+    ):
         self.served = served
         self.settings = settings
         self.faces_in, self.results_out = faces_in, results_out
@@ -159,19 +210,24 @@ class ClassifierService:
         """One faces message: refused, dropped as stale, answered at once (no faces),
         superseding a waiting frame of its stream, or queued for a batch."""
         try:
-            header, payloads = decode(parts, expect_kind=KIND_FACES,
-                                      max_skew_s=self.settings.max_skew_s, now=self.wall_clock())
+            header, payloads = decode(
+                parts, expect_kind=KIND_FACES, max_skew_s=self.settings.max_skew_s, now=self.wall_clock()
+            )
         except Rejected as exc:
             self.rejects(exc)
             return
         max_age = self.settings.max_age_s
-        if max_age and not is_job(header.stream) and \
-                bus.age_seconds(header.timestamps, self.wall_clock()) > max_age:
+        if (
+            max_age
+            and not is_job(header.stream)
+            and bus.age_seconds(header.timestamps, self.wall_clock()) > max_age
+        ):
             drop(SERVICE, "stale")
             return
         if not payloads:
-            self.results_out.send_multipart(results_message(
-                header, np.zeros((0, 7)), self.served.version, self.wall_clock()))
+            self.results_out.send_multipart(
+                results_message(header, np.zeros((0, 7)), self.served.version, self.wall_clock())
+            )
             return
         item = PendingFaces(header, decode_crops(header, payloads), self.clock())
         if is_job(header.stream) or header.flow or not self.batcher.replace_older(item):
@@ -194,6 +250,13 @@ class ClassifierService:
         now = self.clock()
         if not self.batcher.ready(now):
             return
-        for message in run_batch(self.batcher.take(), self.served.runner, self.served.version,
-                                 now, self.settings.max_age_s, self.live_tta, self.wall_clock):
+        for message in run_batch(
+            self.batcher.take(),
+            self.served.runner,
+            self.served.version,
+            now,
+            self.settings.max_age_s,
+            self.live_tta,
+            self.wall_clock,
+        ):
             self.results_out.send_multipart(message)

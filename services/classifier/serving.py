@@ -7,6 +7,7 @@ be traced for every padded batch shape. Only then does the main loop swap it in,
 two batches. A version that fails is never served; the failure is logged and counted,
 and retried only if its files change.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,17 +19,19 @@ from prometheus_client import Counter, Gauge
 
 from services.model import registry
 
-RELOADS = Counter("emotion_classifier_model_reloads_total",
-                  "Attempts to switch to a newly promoted model, by result", ["result"])
-MODEL_INFO = Gauge("emotion_classifier_model_info", "The model version answering (value 1)",
-                   ["version"])
+RELOADS = Counter(
+    "emotion_classifier_model_reloads_total",
+    "Attempts to switch to a newly promoted model, by result",
+    ["result"],
+)
+MODEL_INFO = Gauge("emotion_classifier_model_info", "The model version answering (value 1)", ["version"])
 
 
 @dataclass
 class ServedModel:
     version: str
-    runner: object          # InferenceRunner
-    source: str             # the model file, for logs
+    runner: object  # InferenceRunner
+    source: str  # the model file, for logs
 
 
 def load_entry(registry_dir: str, model: str) -> registry.ModelEntry:
@@ -49,11 +52,11 @@ def load_served_model(entry: registry.ModelEntry, runtime: str = "auto") -> Serv
 
     model = registry.load_checked(entry)
     try:
-        runner = InferenceRunner(model, entry.spec, runtime=runtime, tta=entry.tta,
-                                 precision=entry.precision)
+        runner = InferenceRunner(model, entry.spec, runtime=runtime, tta=entry.tta, precision=entry.precision)
     except RuntimeUnavailable as exc:
-        raise registry.RegistryError(f"{entry.model_file}: cannot serve with --runtime "
-                                     f"{runtime}: {exc}") from None
+        raise registry.RegistryError(
+            f"{entry.model_file}: cannot serve with --runtime {runtime}: {exc}"
+        ) from None
     runner.warm_up()
     return ServedModel(entry.version, runner, str(entry.model_file))
 
@@ -61,8 +64,10 @@ def load_served_model(entry: registry.ModelEntry, runtime: str = "auto") -> Serv
 def describe(served: ServedModel) -> str:
     """How the model is run, for the logs: runtime, TTA and the precision really used."""
     runner = served.runner
-    text = (f"model {served.version} ({served.source}) with the {runner.runtime} runtime, "
-            f"tta {runner.tta}, precision {runner.precision}")
+    text = (
+        f"model {served.version} ({served.source}) with the {runner.runtime} runtime, "
+        f"tta {runner.tta}, precision {runner.precision}"
+    )
     if runner.precision_fallback:
         text += f" (the version asks for bfloat16, but {runner.precision_fallback})"
     if runner.fold_note:
@@ -93,8 +98,9 @@ def files_signature(root: Path, version: str) -> tuple:
 class ModelWatcher:
     """Polls ``<registry>/current`` and prepares the version it names for a swap."""
 
-    def __init__(self, root: Path, serving_version: str, poll_s: float, log: logging.Logger,
-                 runtime: str = "auto"):
+    def __init__(
+        self, root: Path, serving_version: str, poll_s: float, log: logging.Logger, runtime: str = "auto"
+    ):
         self.root = Path(root)
         self.runtime = runtime
         self.poll_s = poll_s
@@ -107,7 +113,7 @@ class ModelWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
 
-    def start(self) -> "ModelWatcher":
+    def start(self) -> ModelWatcher:
         self._thread.start()
         return self
 

@@ -12,6 +12,7 @@ The broker binds 10 consecutive ports starting at ``--base-port`` (default 5555)
 With ``--curve-keys DIR`` every socket made here is a CurveZMQ client of the broker
 (encrypted, authenticated by its key pair; see services/common/keys.py).
 """
+
 from __future__ import annotations
 
 import time
@@ -22,24 +23,23 @@ import zmq
 from . import keys
 from .config import config_error
 from .ports import BROKER_BASE_PORT, CHANNELS
-from .protocol import (MAX_CROP_SIZE, MAX_FRAME_PIXELS, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES,
-                       MAX_STREAM_ID)
+from .protocol import MAX_CROP_SIZE, MAX_FRAME_PIXELS, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MAX_STREAM_ID
 
 FANOUT = ("frames", "results", "tracks")
-SMALL_MESSAGES = ("results", "tracks")   # fan-out channels of small messages, no images
+SMALL_MESSAGES = ("results", "tracks")  # fan-out channels of small messages, no images
 
 # Small high-water marks on the work queues: under overload old work is dropped, never
 # queued. Fan-out channels get more room, so a subscriber's brief hiccup costs nothing;
 # a subscriber that stays behind still loses messages instead of slowing anyone down.
 DEFAULT_HWM = 4
 FANOUT_HWM = 64
-RESULTS_HWM = 1000   # results are a few hundred bytes: room for a subscriber's long hiccup
+RESULTS_HWM = 1000  # results are a few hundred bytes: room for a subscriber's long hiccup
 
 # ZeroMQ queues count messages, not bytes; ZMQ_MAXMSGSIZE bounds each part (frame) of a
 # received message, so the protocol's own limits also bound the bytes a queue can hold. A
 # peer that sends a larger part is disconnected (and reconnects by itself).
-FRAME_BYTES_PER_PIXEL = 6   # JPEG of noise at quality 100, 4:4:4: 4.1 bytes a pixel; raw BGR 3
-SUBSCRIPTION_BYTES = 4 * MAX_STREAM_ID + 1   # a SUB's subscribe message: flag + a UTF-8 topic
+FRAME_BYTES_PER_PIXEL = 6  # JPEG of noise at quality 100, 4:4:4: 4.1 bytes a pixel; raw BGR 3
+SUBSCRIPTION_BYTES = 4 * MAX_STREAM_ID + 1  # a SUB's subscribe message: flag + a UTF-8 topic
 
 
 def max_message_part(channel: str, max_pixels: int = MAX_FRAME_PIXELS) -> int:
@@ -56,7 +56,7 @@ def max_message_part(channel: str, max_pixels: int = MAX_FRAME_PIXELS) -> int:
 class BrokerAddress:
     host: str = "127.0.0.1"
     base_port: int = BROKER_BASE_PORT
-    curve: keys.ClientKeys | None = None   # CurveZMQ keys for every socket (None = plain TCP)
+    curve: keys.ClientKeys | None = None  # CurveZMQ keys for every socket (None = plain TCP)
 
     def port(self, channel: str, side: str) -> int:
         """side is 'in' (producers) or 'out' (consumers)."""
@@ -103,8 +103,14 @@ def producer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int | Non
     return sock
 
 
-def consumer(ctx: zmq.Context, addr: BrokerAddress, channel: str, hwm: int | None = None,
-             topic: bytes = b"", max_pixels: int = MAX_FRAME_PIXELS):
+def consumer(
+    ctx: zmq.Context,
+    addr: BrokerAddress,
+    channel: str,
+    hwm: int | None = None,
+    topic: bytes = b"",
+    max_pixels: int = MAX_FRAME_PIXELS,
+):
     """A socket that receives from a channel: SUB for fan-out channels, PULL for queues; its
     parts may not exceed the channel's :func:`max_message_part`."""
     kind = zmq.SUB if channel in FANOUT else zmq.PULL

@@ -3,6 +3,7 @@
 Every option ``--some-thing`` can be given as the environment variable
 ``EMOTION_SOME_THING``; a flag on the command line wins over the environment.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ from . import ports
 from .protocol import MAX_CLOCK_SKEW_S, MAX_FRAME_PIXELS
 
 ENV_PREFIX = "EMOTION_"
-CONFIG_ERROR = 78   # exit status for "fix the configuration": supervisors do not restart it
+CONFIG_ERROR = 78  # exit status for "fix the configuration": supervisors do not restart it
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
@@ -32,9 +33,13 @@ class ServiceParser(argparse.ArgumentParser):
         raw = os.environ.get(env)
         if type is bool:
             value = default if raw is None else self._parse_bool(env, raw)
-            self.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
-                              help=f"{help} [env {env}, default: {'yes' if value else 'no'}]",
-                              **kwargs)
+            self.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=value,
+                help=f"{help} [env {env}, default: {'yes' if value else 'no'}]",
+                **kwargs,
+            )
             return
         value = default
         if raw is not None:
@@ -42,8 +47,9 @@ class ServiceParser(argparse.ArgumentParser):
                 value = type(raw)
             except (TypeError, ValueError) as exc:
                 self.error(f"environment variable {env}={raw!r} is invalid: {exc}")
-        self.add_argument(flag, default=value, type=type,
-                          help=f"{help} [env {env}, default: %(default)s]", **kwargs)
+        self.add_argument(
+            flag, default=value, type=type, help=f"{help} [env {env}, default: %(default)s]", **kwargs
+        )
 
     def _parse_bool(self, env: str, raw: str) -> bool:
         word = raw.strip().lower()
@@ -68,38 +74,59 @@ def positive_int(text: str) -> int:
     return value
 
 
-def service_parser(name: str, description: str, connects: bool = True,
-                   metrics_port: int | None = None) -> ServiceParser:
+def service_parser(
+    name: str, description: str, connects: bool = True, metrics_port: int | None = None
+) -> ServiceParser:
     """The parser every service starts from: broker address, metrics port (by default the
     service's place in the port layout, services/common/ports.py), logging."""
     parser = ServiceParser(prog=f"python -m services.{name}", description=description)
     if connects:
-        parser.option("--broker-host", default="127.0.0.1",
-                      help="host name or address of the broker")
-    parser.option("--base-port", default=ports.BROKER_BASE_PORT, type=int,
-                  help="first of the broker's 10 consecutive ports (see docs/protocol.md)")
+        parser.option("--broker-host", default="127.0.0.1", help="host name or address of the broker")
+    parser.option(
+        "--base-port",
+        default=ports.BROKER_BASE_PORT,
+        type=int,
+        help="first of the broker's 10 consecutive ports (see docs/protocol.md)",
+    )
     if metrics_port is None:
         metrics_port = ports.metrics_port(name)
-    parser.option("--metrics-port", default=metrics_port, type=int,
-                  help="port of the Prometheus /metrics endpoint (0 = none)")
-    parser.option("--metrics-host", default="127.0.0.1",
-                  help="address the metrics endpoint binds (0.0.0.0 in containers)")
-    parser.option("--curve-keys", default="",
-                  help="CurveZMQ key folder: encrypt and authenticate every broker connection "
-                       "(make one with python -m services.common.keys DIR; empty = off)")
-    parser.option("--max-clock-skew-ms", default=MAX_CLOCK_SKEW_S * 1000, type=non_negative,
-                  help="refuse messages stamped further in the future than this (reason clock; "
-                       "0 = no check): clocks of the machines must agree within it")
-    parser.option("--max-frame-pixels", default=MAX_FRAME_PIXELS, type=positive_int,
-                  help="largest frame (width x height) decoded or published; larger ones are "
-                       "refused before decoding (reason dimensions), capture downscales to it")
+    parser.option(
+        "--metrics-port",
+        default=metrics_port,
+        type=int,
+        help="port of the Prometheus /metrics endpoint (0 = none)",
+    )
+    parser.option(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics endpoint binds (0.0.0.0 in containers)",
+    )
+    parser.option(
+        "--curve-keys",
+        default="",
+        help="CurveZMQ key folder: encrypt and authenticate every broker connection "
+        "(make one with python -m services.common.keys DIR; empty = off)",
+    )
+    parser.option(
+        "--max-clock-skew-ms",
+        default=MAX_CLOCK_SKEW_S * 1000,
+        type=non_negative,
+        help="refuse messages stamped further in the future than this (reason clock; "
+        "0 = no check): clocks of the machines must agree within it",
+    )
+    parser.option(
+        "--max-frame-pixels",
+        default=MAX_FRAME_PIXELS,
+        type=positive_int,
+        help="largest frame (width x height) decoded or published; larger ones are "
+        "refused before decoding (reason dimensions), capture downscales to it",
+    )
     parser.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
 
 
 def setup_logging(name: str, level: str) -> logging.Logger:
-    logging.basicConfig(level=level.upper(),
-                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
     return logging.getLogger(name)
 
 

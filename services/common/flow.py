@@ -8,11 +8,12 @@ overflowed), and after ``attempts`` sends it is given up with that reason. Analy
 (every frame of a job must be labelled); capture does not (``attempts=1``: a live frame
 lost on the way is not worth sending late).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import zmq
 
@@ -21,7 +22,7 @@ from .protocol import Rejected, Result, decode_as
 
 @dataclass
 class Flight:
-    parts: list            # the encoded message, kept for a resend
+    parts: list  # the encoded message, kept for a resend
     sent: float
     attempts: int = 1
 
@@ -32,7 +33,7 @@ class Ledger:
     resend_s: float = 5.0
     attempts: int = 4
     in_flight: dict[int, Flight] = field(default_factory=dict)
-    given_up: dict[int, str] = field(default_factory=dict)   # seq -> reason
+    given_up: dict[int, str] = field(default_factory=dict)  # seq -> reason
 
     def room(self) -> bool:
         return len(self.in_flight) < self.window
@@ -55,8 +56,7 @@ class Ledger:
                 continue
             if flight.attempts >= self.attempts:
                 del self.in_flight[seq]
-                self.given_up[seq] = (f"no result after {flight.attempts} sends "
-                                      f"{self.resend_s:.0f} s apart")
+                self.given_up[seq] = f"no result after {flight.attempts} sends {self.resend_s:.0f} s apart"
                 continue
             flight.attempts += 1
             flight.sent = now
@@ -67,8 +67,7 @@ class Ledger:
         return sum(f.attempts - 1 for f in self.in_flight.values())
 
 
-def answers(results: zmq.Socket, stream: str, log: logging.Logger,
-            limit: int = 1000) -> Iterator[Result]:
+def answers(results: zmq.Socket, stream: str, log: logging.Logger, limit: int = 1000) -> Iterator[Result]:
     """The result headers of ``stream`` waiting on a results subscriber, without blocking;
     a malformed message is logged and skipped."""
     for _ in range(limit):

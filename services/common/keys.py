@@ -17,6 +17,7 @@ few seconds of a change: an added key lets its client's next connection in (a so
 already refused does not retry), a removed one keeps it out of new connections (a
 connection already made stays until it closes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,15 +61,18 @@ class ServerKeys:
 
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
     if not path.is_file():
-        raise KeyFileError(f"CurveZMQ key file {path} does not exist "
-                           f"(create keys with: python -m services.common.keys {path.parent})")
+        raise KeyFileError(
+            f"CurveZMQ key file {path} does not exist "
+            f"(create keys with: python -m services.common.keys {path.parent})"
+        )
     try:
         public, secret_key = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"CurveZMQ key file {path} is unreadable: {exc}") from None
     if len(public) != 40 or (secret and (secret_key is None or len(secret_key) != 40)):
-        raise KeyFileError(f"CurveZMQ key file {path} does not hold a "
-                           f"{'key pair' if secret else 'public key'}")
+        raise KeyFileError(
+            f"CurveZMQ key file {path} does not hold a {'key pair' if secret else 'public key'}"
+        )
     return public, secret_key
 
 
@@ -84,16 +88,18 @@ def server_keys(directory: str | os.PathLike) -> ServerKeys:
     public, secret = _load(folder / BROKER_SECRET, secret=True)
     clients = folder / CLIENTS_DIR
     if not clients.is_dir() or not any(clients.glob("*.key")):
-        raise KeyFileError(f"CurveZMQ client key folder {clients} is missing or has no *.key "
-                           f"files: no client could connect")
+        raise KeyFileError(
+            f"CurveZMQ client key folder {clients} is missing or has no *.key files: no client could connect"
+        )
     return ServerKeys(public, secret, clients)
 
 
 def clients_signature(folder: Path) -> tuple:
     """What identifies the authorised keys on disk: names, sizes and change times."""
     try:
-        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                            for p in Path(folder).glob("*.key")))
+        return tuple(
+            sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).glob("*.key"))
+        )
     except OSError:
         return ()
 
@@ -133,8 +139,9 @@ def generate(directory: str | os.PathLike, force: bool = False) -> list[Path]:
     return made
 
 
-def generate_client(directory: str | os.PathLike, broker_dir: str | os.PathLike,
-                    force: bool = False) -> list[Path]:
+def generate_client(
+    directory: str | os.PathLike, broker_dir: str | os.PathLike, force: bool = False
+) -> list[Path]:
     """A new client key pair in ``directory`` (for another machine), authorised by the
     broker's key folder ``broker_dir``: its public key goes to ``broker_dir/clients/``."""
     folder, broker = Path(directory), Path(broker_dir)
@@ -155,11 +162,16 @@ def generate_client(directory: str | os.PathLike, broker_dir: str | os.PathLike,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services.common.keys",
-        description="Create CurveZMQ keys for the broker and its clients (see docs/reliability.md).")
+        description="Create CurveZMQ keys for the broker and its clients (see docs/reliability.md).",
+    )
     parser.add_argument("directory", help="folder to write the keys to (created if missing)")
-    parser.add_argument("--client-of", metavar="BROKER_DIR", default="",
-                        help="instead: make only a client key pair (for another machine) and "
-                             "authorise it in the broker's key folder BROKER_DIR")
+    parser.add_argument(
+        "--client-of",
+        metavar="BROKER_DIR",
+        default="",
+        help="instead: make only a client key pair (for another machine) and "
+        "authorise it in the broker's key folder BROKER_DIR",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing keys")
     args = parser.parse_args(argv)
     if not zmq.has("curve"):
@@ -176,12 +188,18 @@ def main(argv=None) -> int:
     for path in made:
         print(path)
     if args.client_of:
-        print(f"Give the services on that machine --curve-keys {args.directory}; restart the "
-              f"broker so that it reads {Path(args.client_of) / CLIENTS_DIR} again.", file=sys.stderr)
+        print(
+            f"Give the services on that machine --curve-keys {args.directory}; restart the "
+            f"broker so that it reads {Path(args.client_of) / CLIENTS_DIR} again.",
+            file=sys.stderr,
+        )
     else:
-        print(f"Give every service --curve-keys {args.directory} (or EMOTION_CURVE_KEYS). Other "
-              f"machines need a copy without {BROKER_SECRET}, or their own client keys "
-              f"(--client-of {args.directory}).", file=sys.stderr)
+        print(
+            f"Give every service --curve-keys {args.directory} (or EMOTION_CURVE_KEYS). Other "
+            f"machines need a copy without {BROKER_SECRET}, or their own client keys "
+            f"(--client-of {args.directory}).",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Metrics shared by every service, and the /metrics endpoint (names are a contract: README)."""
+
 from __future__ import annotations
 
 import json
@@ -7,32 +8,37 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from .protocol import Rejected
 
 MESSAGES_REJECTED = Counter(
-    "emotion_messages_rejected_total", "Received messages dropped because they failed validation",
-    ["service", "reason"])
+    "emotion_messages_rejected_total",
+    "Received messages dropped because they failed validation",
+    ["service", "reason"],
+)
 FRAMES_DROPPED = Counter(
-    "emotion_frames_dropped_total", "Frames or work items dropped on purpose, by reason",
-    ["service", "reason"])
+    "emotion_frames_dropped_total",
+    "Frames or work items dropped on purpose, by reason",
+    ["service", "reason"],
+)
 
 HTTP_REFUSED = Counter(
     "emotion_http_connections_refused_total",
     "Connections to the metrics endpoint closed unanswered: too many open at once, or not "
-    "done within the client timeout", ["why"])
+    "done within the client timeout",
+    ["why"],
+)
 
-CLIENT_TIMEOUT_S = 10.0      # longest a metrics connection may stay open, request and answer
-MAX_CONNECTIONS = 16         # open metrics connections at once; more are answered 503 and closed
+CLIENT_TIMEOUT_S = 10.0  # longest a metrics connection may stay open, request and answer
+MAX_CONNECTIONS = 16  # open metrics connections at once; more are answered 503 and closed
 
 log = logging.getLogger("metrics.http")
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                   2.0, 5.0)
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 
 
 class ControlServer(ThreadingHTTPServer):
@@ -46,8 +52,14 @@ class ControlServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address, health: Callable[[], bool], actions: dict[str, Callable[[], dict]],
-                 timeout_s: float = CLIENT_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
+    def __init__(
+        self,
+        address,
+        health: Callable[[], bool],
+        actions: dict[str, Callable[[], dict]],
+        timeout_s: float = CLIENT_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ):
         self.health = health
         self.actions = actions
         self.timeout_s = timeout_s
@@ -62,8 +74,11 @@ class ControlServer(ThreadingHTTPServer):
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
             HTTP_REFUSED.labels("busy").inc()
-            self._errors.note("busy", logging.WARNING,
-                              f"metrics endpoint: too many connections, refused {client_address[0]}")
+            self._errors.note(
+                "busy",
+                logging.WARNING,
+                f"metrics endpoint: too many connections, refused {client_address[0]}",
+            )
             try:
                 request.setblocking(False)
                 request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
@@ -111,11 +126,13 @@ class ControlServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
         if isinstance(error, (ConnectionError, TimeoutError)):
-            self._errors.note("closed", logging.DEBUG,
-                              f"metrics client {client_address[0]} went away: {error!r}")
+            self._errors.note(
+                "closed", logging.DEBUG, f"metrics client {client_address[0]} went away: {error!r}"
+            )
         else:
-            self._errors.note("failed", logging.WARNING,
-                              f"metrics request from {client_address[0]} failed: {error!r}")
+            self._errors.note(
+                "failed", logging.WARNING, f"metrics request from {client_address[0]} failed: {error!r}"
+            )
 
 
 class _ControlHandler(BaseHTTPRequestHandler):
@@ -154,8 +171,12 @@ class _ControlHandler(BaseHTTPRequestHandler):
         pass
 
 
-def serve_metrics(port: int, host: str = "127.0.0.1", health: Callable[[], bool] = lambda: True,
-                  actions: dict[str, Callable[[], dict]] | None = None) -> ControlServer | None:
+def serve_metrics(
+    port: int,
+    host: str = "127.0.0.1",
+    health: Callable[[], bool] = lambda: True,
+    actions: dict[str, Callable[[], dict]] | None = None,
+) -> ControlServer | None:
     """Serve /metrics, /healthz and POST actions on ``port`` in a daemon thread (0: none)."""
     if not port:
         return None

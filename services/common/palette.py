@@ -7,6 +7,7 @@ Surprise cyan, Neutral grey); the shades are picked so that every pair stays apa
 protan, deutan and tritan colour vision too, and each stands out on the dashboard's dark
 background. The labels are always written as text as well; colour only repeats them.
 """
+
 from __future__ import annotations
 
 from services.common.protocol import EMOTIONS
@@ -21,7 +22,7 @@ PALETTE: dict[str, str] = {
     "Surprise": "#08bfe1",
     "Neutral": "#b4b4b4",
 }
-UNKNOWN = "#ffffff"          # a label outside EMOTIONS (never sent by a valid classifier)
+UNKNOWN = "#ffffff"  # a label outside EMOTIONS (never sent by a valid classifier)
 
 
 def hex_colour(emotion: str) -> str:
@@ -37,5 +38,5 @@ def hex_colours() -> list[str]:
 def bgr(emotion: str) -> tuple[int, int, int]:
     """The colour as OpenCV wants it: a (blue, green, red) tuple of 0-255 ints."""
     value = hex_colour(emotion)
-    red, green, blue = (int(value[i:i + 2], 16) for i in (1, 3, 5))
+    red, green, blue = (int(value[i : i + 2], 16) for i in (1, 3, 5))
     return (blue, green, red)

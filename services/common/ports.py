@@ -6,6 +6,7 @@ pair per channel, producers on ``base + CHANNELS[channel]``, consumers on the ne
 Each service serves /metrics on its own port: 9100 + its offset for the first replica,
 ``REPLICA_PORT_STEP`` more for each further one (detectors 9102, 9112, 9122, ...).
 """
+
 from __future__ import annotations
 
 import socket
@@ -15,8 +16,15 @@ CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6, "tracks": 8}
 BROKER_PORTS = max(CHANNELS.values()) + 2
 
 METRICS_BASE_PORT = 9100
-METRICS_OFFSETS = {"broker": 0, "capture": 1, "detector": 2, "classifier": 3, "viewer": 4,
-                   "tracker": 5, "recorder": 6}
+METRICS_OFFSETS = {
+    "broker": 0,
+    "capture": 1,
+    "detector": 2,
+    "classifier": 3,
+    "viewer": 4,
+    "tracker": 5,
+    "recorder": 6,
+}
 REPLICA_PORT_STEP = 10
 
 VIEWER_HTTP_PORT = 8080

@@ -18,24 +18,26 @@ decoded, and anything not accepted raises :class:`Rejected` with a short, stable
 ``reason`` (used as a metric label, one of :data:`REJECT_REASONS`). A new kind is one
 new :class:`Message` subclass and one entry in :data:`MESSAGE_TYPES`.
 """
+
 from __future__ import annotations
 
 import math
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence, TypeVar, cast
+from typing import ClassVar, TypeVar, cast
 
 import msgpack
 import numpy as np
 
 PROTOCOL_VERSION = 1
 
-KIND_FRAME = "frame"      # capture -> frames, detect
-KIND_FACES = "faces"      # detector -> classify
-KIND_RESULT = "result"    # classifier -> results
-KIND_TRACKS = "tracks"    # tracker -> tracks: a frame's results with track ids and smoothing
-KIND_EVENT = "event"      # tracker -> tracks: a track started, changed emotion or ended
+KIND_FRAME = "frame"  # capture -> frames, detect
+KIND_FACES = "faces"  # detector -> classify
+KIND_RESULT = "result"  # classifier -> results
+KIND_TRACKS = "tracks"  # tracker -> tracks: a frame's results with track ids and smoothing
+KIND_EVENT = "event"  # tracker -> tracks: a track started, changed emotion or ended
 EVENTS = ("track_started", "emotion_changed", "track_ended")
 
 # Streams whose id starts with this are jobs (python -m services.analyze): their frames are
@@ -46,6 +48,7 @@ JOB_PREFIX = "job:"
 def is_job(stream: str) -> bool:
     return stream.startswith(JOB_PREFIX)
 
+
 ENCODING_JPEG = "jpeg"
 ENCODING_BGR = "bgr"
 ENCODINGS = (ENCODING_JPEG, ENCODING_BGR)
@@ -53,21 +56,31 @@ ENCODINGS = (ENCODING_JPEG, ENCODING_BGR)
 EMOTIONS = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
 
 MAX_HEADER_BYTES = 256 * 1024
-MAX_DIMENSION = 8192           # pixels per side of a frame
+MAX_DIMENSION = 8192  # pixels per side of a frame
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_FACES = 256
 MAX_CROP_SIZE = 512
 MAX_STREAM_ID = 128
 MAX_TRACK_ID = 32
-MAX_CLOCK_SKEW_S = 2.0         # default: newest timestamp accepted ahead of the receiver's clock
+MAX_CLOCK_SKEW_S = 2.0  # default: newest timestamp accepted ahead of the receiver's clock
 MAX_FRAME_PIXELS = 1920 * 1080  # default pixel limit of a decoded frame (--max-frame-pixels)
-MAX_PIXELS_PER_BYTE = 1000     # libjpeg's most compressible frame (one colour) is ~170
+MAX_PIXELS_PER_BYTE = 1000  # libjpeg's most compressible frame (one colour) is ~170
 
 
 # Why a message is not accepted: the label of emotion_messages_rejected_total, listed in
 # docs/protocol.md ("Rejection reasons").
-REJECT_REASONS = ("frames", "header", "version", "kind", "field", "clock", "dimensions",
-                  "encoding", "size", "image")
+REJECT_REASONS = (
+    "frames",
+    "header",
+    "version",
+    "kind",
+    "field",
+    "clock",
+    "dimensions",
+    "encoding",
+    "size",
+    "image",
+)
 
 
 class Rejected(ValueError):
@@ -91,8 +104,12 @@ class FaceResult:
     scores: list[float]
 
     def to_wire(self) -> dict:
-        return {"box": list(self.box), "label": self.label,
-                "confidence": self.confidence, "scores": list(self.scores)}
+        return {
+            "box": list(self.box),
+            "label": self.label,
+            "confidence": self.confidence,
+            "scores": list(self.scores),
+        }
 
 
 @dataclass
@@ -111,25 +128,35 @@ class TrackedFace(FaceResult):
         return self.smoothed_scores[EMOTIONS.index(self.smoothed_label)]
 
     def to_wire(self) -> dict:
-        return {**super().to_wire(), "track": self.track, "smoothed_label": self.smoothed_label,
-                "smoothed_scores": list(self.smoothed_scores), "age_s": self.age_s}
+        return {
+            **super().to_wire(),
+            "track": self.track,
+            "smoothed_label": self.smoothed_label,
+            "smoothed_scores": list(self.smoothed_scores),
+            "age_s": self.age_s,
+        }
 
 
 @dataclass
 class TrackSummary:
     """What a ``track_ended`` event says about the whole track."""
 
-    start: float                 # capture time of its first and last frame (unix seconds)
+    start: float  # capture time of its first and last frame (unix seconds)
     end: float
     frames: int
-    dominant: str                # the smoothed emotion shown for the longest time
-    mean_scores: list[float]     # mean raw probabilities over its frames
-    shares: list[float]          # share of its time per smoothed emotion, EMOTIONS order
+    dominant: str  # the smoothed emotion shown for the longest time
+    mean_scores: list[float]  # mean raw probabilities over its frames
+    shares: list[float]  # share of its time per smoothed emotion, EMOTIONS order
 
     def to_wire(self) -> dict:
-        return {"start": self.start, "end": self.end, "frames": self.frames,
-                "dominant": self.dominant, "mean_scores": list(self.mean_scores),
-                "shares": list(self.shares)}
+        return {
+            "start": self.start,
+            "end": self.end,
+            "frames": self.frames,
+            "dominant": self.dominant,
+            "mean_scores": list(self.mean_scores),
+            "shares": list(self.shares),
+        }
 
 
 @dataclass
@@ -138,10 +165,10 @@ class TrackEvent:
 
     name: str
     track: str
-    time: float                  # capture time of the frame where it happened
-    label: str                   # the smoothed label at that moment
-    previous: str = ""           # emotion_changed: the label before
-    summary: TrackSummary | None = None   # track_ended only
+    time: float  # capture time of the frame where it happened
+    label: str  # the smoothed label at that moment
+    previous: str = ""  # emotion_changed: the label before
+    summary: TrackSummary | None = None  # track_ended only
 
     def to_wire(self) -> dict:
         wire = {"name": self.name, "track": self.track, "time": self.time, "label": self.label}
@@ -161,11 +188,11 @@ class Message:
     """
 
     KIND: ClassVar[str] = ""
-    PAYLOADS: ClassVar[int | None] = 0   # payload frames it carries; None: one per box
+    PAYLOADS: ClassVar[int | None] = 0  # payload frames it carries; None: one per box
 
     stream: str
     seq: int
-    width: int                       # size of the original frame
+    width: int  # size of the original frame
     height: int
     timestamps: dict[str, float] = field(default_factory=dict)  # stage -> unix time
     version: int = field(default=PROTOCOL_VERSION, kw_only=True)
@@ -175,8 +202,15 @@ class Message:
         return self.KIND
 
     def to_wire(self) -> dict:
-        return {"v": self.version, "kind": self.kind, "stream": self.stream, "seq": self.seq,
-                "width": self.width, "height": self.height, "ts": self.timestamps}
+        return {
+            "v": self.version,
+            "kind": self.kind,
+            "stream": self.stream,
+            "seq": self.seq,
+            "width": self.width,
+            "height": self.height,
+            "ts": self.timestamps,
+        }
 
     @classmethod
     def from_wire(cls, wire: dict, envelope: dict, payloads: list) -> Message:
@@ -193,7 +227,7 @@ class Frame(Message):
     PAYLOADS: ClassVar[int | None] = 1
 
     encoding: str = ENCODING_JPEG
-    flow: bool = False               # the sender waits for each result (never superseded)
+    flow: bool = False  # the sender waits for each result (never superseded)
 
     def to_wire(self) -> dict:
         wire = {**super().to_wire(), "encoding": self.encoding}
@@ -225,8 +259,8 @@ class Faces(Message):
     PAYLOADS: ClassVar[int | None] = None
 
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
-    crop_size: int = 0               # each crop is crop_size^2 BGR
-    flow: bool = False               # copied from the frame
+    crop_size: int = 0  # each crop is crop_size^2 BGR
+    flow: bool = False  # copied from the frame
 
     def to_wire(self) -> dict:
         wire = super().to_wire()
@@ -258,11 +292,15 @@ class Result(Message):
 
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
     results: list[FaceResult] = field(default_factory=list)
-    model: str = ""                  # the model version that answered
+    model: str = ""  # the model version that answered
 
     def to_wire(self) -> dict:
-        return {**super().to_wire(), "boxes": [list(b) for b in self.boxes],
-                "results": [r.to_wire() for r in self.results], "model": self.model}
+        return {
+            **super().to_wire(),
+            "boxes": [list(b) for b in self.boxes],
+            "results": [r.to_wire() for r in self.results],
+            "model": self.model,
+        }
 
     @classmethod
     def from_wire(cls, wire: dict, envelope: dict, payloads: list) -> Result:
@@ -284,7 +322,8 @@ class Result(Message):
             box=_box(_field(item, "box", list), width, height),
             label=_emotion(_field(item, "label", str), "label"),
             confidence=_finite(_field(item, "confidence", (int, float)), "confidence"),
-            scores=_scores(_field(item, "scores", list), "scores"))
+            scores=_scores(_field(item, "scores", list), "scores"),
+        )
 
 
 @dataclass
@@ -319,7 +358,10 @@ class Event(Message):
 
 # The kinds of message, and the class that decodes and validates each.
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    KIND_FRAME: Frame, KIND_FACES: Faces, KIND_RESULT: Result, KIND_TRACKS: Tracks,
+    KIND_FRAME: Frame,
+    KIND_FACES: Faces,
+    KIND_RESULT: Result,
+    KIND_TRACKS: Tracks,
     KIND_EVENT: Event,
 }
 KINDS = tuple(MESSAGE_TYPES)
@@ -351,8 +393,11 @@ def _finite(value, name: str) -> float:
 
 
 def _box(value, width: int, height: int) -> tuple[int, int, int, int]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 4
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         raise Rejected("field", f"box {value!r} is not four integers")
     x, y, w, h = value
     if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width or y + h > height:
@@ -387,10 +432,11 @@ def flow_controlled(parts: Sequence) -> bool:
         raw = parts[1].buffer if hasattr(parts[1], "buffer") else parts[1]
         if _payload_len(raw) > MAX_HEADER_BYTES:
             return False
-        wire = msgpack.unpackb(raw, raw=False, max_map_len=64, max_array_len=4 * MAX_FACES + 64,
-                               max_str_len=4096, max_bin_len=0)
+        wire = msgpack.unpackb(
+            raw, raw=False, max_map_len=64, max_array_len=4 * MAX_FACES + 64, max_str_len=4096, max_bin_len=0
+        )
         return isinstance(wire, dict) and wire.get("flow") is True
-    except Exception:   # msgpack raises several unrelated types for bad input
+    except Exception:  # msgpack raises several unrelated types for bad input
         return False
 
 
@@ -400,8 +446,13 @@ def _payload_len(part) -> int:
     return memoryview(part).nbytes
 
 
-def decode(parts: Sequence, expect_kind: str | None = None, *,
-           max_skew_s: float = MAX_CLOCK_SKEW_S, now: float | None = None) -> tuple[Message, list]:
+def decode(
+    parts: Sequence,
+    expect_kind: str | None = None,
+    *,
+    max_skew_s: float = MAX_CLOCK_SKEW_S,
+    now: float | None = None,
+) -> tuple[Message, list]:
     """Validate a received multipart message and return it, as its kind's class, and its
     payloads.
 
@@ -418,8 +469,9 @@ def decode(parts: Sequence, expect_kind: str | None = None, *,
     return MESSAGE_TYPES[kind].from_wire(wire, envelope, payloads), payloads
 
 
-def decode_as(parts: Sequence, kind: type[M], *, max_skew_s: float = MAX_CLOCK_SKEW_S,
-              now: float | None = None) -> tuple[M, list]:
+def decode_as(
+    parts: Sequence, kind: type[M], *, max_skew_s: float = MAX_CLOCK_SKEW_S, now: float | None = None
+) -> tuple[M, list]:
     """:func:`decode` of a message that must be of one kind, typed as that kind's class."""
     message, payloads = decode(parts, kind.KIND, max_skew_s=max_skew_s, now=now)
     return cast(M, message), payloads
@@ -429,9 +481,15 @@ def _header(raw) -> dict:
     if _payload_len(raw) > MAX_HEADER_BYTES:
         raise Rejected("header", f"header of {_payload_len(raw)} bytes is too large")
     try:
-        wire = msgpack.unpackb(raw, raw=False, strict_map_key=True,
-                               max_array_len=4 * MAX_FACES + 64,
-                               max_map_len=64, max_str_len=4096, max_bin_len=0)
+        wire = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=4 * MAX_FACES + 64,
+            max_map_len=64,
+            max_str_len=4096,
+            max_bin_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise Rejected("header", f"undecodable msgpack ({type(exc).__name__})") from None
     if not isinstance(wire, dict):
@@ -439,8 +497,7 @@ def _header(raw) -> dict:
     return wire
 
 
-def _envelope(wire: dict, expect_kind: str | None, max_skew_s: float,
-              now: float | None) -> tuple[str, dict]:
+def _envelope(wire: dict, expect_kind: str | None, max_skew_s: float, now: float | None) -> tuple[str, dict]:
     """The kind and the checked common fields (as keyword arguments of :class:`Message`)."""
     version = _field(wire, "v", int)
     if version != PROTOCOL_VERSION:
@@ -482,8 +539,9 @@ def _track_id(value, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_TRACK_ID:
-        raise Rejected("field", f"track id {str(value)[:40]!r} is not a string of 1 to "
-                                f"{MAX_TRACK_ID} characters")
+        raise Rejected(
+            "field", f"track id {str(value)[:40]!r} is not a string of 1 to {MAX_TRACK_ID} characters"
+        )
     return value
 
 
@@ -494,20 +552,27 @@ def _tracked_face(face: FaceResult, item: dict) -> TrackedFace:
     if "track" not in item:
         raise Rejected("field", "missing field 'track'")
     return TrackedFace(
-        box=face.box, label=face.label, confidence=face.confidence, scores=face.scores,
+        box=face.box,
+        label=face.label,
+        confidence=face.confidence,
+        scores=face.scores,
         track=_track_id(item["track"], optional=True),
         smoothed_label=_emotion(_field(item, "smoothed_label", str), "smoothed_label"),
         smoothed_scores=_scores(_field(item, "smoothed_scores", list), "smoothed_scores"),
-        age_s=age)
+        age_s=age,
+    )
 
 
 def _event(wire: dict) -> TrackEvent:
     name = _field(wire, "name", str)
     if name not in EVENTS:
         raise Rejected("field", f"event {name[:32]!r} is not one of {', '.join(EVENTS)}")
-    event = TrackEvent(name=name, track=_track_id(_field(wire, "track", str)),
-                       time=_finite(_field(wire, "time", (int, float)), "time"),
-                       label=_emotion(_field(wire, "label", str), "label"))
+    event = TrackEvent(
+        name=name,
+        track=_track_id(_field(wire, "track", str)),
+        time=_finite(_field(wire, "time", (int, float)), "time"),
+        label=_emotion(_field(wire, "label", str), "label"),
+    )
     if name == "emotion_changed":
         event.previous = _emotion(_field(wire, "previous", str), "previous")
     if name == "track_ended":
@@ -517,15 +582,18 @@ def _event(wire: dict) -> TrackEvent:
             raise Rejected("field", f"negative frame count {frames}")
         event.summary = TrackSummary(
             start=_finite(_field(summary, "start", (int, float)), "summary.start"),
-            end=_finite(_field(summary, "end", (int, float)), "summary.end"), frames=frames,
+            end=_finite(_field(summary, "end", (int, float)), "summary.end"),
+            frames=frames,
             dominant=_emotion(_field(summary, "dominant", str), "summary.dominant"),
             mean_scores=_scores(_field(summary, "mean_scores", list), "summary.mean_scores"),
-            shares=_scores(_field(summary, "shares", list), "summary.shares"))
+            shares=_scores(_field(summary, "shares", list), "summary.shares"),
+        )
     return event
 
 
-def check_clock(timestamps: dict[str, float], max_skew_s: float = MAX_CLOCK_SKEW_S,
-                now: float | None = None) -> None:
+def check_clock(
+    timestamps: dict[str, float], max_skew_s: float = MAX_CLOCK_SKEW_S, now: float | None = None
+) -> None:
     """Refuse timestamps from the future: one would hold a stream's order (everything
     real looks older) and escape every age limit until the clock catches up."""
     if not max_skew_s or not timestamps:
@@ -533,8 +601,10 @@ def check_clock(timestamps: dict[str, float], max_skew_s: float = MAX_CLOCK_SKEW
     now = time.time() if now is None else now
     stage, newest = max(timestamps.items(), key=lambda item: item[1])
     if newest > now + max_skew_s:
-        raise Rejected("clock", f"ts.{stage[:32]} is {newest - now:.3f} s in the future "
-                                f"(at most {max_skew_s:g} s accepted)")
+        raise Rejected(
+            "clock",
+            f"ts.{stage[:32]} is {newest - now:.3f} s in the future (at most {max_skew_s:g} s accepted)",
+        )
 
 
 def jpeg_size(data) -> tuple[int, int] | None:
@@ -553,9 +623,9 @@ def jpeg_size(data) -> tuple[int, int] | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             i += 2
             continue
-        (length,) = struct.unpack(">H", buf[i + 2:i + 4])
+        (length,) = struct.unpack(">H", buf[i + 2 : i + 4])
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", buf[i + 5:i + 9])
+            height, width = struct.unpack(">HH", buf[i + 5 : i + 9])
             return width, height
         i += 2 + length
     return None
@@ -584,8 +654,10 @@ def check_image(header: Frame, payload, max_pixels: int = MAX_FRAME_PIXELS) -> N
     """The checks of :func:`decode_image` that need no decoding (Rejected if one fails)."""
     pixels = header.width * header.height
     if max_pixels and pixels > max_pixels:
-        raise Rejected("dimensions", f"frame of {header.width}x{header.height} = {pixels} pixels, "
-                                     f"at most {max_pixels} accepted")
+        raise Rejected(
+            "dimensions",
+            f"frame of {header.width}x{header.height} = {pixels} pixels, at most {max_pixels} accepted",
+        )
     if header.encoding == ENCODING_BGR:
         return
     size = jpeg_size(payload)
@@ -595,8 +667,11 @@ def check_image(header: Frame, payload, max_pixels: int = MAX_FRAME_PIXELS) -> N
         raise Rejected("size", f"JPEG is {size[0]}x{size[1]}, header says {header.width}x{header.height}")
     length = _payload_len(payload)
     if pixels > MAX_PIXELS_PER_BYTE * length:
-        raise Rejected("size", f"JPEG of {length} bytes claims {pixels} pixels (more than "
-                               f"{MAX_PIXELS_PER_BYTE} per byte: a decompression bomb)")
+        raise Rejected(
+            "size",
+            f"JPEG of {length} bytes claims {pixels} pixels (more than "
+            f"{MAX_PIXELS_PER_BYTE} per byte: a decompression bomb)",
+        )
 
 
 def decode_crops(header: Faces, payloads: list) -> np.ndarray:

@@ -1,4 +1,5 @@
 """Entry point: ``python -m services.detector`` (see ``--help``, and service.py)."""
+
 from __future__ import annotations
 
 import signal
@@ -27,8 +28,7 @@ def main(argv=None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    DetectorService(finder, settings, frames_in, faces_out, stop, RejectLog(SERVICE, log),
-                    log).run()
+    DetectorService(finder, settings, frames_in, faces_out, stop, RejectLog(SERVICE, log), log).run()
     frames_in.close()
     faces_out.close()
     ctx.term()

@@ -1,4 +1,5 @@
 """Face detection with OpenCV's Haar cascade, on a downscaled grey copy of the frame."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,11 +14,11 @@ DEFAULT_CASCADE = "haarcascade_frontalface_default.xml"
 class DetectorSettings:
     scale_factor: float = 1.1
     min_neighbors: int = 5
-    min_size: int = 30          # pixels, in the full-resolution frame
-    detect_width: int = 320     # detection runs on a copy this wide (0 = full size)
-    margin: float = 0.1         # crop margin around each box, as a fraction of its size
-    crop_size: int = 96         # canonical crop side sent to the classifier
-    equalize: bool = False      # histogram equalisation first (helps dim scenes, hurts others)
+    min_size: int = 30  # pixels, in the full-resolution frame
+    detect_width: int = 320  # detection runs on a copy this wide (0 = full size)
+    margin: float = 0.1  # crop margin around each box, as a fraction of its size
+    crop_size: int = 96  # canonical crop side sent to the classifier
+    equalize: bool = False  # histogram equalisation first (helps dim scenes, hurts others)
 
 
 def load_cascade(name: str = DEFAULT_CASCADE) -> cv2.CascadeClassifier:
@@ -28,8 +29,9 @@ def load_cascade(name: str = DEFAULT_CASCADE) -> cv2.CascadeClassifier:
     return cascade
 
 
-def detect_faces(image: np.ndarray, cascade: cv2.CascadeClassifier,
-                 settings: DetectorSettings) -> list[tuple[int, int, int, int]]:
+def detect_faces(
+    image: np.ndarray, cascade: cv2.CascadeClassifier, settings: DetectorSettings
+) -> list[tuple[int, int, int, int]]:
     """Boxes (x, y, w, h) in full-resolution pixels, found on a small grey copy."""
     grey, scale = detection_copy(image, settings)
     return to_full_frame(scan(grey, cascade, settings, scale), scale, image.shape)
@@ -42,24 +44,34 @@ def detection_copy(image: np.ndarray, settings: DetectorSettings) -> tuple[np.nd
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
     if settings.detect_width and width > settings.detect_width:
         scale = settings.detect_width / width
-        grey = cv2.resize(grey, (settings.detect_width, max(1, round(height * scale))),
-                          interpolation=cv2.INTER_AREA)
+        grey = cv2.resize(
+            grey, (settings.detect_width, max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+        )
     if settings.equalize:
         grey = cv2.equalizeHist(grey)
     return grey, scale
 
 
-def scan(grey: np.ndarray, cascade: cv2.CascadeClassifier, settings: DetectorSettings,
-         scale: float, min_side: int = 0, max_side: int = 0) -> list[tuple[int, int, int, int]]:
+def scan(
+    grey: np.ndarray,
+    cascade: cv2.CascadeClassifier,
+    settings: DetectorSettings,
+    scale: float,
+    min_side: int = 0,
+    max_side: int = 0,
+) -> list[tuple[int, int, int, int]]:
     """The cascade over ``grey`` (a detection copy or a region of one): boxes in its pixels,
     of sides between ``min_side`` (at least the settings' smallest face) and ``max_side``."""
     min_side = max(8, round(settings.min_size * scale), min_side)
     if max_side and max_side < min_side:
         return []
-    found = cascade.detectMultiScale(grey, scaleFactor=settings.scale_factor,
-                                     minNeighbors=settings.min_neighbors,
-                                     minSize=(min_side, min_side),
-                                     maxSize=(max_side, max_side) if max_side else (0, 0))
+    found = cascade.detectMultiScale(
+        grey,
+        scaleFactor=settings.scale_factor,
+        minNeighbors=settings.min_neighbors,
+        minSize=(min_side, min_side),
+        maxSize=(max_side, max_side) if max_side else (0, 0),
+    )
     return [tuple(int(v) for v in box) for box in (found if len(found) else [])]
 
 
@@ -85,7 +97,7 @@ def crop_faces(image: np.ndarray, boxes, margin: float, size: int) -> np.ndarray
         cx, cy = x + w / 2, y + h / 2
         x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
         x1, y1 = x0 + int(round(side)), y0 + int(round(side))
-        region = image[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)]
+        region = image[max(y0, 0) : min(y1, height), max(x0, 0) : min(x1, width)]
         pad = (max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width))
         if any(pad):
             region = cv2.copyMakeBorder(region, *pad, cv2.BORDER_REPLICATE)

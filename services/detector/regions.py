@@ -18,6 +18,7 @@ k-th frame of a stream scans its regions around boxes k frames old; when the fac
 out of its region, the full scan of that frame finds it, so replicas stay correct and only
 the saving shrinks.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -35,25 +36,26 @@ FULL, REGION, RESCAN = "full", "region", "rescan"
 
 @dataclass(frozen=True)
 class RegionSettings:
-    full_scan_every: int = 8      # frames of a stream between full scans (1 = always full)
-    full_scan_ms: float = 250.0   # capture time between full scans, at most
-    grow: float = 0.5             # a region is its face grown by this share of its side, each side
+    full_scan_every: int = 8  # frames of a stream between full scans (1 = always full)
+    full_scan_ms: float = 250.0  # capture time between full scans, at most
+    grow: float = 0.5  # a region is its face grown by this share of its side, each side
     # a face may grow or shrink by this factor between frames: 1.25 finds the same faces
     # as 1.5 on the benchmark clips for about 25 % less detector CPU (a bigger change,
     # e.g. a replica seeing few frames of a fast zoom, loses the face and triggers a rescan)
     size_step: float = 1.25
-    face_px: int = 48             # regions are scanned shrunk so their face is this wide
+    face_px: int = 48  # regions are scanned shrunk so their face is this wide
 
 
 @dataclass
 class StreamMemory:
     """What one replica knows of one stream, in the detection copy's pixels."""
-    shape: tuple                  # of the frames (height, width)
+
+    shape: tuple  # of the frames (height, width)
     full_seq: int
     full_time: float
     last_seq: int
-    faces: list[Box] = field(default_factory=list)    # found on the stream's last frame
-    ghosts: list[Box] = field(default_factory=list)   # lost since the last full scan
+    faces: list[Box] = field(default_factory=list)  # found on the stream's last frame
+    ghosts: list[Box] = field(default_factory=list)  # lost since the last full scan
 
 
 class FaceFinder:
@@ -61,13 +63,16 @@ class FaceFinder:
 
     MAX_STREAMS = 256
 
-    def __init__(self, cascade: cv2.CascadeClassifier, settings: DetectorSettings,
-                 regions: RegionSettings = RegionSettings()):
+    def __init__(
+        self,
+        cascade: cv2.CascadeClassifier,
+        settings: DetectorSettings,
+        regions: RegionSettings = RegionSettings(),
+    ):
         self.cascade, self.settings, self.regions = cascade, settings, regions
         self.memory: OrderedDict[str, StreamMemory] = OrderedDict()
 
-    def find(self, stream: str, seq: int, capture_time: float,
-             image: np.ndarray) -> tuple[list[Box], str]:
+    def find(self, stream: str, seq: int, capture_time: float, image: np.ndarray) -> tuple[list[Box], str]:
         """Face boxes in the frame's full-resolution pixels, and how they were found:
         ``region`` (regions only), ``full`` (regions plus the rest of the frame, or the
         whole frame of a new stream) or ``rescan`` (the whole frame, as a region lost its face)."""
@@ -83,8 +88,9 @@ class FaceFinder:
                 kind = RESCAN if lost else FULL
                 rest = scan(_blanked(grey, covered), self.cascade, self.settings, scale)
                 boxes += [box for box in rest if not _near_any(box, boxes)]
-                memory.ghosts = ([] if kind == FULL else
-                                 memory.ghosts + [box for box in lost if not _near_any(box, boxes)])
+                memory.ghosts = (
+                    [] if kind == FULL else memory.ghosts + [box for box in lost if not _near_any(box, boxes)]
+                )
                 memory.full_seq, memory.full_time = seq, capture_time
         memory.faces, memory.last_seq = boxes, seq
         self.memory[stream] = memory
@@ -92,16 +98,21 @@ class FaceFinder:
             self.memory.popitem(last=False)
         return to_full_frame(boxes, scale, image.shape), kind
 
-    def _restarted(self, memory: StreamMemory, seq: int, capture_time: float,
-                   shape: tuple) -> bool:
+    def _restarted(self, memory: StreamMemory, seq: int, capture_time: float, shape: tuple) -> bool:
         """Whether what is remembered no longer applies: regions off, a new size, the
         stream started again, or its clock went back."""
-        return (self.regions.full_scan_every <= 1 or shape != memory.shape
-                or seq <= memory.last_seq or capture_time < memory.full_time)
+        return (
+            self.regions.full_scan_every <= 1
+            or shape != memory.shape
+            or seq <= memory.last_seq
+            or capture_time < memory.full_time
+        )
 
     def _full_scan_due(self, memory: StreamMemory, seq: int, capture_time: float) -> bool:
-        return (seq - memory.full_seq >= self.regions.full_scan_every
-                or capture_time - memory.full_time >= self.regions.full_scan_ms / 1000.0)
+        return (
+            seq - memory.full_seq >= self.regions.full_scan_every
+            or capture_time - memory.full_time >= self.regions.full_scan_ms / 1000.0
+        )
 
     def _region(self, box: Box, shape: tuple) -> tuple[int, int, int, int]:
         """The rectangle (x0, y0, x1, y1) scanned around a known face."""
@@ -136,14 +147,24 @@ class FaceFinder:
         region = grey[y0:y1, x0:x1]
         shrink = min(1.0, self.regions.face_px / side)
         if shrink < 1.0:
-            region = cv2.resize(region, (max(1, round((x1 - x0) * shrink)),
-                                         max(1, round((y1 - y0) * shrink))),
-                                interpolation=cv2.INTER_AREA)
+            region = cv2.resize(
+                region,
+                (max(1, round((x1 - x0) * shrink)), max(1, round((y1 - y0) * shrink))),
+                interpolation=cv2.INTER_AREA,
+            )
         step, face = self.regions.size_step, side * shrink
-        boxes = scan(region, self.cascade, self.settings, scale * shrink,
-                     min_side=int(face / step), max_side=int(np.ceil(face * step)))
-        return [(x0 + round(bx / shrink), y0 + round(by / shrink), round(bw / shrink),
-                 round(bh / shrink)) for bx, by, bw, bh in boxes]
+        boxes = scan(
+            region,
+            self.cascade,
+            self.settings,
+            scale * shrink,
+            min_side=int(face / step),
+            max_side=int(np.ceil(face * step)),
+        )
+        return [
+            (x0 + round(bx / shrink), y0 + round(by / shrink), round(bw / shrink), round(bh / shrink))
+            for bx, by, bw, bh in boxes
+        ]
 
 
 def _blanked(grey: np.ndarray, rects) -> np.ndarray:

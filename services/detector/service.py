@@ -3,6 +3,7 @@
 One message goes out per frame, also for frames with no face, so downstream stages
 (and the viewer) learn that the frame was seen and can clear old labels.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,9 +17,20 @@ from prometheus_client import Counter, Histogram
 
 from services.common import bus
 from services.common.metrics import drop
-from services.common.protocol import (JOB_PREFIX, KIND_FRAME, MAX_CLOCK_SKEW_S, MAX_FRAME_PIXELS,
-                                      Faces, Frame, Rejected, decode, decode_image, encode,
-                                      flow_controlled, is_job)
+from services.common.protocol import (
+    JOB_PREFIX,
+    KIND_FRAME,
+    MAX_CLOCK_SKEW_S,
+    MAX_FRAME_PIXELS,
+    Faces,
+    Frame,
+    Rejected,
+    decode,
+    decode_image,
+    encode,
+    flow_controlled,
+    is_job,
+)
 
 from .faces import crop_faces
 from .regions import FULL, REGION, RESCAN, FaceFinder
@@ -27,38 +39,49 @@ SERVICE = "detector"
 JOB_TOPIC = JOB_PREFIX.encode()
 FRAMES = Counter("emotion_detector_frames_total", "Frames run through face detection")
 FACES = Counter("emotion_detector_faces_total", "Faces found")
-FRAMES_WITH_FACES = Counter("emotion_detector_frames_with_faces_total",
-                            "Frames in which at least one face was found")
-SCANS = Counter("emotion_detector_scans_total",
-                "Frames by how faces were searched: region (around known faces only), full "
-                "(regions plus the rest of the frame) or rescan (a region lost its face)",
-                ["kind"])
-SECONDS = Histogram("emotion_detector_seconds", "Time to decode, detect and crop one frame",
-                    buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0))
+FRAMES_WITH_FACES = Counter(
+    "emotion_detector_frames_with_faces_total", "Frames in which at least one face was found"
+)
+SCANS = Counter(
+    "emotion_detector_scans_total",
+    "Frames by how faces were searched: region (around known faces only), full "
+    "(regions plus the rest of the frame) or rescan (a region lost its face)",
+    ["kind"],
+)
+SECONDS = Histogram(
+    "emotion_detector_seconds",
+    "Time to decode, detect and crop one frame",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0),
+)
 
 
 @dataclass(frozen=True)
 class IntakeSettings:
     """Which frames the detector takes on."""
 
-    max_age_s: float = 0.5            # older frames are dropped (stale); 0 = never
+    max_age_s: float = 0.5  # older frames are dropped (stale); 0 = never
     max_skew_s: float = MAX_CLOCK_SKEW_S
     max_pixels: int = MAX_FRAME_PIXELS
-    newest_only: bool = True          # the newest waiting frame of each stream, older dropped
+    newest_only: bool = True  # the newest waiting frame of each stream, older dropped
 
 
-def faces_message(header: Frame, payload, finder: FaceFinder,
-                  max_pixels: int = MAX_FRAME_PIXELS) -> list:
+def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = MAX_FRAME_PIXELS) -> list:
     """A decoded frame message in, a faces message out (Rejected if the image is bad)."""
     settings = finder.settings
     image = decode_image(header, payload, max_pixels)
-    boxes, how = finder.find(header.stream, header.seq,
-                             header.timestamps.get("capture", time.time()), image)
+    boxes, how = finder.find(header.stream, header.seq, header.timestamps.get("capture", time.time()), image)
     SCANS.labels(how).inc()
     crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
-    out = Faces(stream=header.stream, seq=header.seq, width=header.width,
-                height=header.height, timestamps={**header.timestamps, "detect": time.time()},
-                boxes=boxes, crop_size=settings.crop_size, flow=header.flow)
+    out = Faces(
+        stream=header.stream,
+        seq=header.seq,
+        width=header.width,
+        height=header.height,
+        timestamps={**header.timestamps, "detect": time.time()},
+        boxes=boxes,
+        crop_size=settings.crop_size,
+        flow=header.flow,
+    )
     return encode(out, list(crops))
 
 
@@ -78,7 +101,7 @@ class NewestFrames:
 
     def __init__(self, sock: zmq.Socket, stop: threading.Event):
         self._sock, self._stop = sock, stop
-        self._waiting: dict[bytes, list] = {}     # topic -> parts, oldest arrival first
+        self._waiting: dict[bytes, list] = {}  # topic -> parts, oldest arrival first
         self._ready = threading.Condition()
         self._arrivals = itertools.count()
         self.thread = threading.Thread(target=self._run, name="newest-frames", daemon=True)
@@ -91,7 +114,7 @@ class NewestFrames:
             parts = self._sock.recv_multipart(copy=False)
             topic = parts[0].bytes[:256]
             if topic.startswith(JOB_TOPIC) or flow_controlled(parts):
-                topic = (topic, next(self._arrivals))    # a key of its own: kept, not replaced
+                topic = (topic, next(self._arrivals))  # a key of its own: kept, not replaced
             with self._ready:
                 if self._waiting.pop(topic, None) is not None:
                     drop(SERVICE, "superseded")
@@ -113,8 +136,10 @@ class NewestFrames:
 
 def in_order(sock: zmq.Socket):
     """--no-newest-only: every frame, in arrival order."""
+
     def take(timeout: float) -> list | None:
         return sock.recv_multipart(copy=False) if sock.poll(int(timeout * 1000)) else None
+
     return take
 
 
@@ -122,9 +147,16 @@ class DetectorService:
     """Takes frames from ``frames_in`` and sends one faces message per frame to ``faces_out``
     until ``stop`` is set; a bad message is counted by ``rejects`` and skipped."""
 
-    def __init__(self, finder: FaceFinder, settings: IntakeSettings, frames_in: zmq.Socket,
-                 faces_out: zmq.Socket, stop: threading.Event, rejects,
-                 log: logging.Logger | None = None):
+    def __init__(
+        self,
+        finder: FaceFinder,
+        settings: IntakeSettings,
+        frames_in: zmq.Socket,
+        faces_out: zmq.Socket,
+        stop: threading.Event,
+        rejects,
+        log: logging.Logger | None = None,
+    ):
         self.finder, self.settings = finder, settings
         self.frames_in, self.faces_out, self.stop = frames_in, faces_out, stop
         self._rejects = rejects
@@ -133,8 +165,12 @@ class DetectorService:
             SCANS.labels(kind)
 
     def run(self) -> None:
-        self.log.info("detecting faces (%s, %s), max frame age %.0f ms", self.finder.settings,
-                      self.finder.regions, self.settings.max_age_s * 1000)
+        self.log.info(
+            "detecting faces (%s, %s), max frame age %.0f ms",
+            self.finder.settings,
+            self.finder.regions,
+            self.settings.max_age_s * 1000,
+        )
         newest = NewestFrames(self.frames_in, self.stop) if self.settings.newest_only else None
         take = newest.take if newest else in_order(self.frames_in)
         while not self.stop.is_set():
@@ -150,8 +186,7 @@ class DetectorService:
         started = time.perf_counter()
         try:
             header, payloads = decode(parts, expect_kind=KIND_FRAME, max_skew_s=s.max_skew_s)
-            if s.max_age_s and not is_job(header.stream) \
-                    and bus.age_seconds(header.timestamps) > s.max_age_s:
+            if s.max_age_s and not is_job(header.stream) and bus.age_seconds(header.timestamps) > s.max_age_s:
                 drop(SERVICE, "stale")
                 return
             out = faces_message(header, payloads[0], self.finder, s.max_pixels)
@@ -160,7 +195,7 @@ class DetectorService:
             return
         SECONDS.observe(time.perf_counter() - started)
         FRAMES.inc()
-        faces = len(out) - 2   # topic, header, then one crop per face
+        faces = len(out) - 2  # topic, header, then one crop per face
         FACES.inc(faces)
         if faces:
             FRAMES_WITH_FACES.inc()

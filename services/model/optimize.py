@@ -10,6 +10,7 @@ without them. :func:`in_bfloat16` then makes a copy computing in bfloat16.
 Both work on the model's config, so any functional model is handled; a model they cannot
 rebuild (a Sequential one, custom layers) is served as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,19 @@ import json
 import numpy as np
 
 # Layers that return their input unchanged when training=False.
-IDENTITY_AT_INFERENCE = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout",
-                         "RandomFlip", "RandomTranslation", "RandomRotation", "RandomZoom",
-                         "RandomContrast", "RandomBrightness", "RandomCrop")
+IDENTITY_AT_INFERENCE = (
+    "Dropout",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "RandomFlip",
+    "RandomTranslation",
+    "RandomRotation",
+    "RandomZoom",
+    "RandomContrast",
+    "RandomBrightness",
+    "RandomCrop",
+)
 # The folded answers must match the original's this closely, or the original is served.
 FOLD_TOLERANCE = 1e-4
 
@@ -28,8 +39,8 @@ def _is_identity(layer: dict) -> bool:
     if layer["class_name"] in IDENTITY_AT_INFERENCE:
         return True
     if layer["class_name"] == "Sequential":
-        inner = [l for l in layer["config"]["layers"] if l["class_name"] != "InputLayer"]
-        return all(_is_identity(l) for l in inner)
+        inner = [item for item in layer["config"]["layers"] if item["class_name"] != "InputLayer"]
+        return all(_is_identity(item) for item in inner)
     return False
 
 
@@ -71,14 +82,17 @@ def _plan(config: dict) -> tuple[dict, dict]:
         source = layers[refs[0][0]]
         if _is_identity(layer):
             skip[layer["name"]] = refs[0]
-        elif (layer["class_name"] == "BatchNormalization"
-              and layer["config"].get("axis") in (-1, 3, [-1], [3])
-              and source["class_name"] == "Conv2D" and uses[source["name"]] == 1
-              and source["config"].get("activation") == "linear"
-              and source["config"].get("data_format", "channels_last") == "channels_last"):
+        elif (
+            layer["class_name"] == "BatchNormalization"
+            and layer["config"].get("axis") in (-1, 3, [-1], [3])
+            and source["class_name"] == "Conv2D"
+            and uses[source["name"]] == 1
+            and source["config"].get("activation") == "linear"
+            and source["config"].get("data_format", "channels_last") == "channels_last"
+        ):
             skip[layer["name"]] = refs[0]
             folds[source["name"]] = layer["name"]
-    for name in skip:                       # a chain of skipped layers: follow it to the end
+    for name in skip:  # a chain of skipped layers: follow it to the end
         while skip[name][0] in skip:
             skip[name] = skip[skip[name][0]]
     return skip, folds
@@ -96,15 +110,17 @@ def _folded_weights(conv, bn) -> list:
 def fold_for_inference(model):
     """The model without its inference no-ops, BatchNormalization folded into the
     convolutions before it; the model itself when it is not a functional one."""
-    config = json.loads(json.dumps(model.get_config()))   # plain lists, editable
+    config = json.loads(json.dumps(model.get_config()))  # plain lists, editable
     if "input_layers" not in config:
         return model
     skip, folds = _plan(config)
     if not skip:
         return model
     config["layers"] = [layer for layer in config["layers"] if layer["name"] not in skip]
-    for ref in [*_outputs(config),
-                *(r for layer in config["layers"] for r in _tensor_refs(layer.get("inbound_nodes", [])))]:
+    for ref in [
+        *_outputs(config),
+        *(r for layer in config["layers"] for r in _tensor_refs(layer.get("inbound_nodes", []))),
+    ]:
         if ref[0] in skip:
             ref[:] = skip[ref[0]]
     for layer in config["layers"]:
@@ -125,12 +141,13 @@ def for_inference(model, sample: np.ndarray):
     ``sample``, else the original and why."""
     try:
         lean = fold_for_inference(model)
-    except Exception as exc:   # any model Keras can load must still be served
+    except Exception as exc:  # any model Keras can load must still be served
         return model, f"served unfolded ({type(exc).__name__}: {str(exc)[:200]})"
     if lean is model:
         return model, ""
-    difference = float(np.abs(np.asarray(lean(sample, training=False))
-                              - np.asarray(model(sample, training=False))).max())
+    difference = float(
+        np.abs(np.asarray(lean(sample, training=False)) - np.asarray(model(sample, training=False))).max()
+    )
     if difference > FOLD_TOLERANCE:
         return model, f"served unfolded (folding changed the answers by {difference:.1e})"
     return lean, ""
@@ -139,7 +156,7 @@ def for_inference(model, sample: np.ndarray):
 def in_bfloat16(model):
     """A copy of ``model`` computing in bfloat16, with float32 weights and a float32 last
     layer (Keras' mixed_bfloat16 policy), so the probabilities keep float32 resolution."""
-    config = json.loads(json.dumps(model.get_config()))   # plain lists, editable
+    config = json.loads(json.dumps(model.get_config()))  # plain lists, editable
     last = model.layers[-1].name
     for layer in config["layers"]:
         if layer["config"].get("name") != last:

@@ -3,6 +3,7 @@
 A model's ``metadata.json`` stores its :class:`InputSpec`; the classifier rebuilds the
 spec from there, so a served model always sees exactly what it was trained on.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -15,8 +16,8 @@ SCALINGS = ("unit", "symmetric")  # [0, 1] or [-1, 1] (MobileNetV2's convention)
 
 @dataclass(frozen=True)
 class InputSpec:
-    size: int = 48          # square side in pixels
-    channels: int = 1       # 1 = grayscale, 3 = RGB
+    size: int = 48  # square side in pixels
+    channels: int = 1  # 1 = grayscale, 3 = RGB
     scaling: str = "unit"
 
     def __post_init__(self):
@@ -35,9 +36,8 @@ class InputSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "InputSpec":
-        return cls(size=int(data["size"]), channels=int(data["channels"]),
-                   scaling=str(data["scaling"]))
+    def from_dict(cls, data: dict) -> InputSpec:
+        return cls(size=int(data["size"]), channels=int(data["channels"]), scaling=str(data["scaling"]))
 
 
 def preprocess_faces(faces: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -59,8 +59,9 @@ def preprocess_faces(faces: np.ndarray, spec: InputSpec) -> np.ndarray:
             face = cv2.cvtColor(face, cv2.COLOR_BGR2RGB)
         if face.shape[0] != spec.size or face.shape[1] != spec.size:
             shrink = face.shape[0] > spec.size
-            face = cv2.resize(face, (spec.size, spec.size),
-                              interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            face = cv2.resize(
+                face, (spec.size, spec.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            )
         if face.ndim == 2:
             face = face[:, :, None]
         out[i] = face if face.shape[2] == spec.channels else np.repeat(face, spec.channels, axis=2)

@@ -12,6 +12,7 @@ Writers only ever rename complete files into place, so a reader (a running
 classifier) sees either the old pointer or the new one, never half of either.
 See docs/models.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,13 +57,14 @@ class ModelEntry:
         try:
             return InputSpec.from_dict(self.metadata["input"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise RegistryError(f"{self.path / METADATA_FILE}: bad or missing 'input' spec ({exc})")
+            raise RegistryError(f"{self.path / METADATA_FILE}: bad or missing 'input' spec ({exc})") from None
 
     def _setting(self, key: str, choices: tuple, default: str) -> str:
         value = self.metadata.get(key, default)
         if value not in choices:
-            raise RegistryError(f"{self.path / METADATA_FILE}: {key!r} is {value!r}, "
-                                f"expected one of {', '.join(choices)}")
+            raise RegistryError(
+                f"{self.path / METADATA_FILE}: {key!r} is {value!r}, expected one of {', '.join(choices)}"
+            )
         return value
 
     @property
@@ -123,7 +125,8 @@ def resolve(root: Path, version: str | None = None) -> ModelEntry:
             raise RegistryError(
                 f"no model is promoted in {root} (missing {root / CURRENT}). Train one with "
                 f"`python -m training train ...` and promote it with "
-                f"`python -m training promote VERSION`, or pass --model PATH/model.keras")
+                f"`python -m training promote VERSION`, or pass --model PATH/model.keras"
+            )
     if "/" in version or version.startswith("."):
         raise RegistryError(f"invalid version name {version!r}")
     if not (root / version).is_dir():

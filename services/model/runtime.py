@@ -27,6 +27,7 @@ Either way the runner serves an inference copy of the model (optimize.py): train
 layers dropped and BatchNormalization folded into the convolutions: the same answers at
 about 1.1 times the faces/s in float32 and 1.4 times in bfloat16.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,9 +40,9 @@ from .registry import PRECISIONS, TTA_MODES
 # (padding 2 inputs to 4 doubles the work), 32 = the default --max-batch unpadded.
 BATCH_SHAPES = (1, 2, 4, 8, 16, 32, 64)
 RUNTIMES = ("auto", "tf-function", "tflite")
-HYBRID = "tflite+tf-function"     # what auto runs where it can
-SMALL_BATCH = 8                   # model inputs: up to here TFLite's one thread costs less CPU
-NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")   # x86 flags in /proc/cpuinfo
+HYBRID = "tflite+tf-function"  # what auto runs where it can
+SMALL_BATCH = 8  # model inputs: up to here TFLite's one thread costs less CPU
+NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo
 
 
 class RuntimeUnavailable(Exception):
@@ -72,8 +73,10 @@ def bfloat16_unavailable(runtime: str, cpuinfo: str = "/proc/cpuinfo") -> str:
     if runtime != "tf-function":
         return f"the {runtime} runtime runs float32 models only"
     if not native_bfloat16(cpuinfo):
-        return (f"this CPU has no native bfloat16 arithmetic ({' or '.join(NATIVE_BFLOAT16_FLAGS)}"
-                f" in {cpuinfo}), where emulated bfloat16 is slower than float32")
+        return (
+            f"this CPU has no native bfloat16 arithmetic ({' or '.join(NATIVE_BFLOAT16_FLAGS)}"
+            f" in {cpuinfo}), where emulated bfloat16 is slower than float32"
+        )
     return ""
 
 
@@ -96,8 +99,9 @@ def tflite_model(model) -> bytes:
 
         return tf.lite.TFLiteConverter.from_keras_model(model).convert()
     except Exception as exc:
-        raise RuntimeUnavailable(f"TFLite conversion failed ({type(exc).__name__}: "
-                                 f"{str(exc)[:300]})") from None
+        raise RuntimeUnavailable(
+            f"TFLite conversion failed ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
 
 
 def tflite_interpreter_class():
@@ -127,6 +131,7 @@ def tflite_calls(content: bytes, spec: InputSpec, batch_shapes) -> dict:
             interpreter.set_tensor(index, np.ascontiguousarray(x, np.float32))
             interpreter.invoke()
             return interpreter.get_tensor(output)
+
         calls[n] = call
     return calls
 
@@ -135,15 +140,21 @@ class InferenceRunner:
     """The one way this project runs a model: the classifier serves with it, and
     ``python -m training evaluate`` scores and times models with it."""
 
-    def __init__(self, model, spec: InputSpec, batch_shapes=BATCH_SHAPES,
-                 runtime: str = "tf-function", tta: str = "none", precision: str = "float32"):
+    def __init__(
+        self,
+        model,
+        spec: InputSpec,
+        batch_shapes=BATCH_SHAPES,
+        runtime: str = "tf-function",
+        tta: str = "none",
+        precision: str = "float32",
+    ):
         if runtime not in RUNTIMES:
             raise RuntimeUnavailable(f"unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})")
         if tta not in TTA_MODES:
             raise RuntimeUnavailable(f"unknown tta {tta!r} (one of {', '.join(TTA_MODES)})")
         if precision not in PRECISIONS:
-            raise RuntimeUnavailable(f"unknown precision {precision!r} "
-                                     f"(one of {', '.join(PRECISIONS)})")
+            raise RuntimeUnavailable(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
         if runtime == "auto":
             runtime = "tf-function" if precision == "bfloat16" and native_bfloat16() else HYBRID
         # The same answers with less work: no training-only layers, BatchNormalization
@@ -160,7 +171,7 @@ class InferenceRunner:
         self.spec = spec
         self.runtime = runtime
         self.tta = tta
-        if tta == "flip":   # each face may run twice: one face is a batch of 2, not 4
+        if tta == "flip":  # each face may run twice: one face is a batch of 2, not 4
             batch_shapes = {*batch_shapes, *(2 * n for n in batch_shapes)}
         self.batch_shapes = tuple(sorted(batch_shapes))
         if runtime == "tflite":
@@ -177,8 +188,9 @@ class InferenceRunner:
         the tf.function alone if TFLite cannot convert the model."""
         compiled = compiled_call(model)
         try:
-            small = tflite_calls(tflite_model(model), spec,
-                                 [n for n in self.batch_shapes if n <= SMALL_BATCH])
+            small = tflite_calls(
+                tflite_model(model), spec, [n for n in self.batch_shapes if n <= SMALL_BATCH]
+            )
         except RuntimeUnavailable:
             self.runtime = "tf-function"
             return compiled
@@ -209,7 +221,7 @@ class InferenceRunner:
         out = []
         largest = self.batch_shapes[-1]
         for start in range(0, len(inputs), largest):
-            chunk = inputs[start:start + largest]
+            chunk = inputs[start : start + largest]
             n = len(chunk)
             size = self.padded_size(n)
             if size != n:

@@ -1,5 +1,6 @@
 """Entry point: ``python -m services.recorder`` (see ``--help``, and service.py), or
 ``python -m services.recorder report`` to draw the recorded timelines."""
+
 from __future__ import annotations
 
 import signal
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
         from .report import main as report
+
         return report(argv[1:])
     args = parse_args(argv)
     log = setup_logging(SERVICE, args.log_level)
@@ -28,17 +30,27 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     from .api import create_app, serve_api
+
     engine = open_database(args.database, log)
-    service = RecorderService(engine, RejectLog(SERVICE, log), args.sample_hz,
-                              args.batch_ms / 1000, args.retention_days * 86400, log=log)
+    service = RecorderService(
+        engine,
+        RejectLog(SERVICE, log),
+        args.sample_hz,
+        args.batch_ms / 1000,
+        args.retention_days * 86400,
+        log=log,
+    )
     api = serve_api(create_app(engine), args.api_host, args.api_port)
     serve_metrics(args.metrics_port, args.metrics_host, health=lambda: service.healthy)
     addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()
     tracks = bus.consumer(ctx, addr, "tracks", hwm=10000)
-    log.info("recording %s into %s; API %s", addr.endpoint("tracks", "out"),
-             engine.url.render_as_string(hide_password=True),
-             f"on http://{args.api_host}:{args.api_port} (/docs)" if api else "off")
+    log.info(
+        "recording %s into %s; API %s",
+        addr.endpoint("tracks", "out"),
+        engine.url.render_as_string(hide_password=True),
+        f"on http://{args.api_host}:{args.api_port} (/docs)" if api else "off",
+    )
     service.run(tracks, stop)
     if api is not None:
         api.should_exit = True

@@ -3,6 +3,7 @@
 Read-only. Lists are paginated by ``cursor`` (JSON) or streamed whole (``format=csv`` or
 ``jsonl``, a page of rows at a time). Every bad parameter is a 4xx naming it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import io
 import json
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import uvicorn
 from fastapi import FastAPI, Query, Request
@@ -27,37 +28,87 @@ from services.common.protocol import EMOTIONS
 from . import params, queries
 from .plots import timeline_png
 
-REQUESTS = Counter("emotion_recorder_api_requests_total", "API requests by route and status",
-                   ["route", "status"])
+REQUESTS = Counter(
+    "emotion_recorder_api_requests_total", "API requests by route and status", ["route", "status"]
+)
 LIVE_POLL_S = 0.5
 KEEPALIVE_S = 15.0
 
-TRACK_COLUMNS = ["id", "stream", "track", "start", "end", "last_seen", "label", "dominant",
-                 "frames", "model", *[f"share_{e}" for e in EMOTIONS]]
-OBSERVATION_COLUMNS = ["id", "track_id", "time", "seq", "x", "y", "w", "h", "label", "confidence",
-                       "smoothed_label", *[f"score_{e}" for e in EMOTIONS],
-                       *[f"smoothed_{e}" for e in EMOTIONS]]
+TRACK_COLUMNS = [
+    "id",
+    "stream",
+    "track",
+    "start",
+    "end",
+    "last_seen",
+    "label",
+    "dominant",
+    "frames",
+    "model",
+    *[f"share_{e}" for e in EMOTIONS],
+]
+OBSERVATION_COLUMNS = [
+    "id",
+    "track_id",
+    "time",
+    "seq",
+    "x",
+    "y",
+    "w",
+    "h",
+    "label",
+    "confidence",
+    "smoothed_label",
+    *[f"score_{e}" for e in EMOTIONS],
+    *[f"smoothed_{e}" for e in EMOTIONS],
+]
 EVENT_COLUMNS = ["id", "stream", "track_id", "track", "name", "time", "seq", "label", "previous"]
 
 
 def track_csv(row) -> list:
     shares = row.shares or [None] * len(EMOTIONS)
-    return [row.id, row.stream, row.track, row.start, row.end, row.last_seen, row.label,
-            row.dominant, row.frames, row.model, *shares]
+    return [
+        row.id,
+        row.stream,
+        row.track,
+        row.start,
+        row.end,
+        row.last_seen,
+        row.label,
+        row.dominant,
+        row.frames,
+        row.model,
+        *shares,
+    ]
 
 
 def observation_csv(row) -> list:
-    return [row.id, row.track_id, row.time, row.seq, row.x, row.y, row.w, row.h, row.label,
-            row.confidence, row.smoothed_label, *row.scores, *row.smoothed_scores]
+    return [
+        row.id,
+        row.track_id,
+        row.time,
+        row.seq,
+        row.x,
+        row.y,
+        row.w,
+        row.h,
+        row.label,
+        row.confidence,
+        row.smoothed_label,
+        *row.scores,
+        *row.smoothed_scores,
+    ]
 
 
 def event_csv(row) -> list:
     return [getattr(row, c) for c in EVENT_COLUMNS]
 
 
-def export(rows: Iterable, output: str, name: str, columns: list[str],
-           as_csv: Callable, as_dict: Callable) -> StreamingResponse:
+def export(
+    rows: Iterable, output: str, name: str, columns: list[str], as_csv: Callable, as_dict: Callable
+) -> StreamingResponse:
     """Stream rows as CSV or JSON lines; ``rows`` is lazy, so nothing is built in memory."""
+
     def lines():
         if output == "csv":
             buffer = io.StringIO()
@@ -73,16 +124,22 @@ def export(rows: Iterable, output: str, name: str, columns: list[str],
         else:
             for row in rows:
                 yield json.dumps(as_dict(row), separators=(",", ":")) + "\n"
+
     media = "text/csv; charset=utf-8" if output == "csv" else "application/x-ndjson"
     extension = "csv" if output == "csv" else "jsonl"
-    return StreamingResponse(lines(), media_type=media, headers={
-        "Content-Disposition": f'attachment; filename="{name}.{extension}"'})
+    return StreamingResponse(
+        lines(),
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="{name}.{extension}"'},
+    )
 
 
 def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAPI:
-    app = FastAPI(title="emotion-stream recorder",
-                  description="Tracks, emotion timelines and events recorded from the pipeline.",
-                  version="1")
+    app = FastAPI(
+        title="emotion-stream recorder",
+        description="Tracks, emotion timelines and events recorded from the pipeline.",
+        version="1",
+    )
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -96,14 +153,18 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError):
-        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
-                    for e in error.errors()]
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in error.errors()
+        ]
         return JSONResponse(status_code=422, content={"detail": "; ".join(problems)})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException):
-        return JSONResponse(status_code=error.status_code, content={"detail": error.detail},
-                            headers=getattr(error, "headers", None))
+        return JSONResponse(
+            status_code=error.status_code,
+            content={"detail": error.detail},
+            headers=getattr(error, "headers", None),
+        )
 
     @app.get("/healthz", include_in_schema=False)
     def healthz():
@@ -121,18 +182,21 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
             return export(queries.walk(engine, query, count), output, name, columns, csv_row, to_dict)
         with engine.connect() as connection:
             rows, following = queries.page(connection, query(), count)
-        return {name: [to_dict(r) for r in rows],
-                "next_cursor": None if following is None else str(following)}
+        return {
+            name: [to_dict(r) for r in rows],
+            "next_cursor": None if following is None else str(following),
+        }
 
     @app.get("/api/tracks", summary="Tracks seen, newest row last; paginated by cursor")
     def list_tracks(
-            stream: str | None = Query(None, description="stream id"),
-            since: str | None = Query(None, description="Unix seconds, ISO 8601 or a duration ago (10m)"),
-            until: str | None = Query(None, description="as since"),
-            emotion: str | None = Query(None, description="dominant (or current) smoothed emotion"),
-            limit: str | None = Query(None, description="rows per page, 1..1000 (default 100; exports: all)"),
-            cursor: str | None = Query(None, description="next_cursor of the previous page"),
-            format: str | None = Query(None, description="json (default), csv or jsonl")):
+        stream: str | None = Query(None, description="stream id"),
+        since: str | None = Query(None, description="Unix seconds, ISO 8601 or a duration ago (10m)"),
+        until: str | None = Query(None, description="as since"),
+        emotion: str | None = Query(None, description="dominant (or current) smoothed emotion"),
+        limit: str | None = Query(None, description="rows per page, 1..1000 (default 100; exports: all)"),
+        cursor: str | None = Query(None, description="next_cursor of the previous page"),
+        format: str | None = Query(None, description="json (default), csv or jsonl"),
+    ):
         output = params.output_format(format)
         stream = params.stream_id(stream)
         start, end = params.time_range(since, until, clock())
@@ -142,11 +206,16 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
         def query(after=after):
             return queries.tracks_query(stream, start, end, wanted, after)
+
         return listing(query, count, output, "tracks", TRACK_COLUMNS, track_csv, queries.track_dict)
 
-    @app.get("/api/tracks/{track_id}", summary="One track: its timeline of sampled observations and its events")
-    def get_track(track_id: str,
-                  format: str | None = Query(None, description="json (default), csv or jsonl: the observations")):
+    @app.get(
+        "/api/tracks/{track_id}", summary="One track: its timeline of sampled observations and its events"
+    )
+    def get_track(
+        track_id: str,
+        format: str | None = Query(None, description="json (default), csv or jsonl: the observations"),
+    ):
         output = params.output_format(format)
         pk = _track_pk(track_id)
         with engine.connect() as connection:
@@ -154,37 +223,53 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
             if row is None:
                 raise params.HTTPException(404, f"track_id: no track {pk}")
             if output != "json":
-                return export(queries.walk(engine, lambda after: queries.observations_query(pk, after)),
-                              output, f"track-{pk}", OBSERVATION_COLUMNS, observation_csv,
-                              queries.observation_dict)
+                return export(
+                    queries.walk(engine, lambda after: queries.observations_query(pk, after)),
+                    output,
+                    f"track-{pk}",
+                    OBSERVATION_COLUMNS,
+                    observation_csv,
+                    queries.observation_dict,
+                )
             track_events = connection.execute(queries.events_query(track_id=pk)).all()
-        timeline = [queries.observation_dict(o) for o in
-                    queries.walk(engine, lambda after: queries.observations_query(pk, after))]
-        return {**queries.track_dict(row), "timeline": timeline,
-                "events": [queries.event_dict(e) for e in track_events]}
+        timeline = [
+            queries.observation_dict(o)
+            for o in queries.walk(engine, lambda after: queries.observations_query(pk, after))
+        ]
+        return {
+            **queries.track_dict(row),
+            "timeline": timeline,
+            "events": [queries.event_dict(e) for e in track_events],
+        }
 
-    @app.get("/api/tracks/{track_id}/timeline.png", summary="The track's smoothed emotions over time",
-             response_class=Response)
+    @app.get(
+        "/api/tracks/{track_id}/timeline.png",
+        summary="The track's smoothed emotions over time",
+        response_class=Response,
+    )
     def track_png(track_id: str):
         pk = _track_pk(track_id)
         with engine.connect() as connection:
             row = queries.get_track(connection, pk)
         if row is None:
             raise params.HTTPException(404, f"track_id: no track {pk}")
-        points = [(o.time, o.smoothed_scores) for o in
-                  queries.walk(engine, lambda after: queries.observations_query(pk, after))]
+        points = [
+            (o.time, o.smoothed_scores)
+            for o in queries.walk(engine, lambda after: queries.observations_query(pk, after))
+        ]
         return Response(timeline_png(queries.track_dict(row), points), media_type="image/png")
 
     @app.get("/api/events", summary="Track events (started, emotion changed, ended); paginated by cursor")
     def list_events(
-            stream: str | None = Query(None, description="stream id"),
-            since: str | None = Query(None, description="Unix seconds, ISO 8601 or a duration ago (10m)"),
-            until: str | None = Query(None, description="as since"),
-            name: str | None = Query(None, description="track_started, emotion_changed or track_ended"),
-            track_id: str | None = Query(None, description="a track's id (as in /api/tracks)"),
-            limit: str | None = Query(None, description="rows per page, 1..1000 (default 100; exports: all)"),
-            cursor: str | None = Query(None, description="next_cursor of the previous page"),
-            format: str | None = Query(None, description="json (default), csv or jsonl")):
+        stream: str | None = Query(None, description="stream id"),
+        since: str | None = Query(None, description="Unix seconds, ISO 8601 or a duration ago (10m)"),
+        until: str | None = Query(None, description="as since"),
+        name: str | None = Query(None, description="track_started, emotion_changed or track_ended"),
+        track_id: str | None = Query(None, description="a track's id (as in /api/tracks)"),
+        limit: str | None = Query(None, description="rows per page, 1..1000 (default 100; exports: all)"),
+        cursor: str | None = Query(None, description="next_cursor of the previous page"),
+        format: str | None = Query(None, description="json (default), csv or jsonl"),
+    ):
         output = params.output_format(format)
         stream = params.stream_id(stream)
         start, end = params.time_range(since, until, clock())
@@ -195,16 +280,20 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
         def query(after=after):
             return queries.events_query(stream, start, end, kind, pk, after)
+
         return listing(query, count, output, "events", EVENT_COLUMNS, event_csv, queries.event_dict)
 
     @app.get("/api/events/live", summary="Server-Sent Events: each new track event as it is recorded")
-    async def live_events(request: Request,
-                          stream: str | None = Query(None, description="stream id"),
-                          after: str | None = Query(None, description="replay events after this id "
-                                                    "(default: only new ones; or the Last-Event-ID header)")):
+    async def live_events(
+        request: Request,
+        stream: str | None = Query(None, description="stream id"),
+        after: str | None = Query(
+            None,
+            description="replay events after this id (default: only new ones; or the Last-Event-ID header)",
+        ),
+    ):
         stream = params.stream_id(stream)
-        last = params.row_id(after if after is not None else request.headers.get("last-event-id"),
-                             "after")
+        last = params.row_id(after if after is not None else request.headers.get("last-event-id"), "after")
         if last is None:
             last = await run_in_threadpool(_newest_event)
 
@@ -224,12 +313,15 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
                     quiet = time.monotonic()
                 if not rows:
                     await asyncio.sleep(LIVE_POLL_S)
-        return StreamingResponse(feed(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+
+        return StreamingResponse(
+            feed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.get("/api/streams/{stream}/summary", summary="Share of time per emotion and tracks seen in a window")
-    def stream_summary(stream: str,
-                       window: str = Query("10m", description="how far back: 30s, 10m, 2h, 1d or seconds")):
+    def stream_summary(
+        stream: str, window: str = Query("10m", description="how far back: 30s, 10m, 2h, 1d or seconds")
+    ):
         stream = params.stream_id(stream)
         seconds = params.duration(window, "window")
         now = clock()
@@ -262,8 +354,7 @@ def serve_api(app: FastAPI, host: str, port: int) -> uvicorn.Server | None:
     """Run the API in a daemon thread (port 0: none); ``server.should_exit = True`` stops it."""
     if not port:
         return None
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, name="recorder-api", daemon=True).start()
     return server

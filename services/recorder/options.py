@@ -1,4 +1,5 @@
 """The recorder's options."""
+
 from __future__ import annotations
 
 from services.common import ports
@@ -8,20 +9,40 @@ from .service import DEFAULT_DATABASE, SERVICE
 
 
 def build_parser():
-    parser = service_parser(SERVICE, "Recorder: keeps tracks, their emotions over time and track "
-                            "events in a database, with an HTTP API.")
-    parser.option("--database", default=DEFAULT_DATABASE,
-                  help="SQLite file path (or sqlite:///path), or postgresql://user:pass@host/db")
-    parser.option("--sample-hz", default=5.0, type=float,
-                  help="observations kept per track and second (0 = every frame); emotion "
-                       "changes and each track's last frame are always kept")
-    parser.option("--batch-ms", default=500.0, type=float,
-                  help="longest time between commits, 10-1000: a crash loses at most this much")
-    parser.option("--retention-days", default=30.0, type=float,
-                  help="delete what was seen longer ago than this (0 = keep everything)")
-    parser.option("--api-host", default="127.0.0.1",
-                  help="address the HTTP API binds (0.0.0.0 in containers)")
-    parser.option("--api-port", default=ports.RECORDER_API_PORT, type=int, help="port of the HTTP API (0 = none)")
+    parser = service_parser(
+        SERVICE,
+        "Recorder: keeps tracks, their emotions over time and track events in a database, with an HTTP API.",
+    )
+    parser.option(
+        "--database",
+        default=DEFAULT_DATABASE,
+        help="SQLite file path (or sqlite:///path), or postgresql://user:pass@host/db",
+    )
+    parser.option(
+        "--sample-hz",
+        default=5.0,
+        type=float,
+        help="observations kept per track and second (0 = every frame); emotion "
+        "changes and each track's last frame are always kept",
+    )
+    parser.option(
+        "--batch-ms",
+        default=500.0,
+        type=float,
+        help="longest time between commits, 10-1000: a crash loses at most this much",
+    )
+    parser.option(
+        "--retention-days",
+        default=30.0,
+        type=float,
+        help="delete what was seen longer ago than this (0 = keep everything)",
+    )
+    parser.option(
+        "--api-host", default="127.0.0.1", help="address the HTTP API binds (0.0.0.0 in containers)"
+    )
+    parser.option(
+        "--api-port", default=ports.RECORDER_API_PORT, type=int, help="port of the HTTP API (0 = none)"
+    )
     return parser
 
 

@@ -1,4 +1,5 @@
 """Parsing of the API's query parameters: every error names its parameter (HTTP 400)."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ from services.common.protocol import EMOTIONS, EVENTS, MAX_STREAM_ID
 
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-MAX_DURATION_S = 3660 * 86400.0        # ten years
-MAX_ID = 2 ** 63 - 1
+MAX_DURATION_S = 3660 * 86400.0  # ten years
+MAX_ID = 2**63 - 1
 FORMATS = ("json", "csv", "jsonl")
 
 
@@ -50,8 +51,11 @@ def moment(value: str | None, name: str, now: float) -> float | None:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise bad(name, f"{value[:40]!r} is not a Unix time, an ISO 8601 time or a duration "
-                        f"like 10m (meaning 10 minutes ago)") from None
+        raise bad(
+            name,
+            f"{value[:40]!r} is not a Unix time, an ISO 8601 time or a duration "
+            f"like 10m (meaning 10 minutes ago)",
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()

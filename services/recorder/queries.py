@@ -3,9 +3,10 @@
 Lists page by row id (keyset pagination): a page is one indexed range scan however deep
 it is, and exports walk the same pages so a day of data never sits in memory.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from sqlalchemy import Connection, Engine, func, select
 
@@ -14,7 +15,7 @@ from services.common.protocol import EMOTIONS
 from .schema import events, observations, streams, tracks
 
 EXPORT_PAGE = 1000
-GAP_S = 2.0     # in a summary, an observation stands for at most this long
+GAP_S = 2.0  # in a summary, an observation stands for at most this long
 
 
 def emotion_map(values) -> dict[str, float] | None:
@@ -22,34 +23,69 @@ def emotion_map(values) -> dict[str, float] | None:
 
 
 def track_dict(row) -> dict:
-    return {"id": row.id, "stream": row.stream, "track": row.track, "start": row.start,
-            "end": row.end, "last_seen": row.last_seen, "open": row.end is None,
-            "label": row.label, "dominant": row.dominant, "frames": row.frames,
-            "shares": emotion_map(row.shares), "mean_scores": emotion_map(row.mean_scores),
-            "model": row.model}
+    return {
+        "id": row.id,
+        "stream": row.stream,
+        "track": row.track,
+        "start": row.start,
+        "end": row.end,
+        "last_seen": row.last_seen,
+        "open": row.end is None,
+        "label": row.label,
+        "dominant": row.dominant,
+        "frames": row.frames,
+        "shares": emotion_map(row.shares),
+        "mean_scores": emotion_map(row.mean_scores),
+        "model": row.model,
+    }
 
 
 def observation_dict(row) -> dict:
-    return {"id": row.id, "track_id": row.track_id, "time": row.time, "seq": row.seq,
-            "box": [row.x, row.y, row.w, row.h], "label": row.label,
-            "confidence": row.confidence, "smoothed_label": row.smoothed_label,
-            "scores": emotion_map(row.scores), "smoothed_scores": emotion_map(row.smoothed_scores)}
+    return {
+        "id": row.id,
+        "track_id": row.track_id,
+        "time": row.time,
+        "seq": row.seq,
+        "box": [row.x, row.y, row.w, row.h],
+        "label": row.label,
+        "confidence": row.confidence,
+        "smoothed_label": row.smoothed_label,
+        "scores": emotion_map(row.scores),
+        "smoothed_scores": emotion_map(row.smoothed_scores),
+    }
 
 
 def event_dict(row) -> dict:
-    return {"id": row.id, "stream": row.stream, "track_id": row.track_id, "track": row.track,
-            "name": row.name, "time": row.time, "seq": row.seq, "label": row.label,
-            "previous": row.previous}
+    return {
+        "id": row.id,
+        "stream": row.stream,
+        "track_id": row.track_id,
+        "track": row.track,
+        "name": row.name,
+        "time": row.time,
+        "seq": row.seq,
+        "label": row.label,
+        "previous": row.previous,
+    }
 
 
 def list_streams(connection: Connection) -> list[dict]:
-    counts = (select(tracks.c.stream, func.count().label("tracks"))
-              .group_by(tracks.c.stream).subquery())
+    counts = select(tracks.c.stream, func.count().label("tracks")).group_by(tracks.c.stream).subquery()
     rows = connection.execute(
         select(streams, func.coalesce(counts.c.tracks, 0).label("tracks"))
-        .outerjoin(counts, counts.c.stream == streams.c.name).order_by(streams.c.name))
-    return [{"name": r.name, "first_seen": r.first_seen, "last_seen": r.last_seen,
-             "frames": r.frames, "tracks": r.tracks} for r in rows]
+        .outerjoin(counts, counts.c.stream == streams.c.name)
+        .order_by(streams.c.name)
+    )
+    return [
+        {
+            "name": r.name,
+            "first_seen": r.first_seen,
+            "last_seen": r.last_seen,
+            "frames": r.frames,
+            "tracks": r.tracks,
+        }
+        for r in rows
+    ]
 
 
 def tracks_query(stream=None, since=None, until=None, emotion=None, after=None):
@@ -129,19 +165,27 @@ def summary(connection: Connection, stream: str, since: float, until: float) -> 
         select(observations.c.track_id, observations.c.time, observations.c.smoothed_label)
         .join(tracks, tracks.c.id == observations.c.track_id)
         .where(tracks.c.stream == stream, observations.c.time >= since, observations.c.time <= until)
-        .order_by(observations.c.track_id, observations.c.time))
+        .order_by(observations.c.track_id, observations.c.time)
+    )
     previous = None
     for row in rows:
         if previous is not None and previous.track_id == row.track_id:
             seconds[previous.smoothed_label] += min(row.time - previous.time, GAP_S)
         previous = row
     seen = connection.execute(
-        select(func.count()).select_from(tracks).where(
-            tracks.c.stream == stream, tracks.c.last_seen >= since, tracks.c.start <= until)).scalar()
+        select(func.count())
+        .select_from(tracks)
+        .where(tracks.c.stream == stream, tracks.c.last_seen >= since, tracks.c.start <= until)
+    ).scalar()
     total = sum(seconds.values())
-    return {"stream": stream, "since": since, "until": until, "tracks": seen,
-            "observed_seconds": round(total, 3),
-            "shares": {k: (round(v / total, 4) if total else 0.0) for k, v in seconds.items()}}
+    return {
+        "stream": stream,
+        "since": since,
+        "until": until,
+        "tracks": seen,
+        "observed_seconds": round(total, 3),
+        "shares": {k: (round(v / total, 4) if total else 0.0) for k, v in seconds.items()},
+    }
 
 
 def stream_exists(connection: Connection, stream: str) -> bool:
@@ -150,5 +194,3 @@ def stream_exists(connection: Connection, stream: str) -> bool:
 
 def newest_event_id(connection: Connection) -> int:
     return connection.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar()
-
-

@@ -4,6 +4,7 @@ that goes into the next transaction. No database and no sockets here (unit tests
 Tracks are known by (stream, track id, start time): the tracker counts ids from "1" again
 after a restart, so an id alone would merge two people.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ from dataclasses import dataclass, field
 
 from services.common.protocol import Event, Message, Tracks
 
-SAME_START_S = 1.0      # starts this close are the same track (age_s is rounded to 1 ms)
-CONTINUES_S = 5.0       # an event of a track we never saw start continues a row seen this recently
-FORGET_S = 300.0        # a track silent this long (capture time) without track_ended is closed
+SAME_START_S = 1.0  # starts this close are the same track (age_s is rounded to 1 ms)
+CONTINUES_S = 5.0  # an event of a track we never saw start continues a row seen this recently
+FORGET_S = 300.0  # a track silent this long (capture time) without track_ended is closed
 
 
 def capture_time(header: Message) -> float:
@@ -35,7 +36,7 @@ class TrackState:
     start: float
     last_seen: float
     label: str
-    exact_start: bool = True          # False: started before we listened; start is a guess
+    exact_start: bool = True  # False: started before we listened; start is a guess
     model: str = ""
     pk: int | None = None
     end: float | None = None
@@ -45,13 +46,22 @@ class TrackState:
     shares: list[float] | None = None
     last_kept: float = -math.inf
     last_label: str = ""
-    pending: dict | None = None       # newest observation not kept by sampling
+    pending: dict | None = None  # newest observation not kept by sampling
 
     def row(self) -> dict:
-        return {"stream": self.stream, "track": self.track, "start": self.start,
-                "last_seen": self.last_seen, "end": self.end, "label": self.label,
-                "dominant": self.dominant, "frames": self.frames, "mean_scores": self.mean_scores,
-                "shares": self.shares, "model": self.model}
+        return {
+            "stream": self.stream,
+            "track": self.track,
+            "start": self.start,
+            "last_seen": self.last_seen,
+            "end": self.end,
+            "label": self.label,
+            "dominant": self.dominant,
+            "frames": self.frames,
+            "mean_scores": self.mean_scores,
+            "shares": self.shares,
+            "model": self.model,
+        }
 
 
 @dataclass
@@ -65,11 +75,11 @@ class StreamSeen:
 class Batch:
     """What one transaction writes; ``merge`` keeps a failed batch for the next try."""
 
-    tracks: dict[int, TrackState] = field(default_factory=dict)         # id(state) -> state
+    tracks: dict[int, TrackState] = field(default_factory=dict)  # id(state) -> state
     observations: list[tuple[TrackState, dict]] = field(default_factory=list)
     events: list[tuple[TrackState, dict]] = field(default_factory=list)
     streams: dict[str, StreamSeen] = field(default_factory=dict)
-    opened: float | None = None       # monotonic time of the first change
+    opened: float | None = None  # monotonic time of the first change
 
     def __len__(self) -> int:
         return len(self.observations) + len(self.events) + len(self.tracks)
@@ -77,7 +87,7 @@ class Batch:
     def touch(self, state: TrackState) -> None:
         self.tracks[id(state)] = state
 
-    def merge(self, newer: "Batch") -> "Batch":
+    def merge(self, newer: Batch) -> Batch:
         self.tracks.update(newer.tracks)
         self.observations += newer.observations
         self.events += newer.events
@@ -131,8 +141,7 @@ class Recording:
         newest: dict[str, float] = {}
         for (stream, _), state in self.live.items():
             newest[stream] = max(newest.get(stream, 0.0), state.last_seen)
-        silent = [key for key, state in self.live.items()
-                  if state.last_seen < newest[key[0]] - FORGET_S]
+        silent = [key for key, state in self.live.items() if state.last_seen < newest[key[0]] - FORGET_S]
         for key in silent:
             self._close(self.live.pop(key))
         return len(silent)
@@ -146,8 +155,16 @@ class Recording:
             self.counts.kept += 1
         self.batch.touch(state)
 
-    def _state(self, stream: str, track: str, start: float, seen: float, label: str,
-               exact: bool, replace: bool = False) -> TrackState:
+    def _state(
+        self,
+        stream: str,
+        track: str,
+        start: float,
+        seen: float,
+        label: str,
+        exact: bool,
+        replace: bool = False,
+    ) -> TrackState:
         """The live state of this track, a new one if ``start`` says it is another person."""
         key = (stream, track)
         state = self.live.get(key)
@@ -169,15 +186,25 @@ class Recording:
             if face.track is None:
                 self.counts.untracked += 1
                 continue
-            state = self._state(header.stream, face.track, round(t - face.age_s, 3), t,
-                                face.smoothed_label, exact=True)
+            state = self._state(
+                header.stream, face.track, round(t - face.age_s, 3), t, face.smoothed_label, exact=True
+            )
             state.last_seen = max(state.last_seen, t)
             state.label, state.model = face.smoothed_label, header.model
             x, y, w, h = face.box
-            row = {"time": t, "seq": header.seq, "x": x, "y": y, "w": w, "h": h,
-                   "label": face.label, "confidence": round(face.confidence, 4),
-                   "smoothed_label": face.smoothed_label, "scores": rounded(face.scores),
-                   "smoothed_scores": rounded(face.smoothed_scores)}
+            row = {
+                "time": t,
+                "seq": header.seq,
+                "x": x,
+                "y": y,
+                "w": w,
+                "h": h,
+                "label": face.label,
+                "confidence": round(face.confidence, 4),
+                "smoothed_label": face.smoothed_label,
+                "scores": rounded(face.scores),
+                "smoothed_scores": rounded(face.smoothed_scores),
+            }
             changed = face.smoothed_label != state.last_label
             if changed or not self.interval or t - state.last_kept >= self.interval - 1e-6:
                 if state.pending is not None:
@@ -196,23 +223,35 @@ class Recording:
         event = header.event
         self.batch.see(header.stream, event.time, frames=0)
         if event.name == "track_started":
-            state = self._state(header.stream, event.track, event.time, event.time, event.label,
-                                exact=True, replace=True)
+            state = self._state(
+                header.stream, event.track, event.time, event.time, event.label, exact=True, replace=True
+            )
         elif event.name == "track_ended":
             summary = event.summary
-            state = self._state(header.stream, event.track, summary.start, summary.end,
-                                event.label, exact=True)
+            state = self._state(
+                header.stream, event.track, summary.start, summary.end, event.label, exact=True
+            )
             state.end, state.frames, state.dominant = summary.end, summary.frames, summary.dominant
             state.mean_scores, state.shares = rounded(summary.mean_scores), rounded(summary.shares)
             state.last_seen = max(state.last_seen, summary.end)
             state.label = event.label
         else:
-            state = self._state(header.stream, event.track, event.time, event.time, event.label,
-                                exact=False)
+            state = self._state(header.stream, event.track, event.time, event.time, event.label, exact=False)
             state.label = event.label
-        self.batch.events.append((state, {
-            "stream": header.stream, "track": event.track, "name": event.name, "time": event.time,
-            "seq": header.seq, "label": event.label, "previous": event.previous or None}))
+        self.batch.events.append(
+            (
+                state,
+                {
+                    "stream": header.stream,
+                    "track": event.track,
+                    "name": event.name,
+                    "time": event.time,
+                    "seq": header.seq,
+                    "label": event.label,
+                    "previous": event.previous or None,
+                },
+            )
+        )
         self.batch.touch(state)
         if event.name == "track_ended":
             self._close(self.live.pop((header.stream, event.track)))

@@ -1,4 +1,5 @@
 """``python -m services.recorder report``: one PNG per recorded track and an index.html."""
+
 from __future__ import annotations
 
 import time
@@ -13,13 +14,17 @@ from .plots import write_report
 
 
 def build_parser() -> ServiceParser:
-    parser = ServiceParser(prog="python -m services.recorder report",
-                           description="Draw each recorded track's emotions over time.")
-    parser.option("--database", default="data/recorder/recorder.db",
-                  help="the recorder's database (SQLite path or URL)")
+    parser = ServiceParser(
+        prog="python -m services.recorder report",
+        description="Draw each recorded track's emotions over time.",
+    )
+    parser.option(
+        "--database", default="data/recorder/recorder.db", help="the recorder's database (SQLite path or URL)"
+    )
     parser.add_argument("--stream", default="main", help="stream id")
-    parser.add_argument("--since", default="10m",
-                        help="Unix seconds, ISO 8601 or a duration ago (10m, 2h, 1d)")
+    parser.add_argument(
+        "--since", default="10m", help="Unix seconds, ISO 8601 or a duration ago (10m, 2h, 1d)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs and index.html")
     return parser
 

@@ -1,10 +1,23 @@
 """The recorder's tables, as SQLAlchemy Core objects (queries are built from these, never
 from strings). The migrations in ``migrations/versions`` create the same schema; a test
 compares the two."""
+
 from __future__ import annotations
 
-from sqlalchemy import (JSON, BigInteger, Column, Float, ForeignKey, Index, Integer, MetaData,
-                        SmallInteger, String, Table, UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    UniqueConstraint,
+)
 
 # SQLite only makes an INTEGER PRIMARY KEY an alias of its rowid (autoincrementing, compact);
 # PostgreSQL gets 64-bit keys, as observations add up.
@@ -13,23 +26,25 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 metadata = MetaData()
 
 streams = Table(
-    "streams", metadata,
+    "streams",
+    metadata,
     Column("name", String(128), primary_key=True),
-    Column("first_seen", Float, nullable=False),      # capture times, Unix seconds
+    Column("first_seen", Float, nullable=False),  # capture times, Unix seconds
     Column("last_seen", Float, nullable=False),
     Column("frames", BigInteger, nullable=False, server_default="0"),
 )
 
 tracks = Table(
-    "tracks", metadata,
+    "tracks",
+    metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("stream", String(128), nullable=False),
-    Column("track", String(32), nullable=False),      # the tracker's id: restarts at "1"
+    Column("track", String(32), nullable=False),  # the tracker's id: restarts at "1"
     Column("start", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
-    Column("end", Float),                             # set by track_ended
-    Column("label", String(16), nullable=False),      # the latest smoothed label
-    Column("dominant", String(16)),                   # from the track_ended summary
+    Column("end", Float),  # set by track_ended
+    Column("label", String(16), nullable=False),  # the latest smoothed label
+    Column("dominant", String(16)),  # from the track_ended summary
     Column("frames", Integer),
     Column("mean_scores", JSON),
     Column("shares", JSON),
@@ -41,7 +56,8 @@ tracks = Table(
 )
 
 observations = Table(
-    "observations", metadata,
+    "observations",
+    metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("track_id", BigId, ForeignKey("tracks.id", ondelete="CASCADE"), nullable=False),
     Column("time", Float, nullable=False),
@@ -60,7 +76,8 @@ observations = Table(
 )
 
 events = Table(
-    "events", metadata,
+    "events",
+    metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("stream", String(128), nullable=False),
     Column("track_id", BigId, ForeignKey("tracks.id", ondelete="CASCADE")),

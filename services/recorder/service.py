@@ -6,6 +6,7 @@ written in one transaction per batch (at most --batch-ms apart). SQLite by defau
 PostgreSQL with --database postgresql://...; the schema is kept by Alembic migrations, run
 at start. ``python -m services.recorder report`` draws the recorded timelines.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,25 +26,30 @@ from .recording import Batch, Recording
 
 SERVICE = "recorder"
 DEFAULT_DATABASE = "data/recorder/recorder.db"
-MAX_BATCH_ROWS = 20000          # a batch is written early once it holds this many rows
-MAX_PENDING_ROWS = 500000       # rows kept for retry while the database is down; then dropped
+MAX_BATCH_ROWS = 20000  # a batch is written early once it holds this many rows
+MAX_PENDING_ROWS = 500000  # rows kept for retry while the database is down; then dropped
 HOUSEKEEPING_S = 10.0
 RETENTION_EVERY_S = 3600.0
 
-MESSAGES = Counter("emotion_recorder_messages_total", "Messages taken from the tracks channel",
-                   ["kind"])
-OBSERVATIONS = Counter("emotion_recorder_observations_total",
-                       "Tracked faces seen, by outcome: kept (written), sampled_out, untracked "
-                       "(not yet a confirmed track: not stored)", ["outcome"])
+MESSAGES = Counter("emotion_recorder_messages_total", "Messages taken from the tracks channel", ["kind"])
+OBSERVATIONS = Counter(
+    "emotion_recorder_observations_total",
+    "Tracked faces seen, by outcome: kept (written), sampled_out, untracked "
+    "(not yet a confirmed track: not stored)",
+    ["outcome"],
+)
 ROWS = Counter("emotion_recorder_rows_written_total", "Rows written, by table", ["table"])
-COMMIT = Histogram("emotion_recorder_batch_seconds", "Time to write and commit one batch",
-                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-WRITE_ERRORS = Counter("emotion_recorder_write_errors_total",
-                       "Batches the database refused (kept and retried)")
+COMMIT = Histogram(
+    "emotion_recorder_batch_seconds",
+    "Time to write and commit one batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+WRITE_ERRORS = Counter(
+    "emotion_recorder_write_errors_total", "Batches the database refused (kept and retried)"
+)
 DB_BYTES = Gauge("emotion_recorder_database_bytes", "Size of the database on disk")
 PENDING = Gauge("emotion_recorder_pending_rows", "Rows waiting for the next commit")
-DELETED = Counter("emotion_recorder_rows_deleted_total", "Rows deleted by --retention-days",
-                  ["table"])
+DELETED = Counter("emotion_recorder_rows_deleted_total", "Rows deleted by --retention-days", ["table"])
 
 
 def open_database(url: str, log: logging.Logger):
@@ -65,9 +71,17 @@ class RecorderService:
     """The recorder's work: messages in, batches written (tests call it message by message),
     and its loop over the socket it is given (:meth:`run`)."""
 
-    def __init__(self, engine, rejects, sample_hz: float = 5.0, batch_s: float = 0.5,
-                 retention_s: float = 0.0, clock=time.monotonic, wall_clock=time.time,
-                 log: logging.Logger | None = None):
+    def __init__(
+        self,
+        engine,
+        rejects,
+        sample_hz: float = 5.0,
+        batch_s: float = 0.5,
+        retention_s: float = 0.0,
+        clock=time.monotonic,
+        wall_clock=time.time,
+        log: logging.Logger | None = None,
+    ):
         self.engine = engine
         self.recording = Recording(sample_hz)
         self.pending: Batch | None = None
@@ -135,8 +149,11 @@ class RecorderService:
         except SQLAlchemyError as error:
             WRITE_ERRORS.inc()
             self.healthy = False
-            self.log.error("batch of %d rows not written (kept for the next try): %s",
-                           len(batch), str(error).splitlines()[0])
+            self.log.error(
+                "batch of %d rows not written (kept for the next try): %s",
+                len(batch),
+                str(error).splitlines()[0],
+            )
             if len(batch) > MAX_PENDING_ROWS:
                 drop(SERVICE, "database", len(batch.observations))
             else:
@@ -172,7 +189,8 @@ class RecorderService:
             if self.retention_s and now >= self._next_retention:
                 self._next_retention = now + RETENTION_EVERY_S
                 for table, count in store.delete_older_than(
-                        self.engine, self._wall() - self.retention_s).items():
+                    self.engine, self._wall() - self.retention_s
+                ).items():
                     DELETED.labels(table).inc(count)
             DB_BYTES.set(store.size_bytes(self.engine))
         except (SQLAlchemyError, OSError) as error:

@@ -4,6 +4,7 @@ SQLite runs in WAL mode with ``synchronous=FULL``: a committed batch survives a 
 the recorder and a power cut, and readers (the API) never block the writer. PostgreSQL is
 durable by itself.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from sqlalchemy.engine import make_url
 from .recording import CONTINUES_S, SAME_START_S, Batch
 from .schema import events, observations, streams, tracks
 
-JSON_TYPE = JSON(none_as_null=True)   # None binds as SQL NULL, so coalesce keeps the old value
+JSON_TYPE = JSON(none_as_null=True)  # None binds as SQL NULL, so coalesce keeps the old value
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 log = logging.getLogger("recorder")
@@ -68,8 +69,7 @@ def _existing_track(connection, state) -> int | None:
     """The row of a track written before (by an earlier run of the recorder), if any."""
     query = select(tracks.c.id).where(tracks.c.stream == state.stream, tracks.c.track == state.track)
     if state.exact_start:
-        query = query.where(tracks.c.start.between(state.start - SAME_START_S,
-                                                   state.start + SAME_START_S))
+        query = query.where(tracks.c.start.between(state.start - SAME_START_S, state.start + SAME_START_S))
     else:
         query = query.where(tracks.c.last_seen >= state.start - CONTINUES_S)
     return connection.execute(query.order_by(tracks.c.start.desc()).limit(1)).scalar()
@@ -86,45 +86,68 @@ def write(engine: Engine, batch: Batch) -> dict[str, int]:
                     state.pk = _existing_track(connection, state)
                     if state.pk is None:
                         state.pk = connection.execute(
-                            insert(tracks).values(state.row()).returning(tracks.c.id)).scalar_one()
+                            insert(tracks).values(state.row()).returning(tracks.c.id)
+                        ).scalar_one()
                     inserted.append(state)
             if batch.tracks:
                 connection.execute(
-                    update(tracks).where(tracks.c.id == bindparam("b_pk")).values(
-                        last_seen=bindparam("b_last_seen"), end=bindparam("b_end"),
-                        label=bindparam("b_label"), model=bindparam("b_model"),
+                    update(tracks)
+                    .where(tracks.c.id == bindparam("b_pk"))
+                    .values(
+                        last_seen=bindparam("b_last_seen"),
+                        end=bindparam("b_end"),
+                        label=bindparam("b_label"),
+                        model=bindparam("b_model"),
                         dominant=func.coalesce(bindparam("b_dominant"), tracks.c.dominant),
                         frames=func.coalesce(bindparam("b_frames"), tracks.c.frames),
                         mean_scores=func.coalesce(
-                            bindparam("b_mean_scores", type_=JSON_TYPE), tracks.c.mean_scores),
-                        shares=func.coalesce(bindparam("b_shares", type_=JSON_TYPE), tracks.c.shares)),
-                    [{f"b_{key}": value for key, value in
-                      {"pk": s.pk, **s.row()}.items() if key not in ("stream", "track", "start")}
-                     for s in batch.tracks.values()])
+                            bindparam("b_mean_scores", type_=JSON_TYPE), tracks.c.mean_scores
+                        ),
+                        shares=func.coalesce(bindparam("b_shares", type_=JSON_TYPE), tracks.c.shares),
+                    ),
+                    [
+                        {
+                            f"b_{key}": value
+                            for key, value in {"pk": s.pk, **s.row()}.items()
+                            if key not in ("stream", "track", "start")
+                        }
+                        for s in batch.tracks.values()
+                    ],
+                )
             if batch.observations:
-                connection.execute(insert(observations),
-                                   [{**row, "track_id": s.pk} for s, row in batch.observations])
+                connection.execute(
+                    insert(observations), [{**row, "track_id": s.pk} for s, row in batch.observations]
+                )
             if batch.events:
-                connection.execute(insert(events),
-                                   [{**row, "track_id": s.pk} for s, row in batch.events])
+                connection.execute(insert(events), [{**row, "track_id": s.pk} for s, row in batch.events])
             for name, seen in batch.streams.items():
                 done = connection.execute(
-                    update(streams).where(streams.c.name == name).values(
+                    update(streams)
+                    .where(streams.c.name == name)
+                    .values(
                         last_seen=func.coalesce(
                             func.max(streams.c.last_seen, seen.last_seen)
                             if engine.dialect.name == "sqlite"
-                            else func.greatest(streams.c.last_seen, seen.last_seen), seen.last_seen),
-                        frames=streams.c.frames + seen.frames)).rowcount
+                            else func.greatest(streams.c.last_seen, seen.last_seen),
+                            seen.last_seen,
+                        ),
+                        frames=streams.c.frames + seen.frames,
+                    )
+                ).rowcount
                 if not done:
-                    connection.execute(insert(streams).values(
-                        name=name, first_seen=seen.first_seen, last_seen=seen.last_seen,
-                        frames=seen.frames))
+                    connection.execute(
+                        insert(streams).values(
+                            name=name,
+                            first_seen=seen.first_seen,
+                            last_seen=seen.last_seen,
+                            frames=seen.frames,
+                        )
+                    )
     except Exception:
         for state in inserted:
             state.pk = None
         raise
-    return {"tracks": len(inserted), "observations": len(batch.observations),
-            "events": len(batch.events)}
+    return {"tracks": len(inserted), "observations": len(batch.observations), "events": len(batch.events)}
 
 
 def delete_older_than(engine: Engine, cutoff: float) -> dict[str, int]:
@@ -133,7 +156,8 @@ def delete_older_than(engine: Engine, cutoff: float) -> dict[str, int]:
         old = select(tracks.c.id).where(tracks.c.last_seen < cutoff)
         counts = {
             "observations": connection.execute(
-                delete(observations).where(observations.c.time < cutoff)).rowcount,
+                delete(observations).where(observations.c.time < cutoff)
+            ).rowcount,
             "events": connection.execute(delete(events).where(events.c.time < cutoff)).rowcount,
         }
         connection.execute(delete(observations).where(observations.c.track_id.in_(old)))

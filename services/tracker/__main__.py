@@ -1,4 +1,5 @@
 """Entry point: ``python -m services.tracker`` (see ``--help``, and service.py)."""
+
 from __future__ import annotations
 
 import signal
@@ -26,10 +27,17 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    service = TrackerService(settings, RejectLog(SERVICE, log), args.shard, args.shards,
-                             max_skew_s=args.max_clock_skew_ms / 1000)
-    log.info("tracking results from %s into %s (shard %d of %d); %s", addr.endpoint("results", "out"),
-             addr.endpoint("tracks", "in"), args.shard, args.shards, settings)
+    service = TrackerService(
+        settings, RejectLog(SERVICE, log), args.shard, args.shards, max_skew_s=args.max_clock_skew_ms / 1000
+    )
+    log.info(
+        "tracking results from %s into %s (shard %d of %d); %s",
+        addr.endpoint("results", "out"),
+        addr.endpoint("tracks", "in"),
+        args.shard,
+        args.shards,
+        settings,
+    )
     service.run(results, tracks, stop)
     results.close()
     tracks.close()

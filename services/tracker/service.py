@@ -9,6 +9,7 @@ no face), plus ``event`` messages when a track starts, changes its smoothed emot
 Streams are split between replicas by a stable hash of the stream id (``--shards N``,
 ``--shard I`` for I in 0..N-1), so each stream has exactly one owner.
 """
+
 from __future__ import annotations
 
 import threading
@@ -28,18 +29,26 @@ SERVICE = "tracker"
 POLL_MS = 50
 EXPIRE_EVERY_S = 0.25
 
-RESULTS = Counter("emotion_tracker_results_total",
-                  "Results taken by this tracker, by how they arrived: ok, reordered (after a "
-                  "newer one, within the reorder window), late (after the window: not tracked)",
-                  ["arrival"])
+RESULTS = Counter(
+    "emotion_tracker_results_total",
+    "Results taken by this tracker, by how they arrived: ok, reordered (after a "
+    "newer one, within the reorder window), late (after the window: not tracked)",
+    ["arrival"],
+)
 ACTIVE = Gauge("emotion_tracker_active_tracks", "Tracks alive now, per stream", ["stream"])
 STARTED = Counter("emotion_tracker_tracks_started_total", "Tracks started")
 ENDED = Counter("emotion_tracker_tracks_ended_total", "Tracks ended")
-LABEL_CHANGES = Counter("emotion_tracker_label_changes_total",
-                        "Changes of a track's label from one frame to the next: raw (the "
-                        "classifier's) or smoothed (the tracker's)", ["kind"])
-SECONDS = Histogram("emotion_tracker_seconds", "Time to track one result and build its messages",
-                    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05))
+LABEL_CHANGES = Counter(
+    "emotion_tracker_label_changes_total",
+    "Changes of a track's label from one frame to the next: raw (the "
+    "classifier's) or smoothed (the tracker's)",
+    ["kind"],
+)
+SECONDS = Histogram(
+    "emotion_tracker_seconds",
+    "Time to track one result and build its messages",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05),
+)
 
 
 def owns(stream: str, shard: int, shards: int) -> bool:
@@ -51,9 +60,16 @@ class TrackerService:
     """The tracker's work, message by message (tests call it directly), and its loop over
     the sockets it is given (:meth:`run`)."""
 
-    def __init__(self, settings: TrackerSettings, rejects, shard: int = 0, shards: int = 1,
-                 clock=time.monotonic, wall_clock=time.time,
-                 max_skew_s: float = MAX_CLOCK_SKEW_S):
+    def __init__(
+        self,
+        settings: TrackerSettings,
+        rejects,
+        shard: int = 0,
+        shards: int = 1,
+        clock=time.monotonic,
+        wall_clock=time.time,
+        max_skew_s: float = MAX_CLOCK_SKEW_S,
+    ):
         self.tracker = Tracker(settings)
         self.max_skew_s = max_skew_s
         self._rejects = rejects
@@ -63,8 +79,7 @@ class TrackerService:
 
     def on_result(self, parts: list) -> None:
         try:
-            header, _ = decode(parts, expect_kind=KIND_RESULT, max_skew_s=self.max_skew_s,
-                               now=self._wall())
+            header, _ = decode(parts, expect_kind=KIND_RESULT, max_skew_s=self.max_skew_s, now=self._wall())
         except Rejected as error:
             self._rejects(error)
             return

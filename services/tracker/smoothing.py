@@ -6,6 +6,7 @@ slower camera, leaves the dynamics unchanged. A change of the shown label needs 
 emotion to lead the current one by ``hysteresis``, so two near-equal emotions do not
 make the label flicker between them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ from services.common.protocol import EMOTIONS, TrackSummary
 
 @dataclass(frozen=True)
 class SmoothingSettings:
-    half_life_s: float = 0.2     # a frame's weight halves after this much capture time
-    hysteresis: float = 0.1      # lead in smoothed probability a new label needs
+    half_life_s: float = 0.2  # a frame's weight halves after this much capture time
+    hysteresis: float = 0.1  # lead in smoothed probability a new label needs
 
     def __post_init__(self):
         if self.half_life_s <= 0 or not 0 <= self.hysteresis < 1:
@@ -35,7 +36,7 @@ class SmoothedEmotion:
         self.start = self.last = t
         self.frames = 1
         self.score_sum = self.scores.copy()
-        self.seconds = np.zeros(len(EMOTIONS))   # time spent showing each label
+        self.seconds = np.zeros(len(EMOTIONS))  # time spent showing each label
 
     @property
     def label_name(self) -> str:
@@ -62,9 +63,13 @@ class SmoothedEmotion:
         total = self.seconds.sum()
         if total > 0:
             shares = self.seconds / total
-        else:                                   # a single frame: all its time is its label
+        else:  # a single frame: all its time is its label
             shares = np.eye(len(EMOTIONS))[self.label]
-        return TrackSummary(start=self.start, end=self.last, frames=self.frames,
-                            dominant=EMOTIONS[int(np.argmax(shares))],
-                            mean_scores=[round(float(v), 4) for v in self.score_sum / self.frames],
-                            shares=[round(float(v), 4) for v in shares])
+        return TrackSummary(
+            start=self.start,
+            end=self.last,
+            frames=self.frames,
+            dominant=EMOTIONS[int(np.argmax(shares))],
+            mean_scores=[round(float(v), 4) for v in self.score_sum / self.frames],
+            shares=[round(float(v), 4) for v in shares],
+        )

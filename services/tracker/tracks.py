@@ -12,6 +12,7 @@
 * :class:`Tracker` holds every stream and turns results into ``tracks`` and ``event``
   messages.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -27,17 +28,17 @@ from services.common.protocol import Event, Result, TrackedFace, TrackEvent, Tra
 from .smoothing import SmoothedEmotion, SmoothingSettings
 
 CLOCK_STEP_S = 10.0
-NEVER_DIES = 1_000_000   # Norfair's frame-count lifetime, unused: tracks end on capture time
+NEVER_DIES = 1_000_000  # Norfair's frame-count lifetime, unused: tracks end on capture time
 
 
 @dataclass(frozen=True)
 class TrackerSettings:
-    reorder_s: float = 0.1          # longest a result waits for older ones of its stream
-    track_timeout_s: float = 1.0    # a track ends after this long without a matched face
-    min_iou: float = 0.2            # least overlap of a face with a track's predicted box
-    confirm_frames: int = 2         # consecutive matches before a new face becomes a track
+    reorder_s: float = 0.1  # longest a result waits for older ones of its stream
+    track_timeout_s: float = 1.0  # a track ends after this long without a matched face
+    min_iou: float = 0.2  # least overlap of a face with a track's predicted box
+    confirm_frames: int = 2  # consecutive matches before a new face becomes a track
     max_streams: int = 64
-    idle_s: float = 60.0            # a stream silent this long is forgotten (its ids are not)
+    idle_s: float = 60.0  # a stream silent this long is forgotten (its ids are not)
     smoothing: SmoothingSettings = field(default_factory=SmoothingSettings)
 
     def __post_init__(self):
@@ -56,7 +57,7 @@ class ReorderWindow:
 
     def __init__(self, window_s: float):
         self.window_s = window_s
-        self._pending: list[tuple[tuple[float, int], float, Result]] = []   # sorted by key
+        self._pending: list[tuple[tuple[float, int], float, Result]] = []  # sorted by key
         self._released: tuple[float, int] | None = None
         self._newest: tuple[float, int] | None = None
 
@@ -65,11 +66,11 @@ class ReorderWindow:
         'duplicate' (a frame already taken: refused)."""
         key = order_key(header)
         if key == self._released or any(key == k for k, _, _ in self._pending):
-            return "duplicate"            # the same frame answered twice (a resent frame)
+            return "duplicate"  # the same frame answered twice (a resent frame)
         if self._released is not None and key <= self._released:
             if self._released[0] - key[0] < CLOCK_STEP_S:
                 return "late"
-            self._released = self._newest = None      # the source's clock stepped back
+            self._released = self._newest = None  # the source's clock stepped back
         outcome = "reordered" if self._newest is not None and key < self._newest else "ok"
         self._newest = key if self._newest is None else max(self._newest, key)
         bisect.insort(self._pending, (key, now, header), key=lambda item: item[0])
@@ -87,12 +88,11 @@ class ReorderWindow:
         seq = self._released[1] if last < 0 and self._released is not None else None
         if last >= 0:
             seq = self._pending[last][0][1]
-        while seq is not None and last + 1 < len(self._pending) \
-                and self._pending[last + 1][0][1] == seq + 1:
+        while seq is not None and last + 1 < len(self._pending) and self._pending[last + 1][0][1] == seq + 1:
             last += 1
             seq += 1
-        out = [header for _, _, header in self._pending[:last + 1]]
-        del self._pending[:last + 1]
+        out = [header for _, _, header in self._pending[: last + 1]]
+        del self._pending[: last + 1]
         if out:
             self._released = order_key(out[-1])
         return out
@@ -114,8 +114,16 @@ def _confirming_scores(obj) -> np.ndarray:
 
 def _untracked(result) -> TrackedFace:
     """A face no track has confirmed (yet): its raw answer, no id, nothing smoothed."""
-    return TrackedFace(result.box, result.label, result.confidence, list(result.scores), None,
-                       result.label, list(result.scores), 0.0)
+    return TrackedFace(
+        result.box,
+        result.label,
+        result.confidence,
+        list(result.scores),
+        None,
+        result.label,
+        list(result.scores),
+        0.0,
+    )
 
 
 @dataclass
@@ -131,14 +139,16 @@ class StreamTracks:
     def __init__(self, settings: TrackerSettings, ids: itertools.count):
         self.settings = settings
         self._ids = ids
-        self._norfair = norfair.Tracker(distance_function="iou",
-                                        distance_threshold=1.0 - settings.min_iou,
-                                        hit_counter_max=NEVER_DIES,
-                                        initialization_delay=settings.confirm_frames - 1)
-        self._tracks: dict[int, _Track] = {}          # Norfair's id -> ours
+        self._norfair = norfair.Tracker(
+            distance_function="iou",
+            distance_threshold=1.0 - settings.min_iou,
+            hit_counter_max=NEVER_DIES,
+            initialization_delay=settings.confirm_frames - 1,
+        )
+        self._tracks: dict[int, _Track] = {}  # Norfair's id -> ours
         self.reorder = ReorderWindow(settings.reorder_s)
         self.last_arrival = 0.0
-        self.last_header: Result | None = None   # the latest result processed
+        self.last_header: Result | None = None  # the latest result processed
         self.raw_changes = 0
         self.smoothed_changes = 0
 
@@ -150,26 +160,29 @@ class StreamTracks:
         """One frame's results (in capture order) -> its tracked faces and the events."""
         t = header.timestamps.get("capture", 0.0)
         events = self._end_stale(t)
-        detections = [norfair.Detection(np.array([[x, y], [x + w, y + h]], np.float64),
-                                        data=(i, r.scores))
-                      for i, r in enumerate(header.results) for x, y, w, h in [r.box]]
+        detections = [
+            norfair.Detection(np.array([[x, y], [x + w, y + h]], np.float64), data=(i, r.scores))
+            for i, r in enumerate(header.results)
+            for x, y, w, h in [r.box]
+        ]
         self._norfair.update(detections)
         now_here = {id(d) for d in detections}
         self.last_header = header
         faces = [_untracked(r) for r in header.results]
         for obj in self._norfair.tracked_objects:
             if obj.last_detection is None or id(obj.last_detection) not in now_here:
-                continue                                  # not matched in this frame
+                continue  # not matched in this frame
             i = obj.last_detection.data[0]
             result = header.results[i]
-            if obj.id is None:                            # not confirmed yet: stays untracked
+            if obj.id is None:  # not confirmed yet: stays untracked
                 continue
             track = self._tracks.get(obj.id)
             if track is None:
                 track = self._tracks[obj.id] = _Track(
                     str(next(self._ids)),
                     SmoothedEmotion(_confirming_scores(obj), t, self.settings.smoothing),
-                    result.label)
+                    result.label,
+                )
                 events.append(TrackEvent("track_started", track.id, t, track.emotion.label_name))
             else:
                 previous = track.emotion.update(result.scores, t)
@@ -178,18 +191,26 @@ class StreamTracks:
                     track.raw_label = result.label
                 if previous is not None:
                     self.smoothed_changes += 1
-                    events.append(TrackEvent("emotion_changed", track.id, t,
-                                             track.emotion.label_name, previous=previous))
+                    events.append(
+                        TrackEvent(
+                            "emotion_changed", track.id, t, track.emotion.label_name, previous=previous
+                        )
+                    )
             smoothed = track.emotion
-            faces[i] = TrackedFace(result.box, result.label, result.confidence,
-                                   list(result.scores), track.id, smoothed.label_name,
-                                   [round(float(v), 4) for v in smoothed.scores],
-                                   round(smoothed.last - smoothed.start, 3))
+            faces[i] = TrackedFace(
+                result.box,
+                result.label,
+                result.confidence,
+                list(result.scores),
+                track.id,
+                smoothed.label_name,
+                [round(float(v), 4) for v in smoothed.scores],
+                round(smoothed.last - smoothed.start, 3),
+            )
         return faces, events
 
     def _end_stale(self, t: float) -> list[TrackEvent]:
-        stale = [k for k, tr in self._tracks.items()
-                 if t - tr.emotion.last > self.settings.track_timeout_s]
+        stale = [k for k, tr in self._tracks.items() if t - tr.emotion.last > self.settings.track_timeout_s]
         return self._end(stale)
 
     def end_all(self) -> list[TrackEvent]:
@@ -199,14 +220,14 @@ class StreamTracks:
         if not keys:
             return []
         gone = set(keys)
-        self._norfair.tracked_objects = [o for o in self._norfair.tracked_objects
-                                         if o.id not in gone]
+        self._norfair.tracked_objects = [o for o in self._norfair.tracked_objects if o.id not in gone]
         events = []
         for key in keys:
             track = self._tracks.pop(key)
             summary = track.emotion.summary()
-            events.append(TrackEvent("track_ended", track.id, summary.end,
-                                     track.emotion.label_name, summary=summary))
+            events.append(
+                TrackEvent("track_ended", track.id, summary.end, track.emotion.label_name, summary=summary)
+            )
         return events
 
 
@@ -226,7 +247,7 @@ class Tracker:
         self.settings = settings
         self.streams: dict[str, StreamTracks] = {}
         self._ids: dict[str, itertools.count] = {}
-        self.counts: Counter[str] = Counter()   # ok / reordered / late / streams (refused)
+        self.counts: Counter[str] = Counter()  # ok / reordered / late / streams (refused)
 
     def add(self, header: Result, now: float) -> str:
         """Queue a result; returns how it was taken (see :class:`ReorderWindow`) or 'streams'."""
@@ -268,11 +289,24 @@ class Tracker:
 
     @staticmethod
     def _tracks_message(result: Result, faces: list[TrackedFace], wall: float) -> Tracks:
-        return Tracks(result.stream, result.seq, result.width, result.height,
-                      timestamps={**result.timestamps, "track": wall},
-                      boxes=list(result.boxes), results=faces, model=result.model)
+        return Tracks(
+            result.stream,
+            result.seq,
+            result.width,
+            result.height,
+            timestamps={**result.timestamps, "track": wall},
+            boxes=list(result.boxes),
+            results=faces,
+            model=result.model,
+        )
 
     @staticmethod
     def _event_message(result: Result, event: TrackEvent, wall: float) -> Event:
-        return Event(result.stream, result.seq, result.width, result.height,
-                     timestamps={**result.timestamps, "track": wall}, event=event)
+        return Event(
+            result.stream,
+            result.seq,
+            result.width,
+            result.height,
+            timestamps={**result.timestamps, "track": wall},
+            event=event,
+        )

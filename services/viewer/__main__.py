@@ -1,4 +1,5 @@
 """Entry point: ``python -m services.viewer`` (see ``--help``; the loop is in service.py)."""
+
 from __future__ import annotations
 
 import signal
@@ -10,9 +11,9 @@ import zmq
 from services.common import bus, metrics
 from services.common.config import setup_logging
 
-from .service import SERVICE, ViewerService
 from .hub import StreamHub
 from .options import parse_args, settings_from
+from .service import SERVICE, ViewerService
 from .web import start_web_server, stop_web_server
 from .window import NativeWindows, gui_problem
 
@@ -32,8 +33,13 @@ def main(argv=None) -> int:
         metrics.serve_metrics(args.metrics_port, args.metrics_host)
         server, _ = start_web_server(args.http_host, args.http_port, hub, args.recorder_url)
     except OSError as exc:
-        log.error("cannot listen (metrics port %s, web %s:%s): %s", args.metrics_port,
-                  args.http_host, args.http_port, exc)
+        log.error(
+            "cannot listen (metrics port %s, web %s:%s): %s",
+            args.metrics_port,
+            args.http_host,
+            args.http_port,
+            exc,
+        )
         return 1
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -49,10 +55,15 @@ def main(argv=None) -> int:
         tracks = bus.consumer(ctx, address, "tracks")
         sockets.append(tracks)
         viewer = ViewerService(settings_from(args), hub, metrics.RejectLog(SERVICE, log), windows)
-        log.info("web page on http://%s:%s/ ; frames from %s, results from %s, tracks from %s; "
-                 "delay %d ms", args.http_host, server.server_address[1],
-                 address.endpoint("frames", "out"), address.endpoint("results", "out"),
-                 address.endpoint("tracks", "out"), args.delay_ms)
+        log.info(
+            "web page on http://%s:%s/ ; frames from %s, results from %s, tracks from %s; delay %d ms",
+            args.http_host,
+            server.server_address[1],
+            address.endpoint("frames", "out"),
+            address.endpoint("results", "out"),
+            address.endpoint("tracks", "out"),
+            args.delay_ms,
+        )
         viewer.run(frames, results, stop, tracks)
     except zmq.ZMQError as exc:
         log.error("cannot reach the broker at %s:%s: %s", args.broker_host, args.base_port, exc)

@@ -1,9 +1,10 @@
 """Draws the classifier's answers onto a frame: boxes, "Label 87%" tags (``#3 Happy 82%``
 from the smoothed label for tracked faces) and a footer."""
+
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -12,8 +13,16 @@ from services.common.palette import bgr
 from services.common.protocol import FaceResult, TrackedFace
 
 # Tracked faces are drawn in a colour of their own, so that people can be told apart.
-TRACK_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
-                 (213, 94, 0), (204, 121, 167), (120, 220, 120))
+TRACK_COLOURS = (
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+    (120, 220, 120),
+)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -42,8 +51,14 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     return np.array(image, dtype=np.uint8, copy=True, order="C")
 
 
-def draw_results(image: np.ndarray, results: Sequence[FaceResult], model_version: str, *,
-                 stream: str | None = None, fps: float | None = None) -> np.ndarray:
+def draw_results(
+    image: np.ndarray,
+    results: Sequence[FaceResult],
+    model_version: str,
+    *,
+    stream: str | None = None,
+    fps: float | None = None,
+) -> np.ndarray:
     """Return an annotated copy of ``image``; the input is never modified."""
     out = _as_bgr(image)
     height, width = out.shape[:2]
@@ -61,7 +76,7 @@ def _draw_face(out: np.ndarray, result: FaceResult, scale: float, thickness: int
     x0, y0 = min(max(x, 0), width - 1), min(max(y, 0), height - 1)
     x1, y1 = min(max(x + w - 1, 0), width - 1), min(max(y + h - 1, 0), height - 1)
     label, confidence = result.label, result.confidence
-    colour = bgr(label)                              # the palette of every output
+    colour = bgr(label)  # the palette of every output
     prefix = ""
     if isinstance(result, TrackedFace) and result.track is not None:
         label, confidence = result.smoothed_label, result.smoothed_confidence
@@ -74,15 +89,15 @@ def _draw_face(out: np.ndarray, result: FaceResult, scale: float, thickness: int
     (tw, th), baseline = cv2.getTextSize(text, FONT, scale, 1)
     pad = max(2, th // 4)
     tag_h = th + baseline + 2 * pad
-    top = y0 - tag_h if y0 - tag_h >= 0 else y0      # above the box, inside it at the top edge
+    top = y0 - tag_h if y0 - tag_h >= 0 else y0  # above the box, inside it at the top edge
     left = min(x0, max(0, width - tw - 2 * pad))
     cv2.rectangle(out, (left, top), (left + tw + 2 * pad, top + tag_h), colour, cv2.FILLED)
-    cv2.putText(out, text, (left + pad, top + pad + th), FONT, scale, _text_colour(colour), 1,
-                cv2.LINE_AA)
+    cv2.putText(out, text, (left + pad, top + pad + th), FONT, scale, _text_colour(colour), 1, cv2.LINE_AA)
 
 
-def _draw_footer(out: np.ndarray, model_version: str, stream: str | None, fps: float | None,
-                 scale: float) -> None:
+def _draw_footer(
+    out: np.ndarray, model_version: str, stream: str | None, fps: float | None, scale: float
+) -> None:
     parts = []
     if stream:
         parts.append(stream)
@@ -94,7 +109,8 @@ def _draw_footer(out: np.ndarray, model_version: str, stream: str | None, fps: f
     (_, th), baseline = cv2.getTextSize(text, FONT, footer_scale, 1)
     pad = max(3, th // 3)
     bar = min(out.shape[0], th + baseline + 2 * pad)
-    region = out[out.shape[0] - bar:]
-    region[:] = (region * 0.35).astype(np.uint8)       # darken, keep the picture visible
-    cv2.putText(out, text, (pad, out.shape[0] - pad - baseline), FONT, footer_scale,
-                (235, 235, 235), 1, cv2.LINE_AA)
+    region = out[out.shape[0] - bar :]
+    region[:] = (region * 0.35).astype(np.uint8)  # darken, keep the picture visible
+    cv2.putText(
+        out, text, (pad, out.shape[0] - pad - baseline), FONT, footer_scale, (235, 235, 235), 1, cv2.LINE_AA
+    )

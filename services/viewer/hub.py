@@ -8,21 +8,22 @@ picture, so a slow client skips frames instead of queueing them, and a fast one 
 busy-waits. The dashboard's event clients wait the
 same way and read :meth:`StreamHub.panel`: the faces now and a rolling 60-second timeline.
 """
+
 from __future__ import annotations
 
 import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 from services.common.protocol import EMOTIONS, FaceResult, TrackedFace
 
-TIMELINE_S = 60.0            # the dashboard's rolling timeline
-TIMELINE_STEP_S = 0.5        # one timeline point per stream this often
-NOT_SHOWN_AFTER_S = 5.0      # /status.json says a stream is not shown after this long without a frame
+TIMELINE_S = 60.0  # the dashboard's rolling timeline
+TIMELINE_STEP_S = 0.5  # one timeline point per stream this often
+NOT_SHOWN_AFTER_S = 5.0  # /status.json says a stream is not shown after this long without a frame
 
 
 class StreamClosed(Exception):
@@ -52,11 +53,11 @@ class RateMeter:
 class _StreamState:
     condition: threading.Condition
     latency_window: int
-    jpeg: bytes = b""               # the latest picture rendered
-    rendered: int = 0               # the number of the picture in ``jpeg``
-    render: Callable[[], bytes | None] | None = None   # makes picture ``number`` when asked
+    jpeg: bytes = b""  # the latest picture rendered
+    rendered: int = 0  # the number of the picture in ``jpeg``
+    render: Callable[[], bytes | None] | None = None  # makes picture ``number`` when asked
     render_lock: threading.Lock = field(default_factory=threading.Lock)
-    number: int = 0                 # frames published so far; clients wait for a larger one
+    number: int = 0  # frames published so far; clients wait for a larger one
     seq: int = -1
     results: list[FaceResult] = field(default_factory=list)
     model: str = ""
@@ -66,7 +67,7 @@ class _StreamState:
     meter: RateMeter = field(default_factory=RateMeter)
     latencies: deque = field(init=False)
     timeline: deque = field(default_factory=lambda: deque(maxlen=int(TIMELINE_S / TIMELINE_STEP_S)))
-    points: int = 0                 # timeline points made so far (numbers them for clients)
+    points: int = 0  # timeline points made so far (numbers them for clients)
 
     def __post_init__(self):
         self.latencies = deque(maxlen=self.latency_window)
@@ -75,8 +76,9 @@ class _StreamState:
 class StreamHub:
     """Latest annotated JPEG and display statistics of every stream, safe across threads."""
 
-    def __init__(self, max_clients: int = 32, latency_window: int = 100, delay_ms: int = 0,
-                 clock=time.monotonic):
+    def __init__(
+        self, max_clients: int = 32, latency_window: int = 100, delay_ms: int = 0, clock=time.monotonic
+    ):
         self.max_clients = max_clients
         self.latency_window = latency_window
         self.delay_ms = delay_ms
@@ -88,9 +90,17 @@ class StreamHub:
         self._clients = 0
         self._closed = False
 
-    def publish(self, stream: str, picture: bytes | Callable[[], bytes | None], *, seq: int,
-                results: list[FaceResult], model: str, latency_s: float | None = None,
-                late: bool = False) -> None:
+    def publish(
+        self,
+        stream: str,
+        picture: bytes | Callable[[], bytes | None],
+        *,
+        seq: int,
+        results: list[FaceResult],
+        model: str,
+        latency_s: float | None = None,
+        late: bool = False,
+    ) -> None:
         """Make ``picture`` the stream's current one and wake its waiting clients.
 
         ``picture`` is a JPEG, or a function that makes one (None if it cannot): it is then
@@ -134,7 +144,7 @@ class StreamHub:
                     state.jpeg = jpeg
                 state.rendered = number
                 if state.number == number:
-                    state.render = None       # done: let go of the frame it holds
+                    state.render = None  # done: let go of the frame it holds
                 return number, state.jpeg, seq
 
     def fps(self, stream: str) -> float:
@@ -163,8 +173,7 @@ class StreamHub:
             state = self._streams.get(stream)
             if state is None or self._closed:
                 raise StreamClosed(stream)
-            state.condition.wait_for(
-                lambda: self._closed or state.removed or state.number > after, timeout)
+            state.condition.wait_for(lambda: self._closed or state.removed or state.number > after, timeout)
             if self._closed or state.removed:
                 raise StreamClosed(stream)
             if state.number <= after:
@@ -191,12 +200,16 @@ class StreamHub:
                 "model": state.model,
                 "fps": round(state.meter.rate(now), 1),
                 "latency_ms": None if p50 is None else round(p50 * 1000, 1),
-                "source": "tracker" if any(isinstance(r, TrackedFace) for r in state.results)
-                          else "classifier",
+                "source": "tracker"
+                if any(isinstance(r, TrackedFace) for r in state.results)
+                else "classifier",
                 "faces": [_face_panel(r) for r in state.results],
                 "emotions": list(EMOTIONS),
-                "timeline": [{"n": n, "age_s": round(now - t, 2), "shares": shares}
-                             for n, t, shares in state.timeline if n > after_point],
+                "timeline": [
+                    {"n": n, "age_s": round(now - t, 2), "shares": shares}
+                    for n, t, shares in state.timeline
+                    if n > after_point
+                ],
             }
 
     def remove(self, stream: str) -> None:
@@ -240,9 +253,13 @@ class StreamHub:
         with self._lock:
             streams = {sid: self._stream_status(state, now) for sid, state in self._streams.items()}
             clients = self._clients
-        return {"uptime_s": round(now - self._started, 3), "delay_ms": self.delay_ms,
-                "mjpeg_clients": clients, "streams": streams,
-                "streams_not_shown": sorted(s for s, v in streams.items() if not v["shown"])}
+        return {
+            "uptime_s": round(now - self._started, 3),
+            "delay_ms": self.delay_ms,
+            "mjpeg_clients": clients,
+            "streams": streams,
+            "streams_not_shown": sorted(s for s, v in streams.items() if not v["shown"]),
+        }
 
     @staticmethod
     def _stream_status(state: _StreamState, now: float) -> dict:
@@ -251,12 +268,21 @@ class StreamHub:
             "frames_shown": state.number,
             "fps": round(state.meter.rate(now), 2),
             "last_seq": state.seq,
-            "labels": [{"label": r.label, "confidence": round(r.confidence, 4),
-                        "box": list(r.box)} for r in state.results],
-            "tracks": [{"track": r.track, "label": r.smoothed_label,
-                        "confidence": round(r.smoothed_confidence, 4), "box": list(r.box),
-                        "age_s": r.age_s} for r in state.results
-                       if isinstance(r, TrackedFace) and r.track is not None],
+            "labels": [
+                {"label": r.label, "confidence": round(r.confidence, 4), "box": list(r.box)}
+                for r in state.results
+            ],
+            "tracks": [
+                {
+                    "track": r.track,
+                    "label": r.smoothed_label,
+                    "confidence": round(r.smoothed_confidence, 4),
+                    "box": list(r.box),
+                    "age_s": r.age_s,
+                }
+                for r in state.results
+                if isinstance(r, TrackedFace) and r.track is not None
+            ],
             "model": state.model,
             "late_frames": state.late,
             "e2e_latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
@@ -268,11 +294,20 @@ class StreamHub:
 def _face_panel(result: FaceResult) -> dict:
     """One face for the dashboard: the tracker's smoothed view where there is one."""
     if isinstance(result, TrackedFace) and result.track is not None:
-        return {"track": result.track, "label": result.smoothed_label,
-                "confidence": round(result.smoothed_confidence, 3),
-                "scores": [round(v, 3) for v in result.smoothed_scores], "age_s": result.age_s}
-    return {"track": None, "label": result.label, "confidence": round(result.confidence, 3),
-            "scores": [round(v, 3) for v in result.scores], "age_s": None}
+        return {
+            "track": result.track,
+            "label": result.smoothed_label,
+            "confidence": round(result.smoothed_confidence, 3),
+            "scores": [round(v, 3) for v in result.smoothed_scores],
+            "age_s": result.age_s,
+        }
+    return {
+        "track": None,
+        "label": result.label,
+        "confidence": round(result.confidence, 3),
+        "scores": [round(v, 3) for v in result.scores],
+        "age_s": None,
+    }
 
 
 def emotion_shares(results: list[FaceResult]) -> list[float]:
@@ -280,6 +315,7 @@ def emotion_shares(results: list[FaceResult]) -> list[float]:
     its faces; all zero without faces."""
     if not results:
         return [0.0] * len(EMOTIONS)
-    rows = [r.smoothed_scores if isinstance(r, TrackedFace) and r.track is not None else r.scores
-            for r in results]
+    rows = [
+        r.smoothed_scores if isinstance(r, TrackedFace) and r.track is not None else r.scores for r in results
+    ]
     return [round(sum(col) / len(rows), 3) for col in zip(*rows)]

@@ -33,16 +33,18 @@ can push ahead. So when a stream's frames have all been refused as ``out_of_orde
 next frame (counted in :attr:`FrameJoiner.resyncs`); its labels likewise. A stream
 recovers within about ``resync_s`` from any clock step.
 """
+
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from services.common.protocol import FaceResult, Frame, Message, Result
 
-MAX_MISSED = 100_000     # a larger forward jump of seq is a source restart, not lost frames
-RESYNC_S = 1.0           # refusing every frame this long means the order, not the frames, is wrong
+MAX_MISSED = 100_000  # a larger forward jump of seq is a source restart, not lost frames
+RESYNC_S = 1.0  # refusing every frame this long means the order, not the frames, is wrong
 
 
 @dataclass
@@ -50,11 +52,11 @@ class Shown:
     """A frame due for display and the labels to draw on it."""
 
     header: Frame
-    payload: Any                 # the still-encoded frame payload
+    payload: Any  # the still-encoded frame payload
     results: list[FaceResult]
     model: str
-    own: bool                    # the labels are this frame's own result
-    late: bool                   # gave up waiting for its own result (exact sync only)
+    own: bool  # the labels are this frame's own result
+    late: bool  # gave up waiting for its own result (exact sync only)
 
 
 @dataclass
@@ -79,19 +81,18 @@ class _Pending:
 class _Stream:
     pending: OrderedDict = field(default_factory=OrderedDict)  # seq -> _Pending, arrival order
     latest: Labels | None = None
-    last_shown: tuple[float | None, int] | None = None          # (capture time, seq)
+    last_shown: tuple[float | None, int] | None = None  # (capture time, seq)
     last_seen: float = 0.0
-    last_received: int | None = None                            # seq of the latest frame
-    frames_refused_since: float | None = None    # first out_of_order frame since one was shown
-    labels_refused_since: float | None = None    # first older result since labels were taken
+    last_received: int | None = None  # seq of the latest frame
+    frames_refused_since: float | None = None  # first out_of_order frame since one was shown
+    labels_refused_since: float | None = None  # first older result since labels were taken
 
 
 def _capture(header: Message) -> float | None:
     return header.timestamps.get("capture")
 
 
-def _not_older(capture: float | None, seq: int, ref: tuple[float | None, int] | None,
-               window: int) -> bool:
+def _not_older(capture: float | None, seq: int, ref: tuple[float | None, int] | None, window: int) -> bool:
     """Whether a message is at least as recent as ``ref`` (capture time, seq).
 
     The capture time orders frames even across a capture restart (which resets ``seq``).
@@ -114,9 +115,15 @@ def _same_frame(frame: Frame, seq: int, capture: float | None) -> bool:
 class FrameJoiner:
     """Bounded per-stream buffers joining frames and results by (stream, seq)."""
 
-    def __init__(self, delay_s: float = 0.0, capacity: int = 64, max_streams: int = 16,
-                 idle_s: float = 60.0, on_drop: Callable[[str, int], None] | None = None,
-                 resync_s: float = RESYNC_S):
+    def __init__(
+        self,
+        delay_s: float = 0.0,
+        capacity: int = 64,
+        max_streams: int = 16,
+        idle_s: float = 60.0,
+        on_drop: Callable[[str, int], None] | None = None,
+        resync_s: float = RESYNC_S,
+    ):
         if delay_s < 0 or capacity < 1 or max_streams < 1:
             raise ValueError("delay_s >= 0, capacity >= 1 and max_streams >= 1 are required")
         self.delay_s = delay_s
@@ -184,8 +191,9 @@ class FrameJoiner:
             waiting.result = header
         latest = state.latest
         ref = None if latest is None else (latest.capture, latest.seq)
-        if (_not_older(_capture(header), header.seq, ref, self.capacity)
-                or self._resync(state, "labels_refused_since", now)):
+        if _not_older(_capture(header), header.seq, ref, self.capacity) or self._resync(
+            state, "labels_refused_since", now
+        ):
             state.latest = Labels(header.seq, _capture(header), list(header.results), header.model)
             state.labels_refused_since = None
         return True
@@ -229,12 +237,11 @@ class FrameJoiner:
 
     def _newest_due(self, state: _Stream, now: float) -> Shown | None:
         entries = list(state.pending.values())
-        due = [i for i, e in enumerate(entries)
-               if e.result is not None or now - e.arrived >= self.delay_s]
+        due = [i for i, e in enumerate(entries) if e.result is not None or now - e.arrived >= self.delay_s]
         if not due:
             return None
         entry = entries[due[-1]]
-        for skipped in entries[:due[-1] + 1]:
+        for skipped in entries[: due[-1] + 1]:
             del state.pending[skipped.header.seq]
         if due[-1]:
             self._drop("superseded", due[-1])
@@ -244,8 +251,9 @@ class FrameJoiner:
         own = latest is not None and _same_frame(entry.header, latest.seq, latest.capture)
         late = self.delay_s > 0 and not own
         self.late += int(late)
-        return self._show(state, entry, latest.results if latest else [],
-                          latest.model if latest else "", own, late)
+        return self._show(
+            state, entry, latest.results if latest else [], latest.model if latest else "", own, late
+        )
 
     def _resync(self, state: _Stream, since: str, now: float) -> bool:
         """Whether refusals have gone on for ``resync_s``: then the order starts again."""
@@ -268,4 +276,3 @@ class FrameJoiner:
         self.dropped[reason] += n
         if self._on_drop is not None:
             self._on_drop(reason, n)
-

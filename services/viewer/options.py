@@ -1,4 +1,5 @@
 """The viewer's options, and the settings they make."""
+
 from __future__ import annotations
 
 from services.common import ports
@@ -7,30 +8,59 @@ from services.common.config import ServiceParser, service_parser
 from .service import SERVICE, ViewerSettings
 
 
-
 def build_parser() -> ServiceParser:
-    parser = service_parser(SERVICE, "Shows every stream with its emotion labels: a web page "
-                            "with MJPEG streams (and optionally native windows).")
-    parser.option("--http-host", default="127.0.0.1",
-                  help="address the web page binds (0.0.0.0 to reach it from other machines)")
+    parser = service_parser(
+        SERVICE,
+        "Shows every stream with its emotion labels: a web page "
+        "with MJPEG streams (and optionally native windows).",
+    )
+    parser.option(
+        "--http-host",
+        default="127.0.0.1",
+        help="address the web page binds (0.0.0.0 to reach it from other machines)",
+    )
     parser.option("--http-port", default=ports.VIEWER_HTTP_PORT, type=int, help="port of the web page")
-    parser.option("--delay-ms", default=0, type=int,
-                  help="display delay: 0 shows each frame at once with the latest labels; "
-                       ">0 holds frames until their own result arrives, at most this long")
-    parser.option("--buffer-frames", default=64, type=int,
-                  help="frames held per stream while waiting for results (oldest dropped)")
-    parser.option("--jpeg-quality", default=80, type=int,
-                  help="JPEG quality (1-100) of the annotated frames sent to browsers")
-    parser.option("--max-age-ms", default=1000, type=int,
-                  help="drop frames captured longer ago than this when they arrive (0 = never)")
-    parser.option("--max-streams", default=16, type=int,
-                  help="most streams shown at once; further streams are dropped")
-    parser.option("--recorder-url", default="",
-                  help="where the recorder's HTTP API answers (e.g. http://127.0.0.1:8081): the "
-                       "dashboard links each stream to its history there (empty = no links)")
-    parser.option("--window", default=False, type=bool,
-                  help="also open a native OpenCV window per stream ('q' quits); needs a "
-                       "display and opencv-python (not -headless)")
+    parser.option(
+        "--delay-ms",
+        default=0,
+        type=int,
+        help="display delay: 0 shows each frame at once with the latest labels; "
+        ">0 holds frames until their own result arrives, at most this long",
+    )
+    parser.option(
+        "--buffer-frames",
+        default=64,
+        type=int,
+        help="frames held per stream while waiting for results (oldest dropped)",
+    )
+    parser.option(
+        "--jpeg-quality",
+        default=80,
+        type=int,
+        help="JPEG quality (1-100) of the annotated frames sent to browsers",
+    )
+    parser.option(
+        "--max-age-ms",
+        default=1000,
+        type=int,
+        help="drop frames captured longer ago than this when they arrive (0 = never)",
+    )
+    parser.option(
+        "--max-streams", default=16, type=int, help="most streams shown at once; further streams are dropped"
+    )
+    parser.option(
+        "--recorder-url",
+        default="",
+        help="where the recorder's HTTP API answers (e.g. http://127.0.0.1:8081): the "
+        "dashboard links each stream to its history there (empty = no links)",
+    )
+    parser.option(
+        "--window",
+        default=False,
+        type=bool,
+        help="also open a native OpenCV window per stream ('q' quits); needs a "
+        "display and opencv-python (not -headless)",
+    )
     return parser
 
 
@@ -47,7 +77,12 @@ def parse_args(argv=None):
 
 
 def settings_from(args) -> ViewerSettings:
-    return ViewerSettings(delay_s=args.delay_ms / 1000, buffer_frames=args.buffer_frames,
-                          jpeg_quality=args.jpeg_quality, max_age_s=args.max_age_ms / 1000,
-                          max_streams=args.max_streams, max_skew_s=args.max_clock_skew_ms / 1000,
-                          max_pixels=args.max_frame_pixels)
+    return ViewerSettings(
+        delay_s=args.delay_ms / 1000,
+        buffer_frames=args.buffer_frames,
+        jpeg_quality=args.jpeg_quality,
+        max_age_s=args.max_age_ms / 1000,
+        max_streams=args.max_streams,
+        max_skew_s=args.max_clock_skew_ms / 1000,
+        max_pixels=args.max_frame_pixels,
+    )

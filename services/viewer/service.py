@@ -4,14 +4,15 @@ when someone looks.
 :class:`Viewer` owns no sockets, so tests feed it multipart messages directly;
 :func:`run_loop` is the thin part that polls the two SUB sockets.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import cv2
 import zmq
@@ -19,9 +20,17 @@ from prometheus_client import Counter, Histogram
 
 from services.common import metrics
 from services.common.bus import age_seconds
-from services.common.protocol import (KIND_FRAME, KIND_RESULT, KIND_TRACKS, MAX_CLOCK_SKEW_S,
-                                      MAX_FRAME_PIXELS, Rejected, check_image, decode,
-                                      decode_image)
+from services.common.protocol import (
+    KIND_FRAME,
+    KIND_RESULT,
+    KIND_TRACKS,
+    MAX_CLOCK_SKEW_S,
+    MAX_FRAME_PIXELS,
+    Rejected,
+    check_image,
+    decode,
+    decode_image,
+)
 
 from .draw import draw_results
 from .hub import StreamHub
@@ -29,21 +38,26 @@ from .join import FrameJoiner, Shown
 from .window import NativeWindows
 
 SERVICE = "viewer"
-POLL_MS = 50                 # longest the loop sleeps; bounds shutdown and timeout latency
-DRAIN_LIMIT = 256            # messages taken from one socket per pass before compositing
+POLL_MS = 50  # longest the loop sleeps; bounds shutdown and timeout latency
+DRAIN_LIMIT = 256  # messages taken from one socket per pass before compositing
 EXPIRE_EVERY_S = 1.0
-TRACKED_FOR_S = 2.0          # a stream with tracks this recent shows them instead of raw results
+TRACKED_FOR_S = 2.0  # a stream with tracks this recent shows them instead of raw results
 
-FRAMES_SHOWN = Counter("emotion_viewer_frames_total",
-                       "Frames shown (made the stream's current picture), per stream",
-                       ["stream"])
-RESULTS_RECEIVED = Counter("emotion_viewer_results_total",
-                           "Classifier results received, per stream", ["stream"])
-LATE_FRAMES = Counter("emotion_viewer_late_frames_total",
-                      "Frames shown without their own result after waiting the full display delay")
-E2E_LATENCY = Histogram("emotion_e2e_latency_seconds",
-                        "Capture to display time of every shown frame",
-                        buckets=metrics.LATENCY_BUCKETS)
+FRAMES_SHOWN = Counter(
+    "emotion_viewer_frames_total", "Frames shown (made the stream's current picture), per stream", ["stream"]
+)
+RESULTS_RECEIVED = Counter(
+    "emotion_viewer_results_total", "Classifier results received, per stream", ["stream"]
+)
+LATE_FRAMES = Counter(
+    "emotion_viewer_late_frames_total",
+    "Frames shown without their own result after waiting the full display delay",
+)
+E2E_LATENCY = Histogram(
+    "emotion_e2e_latency_seconds",
+    "Capture to display time of every shown frame",
+    buckets=metrics.LATENCY_BUCKETS,
+)
 
 log = logging.getLogger(SERVICE)
 
@@ -53,20 +67,25 @@ class ViewerSettings:
     delay_s: float = 0.0
     buffer_frames: int = 64
     jpeg_quality: int = 80
-    max_age_s: float = 1.0          # 0 = show frames however old they are
+    max_age_s: float = 1.0  # 0 = show frames however old they are
     max_streams: int = 16
-    idle_s: float = 60.0            # streams silent this long disappear from the page
-    max_skew_s: float = MAX_CLOCK_SKEW_S   # timestamps further ahead are refused (reason clock)
-    max_pixels: int = MAX_FRAME_PIXELS     # larger frames are refused before decoding
+    idle_s: float = 60.0  # streams silent this long disappear from the page
+    max_skew_s: float = MAX_CLOCK_SKEW_S  # timestamps further ahead are refused (reason clock)
+    max_pixels: int = MAX_FRAME_PIXELS  # larger frames are refused before decoding
 
 
 class ViewerService:
     """Turns received messages into annotated JPEGs in the hub."""
 
-    def __init__(self, settings: ViewerSettings, hub: StreamHub,
-                 rejects: Callable[[Rejected], None], windows: NativeWindows | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: ViewerSettings,
+        hub: StreamHub,
+        rejects: Callable[[Rejected], None],
+        windows: NativeWindows | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ):
         self.settings = settings
         self.hub = hub
         self.windows = windows
@@ -74,10 +93,14 @@ class ViewerService:
         self._clock = clock
         self._wall_clock = wall_clock
         self._next_expiry = clock() + EXPIRE_EVERY_S
-        self._tracked: dict[str, float] = {}    # stream -> when its latest tracks arrived
-        self.joiner = FrameJoiner(settings.delay_s, settings.buffer_frames, settings.max_streams,
-                                  settings.idle_s,
-                                  on_drop=lambda reason, n: metrics.drop(SERVICE, reason, n))
+        self._tracked: dict[str, float] = {}  # stream -> when its latest tracks arrived
+        self.joiner = FrameJoiner(
+            settings.delay_s,
+            settings.buffer_frames,
+            settings.max_streams,
+            settings.idle_s,
+            on_drop=lambda reason, n: metrics.drop(SERVICE, reason, n),
+        )
 
     def _decode(self, parts: list, kind: str | None = None):
         return decode(parts, kind, max_skew_s=self.settings.max_skew_s, now=self._wall_clock())
@@ -103,7 +126,7 @@ class ViewerService:
             return
         now = self._clock()
         if now - self._tracked.get(header.stream, -1e9) < TRACKED_FOR_S:
-            return                          # the tracker's view of this frame is drawn instead
+            return  # the tracker's view of this frame is drawn instead
         if self.joiner.add_result(header, now):
             RESULTS_RECEIVED.labels(header.stream).inc()
 
@@ -168,8 +191,15 @@ class ViewerService:
         if "capture" in header.timestamps:
             latency = max(0.0, self._wall_clock() - header.timestamps["capture"])
             E2E_LATENCY.observe(latency)
-        self.hub.publish(header.stream, picture, seq=header.seq, results=item.results,
-                         model=item.model, latency_s=latency, late=item.late)
+        self.hub.publish(
+            header.stream,
+            picture,
+            seq=header.seq,
+            results=item.results,
+            model=item.model,
+            latency_s=latency,
+            late=item.late,
+        )
         FRAMES_SHOWN.labels(header.stream).inc()
         if item.late:
             LATE_FRAMES.inc()
@@ -182,15 +212,15 @@ class ViewerService:
         except Rejected as error:
             self._rejects(error)
             return None
-        except cv2.error as error:          # a JPEG that fools the header check but not libjpeg
+        except cv2.error as error:  # a JPEG that fools the header check but not libjpeg
             self._rejects(Rejected("image", f"JPEG could not be decoded ({error.code})"))
             return None
-        return draw_results(image, item.results, item.model, stream=item.header.stream,
-                            fps=self.hub.fps(item.header.stream))
+        return draw_results(
+            image, item.results, item.model, stream=item.header.stream, fps=self.hub.fps(item.header.stream)
+        )
 
     def _encode(self, annotated) -> bytes | None:
-        ok, encoded = cv2.imencode(".jpg", annotated,
-                                   [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
+        ok, encoded = cv2.imencode(".jpg", annotated, [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
         if not ok:
             metrics.drop(SERVICE, "encode")
             return None
@@ -206,9 +236,9 @@ class ViewerService:
             return POLL_MS
         return min(POLL_MS, max(1, int(due * 1000) + 1))
 
-
-    def run(self, frames: zmq.Socket, results: zmq.Socket, stop: threading.Event,
-            tracks: zmq.Socket | None = None) -> None:
+    def run(
+        self, frames: zmq.Socket, results: zmq.Socket, stop: threading.Event, tracks: zmq.Socket | None = None
+    ) -> None:
         """Poll the channels until ``stop`` is set (or 'q' in a native window)."""
         poller = zmq.Poller()
         poller.register(frames, zmq.POLLIN)
@@ -227,6 +257,7 @@ class ViewerService:
             if self.windows is not None and not self.windows.pump():
                 log.info("'q' pressed in a viewer window, stopping")
                 stop.set()
+
 
 def _drain(sock: zmq.Socket, handle: Callable[[list], None]) -> None:
     """Take what is queued (bounded), so live mode can skip straight to the newest frame."""

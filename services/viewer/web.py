@@ -8,6 +8,7 @@ Server-Sent Events at ``/events/<stream>``, in the colours of the shared palette
 page carries as JSON in ``<body data-palette>``. The page's Content-Security-Policy allows
 scripts from the viewer itself only. Only the listed paths exist; everything else is a 404.
 """
+
 from __future__ import annotations
 
 import html
@@ -17,8 +18,8 @@ import socket
 import threading
 import time
 from http import HTTPStatus
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from services.common.palette import PALETTE
@@ -26,18 +27,22 @@ from services.common.palette import PALETTE
 from .hub import StreamClosed, StreamHub
 
 BOUNDARY = "frame"
-CLIENT_TIMEOUT_S = 10.0      # a client that stops reading is dropped after this long
-WAIT_SLICE_S = 1.0           # how often a waiting MJPEG client re-checks for shutdown
-HEALTHY_LOOP_AGE_S = 5.0     # /healthz fails when the compositing loop stalls this long
-EVENT_INTERVAL_S = 0.1       # at most 10 dashboard updates a second per client
+CLIENT_TIMEOUT_S = 10.0  # a client that stops reading is dropped after this long
+WAIT_SLICE_S = 1.0  # how often a waiting MJPEG client re-checks for shutdown
+HEALTHY_LOOP_AGE_S = 5.0  # /healthz fails when the compositing loop stalls this long
+EVENT_INTERVAL_S = 0.1  # at most 10 dashboard updates a second per client
 STATIC = Path(__file__).resolve().parent / "static"
-STATIC_FILES = {"/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
-                "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
+STATIC_FILES = {
+    "/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+}
 
 log = logging.getLogger("viewer.web")
 
-PAGE_CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def render_page(streams: list[str], recorder_url: str = "") -> str:
@@ -56,35 +61,38 @@ def render_page(streams: list[str], recorder_url: str = "") -> str:
             f'<aside class="panel" aria-label="emotions in {label}">'
             f'<p class="meta">waiting for the first update&hellip;</p>'
             f'<ol class="faces" aria-live="polite"></ol>'
-            f'<h2>Last 60 seconds</h2>'
+            f"<h2>Last 60 seconds</h2>"
             f'<canvas class="timeline" width="480" height="150" role="img" '
             f'aria-label="share of each emotion in {label} over the last 60 seconds"></canvas>'
-            f'<ul class="legend"></ul></aside></section>')
+            f'<ul class="legend"></ul></aside></section>'
+        )
     empty = '<p class="empty">No streams yet; this page reloads until one arrives.</p>'
     body = "\n".join(sections) or empty
     refresh = "" if streams else '<meta http-equiv="refresh" content="2">'
     palette = html.escape(json.dumps(PALETTE))
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{refresh}'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            '<title>Emotion viewer</title><link rel="stylesheet" href="/static/dashboard.css">'
-            '<script src="/static/dashboard.js" defer></script></head>'
-            f'<body data-palette="{palette}">'
-            "<header><h1>Emotion viewer</h1><p>Live streams, the people in them and how they "
-            'feel. Reload for new streams &middot; <a href="/status.json">status</a></p></header>'
-            f"<main>{body}</main></body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{refresh}'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<title>Emotion viewer</title><link rel="stylesheet" href="/static/dashboard.css">'
+        '<script src="/static/dashboard.js" defer></script></head>'
+        f'<body data-palette="{palette}">'
+        "<header><h1>Emotion viewer</h1><p>Live streams, the people in them and how they "
+        'feel. Reload for new streams &middot; <a href="/status.json">status</a></p></header>'
+        f"<main>{body}</main></body></html>\n"
+    )
 
 
 def _stream_id(path: str, prefix: str, suffix: str) -> str | None:
     """The stream id in ``prefix<quoted id>suffix``, or None when the path is not of that form."""
     if path.startswith(prefix) and path.endswith(suffix) and len(path) > len(prefix) + len(suffix):
-        return unquote(path[len(prefix):-len(suffix)], errors="strict")
+        return unquote(path[len(prefix) : -len(suffix)], errors="strict")
     return None
 
 
 class ViewerHandler(BaseHTTPRequestHandler):
     """Serves exactly the viewer's paths; everything else is a 404."""
 
-    server: "ViewerHTTPServer"
+    server: ViewerHTTPServer
     server_version = "emotion-viewer"
     timeout = CLIENT_TIMEOUT_S
     protocol_version = "HTTP/1.0"
@@ -104,8 +112,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         try:
             if path == "/":
-                self._send(render_page(hub.streams(), self.server.recorder_url).encode(),
-                           "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_CSP})
+                self._send(
+                    render_page(hub.streams(), self.server.recorder_url).encode(),
+                    "text/html; charset=utf-8",
+                    {"Content-Security-Policy": PAGE_CSP},
+                )
             elif path in STATIC_FILES:
                 name, content_type = STATIC_FILES[path]
                 self._send((STATIC / name).read_bytes(), content_type)
@@ -113,9 +124,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 self._send(json.dumps(hub.status(), indent=1).encode(), "application/json")
             elif path == "/healthz":
                 healthy = hub.loop_age() < HEALTHY_LOOP_AGE_S
-                self._send(b"ok\n" if healthy else b"compositing loop stalled\n",
-                           "text/plain; charset=utf-8",
-                           status=HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE)
+                self._send(
+                    b"ok\n" if healthy else b"compositing loop stalled\n",
+                    "text/plain; charset=utf-8",
+                    status=HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE,
+                )
             elif (stream := _stream_id(path, "/snapshot/", ".jpg")) is not None:
                 jpeg = hub.snapshot(stream)
                 if jpeg is None:
@@ -125,16 +138,17 @@ class ViewerHandler(BaseHTTPRequestHandler):
             elif (stream := _stream_id(path, "/stream/", ".mjpg")) is not None:
                 self._mjpeg(stream)
             elif path.startswith("/events/") and len(path) > len("/events/"):
-                self._events(unquote(path[len("/events/"):], errors="strict"))
+                self._events(unquote(path[len("/events/") :], errors="strict"))
             else:
                 self._not_found()
         except UnicodeDecodeError:
             self._not_found()
         except OSError:
-            self.close_connection = True      # the client went away mid-response
+            self.close_connection = True  # the client went away mid-response
 
-    def _send(self, body: bytes, content_type: str, headers: dict | None = None,
-              status: HTTPStatus = HTTPStatus.OK) -> None:
+    def _send(
+        self, body: bytes, content_type: str, headers: dict | None = None, status: HTTPStatus = HTTPStatus.OK
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -148,8 +162,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self._send(b"not found\n", "text/plain; charset=utf-8", status=HTTPStatus.NOT_FOUND)
 
     def _mjpeg(self, stream: str) -> None:
-        self._long_response(stream, f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-                            self._write_parts)
+        self._long_response(stream, f"multipart/x-mixed-replace; boundary={BOUNDARY}", self._write_parts)
 
     def _events(self, stream: str) -> None:
         self._long_response(stream, "text/event-stream; charset=utf-8", self._write_events)
@@ -163,8 +176,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
             return
         with hub.client_slot() as granted:
             if not granted:
-                self._send(b"too many viewers\n", "text/plain; charset=utf-8",
-                           status=HTTPStatus.SERVICE_UNAVAILABLE)
+                self._send(
+                    b"too many viewers\n", "text/plain; charset=utf-8", status=HTTPStatus.SERVICE_UNAVAILABLE
+                )
                 return
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", content_type)
@@ -210,9 +224,12 @@ class ViewerHandler(BaseHTTPRequestHandler):
             if frame is None or not frame[1]:
                 continue
             number, jpeg, seq = frame
-            self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
-                             f"Content-Length: {len(jpeg)}\r\nX-Frame-Seq: {seq}\r\n\r\n".encode()
-                             + jpeg + b"\r\n")
+            self.wfile.write(
+                f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {len(jpeg)}\r\nX-Frame-Seq: {seq}\r\n\r\n".encode()
+                + jpeg
+                + b"\r\n"
+            )
             self.wfile.flush()
 
 
@@ -232,12 +249,14 @@ class ViewerHTTPServer(ThreadingHTTPServer):
         log.warning("HTTP request from %s failed", client_address, exc_info=True)
 
 
-def start_web_server(host: str, port: int, hub: StreamHub,
-                     recorder_url: str = "") -> tuple[ViewerHTTPServer, threading.Thread]:
+def start_web_server(
+    host: str, port: int, hub: StreamHub, recorder_url: str = ""
+) -> tuple[ViewerHTTPServer, threading.Thread]:
     """Bind (raises OSError when the port is taken) and serve in a background thread."""
     server = ViewerHTTPServer((host, port), hub, recorder_url)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                              name="viewer-http", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="viewer-http", daemon=True
+    )
     thread.start()
     return server, thread
 

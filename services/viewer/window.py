@@ -1,4 +1,5 @@
 """Optional native OpenCV windows (``--window``), one per stream, for a local desktop."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,10 @@ import sys
 import cv2
 import numpy as np
 
-HINT = ("--window needs a desktop display and the GUI build of OpenCV: install `opencv-python` "
-        "instead of `opencv-python-headless`, or drop --window and use the web page")
+HINT = (
+    "--window needs a desktop display and the GUI build of OpenCV: install `opencv-python` "
+    "instead of `opencv-python-headless`, or drop --window and use the web page"
+)
 
 
 def _build_has_gui() -> bool:
@@ -27,8 +30,9 @@ def gui_problem() -> str | None:
     """
     if not _build_has_gui():
         return f"this OpenCV build has no GUI support. {HINT}"
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
-                                                 or os.environ.get("WAYLAND_DISPLAY")):
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
         return f"no display (DISPLAY is not set). {HINT}"
     probe = "emotion-viewer-probe"
     try:

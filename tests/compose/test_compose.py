@@ -11,6 +11,7 @@ command, no Compose v2 plugin or no running engine. When the repository has no p
 model yet (no models/current), the classifiers serve a small random model from a scratch
 registry instead of the bundled one.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,17 +33,30 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
 APP_SERVICES = ("broker", "capture", "detector", "classifier", "viewer")
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "emotion-stream.json"
 # Variables of docker-compose.yml a user may have exported; the test sets its own.
-USER_VARIABLES = ("SOURCE", "STREAM", "LOOP", "MEDIA_DIR", "DELAY_MS", "LOG_LEVEL", "DATA_DIR",
-                  "PUBLISH_ADDRESS", "VIEWER_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT", "RECORDER_PORT",
-                  "COMPOSE_FILE", "COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME")
+USER_VARIABLES = (
+    "SOURCE",
+    "STREAM",
+    "LOOP",
+    "MEDIA_DIR",
+    "DELAY_MS",
+    "LOG_LEVEL",
+    "DATA_DIR",
+    "PUBLISH_ADDRESS",
+    "VIEWER_PORT",
+    "PROMETHEUS_PORT",
+    "GRAFANA_PORT",
+    "RECORDER_PORT",
+    "COMPOSE_FILE",
+    "COMPOSE_PROFILES",
+    "COMPOSE_PROJECT_NAME",
+)
 
 
 def _docker_missing() -> str | None:
     if shutil.which("docker") is None:
         return "no docker command"
     try:
-        if subprocess.run(["docker", "compose", "version"], capture_output=True,
-                          timeout=30).returncode:
+        if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode:
             return "no Docker Compose v2 (docker compose)"
         if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode:
             return "no running Docker engine"
@@ -56,16 +70,20 @@ def test_compose_config_is_valid():
     if shutil.which("docker") is None:
         pytest.skip("no docker command")
     base = ["docker", "compose", "-f", "docker-compose.yml"]
-    for extra in (["--profile", "dashboards", "--profile", "train"],
-                  ["-f", "docker-compose.webcam.yml"]):
-        result = subprocess.run([*base, *extra, "config", "--format", "json"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60)
+    for extra in (["--profile", "dashboards", "--profile", "train"], ["-f", "docker-compose.webcam.yml"]):
+        result = subprocess.run(
+            [*base, *extra, "config", "--format", "json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if result.returncode and "is not a docker command" in result.stderr:
             pytest.skip("no Docker Compose v2 (docker compose)")
         assert result.returncode == 0, result.stderr
         config = json.loads(result.stdout)
         services = config["services"]
-        for name in ("detector", "classifier"):          # scalable: nothing fixed per replica
+        for name in ("detector", "classifier"):  # scalable: nothing fixed per replica
             assert "container_name" not in services[name] and not services[name].get("ports")
         for name in APP_SERVICES:
             assert services[name]["read_only"] and services[name]["cap_drop"] == ["ALL"]
@@ -91,26 +109,30 @@ class Stack:
         cmd = ["docker", "compose", "-p", self.project]
         for f in self.files:
             cmd += ["-f", f]
-        result = subprocess.run([*cmd, *args], cwd=ROOT, env=self.env, capture_output=True,
-                                text=True, timeout=timeout)
+        result = subprocess.run(
+            [*cmd, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check and result.returncode:
-            raise AssertionError(f"docker compose {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+            raise AssertionError(
+                f"docker compose {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+            )
         return result
 
     def containers(self) -> list[dict]:
         out = self.compose("ps", "--all", "--format", "json").stdout.strip()
         if not out:
             return []
-        if out.startswith("["):           # older Compose versions print one array
+        if out.startswith("["):  # older Compose versions print one array
             return json.loads(out)
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def all_healthy(self, services=APP_SERVICES) -> bool:
         seen = {}
         for c in self.containers():
-            seen.setdefault(c["Service"], []).append(c.get("Health") == "healthy"
-                                                     and c.get("State") == "running")
+            seen.setdefault(c["Service"], []).append(
+                c.get("Health") == "healthy" and c.get("State") == "running"
+            )
         return all(seen.get(s) and all(seen[s]) for s in services)
 
     def query(self, promql: str) -> list[dict]:
@@ -121,8 +143,7 @@ class Stack:
         return data["data"]["result"]
 
     def targets(self) -> list[dict]:
-        with urllib.request.urlopen(f"{self.prometheus}/api/v1/targets?state=active",
-                                    timeout=10) as response:
+        with urllib.request.urlopen(f"{self.prometheus}/api/v1/targets?state=active", timeout=10) as response:
             return json.load(response)["data"]["activeTargets"]
 
     def get(self, path: str, timeout: float = 10) -> bytes:
@@ -138,7 +159,7 @@ def stack(tmp_path_factory, pytestconfig):
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
 
-    def log(line: str) -> None:          # shown at once, also while output is captured
+    def log(line: str) -> None:  # shown at once, also while output is captured
         if reporter is None or capture is None:
             print(f"[compose] {line}")
             return
@@ -146,9 +167,13 @@ def stack(tmp_path_factory, pytestconfig):
             reporter.write_line(f"[compose] {line}")
 
     env = {k: v for k, v in os.environ.items() if k not in USER_VARIABLES}
-    env.update(SOURCE="demo", VIEWER_PORT=str(free_port()), PROMETHEUS_PORT=str(free_port()),
-               RECORDER_PORT=str(free_port()),
-               GRAFANA_PORT=str(free_port()))
+    env.update(
+        SOURCE="demo",
+        VIEWER_PORT=str(free_port()),
+        PROMETHEUS_PORT=str(free_port()),
+        RECORDER_PORT=str(free_port()),
+        GRAFANA_PORT=str(free_port()),
+    )
     files = ["docker-compose.yml"]
     if not (ROOT / "models" / "current").is_file():
         from services.model import registry
@@ -158,10 +183,9 @@ def stack(tmp_path_factory, pytestconfig):
         write_tiny_model(models, "compose-smoke")
         registry.promote(models, "compose-smoke")
         for path in [models, *models.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)     # readable by the container user
+            path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the container user
         override = scratch / "tiny-model.yml"
-        override.write_text("services:\n  classifier:\n    volumes:\n"
-                            f"      - {models}:/app/models:ro\n")
+        override.write_text(f"services:\n  classifier:\n    volumes:\n      - {models}:/app/models:ro\n")
         files.append(str(override))
         log(f"no models/current in the repository: serving a random model from {models}")
 
@@ -232,8 +256,7 @@ def test_viewer_serves_annotated_frames(stack):
         return main.get("labels") and main.get("model") and main
 
     main = wait_for(labelled, timeout=60, interval=1, what="a labelled frame in /status.json")
-    assert main["labels"][0]["label"] in ("Angry", "Disgust", "Fear", "Happy", "Sad",
-                                          "Surprise", "Neutral")
+    assert main["labels"][0]["label"] in ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
     jpeg = stack.get("/snapshot/main.jpg")
     image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None and image.shape[2] == 3 and image.shape[1] >= 320
@@ -245,8 +268,9 @@ def test_viewer_serves_annotated_frames(stack):
         while data.count(b"\xff\xd9") < 1 and len(data) < 4_000_000:
             data += response.read1(65536)
     start = data.index(b"\xff\xd8")
-    frame = cv2.imdecode(np.frombuffer(data[start:data.index(b"\xff\xd9", start) + 2], np.uint8),
-                         cv2.IMREAD_COLOR)
+    frame = cv2.imdecode(
+        np.frombuffer(data[start : data.index(b"\xff\xd9", start) + 2], np.uint8), cv2.IMREAD_COLOR
+    )
     assert frame is not None and frame.shape == image.shape
 
 
@@ -266,21 +290,28 @@ def test_dashboard_queries_run(stack):
 def test_scale_detector_to_two(stack):
     started = time.monotonic()
     stack.compose("up", "-d", "--scale", "detector=2", "--no-recreate", timeout=300)
-    wait_for(lambda: stack.all_healthy(("detector",)), timeout=120, interval=1,
-             what="both detector replicas healthy")
+    wait_for(
+        lambda: stack.all_healthy(("detector",)),
+        timeout=120,
+        interval=1,
+        what="both detector replicas healthy",
+    )
     detectors = [c for c in stack.containers() if c["Service"] == "detector"]
     assert len(detectors) == 2
 
-    wait_for(lambda: len(_up_targets(stack).get("detector", [])) == 2, timeout=60, interval=2,
-             what="two detector targets up in Prometheus")
+    wait_for(
+        lambda: len(_up_targets(stack).get("detector", [])) == 2,
+        timeout=60,
+        interval=2,
+        what="two detector targets up in Prometheus",
+    )
 
     def both_work():
         result = stack.query("rate(emotion_detector_frames_total[15s]) > 0")
         return len({r["metric"]["instance"] for r in result}) == 2
 
     wait_for(both_work, timeout=90, interval=3, what="frames through both detector replicas")
-    stack.log(f"scaled to 2 detectors, both scraped and busy after "
-              f"{time.monotonic() - started:.0f} s")
+    stack.log(f"scaled to 2 detectors, both scraped and busy after {time.monotonic() - started:.0f} s")
 
 
 def test_published_ports_are_loopback_only(stack):
@@ -301,6 +332,7 @@ def test_trainer_sees_the_served_version_and_the_shipped_copy(stack):
     current = (ROOT / "models" / "current").read_text().strip()
     listed = stack.compose("run", "--rm", "-T", "trainer", "list", timeout=300).stdout
     assert f"* {current}" in listed
-    imported = stack.compose("run", "--rm", "-T", "trainer", "import", "/app/shipped-models",
-                             timeout=300).stdout
+    imported = stack.compose(
+        "run", "--rm", "-T", "trainer", "import", "/app/shipped-models", timeout=300
+    ).stdout
     assert "copied 0 version(s)" in imported and current in imported

@@ -1,5 +1,6 @@
 """Fast checks of the deployment files that need no Docker: the Grafana dashboard and data
 source, and the Prometheus scrape configuration (part of the default test run)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ def defined_metrics() -> set[str]:
     """Every metric name the services define (the first argument of Counter(...), ...)."""
     names = set()
     for path in (ROOT / "services").rglob("*.py"):
-        names.update(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(emotion_\w+)"',
-                                path.read_text()))
+        names.update(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(emotion_\w+)"', path.read_text()))
     return names
 
 
@@ -57,13 +57,19 @@ def test_dashboard_uses_only_metrics_that_exist():
 
 def test_dashboard_has_the_promised_panels():
     exprs = "\n".join(dashboard_exprs())
-    for needle in ("emotion_capture_frames_total", "emotion_detector_frames_total",
-                   "emotion_frames_dropped_total", "emotion_messages_rejected_total",
-                   "histogram_quantile(0.50, sum by (le) (rate(emotion_e2e_latency_seconds_bucket",
-                   "histogram_quantile(0.95, sum by (le) (rate(emotion_e2e_latency_seconds_bucket",
-                   "histogram_quantile(0.99, sum by (le) (rate(emotion_e2e_latency_seconds_bucket",
-                   "emotion_classifier_batch_size", "sum by (emotion) (rate(emotion_classifier_faces_total",
-                   "emotion_classifier_model_info", "emotion_classifier_model_reloads_total"):
+    for needle in (
+        "emotion_capture_frames_total",
+        "emotion_detector_frames_total",
+        "emotion_frames_dropped_total",
+        "emotion_messages_rejected_total",
+        "histogram_quantile(0.50, sum by (le) (rate(emotion_e2e_latency_seconds_bucket",
+        "histogram_quantile(0.95, sum by (le) (rate(emotion_e2e_latency_seconds_bucket",
+        "histogram_quantile(0.99, sum by (le) (rate(emotion_e2e_latency_seconds_bucket",
+        "emotion_classifier_batch_size",
+        "sum by (emotion) (rate(emotion_classifier_faces_total",
+        "emotion_classifier_model_info",
+        "emotion_classifier_model_reloads_total",
+    ):
         assert needle in exprs, needle
 
 

@@ -15,6 +15,7 @@ the keys' Secret; every option on; the smallest form), then:
 The fast tests take a few seconds and are skipped when helm is not installed
 (`make helm-tools` puts it in .tools/bin; $HELM overrides).
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,9 +67,18 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def template(variant: str, *extra: str, kube_version: str = KUBE_VERSIONS[-1]) -> str:
-    return helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                "--kube-version", kube_version,
-                "-f", str(CHART / "ci" / f"{variant}-values.yaml"), *extra).stdout
+    return helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        kube_version,
+        "-f",
+        str(CHART / "ci" / f"{variant}-values.yaml"),
+        *extra,
+    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,7 @@ def rendered(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse(text: str) -> tuple:
     return tuple(d for d in yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d)
 
@@ -126,13 +136,16 @@ def test_defaults_ask_for_the_curve_keys():
 
 @needs_helm
 def test_values_schema_refuses_typos_and_wrong_values():
-    for setting, message in (("detectors.replicas=2", "additional properties 'detectors'"),
-                             ("image.pullPolicy=Sometimes", "must be one of"),
-                             ("detector.autoscaling.maxReplicas=0", "minimum"),
-                             ("keda.detector.threshold=lots", "pattern"),
-                             ("image.base.digest=latest", "pattern")):
-        result = helm("template", RELEASE, str(CHART), "--set", "curve.enabled=false",
-                      "--set", setting, check=False)
+    for setting, message in (
+        ("detectors.replicas=2", "additional properties 'detectors'"),
+        ("image.pullPolicy=Sometimes", "must be one of"),
+        ("detector.autoscaling.maxReplicas=0", "minimum"),
+        ("keda.detector.threshold=lots", "pattern"),
+        ("image.base.digest=latest", "pattern"),
+    ):
+        result = helm(
+            "template", RELEASE, str(CHART), "--set", "curve.enabled=false", "--set", setting, check=False
+        )
         assert result.returncode != 0 and message in result.stderr, (setting, result.stderr)
 
 
@@ -146,15 +159,20 @@ def test_manifests_pass_kubernetes_validate_strict(rendered):
             path = rendered[variant].with_name(f"{variant}-{version}.yaml")
             path.write_text(template(variant, kube_version=version))
             files.append(str(path))
-        result = subprocess.run([tool, "--strict", "--kubernetes-version", version, *files],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [tool, "--strict", "--kubernetes-version", version, *files],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         lines = (result.stdout + result.stderr).splitlines()
         passed = [line for line in lines if line.startswith("INFO") and " passed for " in line]
         others = [line for line in lines if line not in passed]
         # resources of CRDs (KEDA, Prometheus Operator) have no schema in Kubernetes itself
         for line in others:
-            assert re.match(r"WARN .* Couldn't find schema for kind (ScaledObject|ServiceMonitor) ",
-                            line), line
+            assert re.match(r"WARN .* Couldn't find schema for kind (ScaledObject|ServiceMonitor) ", line), (
+                line
+            )
         assert result.returncode == 0, "\n".join(lines)
         kinds = sum(len([d for d in documents(Path(f)) if d["kind"] not in CRD_KINDS]) for f in files)
         assert len(passed) == kinds, (len(passed), kinds)
@@ -180,7 +198,8 @@ def test_every_component_as_in_compose(rendered):
     broker = deps["broker"]["spec"]
     assert broker["replicas"] == 1 and broker["strategy"]["type"] == "Recreate"
     assert {e["name"]: e["value"] for e in broker["template"]["spec"]["containers"][0]["env"]}[
-        "EMOTION_BIND_HOST"] == "0.0.0.0"
+        "EMOTION_BIND_HOST"
+    ] == "0.0.0.0"
     service = by_kind(docs, "Service")[f"{RELEASE}-emotion-stream-broker"]
     assert [p["port"] for p in service["spec"]["ports"]] == list(range(5555, 5565))
     recorder = deps["recorder"]["spec"]["template"]["spec"]["containers"][0]
@@ -233,8 +252,11 @@ def test_curve_keys_from_the_secret(rendered):
             sources = volume["projected"]["sources"]
             items = {i["path"]: i["key"] for s in sources for i in s["secret"]["items"]}
             assert sources[0]["secret"]["name"] == "emotion-stream-curve"
-            assert items == {"broker.key": "broker.key", "broker.key_secret": "broker.key_secret",
-                             "clients/cluster.key": "client.key"}
+            assert items == {
+                "broker.key": "broker.key",
+                "broker.key_secret": "broker.key_secret",
+                "clients/cluster.key": "client.key",
+            }
             assert volume["projected"]["defaultMode"] == 0o440
         else:
             assert volume["secret"]["secretName"] == "emotion-stream-curve"
@@ -261,11 +283,14 @@ def test_detectors_and_classifiers_scale(rendered):
     hpas = {component(d): d["spec"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
     assert set(hpas) == {"detector", "classifier"}
     for name, hpa in hpas.items():
-        assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                         "name": deps[name]["metadata"]["name"]}
+        assert hpa["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": deps[name]["metadata"]["name"],
+        }
         assert hpa["minReplicas"] == 1 and hpa["maxReplicas"] > 1
         assert hpa["metrics"][0]["resource"]["name"] == "cpu"
-        assert "replicas" not in deps[name]["spec"]          # the HPA owns the count
+        assert "replicas" not in deps[name]["spec"]  # the HPA owns the count
         spread = deps[name]["spec"]["template"]["spec"]["topologySpreadConstraints"][0]
         assert spread["topologyKey"] == "kubernetes.io/hostname"
         assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == name
@@ -291,7 +316,7 @@ def test_keda_scales_on_prometheus_queries_instead_of_the_hpas(rendered):
             assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
             meta = trigger["metadata"]
             assert set(meta) == {"serverAddress", "query", "threshold", "ignoreNullValues"}
-            assert all(isinstance(v, str) for v in meta.values())   # KEDA wants strings
+            assert all(isinstance(v, str) for v in meta.values())  # KEDA wants strings
             float(meta["threshold"])
             assert meta["query"].count("(") == meta["query"].count(")")
             assert f'namespace="{NAMESPACE}"' in meta["query"] and "{{" not in meta["query"]
@@ -335,11 +360,11 @@ def test_claims_for_the_model_registry_and_the_recorder(rendered):
     assert volume["persistentVolumeClaim"]["claimName"] == claims["models"]["metadata"]["name"]
     mount = next(m for m in classifier["containers"][0]["volumeMounts"] if m["name"] == "models")
     assert mount["mountPath"] == "/app/models" and mount["readOnly"] is True
-    seed = classifier["initContainers"][0]           # fills the registry from the image
+    seed = classifier["initContainers"][0]  # fills the registry from the image
     assert "training import /app/shipped-models" in seed["command"][-1]
     assert next(m for m in seed["volumeMounts"] if m["name"] == "models").get("readOnly") is not True
     recorder = deps["recorder"]["spec"]
-    assert recorder["strategy"]["type"] == "Recreate"    # one writer of the SQLite file
+    assert recorder["strategy"]["type"] == "Recreate"  # one writer of the SQLite file
     volume = next(v for v in recorder["template"]["spec"]["volumes"] if v["name"] == "data")
     assert volume["persistentVolumeClaim"]["claimName"] == claims["recorder"]["metadata"]["name"]
     # existing claims are used as they are; PostgreSQL and bundled models need none
@@ -362,12 +387,21 @@ def test_network_policies(rendered):
     broker = policies["broker"]
     zmq = broker["ingress"][0]
     assert zmq["ports"] == [{"protocol": "TCP", "port": 5555, "endPort": 5564}]
-    assert zmq["from"] == [{"podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "emotion-stream", "app.kubernetes.io/instance": RELEASE}}}]
+    assert zmq["from"] == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "emotion-stream",
+                    "app.kubernetes.io/instance": RELEASE,
+                }
+            }
+        }
+    ]
     assert broker["ingress"][1]["ports"] == [{"protocol": "TCP", "port": "metrics"}]
     workers = policies["workers"]
     assert workers["podSelector"]["matchExpressions"] == [
-        {"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["broker"]}]
+        {"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["broker"]}
+    ]
     assert [r["ports"][0]["port"] for r in workers["ingress"]] == ["metrics", "http"]
     full = {component(d): d["spec"] for d in documents(rendered["full"]) if d["kind"] == "NetworkPolicy"}
     assert {"ipBlock": {"cidr": "192.0.2.0/24"}} in full["broker"]["ingress"][0]["from"]
@@ -377,7 +411,8 @@ def test_network_policies(rendered):
 def test_image_digests_pin_the_images(rendered):
     deps = deployments(documents(rendered["full"]))
     assert deps["detector"]["spec"]["template"]["spec"]["containers"][0]["image"] == (
-        "registry.example.com/emotion-stream@sha256:" + "0" * 63 + "1")
+        "registry.example.com/emotion-stream@sha256:" + "0" * 63 + "1"
+    )
     assert deps["classifier"]["spec"]["template"]["spec"]["containers"][0]["image"].endswith("0" * 63 + "2")
 
 
@@ -401,19 +436,26 @@ def test_checkov_finds_nothing_but_the_documented_skips(rendered, tmp_path):
     skips = _skip_list()
     assert skips and all(len(reason) > 40 for reason in skips.values()), skips
     assert yaml.safe_load(CHECKOV_CONFIG.read_text())["skip-check"] == list(skips)
-    for variant, path in rendered.items():
+    for path in rendered.values():
         shutil.copy(path, tmp_path / path.name)
-    result = subprocess.run([CHECKOV, "--config-file", str(CHECKOV_CONFIG), "-d", str(tmp_path),
-                             "-o", "json"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [CHECKOV, "--config-file", str(CHECKOV_CONFIG), "-d", str(tmp_path), "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads(result.stdout)
     report = report[0] if isinstance(report, list) else report
     summary = report["summary"]
     failed = report.get("results", {}).get("failed_checks", [])
     assert summary["failed"] == 0 and result.returncode == 0, [
-        (c["check_id"], c["check_name"], c["resource"]) for c in failed]
+        (c["check_id"], c["check_name"], c["resource"]) for c in failed
+    ]
     assert summary["passed"] > 500 and summary["parsing_errors"] == 0, summary
     skipped = {c["check_id"] for c in report["results"].get("skipped_checks", [])}
     assert skipped <= set(skips), skipped - set(skips)
     # severities: offline checkov leaves them empty, hence zero failures instead of "no HIGH"
-    print(f"checkov {summary['checkov_version']}: {summary['passed']} passed, "
-          f"{summary['failed']} failed, {summary['skipped']} skipped ({', '.join(sorted(skipped))})")
+    print(
+        f"checkov {summary['checkov_version']}: {summary['passed']} passed, "
+        f"{summary['failed']} failed, {summary['skipped']} skipped ({', '.join(sorted(skipped))})"
+    )

@@ -1,4 +1,5 @@
 """Small registered models for tests and benchmarks."""
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,27 @@ def write_tiny_model(registry_dir: Path, version: str, seed: int = 0, outputs: i
 
     spec = InputSpec(48, 1, "unit")
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input(spec.shape),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(outputs, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input(spec.shape),
+            keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+            keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(outputs, activation="softmax"),
+        ]
+    )
     folder = registry_dir / version
     folder.mkdir(parents=True)
     model.save(folder / "model.keras")
-    (folder / "metadata.json").write_text(json.dumps({
-        "version": version, "architecture": "test-tiny", "input": spec.to_dict(),
-        "classes": list(EMOTIONS), "note": "random weights, for tests only"}))
+    (folder / "metadata.json").write_text(
+        json.dumps(
+            {
+                "version": version,
+                "architecture": "test-tiny",
+                "input": spec.to_dict(),
+                "classes": list(EMOTIONS),
+                "note": "random weights, for tests only",
+            }
+        )
+    )
     return folder

@@ -1,4 +1,5 @@
 """Where the repository and the third-party test media are."""
+
 from __future__ import annotations
 
 import os

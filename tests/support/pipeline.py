@@ -1,4 +1,5 @@
 """Drives the real services from tests: a whole pipeline, a results subscriber, an MJPEG reader."""
+
 from __future__ import annotations
 
 import os
@@ -10,9 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import zmq
-
 import msgpack
+import zmq
 
 from services import launch
 from services.common import bus
@@ -28,8 +28,16 @@ class Pipeline:
     """Broker, classifiers, detectors and viewer started first; capture once all are ready.
     Each process serves metrics on a free port of its own (``ports[name]``)."""
 
-    def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
-                 viewer_args: tuple = (), classifier_args: tuple = (), detector_args: tuple = ()):
+    def __init__(
+        self,
+        log_dir: Path,
+        registry: Path,
+        detectors: int = 1,
+        classifiers: int = 1,
+        viewer_args: tuple = (),
+        classifier_args: tuple = (),
+        detector_args: tuple = (),
+    ):
         self.base = free_base_port()
         self.addr = bus.BrokerAddress("127.0.0.1", self.base)
         self.log_dir = log_dir
@@ -37,19 +45,27 @@ class Pipeline:
         self.ports: dict[str, int] = {}
         self.group = ProcessGroup(log_dir, TEST_ENV, ROOT)
         self.services: list[Process] = self.group.processes
-        first = launch.plan(("broker", "classifier", "detector", "viewer"), detectors=detectors,
-                            classifiers=classifiers,
-                            args={"classifier": ("--registry", str(registry), *classifier_args),
-                                  "detector": detector_args,
-                                  "viewer": ("--http-port", str(self.http_port), *viewer_args)})
+        first = launch.plan(
+            ("broker", "classifier", "detector", "viewer"),
+            detectors=detectors,
+            classifiers=classifiers,
+            args={
+                "classifier": ("--registry", str(registry), *classifier_args),
+                "detector": detector_args,
+                "viewer": ("--http-port", str(self.http_port), *viewer_args),
+            },
+        )
         for spec in first:
             self.start(spec.name, *spec.args)
         self.group.wait_ready(120)
 
     def start(self, name: str, *args: str) -> Process:
         self.ports[name] = free_port()
-        return self.group.start(ProcessSpec(name.split("#")[0], ("--base-port", str(self.base), *args),
-                                            self.ports[name], name=name))
+        return self.group.start(
+            ProcessSpec(
+                name.split("#")[0], ("--base-port", str(self.base), *args), self.ports[name], name=name
+            )
+        )
 
     def scrape(self, name: str) -> dict[str, float] | None:
         service = self.group[name]
@@ -59,8 +75,11 @@ class Pipeline:
         return None if text is None else metric_samples(text)
 
     def total(self, prefix: str, metric: str, **labels) -> float:
-        return sum(metric_sum(self.scrape(name), metric, **labels)
-                   for name in self.ports if name.split("#")[0] == prefix)
+        return sum(
+            metric_sum(self.scrape(name), metric, **labels)
+            for name in self.ports
+            if name.split("#")[0] == prefix
+        )
 
     def stop(self) -> dict[str, float]:
         return self.group.stop()
@@ -75,7 +94,7 @@ class Collector(threading.Thread):
         self.sock = bus.consumer(self.ctx, addr, channel, hwm=10000)
         self.messages: dict[int, object] = {}
         self.payloads: dict[int, list] = {}
-        self.arrivals: list[tuple[float, object]] = []   # (monotonic time, header), in order
+        self.arrivals: list[tuple[float, object]] = []  # (monotonic time, header), in order
         self.rejected = 0
         self.halt = threading.Event()
 
@@ -85,7 +104,7 @@ class Collector(threading.Thread):
                 try:
                     header, payloads = decode(self.sock.recv_multipart())
                 except Rejected:
-                    self.rejected += 1       # a test's own malformed messages
+                    self.rejected += 1  # a test's own malformed messages
                     continue
                 self.messages[header.seq] = header
                 self.payloads[header.seq] = payloads
@@ -117,7 +136,7 @@ class MjpegReader(threading.Thread):
                     line = response.readline()
                 if not line.startswith(b"--"):
                     return
-                while (line := response.readline().strip()):
+                while line := response.readline().strip():
                     key, _, value = line.decode().partition(":")
                     headers[key.strip().lower()] = value.strip()
                 body = response.read(int(headers["content-length"]))
@@ -159,26 +178,62 @@ def cmdline(pid: int) -> str:
 class Runner:
     """What `make run` starts: honcho with the generated Procfile, on free ports."""
 
-    def __init__(self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1,
-                 source: str = "demo"):
+    def __init__(
+        self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1, source: str = "demo"
+    ):
         self.metrics_base = free_base_port(metrics_span(max(detectors, classifiers)))
         self.http_port, self.base = free_port(), free_base_port()
         self.addr = bus.BrokerAddress("127.0.0.1", self.base)
         self.log_path = log_dir / "honcho.log"
         procfile = log_dir / "Procfile"
-        procfile.write_text(subprocess.check_output(
-            [sys.executable, "-m", "deploy.procfile", "--python", sys.executable,
-             "--source", source, "--detectors", str(detectors), "--classifiers", str(classifiers),
-             "--metrics-base", str(self.metrics_base)], cwd=ROOT, text=True))
-        env = {**os.environ, "EMOTION_BASE_PORT": str(self.base),
-               "EMOTION_HTTP_PORT": str(self.http_port), "EMOTION_REGISTRY": str(registry),
-               "EMOTION_API_PORT": str(free_port()), "EMOTION_DATABASE": str(log_dir / "recorder.db"),
-               "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+        procfile.write_text(
+            subprocess.check_output(
+                [
+                    sys.executable,
+                    "-m",
+                    "deploy.procfile",
+                    "--python",
+                    sys.executable,
+                    "--source",
+                    source,
+                    "--detectors",
+                    str(detectors),
+                    "--classifiers",
+                    str(classifiers),
+                    "--metrics-base",
+                    str(self.metrics_base),
+                ],
+                cwd=ROOT,
+                text=True,
+            )
+        )
+        env = {
+            **os.environ,
+            "EMOTION_BASE_PORT": str(self.base),
+            "EMOTION_HTTP_PORT": str(self.http_port),
+            "EMOTION_REGISTRY": str(registry),
+            "EMOTION_API_PORT": str(free_port()),
+            "EMOTION_DATABASE": str(log_dir / "recorder.db"),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "honcho"), "--no-colour", "-f", str(procfile),
-             "-d", str(ROOT), "start"], cwd=ROOT, env=env, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(Path(sys.executable).parent / "honcho"),
+                "--no-colour",
+                "-f",
+                str(procfile),
+                "-d",
+                str(ROOT),
+                "start",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def port(self, service: str, replica: int = 0) -> int:
         return metrics_port(service, replica, self.metrics_base)
@@ -186,14 +241,19 @@ class Runner:
     def scrape(self, service: str, replica: int = 0) -> dict[str, float] | None:
         assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
         try:
-            return metric_samples(http_get(f"http://127.0.0.1:{self.port(service, replica)}/metrics").decode())
+            return metric_samples(
+                http_get(f"http://127.0.0.1:{self.port(service, replica)}/metrics").decode()
+            )
         except OSError:
             return None
 
     def service_pids(self, service: str) -> list[int]:
         """The Python processes of one service (not their restart wrappers)."""
-        return [pid for pid in children_of(self.proc.pid)
-                if f"-m services.{service} " in cmdline(pid) + " " and "python" in cmdline(pid).split()[0]]
+        return [
+            pid
+            for pid in children_of(self.proc.pid)
+            if f"-m services.{service} " in cmdline(pid) + " " and "python" in cmdline(pid).split()[0]
+        ]
 
     def ctrl_c(self) -> tuple[float, set[int]]:
         """Stop everything as Ctrl-C in the terminal would; returns (seconds, processes seen)."""
@@ -214,9 +274,10 @@ def play_clip_through(pipeline: Pipeline, clip, frames: int) -> tuple[Collector,
     tracks = Collector(pipeline.addr, "tracks")
     results.start()
     tracks.start()
-    time.sleep(0.5)   # let the subscriptions reach the broker before the first frame
-    capture = pipeline.start("capture", "--source", str(clip), "--stream", "clip",
-                             "--max-frames", str(frames))
+    time.sleep(0.5)  # let the subscriptions reach the broker before the first frame
+    capture = pipeline.start(
+        "capture", "--source", str(clip), "--stream", "clip", "--max-frames", str(frames)
+    )
     wait_for(lambda: not capture.alive(), 60, what="the clip to finish")
     assert capture.proc.returncode == 0, capture.output()[-2000:]
     pipeline.services.remove(capture)
@@ -236,7 +297,7 @@ def send_garbage(pipeline: Pipeline, channel: str, n: int = 5) -> None:
     ctx = zmq.Context.instance()
     sock = bus.producer(ctx, pipeline.addr, channel)
     time.sleep(0.3)
-    for i in range(n):
+    for _ in range(n):
         sock.send_multipart([b"clip", msgpack.packb({"v": 1, "kind": "tracks", "stream": "clip"})])
         sock.send_multipart([b"clip", b"\xc1 not msgpack"])
     time.sleep(0.3)

@@ -1,4 +1,5 @@
 """Real service processes, HTTP scrapes and waiting on conditions."""
+
 from __future__ import annotations
 
 import time
@@ -9,15 +10,20 @@ from services.launch import Process, ProcessSpec
 
 from .paths import ROOT
 
-TEST_ENV = {"CUDA_VISIBLE_DEVICES": ""}   # the tests' processes run on the CPU
+TEST_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # the tests' processes run on the CPU
+
 
 class Service(Process):
     """A service started as a real subprocess: ``python -m services.<name> ...`` from the
     repository, its output in ``<log_dir>/<name>.log``, GPUs hidden."""
 
     def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None):
-        super().__init__(ProcessSpec(name.split("#")[0], tuple(args), name=name), log_dir,
-                         {**TEST_ENV, **(env or {})}, cwd=ROOT)
+        super().__init__(
+            ProcessSpec(name.split("#")[0], tuple(args), name=name),
+            log_dir,
+            {**TEST_ENV, **(env or {})},
+            cwd=ROOT,
+        )
 
 
 def http_get(url: str, timeout: float = 2.0) -> bytes:

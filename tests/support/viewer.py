@@ -1,4 +1,5 @@
 """The viewer as a real process, fed by a stand-in for the broker."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,20 @@ def start_viewer_process(base: int, tmp_path):
     log_path = tmp_path / "viewer.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.viewer", "--base-port", str(base),
-             "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [
+                sys.executable,
+                "-m",
+                "services.viewer",
+                "--base-port",
+                str(base),
+                "--http-port",
+                str(http_port),
+                "--metrics-port",
+                str(metrics_port),
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     return proc, log_path, http_port, metrics_port

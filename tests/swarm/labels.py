@@ -6,6 +6,7 @@ and `results` (the classifiers' output) like any consumer, over CurveZMQ, and pr
 line every --interval seconds: {"t": unix time, "tracks": labelled faces, "results": labelled
 faces, "streams": [...], "models": [...]} for that interval. Runs until killed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,12 @@ def main() -> int:
                     if header.model:
                         models.add(header.model)
         if time.monotonic() >= due:
-            print(json.dumps({"t": time.time(), **counts, "streams": sorted(streams),
-                              "models": sorted(models)}), flush=True)
+            print(
+                json.dumps(
+                    {"t": time.time(), **counts, "streams": sorted(streams), "models": sorted(models)}
+                ),
+                flush=True,
+            )
             counts = {"tracks": 0, "results": 0}
             due += args.interval
 

@@ -1,6 +1,7 @@
 """Fast checks of deploy/swarm/stack.yml and its Prometheus configuration (no Docker needed;
 `docker stack config` is used when the docker CLI is there). The stack itself runs on two real
 swarm nodes in test_swarm.py (`make swarm-test`)."""
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,27 @@ SWARM = ROOT / "deploy" / "swarm"
 METRICS_PORTS = metrics_ports()
 PINNED = ("broker", "recorder", "viewer", "prometheus")
 # the stack's variables a user may have exported
-VARIABLES = ("CURVE_KEYS", "BROKER_NODE", "IMAGE_BASE", "IMAGE_ML", "IMAGE_PROMETHEUS", "DETECTORS",
-             "CLASSIFIERS", "DETECTORS_PER_NODE", "CLASSIFIERS_PER_NODE", "SOURCE", "STREAM",
-             "LOOP", "LOG_LEVEL", "RETENTION_DAYS", "DELAY_MS", "VIEWER_PORT", "RECORDER_PORT",
-             "PROMETHEUS_PORT", "PROMETHEUS_RETENTION")
+VARIABLES = (
+    "CURVE_KEYS",
+    "BROKER_NODE",
+    "IMAGE_BASE",
+    "IMAGE_ML",
+    "IMAGE_PROMETHEUS",
+    "DETECTORS",
+    "CLASSIFIERS",
+    "DETECTORS_PER_NODE",
+    "CLASSIFIERS_PER_NODE",
+    "SOURCE",
+    "STREAM",
+    "LOOP",
+    "LOG_LEVEL",
+    "RETENTION_DAYS",
+    "DELAY_MS",
+    "VIEWER_PORT",
+    "RECORDER_PORT",
+    "PROMETHEUS_PORT",
+    "PROMETHEUS_RETENTION",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +67,8 @@ def test_placement(stack):
     services = stack["services"]
     for name in PINNED:
         assert services[name]["deploy"]["placement"]["constraints"] == [
-            "${BROKER_NODE:-node.role == manager}"], name
+            "${BROKER_NODE:-node.role == manager}"
+        ], name
     for name in ("detector", "classifier"):
         placement = services[name]["deploy"]["placement"]
         assert re.fullmatch(r"\$\{\w+_PER_NODE:-\d+\}", str(placement["max_replicas_per_node"]))
@@ -69,13 +88,16 @@ def test_curve_keys_are_secrets_and_on_by_default(stack):
         for secret in targets.values():
             assert secret["uid"] == "10001" and secret["mode"] == 0o400
         if name == "broker":
-            assert set(targets) == {"curve/broker.key", "curve/broker.key_secret",
-                                    "curve/clients/swarm.key"}
-        else:   # only the broker holds the broker's secret key
+            assert set(targets) == {"curve/broker.key", "curve/broker.key_secret", "curve/clients/swarm.key"}
+        else:  # only the broker holds the broker's secret key
             assert set(targets) == {"curve/broker.key", "curve/client.key", "curve/client.key_secret"}
         assert service["environment"].get("EMOTION_BROKER_HOST", "broker") == "broker"
-    assert set(stack["secrets"]) == {"curve_broker_public", "curve_broker_secret",
-                                     "curve_client_public", "curve_client_secret"}
+    assert set(stack["secrets"]) == {
+        "curve_broker_public",
+        "curve_broker_secret",
+        "curve_client_public",
+        "curve_client_secret",
+    }
 
 
 def test_hardening_as_in_compose(stack):
@@ -94,16 +116,16 @@ def test_prometheus_finds_every_task():
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     for service, port in METRICS_PORTS.items():
         sd = jobs[service]["dns_sd_configs"][0]
-        assert sd == {"names": [f"tasks.{service}"], "type": "A", "port": port,
-                      "refresh_interval": "5s"}, service
+        assert sd == {"names": [f"tasks.{service}"], "type": "A", "port": port, "refresh_interval": "5s"}, (
+            service
+        )
 
 
 def test_docker_stack_config_accepts_it(tmp_path):
     docker = shutil.which("docker")
     if docker is None:
         pytest.skip("no docker command")
-    commands = subprocess.run([docker, "stack", "--help"], capture_output=True, text=True,
-                              timeout=60).stdout
+    commands = subprocess.run([docker, "stack", "--help"], capture_output=True, text=True, timeout=60).stdout
     if not re.search(r"^\s+config\s", commands, re.M):
         pytest.skip("this docker CLI has no `docker stack config` (Docker 23 or later has)")
     keys = tmp_path / "keys"
@@ -112,8 +134,14 @@ def test_docker_stack_config_accepts_it(tmp_path):
         (keys / name).write_text("placeholder\n")
     env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
     env.update(CURVE_KEYS=str(keys), DETECTORS="3")
-    result = subprocess.run([docker, "stack", "config", "-c", str(SWARM / "stack.yml")],
-                            cwd=SWARM, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [docker, "stack", "config", "-c", str(SWARM / "stack.yml")],
+        cwd=SWARM,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)
     assert rendered["services"]["detector"]["deploy"]["replicas"] == 3

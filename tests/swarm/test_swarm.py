@@ -19,6 +19,7 @@ would):
 Then it removes the stack and the two nodes (`swarm-nodes.sh down`); the host engine and its
 images stay. Marked ``swarm``: not part of `make test`. Needs root (network namespaces).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,16 +38,14 @@ from tests.support import ROOT
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(1800)]
 
-SWARM_NODES_SH = Path(os.environ.get("SWARM_NODES_SH",
-                                     ROOT.parent / "shared" / "tools" / "swarm-nodes.sh"))
+SWARM_NODES_SH = Path(os.environ.get("SWARM_NODES_SH", ROOT.parent / "shared" / "tools" / "swarm-nodes.sh"))
 DOCKER_ENGINE_SH = Path(os.environ.get("DOCKER_ENGINE_SH", SWARM_NODES_SH.parent / "docker-engine.sh"))
 STACK_FILE = ROOT / "deploy" / "swarm" / "stack.yml"
 RESULTS = ROOT / "bench" / "results" / "swarm.json"
 STACK = "es"
 IMAGES = ("emotion-stream:base", "emotion-stream:ml", "prom/prometheus:v2.54.1")
-HUB = "swhub"                       # the namespace outside the swarm that reaches both nodes
-SERVICES = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer",
-            "prometheus")
+HUB = "swhub"  # the namespace outside the swarm that reaches both nodes
+SERVICES = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer", "prometheus")
 APP_JOBS = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer")
 
 
@@ -55,11 +54,14 @@ def log(line: str) -> None:
 
 
 def run(cmd, *, timeout: float = 600, check: bool = True, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -76,8 +78,8 @@ def missing() -> str | None:
 
 class Swarm:
     def __init__(self, manager: str, addresses: dict[str, str], keys: Path):
-        self.manager = manager          # unix socket of sw1's engine
-        self.addresses = addresses      # sw1 -> 10.231.0.1, ...
+        self.manager = manager  # unix socket of sw1's engine
+        self.addresses = addresses  # sw1 -> 10.231.0.1, ...
         self.keys = keys
         self.timings: dict[str, float] = {}
         self.record: dict = {}
@@ -96,8 +98,15 @@ class Swarm:
 
     def tasks(self, service: str) -> list[tuple[str, str]]:
         """(node, current state) of the tasks meant to run, e.g. ('sw2', 'Running 3 seconds ago')."""
-        out = self.docker("service", "ps", f"{STACK}_{service}", "--filter", "desired-state=running",
-                          "--format", "{{.Node}}\t{{.CurrentState}}").stdout
+        out = self.docker(
+            "service",
+            "ps",
+            f"{STACK}_{service}",
+            "--filter",
+            "desired-state=running",
+            "--format",
+            "{{.Node}}\t{{.CurrentState}}",
+        ).stdout
         return [tuple(line.split("\t", 1)) for line in out.splitlines() if line.strip()]
 
     def running_on(self, service: str) -> dict[str, int]:
@@ -108,14 +117,17 @@ class Swarm:
         return counts
 
     def replicas(self, service: str) -> int:
-        out = self.docker("service", "inspect", f"{STACK}_{service}",
-                          "-f", "{{.Spec.Mode.Replicated.Replicas}}").stdout.strip()
+        out = self.docker(
+            "service", "inspect", f"{STACK}_{service}", "-f", "{{.Spec.Mode.Replicated.Replicas}}"
+        ).stdout.strip()
         return int(out)
 
     def hub_get(self, url: str, timeout: float = 10) -> str:
         """GET from the namespace outside the swarm."""
-        code = ("import sys, urllib.request; "
-                f"sys.stdout.write(urllib.request.urlopen({url!r}, timeout={timeout}).read().decode())")
+        code = (
+            "import sys, urllib.request; "
+            f"sys.stdout.write(urllib.request.urlopen({url!r}, timeout={timeout}).read().decode())"
+        )
         return run(["ip", "netns", "exec", HUB, sys.executable, "-c", code], timeout=timeout + 10).stdout
 
     def prometheus_targets(self) -> dict[str, list[str]]:
@@ -133,8 +145,9 @@ class Swarm:
     def all_up(self) -> tuple[bool, dict]:
         targets = self.prometheus_targets()
         want = {job: self.replicas(job) for job in APP_JOBS}
-        ok = all(len(targets.get(job, [])) == n and all(h == "up" for h in targets[job])
-                 for job, n in want.items())
+        ok = all(
+            len(targets.get(job, [])) == n and all(h == "up" for h in targets[job]) for job, n in want.items()
+        )
         return ok, {job: targets.get(job) for job in APP_JOBS}
 
 
@@ -145,9 +158,24 @@ class Labels(threading.Thread):
         super().__init__(daemon=True)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", HUB, sys.executable, str(ROOT / "tests" / "swarm" / "labels.py"),
-             "--broker-host", swarm.addresses["sw1"], "--curve-keys", str(swarm.keys)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                HUB,
+                sys.executable,
+                str(ROOT / "tests" / "swarm" / "labels.py"),
+                "--broker-host",
+                swarm.addresses["sw1"],
+                "--curve-keys",
+                str(swarm.keys),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.samples: list[dict] = []
         self.lock = threading.Lock()
 
@@ -205,10 +233,13 @@ def swarm(tmp_path_factory):
     t = time.monotonic()
     for target in ("base", "ml"):
         log(f"building emotion-stream:{target}")
-        run(["docker", "build", "--target", target, "-t", f"emotion-stream:{target}", "."],
-            timeout=1800, env=env)
+        run(
+            ["docker", "build", "--target", target, "-t", f"emotion-stream:{target}", "."],
+            timeout=1800,
+            env=env,
+        )
     if run(["docker", "image", "inspect", IMAGES[2]], check=False).returncode:
-        run(["bash", DOCKER_ENGINE_SH, "docker-compose.yml"], timeout=900)   # the Prometheus image
+        run(["bash", DOCKER_ENGINE_SH, "docker-compose.yml"], timeout=900)  # the Prometheus image
     timings["images built"] = time.monotonic() - t
 
     keys = tmp_path_factory.mktemp("curve") / "keys"
@@ -220,17 +251,33 @@ def swarm(tmp_path_factory):
         t = time.monotonic()
         log("starting two swarm nodes and loading the images into both")
         up = run(["bash", SWARM_NODES_SH, "up", "2", *IMAGES], timeout=1200)
-        exports = dict(item.split("=", 1) for line in up.stdout.splitlines()
-                       if line.startswith("export ") for item in line.split()[1:])
+        exports = dict(
+            item.split("=", 1)
+            for line in up.stdout.splitlines()
+            if line.startswith("export ")
+            for item in line.split()[1:]
+        )
         s.manager = exports["MANAGER_HOST"]
         s.addresses = {"sw1": exports["SW1_ADDR"], "sw2": exports["SW2_ADDR"]}
         timings["nodes up, images loaded"] = time.monotonic() - t
         t = time.monotonic()
         log("docker stack deploy")
-        s.docker("stack", "deploy", "--resolve-image", "never", "-c", STACK_FILE, STACK,
-                 env=dict(os.environ, CURVE_KEYS=str(keys)), timeout=300)
-        wait_until(lambda: all(sum(s.running_on(name).values()) == s.replicas(name)
-                               for name in SERVICES), 600, "every service's replicas running")
+        s.docker(
+            "stack",
+            "deploy",
+            "--resolve-image",
+            "never",
+            "-c",
+            STACK_FILE,
+            STACK,
+            env=dict(os.environ, CURVE_KEYS=str(keys)),
+            timeout=300,
+        )
+        wait_until(
+            lambda: all(sum(s.running_on(name).values()) == s.replicas(name) for name in SERVICES),
+            600,
+            "every service's replicas running",
+        )
         timings["deploy to all running"] = time.monotonic() - t
         labels = Labels(s)
         labels.start()
@@ -242,8 +289,7 @@ def swarm(tmp_path_factory):
     except BaseException:
         if s.manager:
             for name in SERVICES:
-                out = s.docker("service", "logs", "--tail", "30", f"{STACK}_{name}", check=False,
-                               timeout=60)
+                out = s.docker("service", "logs", "--tail", "30", f"{STACK}_{name}", check=False, timeout=60)
                 log(f"--- {name}\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
             log(s.docker("stack", "ps", STACK, "--no-trunc", check=False).stdout[-6000:])
         raise
@@ -297,8 +343,11 @@ def test_prometheus_sees_every_replica(swarm):
 def test_scaling_spreads_detectors(swarm):
     t = time.monotonic()
     swarm.docker("service", "scale", "--detach", f"{STACK}_detector=4", timeout=120)
-    spread = wait_until(lambda: swarm.running_on("detector") if sum(
-        swarm.running_on("detector").values()) == 4 else None, 180, "4 detectors running")
+    spread = wait_until(
+        lambda: swarm.running_on("detector") if sum(swarm.running_on("detector").values()) == 4 else None,
+        180,
+        "4 detectors running",
+    )
     swarm.timings["scale detector=4 to running"] = time.monotonic() - t
     assert spread == {"sw1": 2, "sw2": 2}, spread
     ok, targets = wait_until(swarm.all_up, 60, "4 detectors up in Prometheus", interval=2)
@@ -323,13 +372,17 @@ def test_worker_loss_moves_tasks_and_labels_resume(swarm):
         if "node down" not in marks and swarm.node_state("sw2") == "down":
             marks["node down"] = now - t0
         if "tasks moved" not in marks and all(
-                swarm.running_on(s).get("sw1", 0) == swarm.replicas(s) for s in SERVICES):
+            swarm.running_on(s).get("sw1", 0) == swarm.replicas(s) for s in SERVICES
+        ):
             marks["tasks moved"] = now - t0
         if "labels resumed" not in marks and now - t0 > 3:
             # labels back at half the rate before the cut, in each of the last 2 s
             recent = labels.since(now - 2)
-            if len(recent) >= 4 and all(s["tracks"] > 0 for s in recent) and \
-                    sum(s["tracks"] for s in recent) / 2 >= baseline / 2:
+            if (
+                len(recent) >= 4
+                and all(s["tracks"] > 0 for s in recent)
+                and sum(s["tracks"] for s in recent) / 2 >= baseline / 2
+            ):
                 marks["labels resumed"] = recent[0]["t"] - t0
         time.sleep(0.5)
     samples = labels.since(t0)
@@ -338,8 +391,11 @@ def test_worker_loss_moves_tasks_and_labels_resume(swarm):
     for s in samples:
         if s["tracks"] > 0:
             gap, start = max(gap, s["t"] - 0.5 - start), s["t"]
-    log("after the cut: " + ", ".join(f"{k} {v:.1f} s" for k, v in marks.items())
-        + f"; longest stretch without labels {gap:.1f} s")
+    log(
+        "after the cut: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in marks.items())
+        + f"; longest stretch without labels {gap:.1f} s"
+    )
     swarm.record["worker_cut"] = {
         "tasks_on_worker_before": on_worker,
         "seconds_after_cut": {k: round(v, 1) for k, v in marks.items()},

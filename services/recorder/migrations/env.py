@@ -1,5 +1,6 @@
 """Alembic environment: runs on the connection the recorder hands over (``connection`` in
 the config's attributes), or on ``sqlalchemy.url`` when used from the alembic command line."""
+
 from alembic import context
 from sqlalchemy import create_engine
 
@@ -9,8 +10,9 @@ config = context.config
 
 
 def run(connection) -> None:
-    context.configure(connection=connection, target_metadata=metadata,
-                      render_as_batch=connection.dialect.name == "sqlite")
+    context.configure(
+        connection=connection, target_metadata=metadata, render_as_batch=connection.dialect.name == "sqlite"
+    )
     with context.begin_transaction():
         context.run_migrations()
 
