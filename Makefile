@@ -1,7 +1,7 @@
 # make run   -- start the whole pipeline locally (no Docker) and print the viewer URL
 # make test  -- install what the tests need and run the complete test suite (docs/testing.md)
 # make test-quick -- the unit tests only (no whole pipelines), for the edit loop
-# make lint  -- ruff: lint and format check (make format rewrites the files)
+# make lint  -- ruff lint and format check, mypy on services/common (make format rewrites)
 # make bench -- throughput/latency benchmarks vs the fer package (BENCH_ARGS=--quick: smoke run)
 # make analyze VIDEO=clip.mp4 [OUT=dir] -- every frame of a video labelled: CSV, tracks, timeline, annotated video
 # make bench-tracking -- the tracker: label stability, id switches, faces/s (bench/results/tracking.md)
@@ -76,6 +76,7 @@ test-quick: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix .

@@ -76,16 +76,22 @@ def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
+def _key_pair(path: Path) -> tuple[bytes, bytes]:
+    public, secret = _load(path, secret=True)
+    assert secret is not None  # _load refuses a file without its secret key
+    return public, secret
+
+
 def client_keys(directory: str | os.PathLike) -> ClientKeys:
     folder = Path(directory)
-    public, secret = _load(folder / CLIENT_SECRET, secret=True)
+    public, secret = _key_pair(folder / CLIENT_SECRET)
     server, _ = _load(folder / BROKER_PUBLIC, secret=False)
     return ClientKeys(public, secret, server)
 
 
 def server_keys(directory: str | os.PathLike) -> ServerKeys:
     folder = Path(directory)
-    public, secret = _load(folder / BROKER_SECRET, secret=True)
+    public, secret = _key_pair(folder / BROKER_SECRET)
     clients = folder / CLIENTS_DIR
     if not clients.is_dir() or not any(clients.glob("*.key")):
         raise KeyFileError(

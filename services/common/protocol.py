@@ -291,7 +291,7 @@ class Result(Message):
     KIND: ClassVar[str] = KIND_RESULT
 
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
-    results: list[FaceResult] = field(default_factory=list)
+    results: Sequence[FaceResult] = field(default_factory=list)  # TrackedFace in Tracks
     model: str = ""  # the model version that answered
 
     def to_wire(self) -> dict:
@@ -332,7 +332,7 @@ class Tracks(Result):
 
     KIND: ClassVar[str] = KIND_TRACKS
 
-    results: list[TrackedFace] = field(default_factory=list)
+    results: Sequence[TrackedFace] = field(default_factory=list)
 
     @classmethod
     def _face(cls, item, width: int, height: int) -> TrackedFace:
@@ -535,9 +535,7 @@ def _scores(values: list, name: str) -> list[float]:
     return [_finite(v, name) for v in values]
 
 
-def _track_id(value, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
+def _track_id(value) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_TRACK_ID:
         raise Rejected(
             "field", f"track id {str(value)[:40]!r} is not a string of 1 to {MAX_TRACK_ID} characters"
@@ -556,7 +554,7 @@ def _tracked_face(face: FaceResult, item: dict) -> TrackedFace:
         label=face.label,
         confidence=face.confidence,
         scores=face.scores,
-        track=_track_id(item["track"], optional=True),
+        track=None if item["track"] is None else _track_id(item["track"]),
         smoothed_label=_emotion(_field(item, "smoothed_label", str), "smoothed_label"),
         smoothed_scores=_scores(_field(item, "smoothed_scores", list), "smoothed_scores"),
         age_s=age,
