@@ -44,7 +44,6 @@ class TrackView:
     label: str
     since: float  # capture time its label was first shown
     started: float
-    confidence: float | None = None
     held: set = field(default_factory=set)  # rules whose emotion_held fired for this label
 
 
@@ -55,6 +54,13 @@ class Cameras:
     def __init__(self):
         self.tracks: dict[str, dict[str, TrackView]] = {}
         self.times: dict[str, float] = {}
+        self.seen: dict[tuple[str, str], tuple[str, float]] = {}  # (camera, track) -> label, probability
+
+    def confidence(self, camera: str, track: str, label: str) -> float | None:
+        """The smoothed probability of ``label`` in the track's latest tracks message, if
+        that message showed this label."""
+        seen = self.seen.get((camera, track))
+        return seen[1] if seen is not None and seen[0] == label else None
 
     def state(self, camera: str) -> dict:
         """The retained state message of a camera."""
@@ -71,11 +77,9 @@ class Cameras:
 
     def on_tracks(self, message: Tracks) -> float | None:
         """Note each track's confidence; returns the frame's capture time (None if unknown)."""
-        views = self.tracks.get(message.stream, {})
         for face in message.results:
-            view = views.get(face.track) if face.track else None
-            if view is not None and face.smoothed_label == view.label:
-                view.confidence = face.smoothed_confidence
+            if face.track:
+                self.seen[message.stream, face.track] = (face.smoothed_label, face.smoothed_confidence)
         now = message.timestamps.get("capture")
         if now is not None:
             self.times[message.stream] = now
@@ -87,7 +91,7 @@ class Cameras:
         views = self.tracks.setdefault(camera, {})
         self.times[camera] = e.time
         view = views.get(e.track)
-        duration, confidence = 0.0, view.confidence if view else None
+        duration, confidence = 0.0, self.confidence(camera, e.track, e.label)
         payload = {
             "id": event_id(camera, message.seq, e.track, e.name),
             "camera": camera,
@@ -101,10 +105,10 @@ class Cameras:
             view = views[e.track] = TrackView(e.label, e.time, e.time)
         if e.name == "emotion_changed":
             payload["previous"] = e.previous
-            view.label, view.since, view.confidence, view.held = e.label, e.time, None, set()
-            confidence = None
+            view.label, view.since, view.held = e.label, e.time, set()
         if e.name == "track_ended":
             views.pop(e.track, None)
+            self.seen.pop((camera, e.track), None)
             if e.summary is not None:
                 payload["summary"] = e.summary.to_wire()
                 duration = e.summary.end - e.summary.start
@@ -119,9 +123,8 @@ class Cameras:
         out = []
         for track, view in self.tracks.get(camera, {}).items():
             duration = now - view.since
-            if rule.name in view.held or not rule.matches(
-                camera, HELD, view.label, view.confidence, duration
-            ):
+            confidence = self.confidence(camera, track, view.label)
+            if rule.name in view.held or not rule.matches(camera, HELD, view.label, confidence, duration):
                 continue
             view.held.add(rule.name)
             payload = {
@@ -132,8 +135,8 @@ class Cameras:
                 "time": now,
                 "label": view.label,
                 "since": view.since,
-                "confidence": view.confidence,
+                "confidence": confidence,
                 "duration_s": round(duration, 3),
             }
-            out.append(Notification(camera, track, HELD, view.label, view.confidence, duration, now, payload))
+            out.append(Notification(camera, track, HELD, view.label, confidence, duration, now, payload))
         return out
