@@ -67,6 +67,7 @@ class Publisher:
         self.sock = self.ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.SNDHWM, 100000)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # each subscriber's arrival, also a returning one
         (self.sock.connect if connect else self.sock.bind)(endpoint)
 
     def wait_subscribed(self, timeout: float = 20.0) -> None:

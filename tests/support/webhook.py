@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,8 +14,10 @@ class Receiver:
     """``with Receiver(fail_first=2) as hook: hook.url``: the first ``fail_first`` tries of
     each event id are answered ``fail_status``; ``events()`` are the accepted bodies."""
 
-    def __init__(self, fail_first: int = 0, fail_status: int = 503, path: str = "/hook"):
-        self.fail_first, self.fail_status = fail_first, fail_status
+    def __init__(
+        self, fail_first: int = 0, fail_status: int = 503, path: str = "/hook", delay_s: float = 0.0
+    ):
+        self.fail_first, self.fail_status, self.delay_s = fail_first, fail_status, delay_s
         self.posts: list[tuple[dict, bytes]] = []  # every POST, accepted or not
         self.accepted: list[tuple[dict, bytes]] = []
         self.tries: Counter = Counter()
@@ -38,6 +41,8 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
 
     def answer(self, headers: dict, body: bytes) -> int:
+        if self.delay_s:
+            time.sleep(self.delay_s)  # a slow receiver
         with self.lock:
             self.posts.append((headers, body))
             key = headers.get("x-event-id", "")
