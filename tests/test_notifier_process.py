@@ -45,7 +45,7 @@ def test_no_queued_event_is_lost_when_the_notifier_is_killed_and_restarted(tmp_p
     n = 1000
     base, port = free_base_port(), free_port()
     publisher = Publisher(f"tcp://127.0.0.1:{base + 9}")
-    with Receiver(delay_s=0.004) as hook:
+    with Receiver(delay_s=0.002) as hook:
         args = ("--webhook-url", hook.url, "--webhook-secret", "s")
         first = notifier(tmp_path, base, port, *args)
         try:
@@ -55,6 +55,7 @@ def test_no_queued_event_is_lost_when_the_notifier_is_killed_and_restarted(tmp_p
             wait_for(lambda: len(hook.accepted) >= n // 10, 20, 0.01, "delivery under way")
             first.proc.kill()  # SIGKILL, mid-delivery
             first.proc.wait()
+            wait_for(lambda: hook.in_progress == 0, 5, 0.01, "its last request answered")
             delivered_before = len(hook.accepted)
             assert delivered_before < n
         finally:

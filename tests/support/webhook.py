@@ -21,6 +21,7 @@ class Receiver:
         self.posts: list[tuple[dict, bytes]] = []  # every POST, accepted or not
         self.accepted: list[tuple[dict, bytes]] = []
         self.tries: Counter = Counter()
+        self.in_progress = 0  # requests being answered now
         self.lock = threading.Lock()
         receiver = self
 
@@ -41,8 +42,17 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
 
     def answer(self, headers: dict, body: bytes) -> int:
-        if self.delay_s:
-            time.sleep(self.delay_s)  # a slow receiver
+        with self.lock:
+            self.in_progress += 1
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)  # a slow receiver
+            return self._answer(headers, body)
+        finally:
+            with self.lock:
+                self.in_progress -= 1
+
+    def _answer(self, headers: dict, body: bytes) -> int:
         with self.lock:
             self.posts.append((headers, body))
             key = headers.get("x-event-id", "")
