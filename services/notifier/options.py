@@ -14,6 +14,33 @@ from .service import SERVICE, NotifierSettings
 from .webhook import WebhookSettings
 
 WEBHOOK_URLS_ENV = "EMOTION_WEBHOOK_URLS"
+EXAMPLE = """
+Example, end to end: the pipeline's events to a local mosquitto and a webhook receiver, with
+Home Assistant discovery on (its default) and only sad faces held for 10 s on camera 2 sent
+to the webhook (details: [docs/notifier.md](notifier.md)):
+
+```sh
+mosquitto -p 1883 &                                   # or: docker compose --profile mqtt up
+cat > rules.toml <<'TOML'
+[[rules]]
+name = "everything-to-mqtt"
+sinks = ["mqtt"]
+
+[[rules]]
+name = "sad-on-camera-2"
+cameras = ["2"]
+events = ["emotion_held"]
+emotions = ["Sad"]
+min_duration_s = 10
+sinks = ["webhook"]
+TOML
+export EMOTION_MQTT_URL=mqtt://127.0.0.1:1883 EMOTION_RULES=$PWD/rules.toml
+export EMOTION_WEBHOOK_URLS=http://127.0.0.1:9000/hook EMOTION_WEBHOOK_SECRET=change-me
+export EMOTION_STREAM=2                               # capture's stream id: "camera 2"
+make run                                              # the notifier joins the pipeline
+mosquitto_sub -v -t 'emotion-stream/#'                # events, state, availability
+```
+"""
 
 
 def secret_option(parser, flag: str, env: str, help: str) -> None:
@@ -95,8 +122,8 @@ def build_parser():
         "--webhook-url",
         action="append",
         default=None,
-        help="POST each event here; repeat for several "
-        f"[env {WEBHOOK_URLS_ENV}, comma-separated, default: none]",
+        help="POST each event here; repeat for several (in the variable: comma-separated) "
+        f"[env {WEBHOOK_URLS_ENV}, default: none]",
     )
     secret_option(
         parser,
