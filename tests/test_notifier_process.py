@@ -3,15 +3,28 @@ and the broker tells MQTT clients it is offline within 1.5x its keepalive."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import defaultdict
 
 import pytest
 
-from tests.support import Service, free_base_port, free_port, http_get, metric_samples, metric_sum, wait_for
+from services.common.protocol import KIND_EVENT
+from services.notifier.events import event_id
+from tests.support import (
+    Service,
+    free_base_port,
+    free_port,
+    http_get,
+    media,
+    metric_samples,
+    metric_sum,
+    wait_for,
+)
 from tests.support import mosquitto as mosq
 from tests.support.notifier import Publisher, event_stream
+from tests.support.pipeline import Pipeline, events, play_clip_through
 from tests.support.webhook import Receiver
 
 pytestmark = pytest.mark.slow
@@ -106,3 +119,34 @@ def test_availability_turns_offline_within_one_and_a_half_keepalives(tmp_path, h
     assert took <= (1.5 if how == signal.SIGKILL else 3.0) * keepalive, took
     output = process.output()
     assert "mqtt://127.0.0.1" in output
+
+
+@pytest.mark.skipif(not mosq.available(), reason="mosquitto is not installed")
+@pytest.mark.timeout(300)
+def test_the_pipelines_events_reach_a_real_mosquitto_and_a_real_webhook(tmp_path, tiny_registry):
+    """The processes of `make run` (services/launch.py) on a clip, the notifier among them."""
+    generous = ("--max-age-ms", "3000")
+    with mosq.Mosquitto() as broker, Receiver() as hook, mosq.Subscriber(broker.port, "es/+/events") as sub:
+        pipeline = Pipeline(
+            tmp_path, tiny_registry, detector_args=(*generous, "--no-newest-only"), classifier_args=generous
+        )
+        try:
+            pipeline.start("tracker")
+            pipeline.start(
+                "notifier",
+                *("--mqtt-url", broker.url, "--mqtt-prefix", "es", "--queue-file", str(tmp_path / "q.db")),
+                *("--webhook-url", hook.url, "--webhook-secret", "s"),
+            )
+            wait_for(lambda: pipeline.scrape("tracker") and pipeline.scrape("notifier"), 60, what="ready")
+            _, tracks = play_clip_through(pipeline, media("woman2.mp4"), 120)
+            wait_for(lambda: events(tracks, "track_ended"), 10, what="the track to end")
+            published = [h for _, h in tracks.arrivals if h.kind == KIND_EVENT]
+            ids = {event_id(h.stream, h.seq, h.event.track, h.event.name) for h in published}
+            assert ids
+            wait_for(lambda: ids <= {e["id"] for e in hook.events()}, 20, 0.1, "every event at the webhook")
+            wait_for(
+                lambda: ids <= {json.loads(m)["id"] for m in sub.received()}, 20, 0.1, "every event on MQTT"
+            )
+        finally:
+            pipeline.stop()
+    assert [e["event"] for e in hook.events()][0] == "track_started"
