@@ -59,7 +59,7 @@ def test_no_queued_event_is_lost_when_the_notifier_is_killed_and_restarted(tmp_p
     base, port = free_base_port(), free_port()
     publisher = Publisher(f"tcp://127.0.0.1:{base + 9}")
     with Receiver(delay_s=0.002) as hook:
-        args = ("--webhook-url", hook.url, "--webhook-secret", "s")
+        args = ("--webhook-url", hook.url, "--webhook-secret", "topsecret-webhook-key")
         first = notifier(tmp_path, base, port, *args)
         try:
             publisher.wait_subscribed()
@@ -79,6 +79,7 @@ def test_no_queued_event_is_lost_when_the_notifier_is_killed_and_restarted(tmp_p
         finally:
             second.stop()
     publisher.close()
+    assert "topsecret" not in first.output() + second.output()
     events = hook.events()
     copies = defaultdict(list)
     for e in events:
@@ -105,7 +106,8 @@ def test_availability_turns_offline_within_one_and_a_half_keepalives(tmp_path, h
             tmp_path,
             free_base_port(),
             free_port(),
-            *("--mqtt-url", broker.url, "--mqtt-prefix", "es", "--mqtt-keepalive-s", str(keepalive)),
+            *("--mqtt-url", broker.url.replace("//", "//homeassistant:hunter2@"), "--mqtt-prefix", "es"),
+            *("--mqtt-keepalive-s", str(keepalive)),
         )
         try:
             wait_for(lambda: sub.received()[-1:] == [b"online"], 20, 0.02, "online")
@@ -118,7 +120,7 @@ def test_availability_turns_offline_within_one_and_a_half_keepalives(tmp_path, h
             process.stop()
     assert took <= (1.5 if how == signal.SIGKILL else 3.0) * keepalive, took
     output = process.output()
-    assert "mqtt://127.0.0.1" in output
+    assert "mqtt://homeassistant:***@127.0.0.1" in output and "hunter2" not in output  # masked
 
 
 @pytest.mark.skipif(not mosq.available(), reason="mosquitto is not installed")
