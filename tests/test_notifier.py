@@ -394,3 +394,21 @@ def test_no_event_is_lost_when_the_broker_restarts_mid_stream(tmp_path):
     assert sorted(set(frames), key=frames.index) == list(range(n))  # first arrivals in order
     redelivered = [json.loads(m) for m in sub.received() if b"redelivered" in m]
     assert len(frames) - n <= WINDOW and not redelivered  # duplicates: resent by paho, same id
+
+
+@needs_mosquitto
+def test_mqtts_with_a_user_and_password_and_a_wrong_password_refused(tmp_path, caplog):
+    with mosq.Mosquitto(users={"ha": "pa55word"}, tls=True) as broker:
+        url = broker.url.replace("//", "//ha:pa55word@")
+        with mosq.Subscriber(broker.port, "es/#", auth=("ha", "pa55word"), ca_file=broker.ca_file) as sub:
+            service = make_service(tmp_path, mqtt_url=url, prefix="es", ca_file=str(broker.ca_file))
+            with running(service) as publisher:
+                publisher.send_all([event("cam1", 1, "a", "track_started")])
+                wait_for(lambda: sub.received("es/cam1/events"), 10, 0.05, "the event over TLS")
+        bad_url = url.replace("pa55word", "guess")
+        wrong = make_service(tmp_path / "wrong", mqtt_url=bad_url, prefix="es", ca_file=str(broker.ca_file))
+        with caplog.at_level(logging.INFO, "notifier"), running(wrong):
+            wait_for(lambda: "refused the connection" in caplog.text, 10, 0.05, "the refusal")
+            assert not wrong.sinks[0].connected.is_set()
+    assert "guess" not in caplog.text and "pa55word" not in caplog.text
+    assert "mqtts://ha:***@localhost" in caplog.text
