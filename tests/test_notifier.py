@@ -412,3 +412,13 @@ def test_mqtts_with_a_user_and_password_and_a_wrong_password_refused(tmp_path, c
             assert not wrong.sinks[0].connected.is_set()
     assert "guess" not in caplog.text and "pa55word" not in caplog.text
     assert "mqtts://ha:***@localhost" in caplog.text
+
+
+def test_a_track_whose_end_was_lost_leaves_the_state_after_a_minute(tmp_path):
+    service = make_service(tmp_path)
+    service.on_message(event("1", 0, "gone", "track_started", t=1000.0))
+    service.on_message(event("1", 1, "here", "track_started", t=1000.0))
+    service.on_message(tracks("1", 30, [("here", "Happy", 0.9)], t=1059.0))
+    assert service.cameras.state("1")["people"] == 2
+    service.on_message(tracks("1", 61, [("here", "Happy", 0.9)], t=1061.0))
+    assert service.cameras.state("1")["emotions"] == {"here": "Happy"}

@@ -17,6 +17,10 @@ from services.common.protocol import EMOTIONS, Event, Tracks
 
 from .rules import HELD
 
+# A track not seen for this long (capture time) is taken off its camera's state: its end was
+# lost (a tracker restart). Far longer than the tracker's own timeout for a missing face.
+STALE_S = 60.0
+
 
 def event_id(*parts) -> str:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:20]
@@ -44,6 +48,7 @@ class TrackView:
     label: str
     since: float  # capture time its label was first shown
     started: float
+    last_seen: float  # capture time of its latest frame or event
     held: set = field(default_factory=set)  # rules whose emotion_held fired for this label
 
 
@@ -77,13 +82,25 @@ class Cameras:
 
     def on_tracks(self, message: Tracks) -> float | None:
         """Note each track's confidence; returns the frame's capture time (None if unknown)."""
+        now = message.timestamps.get("capture")
+        views = self.tracks.get(message.stream, {})
         for face in message.results:
             if face.track:
                 self.seen[message.stream, face.track] = (face.smoothed_label, face.smoothed_confidence)
-        now = message.timestamps.get("capture")
+                if now is not None and face.track in views:
+                    views[face.track].last_seen = now
         if now is not None:
             self.times[message.stream] = now
         return now
+
+    def expire(self, camera: str, now: float) -> list[str]:
+        """Forget the camera's tracks not seen for STALE_S; returns their ids."""
+        views = self.tracks.get(camera, {})
+        stale = [track for track, view in views.items() if now - view.last_seen > STALE_S]
+        for track in stale:
+            del views[track]
+            self.seen.pop((camera, track), None)
+        return stale
 
     def on_event(self, message: Event) -> Notification:
         """The notification of an event, after updating the camera's state by it."""
@@ -102,7 +119,8 @@ class Cameras:
             "frame": message.seq,
         }
         if e.name == "track_started" or view is None:
-            view = views[e.track] = TrackView(e.label, e.time, e.time)
+            view = views[e.track] = TrackView(e.label, e.time, e.time, e.time)
+        view.last_seen = max(view.last_seen, e.time)
         if e.name == "emotion_changed":
             payload["previous"] = e.previous
             view.label, view.since, view.held = e.label, e.time, set()

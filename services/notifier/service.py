@@ -101,16 +101,24 @@ class NotifierService:
         rows = self.route(notification, [r for r in self.rules.rules if r.wants(notification.name)])
         if notification.name == "track_ended":
             self.cooldowns.forget(notification.camera, notification.track)
-        state = self.cameras.state(message.stream)
-        for sink in self._mqtt:
-            sink.publish_state(message.stream, state)
+        self.publish_state(message.stream)
         return rows
+
+    def publish_state(self, camera: str) -> None:
+        state = self.cameras.state(camera)
+        for sink in self._mqtt:
+            sink.publish_state(camera, state)
 
     def _on_tracks(self, message: Tracks) -> list[tuple[str, str]]:
         now = self.cameras.on_tracks(message)
         rows = []
         if now is None:
             return rows
+        stale = self.cameras.expire(message.stream, now)
+        for track in stale:
+            self.cooldowns.forget(message.stream, track)
+        if stale:
+            self.publish_state(message.stream)
         for rule in self.rules.rules:
             if rule.min_duration_s and rule.wants(HELD):
                 for notification in self.cameras.held(message.stream, now, rule):
