@@ -422,3 +422,13 @@ def test_a_track_whose_end_was_lost_leaves_the_state_after_a_minute(tmp_path):
     assert service.cameras.state("1")["people"] == 2
     service.on_message(tracks("1", 61, [("here", "Happy", 0.9)], t=1061.0))
     assert service.cameras.state("1")["emotions"] == {"here": "Happy"}
+
+
+def test_a_redirect_or_a_refusal_is_dead_at_once(tmp_path):
+    for status in (302, 404):
+        with Receiver(fail_first=10**6, fail_status=status) as hook:
+            service = make_service(tmp_path / str(status), [hook.url])
+            with running(service) as publisher:
+                publisher.send_all(event_stream(1))
+                wait_for(lambda s=service: s.outbox.dead_rows(), 10, 0.02, "the dead letter")
+                assert len(hook.posts) == 1 and service.outbox.dead_rows()[0][2] == f"HTTP {status}"

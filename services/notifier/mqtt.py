@@ -250,6 +250,7 @@ class MqttSink:
                 availability_topic(self.settings.prefix), "offline", qos=QOS, retain=True
             )
             info.wait_for_publish(timeout)
+        self.connected.clear()
         self.client.disconnect()
         self.client.loop_stop()
         MQTT_CONNECTED.set(0)

@@ -80,7 +80,14 @@ class NotifierService:
         self._mqtt = [s for s in sinks if isinstance(s, MqttSink)]
         self._next_housekeeping = 0.0
         QUEUE_LIMIT.set(outbox.size)
-        RULES.set(len(rules.rules))
+        self._rules_in_force()
+
+    def _rules_in_force(self) -> None:
+        RULES.set(len(self.rules.rules))
+        for rule in self.rules.rules:
+            missing = [kind for kind in rule.sinks if kind not in self._by_kind]
+            if missing and self.sinks:
+                log.warning("rule %r names %s, which is not configured", rule.name, " and ".join(missing))
 
     def on_message(self, parts: list) -> list[tuple[str, str]]:
         """The (sink, body) rows a received message makes."""
@@ -156,7 +163,7 @@ class NotifierService:
             return
         self._next_housekeeping = now + HOUSEKEEPING_S
         if self.rules.check():
-            RULES.set(len(self.rules.rules))
+            self._rules_in_force()
         sizes = self.outbox.sizes()
         for sink in self.sinks:
             QUEUE_SIZE.labels(sink.name).set(sizes.get(sink.name, 0))

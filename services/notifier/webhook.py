@@ -4,7 +4,8 @@
 (verification code: docs/notifier.md#webhooks). A failed try (no answer, 5xx, 408, 429) is
 tried again after ``backoff_s * 2**n`` seconds (n = tries so far, at most ``max_backoff_s``),
 each delay drawn between half and all of it (jitter), ``retries`` times; then the delivery
-is dead: counted, logged once, kept in the dead letters. Other 4xx answers die at once.
+is dead: counted, logged once, kept in the dead letters. Other 4xx and 3xx answers (redirects
+are not followed) die at once.
 Deliveries go one at a time in queue order, so the order of each track's events holds.
 """
 
@@ -26,8 +27,16 @@ from .outbox import Outbox, Row
 from .secret import mask_url
 
 log = logging.getLogger("notifier")
-PERMANENT = range(400, 500)
+PERMANENT = range(300, 500)  # a redirect is a wrong URL too: it is not followed
 TRANSIENT = (408, 429)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the 3xx answer comes back as an HTTPError
+
+
+OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ class WebhookSink:
             headers["X-Signature"] = sign(self.secret, data)
         request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
+            with OPENER.open(request, timeout=self.settings.timeout_s) as response:
                 response.read()
                 return response.status
         except urllib.error.HTTPError as error:
