@@ -25,6 +25,9 @@ def test_compose_runs_the_notifier_with_secrets_as_files_and_a_broker_in_a_profi
     assert env["EMOTION_MQTT_PASSWORD_FILE"] == "/run/secrets/mqtt_password"
     assert not any("SECRET" in k and not k.endswith("_FILE") for k in env)
     assert set(notifier["secrets"]) == set(compose["secrets"]) == {"mqtt_password", "webhook_secret"}
+    for secret in compose["secrets"].values():  # files, an empty one by default
+        default = secret["file"].split(":-")[1].rstrip("}")
+        assert (ROOT / default).read_text() == ""
     assert (
         "notifier-data:/app/data" in notifier["volumes"] and env["EMOTION_QUEUE_FILE"] == "/app/data/queue.db"
     )

@@ -20,7 +20,8 @@ def mask_url(url: str) -> str:
 
 
 def read_secret(value: str, file: str) -> str:
-    """``value``, or the first line of ``file`` when given (a Docker or Kubernetes secret)."""
+    """The content of ``file`` (a Docker or Kubernetes secret; its line end dropped) when it
+    is given and not empty, else ``value``."""
     if file:
-        return Path(file).read_text(encoding="utf-8").strip("\r\n")
+        return Path(file).read_text(encoding="utf-8").strip("\r\n") or value
     return value
