@@ -1,5 +1,6 @@
 """Write the Procfile that `make run` hands to honcho: broker, capture, N detectors,
-M classifiers, the tracker, the recorder and the viewer, each replica with its own metrics
+M classifiers, the tracker, the recorder and the viewer (and the notifier when
+EMOTION_MQTT_URL or EMOTION_WEBHOOK_URLS is set), each replica with its own metrics
 port, each restarted when it crashes (honcho itself stops everything on Ctrl-C). The plan
 and its rendering are services/launch.py's.
 

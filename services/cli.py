@@ -6,7 +6,17 @@ from __future__ import annotations
 import runpy
 import sys
 
-COMMANDS = ("analyze", "broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer")
+COMMANDS = (
+    "analyze",
+    "broker",
+    "capture",
+    "detector",
+    "classifier",
+    "tracker",
+    "recorder",
+    "viewer",
+    "notifier",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,8 @@ SUPERVISOR = ROOT / "deploy" / "restart-on-crash.sh"
 
 REPLICATED = ("detector", "classifier")
 RUN_SET = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer")
+# The notifier joins `make run` when it has somewhere to send events (docs/notifier.md).
+NOTIFIER_ENV = ("EMOTION_MQTT_URL", "EMOTION_WEBHOOK_URLS")
 RECORDER_URL = f"http://127.0.0.1:{RECORDER_API_PORT}"
 # Every stage runs on this machine, so frames travel raw: no JPEG coding in capture or
 # decoding in the detector (about 2-3 CPU ms a frame) for bytes that never leave the host.
@@ -80,14 +82,26 @@ def plan(
     return out
 
 
+def notifier_configured(env: Mapping[str, str] = os.environ) -> bool:
+    return any(env.get(name, "").strip() for name in NOTIFIER_ENV)
+
+
 def run_plan(
-    source: str = "demo", detectors: int = 1, classifiers: int = 1, metrics_base: int = 9100
+    source: str = "demo",
+    detectors: int = 1,
+    classifiers: int = 1,
+    metrics_base: int = 9100,
+    notifier: bool | None = None,
 ) -> list[ProcessSpec]:
     """What `make run` starts: every stage, each replica on its own metrics port. The
     recorder's database defaults to data/recorder/recorder.db under the repository; the
-    dashboard links each stream to its history in the recorder's API (a browser link)."""
+    dashboard links each stream to its history in the recorder's API (a browser link).
+    The notifier comes last, when ``notifier`` says so (None: when EMOTION_MQTT_URL or
+    EMOTION_WEBHOOK_URLS is set); it reads the rest of its settings from the environment."""
+    if notifier is None:
+        notifier = notifier_configured()
     return plan(
-        RUN_SET,
+        (*RUN_SET, "notifier") if notifier else RUN_SET,
         detectors=detectors,
         classifiers=classifiers,
         metrics_base=metrics_base,

@@ -37,6 +37,7 @@ def test_the_port_layout_is_the_documented_one():
         "viewer": 9104,
         "tracker": 9105,
         "recorder": 9106,
+        "notifier": 9107,
     }
     assert [ports.metrics_port("detector", i) for i in range(3)] == [9102, 9112, 9122]
     assert ports.metrics_port("classifier", 1, base=20000) == 20013

@@ -12,7 +12,17 @@ import re
 
 from .config import ENV_PREFIX, env_name
 
-SERVICES = ("broker", "capture", "detector", "classifier", "tracker", "recorder", "viewer", "analyze")
+SERVICES = (
+    "broker",
+    "capture",
+    "detector",
+    "classifier",
+    "tracker",
+    "recorder",
+    "viewer",
+    "notifier",
+    "analyze",
+)
 
 
 def options_table(parser: argparse.ArgumentParser) -> str:
@@ -20,7 +30,8 @@ def options_table(parser: argparse.ArgumentParser) -> str:
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
-        env = env_name(action.option_strings[0])
+        named = re.search(r"\[env (\w+)", action.help or "")  # an option may name its own variable
+        env = named.group(1) if named else env_name(action.option_strings[0])
         meaning = re.sub(r"\s*\[env .*\]$", "", action.help or "").replace("|", "\\|")
         flags = " / ".join(f"`{flag}`" for flag in action.option_strings)
         default = action.default
@@ -55,6 +66,8 @@ def document() -> str:
             options_table(parser),
             "",
         ]
+        if getattr(module, "EXAMPLE", ""):  # a stage's end-to-end example, from its options.py
+            parts += [module.EXAMPLE.strip(), ""]
     return "\n".join(parts)
 
 

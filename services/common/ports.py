@@ -24,6 +24,7 @@ METRICS_OFFSETS = {
     "viewer": 4,
     "tracker": 5,
     "recorder": 6,
+    "notifier": 7,
 }
 REPLICA_PORT_STEP = 10
 
