@@ -1,7 +1,8 @@
 """The recorder's HTTP API (FastAPI; OpenAPI page at /docs).
 
-Read-only. Lists are paginated by ``cursor`` (JSON) or streamed whole (``format=csv`` or
-``jsonl``, a page of rows at a time). Every bad parameter is a 4xx naming it.
+Reads, and the admin's deletions (:func:`deletion_routes`). Lists are paginated by
+``cursor`` (JSON) or streamed whole (``format=csv`` or ``jsonl``, a page of rows at a time).
+Every bad parameter is a 4xx naming it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import uvicorn
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.protocol import EMOTIONS
 
-from . import params, queries
+from . import deletion, params, queries
 from .plots import timeline_png
 
 REQUESTS = Counter(
@@ -330,6 +331,8 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
                 raise params.HTTPException(404, f"stream: no stream {stream[:128]!r}")
             return {**queries.summary(connection, stream, now - seconds, now), "window_s": seconds}
 
+    app.include_router(deletion_routes(engine, clock))
+
     def _newest_event() -> int:
         with engine.connect() as connection:
             return queries.newest_event_id(connection)
@@ -339,6 +342,73 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
             return connection.execute(queries.events_query(stream, after=last).limit(500)).all()
 
     return app
+
+
+def deletion_routes(engine: Engine, clock: Callable[[], float] = time.time) -> APIRouter:
+    """The admin's deletions, on a router of their own so that one dependency (the admin
+    check) guards them all: ``app.include_router(deletion_routes(...), dependencies=[...])``.
+
+    Each answers what it deleted per table and whether the database file was compacted
+    afterwards (``compacted``; when false, ``not_compacted`` says why)."""
+    router = APIRouter(tags=["deletion (admin)"])
+
+    def answer(deleted: deletion.Deleted) -> dict:
+        return {
+            "deleted": deleted.counts(),
+            "compacted": not deleted.not_compacted,
+            **({"not_compacted": deleted.not_compacted} if deleted.not_compacted else {}),
+        }
+
+    @router.delete(
+        "/api/tracks/{track_id}", summary="Delete one track with its observations and events (admin)"
+    )
+    def delete_track(track_id: str, request: Request):
+        _only_parameters(request)
+        pk = _track_pk(track_id)
+        deleted = deletion.delete_track(engine, pk)
+        if deleted is None:
+            raise params.HTTPException(404, f"track_id: no track {pk}")
+        return answer(deleted)
+
+    @router.delete("/api/streams/{stream}", summary="Delete everything recorded of a stream (admin)")
+    def delete_stream(stream: str, request: Request):
+        _only_parameters(request)
+        stream = params.stream_id(stream) or ""
+        deleted = deletion.delete_stream(engine, stream)
+        if deleted is None:
+            raise params.HTTPException(404, f"stream: no stream {stream[:128]!r}")
+        return answer(deleted)
+
+    @router.delete(
+        "/api/tracks",
+        summary="Delete a time range: every track visible in [since, until], whole, and its events (admin)",
+    )
+    def delete_time_range(
+        request: Request,
+        since: str | None = Query(
+            None, description="Unix seconds, ISO 8601 or a duration ago (2h); required"
+        ),
+        until: str | None = Query(None, description="as since, or now; required"),
+        stream: str | None = Query(None, description="only this stream (default: every stream)"),
+    ):
+        _only_parameters(request, "since", "until", "stream")
+        if since is None or until is None:
+            raise params.bad("since" if since is None else "until", "a time range needs both since and until")
+        now = clock()
+        start, end = deletion.moment(since, "since", now), deletion.moment(until, "until", now)
+        if end < start:
+            raise params.bad("until", "is before since")
+        return answer(deletion.delete_time_range(engine, start, end, params.stream_id(stream)))
+
+    return router
+
+
+def _only_parameters(request: Request, *names: str) -> None:
+    """Deleting, a parameter the route does not know is refused, not ignored: a filter that
+    is not applied would delete more than was asked for."""
+    unknown = sorted(set(request.query_params) - set(names))
+    if unknown:
+        raise params.bad(unknown[0], "is not a parameter of this deletion")
 
 
 def _track_pk(value: str) -> int:
