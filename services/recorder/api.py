@@ -7,7 +7,6 @@ Every bad parameter is a 4xx naming it.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -17,7 +16,6 @@ from collections.abc import Callable, Iterable
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Counter
@@ -26,14 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.protocol import EMOTIONS
 
-from . import deletion, params, queries
+from . import deletion, live, params, queries
 from .plots import timeline_png
 
 REQUESTS = Counter(
     "emotion_recorder_api_requests_total", "API requests by route and status", ["route", "status"]
 )
-LIVE_POLL_S = 0.5
-KEEPALIVE_S = 15.0
 
 TRACK_COLUMNS = [
     "id",
@@ -103,6 +99,21 @@ def observation_csv(row) -> list:
 
 def event_csv(row) -> list:
     return [getattr(row, c) for c in EVENT_COLUMNS]
+
+
+class LiveResponse(StreamingResponse):
+    """A streaming response that calls ``on_close`` when it ends, however it ends (also
+    when the client is gone before its first byte): the live feed's place is given back."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 def export(
@@ -284,7 +295,11 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
         return listing(query, count, output, "events", EVENT_COLUMNS, event_csv, queries.event_dict)
 
-    @app.get("/api/events/live", summary="Server-Sent Events: each new track event as it is recorded")
+    @app.get(
+        "/api/events/live",
+        summary="Server-Sent Events: each new track event as it is recorded "
+        f"(at most {live.MAX_CLIENTS} clients at once; more are answered 503)",
+    )
     async def live_events(
         request: Request,
         stream: str | None = Query(None, description="stream id"),
@@ -295,28 +310,28 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
     ):
         stream = params.stream_id(stream)
         last = params.row_id(after if after is not None else request.headers.get("last-event-id"), "after")
-        if last is None:
-            last = await run_in_threadpool(_newest_event)
+        listener = feed.join(stream)
+        if listener is None:
+            raise params.HTTPException(
+                503,
+                f"too many live clients ({feed.max_clients} at most); try again later",
+                headers={"Retry-After": "5"},
+            )
 
-        async def feed():
-            nonlocal last
-            quiet = time.monotonic()
+        async def events():
             yield ": recorder events\n\n"
-            while not await request.is_disconnected():
-                rows = await run_in_threadpool(_events_after, stream, last)
-                for row in rows:
-                    last = row.id
-                    data = json.dumps(queries.event_dict(row), separators=(",", ":"))
-                    yield f"id: {row.id}\nevent: {row.name}\ndata: {data}\n\n"
-                    quiet = time.monotonic()
-                if time.monotonic() - quiet > KEEPALIVE_S:
+            async for row in feed.rows(listener, last):
+                if row is None:
                     yield ": keepalive\n\n"
-                    quiet = time.monotonic()
-                if not rows:
-                    await asyncio.sleep(LIVE_POLL_S)
+                    continue
+                data = json.dumps(queries.event_dict(row), separators=(",", ":"))
+                yield f"id: {row.id}\nevent: {row.name}\ndata: {data}\n\n"
 
-        return StreamingResponse(
-            feed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        return LiveResponse(
+            events(),
+            lambda: feed.leave(listener),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
 
     @app.get("/api/streams/{stream}/summary", summary="Share of time per emotion and tracks seen in a window")
@@ -337,9 +352,11 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
         with engine.connect() as connection:
             return queries.newest_event_id(connection)
 
-    def _events_after(stream, last):
+    def _events_after(last: int, stream: str | None, limit: int):
         with engine.connect() as connection:
-            return connection.execute(queries.events_query(stream, after=last).limit(500)).all()
+            return connection.execute(queries.events_query(stream, after=last).limit(limit)).all()
+
+    feed = app.state.live_feed = live.LiveFeed(_events_after, _newest_event)
 
     return app
 
