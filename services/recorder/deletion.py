@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from sqlalchemy import Connection, Engine, and_, delete, select
+from sqlalchemy import ColumnElement, Connection, Engine, and_, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.common.config import ServiceParser, config_error
@@ -77,7 +77,7 @@ def delete_time_range(engine: Engine, since: float, until: float, stream: str | 
     if until < since:
         raise ValueError("until is before since")
     chosen = select(tracks.c.id).where(tracks.c.last_seen >= since, tracks.c.start <= until)
-    in_range = events.c.time.between(since, until)
+    in_range: ColumnElement[bool] = events.c.time.between(since, until)
     only_within = and_(streams.c.first_seen >= since, streams.c.last_seen <= until)
     if stream is not None:
         chosen = chosen.where(tracks.c.stream == stream)
@@ -139,7 +139,7 @@ def compact(engine: Engine) -> str:
                 return ""
             connection.exec_driver_sql("VACUUM")
             for _ in range(CHECKPOINT_TRIES):
-                busy = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()[0]
+                busy = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").scalar()
                 if not busy:
                     return ""
                 time.sleep(0.1)
