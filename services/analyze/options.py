@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from services.common.config import service_parser
 from services.common.protocol import ENCODING_BGR, ENCODING_JPEG
+from services.viewer.draw import PRIVACY_HELP, PRIVACY_MODES
 
 SERVICE = "analyze"
 DESCRIPTION = "Analyze: a recorded video through the pipeline as a job; every frame labelled, nothing"
@@ -58,5 +59,6 @@ def build_parser():
         "bgr to a pipeline it starts on this machine, jpeg to a running one, "
         "which may be on other machines",
     )
+    parser.option("--privacy", default="none", choices=PRIVACY_MODES, help=f"annotated.mp4: {PRIVACY_HELP}")
     parser.option("--progress", default=True, type=bool, help="show a progress bar")
     return parser

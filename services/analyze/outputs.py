@@ -139,10 +139,17 @@ def write_timeline(path: Path, rows: list[FrameRow], title: str) -> None:
 
 
 def write_annotated(
-    path: Path, video: Path, rows: list[FrameRow], fps: float, scale: float, model: str
+    path: Path,
+    video: Path,
+    rows: list[FrameRow],
+    fps: float,
+    scale: float,
+    model: str,
+    privacy: str = "none",
 ) -> int:
-    """The video again with the labels drawn (the viewer's drawing), same rate and frame
-    count; frames the reader cannot decode again are written as black. Returns frames written."""
+    """The video again with the labels drawn (the viewer's drawing, faces blurred with
+    ``privacy="blur"``), same rate and frame count; frames the reader cannot decode again
+    are written as black. Returns frames written."""
     source = cv2.VideoCapture(str(video))
     width = int(source.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(source.get(cv2.CAP_PROP_FRAME_HEIGHT))
@@ -156,7 +163,7 @@ def write_annotated(
             if not ok or frame is None or frame.shape[:2] != (height, width):
                 frame = np.zeros((height, width, 3), np.uint8)
             faces = [_rescaled(face, scale) for face in row.faces]
-            writer.write(draw_results(frame, faces, model))
+            writer.write(draw_results(frame, faces, model, privacy=privacy))
             written += 1
     finally:
         writer.release()

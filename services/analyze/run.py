@@ -187,7 +187,7 @@ def run_job(
     }
 
 
-def write_outputs(video: Path, out: Path, job: dict) -> dict:
+def write_outputs(video: Path, out: Path, job: dict, privacy: str = "none") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = job["rows"]
     outputs.write_csv(out / "frames.csv", rows, job["scale"])
@@ -218,7 +218,9 @@ def write_outputs(video: Path, out: Path, job: dict) -> dict:
     }
     outputs.write_json(out / "tracks.json", summary)
     outputs.write_timeline(out / "timeline.png", rows, f"{video.name}: emotions per person")
-    outputs.write_annotated(out / "annotated.mp4", video, rows, job["fps"], job["scale"], job["model"])
+    outputs.write_annotated(
+        out / "annotated.mp4", video, rows, job["fps"], job["scale"], job["model"], privacy
+    )
     return summary
 
 
@@ -260,7 +262,7 @@ def analyze(args) -> int:
     finally:
         if own:
             own.stop()
-    summary = write_outputs(video, out, job)
+    summary = write_outputs(video, out, job, args.privacy)
     print(
         f"{video}: {summary['frames_labelled']} of {summary['frames']} frames labelled, "
         f"{summary['frames_with_faces']} with faces, {len(summary['tracks'])} track(s), "

@@ -1,5 +1,6 @@
-"""Entry point: ``python -m services.recorder`` (see ``--help``, and service.py), or
-``python -m services.recorder report`` to draw the recorded timelines."""
+"""Entry point: ``python -m services.recorder`` (see ``--help``, and service.py),
+``python -m services.recorder report`` to draw the recorded timelines, or
+``python -m services.recorder delete`` to delete recorded data (deletion.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from .service import SERVICE, RecorderService, open_database
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["delete"]:
+        from .deletion import main as delete
+
+        return delete(argv[1:])
     if argv[:1] == ["report"]:
         from .report import main as report
 

@@ -1,12 +1,12 @@
 """The recorder's HTTP API (FastAPI; OpenAPI page at /docs).
 
-Read-only. Lists are paginated by ``cursor`` (JSON) or streamed whole (``format=csv`` or
-``jsonl``, a page of rows at a time). Every bad parameter is a 4xx naming it.
+Reads, and the admin's deletions (:func:`deletion_routes`). Lists are paginated by
+``cursor`` (JSON) or streamed whole (``format=csv`` or ``jsonl``, a page of rows at a time).
+Every bad parameter is a 4xx naming it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -15,8 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import uvicorn
-from fastapi import FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Counter
@@ -25,14 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.protocol import EMOTIONS
 
-from . import params, queries
+from . import deletion, live, params, queries
 from .plots import timeline_png
 
 REQUESTS = Counter(
     "emotion_recorder_api_requests_total", "API requests by route and status", ["route", "status"]
 )
-LIVE_POLL_S = 0.5
-KEEPALIVE_S = 15.0
 
 TRACK_COLUMNS = [
     "id",
@@ -102,6 +99,21 @@ def observation_csv(row) -> list:
 
 def event_csv(row) -> list:
     return [getattr(row, c) for c in EVENT_COLUMNS]
+
+
+class LiveResponse(StreamingResponse):
+    """A streaming response that calls ``on_close`` when it ends, however it ends (also
+    when the client is gone before its first byte): the live feed's place is given back."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 def export(
@@ -283,7 +295,11 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
         return listing(query, count, output, "events", EVENT_COLUMNS, event_csv, queries.event_dict)
 
-    @app.get("/api/events/live", summary="Server-Sent Events: each new track event as it is recorded")
+    @app.get(
+        "/api/events/live",
+        summary="Server-Sent Events: each new track event as it is recorded "
+        f"(at most {live.MAX_CLIENTS} clients at once; more are answered 503)",
+    )
     async def live_events(
         request: Request,
         stream: str | None = Query(None, description="stream id"),
@@ -294,28 +310,28 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
     ):
         stream = params.stream_id(stream)
         last = params.row_id(after if after is not None else request.headers.get("last-event-id"), "after")
-        if last is None:
-            last = await run_in_threadpool(_newest_event)
+        listener = feed.join(stream)
+        if listener is None:
+            raise params.HTTPException(
+                503,
+                f"too many live clients ({feed.max_clients} at most); try again later",
+                headers={"Retry-After": "5"},
+            )
 
-        async def feed():
-            nonlocal last
-            quiet = time.monotonic()
+        async def events():
             yield ": recorder events\n\n"
-            while not await request.is_disconnected():
-                rows = await run_in_threadpool(_events_after, stream, last)
-                for row in rows:
-                    last = row.id
-                    data = json.dumps(queries.event_dict(row), separators=(",", ":"))
-                    yield f"id: {row.id}\nevent: {row.name}\ndata: {data}\n\n"
-                    quiet = time.monotonic()
-                if time.monotonic() - quiet > KEEPALIVE_S:
+            async for row in feed.rows(listener, last):
+                if row is None:
                     yield ": keepalive\n\n"
-                    quiet = time.monotonic()
-                if not rows:
-                    await asyncio.sleep(LIVE_POLL_S)
+                    continue
+                data = json.dumps(queries.event_dict(row), separators=(",", ":"))
+                yield f"id: {row.id}\nevent: {row.name}\ndata: {data}\n\n"
 
-        return StreamingResponse(
-            feed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        return LiveResponse(
+            events(),
+            lambda: feed.leave(listener),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
 
     @app.get("/api/streams/{stream}/summary", summary="Share of time per emotion and tracks seen in a window")
@@ -330,15 +346,86 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
                 raise params.HTTPException(404, f"stream: no stream {stream[:128]!r}")
             return {**queries.summary(connection, stream, now - seconds, now), "window_s": seconds}
 
+    app.include_router(deletion_routes(engine, clock))
+
     def _newest_event() -> int:
         with engine.connect() as connection:
             return queries.newest_event_id(connection)
 
-    def _events_after(stream, last):
+    def _events_after(last: int, stream: str | None, limit: int):
         with engine.connect() as connection:
-            return connection.execute(queries.events_query(stream, after=last).limit(500)).all()
+            return connection.execute(queries.events_query(stream, after=last).limit(limit)).all()
+
+    feed = app.state.live_feed = live.LiveFeed(_events_after, _newest_event)
 
     return app
+
+
+def deletion_routes(engine: Engine, clock: Callable[[], float] = time.time) -> APIRouter:
+    """The admin's deletions, on a router of their own so that one dependency (the admin
+    check) guards them all: ``app.include_router(deletion_routes(...), dependencies=[...])``.
+
+    Each answers what it deleted per table and whether the database file was compacted
+    afterwards (``compacted``; when false, ``not_compacted`` says why)."""
+    router = APIRouter(tags=["deletion (admin)"])
+
+    def answer(deleted: deletion.Deleted) -> dict:
+        return {
+            "deleted": deleted.counts(),
+            "compacted": not deleted.not_compacted,
+            **({"not_compacted": deleted.not_compacted} if deleted.not_compacted else {}),
+        }
+
+    @router.delete(
+        "/api/tracks/{track_id}", summary="Delete one track with its observations and events (admin)"
+    )
+    def delete_track(track_id: str, request: Request):
+        _only_parameters(request)
+        pk = _track_pk(track_id)
+        deleted = deletion.delete_track(engine, pk)
+        if deleted is None:
+            raise params.HTTPException(404, f"track_id: no track {pk}")
+        return answer(deleted)
+
+    @router.delete("/api/streams/{stream}", summary="Delete everything recorded of a stream (admin)")
+    def delete_stream(stream: str, request: Request):
+        _only_parameters(request)
+        stream = params.stream_id(stream) or ""
+        deleted = deletion.delete_stream(engine, stream)
+        if deleted is None:
+            raise params.HTTPException(404, f"stream: no stream {stream[:128]!r}")
+        return answer(deleted)
+
+    @router.delete(
+        "/api/tracks",
+        summary="Delete a time range: every track visible in [since, until], whole, and its events (admin)",
+    )
+    def delete_time_range(
+        request: Request,
+        since: str | None = Query(
+            None, description="Unix seconds, ISO 8601 or a duration ago (2h); required"
+        ),
+        until: str | None = Query(None, description="as since, or now; required"),
+        stream: str | None = Query(None, description="only this stream (default: every stream)"),
+    ):
+        _only_parameters(request, "since", "until", "stream")
+        if since is None or until is None:
+            raise params.bad("since" if since is None else "until", "a time range needs both since and until")
+        now = clock()
+        start, end = deletion.moment(since, "since", now), deletion.moment(until, "until", now)
+        if end < start:
+            raise params.bad("until", "is before since")
+        return answer(deletion.delete_time_range(engine, start, end, params.stream_id(stream)))
+
+    return router
+
+
+def _only_parameters(request: Request, *names: str) -> None:
+    """Deleting, a parameter the route does not know is refused, not ignored: a filter that
+    is not applied would delete more than was asked for."""
+    unknown = sorted(set(request.query_params) - set(names))
+    if unknown:
+        raise params.bad(unknown[0], "is not a parameter of this deletion")
 
 
 def _track_pk(value: str) -> int:

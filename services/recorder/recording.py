@@ -47,6 +47,7 @@ class TrackState:
     last_kept: float = -math.inf
     last_label: str = ""
     pending: dict | None = None  # newest observation not kept by sampling
+    deleted: bool = False  # its row was deleted (an admin's deletion): nothing more is written
 
     def row(self) -> dict:
         return {

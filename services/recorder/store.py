@@ -81,6 +81,7 @@ def write(engine: Engine, batch: Batch) -> dict[str, int]:
     inserted = []
     try:
         with engine.begin() as connection:
+            batch = _without_deleted(connection, batch)
             for state in batch.tracks.values():
                 if state.pk is None:
                     state.pk = _existing_track(connection, state)
@@ -148,6 +149,27 @@ def write(engine: Engine, batch: Batch) -> dict[str, int]:
             state.pk = None
         raise
     return {"tracks": len(inserted), "observations": len(batch.observations), "events": len(batch.events)}
+
+
+def _without_deleted(connection, batch: Batch) -> Batch:
+    """The batch less the tracks whose rows were deleted since they were written (by an
+    admin, or by retention): they are marked, and nothing more of them is recorded, so a
+    deleted track is not written again, not even in part, while its person is still in view."""
+    known = {state.pk: state for state in batch.tracks.values() if state.pk is not None}
+    if known:
+        present = set(connection.execute(select(tracks.c.id).where(tracks.c.id.in_(known))).scalars())
+        for pk, state in known.items():
+            if pk not in present:
+                state.deleted = True
+    if not any(state.deleted for state in batch.tracks.values()):
+        return batch
+    return Batch(
+        tracks={key: s for key, s in batch.tracks.items() if not s.deleted},
+        observations=[(s, row) for s, row in batch.observations if not s.deleted],
+        events=[(s, row) for s, row in batch.events if not s.deleted],
+        streams=batch.streams,
+        opened=batch.opened,
+    )
 
 
 def delete_older_than(engine: Engine, cutoff: float) -> dict[str, int]:

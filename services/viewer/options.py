@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.common import ports
 from services.common.config import ServiceParser, service_parser
 
+from .draw import PRIVACY_HELP, PRIVACY_MODES
 from .service import SERVICE, ViewerSettings
 
 
@@ -54,6 +55,7 @@ def build_parser() -> ServiceParser:
         help="where the recorder's HTTP API answers (e.g. http://127.0.0.1:8081): the "
         "dashboard links each stream to its history there (empty = no links)",
     )
+    parser.option("--privacy", default="none", choices=PRIVACY_MODES, help=PRIVACY_HELP)
     parser.option(
         "--window",
         default=False,
@@ -85,4 +87,5 @@ def settings_from(args) -> ViewerSettings:
         max_streams=args.max_streams,
         max_skew_s=args.max_clock_skew_ms / 1000,
         max_pixels=args.max_frame_pixels,
+        privacy=args.privacy,
     )

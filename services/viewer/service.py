@@ -72,6 +72,7 @@ class ViewerSettings:
     idle_s: float = 60.0  # streams silent this long disappear from the page
     max_skew_s: float = MAX_CLOCK_SKEW_S  # timestamps further ahead are refused (reason clock)
     max_pixels: int = MAX_FRAME_PIXELS  # larger frames are refused before decoding
+    privacy: str = "none"  # "blur": faces blurred in every picture (MJPEG, snapshots, windows)
 
 
 class ViewerService:
@@ -216,7 +217,12 @@ class ViewerService:
             self._rejects(Rejected("image", f"JPEG could not be decoded ({error.code})"))
             return None
         return draw_results(
-            image, item.results, item.model, stream=item.header.stream, fps=self.hub.fps(item.header.stream)
+            image,
+            item.results,
+            item.model,
+            stream=item.header.stream,
+            fps=self.hub.fps(item.header.stream),
+            privacy=self.settings.privacy,
         )
 
     def _encode(self, annotated) -> bytes | None:

@@ -15,6 +15,7 @@ import html
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -22,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
+from services.common.metrics import RateLimitedLog
 from services.common.palette import PALETTE
 
 from .hub import StreamClosed, StreamHub
@@ -241,12 +243,19 @@ class ViewerHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], hub: StreamHub, recorder_url: str = ""):
         self.hub = hub
         self.recorder_url = recorder_url
+        self._hangups = RateLimitedLog(log)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ViewerHandler)
 
     def handle_error(self, request, client_address) -> None:
-        log.warning("HTTP request from %s failed", client_address, exc_info=True)
+        """A client that hangs up early (on any path, at any point) is a rate-limited debug
+        line, not a traceback; anything else is still logged in full."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            self._hangups.note("closed", logging.DEBUG, f"client {client_address[0]} went away: {error!r}")
+        else:
+            log.warning("HTTP request from %s failed", client_address, exc_info=True)
 
 
 def start_web_server(
