@@ -24,7 +24,8 @@ from tests.support import free_port, media, wait_for
 from tests.support.pipeline import MjpegReader
 
 MOST_FOUND = 0.05  # the target: at most 5 % of the faces found on the originals
-EVERY = 4  # every 4th frame of woman2.mp4 for the viewer (116 frames, each a face)
+EVERY = 8  # every 8th frame of woman2.mp4 for the viewer (58 frames, each a face)
+CLIP_FRAMES = 120  # the first 4 s of woman2.mp4 for analyze's annotated video
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,9 @@ def test_viewer_mjpeg_and_snapshots_hide_the_faces_the_detector_finds(detector):
             if reader is None:
                 reader = MjpegReader(f"{base}/stream/cam.mjpg")
                 reader.start()
-            wait_for(lambda: any(s == seq for s, _ in reader.parts), 10, what=f"MJPEG part {seq}")
+            wait_for(
+                lambda: any(s == seq for s, _ in reader.parts), 10, interval=0.005, what=f"MJPEG part {seq}"
+            )
         parts = dict(reader.parts)
         assert len(parts) == len(frames)
         for seq in range(len(frames)):
@@ -189,7 +192,13 @@ def test_without_privacy_the_pictures_keep_their_faces(detector):
 
 
 def test_analyze_annotated_video_hides_the_faces(tmp_path, detector):
-    frames = video_frames()
+    frames = video_frames()[:CLIP_FRAMES]
+    clip = tmp_path / "clip.mp4"
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (width, height))
+    for image in frames:
+        writer.write(image)
+    writer.release()
     rows, found_before = [], 0
     for index, image in enumerate(frames):
         boxes = detector(image)
@@ -209,7 +218,7 @@ def test_analyze_annotated_video_hides_the_faces(tmp_path, detector):
         rows.append(FrameRow(index, index / 25, faces))
     out = tmp_path / "annotated.mp4"
     fps = 25.0
-    assert write_annotated(out, media("woman2.mp4"), rows, fps, 1.0, "m1", privacy="blur") == len(frames)
+    assert write_annotated(out, clip, rows, fps, 1.0, "m1", privacy="blur") == len(frames)
     written = cv2.VideoCapture(str(out))
     found_after = count = 0
     while True:
@@ -223,13 +232,3 @@ def test_analyze_annotated_video_hides_the_faces(tmp_path, detector):
     assert count == len(frames)
     assert found_before >= 0.9 * len(frames)
     assert found_after <= MOST_FOUND * found_before
-
-
-def test_blur_is_cheap():
-    image = np.random.default_rng(1).integers(0, 255, (720, 1280, 3), np.uint8)
-    boxes = [(100 + 200 * i, 200, 180, 180) for i in range(5)]
-    started = time.perf_counter()
-    for _ in range(50):
-        blur_faces(image, boxes)
-    per_frame = (time.perf_counter() - started) / 50
-    assert per_frame < 0.01, f"{per_frame * 1000:.1f} ms for five faces of a 720p frame"
