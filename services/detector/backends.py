@@ -21,6 +21,9 @@ from .faces import DetectorSettings, detection_copy, scan
 Box = tuple[int, int, int, int]
 Rect = tuple[int, int, int, int]  # x0, y0, x1, y1
 BACKENDS = ("haar", "blazeface")
+# BlazeFace in a region: a face may grow or shrink by this factor between frames (filtering
+# costs nothing here, unlike Haar's size range, so it is wider than RegionSettings.size_step)
+REGION_SIZE_STEP = 1.5
 
 
 class Face(NamedTuple):
@@ -42,20 +45,9 @@ class Backend(Protocol):
     def scan_region(self, copy: np.ndarray, scale: float, box: Box, rect: Rect) -> list[Face]:
         """The faces in ``rect`` of the copy, which held a face at ``box`` a moment ago."""
 
-
-def blanked(copy: np.ndarray, rects) -> np.ndarray:
-    """A copy of the frame with the regions that found their faces filled with its mean
-    colour. Haar: windows near a face pass most of the cascade's stages, while a flat patch
-    is rejected by the first, so scanning the rest of the frame this way costs far less than
-    the whole. Both: the full scan finds only the faces the regions did not."""
-    if not rects:
-        return copy
-    rest = copy.copy()
-    fill = cv2.mean(copy)[: 1 if copy.ndim == 2 else copy.shape[2]]
-    fill = int(fill[0]) if copy.ndim == 2 else tuple(int(v) for v in fill)
-    for x0, y0, x1, y1 in rects:
-        rest[y0:y1, x0:x1] = fill
-    return rest
+    def rest(self, copy: np.ndarray, rects) -> np.ndarray:
+        """What a full scan looks at once the regions ``rects`` (x0, y0, x1, y1) found
+        their faces; faces it finds again there are dropped as duplicates."""
 
 
 class Haar:
@@ -74,6 +66,19 @@ class Haar:
 
     def scan(self, copy: np.ndarray, scale: float) -> list[Face]:
         return [Face(box) for box in scan(copy, self.cascade, self.settings, scale)]
+
+    def rest(self, grey: np.ndarray, rects) -> np.ndarray:
+        """A copy of the frame with the regions that found their faces filled with its mean
+        grey. Windows near a face pass most of the cascade's stages, while a flat patch is
+        rejected by the first, so scanning the rest of the frame this way costs far less than
+        the whole."""
+        if not rects:
+            return grey
+        rest = grey.copy()
+        fill = int(cv2.mean(grey)[0])
+        for x0, y0, x1, y1 in rects:
+            rest[y0:y1, x0:x1] = fill
+        return rest
 
     def scan_region(self, copy: np.ndarray, scale: float, box: Box, rect: Rect) -> list[Face]:
         """The cascade over the region around ``box``, shrunk so that the face is about
@@ -125,9 +130,22 @@ class BlazeFaceBackend:
     def scan(self, copy: np.ndarray, scale: float) -> list[Face]:
         return self._faces(self.frame_model.detect(copy), 0, 0)
 
+    def rest(self, copy: np.ndarray, rects) -> np.ndarray:
+        """The whole frame: BlazeFace costs the same on any picture, and a blanked patch's
+        sharp edges draw false faces from it."""
+        return copy
+
     def scan_region(self, copy: np.ndarray, scale: float, box: Box, rect: Rect) -> list[Face]:
+        """The short-range model over the region; of what it finds, only faces of about the
+        known face's size (within REGION_SIZE_STEP) count: a face seen at the edge of a
+        region, cut off, is left to the full scans."""
         x0, y0, x1, y1 = rect
-        return self._faces(self.region_model.detect(copy[y0:y1, x0:x1]), x0, y0)
+        side = max(box[2], box[3])
+        return [
+            face
+            for face in self._faces(self.region_model.detect(copy[y0:y1, x0:x1]), x0, y0)
+            if side / REGION_SIZE_STEP <= max(face.box[2], face.box[3]) <= side * REGION_SIZE_STEP
+        ]
 
     def _faces(self, found, dx: int, dy: int) -> list[Face]:
         return [

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .backends import Backend, Face, Haar, blanked
+from .backends import Backend, Face, Haar
 from .faces import DetectorSettings, to_full_frame
 
 Box = tuple[int, int, int, int]
@@ -102,7 +102,7 @@ class FaceFinder:
             faces, lost, covered = self._scan_regions(copy, scale, memory)
             if lost or self._full_scan_due(memory, seq, capture_time):
                 kind = RESCAN if lost else FULL
-                rest = self.backend.scan(blanked(copy, covered), scale)
+                rest = self.backend.scan(self.backend.rest(copy, covered), scale)
                 faces += [face for face in rest if not _near_any(face.box, faces)]
                 memory.ghosts = (
                     [] if kind == FULL else memory.ghosts + [box for box in lost if not _near_any(box, faces)]
