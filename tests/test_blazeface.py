@@ -4,6 +4,7 @@ detector with exit status 78."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -233,3 +234,43 @@ def test_detector_exits_78_on_a_missing_cascade(tmp_path):
         timeout=60,
     )
     assert done.returncode == CONFIG_ERROR and "none.xml" in done.stderr, done.stderr
+
+
+# --- choosing the detector ------------------------------------------------------------------
+
+
+def test_analyze_passes_its_detector_to_the_pipeline_it_starts(monkeypatch):
+    from services.analyze.options import build_parser
+    from services.analyze.run import own_plan
+
+    assert build_parser().parse_args(["clip.mp4"]).detector == "haar"
+    monkeypatch.setenv("EMOTION_DETECTOR", "blazeface")
+    args = build_parser().parse_args(["clip.mp4"])
+    assert args.detector == "blazeface"
+    assert build_parser().parse_args(["clip.mp4", "--detector", "haar"]).detector == "haar"
+    plan = own_plan(5555, detectors=2, detector=args.detector)
+    detectors = [p for p in plan if p.service == "detector"]
+    assert len(detectors) == 2
+    assert all(p.args[-2:] == ("--detector", "blazeface") for p in detectors)
+
+
+def test_make_run_hands_emotion_detector_to_the_detectors(tmp_path):
+    """`make run` starts the Procfile with honcho, whose processes inherit its environment:
+    a detector started that way defaults to the EMOTION_DETECTOR it was given."""
+    from services.launch import plan, procfile
+
+    (detector,) = plan(("detector",))
+    text = procfile([detector]).replace("services.detector", "services.detector --help")
+    (tmp_path / "Procfile").write_text(text)
+    honcho = ROOT / ".venv" / "bin" / "honcho"
+    if not honcho.exists():
+        pytest.skip("honcho is not installed (make install)")
+    done = subprocess.run(
+        [str(honcho), "--no-colour", "-f", str(tmp_path / "Procfile"), "-d", str(ROOT), "start"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EMOTION_DETECTOR": "blazeface"},
+    )
+    text = " ".join(line.partition("| ")[2] for line in done.stdout.splitlines())
+    assert "[env EMOTION_DETECTOR, default: blazeface]" in " ".join(text.split()), done.stdout
