@@ -149,6 +149,15 @@ def haar_framing(box: np.ndarray) -> np.ndarray:
     return np.array([cx - half, cy - half, cx + half, cy + half])
 
 
+def shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The image resized to width x height: halved (2x2 means, OpenCV's fast path) while it is
+    at least twice as large, then bilinear. Finds the same faces as INTER_AREA in one step
+    (woman2, its mosaic at 1280x720) at a quarter of its cost for non-integer ratios."""
+    while image.shape[1] >= 2 * width and image.shape[0] >= 2 * height:
+        image = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 @dataclass(frozen=True)
 class Detection:
     """A face in image pixels: its box (x, y, w, h, in Haar's framing), its six keypoints
@@ -194,7 +203,7 @@ class BlazeFace:
         height, width = image.shape[:2]
         scale = self.size / max(height, width)
         w, h = max(1, round(width * scale)), max(1, round(height * scale))
-        small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        small = shrink(image, w, h)
         small = cv2.cvtColor(small, cv2.COLOR_GRAY2RGB if small.ndim == 2 else cv2.COLOR_BGR2RGB)
         pad_x, pad_y = (self.size - w) // 2, (self.size - h) // 2
         tensor = self.interpreter.tensor(self._input)()[0]
