@@ -274,3 +274,13 @@ def test_make_run_hands_emotion_detector_to_the_detectors(tmp_path):
     )
     text = " ".join(line.partition("| ")[2] for line in done.stdout.splitlines())
     assert "[env EMOTION_DETECTOR, default: blazeface]" in " ".join(text.split()), done.stdout
+
+
+def test_many_faces_are_found_on_the_whole_frame(clip, backend):
+    """Regions pay for one or two faces; with four, every frame is a full scan."""
+    tiles = [np.vstack([np.hstack([f, f]), np.hstack([f, f])]) for f in clip[:6]]
+    finder = FaceFinder(backend, DetectorSettings(), RegionSettings(full_scan_every=8, full_scan_ms=1e6))
+    found = [finder.find("cam", seq, seq / 30, frame) for seq, frame in enumerate(tiles)]
+    assert all(len(boxes) == 4 and kind == FULL for boxes, kind in found)
+    one = FaceFinder(backend, DetectorSettings(), RegionSettings(full_scan_every=8, full_scan_ms=1e6))
+    assert [one.find("cam", seq, seq / 30, f)[1] for seq, f in enumerate(clip[:3])] == [FULL, REGION, REGION]

@@ -35,6 +35,8 @@ class Face(NamedTuple):
 
 class Backend(Protocol):
     name: str
+    # regions pay only up to this many per frame (None: any number); past it, the whole frame
+    max_regions: int | None
 
     def copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """The detection copy of a frame, and its scale (copy pixels per frame pixel)."""
@@ -54,6 +56,7 @@ class Haar:
     """OpenCV's Haar cascade on the grey, downscaled copy (faces.py)."""
 
     name = "haar"
+    max_regions = None  # the cascade's cost grows with the area scanned: regions always pay
 
     def __init__(
         self, cascade: cv2.CascadeClassifier, settings: DetectorSettings, face_px: int, size_step: float
@@ -116,6 +119,11 @@ class BlazeFaceBackend:
     face fills about half of a region: the short model's range, at its 128x128 input)."""
 
     name = "blazeface"
+    # A region costs about a third of a whole-frame scan (one short-range invoke against one
+    # full-range invoke, bench/results/detector_backends.md: 640x360 with one face, regions
+    # 2.4 ms a frame against 6.4; 1280x720 with four, 11.1 against 6.9), so regions pay for
+    # one or two faces, and more are found on the whole frame.
+    max_regions = 2
 
     def __init__(self, model: str = "full", min_score: float = 0.5, min_size: int = 30):
         self.frame_model = BlazeFace(model, min_score)

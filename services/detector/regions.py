@@ -20,8 +20,9 @@ out of its region, the full scan of that frame finds it, so replicas stay correc
 the saving shrinks.
 
 BlazeFace costs the same for any picture, about one short-range invoke per region against
-one full-range invoke per frame, so regions pay only while there are few faces; its default
-is set by the numbers in bench/results/detector_backends.md.
+one full-range invoke per frame, so regions pay only while there are few faces: a backend
+says how many regions pay (``max_regions``, from bench/results/detector_backends.md), and a
+stream showing more faces is scanned whole on every frame.
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ class FaceFinder:
         """As :meth:`find`, with each face's keypoints where the backend gives them."""
         copy, scale = self.backend.copy(image)
         memory = self.memory.pop(stream, None)
-        if memory is None or self._restarted(memory, seq, capture_time, image.shape[:2]):
+        if (
+            memory is None
+            or self._restarted(memory, seq, capture_time, image.shape[:2])
+            or self._regions_cost_more(memory)
+        ):
             kind, faces = FULL, self.backend.scan(copy, scale)
             memory = StreamMemory(image.shape[:2], seq, capture_time, seq)
         else:
@@ -123,6 +128,11 @@ class FaceFinder:
             or seq <= memory.last_seq
             or capture_time < memory.full_time
         )
+
+    def _regions_cost_more(self, memory: StreamMemory) -> bool:
+        """Whether scanning the regions of this many faces costs more than the whole frame."""
+        most = self.backend.max_regions
+        return most is not None and len(memory.faces) + len(memory.ghosts) > most
 
     def _full_scan_due(self, memory: StreamMemory, seq: int, capture_time: float) -> bool:
         return (
