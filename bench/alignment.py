@@ -7,8 +7,8 @@ BlazeFace (short range: the face fills half the canvas) finds the face; the ship
 (models/current, no test-time augmentation) then labels
 * the face before rotation (the ceiling),
 * the detector's crop of the rotated face as it is (what the detector sends today),
-* the same crop with the canvas first rotated about the face's centre so that the eyes are
-  level (alignment).
+* the same crop turned about the face's centre so that the eyes are level (the detector's
+  ``--align``, crop_faces with keypoints).
 Only PublicTest is used (choosing a setting), never PrivateTest.
 
 Writes bench/results/alignment.json and alignment.md.
@@ -56,25 +56,20 @@ def tilted(face: np.ndarray, angle: float) -> np.ndarray:
     return cv2.warpAffine(canvas, turn, (CANVAS, CANVAS), borderMode=cv2.BORDER_REPLICATE)
 
 
-def levelled(image: np.ndarray, box, keypoints) -> np.ndarray:
-    """The image rotated about the box's centre so that the eyes are level."""
-    (rx, ry), (lx, ly) = keypoints[0], keypoints[1]
-    angle = math.degrees(math.atan2(ly - ry, lx - rx))
-    x, y, w, h = box
-    turn = cv2.getRotationMatrix2D((x + w / 2, y + h / 2), angle, 1.0)
-    return cv2.warpAffine(image, turn, image.shape[1::-1], borderMode=cv2.BORDER_REPLICATE)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fer2013", required=True, help="fer2013.csv (emotion, pixels, Usage)")
     parser.add_argument("--registry", default="models")
     parser.add_argument("--limit", type=int, default=0, help="at most this many PublicTest faces")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tilt", type=float, nargs=2, default=(10.0, 30.0), help="rotate by LO..HI degrees either way"
+    )
+    parser.add_argument("--out", default="alignment", help="results file name (without suffix)")
     args = parser.parse_args(argv)
     faces, labels = public_test(Path(args.fer2013), args.limit)
     rng = np.random.default_rng(args.seed)
-    angles = rng.uniform(10, 30, len(faces)) * rng.choice([-1, 1], len(faces))
+    angles = rng.uniform(*args.tilt, len(faces)) * rng.choice([-1, 1], len(faces))
     model = BlazeFace("short")
     runner, entry = common.load_runner(Path(args.registry))
     found, upright, as_is, aligned, residual = [], [], [], [], []
@@ -87,8 +82,9 @@ def main(argv=None) -> int:
         found.append(i)
         upright.append(face)
         as_is.append(crop_faces(image, [best.box], SETTINGS.margin, SETTINGS.crop_size)[0])
-        straight = levelled(image, best.box, best.keypoints)
-        aligned.append(crop_faces(straight, [best.box], SETTINGS.margin, SETTINGS.crop_size)[0])
+        aligned.append(
+            crop_faces(image, [best.box], SETTINGS.margin, SETTINGS.crop_size, [best.keypoints])[0]
+        )
         (rx, ry), (lx, ly) = best.keypoints[:2]
         residual.append(abs(abs(angle) - abs(math.degrees(math.atan2(ly - ry, lx - rx)))))
     truth = labels[found]
@@ -103,6 +99,7 @@ def main(argv=None) -> int:
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "model": getattr(entry, "version", str(entry)),
+        "tilt_deg": list(args.tilt),
         "faces": len(faces),
         "found": len(found),
         "eye_angle_error_deg_median": float(np.median(residual)) if residual else None,
@@ -111,15 +108,16 @@ def main(argv=None) -> int:
         "accuracy_tilted_aligned": accuracy(aligned),
     }
     log(result)
-    common.write_json(RESULTS / "alignment.json", result)
+    common.write_json(RESULTS / f"{args.out}.json", result)
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
-    (RESULTS / "alignment.md").write_text(
+    (RESULTS / f"{args.out}.md").write_text(
         "\n".join(
             [
                 "# Aligning tilted faces by BlazeFace's eyes",
                 "",
                 f"Written by `python -m bench.alignment` on {result['when']}; model {result['model']};"
-                f" FER2013 PublicTest, each face rotated by 10-30 degrees either way (seed {args.seed}).",
+                f" FER2013 PublicTest, each face rotated by {args.tilt[0]:g}-{args.tilt[1]:g} degrees"
+                f" either way (seed {args.seed}).",
                 "",
                 f"BlazeFace (short range) found {result['found']} of {result['faces']} tilted faces; the"
                 f" eyes' angle was off the true tilt by {result['eye_angle_error_deg_median']:.1f} degrees"

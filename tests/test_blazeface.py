@@ -26,7 +26,7 @@ from services.detector.blazeface import (
     ssd_anchors,
     weighted_nms,
 )
-from services.detector.faces import DetectorSettings, detect_faces, load_cascade
+from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 from services.detector.regions import FULL, REGION, FaceFinder, RegionSettings
 from tests.support import ROOT, media
 
@@ -284,3 +284,26 @@ def test_many_faces_are_found_on_the_whole_frame(clip, backend):
     assert all(len(boxes) == 4 and kind == FULL for boxes, kind in found)
     one = FaceFinder(backend, DetectorSettings(), RegionSettings(full_scan_every=8, full_scan_ms=1e6))
     assert [one.find("cam", seq, seq / 30, f)[1] for seq, f in enumerate(clip[:3])] == [FULL, REGION, REGION]
+
+
+def eye_angle(points) -> float:
+    (rx, ry), (lx, ly) = points[:2]
+    return float(np.degrees(np.arctan2(ly - ry, lx - rx)))
+
+
+def test_aligned_crops_have_level_eyes():
+    image = cv2.imread(str(media("justin.jpg")))
+    image = cv2.copyMakeBorder(image, 100, 100, 100, 100, cv2.BORDER_REPLICATE)
+    centre = (image.shape[1] / 2, image.shape[0] / 2)
+    tilted = cv2.warpAffine(image, cv2.getRotationMatrix2D(centre, 20, 1.0), image.shape[1::-1])
+    model = BlazeFace("short")
+    (face,) = model.detect(tilted)
+    assert abs(eye_angle(face.keypoints) + 20) < 6
+    (plain,) = crop_faces(tilted, [face.box], 0.1, 192)
+    (level,) = crop_faces(tilted, [face.box], 0.1, 192, [face.keypoints])
+    assert abs(eye_angle(model.detect(plain)[0].keypoints) + 20) < 6
+    assert abs(eye_angle(model.detect(level)[0].keypoints)) < 4
+    # no keypoints (Haar): the crops as before
+    np.testing.assert_array_equal(
+        crop_faces(tilted, [face.box], 0.1, 96, [None]), crop_faces(tilted, [face.box], 0.1, 96)
+    )

@@ -74,8 +74,10 @@ def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = 
     )
     SCANS.labels(how).inc()
     boxes = [face.box for face in faces]
-    crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
     keypoints = [list(face.keypoints) for face in faces] if all(f.keypoints for f in faces) else None
+    crops = crop_faces(
+        image, boxes, settings.margin, settings.crop_size, keypoints if settings.align else None
+    )
     out = Faces(
         stream=header.stream,
         seq=header.seq,
