@@ -69,7 +69,7 @@ def build_parser():
         default=d.align,
         type=bool,
         help="turn each crop so the eyes are level (BlazeFace's keypoints; Haar gives none): "
-        "2.5 points more accuracy on faces tilted 10-30 degrees, none lost upright "
+        "2.3 points more accuracy on faces tilted 10-30 degrees, none lost upright "
         "(bench/results/alignment.md)",
     )
     r = RegionSettings()
