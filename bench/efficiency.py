@@ -9,8 +9,9 @@ is every default of ``make run`` (raw BGR frames, as its Procfile asks for on on
 nobody watching; *after, watched* the same with an MJPEG client reading; *after, flip TTA
 on every frame* the defaults but the classifier's ``--live-tta version`` (each face run as
 is and mirrored on every frame, instead of alternating the two views from frame to
-frame). Each pipeline is broker, capture, detector, classifier, tracker, recorder (SQLite)
-and viewer, as ``make run`` starts them; CPU is every process's, from /proc.
+frame); *after, blazeface* the defaults with the BlazeFace detector
+(``EMOTION_DETECTOR=blazeface``). Each pipeline is broker, capture, detector, classifier,
+tracker, recorder (SQLite) and viewer, as ``make run`` starts them; CPU is every process's, from /proc.
 
 Also, without a pipeline, whether re-detection finds the faces full-frame detection finds
 (woman2, a 2x2 tiled clip, a still without faces, a replica seeing every other frame) and
@@ -52,6 +53,12 @@ CONFIGS = {
     "after, flip TTA on every frame": {
         "detector": (),
         "classifier": ("--live-tta", "version"),
+        "capture": MAKE_RUN_CAPTURE,
+        "watched": False,
+    },
+    "after, blazeface": {
+        "detector": ("--detector", "blazeface"),
+        "classifier": (),
         "capture": MAKE_RUN_CAPTURE,
         "watched": False,
     },

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from services.capture.frames import encode_frame
 from services.capture.sources import DemoSource
 from services.common.protocol import KIND_FACES, Rejected, decode, encode
+from services.detector.backends import BlazeFaceBackend
 from services.detector.faces import DetectorSettings, load_cascade
 from services.detector.regions import FaceFinder
 from services.detector.service import DetectorService, IntakeSettings
@@ -25,7 +26,10 @@ def portrait():
     return source.read()
 
 
-@pytest.fixture(params=[True, False], ids=["newest-only", "in-order"])
+@pytest.fixture(
+    params=[("haar", True), ("haar", False), ("blazeface", True)],
+    ids=["newest-only", "in-order", "blazeface"],
+)
 def detector(request):
     """A running DetectorService: (frames in, faces out, rejections)."""
     ctx = zmq.Context()
@@ -38,10 +42,11 @@ def detector(request):
     receive.connect(f"inproc://{name}-classify")
     rejected: list[Rejected] = []
     stop = threading.Event()
-    finder = FaceFinder(load_cascade(), DetectorSettings())
+    backend, newest_only = request.param
+    finder = FaceFinder(BlazeFaceBackend() if backend == "blazeface" else load_cascade(), DetectorSettings())
     service = DetectorService(
         finder,
-        IntakeSettings(max_age_s=2.0, newest_only=request.param),
+        IntakeSettings(max_age_s=2.0, newest_only=newest_only),
         frames_in,
         faces_out,
         stop,
@@ -70,13 +75,17 @@ def stale_drops() -> float:
     )
 
 
-def test_a_frame_with_a_face_becomes_a_faces_message(detector, portrait):
+def test_a_frame_with_a_face_becomes_a_faces_message(detector, portrait, request):
     send, receive, _ = detector
     send.send_multipart(encode_frame(portrait, "cam", 7, "jpeg", 90))
     header, crops = faces(receive)
     assert (header.stream, header.seq, header.width, header.height) == ("cam", 7, 640, 480)
     assert len(header.boxes) >= 1 and len(crops) == len(header.boxes)
     assert {"capture", "detect"} <= set(header.timestamps)
+    if "blazeface" in request.node.name:  # BlazeFace also sends each face's six keypoints
+        assert [len(points) for points in header.keypoints] == [6] * len(header.boxes)
+    else:
+        assert header.keypoints is None
 
 
 def test_bad_and_stale_frames_are_dropped_and_the_service_goes_on(detector, portrait):

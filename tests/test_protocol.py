@@ -252,6 +252,41 @@ def test_to_wire_field_sets_per_kind():
     assert frame_header().to_wire()["v"] == PROTOCOL_VERSION == 1
 
 
+KEYPOINTS = [
+    [(15, 30), (30, 30), (22, 38), (22, 48), (10, 34), (39, 34)],
+    [(110, 60), (125, 60), (118, 70), (118, 80), (100, 65), (139, 65)],
+]
+
+
+def test_faces_keypoints_round_trip_and_are_optional():
+    header = faces_header(keypoints=KEYPOINTS)
+    got, _ = decode(message(header.to_wire()), expect_kind=KIND_FACES)
+    assert got == header and got.keypoints == KEYPOINTS
+    assert "keypoints" not in faces_header().to_wire()
+    assert decode(message(valid_wire(KIND_FACES)))[0].keypoints is None
+    edge = faces_header(keypoints=[[(0, 0), (W - 1, H - 1)], []])
+    assert decode(message(edge.to_wire()))[0].keypoints == [[(0, 0), (W - 1, H - 1)], []]
+
+
+@pytest.mark.parametrize(
+    "keypoints, reason",
+    [
+        ([[[1, 2]]], "field"),  # one list for two boxes
+        ("eyes", "field"),
+        ([[[1, 2]], "nose"], "field"),
+        ([[[1, 2]], [[1, 2, 3]]], "field"),
+        ([[[1, 2]], [[1.5, 2]]], "field"),
+        ([[[1, 2]], [[True, 2]]], "field"),
+        ([[[1, 2]], [[1, 2]] * (protocol.MAX_KEYPOINTS + 1)], "field"),
+        ([[[1, 2]], [[-1, 2]]], "dimensions"),
+        ([[[1, 2]], [[W, 2]]], "dimensions"),
+        ([[[1, 2]], [[1, H]]], "dimensions"),
+    ],
+)
+def test_bad_keypoints_are_rejected(keypoints, reason):
+    assert rejected(mutated(KIND_FACES, keypoints=keypoints)).reason == reason
+
+
 def test_flow_flag_round_trips_and_is_checked():
     flagged = message(frame_header(flow=True).to_wire())
     assert decode(flagged)[0].flow is True and protocol.flow_controlled(flagged)
@@ -890,7 +925,7 @@ def samples() -> list[tuple[Message, list[bytes]]]:
     return [
         (frame_header(), [jpeg_bytes(scene())]),
         (frame_header(encoding=ENCODING_BGR, flow=True), [scene().tobytes()]),
-        (faces_header(flow=True), [bytes(16 * 16 * 3)] * 2),
+        (faces_header(flow=True, keypoints=KEYPOINTS), [bytes(16 * 16 * 3)] * 2),
         (result_header(), []),
         (
             Tracks(

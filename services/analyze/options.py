@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from services.common.config import service_parser
 from services.common.protocol import ENCODING_BGR, ENCODING_JPEG
+from services.detector.backends import BACKENDS
 from services.viewer.draw import PRIVACY_HELP, PRIVACY_MODES
 
 SERVICE = "analyze"
@@ -42,6 +43,12 @@ def build_parser():
         "running one; start: always start one of its own",
     )
     parser.option("--detectors", default=1, type=int, help="detectors of a pipeline it starts")
+    parser.option(
+        "--detector",
+        default="haar",
+        choices=BACKENDS,
+        help="face detector of a pipeline it starts: haar or blazeface (services/detector/README.md)",
+    )
     parser.option("--classifiers", default=1, type=int, help="classifiers of a pipeline it starts")
     parser.option("--registry", default="models", help="model registry of a pipeline it starts")
     parser.option(

@@ -42,30 +42,40 @@ def broker_answers(host: str, base_port: int) -> bool:
         return False
 
 
-class OwnPipeline:
-    """Broker, detectors and classifiers as child processes, on free ports, for one job.
-    They take every frame in order with no age limit (--no-newest-only, --max-age-ms 0)."""
+def own_plan(
+    base_port: int, detectors: int = 1, classifiers: int = 1, registry: str = "models", detector: str = "haar"
+) -> list[launch.ProcessSpec]:
+    """The processes of analyze's own pipeline: broker, detectors (of the ``detector``
+    backend) and classifiers on ``base_port``, every frame taken in order with no age limit
+    (--no-newest-only, --max-age-ms 0)."""
+    return launch.plan(
+        ("broker", "detector", "classifier"),
+        detectors=detectors,
+        classifiers=classifiers,
+        common=("--base-port", str(base_port), "--log-level", "WARNING"),
+        args={
+            "detector": ("--no-newest-only", "--max-age-ms", "0", "--detector", detector),
+            "classifier": ("--max-age-ms", "0", "--registry", registry),
+        },
+    )
 
-    def __init__(self, detectors: int = 1, classifiers: int = 1, registry: str = "models"):
+
+class OwnPipeline:
+    """Broker, detectors and classifiers (:func:`own_plan`) as child processes, on free
+    ports, for one job."""
+
+    def __init__(
+        self, detectors: int = 1, classifiers: int = 1, registry: str = "models", detector: str = "haar"
+    ):
         self.base = free_base_port()
         self.addr = bus.BrokerAddress("127.0.0.1", self.base)
         self.group = launch.ProcessGroup()
-        self.group.start_all(
-            launch.plan(
-                ("broker", "detector", "classifier"),
-                detectors=detectors,
-                classifiers=classifiers,
-                common=("--base-port", str(self.base), "--log-level", "WARNING"),
-                args={
-                    "detector": ("--no-newest-only", "--max-age-ms", "0"),
-                    "classifier": ("--max-age-ms", "0", "--registry", registry),
-                },
-            )
-        )
+        self.group.start_all(own_plan(self.base, detectors, classifiers, registry, detector))
         log.info(
-            "started a pipeline of its own on base port %d: %d detector(s), %d classifier(s)",
+            "started a pipeline of its own on base port %d: %d %s detector(s), %d classifier(s)",
             self.base,
             detectors,
+            detector,
             classifiers,
         )
 
@@ -246,7 +256,7 @@ def analyze(args) -> int:
         )
     own = None
     if args.pipeline == "start" or not running:
-        own = OwnPipeline(args.detectors, args.classifiers, args.registry)
+        own = OwnPipeline(args.detectors, args.classifiers, args.registry, args.detector)
         addr = own.addr
     else:
         addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)

@@ -59,6 +59,7 @@ MAX_HEADER_BYTES = 256 * 1024
 MAX_DIMENSION = 8192  # pixels per side of a frame
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_FACES = 256
+MAX_KEYPOINTS = 16  # landmarks per face in a faces message (BlazeFace gives 6)
 MAX_CROP_SIZE = 512
 MAX_STREAM_ID = 128
 MAX_TRACK_ID = 32
@@ -261,11 +262,15 @@ class Faces(Message):
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
     crop_size: int = 0  # each crop is crop_size^2 BGR
     flow: bool = False  # copied from the frame
+    # per box, its landmarks (x, y) in frame pixels (BlazeFace: KEYPOINTS); None: not given
+    keypoints: list[list[tuple[int, int]]] | None = None
 
     def to_wire(self) -> dict:
         wire = super().to_wire()
         if self.flow:
             wire["flow"] = True
+        if self.keypoints is not None:
+            wire["keypoints"] = [[list(p) for p in points] for points in self.keypoints]
         return {**wire, "boxes": [list(b) for b in self.boxes], "crop_size": self.crop_size}
 
     @classmethod
@@ -281,7 +286,8 @@ class Faces(Message):
         for part in payloads:
             if _payload_len(part) != want:
                 raise Rejected("size", f"crop of {_payload_len(part)} bytes, expected {want}")
-        return cls(**envelope, boxes=boxes, crop_size=crop_size, flow=flow)
+        keypoints = _keypoints(wire, len(boxes), envelope["width"], envelope["height"])
+        return cls(**envelope, boxes=boxes, crop_size=crop_size, flow=flow, keypoints=keypoints)
 
 
 @dataclass
@@ -410,6 +416,34 @@ def _boxes(wire: dict, width: int, height: int) -> list[tuple[int, int, int, int
     if len(boxes) > MAX_FACES:
         raise Rejected("dimensions", f"{len(boxes)} faces, at most {MAX_FACES}")
     return [_box(b, width, height) for b in boxes]
+
+
+def _keypoints(wire: dict, faces: int, width: int, height: int) -> list[list[tuple[int, int]]] | None:
+    """The optional ``keypoints`` of a faces message: per box, at most MAX_KEYPOINTS points
+    [x, y], integers inside the frame."""
+    keypoints = _field(wire, "keypoints", list, optional=True)
+    if keypoints is None:
+        return None
+    if len(keypoints) != faces:
+        raise Rejected("field", f"{len(keypoints)} keypoint lists for {faces} boxes")
+    out = []
+    for points in keypoints:
+        if not isinstance(points, list) or len(points) > MAX_KEYPOINTS:
+            raise Rejected("field", f"keypoints {points!r} are not a list of at most {MAX_KEYPOINTS} points")
+        face = []
+        for point in points:
+            if (
+                not isinstance(point, list)
+                or len(point) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in point)
+            ):
+                raise Rejected("field", f"keypoint {point!r} is not two integers")
+            x, y = point
+            if not (0 <= x < width and 0 <= y < height):
+                raise Rejected("dimensions", f"keypoint {point!r} lies outside the {width}x{height} frame")
+            face.append((x, y))
+        out.append(face)
+    return out
 
 
 def _flow(wire: dict) -> bool:

@@ -19,6 +19,7 @@ class DetectorSettings:
     margin: float = 0.1  # crop margin around each box, as a fraction of its size
     crop_size: int = 96  # canonical crop side sent to the classifier
     equalize: bool = False  # histogram equalisation first (helps dim scenes, hurts others)
+    align: bool = True  # crops turned so the eyes are level, where keypoints say where they are
 
 
 def load_cascade(name: str = DEFAULT_CASCADE) -> cv2.CascadeClassifier:
@@ -87,12 +88,18 @@ def to_full_frame(boxes, scale: float, shape) -> list[tuple[int, int, int, int]]
     return out
 
 
-def crop_faces(image: np.ndarray, boxes, margin: float, size: int) -> np.ndarray:
+def crop_faces(image: np.ndarray, boxes, margin: float, size: int, keypoints=None) -> np.ndarray:
     """Square crops around each box (plus margin, edge pixels repeated past the border),
-    resized to size x size: an (N, size, size, 3) uint8 array."""
+    resized to size x size: an (N, size, size, 3) uint8 array. With ``keypoints`` (per box,
+    BlazeFace's six points or None), each crop is turned about its centre so that the eyes
+    (the first two points) are level."""
     height, width = image.shape[:2]
     crops = np.empty((len(boxes), size, size, 3), np.uint8)
     for i, (x, y, w, h) in enumerate(boxes):
+        points = keypoints[i] if keypoints is not None else None
+        if points:
+            crops[i] = _levelled_crop(image, (x, y, w, h), margin, size, points)
+            continue
         side = max(w, h) * (1 + 2 * margin)
         cx, cy = x + w / 2, y + h / 2
         x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
@@ -104,3 +111,16 @@ def crop_faces(image: np.ndarray, boxes, margin: float, size: int) -> np.ndarray
         interpolation = cv2.INTER_AREA if region.shape[0] > size else cv2.INTER_LINEAR
         crops[i] = cv2.resize(region, (size, size), interpolation=interpolation)
     return crops
+
+
+def _levelled_crop(image: np.ndarray, box, margin: float, size: int, points) -> np.ndarray:
+    """The crop of ``box``, turned so that the eyes are level: a crop 1.5 times as wide
+    (room for any turn), then turned about its centre and its middle size x size kept."""
+    (rx, ry), (lx, ly) = points[0], points[1]
+    angle = float(np.degrees(np.arctan2(ly - ry, lx - rx)))
+    wide = int(np.ceil(size * 1.5))
+    wider = ((1 + 2 * margin) * 1.5 - 1) / 2
+    (region,) = crop_faces(image, [box], wider, wide)
+    turn = cv2.getRotationMatrix2D((wide / 2, wide / 2), angle, 1.0)
+    turn[:, 2] -= (wide - size) / 2
+    return cv2.warpAffine(region, turn, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

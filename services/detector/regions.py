@@ -1,10 +1,11 @@
-"""Re-detection around known faces: the cascade scans small regions around the faces a
-stream showed a moment ago, and the whole frame only every few frames.
+"""Re-detection around known faces: the backend (backends.py) scans small regions around the
+faces a stream showed a moment ago, and the whole frame only every few frames.
 
-The Haar cascade is about 95 % of the detector's work, and its cost grows with the area it
-scans. Faces move little from one frame to the next, so scanning a region about twice a
-face's side around each known face, at the face's own scale give or take 25 %, finds the
-same boxes as a full-frame scan for a fraction of the work. A full scan still runs
+With Haar (the default backend), the cascade is about 95 % of the detector's work, and its
+cost grows with the area it scans. Faces move little from one frame to the next, so
+scanning a region about twice a face's side around each known face, at the face's own
+scale give or take 25 %, finds the same boxes as a full-frame scan for a fraction of the
+work. A full scan still runs
   * every ``full_scan_every`` frames of a stream (by sequence number) or ``full_scan_ms``
     of capture time, whichever comes first, so that a face entering the picture is found;
   * at once, on the same frame, when a region loses the face it was following;
@@ -17,6 +18,11 @@ Each detector replica remembers only the frames it sees itself. A replica that s
 k-th frame of a stream scans its regions around boxes k frames old; when the face has moved
 out of its region, the full scan of that frame finds it, so replicas stay correct and only
 the saving shrinks.
+
+BlazeFace costs the same for any picture, about one short-range invoke per region against
+one full-range invoke per frame, so regions pay only while there are few faces: a backend
+says how many regions pay (``max_regions``, from bench/results/detector_backends.md), and a
+stream showing more faces is scanned whole on every frame.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .faces import DetectorSettings, detection_copy, scan, to_full_frame
+from .backends import Backend, Face, Haar
+from .faces import DetectorSettings, to_full_frame
 
 Box = tuple[int, int, int, int]
 
@@ -54,49 +61,63 @@ class StreamMemory:
     full_seq: int
     full_time: float
     last_seq: int
-    faces: list[Box] = field(default_factory=list)  # found on the stream's last frame
+    faces: list[Face] = field(default_factory=list)  # found on the stream's last frame
     ghosts: list[Box] = field(default_factory=list)  # lost since the last full scan
 
 
 class FaceFinder:
-    """Boxes for each frame of each stream, scanning regions where it can."""
+    """Faces for each frame of each stream, scanning regions where it can, with either
+    backend (backends.py). Given a Haar cascade instead of a backend, it runs the cascade."""
 
     MAX_STREAMS = 256
 
     def __init__(
         self,
-        cascade: cv2.CascadeClassifier,
+        backend: Backend | cv2.CascadeClassifier,
         settings: DetectorSettings,
         regions: RegionSettings = RegionSettings(),
     ):
-        self.cascade, self.settings, self.regions = cascade, settings, regions
+        if isinstance(backend, cv2.CascadeClassifier):
+            backend = Haar(backend, settings, regions.face_px, regions.size_step)
+        self.backend, self.settings, self.regions = backend, settings, regions
         self.memory: OrderedDict[str, StreamMemory] = OrderedDict()
 
     def find(self, stream: str, seq: int, capture_time: float, image: np.ndarray) -> tuple[list[Box], str]:
         """Face boxes in the frame's full-resolution pixels, and how they were found:
         ``region`` (regions only), ``full`` (regions plus the rest of the frame, or the
         whole frame of a new stream) or ``rescan`` (the whole frame, as a region lost its face)."""
-        grey, scale = detection_copy(image, self.settings)
+        faces, kind = self.find_faces(stream, seq, capture_time, image)
+        return [face.box for face in faces], kind
+
+    def find_faces(
+        self, stream: str, seq: int, capture_time: float, image: np.ndarray
+    ) -> tuple[list[Face], str]:
+        """As :meth:`find`, with each face's keypoints where the backend gives them."""
+        copy, scale = self.backend.copy(image)
         memory = self.memory.pop(stream, None)
-        if memory is None or self._restarted(memory, seq, capture_time, image.shape[:2]):
-            kind, boxes = FULL, scan(grey, self.cascade, self.settings, scale)
+        if (
+            memory is None
+            or self._restarted(memory, seq, capture_time, image.shape[:2])
+            or self._regions_cost_more(memory)
+        ):
+            kind, faces = FULL, self.backend.scan(copy, scale)
             memory = StreamMemory(image.shape[:2], seq, capture_time, seq)
         else:
             kind = REGION
-            boxes, lost, covered = self._scan_regions(grey, scale, memory)
+            faces, lost, covered = self._scan_regions(copy, scale, memory)
             if lost or self._full_scan_due(memory, seq, capture_time):
                 kind = RESCAN if lost else FULL
-                rest = scan(_blanked(grey, covered), self.cascade, self.settings, scale)
-                boxes += [box for box in rest if not _near_any(box, boxes)]
+                rest = self.backend.scan(self.backend.rest(copy, covered), scale)
+                faces += [face for face in rest if not _near_any(face.box, faces)]
                 memory.ghosts = (
-                    [] if kind == FULL else memory.ghosts + [box for box in lost if not _near_any(box, boxes)]
+                    [] if kind == FULL else memory.ghosts + [box for box in lost if not _near_any(box, faces)]
                 )
                 memory.full_seq, memory.full_time = seq, capture_time
-        memory.faces, memory.last_seq = boxes, seq
+        memory.faces, memory.last_seq = faces, seq
         self.memory[stream] = memory
         if len(self.memory) > self.MAX_STREAMS:
             self.memory.popitem(last=False)
-        return to_full_frame(boxes, scale, image.shape), kind
+        return _to_full_frame(faces, scale, image.shape), kind
 
     def _restarted(self, memory: StreamMemory, seq: int, capture_time: float, shape: tuple) -> bool:
         """Whether what is remembered no longer applies: regions off, a new size, the
@@ -107,6 +128,11 @@ class FaceFinder:
             or seq <= memory.last_seq
             or capture_time < memory.full_time
         )
+
+    def _regions_cost_more(self, memory: StreamMemory) -> bool:
+        """Whether scanning the regions of this many faces costs more than the whole frame."""
+        most = self.backend.max_regions
+        return most is not None and len(memory.faces) + len(memory.ghosts) > most
 
     def _full_scan_due(self, memory: StreamMemory, seq: int, capture_time: float) -> bool:
         return (
@@ -120,67 +146,42 @@ class FaceFinder:
         pad = int(round(self.regions.grow * max(w, h)))
         return max(0, x - pad), max(0, y - pad), min(shape[1], x + w + pad), min(shape[0], y + h + pad)
 
-    def _scan_regions(self, grey: np.ndarray, scale: float, memory: StreamMemory):
-        """Boxes found in the regions around known faces and ghosts, the known faces whose
-        region came up empty, and the regions that found a face."""
-        found: list[Box] = []
+    def _scan_regions(self, copy: np.ndarray, scale: float, memory: StreamMemory):
+        """Faces found in the regions around known faces and ghosts, the boxes of known faces
+        whose region came up empty, and the regions that found a face."""
+        found: list[Face] = []
         lost: list[Box] = []
         covered: list[tuple[int, int, int, int]] = []
-        for i, box in enumerate(memory.faces + memory.ghosts):
-            region = self._region(box, grey.shape)
-            boxes = self._scan_region(grey, scale, box, region)
-            if boxes:
+        known = [face.box for face in memory.faces]
+        for i, box in enumerate(known + memory.ghosts):
+            region = self._region(box, copy.shape)
+            faces = self.backend.scan_region(copy, scale, box, region)
+            if faces:
                 covered.append(region)
-            elif i < len(memory.faces):
+            elif i < len(known):
                 lost.append(box)
-            found += [b for b in boxes if not _near_any(b, found)]
+            found += [f for f in faces if not _near_any(f.box, found)]
         if memory.ghosts:
             memory.ghosts = [g for g in memory.ghosts if not _near_any(g, found)]
         return found, lost, covered
 
-    def _scan_region(self, grey: np.ndarray, scale: float, box: Box, region_rect) -> list[Box]:
-        """The cascade over the region around ``box``, shrunk so that the face is about
-        ``face_px`` wide: the windows near a face pass most of the cascade's stages, so
-        that is where its time goes, and a smaller face costs less."""
-        side = max(box[2], box[3])
-        x0, y0, x1, y1 = region_rect
-        region = grey[y0:y1, x0:x1]
-        shrink = min(1.0, self.regions.face_px / side)
-        if shrink < 1.0:
-            region = cv2.resize(
-                region,
-                (max(1, round((x1 - x0) * shrink)), max(1, round((y1 - y0) * shrink))),
-                interpolation=cv2.INTER_AREA,
-            )
-        step, face = self.regions.size_step, side * shrink
-        boxes = scan(
-            region,
-            self.cascade,
-            self.settings,
-            scale * shrink,
-            min_side=int(face / step),
-            max_side=int(np.ceil(face * step)),
-        )
-        return [
-            (x0 + round(bx / shrink), y0 + round(by / shrink), round(bw / shrink), round(bh / shrink))
-            for bx, by, bw, bh in boxes
-        ]
+
+def _to_full_frame(faces: list[Face], scale: float, shape) -> list[Face]:
+    """Faces of the detection copy mapped back to the full-resolution frame, boxes clipped."""
+    out = []
+    for face in faces:
+        for box in to_full_frame([face.box], scale, shape):
+            points = face.keypoints and tuple((round(x / scale), round(y / scale)) for x, y in face.keypoints)
+            out.append(Face(box, points))
+    return out
 
 
-def _blanked(grey: np.ndarray, rects) -> np.ndarray:
-    """A copy of the frame with the regions that found their faces filled with its mean grey.
-    Windows near a face pass most of the cascade's stages, while a flat patch is rejected by
-    the first, so scanning the rest of the frame this way costs far less than the whole."""
-    if not rects:
-        return grey
-    rest = grey.copy()
-    fill = int(cv2.mean(grey)[0])
-    for x0, y0, x1, y1 in rects:
-        rest[y0:y1, x0:x1] = fill
-    return rest
-
-
-def _near_any(box: Box, others: list[Box]) -> bool:
-    """Whether box's centre lies inside one of the others (the same face found twice)."""
+def _near_any(box: Box, others) -> bool:
+    """Whether box's centre lies inside one of the others (the same face found twice);
+    ``others`` are boxes or faces."""
     cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
-    return any(x <= cx <= x + w and y <= cy <= y + h for x, y, w, h in others)
+    for other in others:
+        x, y, w, h = other.box if isinstance(other, Face) else other
+        if x <= cx <= x + w and y <= cy <= y + h:
+            return True
+    return False

@@ -69,9 +69,15 @@ def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = 
     """A decoded frame message in, a faces message out (Rejected if the image is bad)."""
     settings = finder.settings
     image = decode_image(header, payload, max_pixels)
-    boxes, how = finder.find(header.stream, header.seq, header.timestamps.get("capture", time.time()), image)
+    faces, how = finder.find_faces(
+        header.stream, header.seq, header.timestamps.get("capture", time.time()), image
+    )
     SCANS.labels(how).inc()
-    crops = crop_faces(image, boxes, settings.margin, settings.crop_size)
+    boxes = [face.box for face in faces]
+    keypoints = [list(face.keypoints) for face in faces] if all(f.keypoints for f in faces) else None
+    crops = crop_faces(
+        image, boxes, settings.margin, settings.crop_size, keypoints if settings.align else None
+    )
     out = Faces(
         stream=header.stream,
         seq=header.seq,
@@ -81,6 +87,7 @@ def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = 
         boxes=boxes,
         crop_size=settings.crop_size,
         flow=header.flow,
+        keypoints=keypoints if faces else None,
     )
     return encode(out, list(crops))
 
@@ -166,7 +173,8 @@ class DetectorService:
 
     def run(self) -> None:
         self.log.info(
-            "detecting faces (%s, %s), max frame age %.0f ms",
+            "detecting faces with %s (%s, %s), max frame age %.0f ms",
+            self.finder.backend.name,
             self.finder.settings,
             self.finder.regions,
             self.settings.max_age_s * 1000,

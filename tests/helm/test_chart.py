@@ -142,6 +142,7 @@ def test_values_schema_refuses_typos_and_wrong_values():
         ("detector.autoscaling.maxReplicas=0", "minimum"),
         ("keda.detector.threshold=lots", "pattern"),
         ("image.base.digest=latest", "pattern"),
+        ("detector.backend=yolo", "must be one of"),
     ):
         result = helm(
             "template", RELEASE, str(CHART), "--set", "curve.enabled=false", "--set", setting, check=False
@@ -207,6 +208,17 @@ def test_every_component_as_in_compose(rendered):
     services = by_kind(docs, "Service")
     assert services[f"{RELEASE}-emotion-stream-viewer"]["spec"]["ports"][0]["port"] == 8080
     assert services[f"{RELEASE}-emotion-stream-recorder"]["spec"]["ports"][0]["port"] == 8081
+
+
+def test_detector_backend_setting(rendered):
+    """detector.backend becomes the detectors' EMOTION_DETECTOR: haar unless set."""
+
+    def backend(text: str) -> str:
+        pod = deployments(list(_parse(text)))["detector"]["spec"]["template"]["spec"]
+        return {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}["EMOTION_DETECTOR"]
+
+    assert backend(rendered["default"].read_text()) == "haar"
+    assert backend(template("default", "--set", "detector.backend=blazeface")) == "blazeface"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

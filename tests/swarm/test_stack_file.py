@@ -35,6 +35,7 @@ VARIABLES = (
     "LOG_LEVEL",
     "RETENTION_DAYS",
     "DELAY_MS",
+    "EMOTION_DETECTOR",
     "VIEWER_PORT",
     "RECORDER_PORT",
     "PROMETHEUS_PORT",
@@ -51,6 +52,14 @@ def test_every_service_of_the_compose_file(stack):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     wanted = {name for name, s in compose.items() if not s.get("profiles")}
     assert set(stack["services"]) == wanted
+
+
+def test_detector_backend_from_emotion_detector(stack):
+    """EMOTION_DETECTOR chooses the detectors' backend as in docker-compose.yml (haar unless set)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    want = "${EMOTION_DETECTOR:-haar}"
+    assert stack["services"]["detector"]["environment"]["EMOTION_DETECTOR"] == want
+    assert compose["detector"]["environment"]["EMOTION_DETECTOR"] == want
 
 
 def test_no_ipvs_needed(stack):

@@ -1,0 +1,164 @@
+"""The two ways of finding faces, behind one interface the FaceFinder (regions.py) drives:
+Haar's cascade (the default) and BlazeFace on LiteRT (``--detector blazeface``).
+
+A backend works on a *detection copy* of each frame (Haar: a grey copy downscaled to
+``--detect-width``; BlazeFace: the frame itself, since each scan letterboxes into the model's
+small input anyway) and answers three questions in that copy's pixels: the faces of the
+whole copy, the faces of a region around a known face, and a copy with some regions blanked
+out (so the full scan of the rest of a frame finds only new faces).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import cv2
+import numpy as np
+
+from .blazeface import BlazeFace
+from .faces import DetectorSettings, detection_copy, scan
+
+Box = tuple[int, int, int, int]
+Rect = tuple[int, int, int, int]  # x0, y0, x1, y1
+BACKENDS = ("haar", "blazeface")
+# BlazeFace in a region: a face may grow or shrink by this factor between frames (filtering
+# costs nothing here, unlike Haar's size range, so it is wider than RegionSettings.size_step)
+REGION_SIZE_STEP = 1.5
+
+
+class Face(NamedTuple):
+    """A face found: its box (x, y, w, h) and, from BlazeFace, its six keypoints (x, y)."""
+
+    box: Box
+    keypoints: tuple[tuple[int, int], ...] | None = None
+
+
+class Backend(Protocol):
+    name: str
+    # regions pay only up to this many per frame (None: any number); past it, the whole frame
+    max_regions: int | None
+
+    def copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """The detection copy of a frame, and its scale (copy pixels per frame pixel)."""
+
+    def scan(self, copy: np.ndarray, scale: float) -> list[Face]:
+        """The faces of the whole copy, in its pixels."""
+
+    def scan_region(self, copy: np.ndarray, scale: float, box: Box, rect: Rect) -> list[Face]:
+        """The faces in ``rect`` of the copy, which held a face at ``box`` a moment ago."""
+
+    def rest(self, copy: np.ndarray, rects) -> np.ndarray:
+        """What a full scan looks at once the regions ``rects`` (x0, y0, x1, y1) found
+        their faces; faces it finds again there are dropped as duplicates."""
+
+
+class Haar:
+    """OpenCV's Haar cascade on the grey, downscaled copy (faces.py)."""
+
+    name = "haar"
+    max_regions = None  # the cascade's cost grows with the area scanned: regions always pay
+
+    def __init__(
+        self, cascade: cv2.CascadeClassifier, settings: DetectorSettings, face_px: int, size_step: float
+    ):
+        self.cascade, self.settings = cascade, settings
+        self.face_px, self.size_step = face_px, size_step
+
+    def copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        return detection_copy(image, self.settings)
+
+    def scan(self, copy: np.ndarray, scale: float) -> list[Face]:
+        return [Face(box) for box in scan(copy, self.cascade, self.settings, scale)]
+
+    def rest(self, grey: np.ndarray, rects) -> np.ndarray:
+        """A copy of the frame with the regions that found their faces filled with its mean
+        grey. Windows near a face pass most of the cascade's stages, while a flat patch is
+        rejected by the first, so scanning the rest of the frame this way costs far less than
+        the whole."""
+        if not rects:
+            return grey
+        rest = grey.copy()
+        fill = int(cv2.mean(grey)[0])
+        for x0, y0, x1, y1 in rects:
+            rest[y0:y1, x0:x1] = fill
+        return rest
+
+    def scan_region(self, copy: np.ndarray, scale: float, box: Box, rect: Rect) -> list[Face]:
+        """The cascade over the region around ``box``, shrunk so that the face is about
+        ``face_px`` wide, for faces of its size give or take ``size_step``: the windows near a
+        face pass most of the cascade's stages, so that is where its time goes, and a smaller
+        face costs less."""
+        side = max(box[2], box[3])
+        x0, y0, x1, y1 = rect
+        region = copy[y0:y1, x0:x1]
+        shrink = min(1.0, self.face_px / side)
+        if shrink < 1.0:
+            region = cv2.resize(
+                region,
+                (max(1, round((x1 - x0) * shrink)), max(1, round((y1 - y0) * shrink))),
+                interpolation=cv2.INTER_AREA,
+            )
+        step, face = self.size_step, side * shrink
+        boxes = scan(
+            region,
+            self.cascade,
+            self.settings,
+            scale * shrink,
+            min_side=int(face / step),
+            max_side=int(np.ceil(face * step)),
+        )
+        return [
+            Face((x0 + round(bx / shrink), y0 + round(by / shrink), round(bw / shrink), round(bh / shrink)))
+            for bx, by, bw, bh in boxes
+        ]
+
+
+class BlazeFaceBackend:
+    """BlazeFace (blazeface.py) on the frame itself: the chosen model (``full`` by default)
+    over the whole frame, the short-range model over each region around a known face (the
+    face fills about half of a region: the short model's range, at its 128x128 input)."""
+
+    name = "blazeface"
+    # A region costs about a third of a whole-frame scan (one short-range invoke against one
+    # full-range invoke, bench/results/detector_backends.md: 640x360 with one face, regions
+    # 2.4 ms a frame against 6.4; 1280x720 with four, 11.1 against 6.9), so regions pay for
+    # one or two faces, and more are found on the whole frame.
+    max_regions = 2
+
+    def __init__(self, model: str = "full", min_score: float = 0.5, min_size: int = 30):
+        self.frame_model = BlazeFace(model, min_score)
+        self.region_model = (
+            self.frame_model if self.frame_model.size == 128 else BlazeFace("short", min_score)
+        )
+        self.min_size = min_size
+
+    def copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        return image, 1.0
+
+    def scan(self, copy: np.ndarray, scale: float) -> list[Face]:
+        return self._faces(self.frame_model.detect(copy), 0, 0)
+
+    def rest(self, copy: np.ndarray, rects) -> np.ndarray:
+        """The whole frame: BlazeFace costs the same on any picture, and a blanked patch's
+        sharp edges draw false faces from it."""
+        return copy
+
+    def scan_region(self, copy: np.ndarray, scale: float, box: Box, rect: Rect) -> list[Face]:
+        """The short-range model over the region; of what it finds, only faces of about the
+        known face's size (within REGION_SIZE_STEP) count: a face seen at the edge of a
+        region, cut off, is left to the full scans."""
+        x0, y0, x1, y1 = rect
+        side = max(box[2], box[3])
+        return [
+            face
+            for face in self._faces(self.region_model.detect(copy[y0:y1, x0:x1]), x0, y0)
+            if side / REGION_SIZE_STEP <= max(face.box[2], face.box[3]) <= side * REGION_SIZE_STEP
+        ]
+
+    def _faces(self, found, dx: int, dy: int) -> list[Face]:
+        return [
+            Face((x + dx, y + dy, w, h), tuple((px + dx, py + dy) for px, py in d.keypoints))
+            for d in found
+            for x, y, w, h in [d.box]
+            if max(w, h) >= self.min_size
+        ]

@@ -1,0 +1,309 @@
+"""BlazeFace: anchors, decoding and weighted NMS against fixed tensors; the real models on
+real pictures; regions and replicas through the FaceFinder; a bad model file stops the
+detector with exit status 78."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+
+from services.common.config import CONFIG_ERROR
+from services.detector.backends import BlazeFaceBackend
+from services.detector.blazeface import (
+    MODELS,
+    BlazeFace,
+    ModelError,
+    decode,
+    haar_framing,
+    model_path,
+    scores_of,
+    ssd_anchors,
+    weighted_nms,
+)
+from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
+from services.detector.regions import FULL, REGION, FaceFinder, RegionSettings
+from tests.support import ROOT, media
+
+
+def iou(a, b) -> float:
+    ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    w = max(0, min(ax1, bx1) - max(a[0], b[0]))
+    h = max(0, min(ay1, by1) - max(a[1], b[1]))
+    return w * h / (a[2] * a[3] + b[2] * b[3] - w * h)
+
+
+# --- fixed tensors -------------------------------------------------------------------------
+
+
+def test_anchor_counts_and_layout():
+    short = ssd_anchors(128, MODELS["short"].layers)
+    full = ssd_anchors(192, MODELS["full"].layers)
+    assert short.shape == (896, 2) and full.shape == (2304, 2)
+    # short: 16x16 cells of stride 8, two anchors each, then 8x8 cells of stride 16, six each
+    np.testing.assert_allclose(short[0], short[1])
+    np.testing.assert_allclose(short[:3], [[0.5 / 16, 0.5 / 16]] * 2 + [[1.5 / 16, 0.5 / 16]])
+    np.testing.assert_allclose(short[511], [15.5 / 16, 15.5 / 16])
+    np.testing.assert_allclose(short[512:519], [[0.5 / 8, 0.5 / 8]] * 6 + [[1.5 / 8, 0.5 / 8]])
+    np.testing.assert_allclose(short[-1], [7.5 / 8, 7.5 / 8])
+    # full: 48x48 cells of stride 4, one anchor each, row by row
+    np.testing.assert_allclose(full[:2], [[0.5 / 48, 0.5 / 48], [1.5 / 48, 0.5 / 48]])
+    np.testing.assert_allclose(full[48], [0.5 / 48, 1.5 / 48])
+
+
+def test_decode_boxes_and_keypoints_relative_to_their_anchor():
+    anchors = np.array([[0.25, 0.5], [0.75, 0.75]], np.float32)
+    raw = np.zeros((2, 16), np.float32)
+    raw[0, :4] = [12.8, -6.4, 32, 64]  # centre moved by +0.1, -0.05; 0.25 wide, 0.5 high
+    raw[0, 4:] = np.arange(12)  # keypoints (0, 1), (2, 3), ... input pixels from the anchor
+    boxes, points = decode(raw, anchors, 128)
+    np.testing.assert_allclose(boxes[0], [0.35 - 0.125, 0.45 - 0.25, 0.35 + 0.125, 0.45 + 0.25], atol=1e-6)
+    np.testing.assert_allclose(boxes[1], [0.75, 0.75, 0.75, 0.75])
+    np.testing.assert_allclose(points[0], np.arange(12).reshape(6, 2) / 128 + [0.25, 0.5], atol=1e-6)
+    np.testing.assert_allclose(points[1], [[0.75, 0.75]] * 6)
+
+
+def test_scores_are_a_clipped_sigmoid():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = scores_of(np.array([[-1e6], [0.0], [2.0], [1e6]], np.float32))
+    np.testing.assert_allclose(
+        scores, [1 / (1 + np.exp(100)), 0.5, 1 / (1 + np.exp(-2)), 1 / (1 + np.exp(-100))]
+    )
+
+
+def test_weighted_nms_blends_overlapping_detections_by_score():
+    boxes = np.array(
+        [[0.1, 0.1, 0.3, 0.3], [0.12, 0.1, 0.32, 0.3], [0.6, 0.6, 0.8, 0.8], [0.2, 0.2, 0.4, 0.4]], float
+    )
+    points = np.repeat(boxes[:, None, :2], 6, axis=1)
+    scores = np.array([0.9, 0.6, 0.7, 0.8])
+    out = weighted_nms(boxes, points, scores)
+    # 0 (0.9) takes 1 (IoU 0.82 > 0.3) but not 3 (IoU 0.14); then 3, then 2, each alone
+    assert [score for _, _, score in out] == [0.9, 0.8, 0.7]
+    blended = (boxes[0] * 0.9 + boxes[1] * 0.6) / 1.5
+    np.testing.assert_allclose(out[0][0], blended)
+    np.testing.assert_allclose(out[0][1], np.repeat(blended[None, :2], 6, axis=0))
+    np.testing.assert_allclose(out[1][0], boxes[3])
+    np.testing.assert_allclose(out[2][0], boxes[2])
+    assert weighted_nms(np.empty((0, 4)), np.empty((0, 6, 2)), np.empty(0)) == []
+
+
+def test_haar_framing_is_a_square_around_the_face():
+    x0, y0, x1, y1 = haar_framing(np.array([0.4, 0.3, 0.6, 0.6]))
+    assert x1 - x0 == pytest.approx(y1 - y0) and x1 - x0 >= 0.3
+    assert (x0 + x1) / 2 == pytest.approx(0.5)
+
+
+# --- the real models -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["short", "full"])
+def model(request):
+    return BlazeFace(request.param)
+
+
+def test_models_ship_in_the_installed_package():
+    for name in MODELS:
+        assert model_path(name).is_file()
+    assert model_path("/some/file.tflite").as_posix() == "/some/file.tflite"
+
+
+def test_one_face_on_justin_with_keypoints_where_they_belong(model):
+    image = cv2.imread(str(media("justin.jpg")))
+    (face,) = model.detect(image)
+    (haar,) = detect_faces(image, load_cascade(), DetectorSettings())
+    assert iou(face.box, haar) > 0.6, (face.box, haar)
+    assert face.score > 0.7
+    right_eye, left_eye, nose, mouth, right_ear, left_ear = face.keypoints
+    assert right_eye[0] < nose[0] < left_eye[0]  # the person's right eye is on the picture's left
+    assert right_ear[0] < right_eye[0] and left_eye[0] < left_ear[0]
+    assert max(right_eye[1], left_eye[1]) < nose[1] < mouth[1]
+    x, y, w, h = face.box
+    assert all(x <= px < x + w and y <= py < y + h for px, py in face.keypoints)
+
+
+def test_no_face_on_no_faces(model):
+    assert model.detect(cv2.imread(str(media("no-faces.jpg")))) == []
+    assert model.detect(np.zeros((360, 640, 3), np.uint8)) == []
+
+
+def test_grey_and_odd_shapes(model):
+    image = cv2.imread(str(media("justin.jpg")))
+    assert len(model.detect(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))) == 1
+    tall = cv2.copyMakeBorder(image, 300, 300, 0, 0, cv2.BORDER_CONSTANT)
+    (face,) = model.detect(tall)
+    (small,) = model.detect(image)
+    assert iou(face.box, (small.box[0], small.box[1] + 300, *small.box[2:])) > 0.8
+    assert model.detect(np.zeros((1, 1, 3), np.uint8)) == []
+
+
+def test_bad_model_files_name_the_file(tmp_path):
+    with pytest.raises(ModelError, match="nope.tflite does not exist"):
+        BlazeFace(str(tmp_path / "nope.tflite"))
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a model at all" * 100)
+    with pytest.raises(ModelError, match="junk.tflite cannot be loaded"):
+        BlazeFace(str(junk))
+    with pytest.raises(ModelError, match="is not a BlazeFace"):
+        BlazeFace(str(model_path("short").with_name("face_landmark.tflite")))
+
+
+# --- regions and replicas ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """Every fourth frame of woman2.mp4 (one face, moving)."""
+    capture = cv2.VideoCapture(str(media("woman2.mp4")))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames[::4]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return BlazeFaceBackend("full")
+
+
+def test_regions_find_what_the_full_frame_finds(clip, backend):
+    full = FaceFinder(backend, DetectorSettings(), RegionSettings(full_scan_every=1))
+    regions = FaceFinder(backend, DetectorSettings(), RegionSettings(full_scan_every=8, full_scan_ms=1e6))
+    kinds = []
+    for seq, frame in enumerate(clip):
+        want, _ = full.find_faces("cam", seq, seq / 30, frame)
+        got, kind = regions.find_faces("cam", seq, seq / 30, frame)
+        kinds.append(kind)
+        assert len(got) == len(want) == 1, seq
+        assert iou(got[0].box, want[0].box) > 0.6, (seq, got, want)
+        assert len(got[0].keypoints) == 6
+    assert kinds.count(REGION) > len(clip) // 2 and kinds[0] == FULL
+
+
+def test_replicas_seeing_every_kth_frame_keep_the_face(clip, backend):
+    for replica in range(3):
+        finder = FaceFinder(backend, DetectorSettings())
+        for seq in range(replica, len(clip), 3):
+            boxes, _ = finder.find("cam", seq, seq / 10, clip[seq])
+            assert len(boxes) == 1, (replica, seq)
+
+
+# --- the detector process ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [None, b"\x00garbage" * 64], ids=["missing", "corrupt"])
+def test_detector_exits_78_naming_a_bad_model_file(tmp_path, content):
+    path = tmp_path / "face.tflite"
+    if content is not None:
+        path.write_bytes(content)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.detector",
+            "--detector",
+            "blazeface",
+            "--blazeface-model",
+            str(path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == CONFIG_ERROR, done.stderr
+    assert str(path) in done.stderr and "Traceback" not in done.stderr
+
+
+def test_detector_exits_78_on_a_missing_cascade(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "services.detector", "--cascade", str(tmp_path / "none.xml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == CONFIG_ERROR and "none.xml" in done.stderr, done.stderr
+
+
+# --- choosing the detector ------------------------------------------------------------------
+
+
+def test_analyze_passes_its_detector_to_the_pipeline_it_starts(monkeypatch):
+    from services.analyze.options import build_parser
+    from services.analyze.run import own_plan
+
+    assert build_parser().parse_args(["clip.mp4"]).detector == "haar"
+    monkeypatch.setenv("EMOTION_DETECTOR", "blazeface")
+    args = build_parser().parse_args(["clip.mp4"])
+    assert args.detector == "blazeface"
+    assert build_parser().parse_args(["clip.mp4", "--detector", "haar"]).detector == "haar"
+    plan = own_plan(5555, detectors=2, detector=args.detector)
+    detectors = [p for p in plan if p.service == "detector"]
+    assert len(detectors) == 2
+    assert all(p.args[-2:] == ("--detector", "blazeface") for p in detectors)
+
+
+def test_make_run_hands_emotion_detector_to_the_detectors(tmp_path):
+    """`make run` starts the Procfile with honcho, whose processes inherit its environment:
+    a detector started that way defaults to the EMOTION_DETECTOR it was given."""
+    from services.launch import plan, procfile
+
+    (detector,) = plan(("detector",))
+    text = procfile([detector]).replace("services.detector", "services.detector --help")
+    (tmp_path / "Procfile").write_text(text)
+    honcho = ROOT / ".venv" / "bin" / "honcho"
+    if not honcho.exists():
+        pytest.skip("honcho is not installed (make install)")
+    done = subprocess.run(
+        [str(honcho), "--no-colour", "-f", str(tmp_path / "Procfile"), "-d", str(ROOT), "start"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EMOTION_DETECTOR": "blazeface"},
+    )
+    text = " ".join(line.partition("| ")[2] for line in done.stdout.splitlines())
+    assert "[env EMOTION_DETECTOR, default: blazeface]" in " ".join(text.split()), done.stdout
+
+
+def test_many_faces_are_found_on_the_whole_frame(clip, backend):
+    """Regions pay for one or two faces; with four, every frame is a full scan."""
+    tiles = [np.vstack([np.hstack([f, f]), np.hstack([f, f])]) for f in clip[:6]]
+    finder = FaceFinder(backend, DetectorSettings(), RegionSettings(full_scan_every=8, full_scan_ms=1e6))
+    found = [finder.find("cam", seq, seq / 30, frame) for seq, frame in enumerate(tiles)]
+    assert all(len(boxes) == 4 and kind == FULL for boxes, kind in found)
+    one = FaceFinder(backend, DetectorSettings(), RegionSettings(full_scan_every=8, full_scan_ms=1e6))
+    assert [one.find("cam", seq, seq / 30, f)[1] for seq, f in enumerate(clip[:3])] == [FULL, REGION, REGION]
+
+
+def eye_angle(points) -> float:
+    (rx, ry), (lx, ly) = points[:2]
+    return float(np.degrees(np.arctan2(ly - ry, lx - rx)))
+
+
+def test_aligned_crops_have_level_eyes():
+    image = cv2.imread(str(media("justin.jpg")))
+    image = cv2.copyMakeBorder(image, 100, 100, 100, 100, cv2.BORDER_REPLICATE)
+    centre = (image.shape[1] / 2, image.shape[0] / 2)
+    tilted = cv2.warpAffine(image, cv2.getRotationMatrix2D(centre, 20, 1.0), image.shape[1::-1])
+    model = BlazeFace("short")
+    (face,) = model.detect(tilted)
+    assert abs(eye_angle(face.keypoints) + 20) < 6
+    (plain,) = crop_faces(tilted, [face.box], 0.1, 192)
+    (level,) = crop_faces(tilted, [face.box], 0.1, 192, [face.keypoints])
+    assert abs(eye_angle(model.detect(plain)[0].keypoints) + 20) < 6
+    assert abs(eye_angle(model.detect(level)[0].keypoints)) < 4
+    # no keypoints (Haar): the crops as before
+    np.testing.assert_array_equal(
+        crop_faces(tilted, [face.box], 0.1, 96, [None]), crop_faces(tilted, [face.box], 0.1, 96)
+    )
