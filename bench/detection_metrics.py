@@ -9,6 +9,7 @@ any detector for): such faces count neither as found nor as missed.
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -28,12 +29,15 @@ class Truth:
     ignore: bool = False
 
     def tags(self) -> list[str]:
-        """The groups its recall counts in: all, its pose, non-frontal, small."""
+        """The groups its recall counts in: all, its pose, non-frontal, and small or (to
+        tell pose from size) frontal/non-frontal at least SMALL_PX wide."""
         tags = ["all", self.pose]
         if self.pose != "frontal":
             tags.append("non-frontal")
         if self.box[2] < SMALL_PX:
             tags.append("small")
+        else:
+            tags.append("frontal, large" if self.pose == "frontal" else "non-frontal, large")
         return tags
 
 
@@ -53,6 +57,7 @@ class ImageScore:
     found: list[bool]  # per truth (ignored ones: False, and not counted)
     false_boxes: int
     ignored_hits: int
+    ious: list[float] = field(default_factory=list)  # of each found face with its detection
 
 
 def match(truths: list[Truth], detections: list, threshold: float = IOU_THRESHOLD) -> ImageScore:
@@ -60,6 +65,7 @@ def match(truths: list[Truth], detections: list, threshold: float = IOU_THRESHOL
     found = [False] * len(truths)
     order = sorted(detections, key=lambda d: -(d[4] if len(d) > 4 else 1.0))
     false_boxes = ignored_hits = 0
+    ious = []
     for det in order:
         box = tuple(det[:4])
         best, best_iou = -1, threshold
@@ -71,11 +77,12 @@ def match(truths: list[Truth], detections: list, threshold: float = IOU_THRESHOL
                 best, best_iou = i, overlap
         if best >= 0:
             found[best] = True
+            ious.append(best_iou)
         elif any(t.ignore and iou(box, t.box) >= threshold for t in truths):
             ignored_hits += 1
         else:
             false_boxes += 1
-    return ImageScore(found, false_boxes, ignored_hits)
+    return ImageScore(found, false_boxes, ignored_hits, ious)
 
 
 @dataclass
@@ -89,6 +96,7 @@ class Tally:
     no_face_images: int = 0
     no_face_false_boxes: int = 0
     images: int = 0
+    ious: list = field(default_factory=list)
 
     def add(self, truths: list[Truth], detections: list, threshold: float = IOU_THRESHOLD) -> ImageScore:
         score = match(truths, detections, threshold)
@@ -101,6 +109,7 @@ class Tally:
                 self.hits[tag] += found
         self.detections += sum(score.found) + score.false_boxes
         self.false_boxes += score.false_boxes
+        self.ious += score.ious
         if not truths:
             self.no_face_images += 1
             self.no_face_false_boxes += score.false_boxes
@@ -119,7 +128,16 @@ class Tally:
         return self.false_boxes / self.images if self.images else None
 
     def summary(self) -> dict:
-        tags = ["all", "frontal", "non-frontal", "three-quarter", "profile", "small"]
+        tags = [
+            "all",
+            "frontal",
+            "non-frontal",
+            "three-quarter",
+            "profile",
+            "small",
+            "frontal, large",
+            "non-frontal, large",
+        ]
         return {
             "recall": {tag: self.recall(tag) for tag in tags},
             "faces": {tag: self.faces[tag] for tag in tags},
@@ -129,6 +147,7 @@ class Tally:
             "false_boxes": self.false_boxes,
             "false_per_image": self.false_per_image(),
             "false_per_no_face_image": self.false_per_no_face_image(),
+            "median_iou": statistics.median(self.ious) if self.ious else None,
             "images": self.images,
             "no_face_images": self.no_face_images,
         }

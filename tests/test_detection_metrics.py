@@ -32,6 +32,7 @@ def test_each_detection_takes_its_best_free_face():
     truths = [Truth((0, 0, 10, 10)), Truth((4, 0, 10, 10))]
     score = match(truths, [(4, 0, 10, 10, 0.9), (0, 0, 10, 10, 0.8)])
     assert score.found == [True, True] and score.false_boxes == 0
+    assert score.ious == [1.0, 1.0]
 
 
 def test_ignored_faces_are_neither_missed_nor_false():
@@ -64,6 +65,8 @@ def test_recall_and_precision_by_tag():
         "three-quarter": 1,
         "profile": 1,
         "small": 2,
+        "frontal, large": 1,
+        "non-frontal, large": 1,
     }
     assert summary["recall"]["all"] == 0.5
     assert summary["recall"]["frontal"] == 0.5
@@ -71,7 +74,10 @@ def test_recall_and_precision_by_tag():
     assert summary["recall"]["profile"] == 0.0
     assert summary["recall"]["three-quarter"] == 1.0
     assert summary["recall"]["small"] == 0.5
+    assert summary["recall"]["frontal, large"] == 1.0
+    assert summary["recall"]["non-frontal, large"] == 0.0
     assert summary["precision"] == pytest.approx(2 / 5)
     assert summary["false_boxes"] == 3
     assert summary["false_per_no_face_image"] == 1.0
     assert summary["images"] == 3 and summary["no_face_images"] == 2
+    assert summary["median_iou"] == 1.0
