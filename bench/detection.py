@@ -182,16 +182,25 @@ def report(results: dict) -> str:
             + " | ".join(f"{row['cpu_ms'][key]['median']:.1f}" for key in row["cpu_ms"])
             + " |"
         )
-    lines += ["", "By pose (recall), and false boxes on all images:", ""]
+    by_tag, small = s["by_tag"], results["small_px"]
     lines += [
-        "| backend | three-quarter | profile | false boxes | false per image |",
-        "|---|---|---|---|---|",
+        "",
+        f"Recall by pose, and by pose for faces at least {small} px wide (to tell pose from size); "
+        "false boxes on all images; median IoU of the found faces with their detections:",
+        "",
+        f"| backend | three-quarter ({by_tag['three-quarter']}) | profile ({by_tag['profile']}) "
+        f"| frontal ≥ {small} px ({by_tag['frontal, large']}) "
+        f"| non-frontal ≥ {small} px ({by_tag['non-frontal, large']}) "
+        "| false boxes | false per image | median IoU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["backends"]:
         r = row["recall"]
+        median_iou = "–" if row["median_iou"] is None else f"{row['median_iou']:.2f}"
         lines.append(
-            f"| {row['name']} | {pct(r['three-quarter'])} | {pct(r['profile'])} | {row['false_boxes']} | "
-            f"{row['false_per_image']:.2f} |"
+            f"| {row['name']} | {pct(r['three-quarter'])} | {pct(r['profile'])} | {pct(r['frontal, large'])} "
+            f"| {pct(r['non-frontal, large'])} | {row['false_boxes']} | {row['false_per_image']:.2f} "
+            f"| {median_iou} |"
         )
     lines += ["", "Settings:", ""]
     lines += [f"- {row['name']}: {row['settings']}" for row in results["backends"]]
