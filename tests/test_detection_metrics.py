@@ -81,3 +81,30 @@ def test_recall_and_precision_by_tag():
     assert summary["false_per_no_face_image"] == 1.0
     assert summary["images"] == 3 and summary["no_face_images"] == 2
     assert summary["median_iou"] == 1.0
+
+
+def test_the_labelled_set_holds_what_the_benchmark_needs():
+    from bench.detection_set import load
+
+    sources, entries = load()
+    faces = [f for e in entries for f in e.faces if not f.ignore]
+    assert len(entries) >= 150 and len(faces) >= 400 and len(sources) >= 3
+    assert {f.pose for f in faces} == {"frontal", "three-quarter", "profile"}
+    assert any(not e.faces for e in entries)
+    assert any(len(e.faces) > 1 for e in entries)
+    assert any(f.box[2] * min(1, 640 / e.size[0]) < 40 for e in entries for f in e.faces)
+    assert not any("hamilton" in e.path.lower() for e in entries)
+    for entry in entries:
+        assert entry.source in sources and len(entry.sha256) == 64
+        for face in entry.faces:
+            x, y, w, h = face.box
+            assert w > 0 and h > 0 and x >= 0 and y >= 0
+            assert x + w <= entry.size[0] and y + h <= entry.size[1]
+
+
+def test_missing_media_are_named(tmp_path):
+    from bench.detection_set import MediaError, images, load
+
+    entries = load()[1][:2]
+    with pytest.raises(MediaError, match="missing.*fetch_media"):
+        next(images(tmp_path, entries=entries))
