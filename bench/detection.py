@@ -7,8 +7,8 @@ Each image goes in as capture sends it (downscaled to 640 px wide, capture's def
 labelled face counts as found at IoU >= 0.5 (bench/detection_metrics.py). Reported per
 backend: recall (all faces, frontal, non-frontal, small: under 40 px wide in that frame),
 precision, false boxes per image without a face, and CPU ms per frame at 640x360 and
-1280x720 on one core (the process pinned to one CPU, OpenCV on one thread; the labelled
-images cropped to 16:9 and resized).
+1280x720 on one core (the process pinned to one CPU, OpenCV on one thread; every fourth
+labelled image, at its own resolution, cropped to 16:9 and resized).
 
 A backend is a small adapter, ``detect(image_bgr) -> list[(x, y, w, h, score)]``: Haar runs
 the detector's own code (services/detector/faces.py) at detection widths 320 (the
@@ -34,7 +34,7 @@ import numpy as np
 from . import common
 from .common import RESULTS, ROOT, log
 from .detection_metrics import IOU_THRESHOLD, SMALL_PX, Tally
-from .detection_set import ANNOTATIONS, MediaError, images, load
+from .detection_set import ANNOTATIONS, MediaError, images, load, read
 
 FRAME_WIDTH = 640  # capture's default --max-width
 TIMING_SIZES = ((640, 360), (1280, 720))
@@ -165,7 +165,8 @@ def report(results: dict) -> str:
         f"A face is found at IoU ≥ {results['iou']}. *Non-frontal*: three-quarter and profile; "
         f"*small*: under {results['small_px']} px wide in that frame. CPU: one detect call on a "
         "whole frame, median ms on one core (OpenCV on one thread, process pinned to one CPU), "
-        f"over {results['timing_frames']} labelled images cropped to 16:9.",
+        f"over {results['timing_frames']} labelled images (from their own resolution) cropped to 16:9 "
+        "and resized.",
         "",
         f"| backend | recall | frontal ({s['by_tag']['frontal']}) "
         f"| non-frontal ({s['by_tag']['non-frontal']}) "
@@ -244,10 +245,9 @@ def main(argv=None) -> int:
     for _, _, fs in labelled:
         counted.add(fs, [])
     step = max(1, len(labelled) // args.timing_frames)
-    timing = {
-        f"{w}x{h}": [to_size(image, (w, h)) for _, image, _ in labelled[::step][: args.timing_frames]]
-        for w, h in TIMING_SIZES
-    }
+    originals = [read(Path(args.media), entry) for entry, _, _ in labelled[::step][: args.timing_frames]]
+    timing = {f"{w}x{h}": [to_size(image, (w, h)) for image in originals] for w, h in TIMING_SIZES}
+    del originals
 
     notes = [
         "The machine is shared with other work, so the CPU columns are indicative: compare rows "
