@@ -66,8 +66,10 @@ analyze: install
 	@test -n "$(VIDEO)" || { echo "usage: make analyze VIDEO=clip.mp4 [OUT=dir] [ARGS=...]"; exit 2; }
 	$(PY) -m services.analyze "$(VIDEO)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
+# Two workers (pytest-xdist); each test module runs whole on one of them (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # Unit tests only: everything but whole pipelines and real service processes (marker `slow`).
 test-quick: install

@@ -1,4 +1,8 @@
-"""The tracker in a real pipeline: real processes, real ZeroMQ, a real clip."""
+"""The tracker and the recorder in a real pipeline: real processes, real ZeroMQ, a real clip.
+
+One pipeline (two classifier replicas, the tracker, the recorder) plays the clip once and
+serves every check: one face is one track with its events, both replicas answer, and the
+recorder's API serves what the tracker published."""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ from collections import Counter
 import pytest
 
 from services.common.protocol import KIND_TRACKS
-from tests.support import media, metric_sum, wait_for
+from tests.support import free_port, media, metric_sum, wait_for
 from tests.support.pipeline import Collector, Pipeline, events, play_clip_through, send_garbage, tracked_faces
+from tests.support.recorder import check_recorded_as_published
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +40,32 @@ def check_one_person(results: Collector, tracks: Collector) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_one_face_in_a_clip_is_one_track_with_events(tmp_path, tiny_registry):
+def test_a_clip_is_one_track_with_events_and_recorded_as_published(tmp_path, tiny_registry):
     clip = media("woman2.mp4")
     generous = ("--max-age-ms", "3000")
     pipeline = Pipeline(
-        tmp_path, tiny_registry, detector_args=(*generous, "--no-newest-only"), classifier_args=generous
+        tmp_path,
+        tiny_registry,
+        classifiers=2,
+        detector_args=(*generous, "--no-newest-only"),
+        classifier_args=generous,
     )
+    api = free_port()
     tracker = pipeline.start("tracker")
-    wait_for(lambda: pipeline.scrape("tracker"), 30, what="the tracker")
+    recorder = pipeline.start(
+        "recorder", "--database", str(tmp_path / "recorder.db"), "--api-port", str(api), "--sample-hz", "0"
+    )
+    wait_for(
+        lambda: pipeline.scrape("tracker") and pipeline.scrape("recorder"),
+        60,
+        what="the tracker and the recorder",
+    )
     results = tracks = None
     try:
         results, tracks = play_clip_through(pipeline, clip, 150)
         check_one_person(results, tracks)
+        for replica in ("classifier#0", "classifier#1"):
+            assert metric_sum(pipeline.scrape(replica), "emotion_classifier_faces_total") > 0
         stats = pipeline.scrape("tracker")
         assert metric_sum(stats, "emotion_tracker_tracks_started_total") == len(
             events(tracks, "track_started")
@@ -57,6 +76,22 @@ def test_one_face_in_a_clip_is_one_track_with_events(tmp_path, tiny_registry):
         # the viewer draws and lists the tracks
         view = pipeline.scrape("viewer")
         assert metric_sum(view, "emotion_messages_rejected_total") == 0
+
+        # the recorder wrote what the tracker published
+        published = [h for _, h in tracks.arrivals]
+        sent_events = [h.event for h in published if h.kind != KIND_TRACKS]
+        wait_for(
+            lambda: (
+                metric_sum(pipeline.scrape("recorder"), "emotion_recorder_rows_written_total", table="events")
+                >= len(sent_events)
+            ),
+            10,
+            what="the recorder to catch up",
+        )
+        check_recorded_as_published(api, published)
+        for collector in (results, tracks):  # they take only well-formed messages
+            collector.close()
+        results = tracks = None
 
         # malformed messages on both channels are counted, and nobody falls over
         send_garbage(pipeline, "results")
@@ -71,33 +106,21 @@ def test_one_face_in_a_clip_is_one_track_with_events(tmp_path, tiny_registry):
             10,
             what="the viewer to count the malformed tracks",
         )
-        assert tracker.alive()
-    finally:
-        for collector in (results, tracks):
-            if collector is not None:
-                collector.close()
-        pipeline.stop()
-
-
-@pytest.mark.timeout(300)
-def test_two_classifier_replicas_still_give_one_track(tmp_path, tiny_registry):
-    clip = media("woman2.mp4")
-    generous = ("--max-age-ms", "3000")
-    pipeline = Pipeline(
-        tmp_path,
-        tiny_registry,
-        classifiers=2,
-        detector_args=(*generous, "--no-newest-only"),
-        classifier_args=generous,
-    )
-    pipeline.start("tracker")
-    wait_for(lambda: pipeline.scrape("tracker"), 30, what="the tracker")
-    results = tracks = None
-    try:
-        results, tracks = play_clip_through(pipeline, clip, 150)
-        check_one_person(results, tracks)
-        for replica in ("classifier#0", "classifier#1"):
-            assert metric_sum(pipeline.scrape(replica), "emotion_classifier_faces_total") > 0
+        wait_for(
+            lambda: (
+                metric_sum(pipeline.scrape("recorder"), "emotion_messages_rejected_total", service="recorder")
+                >= 10
+            ),
+            10,
+            what="the recorder to count the garbage",
+        )
+        stats = pipeline.scrape("recorder")
+        assert metric_sum(stats, "emotion_recorder_write_errors_total") == 0
+        assert metric_sum(stats, "emotion_recorder_database_bytes") > 0
+        assert (
+            metric_sum(stats, "emotion_recorder_api_requests_total", route="/api/tracks", status="200") >= 2
+        )
+        assert tracker.alive() and recorder.alive()
     finally:
         for collector in (results, tracks):
             if collector is not None:
