@@ -66,10 +66,11 @@ analyze: install
 	@test -n "$(VIDEO)" || { echo "usage: make analyze VIDEO=clip.mp4 [OUT=dir] [ARGS=...]"; exit 2; }
 	$(PY) -m services.analyze "$(VIDEO)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
-# Two workers (pytest-xdist); each test module runs whole on one of them (tests/conftest.py).
+# Two workers (pytest-xdist); each test module runs whole on one of them, the longest first
+# (tests/conftest.py). TEST_WORKERS=0: one process, no workers.
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # Unit tests only: everything but whole pipelines and real service processes (marker `slow`).
 test-quick: install
