@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.support import write_tiny_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: TensorFlow in each (the training tests in the worker, the
+    # classifiers it starts) keeps to one thread per operation, so that a worker that trains
+    # does not starve the other's pipeline (shutdown times and max ages are checked there).
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 # The modules that take longest, in about that order. `make test` runs the suite on two
 # workers (pytest-xdist, --dist loadscope --no-loadscope-reorder): each module runs whole on
