@@ -72,9 +72,10 @@ TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-# Unit tests only: everything but whole pipelines and real service processes (marker `slow`).
+# Unit tests only: no whole pipelines, real service processes or training (marker `slow`).
 test-quick: install
-	$(PY) -m pytest -q -m "not slow and not compose and not swarm and not checkov" --durations=5
+	$(PY) -m pytest -q -m "not slow and not compose and not swarm and not checkov" --durations=5 \
+		-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: install
 	$(VENV)/bin/ruff check .
