@@ -66,12 +66,16 @@ analyze: install
 	@test -n "$(VIDEO)" || { echo "usage: make analyze VIDEO=clip.mp4 [OUT=dir] [ARGS=...]"; exit 2; }
 	$(PY) -m services.analyze "$(VIDEO)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
+# Two workers (pytest-xdist); each test module runs whole on one of them, the longest first
+# (tests/conftest.py). TEST_WORKERS=0: one process, no workers.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-# Unit tests only: everything but whole pipelines and real service processes (marker `slow`).
+# Unit tests only: no whole pipelines, real service processes or training (marker `slow`).
 test-quick: install
-	$(PY) -m pytest -q -m "not slow and not compose and not swarm and not checkov" --durations=5
+	$(PY) -m pytest -q -m "not slow and not compose and not swarm and not checkov" --durations=5 \
+		-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,12 +1,45 @@
-"""Shared fixtures; the helpers themselves live in tests/support."""
+"""Shared fixtures and the suite's scheduling; the helpers themselves live in tests/support."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.support import write_tiny_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: TensorFlow in each (the training tests in the worker, the
+    # classifiers it starts) keeps to one thread per operation, so that a worker that trains
+    # does not starve the other's pipeline (shutdown times and max ages are checked there).
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+
+# The modules that take longest, in about that order. `make test` runs the suite on two
+# workers (pytest-xdist, --dist loadscope --no-loadscope-reorder): each module runs whole on
+# one worker, so its module-scoped fixtures are built once, and the long modules are handed
+# out first so that both workers end at about the same time.
+LONGEST_FIRST = (
+    "test_training",
+    "test_tracker_pipeline",
+    "test_recovery",
+    "test_pipeline",
+    "test_hot_reload",
+    "test_analyze",
+    "test_fuzz_sockets",
+    "test_regions",
+    "test_dashboard_browser",
+    "test_source_loss",
+    "test_hardening",
+    "test_recorder_pipeline",
+    "test_curve",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first; within a module the order stays as written."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
 
 
 @pytest.fixture(scope="session")

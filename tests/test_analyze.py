@@ -209,6 +209,7 @@ def test_a_truncated_video_gives_a_partial_result_marked_as_such(tmp_path, tiny_
     assert sorted({int(r["frame"]) for r in rows}) == list(range(summary["frames"]))
 
 
+@pytest.mark.slow
 def test_a_missing_or_unreadable_video_is_a_clear_error(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "services.analyze", str(tmp_path / "nope.mp4")],

@@ -19,6 +19,7 @@ def test_configuration_doc_is_current():
 
 
 @pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.slow
 def test_every_service_answers_help(service):
     out = subprocess.run(
         [sys.executable, "-m", f"services.{service}", "--help"],

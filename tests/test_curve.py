@@ -23,7 +23,7 @@ from services.common.config import CONFIG_ERROR
 from services.common.protocol import KIND_FACES, Faces, Message, Result, decode, encode
 from tests.support import ROOT, Service, free_base_port, free_port, http_get, wait_for
 
-pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+pytestmark = [pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE"), pytest.mark.slow]
 
 
 def result_message(stream: str, seq: int) -> list:

@@ -225,6 +225,7 @@ def test_a_huge_seq_jump_is_one_restart_not_missed_frames():
 # --- the real viewer process over real ZeroMQ ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_viewer_process_refuses_future_stamps_bombs_and_restarts_and_keeps_showing(tmp_path):
     ctx = zmq.Context()
     base, frames, results = bind_broker_side(ctx)
@@ -375,6 +376,7 @@ def test_metrics_connections_are_bounded_in_number_and_time():
         server.server_close()
 
 
+@pytest.mark.slow
 def test_idle_connections_do_not_grow_a_real_services_threads(tmp_path):
     from tests.support import Service, free_base_port
 
@@ -484,6 +486,7 @@ def rss_mb(pid: int) -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
 
 
+@pytest.mark.slow
 def test_the_broker_refuses_parts_over_the_protocols_limits_so_queues_stay_small(tmp_path):
     from services.common import bus
     from tests.support import Service, free_base_port

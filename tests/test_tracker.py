@@ -434,6 +434,7 @@ def test_a_replica_ignores_the_streams_of_other_shards():
         (["--max-streams", "0"], "--max-streams"),
     ],
 )
+@pytest.mark.slow
 def test_configuration_errors_exit_78_naming_the_option(args, message):
     out = subprocess.run(
         [sys.executable, "-m", "services.tracker", "--metrics-port", "0", *args],

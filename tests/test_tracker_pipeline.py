@@ -1,14 +1,22 @@
-"""The tracker in a real pipeline: real processes, real ZeroMQ, a real clip."""
+"""The tracker and the recorder in a real pipeline: real processes, real ZeroMQ, a real clip.
+
+One pipeline (two classifier replicas, the tracker, the recorder) plays the clip once, in the
+module fixture ``played``, and every test here reads what it published: one face is one
+track with its events, both replicas answer, the recorder's API serves what the tracker
+published, and malformed messages are counted. A new check of a clip through the tracker or
+the recorder takes ``played`` instead of starting a pipeline of its own."""
 
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
 from services.common.protocol import KIND_TRACKS
-from tests.support import media, metric_sum, wait_for
+from tests.support import free_port, media, metric_sum, wait_for
 from tests.support.pipeline import Collector, Pipeline, events, play_clip_through, send_garbage, tracked_faces
+from tests.support.recorder import check_recorded_as_published
 
 pytestmark = pytest.mark.slow
 
@@ -34,53 +42,11 @@ def check_one_person(results: Collector, tracks: Collector) -> None:
     assert faces[-1].age_s > faces[0].age_s
 
 
-@pytest.mark.timeout(300)
-def test_one_face_in_a_clip_is_one_track_with_events(tmp_path, tiny_registry):
-    clip = media("woman2.mp4")
-    generous = ("--max-age-ms", "3000")
-    pipeline = Pipeline(
-        tmp_path, tiny_registry, detector_args=(*generous, "--no-newest-only"), classifier_args=generous
-    )
-    tracker = pipeline.start("tracker")
-    wait_for(lambda: pipeline.scrape("tracker"), 30, what="the tracker")
-    results = tracks = None
-    try:
-        results, tracks = play_clip_through(pipeline, clip, 150)
-        check_one_person(results, tracks)
-        stats = pipeline.scrape("tracker")
-        assert metric_sum(stats, "emotion_tracker_tracks_started_total") == len(
-            events(tracks, "track_started")
-        )
-        assert metric_sum(stats, "emotion_tracker_label_changes_total", kind="raw") >= metric_sum(
-            stats, "emotion_tracker_label_changes_total", kind="smoothed"
-        )
-        # the viewer draws and lists the tracks
-        view = pipeline.scrape("viewer")
-        assert metric_sum(view, "emotion_messages_rejected_total") == 0
-
-        # malformed messages on both channels are counted, and nobody falls over
-        send_garbage(pipeline, "results")
-        send_garbage(pipeline, "tracks")
-        wait_for(
-            lambda: metric_sum(pipeline.scrape("tracker"), "emotion_messages_rejected_total") >= 10,
-            10,
-            what="the tracker to count the malformed results",
-        )
-        wait_for(
-            lambda: metric_sum(pipeline.scrape("viewer"), "emotion_messages_rejected_total") >= 10,
-            10,
-            what="the viewer to count the malformed tracks",
-        )
-        assert tracker.alive()
-    finally:
-        for collector in (results, tracks):
-            if collector is not None:
-                collector.close()
-        pipeline.stop()
-
-
-@pytest.mark.timeout(300)
-def test_two_classifier_replicas_still_give_one_track(tmp_path, tiny_registry):
+@pytest.fixture(scope="module")
+def played(tmp_path_factory, tiny_registry):
+    """The pipeline every test below reads: two classifier replicas, the tracker and the
+    recorder (``--sample-hz 0``), after the clip's first 150 frames went through it once."""
+    tmp_path = tmp_path_factory.mktemp("tracker-pipeline")
     clip = media("woman2.mp4")
     generous = ("--max-age-ms", "3000")
     pipeline = Pipeline(
@@ -90,16 +56,102 @@ def test_two_classifier_replicas_still_give_one_track(tmp_path, tiny_registry):
         detector_args=(*generous, "--no-newest-only"),
         classifier_args=generous,
     )
-    pipeline.start("tracker")
-    wait_for(lambda: pipeline.scrape("tracker"), 30, what="the tracker")
+    api = free_port()
+    tracker = pipeline.start("tracker")
+    recorder = pipeline.start(
+        "recorder", "--database", str(tmp_path / "recorder.db"), "--api-port", str(api), "--sample-hz", "0"
+    )
     results = tracks = None
     try:
+        wait_for(
+            lambda: pipeline.scrape("tracker") and pipeline.scrape("recorder"),
+            60,
+            what="the tracker and the recorder",
+        )
         results, tracks = play_clip_through(pipeline, clip, 150)
-        check_one_person(results, tracks)
-        for replica in ("classifier#0", "classifier#1"):
-            assert metric_sum(pipeline.scrape(replica), "emotion_classifier_faces_total") > 0
+        yield SimpleNamespace(
+            pipeline=pipeline, results=results, tracks=tracks, api=api, tracker=tracker, recorder=recorder
+        )
     finally:
         for collector in (results, tracks):
             if collector is not None:
                 collector.close()
         pipeline.stop()
+
+
+@pytest.mark.timeout(300)
+def test_one_face_in_a_clip_is_one_track_with_events(played):
+    check_one_person(played.results, played.tracks)
+    stats = played.pipeline.scrape("tracker")
+    assert metric_sum(stats, "emotion_tracker_tracks_started_total") == len(
+        events(played.tracks, "track_started")
+    )
+    assert metric_sum(stats, "emotion_tracker_label_changes_total", kind="raw") >= metric_sum(
+        stats, "emotion_tracker_label_changes_total", kind="smoothed"
+    )
+    # the viewer draws and lists the tracks
+    view = played.pipeline.scrape("viewer")
+    assert metric_sum(view, "emotion_messages_rejected_total") == 0
+
+
+@pytest.mark.timeout(300)
+def test_two_classifier_replicas_still_give_one_track(played):
+    check_one_person(played.results, played.tracks)
+    for replica in ("classifier#0", "classifier#1"):
+        assert metric_sum(played.pipeline.scrape(replica), "emotion_classifier_faces_total") > 0
+
+
+@pytest.mark.timeout(300)
+def test_a_clip_is_recorded_as_published(played):
+    pipeline = played.pipeline
+    wait_for(lambda: events(played.tracks, "track_ended"), 10, what="the track to end")
+    published = [h for _, h in played.tracks.arrivals]
+    sent_events = [h.event for h in published if h.kind != KIND_TRACKS]
+    wait_for(
+        lambda: (
+            metric_sum(pipeline.scrape("recorder"), "emotion_recorder_rows_written_total", table="events")
+            >= len(sent_events)
+        ),
+        10,
+        what="the recorder to catch up",
+    )
+    check_recorded_as_published(played.api, published)
+    assert (
+        metric_sum(
+            pipeline.scrape("recorder"),
+            "emotion_recorder_api_requests_total",
+            route="/api/tracks",
+            status="200",
+        )
+        >= 2
+    )
+
+
+@pytest.mark.timeout(300)
+def test_malformed_messages_are_counted_and_nobody_falls_over(played):
+    """Last in this file: the garbage goes into the shared pipeline after the checks above."""
+    pipeline = played.pipeline
+    send_garbage(pipeline, "results")
+    send_garbage(pipeline, "tracks")
+    wait_for(
+        lambda: metric_sum(pipeline.scrape("tracker"), "emotion_messages_rejected_total") >= 10,
+        10,
+        what="the tracker to count the malformed results",
+    )
+    wait_for(
+        lambda: metric_sum(pipeline.scrape("viewer"), "emotion_messages_rejected_total") >= 10,
+        10,
+        what="the viewer to count the malformed tracks",
+    )
+    wait_for(
+        lambda: (
+            metric_sum(pipeline.scrape("recorder"), "emotion_messages_rejected_total", service="recorder")
+            >= 10
+        ),
+        10,
+        what="the recorder to count the garbage",
+    )
+    stats = pipeline.scrape("recorder")
+    assert metric_sum(stats, "emotion_recorder_write_errors_total") == 0
+    assert metric_sum(stats, "emotion_recorder_database_bytes") > 0
+    assert played.tracker.alive() and played.recorder.alive()

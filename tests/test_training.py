@@ -325,6 +325,7 @@ def trained(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_at_epoch_2(trained):
     assert trained["codes"] == (0, 0)
     first = trained["after_first"]
@@ -336,6 +337,7 @@ def test_interrupted_run_resumes_at_epoch_2(trained):
     assert steps_per_epoch == 3 and state["optimizer_iterations"] == 2 * steps_per_epoch
 
 
+@pytest.mark.slow
 def test_registered_version_metadata_and_promotion(trained):
     root = trained["root"]
     assert registry.current_version(root) == "v1"
@@ -363,6 +365,7 @@ def test_registered_version_metadata_and_promotion(trained):
     assert model.count_params() == meta["params"]
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_report(trained, tmp_path, capsys):
     out_json, out_png = tmp_path / "eval.json", tmp_path / "cm.png"
     code = main(
@@ -429,6 +432,7 @@ def test_evaluate_command_writes_report(trained, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_run_at_a_registered_models_weights(trained, tmp_path, capsys):
     """Warm start: epoch 0 of the new run is the old model, so its first loss is far from
     a random init's; a different width is refused before any training."""
@@ -496,6 +500,7 @@ def test_init_from_starts_a_run_at_a_registered_models_weights(trained, tmp_path
     assert not (root / "v1-wide").exists()
 
 
+@pytest.mark.slow
 def test_derive_serves_the_same_weights_another_way(trained, capsys):
     """derive copies the weights, records the new TTA and its source, and scores PublicTest
     exactly as evaluate does for that TTA; names are never reused."""
@@ -520,6 +525,7 @@ def test_derive_serves_the_same_weights_another_way(trained, capsys):
     assert "invalid version name" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_derive_to_bfloat16_is_scored_in_bfloat16_or_refused_with_the_reason(trained, capsys, monkeypatch):
     from services.model import runtime
 
@@ -547,6 +553,7 @@ def test_derive_to_bfloat16_is_scored_in_bfloat16_or_refused_with_the_reason(tra
     assert "precision float32" in out and "bfloat16 was asked for, float32 used" in out
 
 
+@pytest.mark.slow
 def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(trained, tmp_path, capsys):
     root = trained["root"]
     split = data.load_dataset(trained["csv"]).split(data.TRAIN)
@@ -688,6 +695,7 @@ def test_evaluate_keras_file_without_metadata_fails_clearly(tmp_path, capsys):
     assert err.startswith("error: ") and "no metadata.json beside the model" in err
 
 
+@pytest.mark.slow
 def test_train_refuses_existing_version_and_existing_run(trained, capsys):
     args = ["train", "--data", str(trained["csv"]), "--registry", str(trained["root"])]
     assert main([*args, "--version", "v1", "--out-dir", str(trained["run"].parent / "other")]) == 2
@@ -817,6 +825,7 @@ def test_half_written_hidden_version_is_not_listed(tmp_path):
 # --- evaluate on a whole folder, FER+ votes --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_image_of_a_plain_class_folder(trained, tmp_path, capsys):
     rng = np.random.default_rng(3)
     counts = [5, 2, 4, 6, 3, 4, 7]
@@ -943,6 +952,7 @@ def test_folds_are_fixed_and_stratified():
         data.fold_ids(labels, 1)
 
 
+@pytest.mark.slow
 def test_cross_fitted_teachers_answer_only_for_the_fold_they_never_saw(tmp_path, capsys):
     csv_path, root = fer_csv(tmp_path / "fer.csv"), tmp_path / "models"
     common = [
@@ -1061,6 +1071,7 @@ def test_ferplus_problems_name_the_file_and_line(tmp_path):
         data.with_ferplus(split, data.load_ferplus(ok), 0.5, True)
 
 
+@pytest.mark.slow
 def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsys):
     votes = tmp_path / "votes.csv"
     votes.write_text(

@@ -794,6 +794,7 @@ def metric_total(text: str, name: str, **labels) -> float:
     return metric_sum(metric_samples(text), name, **labels)
 
 
+@pytest.mark.slow
 def test_viewer_process_end_to_end_over_zeromq(tmp_path):
     ctx = zmq.Context()
     base, frames, results = bind_broker_side(ctx)
@@ -878,6 +879,7 @@ def test_viewer_process_end_to_end_over_zeromq(tmp_path):
         ctx.term()
 
 
+@pytest.mark.slow
 def test_window_without_gui_support_exits_with_a_clear_message():
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     done = subprocess.run(
