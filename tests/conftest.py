@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.support import write_tiny_model
+
+# The suite's own processes bind loopback and run without sign-in, also those started with
+# os.environ rather than TEST_ENV; the authentication tests turn it on for theirs.
+os.environ.setdefault("EMOTION_AUTH", "off")
 
 
 @pytest.fixture(scope="session")
