@@ -92,8 +92,8 @@ def signing_key(service: str, path: str) -> bytes:
         except OSError as error:
             config_error(service, f"--auth-secret-file {path}: cannot make a signing key: {error}")
         value = read_secret_file(path)
-    if not value or len(value) < 16:
-        config_error(service, f"the signing key ({SECRET_ENV} or {path}) must be at least 16 characters")
+    if not value or len(value) < 32:
+        config_error(service, f"the signing key ({SECRET_ENV} or {path}) must be at least 32 characters")
     return value.encode()
 
 
