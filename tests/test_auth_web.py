@@ -12,7 +12,9 @@ import re
 import time
 from urllib.parse import urlencode, urlsplit
 
+import cv2
 import jwt
+import numpy as np
 import pytest
 from sqlalchemy import insert
 from starlette.routing import Mount
@@ -29,7 +31,7 @@ from services.viewer import web
 from services.viewer.hub import StreamHub
 from tests.support import free_port, wait_for
 
-SECRET = b"a-test-signing-key-of-enough-length"
+SECRET = b"a-test-signing-key-of-enough-length-here"
 T0 = time.time() - 60
 PASSWORDS = {"root": "root-password", "alice": "alice-password", "vera": "vera-password"}
 
@@ -91,8 +93,9 @@ def site(tmp_path_factory):
     recorder = f"http://127.0.0.1:{api_port}"
     wait_for(lambda: _up(recorder + "/healthz"), 10, what="the recorder's API")
     hub = StreamHub()
+    jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))[1].tobytes()
     for name in ("a", "b"):
-        hub.publish(name, b"\xff\xd8jpeg\xff\xd9", seq=1, results=[], model="m")
+        hub.publish(name, jpeg, seq=1, results=[], model="m")
     server, _ = web.start_web_server("127.0.0.1", 0, hub, recorder, RemoteAuth(settings, recorder))
     viewer = f"http://127.0.0.1:{server.server_address[1]}"
     track_of = {row["stream"]: row["id"] for row in _admin_tracks(recorder, settings)}
@@ -103,6 +106,8 @@ def site(tmp_path_factory):
         "directory": directory,
         "signer": settings.signer,
         "tracks": track_of,
+        "hub": hub,
+        "jpeg": jpeg,
     }
     web.stop_web_server(server, hub)
     api.should_exit = True
