@@ -15,8 +15,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
+from typing import Protocol
 from urllib.parse import quote
 
 from .principal import Principal
@@ -35,6 +36,12 @@ CACHE_S = 5.0
 CACHE_SIZE = 4096
 
 
+class Headers(Protocol):
+    """Request headers, case-blind: Starlette's Headers or an http.server message."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+
 class AuthError(Exception):
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
@@ -42,12 +49,11 @@ class AuthError(Exception):
         self.detail = detail
 
 
-def header(headers: Mapping, name: str) -> str | None:
-    """A header from a Starlette Headers or an http.server message (both case-blind)."""
+def header(headers: Headers, name: str) -> str | None:
     return headers.get(name)
 
 
-def cookies(headers: Mapping) -> dict[str, str]:
+def cookies(headers: Headers) -> dict[str, str]:
     raw = header(headers, "cookie")
     if not raw:
         return {}
@@ -59,7 +65,7 @@ def cookies(headers: Mapping) -> dict[str, str]:
     return {key: morsel.value for key, morsel in jar.items()}
 
 
-def credential(headers: Mapping) -> tuple[str, bool] | None:
+def credential(headers: Headers) -> tuple[str, bool] | None:
     """(credential, came from the cookie) or None when the request carries none."""
     authorization = header(headers, "authorization")
     if authorization:
@@ -71,7 +77,7 @@ def credential(headers: Mapping) -> tuple[str, bool] | None:
     return (session, True) if session else None
 
 
-def wants_html(method: str, headers: Mapping) -> bool:
+def wants_html(method: str, headers: Headers) -> bool:
     return method == "GET" and "text/html" in (header(headers, "accept") or "")
 
 
@@ -86,7 +92,7 @@ def safe_next(value: str | None) -> str:
     return value
 
 
-def same_origin(headers: Mapping) -> bool:
+def same_origin(headers: Headers) -> bool:
     """False when the browser says the request comes from another site's page."""
     origin = header(headers, "origin")
     if not origin or origin == "null":
@@ -168,7 +174,7 @@ class Gate:
         self.resolver = resolver
         self.signer = signer
 
-    def check(self, method: str, headers: Mapping, csrf: str | None = None) -> Principal:
+    def check(self, method: str, headers: Headers, csrf: str | None = None) -> Principal:
         """The principal of a request, or AuthError: 401 without a valid credential, 403
         for a state-changing request made with the cookie but without its CSRF token
         (``X-CSRF-Token`` header, or the ``csrf`` form field given as ``csrf``)."""

@@ -223,7 +223,7 @@ def add_auth_routes(app: FastAPI, directory: Directory, auth: AuthSettings | Non
 
     @app.delete("/api/tokens/{token_id}", summary="Revoke an API token (admins only)")
     def revoke_token(token_id: str, request: Request, admin: Principal = Depends(admin_of)):
-        pk = params.row_id(token_id, "token_id")
+        pk = params.row_id(token_id, "token_id") or 0
         try:
             directory.revoke_token(pk)
         except DirectoryError as error:
@@ -233,6 +233,6 @@ def add_auth_routes(app: FastAPI, directory: Directory, auth: AuthSettings | Non
 
     @app.get("/api/audit", summary="The audit log: sign-ins, failures, exports, deletions, user changes")
     def read_audit(after: str | None = None, limit: str | None = None, _admin: Principal = Depends(admin_of)):
-        count = params.limit(limit, "json")
+        count = params.limit(limit, "json") or 100
         rows = directory.read_audit(params.row_id(after, "after"), count)
         return {"audit": rows, "next_cursor": str(rows[-1]["id"]) if len(rows) == count else None}

@@ -223,7 +223,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 self._redirect(login_redirect(path))
             else:
                 headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-                self._send(f"{error.detail}\n".encode(), "text/plain; charset=utf-8", headers, error.status)
+                detail = f"{error.detail}\n".encode()
+                self._send(detail, "text/plain; charset=utf-8", headers, HTTPStatus(error.status))
             return None
 
     def _form(self) -> dict[str, str]:
@@ -278,9 +279,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
             status=HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE,
         )
 
-    def _login_page(self, _principal, _stream, _form, message: str = "", status=HTTPStatus.OK) -> None:
-        next_path = parse_qs(urlsplit(self.path).query).get("next", ["/"])[0]
-        next_path = _form.get("next", next_path) if _form else next_path
+    def _login_page(self, _principal, _stream, form: dict, message: str = "", status=HTTPStatus.OK) -> None:
+        """The sign-in form; after a failed sign-in again, with the message and the same
+        page to go to afterwards."""
+        next_path = form.get("next") or parse_qs(urlsplit(self.path).query).get("next", ["/"])[0]
         page = login_page("Emotion viewer", next_path, message)
         self._send(page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": LOGIN_CSP}, status)
 
