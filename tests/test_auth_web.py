@@ -382,3 +382,76 @@ def test_the_sixth_failed_sign_in_within_a_minute_is_429_on_both_servers(site):
                 headers = {"Content-Type": "application/x-www-form-urlencoded"}
                 answers.append(request(server + "/login", "POST", headers, urlencode(wrong).encode())[0])
         assert answers == [401] * 5 + [429], server
+
+
+def test_https_on_both_servers_marks_the_session_cookie_secure(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+    import urllib.request
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(str(cert), str(key))
+    engine = store.make_engine(str(tmp_path / "recorder.db"))
+    store.migrate(engine)
+    Directory(engine).add_user("root", PASSWORDS["root"], "admin")
+    settings = AuthSettings(Signer(SECRET), tls)
+    app = create_app(engine, auth=settings)
+    public_port, internal_port = free_port(), free_port()
+    public = serve_api(app, "127.0.0.1", public_port, str(cert), str(key))
+    internal = serve_api(app, "127.0.0.1", internal_port)  # what the viewer asks, inside
+    hub = StreamHub()
+    server, _ = web.start_web_server(
+        "127.0.0.1", 0, hub, "", RemoteAuth(settings, f"http://127.0.0.1:{internal_port}"), tls
+    )
+    client = ssl.create_default_context(cafile=str(cert))
+    client.check_hostname = False
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=client), NoRedirect)
+
+    def sign_in_cookies(url: str, body: bytes, content_type: str) -> list[str]:
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+        try:
+            with opener.open(request, timeout=10) as response:
+                return response.headers.get_all("Set-Cookie")
+        except urllib.error.HTTPError as answer:  # the form's 303
+            assert answer.code == 303
+            return answer.headers.get_all("Set-Cookie")
+
+    try:
+        wait_for(lambda: _up(f"http://127.0.0.1:{internal_port}/healthz"), 10, what="the recorder")
+        credentials = {"username": "root", "password": PASSWORDS["root"]}
+        for url, body, content_type in (
+            (f"https://127.0.0.1:{public_port}/login", json.dumps(credentials).encode(), "application/json"),
+            (
+                f"https://127.0.0.1:{server.server_address[1]}/login",
+                urlencode(credentials).encode(),
+                "application/x-www-form-urlencoded",
+            ),
+        ):
+            cookies = wait_for(lambda: _try(sign_in_cookies, url, body, content_type), 10, what=url)
+            session = next(c for c in cookies if c.startswith(SESSION_COOKIE))
+            assert "; Secure" in session and "HttpOnly" in session, url
+    finally:
+        web.stop_web_server(server, hub)
+        public.should_exit = internal.should_exit = True
+        engine.dispose()
+
+
+def _try(function, *args):
+    try:
+        return function(*args)
+    except OSError:
+        return None
