@@ -97,18 +97,25 @@ def signing_key(service: str, path: str) -> bytes:
     return value.encode()
 
 
-def settings_from(args, service: str, hosts: dict[str, str], log: logging.Logger) -> AuthSettings | None:
-    """The servers' auth settings; None when off. Exits 78 for ``--auth off`` on a web port
-    that is not bound to loopback, and for half a TLS pair or an unreadable one."""
-    tls = None
+def tls_context(args, service: str) -> ssl.SSLContext | None:
+    """The server's TLS context from --tls-cert/--tls-key (None: plain HTTP); exits 78 for
+    half a pair or one that cannot be loaded."""
     if bool(args.tls_cert) != bool(args.tls_key):
         config_error(service, "--tls-cert and --tls-key go together")
-    if args.tls_cert:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            tls.load_cert_chain(args.tls_cert, args.tls_key)
-        except (OSError, ssl.SSLError) as error:
-            config_error(service, f"--tls-cert/--tls-key: {error}")
+    if not args.tls_cert:
+        return None
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        config_error(service, f"--tls-cert/--tls-key: {error}")
+    return tls
+
+
+def settings_from(args, service: str, hosts: dict[str, str], log: logging.Logger) -> AuthSettings | None:
+    """The servers' auth settings; None when off. Exits 78 for ``--auth off`` on a web port
+    that is not bound to loopback, and for a bad TLS pair."""
+    tls = tls_context(args, service)
     if args.auth == "off":
         exposed = [f"{option} {host}" for option, host in hosts.items() if not is_loopback(host)]
         if exposed:

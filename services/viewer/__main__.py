@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             hub,
             args.recorder_url,
             None if auth is None else RemoteAuth(auth, args.auth_url),
-            None if auth is None else auth.tls,
+            auth_settings.tls_context(args, SERVICE),
         )
     except OSError as exc:
         log.error(
