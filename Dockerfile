@@ -50,8 +50,8 @@ RUN /opt/venv/bin/pip install --no-deps /wheels/*.whl \
 FROM python:3.11-slim AS runtime
 RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home --shell /usr/sbin/nologin app \
- && mkdir -p /app /app/data \
- && chown app:app /app /app/data
+ && mkdir -p /app /app/data /app/auth \
+ && chown app:app /app /app/data /app/auth
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

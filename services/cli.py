@@ -1,5 +1,6 @@
 """The ``emotion-stream`` command: ``emotion-stream analyze clip.mp4``, or any service by
-name (``emotion-stream viewer --help``), the same as ``python -m services.<name>``."""
+name (``emotion-stream viewer --help``), the same as ``python -m services.<name>``;
+``emotion-stream users ...`` manages the users and API tokens of the web pages."""
 
 from __future__ import annotations
 
@@ -17,13 +18,18 @@ COMMANDS = (
     "viewer",
     "notifier",
 )
+TOOLS = ("users",)  # commands that are not a service
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["users"]:
+        from services.auth.cli import main as users
+
+        return users(argv[1:])
     if not argv or argv[0] not in COMMANDS:
         print(
-            f"usage: emotion-stream {{{','.join(COMMANDS)}}} [options]  (each answers --help)",
+            f"usage: emotion-stream {{{','.join(COMMANDS + TOOLS)}}} [options]  (each answers --help)",
             file=sys.stderr,
         )
         return 2

@@ -34,9 +34,16 @@ def main(argv=None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from services.auth import settings as auth_settings
+    from services.auth.directory import Directory, ensure_admin
+
     from .api import create_app, serve_api
 
+    web_hosts = {"--api-host": args.api_host} if args.api_port else {}
+    auth = auth_settings.settings_from(args, SERVICE, web_hosts, log)
     engine = open_database(args.database, log)
+    if auth is not None:
+        ensure_admin(Directory(engine), auth_settings.admin_password(args.admin_password_file), log)
     service = RecorderService(
         engine,
         RejectLog(SERVICE, log),
@@ -45,7 +52,7 @@ def main(argv=None) -> int:
         args.retention_days * 86400,
         log=log,
     )
-    api = serve_api(create_app(engine), args.api_host, args.api_port)
+    api = serve_api(create_app(engine, auth=auth), args.api_host, args.api_port, args.tls_cert, args.tls_key)
     serve_metrics(args.metrics_port, args.metrics_host, health=lambda: service.healthy)
     addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()
@@ -54,7 +61,9 @@ def main(argv=None) -> int:
         "recording %s into %s; API %s",
         addr.endpoint("tracks", "out"),
         engine.url.render_as_string(hide_password=True),
-        f"on http://{args.api_host}:{args.api_port} (/docs)" if api else "off",
+        f"on {'https' if args.tls_cert else 'http'}://{args.api_host}:{args.api_port} (/docs)"
+        if api
+        else "off",
     )
     service.run(tracks, stop)
     if api is not None:

@@ -1,8 +1,11 @@
-"""The recorder's HTTP API (FastAPI; OpenAPI page at /docs).
+"""The recorder's HTTP API (FastAPI; OpenAPI page at /docs, its assets served from here).
 
-Reads, and the admin's deletions (:func:`deletion_routes`). Lists are paginated by
-``cursor`` (JSON) or streamed whole (``format=csv`` or ``jsonl``, a page of rows at a time).
-Every bad parameter is a 4xx naming it.
+Every route but /healthz and the sign-in page asks for a session or an API token
+(services/auth); a principal limited to some streams gets 403 for the others. The data
+routes only read; admins manage users and tokens, read the audit log and delete recorded
+data (:func:`deletion_routes`). Lists are paginated by ``cursor`` (JSON) or streamed whole
+(``format=csv`` or ``jsonl``, a page of rows at a time). Every bad parameter is a 4xx naming
+it.
 """
 
 from __future__ import annotations
@@ -15,17 +18,24 @@ import time
 from collections.abc import Callable, Iterable
 
 import uvicorn
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import Counter
 from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.auth.directory import Directory
+from services.auth.principal import Principal
+from services.auth.settings import AuthSettings
 from services.common.protocol import EMOTIONS
 
 from . import deletion, live, params, queries
+from .auth_routes import add_auth_routes, admin_of, authenticate, client_of, principal_of
 from .plots import timeline_png
+from .schema import events as events_table
+from .schema import tracks as tracks_table
 
 REQUESTS = Counter(
     "emotion_recorder_api_requests_total", "API requests by route and status", ["route", "status"]
@@ -146,12 +156,19 @@ def export(
     )
 
 
-def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAPI:
-    app = FastAPI(
+def create_app(
+    engine: Engine, clock: Callable[[], float] = time.time, auth: AuthSettings | None = None
+) -> FastAPI:
+    """The API; ``auth`` None leaves it open (``--auth off``, in-process tests)."""
+    app = FastAPIOffline(
         title="emotion-stream recorder",
-        description="Tracks, emotion timelines and events recorded from the pipeline.",
+        description="Tracks, emotion timelines and events recorded from the pipeline. "
+        "Sign in at /login (the session also opens this page), or send Authorization: Bearer <token>.",
         version="1",
     )
+    directory = Directory(engine, clock)
+    add_auth_routes(app, directory, auth)
+    authenticate(app, directory, auth)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -183,9 +200,13 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
         return {"ok": True}
 
     @app.get("/api/streams", summary="Streams seen, with their tracks")
-    def list_streams():
+    def list_streams(principal: Principal = Depends(principal_of)):
         with engine.connect() as connection:
-            return {"streams": queries.list_streams(connection)}
+            seen = queries.list_streams(connection)
+        return {"streams": [s for s in seen if principal.may_see(s["name"])]}
+
+    def exported(request: Request, principal: Principal, what: str, output: str) -> None:
+        directory.audit(principal.name, "export", what, client_of(request), output)
 
     def listing(query, count, output, name, columns, csv_row, to_dict):
         """A list endpoint's answer: one page of JSON with the next cursor, or every row
@@ -201,6 +222,7 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
     @app.get("/api/tracks", summary="Tracks seen, newest row last; paginated by cursor")
     def list_tracks(
+        request: Request,
         stream: str | None = Query(None, description="stream id"),
         since: str | None = Query(None, description="Unix seconds, ISO 8601 or a duration ago (10m)"),
         until: str | None = Query(None, description="as since"),
@@ -208,16 +230,22 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
         limit: str | None = Query(None, description="rows per page, 1..1000 (default 100; exports: all)"),
         cursor: str | None = Query(None, description="next_cursor of the previous page"),
         format: str | None = Query(None, description="json (default), csv or jsonl"),
+        principal: Principal = Depends(principal_of),
     ):
         output = params.output_format(format)
-        stream = params.stream_id(stream)
+        stream = _visible(principal, params.stream_id(stream))
         start, end = params.time_range(since, until, clock())
         wanted = params.emotion(emotion)
         count = params.limit(limit, output)
         after = params.row_id(cursor, "cursor")
 
         def query(after=after):
-            return queries.tracks_query(stream, start, end, wanted, after)
+            return _only_visible(
+                queries.tracks_query(stream, start, end, wanted, after), tracks_table.c.stream, principal
+            )
+
+        if output != "json":
+            exported(request, principal, f"tracks stream={stream or '*'}", output)
 
         return listing(query, count, output, "tracks", TRACK_COLUMNS, track_csv, queries.track_dict)
 
@@ -225,8 +253,10 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
         "/api/tracks/{track_id}", summary="One track: its timeline of sampled observations and its events"
     )
     def get_track(
+        request: Request,
         track_id: str,
         format: str | None = Query(None, description="json (default), csv or jsonl: the observations"),
+        principal: Principal = Depends(principal_of),
     ):
         output = params.output_format(format)
         pk = _track_pk(track_id)
@@ -234,7 +264,9 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
             row = queries.get_track(connection, pk)
             if row is None:
                 raise params.HTTPException(404, f"track_id: no track {pk}")
+            _visible(principal, row.stream)
             if output != "json":
+                exported(request, principal, f"track {pk}", output)
                 return export(
                     queries.walk(engine, lambda after: queries.observations_query(pk, after)),
                     output,
@@ -259,12 +291,13 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
         summary="The track's smoothed emotions over time",
         response_class=Response,
     )
-    def track_png(track_id: str):
+    def track_png(track_id: str, principal: Principal = Depends(principal_of)):
         pk = _track_pk(track_id)
         with engine.connect() as connection:
             row = queries.get_track(connection, pk)
         if row is None:
             raise params.HTTPException(404, f"track_id: no track {pk}")
+        _visible(principal, row.stream)
         points = [
             (o.time, o.smoothed_scores)
             for o in queries.walk(engine, lambda after: queries.observations_query(pk, after))
@@ -273,6 +306,7 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
     @app.get("/api/events", summary="Track events (started, emotion changed, ended); paginated by cursor")
     def list_events(
+        request: Request,
         stream: str | None = Query(None, description="stream id"),
         since: str | None = Query(None, description="Unix seconds, ISO 8601 or a duration ago (10m)"),
         until: str | None = Query(None, description="as since"),
@@ -281,9 +315,10 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
         limit: str | None = Query(None, description="rows per page, 1..1000 (default 100; exports: all)"),
         cursor: str | None = Query(None, description="next_cursor of the previous page"),
         format: str | None = Query(None, description="json (default), csv or jsonl"),
+        principal: Principal = Depends(principal_of),
     ):
         output = params.output_format(format)
-        stream = params.stream_id(stream)
+        stream = _visible(principal, params.stream_id(stream))
         start, end = params.time_range(since, until, clock())
         kind = params.event_name(name)
         pk = params.row_id(track_id, "track_id")
@@ -291,7 +326,12 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
         after = params.row_id(cursor, "cursor")
 
         def query(after=after):
-            return queries.events_query(stream, start, end, kind, pk, after)
+            return _only_visible(
+                queries.events_query(stream, start, end, kind, pk, after), events_table.c.stream, principal
+            )
+
+        if output != "json":
+            exported(request, principal, f"events stream={stream or '*'}", output)
 
         return listing(query, count, output, "events", EVENT_COLUMNS, event_csv, queries.event_dict)
 
@@ -307,8 +347,13 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
             None,
             description="replay events after this id (default: only new ones; or the Last-Event-ID header)",
         ),
+        principal: Principal = Depends(principal_of),
     ):
-        stream = params.stream_id(stream)
+        stream = _visible(principal, params.stream_id(stream))
+        if stream is None and principal.streams is not None:
+            if len(principal.streams) != 1:
+                raise params.HTTPException(403, "stream: name one of the streams you may see")
+            stream = principal.streams[0]
         last = params.row_id(after if after is not None else request.headers.get("last-event-id"), "after")
         listener = feed.join(stream)
         if listener is None:
@@ -336,9 +381,11 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
 
     @app.get("/api/streams/{stream}/summary", summary="Share of time per emotion and tracks seen in a window")
     def stream_summary(
-        stream: str, window: str = Query("10m", description="how far back: 30s, 10m, 2h, 1d or seconds")
+        stream: str,
+        window: str = Query("10m", description="how far back: 30s, 10m, 2h, 1d or seconds"),
+        principal: Principal = Depends(principal_of),
     ):
-        stream = params.stream_id(stream)
+        stream = _visible(principal, params.stream_id(stream))
         seconds = params.duration(window, "window")
         now = clock()
         with engine.connect() as connection:
@@ -346,7 +393,7 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
                 raise params.HTTPException(404, f"stream: no stream {stream[:128]!r}")
             return {**queries.summary(connection, stream, now - seconds, now), "window_s": seconds}
 
-    app.include_router(deletion_routes(engine, clock))
+    app.include_router(deletion_routes(engine, directory, clock))
 
     def _newest_event() -> int:
         with engine.connect() as connection:
@@ -361,9 +408,10 @@ def create_app(engine: Engine, clock: Callable[[], float] = time.time) -> FastAP
     return app
 
 
-def deletion_routes(engine: Engine, clock: Callable[[], float] = time.time) -> APIRouter:
-    """The admin's deletions, on a router of their own so that one dependency (the admin
-    check) guards them all: ``app.include_router(deletion_routes(...), dependencies=[...])``.
+def deletion_routes(
+    engine: Engine, directory: Directory, clock: Callable[[], float] = time.time
+) -> APIRouter:
+    """The admins' deletions, each in the audit log, on a router of their own.
 
     Each answers what it deleted per table and whether the database file was compacted
     afterwards (``compacted``; when false, ``not_compacted`` says why)."""
@@ -379,21 +427,23 @@ def deletion_routes(engine: Engine, clock: Callable[[], float] = time.time) -> A
     @router.delete(
         "/api/tracks/{track_id}", summary="Delete one track with its observations and events (admin)"
     )
-    def delete_track(track_id: str, request: Request):
+    def delete_track(track_id: str, request: Request, admin: Principal = Depends(admin_of)):
         _only_parameters(request)
         pk = _track_pk(track_id)
         deleted = deletion.delete_track(engine, pk)
         if deleted is None:
             raise params.HTTPException(404, f"track_id: no track {pk}")
+        directory.audit(admin.name, "track_deleted", str(pk), client_of(request))
         return answer(deleted)
 
     @router.delete("/api/streams/{stream}", summary="Delete everything recorded of a stream (admin)")
-    def delete_stream(stream: str, request: Request):
+    def delete_stream(stream: str, request: Request, admin: Principal = Depends(admin_of)):
         _only_parameters(request)
         stream = params.stream_id(stream) or ""
         deleted = deletion.delete_stream(engine, stream)
         if deleted is None:
             raise params.HTTPException(404, f"stream: no stream {stream[:128]!r}")
+        directory.audit(admin.name, "stream_deleted", stream, client_of(request))
         return answer(deleted)
 
     @router.delete(
@@ -407,6 +457,7 @@ def deletion_routes(engine: Engine, clock: Callable[[], float] = time.time) -> A
         ),
         until: str | None = Query(None, description="as since, or now; required"),
         stream: str | None = Query(None, description="only this stream (default: every stream)"),
+        admin: Principal = Depends(admin_of),
     ):
         _only_parameters(request, "since", "until", "stream")
         if since is None or until is None:
@@ -415,7 +466,12 @@ def deletion_routes(engine: Engine, clock: Callable[[], float] = time.time) -> A
         start, end = deletion.moment(since, "since", now), deletion.moment(until, "until", now)
         if end < start:
             raise params.bad("until", "is before since")
-        return answer(deletion.delete_time_range(engine, start, end, params.stream_id(stream)))
+        stream = params.stream_id(stream)
+        deleted = deletion.delete_time_range(engine, start, end, stream)
+        directory.audit(
+            admin.name, "range_deleted", stream or "", client_of(request), f"{start:.0f}..{end:.0f}"
+        )
+        return answer(deleted)
 
     return router
 
@@ -428,6 +484,18 @@ def _only_parameters(request: Request, *names: str) -> None:
         raise params.bad(unknown[0], "is not a parameter of this deletion")
 
 
+def _visible(principal: Principal, stream: str | None) -> str | None:
+    """The stream asked for, or 403 when the principal may not see it."""
+    if stream is not None and not principal.may_see(stream):
+        raise params.HTTPException(403, f"stream: not yours to see: {stream[:128]!r}")
+    return stream
+
+
+def _only_visible(query, column, principal: Principal):
+    """A query narrowed to the principal's streams (unchanged for one who sees all)."""
+    return query if principal.streams is None else query.where(column.in_(principal.streams))
+
+
 def _track_pk(value: str) -> int:
     return params.row_id(value, "track_id")
 
@@ -437,11 +505,23 @@ def _route(request: Request) -> str:
     return getattr(route, "path", "other")
 
 
-def serve_api(app: FastAPI, host: str, port: int) -> uvicorn.Server | None:
-    """Run the API in a daemon thread (port 0: none); ``server.should_exit = True`` stops it."""
+def serve_api(
+    app: FastAPI, host: str, port: int, tls_cert: str = "", tls_key: str = ""
+) -> uvicorn.Server | None:
+    """Run the API in a daemon thread (port 0: none); ``server.should_exit = True`` stops it.
+    With a certificate and key it serves HTTPS."""
     if not port:
         return None
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=tls_cert or None,
+        ssl_keyfile=tls_key or None,
+    )
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, name="recorder-api", daemon=True).start()
     return server

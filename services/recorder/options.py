@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.auth import settings as auth_settings
 from services.common import ports
 from services.common.config import config_error, service_parser
 
@@ -42,6 +43,13 @@ def build_parser():
     )
     parser.option(
         "--api-port", default=ports.RECORDER_API_PORT, type=int, help="port of the HTTP API (0 = none)"
+    )
+    auth_settings.add_options(parser)
+    parser.option(
+        "--admin-password-file",
+        default="",
+        help=f"file with the first admin's password, used when the database has no user yet "
+        f"(env {auth_settings.ADMIN_PASSWORD_ENV} wins; neither: one is made and logged once)",
     )
     return parser
 

@@ -91,3 +91,42 @@ events = Table(
     Index("ix_events_track_time", "track_id", "time"),
     Index("ix_events_time", "time"),
 )
+
+# --- authentication (services/auth): users, API tokens and the audit log ---
+
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("password", String(255), nullable=False),  # argon2 hash
+    Column("role", String(16), nullable=False),
+    Column("streams", JSON),  # a list of stream ids; NULL: every stream
+    Column("generation", Integer, nullable=False, server_default="1"),  # +1 ends its sessions
+    Column("created", Float, nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("digest", String(64), nullable=False, unique=True),  # SHA-256 of the token, hex
+    Column("role", String(16), nullable=False),
+    Column("streams", JSON),
+    Column("created", Float, nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("revoked", Float),  # when; NULL while valid
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("time", Float, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("target", String(255), nullable=False, server_default=""),
+    Column("client", String(64), nullable=False, server_default=""),
+    Column("detail", String(1000), nullable=False, server_default=""),
+    Index("ix_audit_time", "time"),
+)

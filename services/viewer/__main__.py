@@ -8,6 +8,8 @@ import threading
 
 import zmq
 
+from services.auth import settings as auth_settings
+from services.auth.web import RemoteAuth
 from services.common import bus, metrics
 from services.common.config import setup_logging
 
@@ -28,10 +30,18 @@ def main(argv=None) -> int:
             log.error("cannot open windows: %s", problem)
             return 2
         windows = NativeWindows()
+    auth = auth_settings.settings_from(args, SERVICE, {"--http-host": args.http_host}, log)
     hub = StreamHub(delay_ms=args.delay_ms)
     try:
         metrics.serve_metrics(args.metrics_port, args.metrics_host)
-        server, _ = start_web_server(args.http_host, args.http_port, hub, args.recorder_url)
+        server, _ = start_web_server(
+            args.http_host,
+            args.http_port,
+            hub,
+            args.recorder_url,
+            None if auth is None else RemoteAuth(auth, args.auth_url),
+            auth_settings.tls_context(args, SERVICE),
+        )
     except OSError as exc:
         log.error(
             "cannot listen (metrics port %s, web %s:%s): %s",
@@ -56,7 +66,8 @@ def main(argv=None) -> int:
         sockets.append(tracks)
         viewer = ViewerService(settings_from(args), hub, metrics.RejectLog(SERVICE, log), windows)
         log.info(
-            "web page on http://%s:%s/ ; frames from %s, results from %s, tracks from %s; delay %d ms",
+            "web page on %s://%s:%s/ ; frames from %s, results from %s, tracks from %s; delay %d ms",
+            "https" if args.tls_cert else "http",
             args.http_host,
             server.server_address[1],
             address.endpoint("frames", "out"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.auth import settings as auth_settings
 from services.common import ports
 from services.common.config import ServiceParser, service_parser
 
@@ -62,6 +63,13 @@ def build_parser() -> ServiceParser:
         type=bool,
         help="also open a native OpenCV window per stream ('q' quits); needs a "
         "display and opencv-python (not -headless)",
+    )
+    auth_settings.add_options(parser)
+    parser.option(
+        "--auth-url",
+        default=f"http://127.0.0.1:{ports.RECORDER_API_PORT}",
+        help="where the viewer asks the recorder about sign-ins and credentials (the users "
+        "live in the recorder's database); unreachable: every request is refused",
     )
     return parser
 

@@ -6,7 +6,12 @@ in every browser without any script. Beside each stream, a dashboard panel (the 
 their emotion bars, a rolling 60-second timeline) is drawn by ``static/dashboard.js`` from
 Server-Sent Events at ``/events/<stream>``, in the colours of the shared palette that the
 page carries as JSON in ``<body data-palette>``. The page's Content-Security-Policy allows
-scripts from the viewer itself only. Only the listed paths exist; everything else is a 404.
+scripts from the viewer itself only. Only the paths in ROUTES exist; everything else is a 404.
+
+With authentication on (services/auth), every route but /healthz and the sign-in page
+asks for the session cookie or ``Authorization: Bearer ...``; pages without one redirect to
+/login, everything else answers 401. A principal limited to some streams gets 403 for the
+others, and /status.json and the page list only its own.
 """
 
 from __future__ import annotations
@@ -15,14 +20,31 @@ import html
 import json
 import logging
 import socket
+import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from services.auth.gate import (
+    CSRF_FIELD,
+    LOGIN_CSS,
+    LOGIN_PATH,
+    AuthError,
+    clear_cookies,
+    credential,
+    login_redirect,
+    safe_next,
+    same_origin,
+    wants_html,
+)
+from services.auth.pages import LOGIN_CSP, LOGIN_CSS_BYTES, login_page
+from services.auth.principal import ANONYMOUS, Principal
+from services.auth.web import RemoteAuth
 from services.common.metrics import RateLimitedLog
 from services.common.palette import PALETTE
 
@@ -43,14 +65,61 @@ log = logging.getLogger("viewer.web")
 
 PAGE_CSP = (
     "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+MAX_FORM_BYTES = 4096
+STREAM = "{stream}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One path of the viewer: ``{stream}`` in the pattern stands for a quoted stream id.
+    ``public`` routes answer without signing in."""
+
+    method: str
+    pattern: str
+    handler: str
+    public: bool = False
+
+    def match(self, method: str, path: str) -> tuple[bool, str | None]:
+        """(matches, the stream id in the path); raises UnicodeDecodeError for a bad id."""
+        if method != self.method:
+            return False, None
+        if STREAM not in self.pattern:
+            return path == self.pattern, None
+        prefix, suffix = self.pattern.split(STREAM)
+        stream = _stream_id(path, prefix, suffix)
+        return stream is not None, stream
+
+
+ROUTES = (
+    Route("GET", "/", "page"),
+    *(Route("GET", path, "static") for path in STATIC_FILES),
+    Route("GET", "/status.json", "status"),
+    Route("GET", "/healthz", "healthz", public=True),
+    Route("GET", LOGIN_PATH, "login_page", public=True),
+    Route("GET", LOGIN_CSS, "login_css", public=True),
+    Route("POST", LOGIN_PATH, "login", public=True),
+    Route("POST", "/logout", "logout"),
+    Route("GET", f"/snapshot/{STREAM}.jpg", "snapshot"),
+    Route("GET", f"/stream/{STREAM}.mjpg", "mjpeg"),
+    Route("GET", f"/events/{STREAM}", "events"),
 )
 
 
-def render_page(streams: list[str], recorder_url: str = "") -> str:
+def find_route(method: str, path: str) -> tuple[Route, str | None] | None:
+    for route in ROUTES:
+        matches, stream = route.match(method, path)
+        if matches:
+            return route, stream
+    return None
+
+
+def render_page(streams: list[str], recorder_url: str = "", signed_in: str = "", csrf: str = "") -> str:
     """The index page; stream ids are escaped for HTML and quoted for URLs. Each stream gets
     its picture and an empty dashboard panel that dashboard.js fills from /events/<stream>,
-    coloured by the palette in the body's ``data-palette``."""
+    coloured by the palette in the body's ``data-palette``. ``signed_in`` names the user
+    beside a sign-out button (a form carrying the session's CSRF token)."""
     sections = []
     recorder = f' data-recorder="{html.escape(recorder_url.rstrip("/"))}"' if recorder_url else ""
     for stream in streams:
@@ -72,13 +141,20 @@ def render_page(streams: list[str], recorder_url: str = "") -> str:
     body = "\n".join(sections) or empty
     refresh = "" if streams else '<meta http-equiv="refresh" content="2">'
     palette = html.escape(json.dumps(PALETTE))
+    account = ""
+    if signed_in:
+        account = (
+            f'<form class="account" method="post" action="/logout">{html.escape(signed_in)} '
+            f'<input type="hidden" name="{CSRF_FIELD}" value="{html.escape(csrf)}">'
+            '<button type="submit">Sign out</button></form>'
+        )
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{refresh}'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         '<title>Emotion viewer</title><link rel="stylesheet" href="/static/dashboard.css">'
         '<script src="/static/dashboard.js" defer></script></head>'
         f'<body data-palette="{palette}">'
-        "<header><h1>Emotion viewer</h1><p>Live streams, the people in them and how they "
+        f"<header>{account}<h1>Emotion viewer</h1><p>Live streams, the people in them and how they "
         'feel. Reload for new streams &middot; <a href="/status.json">status</a></p></header>'
         f"<main>{body}</main></body></html>\n"
     )
@@ -87,7 +163,7 @@ def render_page(streams: list[str], recorder_url: str = "") -> str:
 def _stream_id(path: str, prefix: str, suffix: str) -> str | None:
     """The stream id in ``prefix<quoted id>suffix``, or None when the path is not of that form."""
     if path.startswith(prefix) and path.endswith(suffix) and len(path) > len(prefix) + len(suffix):
-        return unquote(path[len(prefix) : -len(suffix)], errors="strict")
+        return unquote(path[len(prefix) : len(path) - len(suffix)], errors="strict")
     return None
 
 
@@ -110,43 +186,138 @@ class ViewerHandler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
-        hub = self.server.hub
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        """Find the route, check the credential (unless public) and the stream, answer."""
         path = urlsplit(self.path).path
         try:
-            if path == "/":
-                self._send(
-                    render_page(hub.streams(), self.server.recorder_url).encode(),
-                    "text/html; charset=utf-8",
-                    {"Content-Security-Policy": PAGE_CSP},
-                )
-            elif path in STATIC_FILES:
-                name, content_type = STATIC_FILES[path]
-                self._send((STATIC / name).read_bytes(), content_type)
-            elif path == "/status.json":
-                self._send(json.dumps(hub.status(), indent=1).encode(), "application/json")
-            elif path == "/healthz":
-                healthy = hub.loop_age() < HEALTHY_LOOP_AGE_S
-                self._send(
-                    b"ok\n" if healthy else b"compositing loop stalled\n",
-                    "text/plain; charset=utf-8",
-                    status=HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE,
-                )
-            elif (stream := _stream_id(path, "/snapshot/", ".jpg")) is not None:
-                jpeg = hub.snapshot(stream)
-                if jpeg is None:
-                    self._not_found()
-                else:
-                    self._send(jpeg, "image/jpeg")
-            elif (stream := _stream_id(path, "/stream/", ".mjpg")) is not None:
-                self._mjpeg(stream)
-            elif path.startswith("/events/") and len(path) > len("/events/"):
-                self._events(unquote(path[len("/events/") :], errors="strict"))
-            else:
+            found = find_route(method, path)
+            if found is None:
                 self._not_found()
+                return
+            route, stream = found
+            form = self._form() if method == "POST" else {}
+            principal = self._principal(route, method, path, form)
+            if principal is None:
+                return
+            if stream is not None and not principal.may_see(stream):
+                self._send(b"not your stream\n", "text/plain; charset=utf-8", status=HTTPStatus.FORBIDDEN)
+                return
+            getattr(self, f"_{route.handler}")(principal, stream, form)
         except UnicodeDecodeError:
             self._not_found()
         except OSError:
             self.close_connection = True  # the client went away mid-response
+
+    def _principal(self, route: Route, method: str, path: str, form: dict) -> Principal | None:
+        """Who asks; None when the request was refused (and answered) here."""
+        auth = self.server.auth
+        if auth is None or route.public:
+            return ANONYMOUS
+        try:
+            return auth.gate.check(method, self.headers, form.get(CSRF_FIELD))
+        except AuthError as error:
+            if error.status == 401 and wants_html(method, self.headers):
+                self._redirect(login_redirect(path))
+            else:
+                headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+                detail = f"{error.detail}\n".encode()
+                self._send(detail, "text/plain; charset=utf-8", headers, HTTPStatus(error.status))
+            return None
+
+    def _form(self) -> dict[str, str]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 <= length <= MAX_FORM_BYTES:
+            return {}
+        body = self.rfile.read(length).decode("utf-8", "replace")
+        return {key: values[0] for key, values in parse_qs(body).items()}
+
+    def _redirect(self, location: str, cookies: list[str] | None = None) -> None:
+        self.send_response(HTTPStatus.SEE_OTHER)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.send_header("Cache-Control", "no-store")
+        for cookie in cookies or []:
+            self.send_header("Set-Cookie", cookie)
+        self.end_headers()
+
+    def _secure(self) -> bool:
+        auth = self.server.auth
+        return bool(auth and auth.https) or self.headers.get("X-Forwarded-Proto") == "https"
+
+    def _page(self, principal: Principal, _stream, _form) -> None:
+        signed_in = csrf = ""
+        auth = self.server.auth
+        found = credential(self.headers) if auth else None
+        if auth is not None and found is not None and found[1]:
+            signed_in, csrf = principal.name, auth.signer.csrf(found[0])
+        streams = [s for s in self.server.hub.streams() if principal.may_see(s)]
+        self._send(
+            render_page(streams, self.server.recorder_url, signed_in, csrf).encode(),
+            "text/html; charset=utf-8",
+            {"Content-Security-Policy": PAGE_CSP},
+        )
+
+    def _static(self, _principal, _stream, _form) -> None:
+        name, content_type = STATIC_FILES[urlsplit(self.path).path]
+        self._send((STATIC / name).read_bytes(), content_type)
+
+    def _status(self, principal: Principal, _stream, _form) -> None:
+        status = self.server.hub.status()
+        if principal.streams is not None:
+            status["streams"] = {k: v for k, v in status["streams"].items() if principal.may_see(k)}
+            status["streams_not_shown"] = [s for s in status["streams_not_shown"] if principal.may_see(s)]
+        self._send(json.dumps(status, indent=1).encode(), "application/json")
+
+    def _healthz(self, _principal, _stream, _form) -> None:
+        healthy = self.server.hub.loop_age() < HEALTHY_LOOP_AGE_S
+        self._send(
+            b"ok\n" if healthy else b"compositing loop stalled\n",
+            "text/plain; charset=utf-8",
+            status=HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE,
+        )
+
+    def _login_page(self, _principal, _stream, form: dict, message: str = "", status=HTTPStatus.OK) -> None:
+        """The sign-in form; after a failed sign-in again, with the message and the same
+        page to go to afterwards."""
+        next_path = form.get("next") or parse_qs(urlsplit(self.path).query).get("next", ["/"])[0]
+        page = login_page("Emotion viewer", next_path, message)
+        self._send(page.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": LOGIN_CSP}, status)
+
+    def _login_css(self, _principal, _stream, _form) -> None:
+        self._send(LOGIN_CSS_BYTES, "text/css; charset=utf-8")
+
+    def _login(self, principal, stream, form: dict) -> None:
+        auth = self.server.auth
+        if auth is None:
+            self._not_found()
+            return
+        if not same_origin(self.headers):
+            self._send(
+                b"sign-in from another site\n", "text/plain; charset=utf-8", status=HTTPStatus.FORBIDDEN
+            )
+            return
+        try:
+            answer = auth.sign_in(form.get("username", ""), form.get("password", ""), self.client_address[0])
+        except AuthError as error:
+            self._login_page(principal, stream, form, error.detail, HTTPStatus(error.status))
+            return
+        cookies = auth.gate.session_cookies(answer["token"], float(answer["expires"]), self._secure())
+        self._redirect(safe_next(form.get("next")), cookies)
+
+    def _logout(self, _principal, _stream, _form) -> None:
+        self._redirect(LOGIN_PATH, clear_cookies(self._secure()))
+
+    def _snapshot(self, _principal, stream: str, _form) -> None:
+        jpeg = self.server.hub.snapshot(stream)
+        if jpeg is None:
+            self._not_found()
+        else:
+            self._send(jpeg, "image/jpeg")
 
     def _send(
         self, body: bytes, content_type: str, headers: dict | None = None, status: HTTPStatus = HTTPStatus.OK
@@ -163,10 +334,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
     def _not_found(self) -> None:
         self._send(b"not found\n", "text/plain; charset=utf-8", status=HTTPStatus.NOT_FOUND)
 
-    def _mjpeg(self, stream: str) -> None:
+    def _mjpeg(self, _principal, stream: str, _form=None) -> None:
         self._long_response(stream, f"multipart/x-mixed-replace; boundary={BOUNDARY}", self._write_parts)
 
-    def _events(self, stream: str) -> None:
+    def _events(self, _principal, stream: str, _form=None) -> None:
         self._long_response(stream, "text/event-stream; charset=utf-8", self._write_events)
 
     def _long_response(self, stream: str, content_type: str, write) -> None:
@@ -240,13 +411,29 @@ class ViewerHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], hub: StreamHub, recorder_url: str = ""):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        hub: StreamHub,
+        recorder_url: str = "",
+        auth: RemoteAuth | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.hub = hub
         self.recorder_url = recorder_url
         self._hangups = RateLimitedLog(log)
+        self.auth = auth
+        self.tls = tls
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ViewerHandler)
+
+    def get_request(self):
+        """With TLS, wrap each connection; its handshake runs in the client's own thread."""
+        connection, address = super().get_request()
+        if self.tls is not None:
+            connection = self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
 
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up early (on any path, at any point) is a rate-limited debug
@@ -259,10 +446,16 @@ class ViewerHTTPServer(ThreadingHTTPServer):
 
 
 def start_web_server(
-    host: str, port: int, hub: StreamHub, recorder_url: str = ""
+    host: str,
+    port: int,
+    hub: StreamHub,
+    recorder_url: str = "",
+    auth: RemoteAuth | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[ViewerHTTPServer, threading.Thread]:
-    """Bind (raises OSError when the port is taken) and serve in a background thread."""
-    server = ViewerHTTPServer((host, port), hub, recorder_url)
+    """Bind (raises OSError when the port is taken) and serve in a background thread.
+    ``auth`` None serves without sign-in (``--auth off``, in-process tests)."""
+    server = ViewerHTTPServer((host, port), hub, recorder_url, auth, tls)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="viewer-http", daemon=True
     )

@@ -102,6 +102,8 @@ class Stack:
         self.env = env
         self.log = log
         self.viewer = f"http://127.0.0.1:{env['VIEWER_PORT']}"
+        self.recorder = f"http://127.0.0.1:{env['RECORDER_PORT']}"
+        self._session = ""
         self.prometheus = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}"
         self.timings: dict[str, float] = {}
 
@@ -146,8 +148,20 @@ class Stack:
         with urllib.request.urlopen(f"{self.prometheus}/api/v1/targets?state=active", timeout=10) as response:
             return json.load(response)["data"]["activeTargets"]
 
+    def signed_in(self) -> dict[str, str]:
+        """The Authorization header of the first admin's session (authentication is on)."""
+        if not self._session:
+            body = json.dumps({"username": "admin", "password": self.env["EMOTION_ADMIN_PASSWORD"]}).encode()
+            request = urllib.request.Request(
+                self.recorder + "/login", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                self._session = json.load(response)["token"]
+        return {"Authorization": f"Bearer {self._session}"}
+
     def get(self, path: str, timeout: float = 10) -> bytes:
-        with urllib.request.urlopen(self.viewer + path, timeout=timeout) as response:
+        request = urllib.request.Request(self.viewer + path, headers=self.signed_in())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read()
 
 
@@ -173,6 +187,7 @@ def stack(tmp_path_factory, pytestconfig):
         PROMETHEUS_PORT=str(free_port()),
         RECORDER_PORT=str(free_port()),
         GRAFANA_PORT=str(free_port()),
+        EMOTION_ADMIN_PASSWORD="compose-smoke-admin-password",
     )
     files = ["docker-compose.yml"]
     if not (ROOT / "models" / "current").is_file():
@@ -262,7 +277,8 @@ def test_viewer_serves_annotated_frames(stack):
     assert image is not None and image.shape[2] == 3 and image.shape[1] >= 320
 
     # the MJPEG stream: read until one whole part has arrived
-    with urllib.request.urlopen(stack.viewer + "/stream/main.mjpg", timeout=10) as response:
+    mjpeg = urllib.request.Request(stack.viewer + "/stream/main.mjpg", headers=stack.signed_in())
+    with urllib.request.urlopen(mjpeg, timeout=10) as response:
         assert response.headers.get_content_type() == "multipart/x-mixed-replace"
         data = b""
         while data.count(b"\xff\xd9") < 1 and len(data) < 4_000_000:

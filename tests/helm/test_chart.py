@@ -289,6 +289,33 @@ def test_curve_keys_from_the_secret(rendered):
         assert "EMOTION_CURVE_KEYS" not in {e["name"] for e in pod["containers"][0]["env"]}
 
 
+def test_sign_in_secrets_from_the_kubernetes_secret(rendered):
+    """The signing key (viewer and recorder) and the admin's password (recorder only) are
+    files from the Secret; no value of them is in the chart, and sign-in stays on."""
+    for variant in VARIANTS:
+        deps = deployments(documents(rendered[variant]))
+        for name in ("viewer", "recorder"):
+            pod = deps[name]["spec"]["template"]["spec"]
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            assert env["EMOTION_AUTH_SECRET_FILE"]["value"] == "/app/auth/secret"
+            assert not {"EMOTION_AUTH", "EMOTION_AUTH_SECRET", "EMOTION_ADMIN_PASSWORD"} & set(env), name
+            mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "auth")
+            assert mount == {"name": "auth", "mountPath": "/app/auth", "readOnly": True}
+            volume = next(v for v in pod["volumes"] if v["name"] == "auth")["projected"]
+            assert volume["defaultMode"] == 0o440
+            items = {i["key"]: s["secret"] for s in volume["sources"] for i in s["secret"]["items"]}
+            assert items["secret"]["name"] == "emotion-stream-auth" and "optional" not in items["secret"]
+            if name == "recorder":
+                assert items["admin-password"]["optional"] is True
+                assert env["EMOTION_ADMIN_PASSWORD_FILE"]["value"] == "/app/auth/admin-password"
+            else:
+                assert set(items) == {"secret"}
+                assert env["EMOTION_AUTH_URL"]["value"] == f"http://{RELEASE}-emotion-stream-recorder:8081"
+        for dep in deps.values():
+            if component(dep) not in ("viewer", "recorder"):
+                assert not any(v["name"] == "auth" for v in dep["spec"]["template"]["spec"]["volumes"])
+
+
 def test_detectors_and_classifiers_scale(rendered):
     docs = documents(rendered["default"])
     deps = deployments(docs)

@@ -10,7 +10,7 @@ from services.launch import Process, ProcessSpec
 
 from .paths import ROOT
 
-TEST_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # the tests' processes run on the CPU
+TEST_ENV = {"CUDA_VISIBLE_DEVICES": "", "EMOTION_AUTH": "off"}  # on the CPU; loopback, no sign-in
 
 
 class Service(Process):

@@ -21,6 +21,7 @@ PINNED = ("broker", "recorder", "viewer", "prometheus")
 # the stack's variables a user may have exported
 VARIABLES = (
     "CURVE_KEYS",
+    "AUTH_SECRETS",
     "BROKER_NODE",
     "IMAGE_BASE",
     "IMAGE_ML",
@@ -96,17 +97,38 @@ def test_curve_keys_are_secrets_and_on_by_default(stack):
         targets = {s["target"]: s for s in service["secrets"]}
         for secret in targets.values():
             assert secret["uid"] == "10001" and secret["mode"] == 0o400
+        curve = {t for t in targets if t.startswith("curve/")}
         if name == "broker":
-            assert set(targets) == {"curve/broker.key", "curve/broker.key_secret", "curve/clients/swarm.key"}
+            assert curve == {"curve/broker.key", "curve/broker.key_secret", "curve/clients/swarm.key"}
         else:  # only the broker holds the broker's secret key
-            assert set(targets) == {"curve/broker.key", "curve/client.key", "curve/client.key_secret"}
+            assert curve == {"curve/broker.key", "curve/client.key", "curve/client.key_secret"}
+        assert set(targets) - curve == AUTH_TARGETS.get(name, set()), name
         assert service["environment"].get("EMOTION_BROKER_HOST", "broker") == "broker"
     assert set(stack["secrets"]) == {
         "curve_broker_public",
         "curve_broker_secret",
         "curve_client_public",
         "curve_client_secret",
+        "emotion_auth_secret",
+        "emotion_admin_password",
     }
+
+
+# Only the two web servers hold sign-in secrets; only the recorder the admin's password.
+AUTH_TARGETS = {"viewer": {"auth/secret"}, "recorder": {"auth/secret", "auth/admin-password"}}
+
+
+def test_sign_in_secrets_come_from_swarm_secrets_never_from_the_file(stack):
+    text = (SWARM / "stack.yml").read_text()
+    assert "EMOTION_AUTH_SECRET:" not in text and "EMOTION_ADMIN_PASSWORD:" not in text
+    assert "EMOTION_AUTH:" not in text  # authentication stays on (the default)
+    for name in ("viewer", "recorder"):
+        environment = stack["services"][name]["environment"]
+        assert environment["EMOTION_AUTH_SECRET_FILE"] == "/run/secrets/auth/secret", name
+    recorder = stack["services"]["recorder"]["environment"]
+    assert recorder["EMOTION_ADMIN_PASSWORD_FILE"] == "/run/secrets/auth/admin-password"
+    assert stack["services"]["viewer"]["environment"]["EMOTION_AUTH_URL"] == "http://recorder:8081"
+    assert stack["secrets"]["emotion_auth_secret"] == {"file": "${AUTH_SECRETS:-./auth}/secret"}
 
 
 def test_hardening_as_in_compose(stack):
@@ -139,10 +161,17 @@ def test_docker_stack_config_accepts_it(tmp_path):
         pytest.skip("this docker CLI has no `docker stack config` (Docker 23 or later has)")
     keys = tmp_path / "keys"
     keys.mkdir()
-    for name in ("broker.key", "broker.key_secret", "client.key", "client.key_secret"):
+    for name in (
+        "broker.key",
+        "broker.key_secret",
+        "client.key",
+        "client.key_secret",
+        "secret",
+        "admin-password",
+    ):
         (keys / name).write_text("placeholder\n")
     env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
-    env.update(CURVE_KEYS=str(keys), DETECTORS="3")
+    env.update(CURVE_KEYS=str(keys), AUTH_SECRETS=str(keys), DETECTORS="3")
     result = subprocess.run(
         [docker, "stack", "config", "-c", str(SWARM / "stack.yml")],
         cwd=SWARM,

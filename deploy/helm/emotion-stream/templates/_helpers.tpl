@@ -59,6 +59,28 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- .Values.curve.existingSecret -}}
 {{- end -}}
 
+{{/* The sign-in secrets from the Secret auth.existingSecret, as files in /app/auth: the
+session signing key (key "secret"; viewer and recorder) and, for the recorder only, the
+first admin's password (key "admin-password", optional: without it one is generated and
+logged once). */}}
+{{- define "es.authVolume" -}}
+name: auth
+projected:
+  defaultMode: 288
+  sources:
+    - secret:
+        name: {{ .root.Values.auth.existingSecret | quote }}
+        items:
+          - {key: secret, path: secret}
+    {{- if .adminPassword }}
+    - secret:
+        name: {{ .root.Values.auth.existingSecret | quote }}
+        optional: true
+        items:
+          - {key: admin-password, path: admin-password}
+    {{- end }}
+{{- end -}}
+
 {{/* The broker's address inside the cluster */}}
 {{- define "es.brokerHost" -}}
 {{- printf "%s.%s.svc" (include "es.component" (dict "root" . "component" "broker")) .Release.Namespace -}}
