@@ -40,6 +40,8 @@ def pytest_collection_modifyitems(config, items):
     """The longest modules first; within a module the order stays as written."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
+
+
 # The suite's own processes bind loopback and run without sign-in, also those started with
 # os.environ rather than TEST_ENV; the authentication tests turn it on for theirs.
 os.environ.setdefault("EMOTION_AUTH", "off")

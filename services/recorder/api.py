@@ -3,7 +3,7 @@
 Every route but /healthz and the sign-in page asks for a session or an API token
 (services/auth); a principal limited to some streams gets 403 for the others. The data
 routes only read; admins manage users and tokens, read the audit log and delete recorded
-data (:func:`deletion_routes`). Lists are paginated by ``cursor`` (JSON) or streamed whole
+data (:func:`add_deletion_routes`). Lists are paginated by ``cursor`` (JSON) or streamed whole
 (``format=csv`` or ``jsonl``, a page of rows at a time). Every bad parameter is a 4xx naming
 it.
 """
@@ -11,6 +11,7 @@ it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import threading
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
@@ -393,7 +394,7 @@ def create_app(
                 raise params.HTTPException(404, f"stream: no stream {stream[:128]!r}")
             return {**queries.summary(connection, stream, now - seconds, now), "window_s": seconds}
 
-    app.include_router(deletion_routes(engine, directory, clock))
+    add_deletion_routes(app, engine, directory, clock)
 
     def _newest_event() -> int:
         with engine.connect() as connection:
@@ -408,14 +409,13 @@ def create_app(
     return app
 
 
-def deletion_routes(
-    engine: Engine, directory: Directory, clock: Callable[[], float] = time.time
-) -> APIRouter:
-    """The admins' deletions, each in the audit log, on a router of their own.
+def add_deletion_routes(
+    app: FastAPI, engine: Engine, directory: Directory, clock: Callable[[], float] = time.time
+) -> None:
+    """The admins' deletions, each in the audit log.
 
     Each answers what it deleted per table and whether the database file was compacted
     afterwards (``compacted``; when false, ``not_compacted`` says why)."""
-    router = APIRouter(tags=["deletion (admin)"])
 
     def answer(deleted: deletion.Deleted) -> dict:
         return {
@@ -424,9 +424,7 @@ def deletion_routes(
             **({"not_compacted": deleted.not_compacted} if deleted.not_compacted else {}),
         }
 
-    @router.delete(
-        "/api/tracks/{track_id}", summary="Delete one track with its observations and events (admin)"
-    )
+    @app.delete("/api/tracks/{track_id}", summary="Delete one track with its observations and events (admin)")
     def delete_track(track_id: str, request: Request, admin: Principal = Depends(admin_of)):
         _only_parameters(request)
         pk = _track_pk(track_id)
@@ -436,17 +434,19 @@ def deletion_routes(
         directory.audit(admin.name, "track_deleted", str(pk), client_of(request))
         return answer(deleted)
 
-    @router.delete("/api/streams/{stream}", summary="Delete everything recorded of a stream (admin)")
+    @app.delete("/api/streams/{stream}", summary="Delete everything recorded of a stream (admin)")
     def delete_stream(stream: str, request: Request, admin: Principal = Depends(admin_of)):
         _only_parameters(request)
         stream = params.stream_id(stream) or ""
         deleted = deletion.delete_stream(engine, stream)
         if deleted is None:
             raise params.HTTPException(404, f"stream: no stream {stream[:128]!r}")
-        directory.audit(admin.name, "stream_deleted", stream, client_of(request))
+        # the name itself is what was deleted: the log keeps a digest that confirms it
+        digest = hashlib.sha256(stream.encode()).hexdigest()[:16]
+        directory.audit(admin.name, "stream_deleted", f"sha256:{digest}", client_of(request))
         return answer(deleted)
 
-    @router.delete(
+    @app.delete(
         "/api/tracks",
         summary="Delete a time range: every track visible in [since, until], whole, and its events (admin)",
     )
@@ -472,8 +472,6 @@ def deletion_routes(
             admin.name, "range_deleted", stream or "", client_of(request), f"{start:.0f}..{end:.0f}"
         )
         return answer(deleted)
-
-    return router
 
 
 def _only_parameters(request: Request, *names: str) -> None:
