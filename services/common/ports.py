@@ -9,7 +9,9 @@ Each service serves /metrics on its own port: 9100 + its offset for the first re
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 BROKER_BASE_PORT = 5555
 CHANNELS = {"frames": 0, "detect": 2, "classify": 4, "results": 6, "tracks": 8}
@@ -57,17 +59,26 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def free_port() -> int:
-    """A port the kernel has just found free."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _outside_ephemeral_range() -> tuple[int, int]:
+    """Ports the kernel does not hand out on its own (it picks the local port of every
+    outgoing connection from its ephemeral range), so one found free stays free until bound."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return 10000, max(low, 10100)
 
 
 def free_base_port(count: int = BROKER_PORTS) -> int:
-    """The first of ``count`` consecutive free ports (asked of the kernel, then checked)."""
+    """The first of ``count`` consecutive free ports, below the kernel's ephemeral range."""
+    low, high = _outside_ephemeral_range()
     for _ in range(200):
-        base = free_port()
-        if base + count < 65536 and all(port_is_free(base + i) for i in range(count)):
+        base = random.randrange(low, high - count)
+        if all(port_is_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no block of free ports")
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range."""
+    return free_base_port(1)
