@@ -816,9 +816,10 @@ def test_viewer_process_end_to_end_over_zeromq(tmp_path):
     stream = None
     try:
         wait_for(lambda: reachable(web + "/healthz"), 10, interval=0.05, what="the viewer's web server")
-        wait_for(
-            lambda: reachable(web + "/snapshot/cam.jpg"), 10, interval=0.05, what="a first composited frame"
-        )
+        try:
+            wait_for(lambda: reachable(web + "/snapshot/cam.jpg"), 30, interval=0.05, what="a first frame")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the viewer's log:\n{log_path.read_text()[-3000:]}") from None
         source = source_image()
         stream = urllib.request.urlopen(web + "/stream/cam.mjpg", timeout=5)
         parts = read_mjpeg_parts(stream, 3)
