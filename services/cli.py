@@ -7,17 +7,8 @@ from __future__ import annotations
 import runpy
 import sys
 
-COMMANDS = (
-    "analyze",
-    "broker",
-    "capture",
-    "detector",
-    "classifier",
-    "tracker",
-    "recorder",
-    "viewer",
-    "notifier",
-)
+from services.common.configdoc import SERVICES as COMMANDS
+
 TOOLS = ("users",)  # commands that are not a service
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import write_tiny_model
+from services.recorder import store
+from services.recorder.schema import metadata
+from tests.support import postgres, write_tiny_model
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers share the cores: TensorFlow in each (the training tests in the worker, the
@@ -55,3 +57,39 @@ def tiny_registry(tmp_path_factory) -> Path:
     write_tiny_model(root, "test-v1")
     registry.promote(root, "test-v1")
     return root
+
+
+# The recorder's database, on SQLite and on a throw-away PostgreSQL server (tests/support/postgres.py).
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    if not postgres.available():
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
+    server = postgres.Postgres().start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path):
+    if request.param == "sqlite":
+        url = str(tmp_path / "recorder.db")
+    else:
+        url = request.getfixturevalue("pg_url")
+    engine = store.make_engine(url)
+    if request.param == "postgresql":
+        metadata.drop_all(engine)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    store.migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite(tmp_path):
+    engine = store.make_engine(str(tmp_path / "recorder.db"))
+    store.migrate(engine)
+    yield engine
+    engine.dispose()

@@ -13,45 +13,12 @@ from sqlalchemy import MetaData, String, func, select
 
 from services.recorder import deletion, store
 from services.recorder.api import create_app
-from services.recorder.schema import metadata, observations, tracks
+from services.recorder.schema import observations, tracks
 from services.recorder.service import RecorderService
-from tests.support import ROOT, postgres
+from tests.support import ROOT
 from tests.support.recorder import T0, person
 
 SECRET = "cam-of-room-4711"  # a stream id that appears nowhere else in the file
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if not postgres.available():
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    server = postgres.Postgres().start()
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path):
-    if request.param == "sqlite":
-        url = str(tmp_path / "recorder.db")
-    else:
-        url = request.getfixturevalue("pg_url")
-    engine = store.make_engine(url)
-    if request.param == "postgresql":
-        metadata.drop_all(engine)
-        with engine.begin() as connection:
-            connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sqlite(tmp_path):
-    engine = store.make_engine(str(tmp_path / "recorder.db"))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def record(engine, messages, service=None):

@@ -21,7 +21,7 @@ from services.recorder.plots import write_report
 from services.recorder.recording import Recording
 from services.recorder.schema import events, metadata, observations, streams, tracks
 from services.recorder.service import WRITE_ERRORS, RecorderService
-from tests.support import metric_sum, postgres
+from tests.support import metric_sum
 from tests.support.recorder import T0, person, tracks_message
 
 
@@ -36,39 +36,6 @@ class Clock:
 
     def __call__(self):
         return self.now
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if not postgres.available():
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    server = postgres.Postgres().start()
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path):
-    if request.param == "sqlite":
-        url = str(tmp_path / "recorder.db")
-    else:
-        url = request.getfixturevalue("pg_url")
-    engine = store.make_engine(url)
-    if request.param == "postgresql":
-        metadata.drop_all(engine)
-        with engine.begin() as connection:
-            connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sqlite(tmp_path):
-    engine = store.make_engine(str(tmp_path / "recorder.db"))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def record(engine, messages, sample_hz=5.0, service=None):
