@@ -69,12 +69,18 @@ def _outside_ephemeral_range() -> tuple[int, int]:
     return 10000, max(low, 10100)
 
 
+# Ports this process has handed out: free until their service binds them, so never twice.
+_HANDED_OUT: set[int] = set()
+
+
 def free_base_port(count: int = BROKER_PORTS) -> int:
     """The first of ``count`` consecutive free ports, below the kernel's ephemeral range."""
     low, high = _outside_ephemeral_range()
     for _ in range(200):
         base = random.randrange(low, high - count)
-        if all(port_is_free(base + i) for i in range(count)):
+        block = range(base, base + count)
+        if _HANDED_OUT.isdisjoint(block) and all(port_is_free(port) for port in block):
+            _HANDED_OUT.update(block)
             return base
     raise RuntimeError("no block of free ports")
 
