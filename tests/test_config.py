@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -57,3 +58,12 @@ def test_bad_environment_value_names_the_variable(monkeypatch, capsys, name, val
 
 def test_env_name():
     assert env_name("--max-age-ms") == "EMOTION_MAX_AGE_MS"
+
+
+def test_the_configuration_doc_leaves_the_environment_as_it_was(monkeypatch):
+    """document() ignores EMOTION_* variables, but must not remove them for later code (the
+    test suite's processes inherit EMOTION_AUTH=off from it)."""
+    monkeypatch.setenv("EMOTION_DELAY_MS", "250")
+    before = dict(os.environ)
+    assert "`250`" not in document().split("## viewer")[1].split("## ")[0]
+    assert dict(os.environ) == before

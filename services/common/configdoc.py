@@ -43,9 +43,18 @@ def options_table(parser: argparse.ArgumentParser) -> str:
 
 
 def document() -> str:
-    """The defaults as shipped: EMOTION_* variables of this shell are ignored."""
-    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+    """The defaults as shipped: EMOTION_* variables of this shell are ignored (set aside
+    while the parsers are built, and put back afterwards)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+    for key in saved:
         del os.environ[key]
+    try:
+        return _document()
+    finally:
+        os.environ.update(saved)
+
+
+def _document() -> str:
     parts = [
         "# Configuration",
         "",
