@@ -28,7 +28,7 @@ from services.detector.blazeface import (
 )
 from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 from services.detector.regions import FULL, REGION, FaceFinder, RegionSettings
-from tests.support import ROOT, media
+from tests.support import ROOT, clip_frames, media
 
 
 def iou(a, b) -> float:
@@ -160,15 +160,7 @@ def test_bad_model_files_name_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def clip():
     """Every fourth frame of woman2.mp4 (one face, moving)."""
-    capture = cv2.VideoCapture(str(media("woman2.mp4")))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return frames[::4]
+    return clip_frames("woman2.mp4", every=4)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from services.viewer.hub import StreamHub
 from services.viewer.options import parse_args, settings_from
 from services.viewer.service import ViewerService, ViewerSettings
 from services.viewer.web import start_web_server, stop_web_server
-from tests.support import free_port, media, wait_for
+from tests.support import clip_frames, free_port, media, wait_for
 from tests.support.pipeline import MjpegReader
 
 MOST_FOUND = 0.05  # the target: at most 5 % of the faces found on the originals
@@ -32,18 +32,6 @@ CLIP_FRAMES = 120  # the first 4 s of woman2.mp4 for analyze's annotated video
 def detector():
     cascade, settings = load_cascade(), DetectorSettings()
     return lambda image: detect_faces(image, cascade, settings)
-
-
-def video_frames(every: int = 1) -> list[np.ndarray]:
-    source = cv2.VideoCapture(str(media("woman2.mp4")))
-    frames = []
-    while True:
-        ok, frame = source.read()
-        if not ok:
-            break
-        frames.append(frame)
-    source.release()
-    return frames[::every]
 
 
 def face(box) -> FaceResult:
@@ -90,7 +78,7 @@ def test_blur_copes_with_boxes_past_the_edges_and_empty_ones():
 
 
 def test_viewer_mjpeg_and_snapshots_hide_the_faces_the_detector_finds(detector):
-    frames = video_frames(EVERY)
+    frames = clip_frames(every=EVERY)
     hub = StreamHub()
     viewer = ViewerService(ViewerSettings(jpeg_quality=80, privacy="blur"), hub, rejects=print)
     server, _ = start_web_server("127.0.0.1", free_port(), hub)
@@ -192,7 +180,7 @@ def test_without_privacy_the_pictures_keep_their_faces(detector):
 
 
 def test_analyze_annotated_video_hides_the_faces(tmp_path, detector):
-    frames = video_frames()[:CLIP_FRAMES]
+    frames = clip_frames()[:CLIP_FRAMES]
     clip = tmp_path / "clip.mp4"
     height, width = frames[0].shape[:2]
     writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (width, height))

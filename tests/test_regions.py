@@ -10,7 +10,7 @@ import pytest
 
 from services.detector.faces import DetectorSettings, detect_faces, load_cascade
 from services.detector.regions import FULL, REGION, RESCAN, FaceFinder, RegionSettings
-from tests.support import media
+from tests.support import clip_frames, media
 
 SETTINGS = DetectorSettings()
 
@@ -23,15 +23,7 @@ def cascade():
 @pytest.fixture(scope="module")
 def clip():
     """Every other frame of woman2.mp4 (one face, moving), enough to cover the clip."""
-    capture = cv2.VideoCapture(str(media("woman2.mp4")))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return frames[::2]
+    return clip_frames("woman2.mp4", every=2)
 
 
 @pytest.fixture(scope="module")

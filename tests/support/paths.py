@@ -21,3 +21,18 @@ def media(name: str) -> Path:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def clip_frames(name: str = "woman2.mp4", every: int = 1) -> list:
+    """Every ``every``-th frame of a test clip, decoded (BGR arrays)."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(media(name)))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames[::every]
