@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.config import service_parser
+from services.common.config import config_error, service_parser
 from services.common.protocol import ENCODING_BGR, ENCODING_JPEG
 
 from .service import SERVICE, CaptureSettings
@@ -77,6 +77,26 @@ def build_parser():
         help="files and folders: before the first frame, wait up to this long for a "
         "detector and a classifier to answer it (0 = start at once)",
     )
+    parser.option(
+        "--cameras",
+        default="",
+        help="camera inventory file (cameras.yml, docs/cameras.md): run every camera in it and "
+        "follow its edits; --source and --stream are then not used (empty = one --source)",
+    )
+    parser.option(
+        "--cameras-poll-s",
+        default=1.0,
+        type=float,
+        help="how often the inventory file is checked for edits, in seconds",
+    )
+    parser.option(
+        "--replicas",
+        default=1,
+        type=int,
+        help="capture processes sharing the inventory: each runs the cameras whose id "
+        "hashes to its --replica (docs/cameras.md)",
+    )
+    parser.option("--replica", default=0, type=int, help="this process's index, 0 to --replicas - 1")
     return parser
 
 
@@ -85,6 +105,11 @@ def parse_args(argv=None):
 
 
 def settings_from(args) -> CaptureSettings:
+    """Exits 78 naming the option that is wrong."""
+    if args.replicas < 1 or not 0 <= args.replica < args.replicas:
+        config_error(SERVICE, f"--replica {args.replica} must be 0 to --replicas - 1 ({args.replicas - 1})")
+    if not 0.05 <= args.cameras_poll_s <= 3600:
+        config_error(SERVICE, f"--cameras-poll-s {args.cameras_poll_s} must be 0.05-3600")
     return CaptureSettings(
         stream=args.stream,
         fps=args.fps,

@@ -27,6 +27,7 @@ import zmq
 from prometheus_client import Counter, Gauge
 
 from services.common import bus
+from services.common.cameras import redact
 from services.common.flow import Ledger, answers
 from services.common.metrics import drop
 from services.common.protocol import ENCODING_JPEG, KIND_RESULT, MAX_FRAME_PIXELS, Rejected, decode
@@ -66,6 +67,7 @@ class CaptureSettings:
     max_in_flight: int = 4  # unpaced files and folders; 0 = no flow control
     in_flight_timeout_s: float = 1.0
     wait_ready_s: float = 120.0
+    retry_files: bool = False  # inventory cameras: a file or folder that fails is retried too
 
 
 @dataclass
@@ -89,6 +91,29 @@ class Thinning:
                 return False
             self.last_publish = now
         return True
+
+
+class RateMeter:
+    """Frames per second published, over about the last second (0 once they stop)."""
+
+    def __init__(self, window: float = 1.0):
+        self.window = window
+        self.count = 0
+        self.started = 0.0
+        self.last = 0.0
+        self.rate = 0.0
+
+    def tick(self, now: float) -> None:
+        if not self.started:
+            self.started = now
+        self.count += 1
+        self.last = now
+        if now - self.started >= self.window:
+            self.rate = self.count / (now - self.started)
+            self.count, self.started = 0, now
+
+    def fps(self, now: float) -> float:
+        return 0.0 if now - self.last > 2 * self.window + 1 else self.rate
 
 
 class FlowControl:
@@ -143,6 +168,21 @@ class CaptureService:
         self.backoff = Backoff()
         self.flow: FlowControl | None = None
         self.seq = 0  # frames published so far; the next frame's number
+        self.state = "down"  # up, down (not delivering, or ended) or retrying
+        self.last_error = ""
+        self.rate = RateMeter()
+
+    def status(self) -> dict:
+        """What the camera does now, for capture's /cameras."""
+        return {
+            "state": self.state,
+            "fps": round(self.rate.fps(self.clock()), 1),
+            "frames": self.seq,
+            "last_error": self.last_error,
+        }
+
+    def _retries(self) -> bool:
+        return self.source.live or self.settings.retry_files
 
     def run(self) -> None:
         """Raises SourceError when a file or folder cannot be opened."""
@@ -159,6 +199,8 @@ class CaptureService:
                 if self.stop.is_set() or not self.after_end():
                     break
         finally:
+            if self.state == "up":
+                self.state = "down"
             if self.flow is not None:
                 self.flow.close()
 
@@ -169,28 +211,34 @@ class CaptureService:
             self.source.open()
         except SourceError as exc:
             SOURCE_UP.labels(stream).set(0)
-            if not self.source.live:
+            self.last_error = redact(str(exc))
+            if not self._retries():
+                self.state = "down"
                 raise
+            self.state = "retrying"
             delay = self.backoff.next()
             SOURCE_RETRIES.labels(stream).inc()
-            self.log.warning("%s; retrying in %.1f s", exc, delay)
+            self.log.warning("%s; retrying in %.1f s", self.last_error, delay)
             self.stop.wait(delay)
             return False
         SOURCE_UP.labels(stream).set(1)
         SOURCE_FINISHED.labels(stream).set(0)
+        self.state = "up"
         return True
 
     def after_end(self) -> bool:
         """The source stopped delivering: whether to open it again."""
         source, stream = self.source, self.settings.stream
         if source.live:
+            self.state, self.last_error = "retrying", f"{redact(source.name)} stopped delivering frames"
             delay = self.backoff.next()
             SOURCE_RETRIES.labels(stream).inc()
-            self.log.warning("%s stopped delivering frames; reopening in %.1f s", source.name, delay)
+            self.log.warning("%s; reopening in %.1f s", self.last_error, delay)
             self.stop.wait(delay)
             return True
         if self.settings.loop:
             return True
+        self.state, self.last_error = "down", f"{redact(source.name)} ended"
         SOURCE_FINISHED.labels(stream).set(1)
         self.log.info("%s finished after %d frames", source.name, self.seq)
         if not self.settings.exit_at_end:
@@ -256,6 +304,7 @@ class CaptureService:
             self.flow.sent(self.seq, self.clock())
         FRAMES.labels(s.stream).inc()
         self.seq += 1
+        self.rate.tick(self.clock())
         if s.max_frames and self.seq >= s.max_frames:
             self.stop.set()
 

@@ -242,3 +242,39 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay = self.first
+
+
+class SpecSource(Source):
+    """A --source string resolved anew at each open: an inventory camera whose file or folder
+    is missing now is retried until it appears, and a folder is listed again each time."""
+
+    def __init__(self, spec: str, timeout_ms: int = DEFAULT_TIMEOUT_MS):
+        self.spec = spec
+        self.timeout_ms = timeout_ms
+        self.inner: Source | None = None
+
+    @property
+    def name(self) -> str:
+        return self.inner.name if self.inner else f"source {self.spec}"
+
+    @property
+    def live(self) -> bool:
+        return self.inner.live if self.inner else False
+
+    @property
+    def native_fps(self) -> float:
+        return self.inner.native_fps if self.inner else 0.0
+
+    def open(self) -> None:
+        self.close()
+        source = open_source(self.spec, self.timeout_ms)
+        source.open()
+        self.inner = source
+
+    def read(self) -> np.ndarray | None:
+        return self.inner.read() if self.inner else None
+
+    def close(self) -> None:
+        """Closes what is open; what it was (live or not, its name) stays known."""
+        if self.inner is not None:
+            self.inner.close()

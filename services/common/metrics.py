@@ -43,7 +43,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.
 
 class ControlServer(ThreadingHTTPServer):
     """Each service's own small HTTP endpoint: ``GET /metrics`` (Prometheus), ``GET /healthz``,
-    and any ``POST`` actions the service registers (the classifier's ``/reload``).
+    any ``GET`` pages of JSON the service registers (capture's ``/cameras``) and any ``POST``
+    actions (the classifier's ``/reload``).
 
     Anyone who can reach the port is a client, so a client costs bounded resources: at most
     ``max_connections`` open at once (a thread each), each closed after ``timeout_s`` however
@@ -59,9 +60,11 @@ class ControlServer(ThreadingHTTPServer):
         actions: dict[str, Callable[[], dict]],
         timeout_s: float = CLIENT_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        pages: dict[str, Callable[[], dict]] | None = None,
     ):
         self.health = health
         self.actions = actions
+        self.pages = pages or {}
         self.timeout_s = timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
         self._open: dict[socket.socket, float] = {}
@@ -148,6 +151,9 @@ class _ControlHandler(BaseHTTPRequestHandler):
         elif self.path == "/healthz":
             ok = self.server.health()
             self._reply(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", "text/plain")
+        elif self.path in self.server.pages:
+            body = json.dumps(self.server.pages[self.path]()).encode() + b"\n"
+            self._reply(200, body, "application/json")
         else:
             self._reply(404, b"not found\n", "text/plain")
 
@@ -176,11 +182,13 @@ def serve_metrics(
     host: str = "127.0.0.1",
     health: Callable[[], bool] = lambda: True,
     actions: dict[str, Callable[[], dict]] | None = None,
+    pages: dict[str, Callable[[], dict]] | None = None,
 ) -> ControlServer | None:
-    """Serve /metrics, /healthz and POST actions on ``port`` in a daemon thread (0: none)."""
+    """Serve /metrics, /healthz, GET pages and POST actions on ``port`` in a daemon thread
+    (0: none)."""
     if not port:
         return None
-    server = ControlServer((host, port), health, actions or {})
+    server = ControlServer((host, port), health, actions or {}, pages=pages)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 
