@@ -144,7 +144,13 @@ def viewer_paths(stream: str) -> list[tuple[str, str, bool]]:
 
 def recorder_paths(site, stream: str) -> list[tuple[str, str]]:
     """(method, path) of every recorder route, path parameters filled in."""
-    values = {"stream": stream, "track_id": str(site["tracks"][stream]), "name": "vera", "token_id": "1"}
+    values = {
+        "stream": stream,
+        "camera_id": stream,
+        "track_id": str(site["tracks"][stream]),
+        "name": "vera",
+        "token_id": "1",
+    }
     paths = []
     for route in site["app"].routes:
         if isinstance(route, Mount):

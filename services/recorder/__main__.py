@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from services.auth.directory import Directory, ensure_admin
 
     from .api import create_app, serve_api
+    from .cameras import CameraSettings
 
     web_hosts = {"--api-host": args.api_host} if args.api_port else {}
     auth = auth_settings.settings_from(args, SERVICE, web_hosts, log)
@@ -52,7 +53,9 @@ def main(argv=None) -> int:
         args.retention_days * 86400,
         log=log,
     )
-    api = serve_api(create_app(engine, auth=auth), args.api_host, args.api_port, args.tls_cert, args.tls_key)
+    cameras = CameraSettings(args.cameras, tuple(u.strip() for u in args.capture_url.split(",") if u.strip()))
+    app = create_app(engine, auth=auth, cameras=cameras)
+    api = serve_api(app, args.api_host, args.api_port, args.tls_cert, args.tls_key)
     serve_metrics(args.metrics_port, args.metrics_host, health=lambda: service.healthy)
     addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
     ctx = zmq.Context()

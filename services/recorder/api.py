@@ -34,6 +34,7 @@ from services.common.protocol import EMOTIONS
 
 from . import deletion, live, params, queries
 from .auth_routes import add_auth_routes, admin_of, authenticate, client_of, principal_of
+from .cameras import CameraSettings, add_camera_routes, audit_with
 from .plots import timeline_png
 from .schema import events as events_table
 from .schema import tracks as tracks_table
@@ -158,9 +159,13 @@ def export(
 
 
 def create_app(
-    engine: Engine, clock: Callable[[], float] = time.time, auth: AuthSettings | None = None
+    engine: Engine,
+    clock: Callable[[], float] = time.time,
+    auth: AuthSettings | None = None,
+    cameras: CameraSettings | None = None,
 ) -> FastAPI:
-    """The API; ``auth`` None leaves it open (``--auth off``, in-process tests)."""
+    """The API; ``auth`` None leaves it open (``--auth off``, in-process tests); ``cameras``:
+    the inventory file that /api/cameras reads and changes (none by default)."""
     app = FastAPIOffline(
         title="emotion-stream recorder",
         description="Tracks, emotion timelines and events recorded from the pipeline. "
@@ -395,6 +400,7 @@ def create_app(
             return {**queries.summary(connection, stream, now - seconds, now), "window_s": seconds}
 
     add_deletion_routes(app, engine, directory, clock)
+    add_camera_routes(app, cameras or CameraSettings(), audit_with(directory))
 
     def _newest_event() -> int:
         with engine.connect() as connection:

@@ -44,6 +44,18 @@ def build_parser():
     parser.option(
         "--api-port", default=ports.RECORDER_API_PORT, type=int, help="port of the HTTP API (0 = none)"
     )
+    parser.option(
+        "--cameras",
+        default="",
+        help="camera inventory file that capture runs (docs/cameras.md): /api/cameras lists "
+        "and changes it (empty = none)",
+    )
+    parser.option(
+        "--capture-url",
+        default=f"http://127.0.0.1:{ports.metrics_port('capture')}",
+        help="metrics endpoints of the capture processes, comma-separated: each camera's live "
+        "state is read from their /cameras",
+    )
     auth_settings.add_options(parser)
     parser.option(
         "--admin-password-file",
