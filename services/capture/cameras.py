@@ -260,7 +260,7 @@ class CameraSet:
                     entry = {"state": "disabled", "fps": 0.0, "frames": 0, "last_error": ""}
                 else:
                     entry = worker.status()
-                cameras.append({"id": camera.id, **entry})
+                cameras.append({"id": camera.id, "name": camera.title, "location": camera.location, **entry})
             return {
                 "inventory": str(self.path),
                 "replica": self.replica,

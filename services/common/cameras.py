@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
 import re
 import tempfile
+import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +39,7 @@ MAX_FPS = 240.0
 MAX_WIDTH = 8192
 MAX_CAMERAS = 1000
 MAX_FILE_BYTES = 1 << 20
+STATE_TIMEOUT_S = 1.0  # longest wait for a capture process's /cameras
 KEYS = ("id", "source", "name", "location", "fps", "max_width", "loop", "enabled")
 HEADER = (
     "# Camera inventory (docs/cameras.md). Capture follows edits of this file by itself;\n"
@@ -229,6 +232,22 @@ def replica_of(camera_id: str, replicas: int) -> int:
 def redact(text: str) -> str:
     """A source or message with the user and password of any URL in it replaced."""
     return USERINFO.sub(r"\1***@", text)
+
+
+def live_states(urls, timeout: float = STATE_TIMEOUT_S) -> tuple[dict[str, dict], list[str]]:
+    """Each camera's state as the capture processes at ``urls`` report it at ``/cameras``
+    (their metrics port), and those that did not answer."""
+    states: dict[str, dict] = {}
+    unreachable = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/cameras", timeout=timeout) as response:
+                report = json.loads(response.read(MAX_FILE_BYTES))
+            for camera in report.get("cameras", []):
+                states[str(camera["id"])] = camera
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            unreachable.append(f"{url}: {exc}")
+    return states, unreachable
 
 
 def changed(old: Inventory, new: Inventory) -> tuple[set[str], set[str]]:

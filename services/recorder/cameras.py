@@ -13,8 +13,6 @@ a Kubernetes ConfigMap) answers changes with 409 and the reason.
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -28,6 +26,7 @@ from services.common.cameras import (
     InventoryError,
     InventoryFile,
     index_of,
+    live_states,
     merged,
     parse_camera,
     redact,
@@ -36,7 +35,6 @@ from services.common.cameras import (
 from . import params
 from .auth_routes import admin_of, client_of, principal_of
 
-STATE_TIMEOUT_S = 1.0  # longest wait for a capture process's /cameras
 NEW_CAMERA = Body(
     ...,
     examples=[{"id": "lobby", "source": "rtsp://cam1.local/live", "name": "Lobby", "fps": 15}],
@@ -51,22 +49,6 @@ class CameraSettings:
 
     path: str = ""
     capture_urls: tuple[str, ...] = ()
-
-
-def live_states(urls: tuple[str, ...], timeout: float = STATE_TIMEOUT_S) -> tuple[dict[str, dict], list[str]]:
-    """Each camera's state as the capture processes report it, and the ones that did not
-    answer (a camera run by none of them is ``unknown``)."""
-    states: dict[str, dict] = {}
-    unreachable = []
-    for url in urls:
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/cameras", timeout=timeout) as response:
-                report = json.loads(response.read(4 << 20))
-            for camera in report.get("cameras", []):
-                states[str(camera["id"])] = camera
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            unreachable.append(f"{url}: {exc}")
-    return states, unreachable
 
 
 def camera_view(camera: Camera, live: dict | None) -> dict:

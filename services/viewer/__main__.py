@@ -41,6 +41,7 @@ def main(argv=None) -> int:
             args.recorder_url,
             None if auth is None else RemoteAuth(auth, args.auth_url),
             auth_settings.tls_context(args, SERVICE),
+            [url.strip() for url in args.capture_url.split(",") if url.strip()],
         )
     except OSError as exc:
         log.error(

@@ -56,6 +56,12 @@ def build_parser() -> ServiceParser:
         help="where the recorder's HTTP API answers (e.g. http://127.0.0.1:8081): the "
         "dashboard links each stream to its history there (empty = no links)",
     )
+    parser.option(
+        "--capture-url",
+        default="",
+        help="metrics endpoints of the capture processes, comma-separated: the dashboard's "
+        "camera tiles show each camera's state from their /cameras (empty = the streams seen)",
+    )
     parser.option("--privacy", default="none", choices=PRIVACY_MODES, help=PRIVACY_HELP)
     parser.option(
         "--window",

@@ -5,7 +5,9 @@ Standard library only. MJPEG (``multipart/x-mixed-replace``) plays in a plain ``
 in every browser without any script. Beside each stream, a dashboard panel (the faces now,
 their emotion bars, a rolling 60-second timeline) is drawn by ``static/dashboard.js`` from
 Server-Sent Events at ``/events/<stream>``, in the colours of the shared palette that the
-page carries as JSON in ``<body data-palette>``. The page's Content-Security-Policy allows
+page carries as JSON in ``<body data-palette>``. Above them, a tile per camera (its state,
+rate and the people in its picture, from ``/cameras.json``) opens that camera's panel when
+clicked. The page's Content-Security-Policy allows
 scripts from the viewer itself only. Only the paths in ROUTES exist; everything else is a 404.
 
 With authentication on (services/auth), every route but /healthz and the sign-in page
@@ -24,6 +26,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +48,7 @@ from services.auth.gate import (
 from services.auth.pages import LOGIN_CSP, LOGIN_CSS_BYTES, login_page
 from services.auth.principal import ANONYMOUS, Principal
 from services.auth.web import RemoteAuth
+from services.common.cameras import live_states, redact
 from services.common.metrics import RateLimitedLog
 from services.common.palette import PALETTE
 
@@ -55,6 +59,7 @@ CLIENT_TIMEOUT_S = 10.0  # a client that stops reading is dropped after this lon
 WAIT_SLICE_S = 1.0  # how often a waiting MJPEG client re-checks for shutdown
 HEALTHY_LOOP_AGE_S = 5.0  # /healthz fails when the compositing loop stalls this long
 EVENT_INTERVAL_S = 0.1  # at most 10 dashboard updates a second per client
+CAMERA_STATE_S = 1.0  # the capture processes' camera states are asked at most this often
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {
     "/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
@@ -96,6 +101,7 @@ ROUTES = (
     Route("GET", "/", "page"),
     *(Route("GET", path, "static") for path in STATIC_FILES),
     Route("GET", "/status.json", "status"),
+    Route("GET", "/cameras.json", "cameras"),
     Route("GET", "/healthz", "healthz", public=True),
     Route("GET", LOGIN_PATH, "login_page", public=True),
     Route("GET", LOGIN_CSS, "login_css", public=True),
@@ -138,7 +144,8 @@ def render_page(streams: list[str], recorder_url: str = "", signed_in: str = "",
             f'<ul class="legend"></ul></aside></section>'
         )
     empty = '<p class="empty">No streams yet; this page reloads until one arrives.</p>'
-    body = "\n".join(sections) or empty
+    tiles = '<nav class="tiles" aria-label="cameras"></nav>' if streams else ""
+    body = tiles + "\n".join(sections) or empty
     refresh = "" if streams else '<meta http-equiv="refresh" content="2">'
     palette = html.escape(json.dumps(PALETTE))
     account = ""
@@ -272,6 +279,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
             status["streams"] = {k: v for k, v in status["streams"].items() if principal.may_see(k)}
             status["streams_not_shown"] = [s for s in status["streams_not_shown"] if principal.may_see(s)]
         self._send(json.dumps(status, indent=1).encode(), "application/json")
+
+    def _cameras(self, principal: Principal, _stream, _form) -> None:
+        cameras = [c for c in self.server.camera_tiles() if principal.may_see(c["id"])]
+        self._send(json.dumps({"cameras": cameras}).encode(), "application/json")
 
     def _healthz(self, _principal, _stream, _form) -> None:
         healthy = self.server.hub.loop_age() < HEALTHY_LOOP_AGE_S
@@ -418,15 +429,53 @@ class ViewerHTTPServer(ThreadingHTTPServer):
         recorder_url: str = "",
         auth: RemoteAuth | None = None,
         tls: ssl.SSLContext | None = None,
+        capture_urls: Sequence[str] = (),
     ):
         self.hub = hub
         self.recorder_url = recorder_url
+        self.capture_urls = tuple(capture_urls)
+        self._camera_states: tuple[float, dict[str, dict]] = (0.0, {})
+        self._camera_lock = threading.Lock()
         self._hangups = RateLimitedLog(log)
         self.auth = auth
         self.tls = tls
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ViewerHandler)
+
+    def live_cameras(self) -> dict[str, dict]:
+        """The capture processes' camera states, asked at most every CAMERA_STATE_S."""
+        with self._camera_lock:
+            asked, states = self._camera_states
+            if self.capture_urls and time.monotonic() - asked >= CAMERA_STATE_S:
+                states = live_states(self.capture_urls, timeout=0.5)[0]
+                self._camera_states = (time.monotonic(), states)
+            return states
+
+    def camera_tiles(self) -> list[dict]:
+        """A tile per camera for the dashboard: each camera the capture processes run (in
+        the inventory's order) and each other stream the viewer receives, with its state,
+        rate and the number of people in its picture now."""
+        live = self.live_cameras()
+        streams = self.hub.status()["streams"]
+        tiles = []
+        for stream in [*live, *(s for s in streams if s not in live)]:
+            report, seen = live.get(stream), streams.get(stream)
+            people = len(seen["tracks"] or seen["labels"]) if seen else 0
+            shown = bool(seen and seen["shown"])
+            tiles.append(
+                {
+                    "id": stream,
+                    "name": str(report.get("name") or stream) if report else stream,
+                    "location": str(report.get("location", "")) if report else "",
+                    "state": str(report.get("state", "unknown")) if report else ("up" if shown else "down"),
+                    "fps": float(report.get("fps", 0.0)) if report else (seen["fps"] if seen else 0.0),
+                    "last_error": redact(str(report.get("last_error", ""))) if report else "",
+                    "people": people,
+                    "shown": shown,
+                }
+            )
+        return tiles
 
     def get_request(self):
         """With TLS, wrap each connection; its handshake runs in the client's own thread."""
@@ -452,10 +501,12 @@ def start_web_server(
     recorder_url: str = "",
     auth: RemoteAuth | None = None,
     tls: ssl.SSLContext | None = None,
+    capture_urls: Sequence[str] = (),
 ) -> tuple[ViewerHTTPServer, threading.Thread]:
     """Bind (raises OSError when the port is taken) and serve in a background thread.
-    ``auth`` None serves without sign-in (``--auth off``, in-process tests)."""
-    server = ViewerHTTPServer((host, port), hub, recorder_url, auth, tls)
+    ``auth`` None serves without sign-in (``--auth off``, in-process tests); the dashboard's
+    camera tiles take each camera's state from the capture processes at ``capture_urls``."""
+    server = ViewerHTTPServer((host, port), hub, recorder_url, auth, tls, capture_urls)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="viewer-http", daemon=True
     )

@@ -1,6 +1,8 @@
-// The viewer's dashboard: fills each stream's panel from the Server-Sent Events of
-// /events/<stream> (see services/viewer/web.py). Plain JavaScript, no build step, no
-// library. Every label is written as text; colours only repeat it. The emotion colours
+// The viewer's dashboard: a tile per camera (state, rate, people in the picture; from
+// /cameras.json every 2 s), and each stream's panel filled from the Server-Sent Events of
+// /events/<stream> (see services/viewer/web.py). With several streams, a click on a tile
+// opens that camera's panel alone (its address ends in #<stream>); the others are closed,
+// so only the open one streams its picture. Plain JavaScript, no build step, no library. Every label is written as text; colours only repeat it. The emotion colours
 // are the shared palette (services/common/palette.py), which the page carries in
 // <body data-palette>, so the dashboard draws what the viewer, reports and charts draw.
 "use strict";
@@ -126,12 +128,112 @@ function watch(section) {
     meta.textContent = "connection lost, retrying…";
     meta.classList.add("stale");
   };
-  setInterval(() => {
+  const timer = setInterval(() => {
     if (lastUpdate && Date.now() / 1000 - lastUpdate > 3) {
       meta.textContent = "no update for " + Math.round(Date.now() / 1000 - lastUpdate) + " s";
       meta.classList.add("stale");
     }
   }, 1000);
+  return () => {
+    source.close();
+    clearInterval(timer);
+  };
 }
 
-document.querySelectorAll("section.stream").forEach(watch);
+const sections = [...document.querySelectorAll("section.stream")];
+const watching = new Map();  // stream -> what stops its updates
+
+function open(section) {
+  const img = section.querySelector("figure img");
+  if (img.dataset.src) {
+    img.src = img.dataset.src;
+    delete img.dataset.src;
+  }
+  section.hidden = false;
+  if (!watching.has(section.dataset.stream)) {
+    watching.set(section.dataset.stream, watch(section));
+  }
+}
+
+function close(section) {
+  const img = section.querySelector("figure img");
+  if (!img.dataset.src) {
+    img.dataset.src = img.getAttribute("src");
+    img.removeAttribute("src");  // ends its MJPEG stream
+  }
+  section.hidden = true;
+  const stop = watching.get(section.dataset.stream);
+  if (stop) stop();
+  watching.delete(section.dataset.stream);
+}
+
+function select(stream) {
+  if (sections.length < 2) return;
+  const byStream = (id) => sections.find((s) => s.dataset.stream === id);
+  const firstTile = [...document.querySelectorAll(".tile")].map((t) => byStream(t.dataset.stream))
+    .find((s) => s);
+  const chosen = byStream(stream) || firstTile || sections[0];
+  sections.forEach((s) => (s === chosen ? open(s) : close(s)));
+  document.querySelectorAll(".tile").forEach((tile) => {
+    tile.setAttribute("aria-pressed", String(tile.dataset.stream === chosen.dataset.stream));
+  });
+}
+
+function tileFor(nav, camera) {
+  let tile = [...nav.children].find((t) => t.dataset.stream === camera.id);
+  if (!tile) {
+    tile = element("button", "tile");
+    tile.type = "button";
+    tile.dataset.stream = camera.id;
+    tile.append(element("img", "thumb"), element("span", "name"), element("span", "state"),
+      element("span", "people"), element("span", "where"));
+    tile.querySelector(".thumb").alt = "";
+    tile.addEventListener("click", () => {
+      const known = sections.some((s) => s.dataset.stream === camera.id);
+      location.hash = encodeURIComponent(camera.id);
+      if (!known) location.reload();  // a stream that started after this page was made
+      else select(camera.id);
+    });
+  }
+  return tile;
+}
+
+function drawTiles(nav, cameras, round) {
+  const tiles = cameras.map((camera) => {
+    const tile = tileFor(nav, camera);
+    tile.className = "tile state-" + camera.state;
+    tile.title = camera.last_error || "";
+    tile.querySelector(".name").textContent = camera.name;
+    tile.querySelector(".state").textContent = camera.state
+      + (camera.state === "up" ? " · " + Math.round(camera.fps) + " fps" : "");
+    tile.querySelector(".people").textContent = camera.people === 1 ? "1 person" : camera.people + " people";
+    tile.querySelector(".where").textContent = camera.location || "";
+    const thumb = tile.querySelector(".thumb");
+    if (camera.shown) thumb.src = "/snapshot/" + encodeURIComponent(camera.id) + ".jpg?n=" + round;
+    else thumb.removeAttribute("src");
+    return tile;
+  });
+  nav.replaceChildren(...tiles);
+  nav.dataset.tiles = String(tiles.length);
+}
+
+function followCameras(nav) {
+  let round = 0;
+  const refresh = () => {
+    fetch("/cameras.json", {cache: "no-store"})
+      .then((response) => (response.ok ? response.json() : null))
+      .then((answer) => {
+        if (answer) drawTiles(nav, answer.cameras, round++);
+      })
+      .catch(() => {})
+      .finally(() => select(decodeURIComponent(location.hash.slice(1))));
+  };
+  refresh();
+  setInterval(refresh, 2000);
+}
+
+// One stream: its panel, open. Several: the one the address names, else the first tile's,
+// once the tiles have come.
+if (sections.length < 2) sections.forEach(open);
+const nav = document.querySelector("nav.tiles");
+if (nav) followCameras(nav);
