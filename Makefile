@@ -1,4 +1,5 @@
 # make run   -- start the whole pipeline locally (no Docker) and print the viewer URL
+#               (CAMERAS=cameras.yml: every camera of an inventory file, docs/cameras.md)
 # make test  -- install what the tests need and run the complete test suite (docs/testing.md)
 # make test-quick -- the unit tests only (no whole pipelines), for the edit loop
 # make lint  -- ruff lint and format check, mypy on services/common (make format rewrites)
@@ -16,6 +17,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCE ?= demo
+CAMERAS ?= $(EMOTION_CAMERAS)
 DETECTORS ?= 1
 CLASSIFIERS ?= 1
 VIEWER_ARGS ?=
@@ -31,6 +33,7 @@ SINCE ?= 10m
 
 help:
 	@echo "make run [SOURCE=demo|0|file|url|folder] [DETECTORS=n] [CLASSIFIERS=n] [EMOTION_DETECTOR=blazeface]"
+	@echo "make run CAMERAS=cameras.yml   every camera of an inventory file (docs/cameras.md)"
 	@echo "make test      the complete test suite (make test-quick: unit tests only)"
 	@echo "make lint      ruff lint + format check (make format fixes)"
 	@echo "make analyze VIDEO=clip.mp4 [OUT=dir]   label every frame of a video (CSV, tracks, timeline, video)"
@@ -55,7 +58,7 @@ install: $(VENV)/.installed
 
 run: install
 	@mkdir -p .run
-	@$(PY) -m deploy.procfile --python $(PY) --source "$(SOURCE)" \
+	@$(PY) -m deploy.procfile --python $(PY) --source "$(SOURCE)" --cameras "$(CAMERAS)" \
 		--detectors $(DETECTORS) --classifiers $(CLASSIFIERS) --viewer-args "$(VIEWER_ARGS)" > .run/Procfile
 	@echo "Starting the pipeline; the viewer will be at http://127.0.0.1:8080, the recorder's API at http://127.0.0.1:8081/docs  (Ctrl-C stops everything)"
 	@exec $(VENV)/bin/honcho --no-colour -f .run/Procfile -d . start

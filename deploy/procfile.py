@@ -5,12 +5,14 @@ port, each restarted when it crashes (honcho itself stops everything on Ctrl-C).
 and its rendering are services/launch.py's.
 
     python -m deploy.procfile --source demo --detectors 2 --classifiers 2 > .run/Procfile
+    python -m deploy.procfile --cameras cameras.yml > .run/Procfile   # every camera of the file
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from services.common.ports import METRICS_BASE_PORT
 from services.launch import procfile, run_plan
@@ -20,6 +22,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--source", default="demo")
+    parser.add_argument(
+        "--cameras", default="", help="camera inventory file: capture runs every camera in it (not --source)"
+    )
     parser.add_argument("--detectors", type=int, default=1)
     parser.add_argument("--classifiers", type=int, default=1)
     parser.add_argument("--viewer-args", default="", help="extra arguments for the viewer")
@@ -32,7 +37,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not (1 <= args.detectors <= 9 and 1 <= args.classifiers <= 9):
         parser.error("DETECTORS and CLASSIFIERS must be between 1 and 9")
-    plan = run_plan(args.source, args.detectors, args.classifiers, args.metrics_base)
+    if args.cameras and not Path(args.cameras).is_file():
+        parser.error(f"CAMERAS={args.cameras}: no such file (copy cameras.example.yml to start one)")
+    plan = run_plan(args.source, args.detectors, args.classifiers, args.metrics_base, cameras=args.cameras)
     sys.stdout.write(procfile(plan, args.python, {"viewer": args.viewer_args}))
 
 

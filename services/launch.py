@@ -92,20 +92,33 @@ def run_plan(
     classifiers: int = 1,
     metrics_base: int = 9100,
     notifier: bool | None = None,
+    cameras: str = "",
 ) -> list[ProcessSpec]:
     """What `make run` starts: every stage, each replica on its own metrics port. The
     recorder's database defaults to data/recorder/recorder.db under the repository; the
     dashboard links each stream to its history in the recorder's API (a browser link).
+    With ``cameras`` (an inventory file, docs/cameras.md) capture runs every camera in it
+    instead of ``source``; the recorder's API changes it and the dashboard shows a tile per
+    camera, both asking capture for each camera's state.
     The notifier comes last, when ``notifier`` says so (None: when EMOTION_MQTT_URL or
     EMOTION_WEBHOOK_URLS is set); it reads the rest of its settings from the environment."""
     if notifier is None:
         notifier = notifier_configured()
+    args = {"capture": ("--source", source, *CAPTURE_ARGS), "viewer": ("--recorder-url", RECORDER_URL)}
+    if cameras:
+        inventory = str(Path(cameras).resolve())
+        capture_url = ("--capture-url", f"http://127.0.0.1:{metrics_port('capture', 0, metrics_base)}")
+        args = {
+            "capture": ("--cameras", inventory, *CAPTURE_ARGS),
+            "recorder": ("--cameras", inventory, *capture_url),
+            "viewer": (*args["viewer"], *capture_url),
+        }
     return plan(
         (*RUN_SET, "notifier") if notifier else RUN_SET,
         detectors=detectors,
         classifiers=classifiers,
         metrics_base=metrics_base,
-        args={"capture": ("--source", source, *CAPTURE_ARGS), "viewer": ("--recorder-url", RECORDER_URL)},
+        args=args,
     )
 
 

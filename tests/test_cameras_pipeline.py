@@ -1,0 +1,75 @@
+"""A real pipeline (broker, detector, classifier, viewer) with capture running an inventory
+file as its own process: a camera added and one removed while two others keep their labels
+coming, a wrong entry beside them, and the live states capture serves at /cameras."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import yaml
+
+from tests.support import http_get, wait_for
+from tests.support.pipeline import Collector, Pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def write(path, *cameras: dict) -> None:
+    temp = path.with_suffix(".tmp")
+    temp.write_text(yaml.safe_dump({"cameras": list(cameras)}))
+    os.replace(temp, path)
+
+
+def labelled(collector: Collector, stream: str, since: float = 0.0) -> list[float]:
+    return [t for t, header in list(collector.arrivals) if header.stream == stream and t >= since]
+
+
+def max_gap(times: list[float], start: float, end: float) -> float:
+    points = [start, *(t for t in times if start <= t <= end), end]
+    return max(b - a for a, b in zip(points, points[1:], strict=False))
+
+
+@pytest.mark.timeout(300)
+def test_cameras_come_and_go_while_the_others_keep_their_labels(tmp_path, tiny_registry):
+    inventory = tmp_path / "cameras.yml"
+    a, b, c = ({"id": name, "source": "demo", "fps": 5} for name in ("a", "b", "c"))
+    write(inventory, a, b, {"id": "bad", "source": "demo", "max_width": "wide"})
+    pipeline = Pipeline(tmp_path, tiny_registry)
+    results = Collector(pipeline.addr, "results")
+    results.start()
+    try:
+        pipeline.start("capture", "--cameras", str(inventory), "--cameras-poll-s", "0.2", "--encoding", "bgr")
+        url = f"http://127.0.0.1:{pipeline.ports['capture']}/cameras"
+        wait_for(lambda: labelled(results, "a") and labelled(results, "b"), 60, what="labels of a and b")
+        report = json.loads(http_get(url))
+        assert report["errors"] == ["camera 'bad': max_width: must be an integer from 0 to 8192, not 'wide'"]
+        assert {cam["id"]: cam["state"] for cam in report["cameras"]} == {"a": "up", "b": "up"}
+
+        added = time.monotonic()
+        write(inventory, a, b, c)
+        wait_for(lambda: labelled(results, "c"), 20, interval=0.05, what="the first label of c")
+        first_label_s = labelled(results, "c")[0] - added
+        time.sleep(2)
+        removed = time.monotonic()
+        write(inventory, a, c)
+        wait_for(
+            lambda: [cam["id"] for cam in json.loads(http_get(url))["cameras"]] == ["a", "c"],
+            10,
+            what="b removed",
+        )
+        time.sleep(2)
+        end = time.monotonic()
+        gaps = {
+            "a": max_gap(labelled(results, "a"), added, end),
+            "c": max_gap(labelled(results, "c"), removed, end),
+        }
+        print(f"first label of the new camera after {first_label_s:.2f} s; largest label gaps {gaps}")
+        assert first_label_s < 5.0  # the file is read every 0.2 s; the demo opens at once
+        assert max(gaps.values()) < 2.0  # 5 fps: a label every 0.2 s when nothing stalls
+        assert not labelled(results, "b", removed + 1.0), "b's frames stop"
+    finally:
+        results.close()
+        pipeline.stop()
