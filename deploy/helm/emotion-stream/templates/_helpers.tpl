@@ -278,3 +278,15 @@ spec:
   template:
     {{- include "es.podTemplate" . | nindent 4 }}
 {{- end -}}
+
+{{/* The camera inventory's ConfigMap as a pod volume (values: cameras). */}}
+{{- define "es.camerasVolume" -}}
+name: cameras
+configMap:
+  name: {{ include "es.component" (dict "root" . "component" "cameras") }}
+{{- end }}
+
+{{/* Where the recorder and the viewer ask capture for each camera's state (its /cameras). */}}
+{{- define "es.captureUrl" -}}
+http://{{ include "es.component" (dict "root" . "component" "capture") }}:9101
+{{- end }}
