@@ -28,6 +28,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -151,20 +152,25 @@ def parse_camera(entry, index: int = 0) -> Camera:
             f"{camera_id!r:.60} must be 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
         )
-    values = {"id": camera_id, "source": _text(label, "source", entry["source"], MAX_SOURCE).strip()}
-    if not values["source"]:
+    source = _text(label, "source", entry["source"], MAX_SOURCE).strip()
+    if not source:
         raise CameraError(label, "source", "is required")
-    for key in ("name", "location"):
-        if entry.get(key) is not None:
-            values[key] = _text(label, key, entry[key], MAX_TEXT)
-    if entry.get("fps") is not None:
-        values["fps"] = _number(label, "fps", entry["fps"], MAX_FPS)
-    if entry.get("max_width") is not None:
-        values["max_width"] = _number(label, "max_width", entry["max_width"], MAX_WIDTH, integer=True)
-    for key in ("loop", "enabled"):
-        if entry.get(key) is not None:
-            values[key] = _flag(label, key, entry[key])
-    return Camera(**values)
+    defaults = Camera(camera_id, source)
+
+    def given(key: str, parse):
+        value = entry.get(key)
+        return getattr(defaults, key) if value is None else parse(label, key, value)
+
+    return Camera(
+        id=camera_id,
+        source=source,
+        name=given("name", partial(_text, most=MAX_TEXT)),
+        location=given("location", partial(_text, most=MAX_TEXT)),
+        fps=given("fps", partial(_number, most=MAX_FPS)),
+        max_width=given("max_width", partial(_number, most=MAX_WIDTH, integer=True)),
+        loop=given("loop", _flag),
+        enabled=given("enabled", _flag),
+    )
 
 
 def parse_inventory(text: str, origin: str = "cameras.yml") -> Inventory:
