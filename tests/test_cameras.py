@@ -14,7 +14,6 @@ from services.common.cameras import (
     CameraError,
     InventoryError,
     InventoryFile,
-    changed,
     index_of,
     merged,
     parse_camera,
@@ -117,13 +116,11 @@ def test_an_empty_file_has_no_cameras(tmp_path):
         read_inventory(tmp_path / "missing.yml")
 
 
-def test_only_the_cameras_that_changed_restart():
-    old = parse_inventory(GOOD)
-    new = parse_inventory(GOOD.replace("fps: 15", "fps: 10").replace("enabled: false", "enabled: true"))
-    stop, start = changed(old, new)
-    assert stop == {"lobby", "spare"} and start == {"lobby", "spare"}
-    fewer = parse_inventory("cameras:\n  - {id: lab, source: clips/woman2.mp4, loop: true, max_width: 320}")
-    assert changed(old, fewer) == ({"lobby", "spare"}, set())
+def test_only_what_capture_runs_with_restarts_a_camera():
+    lobby = parse_inventory(GOOD).get("lobby")
+    assert merged(lobby.as_dict(), {"name": "Hall", "location": "B"}).runs_as == lobby.runs_as
+    for change in ({"fps": 10}, {"source": "0"}, {"max_width": 0}, {"loop": True}, {"enabled": False}):
+        assert merged(lobby.as_dict(), change).runs_as != lobby.runs_as, change
 
 
 def test_replicas_split_the_cameras_stably():

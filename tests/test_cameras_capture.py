@@ -148,6 +148,11 @@ def test_cameras_are_added_and_removed_while_the_others_run(running):
     assert 2 <= a["fps"] <= 20 and a["frames"] > 20 and a["last_error"] == ""  # 15 on an idle machine
     assert status["errors"] == [] and status["file_error"] == ""
 
+    thread_of_c = camera_set.workers["c"].thread
+    write(path, demo("a"), demo("c", name="Courtyard"), demo("b", enabled=False))
+    wait_for(lambda: camera_set.status()["cameras"][1]["name"] == "Courtyard", what="c renamed")
+    assert camera_set.workers["c"].thread is thread_of_c, "a new name does not restart a camera"
+
     write(path, demo("c"))
     wait_for(lambda: set(states(camera_set)) == {"c"}, what="a and b removed")
     assert [t.name for t in threading.enumerate() if t.name.startswith("camera-")] == ["camera-c"]

@@ -2,9 +2,10 @@
 CaptureService of its own, all sending on the process's two sockets.
 
 The file is read again whenever it changes (polled about once a second): a camera added
-starts, one removed or disabled stops, one whose entry changed restarts; the others are not
-touched. A wrong entry is logged and reported, and the rest run. A source that fails or is
-missing is retried with backoff, files and folders too. With several capture replicas, each
+starts, one removed or disabled stops, one whose source, fps, max_width or loop changed
+restarts; the others (and a camera only renamed or moved) are not touched. A wrong entry is
+logged and reported, and the rest run. A source that fails or is missing is retried with
+backoff, files and folders too. With several capture replicas, each
 runs the cameras whose id hashes to its index (:func:`services.common.cameras.replica_of`).
 """
 
@@ -197,7 +198,9 @@ class CameraSet:
         """Stop the cameras removed, disabled or changed, start those added, enabled or
         changed; leave the others alone."""
         wanted = {c.id: c for c in inventory.cameras if c.enabled and self.mine(c)}
-        stopping = [w for i, w in self.workers.items() if wanted.get(i) != w.camera]
+        stopping = [
+            w for i, w in self.workers.items() if i not in wanted or wanted[i].runs_as != w.camera.runs_as
+        ]
         for worker in stopping:
             worker.stop()
         for worker in stopping:

@@ -76,6 +76,12 @@ class Camera:
     def title(self) -> str:
         return self.name or self.id
 
+    @property
+    def runs_as(self) -> tuple:
+        """What capture runs the camera with: a change here restarts it (a new name or
+        location does not)."""
+        return (self.source, self.fps, self.max_width, self.loop, self.enabled)
+
     def as_dict(self) -> dict:
         """The entry as written to the file: the defaults left out, id and source first."""
         defaults = Camera("", "")
@@ -254,16 +260,6 @@ def live_states(urls, timeout: float = STATE_TIMEOUT_S) -> tuple[dict[str, dict]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             unreachable.append(f"{url}: {exc}")
     return states, unreachable
-
-
-def changed(old: Inventory, new: Inventory) -> tuple[set[str], set[str]]:
-    """Which cameras to stop and which to start going from ``old`` to ``new``: those removed
-    or changed stop, those added or changed start; the rest keep running untouched."""
-    before = {c.id: c for c in old.cameras}
-    after = {c.id: c for c in new.cameras}
-    stop = {i for i, c in before.items() if after.get(i) != c}
-    start = {i for i, c in after.items() if before.get(i) != c}
-    return stop, start
 
 
 class InventoryFile:
