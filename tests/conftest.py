@@ -31,6 +31,7 @@ LONGEST_FIRST = (
     "test_fuzz_sockets",
     "test_regions",
     "test_dashboard_browser",
+    "test_cameras_pipeline",
     "test_source_loss",
     "test_hardening",
     "test_recorder_pipeline",
