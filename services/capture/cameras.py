@@ -25,6 +25,7 @@ from services.common.cameras import (
     Inventory,
     InventoryError,
     read_inventory,
+    redact,
     replica_of,
     signature,
 )
@@ -228,7 +229,7 @@ class CameraSet:
                     starting.append(worker)
             self.inventory = inventory
         for worker in starting:
-            self.log.info("camera %s started: %s", worker.camera.id, worker.service.source.name)
+            self.log.info("camera %s started: %s", worker.camera.id, redact(worker.camera.source))
             worker.start()
 
     def run(self) -> None:
