@@ -94,6 +94,23 @@ def test_the_list_joins_the_file_and_the_live_states(site):
     assert client.get("/api/cameras/yard", headers=as_(tokens, "open")).json()["state"] == "retrying"
 
 
+def test_cameras_are_found_by_location_and_state(site):
+    client, tokens, _, _ = site
+    admin = as_(tokens, "admin")
+
+    def found(**query) -> list[str]:
+        answer = client.get("/api/cameras", params=query, headers=admin).json()
+        return [c["id"] for c in answer["cameras"]]
+
+    assert found(location="A") == ["lobby"]
+    assert found(state="disabled") == ["lab"]
+    assert found(state="retrying", location="") == ["yard"]
+    response = client.get("/api/cameras", params={"state": "sleeping"}, headers=admin)
+    assert response.status_code == 400 and response.json()["detail"].startswith(
+        "state: 'sleeping' is not one of"
+    )
+
+
 def test_a_camera_no_capture_reports_is_unknown(site):
     client, tokens, _, _ = site
     added = client.post(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from fastapi import Body, Depends, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Query, Request
 
 from services.auth.principal import Principal
 from services.common.cameras import (
@@ -35,6 +35,7 @@ from services.common.cameras import (
 from . import params
 from .auth_routes import admin_of, client_of, principal_of
 
+STATES = ("up", "down", "retrying", "disabled", "unknown")
 NEW_CAMERA = Body(
     ...,
     examples=[{"id": "lobby", "source": "rtsp://cam1.local/live", "name": "Lobby", "fps": 15}],
@@ -110,15 +111,24 @@ def add_camera_routes(
         return camera_view(camera, states.get(camera.id))
 
     @app.get("/api/cameras", summary="The cameras of the inventory, each with its live state")
-    def list_cameras(principal: Principal = Depends(principal_of)):
+    def list_cameras(
+        location: str | None = Query(None, description="only the cameras at this location"),
+        state: str | None = Query(None, description="only the cameras in this state (up, down, ...)"),
+        principal: Principal = Depends(principal_of),
+    ):
+        if state is not None and state not in STATES:
+            raise params.bad("state", f"{state[:40]!r} is not one of {', '.join(STATES)}")
         inventory = current()
         states, unreachable = live_states(settings.capture_urls) if inventory.cameras else ({}, [])
+        cameras = [
+            camera_view(c, states.get(c.id))
+            for c in inventory.cameras
+            if principal.may_see(c.id) and location in (None, c.location)
+        ]
         answer = {
             "inventory": settings.path or None,
             "read_only": inventory_file.read_only() if inventory_file else None,
-            "cameras": [
-                camera_view(c, states.get(c.id)) for c in inventory.cameras if principal.may_see(c.id)
-            ],
+            "cameras": [c for c in cameras if state in (None, c["state"])],
         }
         if principal.streams is None:
             answer["errors"] = list(inventory.errors)
