@@ -71,6 +71,12 @@ def build_parser() -> ServiceParser:
         help="where the viewer asks the recorder about sign-ins and credentials (the users "
         "live in the recorder's database); unreachable: every request is refused",
     )
+    parser.option(
+        "--auth-ca",
+        default="",
+        help="PEM file of the certificate authority that signed the recorder's certificate, "
+        "for an https --auth-url served by a private CA (empty = the system's CAs)",
+    )
     return parser
 
 
