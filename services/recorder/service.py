@@ -34,7 +34,7 @@ DEFAULT_DATABASE = "data/recorder/recorder.db"
 MAX_BATCH_ROWS = 20000  # a batch is written early once it holds this many rows
 MAX_PENDING_ROWS = 500000  # rows kept for retry while the database is down; then dropped
 HOUSEKEEPING_S = 10.0
-DRAIN_QUIET_S = 0.5  # on stop, the input is taken until it has been quiet this long...
+DRAIN_QUIET_S = 0.3  # on stop, the input is taken until it has been quiet this long...
 DRAIN_MOST_S = 2.0  # ...or for this long at most
 RETENTION_EVERY_S = 3600.0
 
