@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.config import config_error, service_parser
+from services.common.config import config_error, service_parser, stream_timeout_option
 
 from .backends import BACKENDS, BlazeFaceBackend, Haar
 from .blazeface import MODELS, ModelError
@@ -118,6 +118,7 @@ def build_parser():
         help="work on the newest waiting frame of each stream and drop older ones "
         "(reason superseded); --no-newest-only takes every frame in order",
     )
+    stream_timeout_option(parser, "the regions kept around its faces")
     return parser
 
 
@@ -163,4 +164,5 @@ def settings_from(args) -> IntakeSettings:
         max_skew_s=args.max_clock_skew_ms / 1000.0,
         max_pixels=args.max_frame_pixels,
         newest_only=args.newest_only,
+        stream_timeout_s=args.stream_timeout_s,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.auth import settings as auth_settings
 from services.common import ports
-from services.common.config import ServiceParser, service_parser
+from services.common.config import ServiceParser, service_parser, stream_timeout_option
 
 from .draw import PRIVACY_HELP, PRIVACY_MODES
 from .service import SERVICE, ViewerSettings
@@ -50,6 +50,7 @@ def build_parser() -> ServiceParser:
     parser.option(
         "--max-streams", default=16, type=int, help="most streams shown at once; further streams are dropped"
     )
+    stream_timeout_option(parser, "it leaves the page, and its MJPEG and dashboard clients are disconnected")
     parser.option(
         "--recorder-url",
         default="",
@@ -99,6 +100,7 @@ def settings_from(args) -> ViewerSettings:
         jpeg_quality=args.jpeg_quality,
         max_age_s=args.max_age_ms / 1000,
         max_streams=args.max_streams,
+        idle_s=args.stream_timeout_s,
         max_skew_s=args.max_clock_skew_ms / 1000,
         max_pixels=args.max_frame_pixels,
         privacy=args.privacy,
