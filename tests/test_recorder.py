@@ -158,6 +158,45 @@ def test_migrations_create_exactly_the_schema(engine):
     store.migrate(engine)  # a second start changes nothing
 
 
+def test_an_old_sqlite_database_keeps_its_rows_and_never_reuses_a_deleted_tracks_id(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from services.recorder.deletion import delete_track
+
+    engine = store.make_engine(str(tmp_path / "recorder.db"))
+    config = Config()
+    config.set_main_option("script_location", str(store.MIGRATIONS))
+    with engine.begin() as connection:  # a database made before ids were AUTOINCREMENT
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002_auth")
+    record(engine, person("main", "1", T0, 2.0) + person("main", "2", T0 + 5, 2.0))
+
+    def counts():
+        with engine.connect() as connection:
+            return [
+                connection.execute(select(func.count()).select_from(t)).scalar()
+                for t in (tracks, observations, events)
+            ]
+
+    before = counts()
+    assert min(before) > 0
+    store.migrate(engine)
+    assert counts() == before  # rebuilding the tables cascaded nothing
+    with engine.connect() as connection:
+        newest = connection.execute(select(func.max(tracks.c.id))).scalar()
+        newest_event = connection.execute(select(func.max(events.c.id))).scalar()
+    assert delete_track(engine, newest) is not None
+    record(engine, person("main", "3", T0 + 10, 2.0))
+    with engine.connect() as connection:
+        assert connection.execute(select(func.max(tracks.c.id))).scalar() > newest
+        assert (
+            connection.execute(select(func.min(events.c.id)).where(events.c.track == "3")).scalar()
+            > newest_event
+        )
+    engine.dispose()
+
+
 def test_tracks_observations_and_events_are_written(engine):
     messages = (
         person("main", "1", T0, 3.0, labels=("Happy", "Sad"))
