@@ -77,18 +77,18 @@ def blazeface_backends() -> tuple[list[Backend], str | None]:
     except ImportError as exc:
         return [], f"BlazeFace skipped: the detector has no BlazeFace backend here ({exc})"
     backends = []
-    for model in ("short", "full"):
+    for model, squares in (("short", 0), ("full", 0), ("full", 2)):
         try:
             net = BlazeFace(model)
         except Exception as exc:  # a missing model file or runtime: report, run the rest
             return backends, f"BlazeFace {model} skipped: {exc}"
 
-        def detect(image, net=net):
-            return [(*d.box, d.score) for d in net.detect(image)]
+        def detect(image, net=net, squares=squares):
+            return [(*d.box, d.score) for d in net.detect_wide(image, squares)]
 
-        backends.append(
-            Backend(f"blazeface, {model}", detect, f"{model} range, min score {net.min_score}, whole frame")
-        )
+        name = f"blazeface, {model}" + (f" + {squares} squares" if squares else "")
+        where = f"whole frame and {squares} squares across it" if squares else "whole frame"
+        backends.append(Backend(name, detect, f"{model} range, min score {net.min_score}, {where}"))
     return backends, None
 
 

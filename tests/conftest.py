@@ -50,6 +50,18 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("EMOTION_AUTH", "off")
 
 
+@pytest.fixture(scope="module")
+def eager_tensorflow():
+    """TensorFlow functions run op by op instead of being traced into graphs first. On the
+    training tests' few tiny batches, tracing Keras's training step took about 20 s per run
+    and running it a second; what a run computes is the same either way."""
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(True)
+    yield
+    tf.config.run_functions_eagerly(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_registry(tmp_path_factory) -> Path:
     from services.model import registry

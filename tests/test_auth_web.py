@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import insert
 from starlette.routing import Mount
 
+from services.auth import settings as auth_settings
 from services.auth.directory import Directory
 from services.auth.gate import CSRF_COOKIE, PUBLIC_PATHS, SESSION_COOKIE
 from services.auth.settings import AuthSettings
@@ -391,6 +392,8 @@ def test_the_sixth_failed_sign_in_within_a_minute_is_429_on_both_servers(site):
 
 
 def test_https_on_both_servers_marks_the_session_cookie_secure(tmp_path):
+    """Both servers over HTTPS with a private CA's certificate: the viewer checks sign-ins
+    with the recorder over HTTPS too, trusting that CA (--auth-ca)."""
     import shutil
     import ssl
     import subprocess
@@ -401,7 +404,7 @@ def test_https_on_both_servers_marks_the_session_cookie_secure(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -411,15 +414,14 @@ def test_https_on_both_servers_marks_the_session_cookie_secure(tmp_path):
     Directory(engine).add_user("root", PASSWORDS["root"], "admin")
     settings = AuthSettings(Signer(SECRET), tls)
     app = create_app(engine, auth=settings)
-    public_port, internal_port = free_port(), free_port()
+    public_port = free_port()
     public = serve_api(app, "127.0.0.1", public_port, str(cert), str(key))
-    internal = serve_api(app, "127.0.0.1", internal_port)  # what the viewer asks, inside
     hub = StreamHub()
+    recorder_tls = auth_settings.client_tls(str(cert), "viewer")
     server, _ = web.start_web_server(
-        "127.0.0.1", 0, hub, "", RemoteAuth(settings, f"http://127.0.0.1:{internal_port}"), tls
+        "127.0.0.1", 0, hub, "", RemoteAuth(settings, f"https://127.0.0.1:{public_port}", recorder_tls), tls
     )
     client = ssl.create_default_context(cafile=str(cert))
-    client.check_hostname = False
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
@@ -437,7 +439,6 @@ def test_https_on_both_servers_marks_the_session_cookie_secure(tmp_path):
             return answer.headers.get_all("Set-Cookie")
 
     try:
-        wait_for(lambda: _up(f"http://127.0.0.1:{internal_port}/healthz"), 10, what="the recorder")
         credentials = {"username": "root", "password": PASSWORDS["root"]}
         for url, body, content_type in (
             (f"https://127.0.0.1:{public_port}/login", json.dumps(credentials).encode(), "application/json"),
@@ -452,7 +453,7 @@ def test_https_on_both_servers_marks_the_session_cookie_secure(tmp_path):
             assert "; Secure" in session and "HttpOnly" in session, url
     finally:
         web.stop_web_server(server, hub)
-        public.should_exit = internal.should_exit = True
+        public.should_exit = True
         engine.dispose()
 
 
@@ -461,3 +462,11 @@ def _try(function, *args):
         return function(*args)
     except OSError:
         return None
+
+
+def test_an_unreadable_private_ca_file_is_a_configuration_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        auth_settings.client_tls(str(tmp_path / "missing-ca.pem"), "viewer")
+    assert stopped.value.code == 78
+    error = capsys.readouterr().err
+    assert "--auth-ca" in error and "missing-ca.pem" in error

@@ -645,3 +645,19 @@ def test_auto_runtime_uses_tflite_for_small_batches_only(tiny, monkeypatch):
 
     monkeypatch.setattr(runtime, "tflite_model", failing)
     assert serving.load_served_model(entry, "auto").runner.runtime == "tf-function"
+
+
+def test_live_tta_forgets_streams_that_went_silent():
+    from services.classifier.live_tta import LiveTta
+
+    now = [0.0]
+    alternate = LiveTta("alternate", "flip", clock=lambda: now[0])
+    for i in range(100):
+        header = Faces(f"cam-{i}", 0, 64, 64, {}, boxes=[], crop_size=CROP)
+        assert alternate(header) == "none" and alternate(header) == "mirror"
+        now[0] += 1.0
+        alternate.forget_silent(5.0)
+    assert len(alternate.mirrored) == 5
+    now[0] += 10
+    alternate.forget_silent(5.0)
+    assert alternate.mirrored == {} and alternate.forgotten == 100

@@ -14,15 +14,19 @@ import numpy as np
 import pytest
 
 from services.common.config import CONFIG_ERROR
+from services.detector import options as detector_options
 from services.detector.backends import BlazeFaceBackend
 from services.detector.blazeface import (
     MODELS,
     BlazeFace,
+    Detection,
     ModelError,
     decode,
     haar_framing,
+    keep_best,
     model_path,
     scores_of,
+    squares_across,
     ssd_anchors,
     weighted_nms,
 )
@@ -226,6 +230,57 @@ def test_detector_exits_78_on_a_missing_cascade(tmp_path):
         timeout=60,
     )
     assert done.returncode == CONFIG_ERROR and "none.xml" in done.stderr, done.stderr
+
+
+# --- squares across a wide frame ------------------------------------------------------------
+
+
+def test_squares_span_the_long_side_of_a_wide_or_tall_frame():
+    assert squares_across(640, 360, 2) == [(0, 0, 360), (280, 0, 360)]
+    assert squares_across(640, 360, 3) == [(0, 0, 360), (140, 0, 360), (280, 0, 360)]
+    assert squares_across(360, 640, 2) == [(0, 0, 360), (0, 280, 360)]
+    assert squares_across(400, 360, 2) == [] and squares_across(640, 360, 0) == []
+
+
+def test_keep_best_keeps_one_of_a_face_seen_twice_and_both_of_two_faces():
+    def seen(x, score):
+        return Detection((x, 10, 40, 40), ((x + 10, 20),) * 6, score)
+
+    kept = keep_best([seen(100, 0.6), seen(104, 0.9), seen(300, 0.7)])
+    assert [(d.box[0], d.score) for d in kept] == [(104, 0.9), (300, 0.7)]
+    assert keep_best([]) == []
+
+
+def small_face_in_a_wide_frame(side: int) -> np.ndarray:
+    """justin.jpg scaled so that his face is about ``side`` pixels wide, in a 640x360 frame."""
+    image = cv2.imread(str(media("justin.jpg")))
+    (face,) = BlazeFace("full").detect(image)
+    scale = side / face.box[2]
+    small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    frame = np.full((360, 640, 3), 110, np.uint8)
+    frame[: small.shape[0], 100 : 100 + small.shape[1]] = small
+    return frame
+
+
+def test_squares_find_a_face_too_small_for_the_whole_frame_pass():
+    net = BlazeFace("full")
+    frame = small_face_in_a_wide_frame(32)
+    assert net.detect(frame) == []
+    (found,) = net.detect_wide(frame, 2)
+    assert 100 < found.box[0] < 150 and 26 <= found.box[2] <= 38, found
+    backend = BlazeFaceBackend("full", squares=2)
+    assert [face.box for face in backend.scan(frame, 1.0)] == [found.box]
+    (large,) = net.detect_wide(small_face_in_a_wide_frame(120), 2)  # seen by all three passes
+    assert large.score > 0.5
+    assert net.detect_wide(cv2.imread(str(media("no-faces.jpg"))), 2) == []
+
+
+def test_a_squares_count_out_of_range_is_a_configuration_error(capsys):
+    args = detector_options.parse_args(["--detector", "blazeface", "--blazeface-squares", "9"])
+    with pytest.raises(SystemExit) as stopped:
+        detector_options.face_finder(args)
+    assert stopped.value.code == CONFIG_ERROR
+    assert "--blazeface-squares 9" in capsys.readouterr().err
 
 
 # --- choosing the detector ------------------------------------------------------------------

@@ -101,3 +101,20 @@ def test_bad_and_stale_frames_are_dropped_and_the_service_goes_on(detector, port
     assert len(rejected) == 1 and rejected[0].reason
     assert stale_drops() == stale_before + 1
     assert not receive.poll(200), "a bad or stale frame was answered"
+
+
+def test_streams_that_come_and_go_leave_no_regions_behind(portrait):
+    """100 stream ids, a frame each, then silence: their regions are all forgotten."""
+    from services.capture.frames import encode_frame as frame_of
+    from services.common.protocol import decode_image
+
+    now = [0.0]
+    finder = FaceFinder(load_cascade(), DetectorSettings(), clock=lambda: now[0])
+    header, payloads = decode(frame_of(portrait, "cam", 1, "jpeg", 90))
+    image = decode_image(header, payloads[0])
+    for i in range(100):
+        finder.find_faces(f"cam-{i}", 1, 1000.0 + i, image)
+        now[0] += 0.1
+        assert finder.forget_silent(5.0) == (1 if i >= 50 else 0)
+    now[0] += 10
+    assert finder.forget_silent(5.0) == 50 and len(finder.memory) == 0 and finder.forgotten == 100

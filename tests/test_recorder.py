@@ -21,7 +21,7 @@ from services.recorder.plots import write_report
 from services.recorder.recording import Recording
 from services.recorder.schema import events, metadata, observations, streams, tracks
 from services.recorder.service import WRITE_ERRORS, RecorderService
-from tests.support import metric_sum
+from tests.support import metric_sum, wait_for
 from tests.support.recorder import T0, person, tracks_message
 
 
@@ -156,6 +156,45 @@ def test_migrations_create_exactly_the_schema(engine):
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
     store.migrate(engine)  # a second start changes nothing
+
+
+def test_an_old_sqlite_database_keeps_its_rows_and_never_reuses_a_deleted_tracks_id(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from services.recorder.deletion import delete_track
+
+    engine = store.make_engine(str(tmp_path / "recorder.db"))
+    config = Config()
+    config.set_main_option("script_location", str(store.MIGRATIONS))
+    with engine.begin() as connection:  # a database made before ids were AUTOINCREMENT
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002_auth")
+    record(engine, person("main", "1", T0, 2.0) + person("main", "2", T0 + 5, 2.0))
+
+    def counts():
+        with engine.connect() as connection:
+            return [
+                connection.execute(select(func.count()).select_from(t)).scalar()
+                for t in (tracks, observations, events)
+            ]
+
+    before = counts()
+    assert min(before) > 0
+    store.migrate(engine)
+    assert counts() == before  # rebuilding the tables cascaded nothing
+    with engine.connect() as connection:
+        newest = connection.execute(select(func.max(tracks.c.id))).scalar()
+        newest_event = connection.execute(select(func.max(events.c.id))).scalar()
+    assert delete_track(engine, newest) is not None
+    record(engine, person("main", "3", T0 + 10, 2.0))
+    with engine.connect() as connection:
+        assert connection.execute(select(func.max(tracks.c.id))).scalar() > newest
+        assert (
+            connection.execute(select(func.min(events.c.id)).where(events.c.track == "3")).scalar()
+            > newest_event
+        )
+    engine.dispose()
 
 
 def test_tracks_observations_and_events_are_written(engine):
@@ -436,3 +475,82 @@ def test_a_track_its_tracker_forgot_is_closed_and_written(sqlite):
     with sqlite.connect() as connection:
         ends = dict(connection.execute(select(tracks.c.track, tracks.c.end)).all())
     assert ends["1"] == pytest.approx(T0 + 29 / 30) and ends["2"] is None
+
+
+# --- every track ends: a graceful stop, a crash, streams that go ---
+
+
+def test_a_recorder_that_stops_closes_open_tracks_with_their_summary(engine):
+    """Over real inproc:// sockets: a track still open when the stop event is set, and one
+    whose track_ended event comes just after it (the tracker's last words), both end."""
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context.instance()
+    sender, receiver = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    sender.bind(f"inproc://recorder-stop-{engine.dialect.name}")
+    receiver.connect(f"inproc://recorder-stop-{engine.dialect.name}")
+    service = RecorderService(engine, Rejects(), sample_hz=5.0)
+    stop = threading.Event()
+    loop = threading.Thread(target=service.run, args=(receiver, stop))
+    loop.start()
+    try:
+        open_one = person("main", "1", T0, 2.0, labels=("Happy", "Sad"))[:-1]
+        ended_late = person("door", "2", T0, 1.0)
+        for message in open_one + ended_late[:-1]:
+            sender.send_multipart(message)
+        wait_for(lambda: service.recording.counts.kept >= 10, 10, what="the frames")
+        stop.set()
+        sender.send_multipart(ended_late[-1])
+        loop.join(10)
+        assert not loop.is_alive()
+    finally:
+        stop.set()
+        sender.close(linger=0)
+        receiver.close(linger=0)
+    with engine.connect() as connection:
+        rows = {r.track: r for r in connection.execute(select(tracks))}
+    assert rows["1"].end == pytest.approx(T0 + 59 / 30) and rows["1"].frames == 60
+    assert rows["1"].dominant == "Happy" and sum(rows["1"].shares) == pytest.approx(1, abs=1e-3)
+    assert rows["2"].end is not None and rows["2"].frames == 30  # from the tracker's summary
+    assert service.recording.live == {}
+
+
+def test_a_recorder_closes_the_tracks_a_crash_left_open(engine):
+    """The same summary as the tracker's, rebuilt from the stored observations."""
+    messages = person("main", "1", T0, 2.0, labels=("Happy", "Sad"))
+    record(engine, messages[:-1], sample_hz=0)  # then the recorder died: no end
+    record(engine, person("main", "2", T0 + 10, 1.0), sample_hz=0)
+    service = RecorderService(engine, Rejects())
+    assert service.recover() == 1 and service.recover() == 0
+    with engine.connect() as connection:
+        rows = {r.track: r for r in connection.execute(select(tracks))}
+    crashed = rows["1"]
+    assert crashed.end == crashed.last_seen == pytest.approx(T0 + 59 / 30)
+    assert crashed.frames == 60 and crashed.dominant in ("Happy", "Sad")
+    live = Recording(sample_hz=0)
+    for header in decoded(messages[:-1]):
+        live.add(header, 0.0)
+    expected = live.live[("main", "1")].running.summary()
+    assert crashed.dominant == expected.dominant and crashed.shares == pytest.approx(
+        expected.shares, abs=1e-3
+    )
+    assert crashed.mean_scores == pytest.approx(expected.mean_scores, abs=1e-3)
+    assert rows["2"].frames == 30  # ended normally: untouched
+
+
+def test_streams_that_come_and_go_leave_nothing_in_the_recorder(sqlite):
+    clock = Clock()
+    service = RecorderService(sqlite, Rejects(), clock=clock, stream_timeout_s=5.0)
+    for i in range(100):
+        for message in person(f"cam-{i}", "1", T0 + i, 0.2)[:-1]:  # never ended
+            service.on_message(message)
+        clock.now += 0.1
+    assert len(service.recording.live) == 100
+    clock.now += 60
+    service.housekeeping()
+    assert service.recording.live == {} and service.recording.arrivals == {}
+    assert service.flush(force=True)
+    with sqlite.connect() as connection:
+        assert connection.execute(select(func.count()).where(tracks.c.end.is_(None))).scalar() == 0

@@ -444,3 +444,83 @@ def test_configuration_errors_exit_78_naming_the_option(args, message):
         timeout=60,
     )
     assert out.returncode == 78 and message in out.stderr, out.stderr
+
+
+# --- streams that go: eviction, and every track ends ----------------------------------------------
+
+
+def test_streams_that_come_and_go_leave_nothing_behind():
+    """100 stream ids, each a face for a few frames and then silence: every track ends with
+    its event, every stream is forgotten and counted, and no per-stream state is left."""
+    tracker = Tracker(TrackerSettings(reorder_s=0.0, idle_s=5.0))
+    started = ended = evicted = 0
+    now = 0.0
+    for i in range(100):
+        for seq in range(4):
+            tracker.add(result(seq, [(10, 10, 50, 50)], stream=f"cam-{i}", capture=T0 + now), now)
+            now += 1 / 30
+            out = tracker.due(now, T0)
+            started, ended, evicted = started + out.started, ended + out.ended, evicted + out.evicted
+        now += 1.0
+    out = tracker.due(now + 10, T0)
+    started, ended, evicted = started + out.started, ended + out.ended, evicted + out.evicted
+    assert started == ended == 100 and evicted == 100
+    assert tracker.streams == {} and tracker.next_due(now) is None
+
+
+def test_a_stream_forgotten_with_open_tracks_ends_them():
+    tracker = Tracker(TrackerSettings(reorder_s=0.0, track_timeout_s=100.0, idle_s=1.0))
+    run(tracker, [result(s, [(10, 10, 50, 50)]) for s in range(3)])
+    out = tracker.due(10.0, T0)
+    (ended,) = events(out.messages, "track_ended")
+    assert ended.summary.frames == 2 and out.evicted == 1 and "cam" not in tracker.streams
+
+
+def test_forget_all_processes_waiting_results_and_ends_every_track():
+    tracker = Tracker(TrackerSettings(reorder_s=5.0))
+    for stream in ("a", "b"):
+        for seq in range(3):
+            tracker.add(result(seq, [(10, 10, 50, 50)], stream=stream), 0.0)
+    assert tracker.due(0.0, T0).messages == []  # all still waiting for the reorder window
+    out = tracker.forget_all(T0)
+    assert sum(m.kind == KIND_TRACKS for m in out.messages) == 6
+    assert out.started == out.ended == 2 and out.evicted == 2 and tracker.streams == {}
+    assert out.messages[-1].kind == KIND_EVENT and out.messages[-1].event.name == "track_ended"
+
+
+def test_the_service_ends_open_tracks_when_it_stops():
+    """Over real inproc:// sockets: the stop event set while a face is in view, the service's
+    last messages are that face's track_ended event."""
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context.instance()
+    results_out, results_in = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    tracks_out, tracks_in = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    results_out.bind("inproc://tracker-stop-results")
+    results_in.connect("inproc://tracker-stop-results")
+    tracks_out.bind("inproc://tracker-stop-tracks")
+    tracks_in.connect("inproc://tracker-stop-tracks")
+    service = TrackerService(TrackerSettings(reorder_s=0.0), [].append)
+    stop = threading.Event()
+    loop = threading.Thread(target=service.run, args=(results_in, tracks_out, stop))
+    loop.start()
+    try:
+        for seq in range(5):
+            results_out.send_multipart(encode(result(seq, [(10, 10, 50, 50)], capture=T0 + seq / 30)))
+        received = []
+        while not events(received, "track_started"):
+            assert tracks_in.poll(5000), "no tracks in time"
+            received.append(decode(tracks_in.recv_multipart())[0])
+        stop.set()
+        loop.join(5)
+        assert not loop.is_alive()
+        while tracks_in.poll(0):
+            received.append(decode(tracks_in.recv_multipart())[0])
+        (ended,) = events(received, "track_ended")
+        assert ended.track == "1" and ended.summary.frames >= 2 and service.tracker.streams == {}
+    finally:
+        stop.set()
+        for sock in (results_out, results_in, tracks_out, tracks_in):
+            sock.close(linger=0)

@@ -8,7 +8,10 @@ the recorder takes ``played`` instead of starting a pipeline of its own."""
 
 from __future__ import annotations
 
+import signal
+import sqlite3
 from collections import Counter
+from contextlib import closing
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +45,10 @@ def check_one_person(results: Collector, tracks: Collector) -> None:
     assert faces[-1].age_s > faces[0].age_s
 
 
+def recorder_args(db, api: int) -> tuple:
+    return ("--database", str(db), "--api-port", str(api), "--sample-hz", "0")
+
+
 @pytest.fixture(scope="module")
 def played(tmp_path_factory, tiny_registry):
     """The pipeline every test below reads: two classifier replicas, the tracker and the
@@ -58,9 +65,7 @@ def played(tmp_path_factory, tiny_registry):
     )
     api = free_port()
     tracker = pipeline.start("tracker")
-    recorder = pipeline.start(
-        "recorder", "--database", str(tmp_path / "recorder.db"), "--api-port", str(api), "--sample-hz", "0"
-    )
+    recorder = pipeline.start("recorder", *recorder_args(tmp_path / "recorder.db", api))
     results = tracks = None
     try:
         wait_for(
@@ -70,7 +75,13 @@ def played(tmp_path_factory, tiny_registry):
         )
         results, tracks = play_clip_through(pipeline, clip, 150)
         yield SimpleNamespace(
-            pipeline=pipeline, results=results, tracks=tracks, api=api, tracker=tracker, recorder=recorder
+            pipeline=pipeline,
+            results=results,
+            tracks=tracks,
+            api=api,
+            tracker=tracker,
+            recorder=recorder,
+            db=tmp_path / "recorder.db",
         )
     finally:
         for collector in (results, tracks):
@@ -155,3 +166,74 @@ def test_malformed_messages_are_counted_and_nobody_falls_over(played):
     assert metric_sum(stats, "emotion_recorder_write_errors_total") == 0
     assert metric_sum(stats, "emotion_recorder_database_bytes") > 0
     assert played.tracker.alive() and played.recorder.alive()
+
+
+def open_tracks(db, stream: str) -> list[tuple]:
+    """(track, frames of it stored) of the stream's tracks with no end."""
+    with closing(sqlite3.connect(db)) as connection:
+        return connection.execute(
+            "SELECT t.track, count(o.id) FROM tracks t JOIN observations o ON o.track_id = t.id "
+            'WHERE t.stream = ? AND t."end" IS NULL GROUP BY t.id',
+            (stream,),
+        ).fetchall()
+
+
+def in_view(db, stream: str) -> list[tuple]:
+    """Wait for a face of the stream to be a track stored with some frames, still open."""
+    return wait_for(
+        lambda: [row for row in open_tracks(db, stream) if row[1] >= 10],
+        30,
+        what=f"an open track of {stream} with frames stored",
+    )
+
+
+def restart(pipeline, process, *args):
+    pipeline.services.remove(process)
+    return pipeline.start(process.name, *args)
+
+
+@pytest.mark.timeout(300)
+def test_every_track_ends_on_sigint_and_sigterm_and_after_kill_9(played):
+    """Last in this file: a face in view of a looping clip while the tracker and the
+    recorder are stopped together, by SIGINT, then by SIGTERM: no track stays open, and the
+    tracker's track_ended events are recorded. Then both are killed with SIGKILL: the tracks
+    stay open until the recorder starts again and closes them from their observations."""
+    pipeline, db = played.pipeline, played.db
+    tracker, recorder = played.tracker, played.recorder
+    stream = "stops"
+    pipeline.start(
+        "capture#stops", "--source", str(media("woman2.mp4")), "--stream", stream, "--fps", "15", "--loop"
+    )
+    for how in (signal.SIGINT, signal.SIGTERM):
+        ending = {track for track, _ in in_view(db, stream)}
+        for process in (tracker, recorder):
+            process.proc.send_signal(how)
+        for process in (tracker, recorder):
+            assert process.proc.wait(15) == 0, process.output()[-2000:]
+        assert open_tracks(db, stream) == [], how
+        with closing(sqlite3.connect(db)) as connection:
+            ended = {
+                track
+                for (track,) in connection.execute(
+                    "SELECT track FROM events WHERE stream = ? AND name = 'track_ended'", (stream,)
+                )
+            }
+        assert ending <= ended, (how, ending, ended)
+        tracker = restart(pipeline, tracker)
+        recorder = restart(pipeline, recorder, *recorder_args(db, played.api))
+    in_view(db, stream)
+    for process in (tracker, recorder):
+        process.proc.kill()
+        process.proc.wait(15)
+    left_open = open_tracks(db, stream)
+    assert left_open
+    recorder = restart(pipeline, recorder, *recorder_args(db, played.api))
+    wait_for(lambda: not open_tracks(db, stream), 30, what="the restarted recorder to close the tracks")
+    with closing(sqlite3.connect(db)) as connection:
+        rows = connection.execute(
+            'SELECT track, "end", last_seen, frames, dominant FROM tracks WHERE stream = ?', (stream,)
+        ).fetchall()
+    closed = [row[1:] for row in rows if row[0] in {track for track, _ in left_open}]
+    assert closed and all(end == last and frames and dominant for end, last, frames, dominant in closed), (
+        closed
+    )

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
+pytestmark = pytest.mark.usefixtures("eager_tensorflow")
 
 from services.common.protocol import EMOTIONS  # noqa: E402
 from services.model import registry  # noqa: E402

@@ -902,3 +902,29 @@ def test_window_without_gui_support_exits_with_a_clear_message():
     )
     assert done.returncode == 2
     assert "opencv-python" in done.stderr and "--window" in done.stderr
+
+
+def test_streams_that_come_and_go_leave_nothing_in_the_viewer():
+    """100 stream ids, each shown for a moment (a client watching one of them), then silent:
+    every buffer and label goes, the client's stream ends, and each is counted."""
+    from services.viewer.hub import StreamClosed
+    from services.viewer.service import EVICTED
+
+    clock = FakeClock()
+    hub, rejects = StreamHub(clock=clock), Rejects()
+    viewer = ViewerService(ViewerSettings(idle_s=5.0, max_streams=16), hub, rejects, clock=clock)
+    before = EVICTED._value.get()
+    jpeg = jpeg_of(source_image())
+    for i in range(100):
+        viewer.on_frame(encode(frame_header(0, stream=f"cam-{i}"), [jpeg]))
+        viewer.on_tracks(encode(result_header(0, [face()], stream=f"cam-{i}")))
+        viewer.flush()
+        clock.now += 1.0
+    assert 0 < len(hub.streams()) <= 6 and viewer.joiner.dropped["streams"] == 0
+    watched = hub.streams()[-1]
+    clock.now += 10
+    viewer.flush()
+    assert hub.streams() == [] and viewer.joiner.streams == [] and viewer._tracked == {}
+    assert EVICTED._value.get() - before == 100
+    with pytest.raises(StreamClosed):
+        hub.wait_frame(watched, 0, 0.1)

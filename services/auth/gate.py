@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import threading
 import time
 import urllib.error
@@ -127,9 +128,16 @@ class RemoteResolver:
     signature is verified here first, so forged ones never reach the recorder. Answers are
     kept CACHE_S seconds; an unreachable recorder refuses everything (503)."""
 
-    def __init__(self, url: str, signer: Signer, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        url: str,
+        signer: Signer,
+        clock: Callable[[], float] = time.monotonic,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.url = url.rstrip("/") + "/api/auth/me"
         self.signer = signer
+        self._tls = tls
         self._clock = clock
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
@@ -159,7 +167,7 @@ class RemoteResolver:
     def _ask(self, token: str) -> Principal | None:
         request = urllib.request.Request(self.url, headers={"Authorization": f"Bearer {token}"})
         try:
-            with urllib.request.urlopen(request, timeout=3) as response:
+            with urllib.request.urlopen(request, timeout=3, context=self._tls) as response:
                 return Principal.from_dict(json.loads(response.read()))
         except urllib.error.HTTPError as error:
             if error.code == 401:

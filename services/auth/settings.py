@@ -112,6 +112,17 @@ def tls_context(args, service: str) -> ssl.SSLContext | None:
     return tls
 
 
+def client_tls(ca_file: str, service: str) -> ssl.SSLContext | None:
+    """The context a client uses to check a server signed by a private CA (None: the
+    system's CAs); exits 78 naming the file when it cannot be loaded."""
+    if not ca_file:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as error:
+        config_error(service, f"--auth-ca {ca_file}: {error}")
+
+
 def settings_from(args, service: str, hosts: dict[str, str], log: logging.Logger) -> AuthSettings | None:
     """The servers' auth settings; None when off. Exits 78 for ``--auth off`` on a web port
     that is not bound to loopback, and for a bad TLS pair."""

@@ -7,6 +7,7 @@ here too, so a refused client costs the recorder nothing."""
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 
@@ -16,11 +17,12 @@ from .settings import AuthSettings
 
 
 class RemoteAuth:
-    def __init__(self, settings: AuthSettings, recorder_url: str):
+    def __init__(self, settings: AuthSettings, recorder_url: str, tls: ssl.SSLContext | None = None):
         self.settings = settings
         self.signer = settings.signer
         self.login_url = recorder_url.rstrip("/") + LOGIN_PATH
-        self.gate = Gate(RemoteResolver(recorder_url, settings.signer), settings.signer)
+        self.tls = tls
+        self.gate = Gate(RemoteResolver(recorder_url, settings.signer, tls=tls), settings.signer)
         self.limiter = FailureLimiter()
 
     @property
@@ -39,7 +41,7 @@ class RemoteAuth:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5, context=self.tls) as response:
                 answer = json.loads(response.read())
         except urllib.error.HTTPError as error:
             if error.code == 401:

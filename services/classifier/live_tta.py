@@ -8,6 +8,7 @@ runs both views on every frame (twice the model work); ``none`` runs the face as
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from services.common.protocol import Faces, is_job
@@ -23,17 +24,30 @@ class LiveTta:
 
     MAX_STREAMS = 4096
 
-    def __init__(self, mode: str, version_tta: str):
+    def __init__(self, mode: str, version_tta: str, clock=time.monotonic):
         self.mode, self.version_tta = mode, version_tta
-        self.mirrored: OrderedDict[str, bool] = OrderedDict()
+        # stream -> (its last frame mirrored, when it came), least recently used first
+        self.mirrored: OrderedDict[str, tuple[bool, float]] = OrderedDict()
+        self._clock = clock
+        self.forgotten = 0  # streams forgotten: silent, or the least recent of too many
+
+    def forget_silent(self, timeout_s: float) -> int:
+        """Forget the streams that sent no frame for ``timeout_s``; returns how many."""
+        now, gone = self._clock(), 0
+        while self.mirrored and now - next(iter(self.mirrored.values()))[1] > timeout_s:
+            self.mirrored.popitem(last=False)
+            gone += 1
+        self.forgotten += gone
+        return gone
 
     def __call__(self, header: Faces) -> str | None:
         if self.version_tta != "flip" or self.mode == "version" or is_job(header.stream):
             return None
         if self.mode == "none":
             return "none"
-        mirror = not self.mirrored.pop(header.stream, True)
-        self.mirrored[header.stream] = mirror
+        mirror = not self.mirrored.pop(header.stream, (True, 0.0))[0]
+        self.mirrored[header.stream] = (mirror, self._clock())
         if len(self.mirrored) > self.MAX_STREAMS:
             self.mirrored.popitem(last=False)
+            self.forgotten += 1
         return "mirror" if mirror else "none"

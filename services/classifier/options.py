@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.config import service_parser
+from services.common.config import service_parser, stream_timeout_option
 from services.model.runtime import RUNTIMES
 
 from .batching import BatchPolicy
@@ -65,6 +65,7 @@ def build_parser():
         help="how often to check the registry for a newly promoted model "
         "(0 = never; POST /reload on the metrics port checks at once)",
     )
+    stream_timeout_option(parser, "its --live-tta alternation starts again")
     return parser
 
 
@@ -78,4 +79,5 @@ def settings_from(args) -> ClassifierSettings:
         args.live_tta,
         args.max_age_ms / 1000.0,
         args.max_clock_skew_ms / 1000.0,
+        args.stream_timeout_s,
     )

@@ -23,6 +23,7 @@ import zmq
 from prometheus_client import Counter, Histogram
 
 from services.common import bus
+from services.common.config import STREAM_TIMEOUT_S
 from services.common.metrics import RejectLog, drop
 from services.common.protocol import (
     EMOTIONS,
@@ -55,6 +56,12 @@ INFERENCE_SECONDS = Histogram(
     "Preprocessing plus model time per batch",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
 )
+EVICTED = Counter(
+    "emotion_classifier_streams_evicted_total",
+    "Streams whose --live-tta alternation was forgotten: silent for --stream-timeout-s, or "
+    "the least recent of too many",
+)
+EVICT_EVERY_S = 1.0
 QUEUE_WAIT = Histogram(
     "emotion_classifier_queue_wait_seconds",
     "Time a message waited in the batcher before its batch ran",
@@ -70,6 +77,7 @@ class ClassifierSettings:
     live_tta: str = LIVE_ALTERNATE
     max_age_s: float = 0.5  # frames captured longer ago are dropped (0 = never)
     max_skew_s: float = MAX_CLOCK_SKEW_S
+    stream_timeout_s: float = STREAM_TIMEOUT_S  # a stream silent this long is forgotten
 
 
 def results_message(header: Faces, probabilities: np.ndarray, version: str, now: float | None = None) -> list:
@@ -187,7 +195,8 @@ class ClassifierService:
         self.rejects = rejects or RejectLog(SERVICE, self.log)
         self.clock, self.wall_clock = clock, wall_clock
         self.batcher = Batcher(settings.policy)
-        self.live_tta = LiveTta(settings.live_tta, served.runner.tta)
+        self.live_tta = LiveTta(settings.live_tta, served.runner.tta, clock)
+        self._next_eviction = clock() + EVICT_EVERY_S
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -196,6 +205,16 @@ class ClassifierService:
                 self.drain()
             self.swap_in_new_model()
             self.run_due_batch()
+            if self.clock() >= self._next_eviction:
+                self._next_eviction = self.clock() + EVICT_EVERY_S
+                self.forget_silent()
+
+    def forget_silent(self) -> int:
+        """Forget the --live-tta phase of streams silent for the stream timeout; counted."""
+        before = self.live_tta.forgotten
+        self.live_tta.forget_silent(self.settings.stream_timeout_s)
+        EVICTED.inc(self.live_tta.forgotten - before)
+        return self.live_tta.forgotten - before
 
     def drain(self) -> None:
         """Take what is queued now, up to DRAIN_LIMIT messages."""
@@ -240,7 +259,7 @@ class ClassifierService:
         fresh = self.watcher.take_ready() if self.watcher else None
         if fresh is None:
             return
-        self.live_tta = LiveTta(self.settings.live_tta, fresh.runner.tta)
+        self.live_tta = LiveTta(self.settings.live_tta, fresh.runner.tta, self.clock)
         announce(fresh, self.served)
         RELOADS.labels("ok").inc()
         self.log.info("now serving %s (was %s)", describe(fresh), self.served.version)

@@ -67,6 +67,13 @@ def non_negative(text: str) -> float:
     return value
 
 
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{text} is not a number > 0")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -123,6 +130,21 @@ def service_parser(
     )
     parser.option("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return parser
+
+
+STREAM_TIMEOUT_S = 60.0
+
+
+def stream_timeout_option(parser: ServiceParser, forgets: str) -> None:
+    """``--stream-timeout-s``, the same in every stage that keeps something per stream:
+    a stream silent this long is forgotten, so stream ids that come and go (cameras added
+    and removed) leave nothing behind."""
+    parser.option(
+        "--stream-timeout-s",
+        default=STREAM_TIMEOUT_S,
+        type=positive,
+        help=f"forget a stream that has sent nothing for this many seconds: {forgets}",
+    )
 
 
 def setup_logging(name: str, level: str) -> logging.Logger:

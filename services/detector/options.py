@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.config import config_error, service_parser
+from services.common.config import config_error, service_parser, stream_timeout_option
 
 from .backends import BACKENDS, BlazeFaceBackend, Haar
 from .blazeface import MODELS, ModelError
@@ -34,6 +34,13 @@ def build_parser():
         default=0.5,
         type=float,
         help="smallest BlazeFace score (0..1) of a face; higher finds fewer faces and fewer false ones",
+    )
+    parser.option(
+        "--blazeface-squares",
+        default=0,
+        type=int,
+        help="BlazeFace full scans also look at this many squares across a wide frame (0-4): "
+        "finds faces under about 40 px (an audience, a far corner) for one more model run each",
     )
     parser.option(
         "--cascade",
@@ -111,6 +118,7 @@ def build_parser():
         help="work on the newest waiting frame of each stream and drop older ones "
         "(reason superseded); --no-newest-only takes every frame in order",
     )
+    stream_timeout_option(parser, "the regions kept around its faces")
     return parser
 
 
@@ -136,9 +144,13 @@ def face_finder(args) -> FaceFinder:
     )
     if not 0.0 < args.blazeface_score < 1.0:
         config_error(SERVICE, f"--blazeface-score {args.blazeface_score} is not between 0 and 1")
+    if not 0 <= args.blazeface_squares <= 4:
+        config_error(SERVICE, f"--blazeface-squares {args.blazeface_squares} is not between 0 and 4")
     try:
         if args.detector == "blazeface":
-            backend = BlazeFaceBackend(args.blazeface_model, args.blazeface_score, args.min_size)
+            backend = BlazeFaceBackend(
+                args.blazeface_model, args.blazeface_score, args.min_size, args.blazeface_squares
+            )
         else:
             backend = Haar(load_cascade(args.cascade), settings, regions.face_px, regions.size_step)
     except (ModelError, RuntimeError) as exc:
@@ -152,4 +164,5 @@ def settings_from(args) -> IntakeSettings:
         max_skew_s=args.max_clock_skew_ms / 1000.0,
         max_pixels=args.max_frame_pixels,
         newest_only=args.newest_only,
+        stream_timeout_s=args.stream_timeout_s,
     )

@@ -27,6 +27,7 @@ stream showing more faces is scanned whole on every frame.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -63,6 +64,7 @@ class StreamMemory:
     last_seq: int
     faces: list[Face] = field(default_factory=list)  # found on the stream's last frame
     ghosts: list[Box] = field(default_factory=list)  # lost since the last full scan
+    used: float = 0.0  # when (monotonic) its last frame came
 
 
 class FaceFinder:
@@ -76,11 +78,23 @@ class FaceFinder:
         backend: Backend | cv2.CascadeClassifier,
         settings: DetectorSettings,
         regions: RegionSettings = RegionSettings(),
+        clock=time.monotonic,
     ):
         if isinstance(backend, cv2.CascadeClassifier):
             backend = Haar(backend, settings, regions.face_px, regions.size_step)
         self.backend, self.settings, self.regions = backend, settings, regions
-        self.memory: OrderedDict[str, StreamMemory] = OrderedDict()
+        self.memory: OrderedDict[str, StreamMemory] = OrderedDict()  # least recently used first
+        self._clock = clock
+        self.forgotten = 0  # streams forgotten: silent, or the least recent of too many
+
+    def forget_silent(self, timeout_s: float) -> int:
+        """Forget the streams that sent no frame for ``timeout_s``; returns how many."""
+        now, gone = self._clock(), 0
+        while self.memory and now - next(iter(self.memory.values())).used > timeout_s:
+            self.memory.popitem(last=False)
+            gone += 1
+        self.forgotten += gone
+        return gone
 
     def find(self, stream: str, seq: int, capture_time: float, image: np.ndarray) -> tuple[list[Box], str]:
         """Face boxes in the frame's full-resolution pixels, and how they were found:
@@ -113,10 +127,11 @@ class FaceFinder:
                     [] if kind == FULL else memory.ghosts + [box for box in lost if not _near_any(box, faces)]
                 )
                 memory.full_seq, memory.full_time = seq, capture_time
-        memory.faces, memory.last_seq = faces, seq
+        memory.faces, memory.last_seq, memory.used = faces, seq, self._clock()
         self.memory[stream] = memory
         if len(self.memory) > self.MAX_STREAMS:
             self.memory.popitem(last=False)
+            self.forgotten += 1
         return _to_full_frame(faces, scale, image.shape), kind
 
     def _restarted(self, memory: StreamMemory, seq: int, capture_time: float, shape: tuple) -> bool:

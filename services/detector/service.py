@@ -16,6 +16,7 @@ import zmq
 from prometheus_client import Counter, Histogram
 
 from services.common import bus
+from services.common.config import STREAM_TIMEOUT_S
 from services.common.metrics import drop
 from services.common.protocol import (
     JOB_PREFIX,
@@ -48,6 +49,12 @@ SCANS = Counter(
     "(regions plus the rest of the frame) or rescan (a region lost its face)",
     ["kind"],
 )
+EVICTED = Counter(
+    "emotion_detector_streams_evicted_total",
+    "Streams whose face regions were forgotten: silent for --stream-timeout-s, or the "
+    "least recent of too many",
+)
+EVICT_EVERY_S = 1.0
 SECONDS = Histogram(
     "emotion_detector_seconds",
     "Time to decode, detect and crop one frame",
@@ -63,6 +70,7 @@ class IntakeSettings:
     max_skew_s: float = MAX_CLOCK_SKEW_S
     max_pixels: int = MAX_FRAME_PIXELS
     newest_only: bool = True  # the newest waiting frame of each stream, older dropped
+    stream_timeout_s: float = STREAM_TIMEOUT_S  # a stream silent this long is forgotten
 
 
 def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = MAX_FRAME_PIXELS) -> list:
@@ -181,12 +189,23 @@ class DetectorService:
         )
         newest = NewestFrames(self.frames_in, self.stop) if self.settings.newest_only else None
         take = newest.take if newest else in_order(self.frames_in)
+        next_eviction = time.monotonic() + EVICT_EVERY_S
         while not self.stop.is_set():
             parts = take(0.2)
             if parts is not None:
                 self.handle(parts)
+            if time.monotonic() >= next_eviction:
+                next_eviction = time.monotonic() + EVICT_EVERY_S
+                self.forget_silent()
         if newest:
             newest.thread.join(2)
+
+    def forget_silent(self) -> int:
+        """Forget the regions of streams silent for the stream timeout; counted."""
+        before = self.finder.forgotten
+        self.finder.forget_silent(self.settings.stream_timeout_s)
+        EVICTED.inc(self.finder.forgotten - before)
+        return self.finder.forgotten - before
 
     def handle(self, parts: list) -> None:
         """One frame message in, its faces message out (or a drop, or a rejection)."""

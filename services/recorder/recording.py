@@ -3,6 +3,12 @@ that goes into the next transaction. No database and no sockets here (unit tests
 
 Tracks are known by (stream, track id, start time): the tracker counts ids from "1" again
 after a restart, so an id alone would merge two people.
+
+Every track gets an end. The tracker sends ``track_ended`` with its summary; a track that
+never gets one (its tracker crashed, its stream went silent, or the recorder stops first) is
+closed here with the same summary, counted by :class:`RunningSummary` over the frames this
+recorder saw, or rebuilt from the stored observations (:func:`summary_of`) by a recorder
+that starts after a crash.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from services.common.protocol import Event, Message, Tracks
+from services.common.protocol import EMOTIONS, Event, Message, Tracks, TrackSummary
+from services.tracker.smoothing import RunningSummary
 
 SAME_START_S = 1.0  # starts this close are the same track (age_s is rounded to 1 ms)
 CONTINUES_S = 5.0  # an event of a track we never saw start continues a row seen this recently
@@ -48,6 +55,22 @@ class TrackState:
     last_label: str = ""
     pending: dict | None = None  # newest observation not kept by sampling
     deleted: bool = False  # its row was deleted (an admin's deletion): nothing more is written
+    running: RunningSummary | None = None  # the frames seen here, for an end nobody sent
+
+    def see(self, t: float, scores, label: str) -> None:
+        """Count a frame of the track into its running summary."""
+        if self.running is None:
+            self.running = RunningSummary(scores, t, EMOTIONS.index(label))
+        else:
+            self.running.add(scores, t)
+            self.running.label = EMOTIONS.index(label)
+
+    def end_here(self, summary: TrackSummary | None) -> None:
+        """Close a track nobody ended: end = last seen, and the summary where there is one."""
+        self.end = self.last_seen
+        if summary is not None:
+            self.frames, self.dominant = summary.frames, summary.dominant
+            self.mean_scores, self.shares = summary.mean_scores, summary.shares
 
     def row(self) -> dict:
         return {
@@ -63,6 +86,20 @@ class TrackState:
             "shares": self.shares,
             "model": self.model,
         }
+
+
+def summary_of(observations) -> TrackSummary | None:
+    """A track's summary rebuilt from its stored observations, (time, raw scores, smoothed
+    label) in time order, as the tracker would have sent it; None without observations.
+    With --sample-hz, ``frames`` counts the stored observations, not every frame seen."""
+    running = None
+    for t, scores, label in observations:
+        if running is None:
+            running = RunningSummary(scores, t, EMOTIONS.index(label))
+        else:
+            running.add(scores, t)
+            running.label = EMOTIONS.index(label)
+    return None if running is None else running.summary()
 
 
 @dataclass
@@ -121,6 +158,7 @@ class Recording:
     def __init__(self, sample_hz: float = 5.0):
         self.interval = 1.0 / sample_hz if sample_hz > 0 else 0.0
         self.live: dict[tuple[str, str], TrackState] = {}
+        self.arrivals: dict[str, float] = {}  # stream -> when (monotonic) it last sent
         self.batch = Batch()
         self.counts = Counts()
 
@@ -128,6 +166,7 @@ class Recording:
         """Take one decoded message; ``now`` (monotonic) dates the batch."""
         if self.batch.opened is None:
             self.batch.opened = now
+        self.arrivals[header.stream] = now
         if isinstance(header, Tracks):
             self._tracks(header)
         elif isinstance(header, Event):
@@ -147,9 +186,28 @@ class Recording:
             self._close(self.live.pop(key))
         return len(silent)
 
+    def forget_streams(self, now: float, timeout_s: float) -> tuple[int, int]:
+        """Forget streams that sent nothing for ``timeout_s`` (monotonic), closing their
+        open tracks; returns (streams, tracks) closed."""
+        gone = {stream for stream, last in self.arrivals.items() if now - last > timeout_s}
+        for stream in gone:
+            del self.arrivals[stream]
+        return len(gone), self._close_where(lambda key: key[0] in gone)
+
+    def close_all(self) -> int:
+        """Close every open track (the recorder stops); returns how many."""
+        self.arrivals.clear()
+        return self._close_where(lambda key: True)
+
+    def _close_where(self, chosen) -> int:
+        keys = [key for key in self.live if chosen(key)]
+        for key in keys:
+            self._close(self.live.pop(key))
+        return len(keys)
+
     def _close(self, state: TrackState) -> None:
         if state.end is None:
-            state.end = state.last_seen
+            state.end_here(state.running and state.running.summary())
         if state.pending is not None:
             self.batch.observations.append((state, state.pending))
             state.pending = None
@@ -192,6 +250,7 @@ class Recording:
             )
             state.last_seen = max(state.last_seen, t)
             state.label, state.model = face.smoothed_label, header.model
+            state.see(t, face.scores, face.smoothed_label)
             x, y, w, h = face.box
             row = {
                 "time": t,

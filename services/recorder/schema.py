@@ -20,7 +20,9 @@ from sqlalchemy import (
 )
 
 # SQLite only makes an INTEGER PRIMARY KEY an alias of its rowid (autoincrementing, compact);
-# PostgreSQL gets 64-bit keys, as observations add up.
+# PostgreSQL gets 64-bit keys, as observations add up. Tracks and events are addressed by id
+# (the API's URLs, cursors, the live feed), so on SQLite they are AUTOINCREMENT: the id of a
+# deleted newest row is never handed to the next one (PostgreSQL's sequences never reuse).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 metadata = MetaData()
@@ -53,6 +55,7 @@ tracks = Table(
     Index("ix_tracks_stream_start", "stream", "start"),
     Index("ix_tracks_stream_last_seen", "stream", "last_seen"),
     Index("ix_tracks_last_seen", "last_seen"),
+    sqlite_autoincrement=True,
 )
 
 observations = Table(
@@ -90,6 +93,7 @@ events = Table(
     Index("ix_events_stream_time", "stream", "time"),
     Index("ix_events_track_time", "track_id", "time"),
     Index("ix_events_time", "time"),
+    sqlite_autoincrement=True,
 )
 
 # --- authentication (services/auth): users, API tokens and the audit log ---

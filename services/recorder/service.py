@@ -5,6 +5,11 @@ Subscribes to ``tracks`` (see docs/protocol.md). Observations are sampled per tr
 written in one transaction per batch (at most --batch-ms apart). SQLite by default,
 PostgreSQL with --database postgresql://...; the schema is kept by Alembic migrations, run
 at start. ``python -m services.recorder report`` draws the recorded timelines.
+
+Every track gets an end, whatever stops: on a graceful stop the recorder takes what is
+still coming for a moment (the tracker's last ``track_ended`` events), then closes the
+tracks still open itself; at start it closes those a crash left open, from their stored
+observations; and it forgets streams silent for the stream timeout, closing their tracks.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
-from services.common.config import config_error
+from services.common.config import STREAM_TIMEOUT_S, config_error
 from services.common.metrics import drop
 from services.common.protocol import KIND_EVENT, KIND_TRACKS, Rejected, decode
 
@@ -29,6 +34,8 @@ DEFAULT_DATABASE = "data/recorder/recorder.db"
 MAX_BATCH_ROWS = 20000  # a batch is written early once it holds this many rows
 MAX_PENDING_ROWS = 500000  # rows kept for retry while the database is down; then dropped
 HOUSEKEEPING_S = 10.0
+DRAIN_QUIET_S = 0.3  # on stop, the input is taken until it has been quiet this long...
+DRAIN_MOST_S = 2.0  # ...or for this long at most
 RETENTION_EVERY_S = 3600.0
 
 MESSAGES = Counter("emotion_recorder_messages_total", "Messages taken from the tracks channel", ["kind"])
@@ -50,6 +57,16 @@ WRITE_ERRORS = Counter(
 DB_BYTES = Gauge("emotion_recorder_database_bytes", "Size of the database on disk")
 PENDING = Gauge("emotion_recorder_pending_rows", "Rows waiting for the next commit")
 DELETED = Counter("emotion_recorder_rows_deleted_total", "Rows deleted by --retention-days", ["table"])
+CLOSED = Counter(
+    "emotion_recorder_tracks_closed_total",
+    "Tracks that got no track_ended and were closed by the recorder: stopped (open when "
+    "it stopped), silent (their stream or track went silent), recovered (left open by a "
+    "crash, closed at start from their stored observations)",
+    ["why"],
+)
+EVICTED = Counter(
+    "emotion_recorder_streams_evicted_total", "Streams forgotten after the stream timeout without a message"
+)
 
 
 def open_database(url: str, log: logging.Logger):
@@ -81,9 +98,11 @@ class RecorderService:
         clock=time.monotonic,
         wall_clock=time.time,
         log: logging.Logger | None = None,
+        stream_timeout_s: float = STREAM_TIMEOUT_S,
     ):
         self.engine = engine
         self.recording = Recording(sample_hz)
+        self.stream_timeout_s = stream_timeout_s
         self.pending: Batch | None = None
         self._rejects, self.batch_s, self.retention_s = rejects, batch_s, retention_s
         self._clock, self._wall = clock, wall_clock
@@ -94,7 +113,10 @@ class RecorderService:
         self._counted = (0, 0, 0)
 
     def run(self, tracks: zmq.Socket, stop: threading.Event) -> None:
-        """Messages in, batches written, until ``stop`` is set; then the rest is written."""
+        """Tracks a crash left open are closed; messages in, batches written, until ``stop``
+        is set; then what is still coming is taken, every open track closed and the rest
+        written."""
+        self.recover()
         while not stop.is_set():
             due = self.due_in()
             timeout = 100 if due is None else max(1, min(100, int(due * 1000) + 1))
@@ -106,7 +128,46 @@ class RecorderService:
                         break
             self.flush()
             self.housekeeping()
+        self.drain(tracks)
+        self.close_all()
         self.flush(force=True)
+
+    def recover(self) -> int:
+        """Close the tracks an earlier run left open (see store.close_open_tracks)."""
+        try:
+            closed = store.close_open_tracks(self.engine)
+        except SQLAlchemyError as error:
+            self.log.warning("open tracks not closed: %s", str(error).splitlines()[0])
+            return 0
+        if closed:
+            CLOSED.labels("recovered").inc(closed)
+            self.log.info("closed %d tracks left open by an earlier run", closed)
+        return closed
+
+    def drain(self, tracks: zmq.Socket, quiet_s: float = DRAIN_QUIET_S, most_s: float = DRAIN_MOST_S) -> int:
+        """Take what is still coming after a stop (the tracker's last events), until the input
+        has been quiet for ``quiet_s``, at most ``most_s``; returns how many messages."""
+        taken, deadline = 0, time.monotonic() + most_s
+        while (left := deadline - time.monotonic()) > 0 and tracks.poll(int(min(quiet_s, left) * 1000)):
+            for _ in range(1000):
+                try:
+                    self.on_message(tracks.recv_multipart(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+                taken += 1
+        return taken
+
+    def close_all(self) -> int:
+        """Close every track still open (the recorder stops), with the summary of the frames
+        it saw."""
+        closed = self.recording.close_all()
+        CLOSED.labels("stopped").inc(closed)
+        self._date_batch()
+        return closed
+
+    def _date_batch(self) -> None:
+        if self.recording.batch.opened is None and len(self.recording.batch):
+            self.recording.batch.opened = self._clock()
 
     def on_message(self, parts: list) -> None:
         try:
@@ -183,8 +244,10 @@ class RecorderService:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + HOUSEKEEPING_S
-        if self.recording.forget_silent() and self.recording.batch.opened is None:
-            self.recording.batch.opened = now
+        streams, closed = self.recording.forget_streams(now, self.stream_timeout_s)
+        EVICTED.inc(streams)
+        CLOSED.labels("silent").inc(closed + self.recording.forget_silent())
+        self._date_batch()
         try:
             if self.retention_s and now >= self._next_retention:
                 self._next_retention = now + RETENTION_EVERY_S

@@ -15,7 +15,7 @@ from alembic.config import Config
 from sqlalchemy import JSON, Engine, bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 
-from .recording import CONTINUES_S, SAME_START_S, Batch
+from .recording import CONTINUES_S, SAME_START_S, Batch, summary_of
 from .schema import events, observations, streams, tracks
 
 JSON_TYPE = JSON(none_as_null=True)  # None binds as SQL NULL, so coalesce keeps the old value
@@ -60,9 +60,23 @@ def migrate(engine: Engine) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as connection:
+        if sqlite:  # SQLite rebuilds a table to change it: dropping the old one must cascade nothing
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(f"the migration left rows without their track: {broken[:5]}")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
 
 
 def _existing_track(connection, state) -> int | None:
@@ -149,6 +163,36 @@ def write(engine: Engine, batch: Batch) -> dict[str, int]:
             state.pk = None
         raise
     return {"tracks": len(inserted), "observations": len(batch.observations), "events": len(batch.events)}
+
+
+def close_open_tracks(engine: Engine) -> int:
+    """Close the tracks a crash left open (no end): end = last seen, with the summary
+    rebuilt from their stored observations. Returns how many. A track that is in fact still
+    going (only the recorder restarted) opens again with its next frame and gets its end
+    from the tracker."""
+    closed = 0
+    with engine.begin() as connection:
+        open_tracks = connection.execute(
+            select(tracks.c.id, tracks.c.last_seen).where(tracks.c.end.is_(None)).order_by(tracks.c.id)
+        ).all()
+        for pk, last_seen in open_tracks:
+            summary = summary_of(
+                connection.execute(
+                    select(observations.c.time, observations.c.scores, observations.c.smoothed_label)
+                    .where(observations.c.track_id == pk)
+                    .order_by(observations.c.time, observations.c.id)
+                )
+            )
+            values = {"end": last_seen}
+            if summary is not None:
+                values.update(
+                    frames=summary.frames,
+                    dominant=summary.dominant,
+                    mean_scores=summary.mean_scores,
+                    shares=summary.shares,
+                )
+            closed += connection.execute(update(tracks).where(tracks.c.id == pk).values(values)).rowcount
+    return closed
 
 
 def _without_deleted(connection, batch: Batch) -> Batch:

@@ -14,6 +14,8 @@ from services.common.metrics import RejectLog, serve_metrics
 from .options import SERVICE, parse_args, settings_from
 from .service import TrackerService
 
+STOP_LINGER_MS = 1000
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     )
     service.run(results, tracks, stop)
     results.close()
-    tracks.close()
+    tracks.close(linger=STOP_LINGER_MS)  # the last track_ended events still go out
     ctx.term()
     return 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.config import config_error, service_parser
+from services.common.config import config_error, service_parser, stream_timeout_option
 
 from .service import SERVICE
 from .smoothing import SmoothingSettings
@@ -57,6 +57,7 @@ def build_parser():
         type=int,
         help="most streams tracked at once; results of further streams are dropped",
     )
+    stream_timeout_option(parser, "its open tracks end, with their track_ended events")
     parser.option("--shards", default=1, type=int, help="number of tracker replicas")
     parser.option(
         "--shard",
@@ -92,6 +93,7 @@ def settings_from(args) -> TrackerSettings:
             args.min_iou,
             args.confirm_frames,
             args.max_streams,
+            args.stream_timeout_s,
             smoothing=smoothing,
         )
     except ValueError:

@@ -38,6 +38,10 @@ RESULTS = Counter(
 ACTIVE = Gauge("emotion_tracker_active_tracks", "Tracks alive now, per stream", ["stream"])
 STARTED = Counter("emotion_tracker_tracks_started_total", "Tracks started")
 ENDED = Counter("emotion_tracker_tracks_ended_total", "Tracks ended")
+EVICTED = Counter(
+    "emotion_tracker_streams_evicted_total",
+    "Streams forgotten (silent for --stream-timeout-s, or at a graceful stop), their open tracks ended",
+)
 LABEL_CHANGES = Counter(
     "emotion_tracker_label_changes_total",
     "Changes of a track's label from one frame to the next: raw (the "
@@ -95,13 +99,22 @@ class TrackerService:
 
     def flush(self) -> list[list]:
         """Encoded messages due now (tracks and events, in order)."""
+        return self._published(lambda: self.tracker.due(self._clock(), self._wall()))
+
+    def finish(self) -> list[list]:
+        """Encoded messages of a graceful stop: the results still waiting, then the end of
+        every open track."""
+        return self._published(lambda: self.tracker.forget_all(self._wall()))
+
+    def _published(self, work) -> list[list]:
         started = time.perf_counter()
         changes = {s: (t.raw_changes, t.smoothed_changes) for s, t in self.tracker.streams.items()}
-        out = self.tracker.due(self._clock(), self._wall())
+        out = work()
         if out.messages:
             SECONDS.observe((time.perf_counter() - started) / max(1, len(out.messages)))
         STARTED.inc(out.started)
         ENDED.inc(out.ended)
+        EVICTED.inc(out.evicted)
         for stream, state in self.tracker.streams.items():
             raw, smoothed = changes.get(stream, (0, 0))
             LABEL_CHANGES.labels("raw").inc(state.raw_changes - raw)
@@ -112,7 +125,9 @@ class TrackerService:
         return [encode(header) for header in out.messages]
 
     def run(self, results: zmq.Socket, tracks: zmq.Socket, stop: threading.Event) -> None:
-        """Results in, tracks and events out, until ``stop`` is set."""
+        """Results in, tracks and events out, until ``stop`` is set; then every open track
+        ends and its ``track_ended`` event goes out (the caller closes ``tracks`` with a
+        linger, so they leave before the process does)."""
         while not stop.is_set():
             if results.poll(self.poll_timeout_ms()):
                 for _ in range(256):
@@ -120,9 +135,14 @@ class TrackerService:
                         self.on_result(results.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
-            for message in self.flush():
-                if not bus.send_nowait(tracks, message):
-                    drop(SERVICE, "tracks_queue_full")
+            self._send(tracks, self.flush())
+        self._send(tracks, self.finish())
+
+    @staticmethod
+    def _send(tracks: zmq.Socket, messages: list[list]) -> None:
+        for message in messages:
+            if not bus.send_nowait(tracks, message):
+                drop(SERVICE, "tracks_queue_full")
 
     def poll_timeout_ms(self) -> int:
         due = self.tracker.next_due(self._clock())

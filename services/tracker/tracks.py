@@ -8,7 +8,8 @@
 * :class:`StreamTracks` associates each frame's faces with tracks through Norfair (IoU of
   boxes, with Norfair's Kalman prediction), then smooths each track's emotion over time.
   Norfair only associates; when a track ends is decided here, on capture time: after
-  ``track_timeout_s`` without a matched face. Ids count up per stream and are never reused.
+  ``track_timeout_s`` without a matched face. Ids count up, one counter for all streams,
+  so an id is never reused, not even by a stream that was forgotten and came back.
 * :class:`Tracker` holds every stream and turns results into ``tracks`` and ``event``
   messages.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -38,7 +40,7 @@ class TrackerSettings:
     min_iou: float = 0.2  # least overlap of a face with a track's predicted box
     confirm_frames: int = 2  # consecutive matches before a new face becomes a track
     max_streams: int = 64
-    idle_s: float = 60.0  # a stream silent this long is forgotten (its ids are not)
+    idle_s: float = 60.0  # a stream silent this long is forgotten (--stream-timeout-s)
     smoothing: SmoothingSettings = field(default_factory=SmoothingSettings)
 
     def __post_init__(self):
@@ -46,6 +48,8 @@ class TrackerSettings:
             raise ValueError("reorder window must be 0-10 s and the track timeout > 0")
         if not 0 < self.min_iou < 1 or not 1 <= self.confirm_frames <= 100:
             raise ValueError("min IoU must be in (0, 1) and confirm frames in 1..100")
+        if self.idle_s <= 0:
+            raise ValueError("the stream timeout must be > 0")
 
 
 def order_key(header: Result) -> tuple[float, int]:
@@ -238,6 +242,7 @@ class Output:
     messages: list[Tracks | Event] = field(default_factory=list)
     started: int = 0
     ended: int = 0
+    evicted: int = 0  # streams forgotten
 
 
 class Tracker:
@@ -246,7 +251,7 @@ class Tracker:
     def __init__(self, settings: TrackerSettings):
         self.settings = settings
         self.streams: dict[str, StreamTracks] = {}
-        self._ids: dict[str, itertools.count] = {}
+        self._ids = itertools.count(1)  # one counter for every stream: nothing kept per stream
         self.counts: Counter[str] = Counter()  # ok / reordered / late / streams (refused)
 
     def add(self, header: Result, now: float) -> str:
@@ -256,8 +261,7 @@ class Tracker:
             if len(self.streams) >= self.settings.max_streams:
                 self.counts["streams"] += 1
                 return "streams"
-            ids = self._ids.setdefault(header.stream, itertools.count(1))
-            state = self.streams[header.stream] = StreamTracks(self.settings, ids)
+            state = self.streams[header.stream] = StreamTracks(self.settings, self._ids)
         state.last_arrival = now
         outcome = state.reorder.add(header, now)
         self.counts[outcome] += 1
@@ -265,23 +269,50 @@ class Tracker:
 
     def due(self, now: float, wall: float) -> Output:
         """Process every result whose reorder wait is over; end the tracks of silent streams
-        and forget streams idle for ``idle_s``."""
+        and forget streams silent for ``idle_s``."""
         out = Output()
         for stream, state in list(self.streams.items()):
-            for header in state.reorder.due(now):
-                faces, events = state.update(header)
-                out.messages.append(self._tracks_message(header, faces, wall))
-                out.messages.extend(self._event_message(header, e, wall) for e in events)
-                out.started += sum(e.name == "track_started" for e in events)
-                out.ended += sum(e.name == "track_ended" for e in events)
+            self._process(state, state.reorder.due(now), wall, out)
             silent = now - state.last_arrival
             if len(state.reorder) == 0 and silent > self.settings.track_timeout_s and state.active:
-                ended = state.end_all()
-                out.ended += len(ended)
-                out.messages.extend(self._event_message(state.last_header, e, wall) for e in ended)
+                self._end_tracks(state, wall, out)
             if len(state.reorder) == 0 and silent > self.settings.idle_s:
-                del self.streams[stream]
+                self._forget(stream, wall, out)
         return out
+
+    def forget(self, stream: str, wall: float) -> Output:
+        """A stream that has gone: its waiting results are processed, its tracks end with
+        their events, and nothing of it is kept."""
+        out = Output()
+        if stream in self.streams:
+            self._forget(stream, wall, out)
+        return out
+
+    def forget_all(self, wall: float) -> Output:
+        """Every stream forgotten (a graceful stop): every open track ends with its event."""
+        out = Output()
+        for stream in list(self.streams):
+            self._forget(stream, wall, out)
+        return out
+
+    def _forget(self, stream: str, wall: float, out: Output) -> None:
+        state = self.streams.pop(stream)
+        self._process(state, state.reorder.due(math.inf), wall, out)
+        self._end_tracks(state, wall, out)
+        out.evicted += 1
+
+    def _process(self, state: StreamTracks, results: list[Result], wall: float, out: Output) -> None:
+        for header in results:
+            faces, events = state.update(header)
+            out.messages.append(self._tracks_message(header, faces, wall))
+            out.messages.extend(self._event_message(header, e, wall) for e in events)
+            out.started += sum(e.name == "track_started" for e in events)
+            out.ended += sum(e.name == "track_ended" for e in events)
+
+    def _end_tracks(self, state: StreamTracks, wall: float, out: Output) -> None:
+        ended = state.end_all()
+        out.ended += len(ended)
+        out.messages.extend(self._event_message(state.last_header, e, wall) for e in ended)
 
     def next_due(self, now: float) -> float | None:
         waits = [w for s in self.streams.values() if (w := s.reorder.next_due(now)) is not None]

@@ -39,7 +39,9 @@ def main(argv=None) -> int:
             args.http_port,
             hub,
             args.recorder_url,
-            None if auth is None else RemoteAuth(auth, args.auth_url),
+            None
+            if auth is None
+            else RemoteAuth(auth, args.auth_url, auth_settings.client_tls(args.auth_ca, SERVICE)),
             auth_settings.tls_context(args, SERVICE),
             [url.strip() for url in args.capture_url.split(",") if url.strip()],
         )

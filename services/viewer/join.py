@@ -136,6 +136,7 @@ class FrameJoiner:
         self.resync_s = resync_s
         self._on_drop = on_drop
         self._streams: dict[str, _Stream] = {}
+        self._expired: list[str] = []  # forgotten to make room, not yet returned by expire()
 
     @property
     def streams(self) -> list[str]:
@@ -217,10 +218,12 @@ class FrameJoiner:
         return max(0.0, min(p.arrived for p in heads) + self.delay_s - now)
 
     def expire(self, now: float) -> list[str]:
-        """Forget streams that sent nothing for ``idle_s``; returns their ids."""
+        """Forget streams that sent nothing for ``idle_s``; returns their ids, and those of
+        streams forgotten since the last call to make room for a new one."""
         gone = [sid for sid, s in self._streams.items() if now - s.last_seen > self.idle_s]
         for sid in gone:
             del self._streams[sid]
+        gone, self._expired = self._expired + gone, []
         return gone
 
     def _stream(self, stream: str, now: float) -> _Stream | None:
@@ -228,7 +231,7 @@ class FrameJoiner:
         if state is not None:
             return state
         if len(self._streams) >= self.max_streams:
-            self.expire(now)
+            self._expired = self.expire(now)  # kept for the next expire() call
         if len(self._streams) >= self.max_streams:
             self._drop("streams")
             return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.auth import settings as auth_settings
 from services.common import ports
-from services.common.config import ServiceParser, service_parser
+from services.common.config import ServiceParser, service_parser, stream_timeout_option
 
 from .draw import PRIVACY_HELP, PRIVACY_MODES
 from .service import SERVICE, ViewerSettings
@@ -50,6 +50,7 @@ def build_parser() -> ServiceParser:
     parser.option(
         "--max-streams", default=16, type=int, help="most streams shown at once; further streams are dropped"
     )
+    stream_timeout_option(parser, "it leaves the page, and its MJPEG and dashboard clients are disconnected")
     parser.option(
         "--recorder-url",
         default="",
@@ -77,6 +78,12 @@ def build_parser() -> ServiceParser:
         help="where the viewer asks the recorder about sign-ins and credentials (the users "
         "live in the recorder's database); unreachable: every request is refused",
     )
+    parser.option(
+        "--auth-ca",
+        default="",
+        help="PEM file of the certificate authority that signed the recorder's certificate, "
+        "for an https --auth-url served by a private CA (empty = the system's CAs)",
+    )
     return parser
 
 
@@ -99,6 +106,7 @@ def settings_from(args) -> ViewerSettings:
         jpeg_quality=args.jpeg_quality,
         max_age_s=args.max_age_ms / 1000,
         max_streams=args.max_streams,
+        idle_s=args.stream_timeout_s,
         max_skew_s=args.max_clock_skew_ms / 1000,
         max_pixels=args.max_frame_pixels,
         privacy=args.privacy,

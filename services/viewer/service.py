@@ -20,6 +20,7 @@ from prometheus_client import Counter, Histogram
 
 from services.common import metrics
 from services.common.bus import age_seconds
+from services.common.config import STREAM_TIMEOUT_S
 from services.common.protocol import (
     KIND_FRAME,
     KIND_RESULT,
@@ -49,6 +50,11 @@ FRAMES_SHOWN = Counter(
 RESULTS_RECEIVED = Counter(
     "emotion_viewer_results_total", "Classifier results received, per stream", ["stream"]
 )
+EVICTED = Counter(
+    "emotion_viewer_streams_evicted_total",
+    "Streams forgotten after --stream-timeout-s without a message: off the page, their "
+    "buffers dropped and their MJPEG and dashboard clients disconnected",
+)
 LATE_FRAMES = Counter(
     "emotion_viewer_late_frames_total",
     "Frames shown without their own result after waiting the full display delay",
@@ -69,7 +75,7 @@ class ViewerSettings:
     jpeg_quality: int = 80
     max_age_s: float = 1.0  # 0 = show frames however old they are
     max_streams: int = 16
-    idle_s: float = 60.0  # streams silent this long disappear from the page
+    idle_s: float = STREAM_TIMEOUT_S  # streams silent this long disappear from the page
     max_skew_s: float = MAX_CLOCK_SKEW_S  # timestamps further ahead are refused (reason clock)
     max_pixels: int = MAX_FRAME_PIXELS  # larger frames are refused before decoding
     privacy: str = "none"  # "blur": faces blurred in every picture (MJPEG, snapshots, windows)
@@ -161,6 +167,7 @@ class ViewerService:
 
     def _forget(self, stream: str) -> None:
         """Drop an idle stream everywhere, its metric series included (bounded cardinality)."""
+        EVICTED.inc()
         self.hub.remove(stream)
         if self.windows is not None:
             self.windows.remove(stream)
