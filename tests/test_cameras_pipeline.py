@@ -38,12 +38,13 @@ def test_cameras_come_and_go_while_the_others_keep_their_labels(tmp_path, tiny_r
     a, b, c = ({"id": name, "source": "demo", "fps": 5} for name in ("a", "b", "c"))
     write(inventory, a, b, {"id": "bad", "source": "demo", "max_width": "wide"})
     pipeline = Pipeline(tmp_path, tiny_registry)
-    results = Collector(pipeline.addr, "results")
+    results, frames = Collector(pipeline.addr, "results"), Collector(pipeline.addr, "frames")
     results.start()
+    frames.start()
     try:
-        pipeline.start("capture", "--cameras", str(inventory), "--cameras-poll-s", "0.2", "--encoding", "bgr")
+        pipeline.start("capture", "--cameras", str(inventory), "--cameras-poll-s", "0.2")
         url = f"http://127.0.0.1:{pipeline.ports['capture']}/cameras"
-        wait_for(lambda: labelled(results, "a") and labelled(results, "b"), 60, what="labels of a and b")
+        wait_for(lambda: labelled(results, "a") and labelled(results, "b"), 120, what="labels of a and b")
         report = json.loads(http_get(url))
         assert report["errors"] == ["camera 'bad': max_width: must be an integer from 0 to 8192, not 'wide'"]
         assert {cam["id"]: cam["state"] for cam in report["cameras"]} == {"a": "up", "b": "up"}
@@ -60,16 +61,24 @@ def test_cameras_come_and_go_while_the_others_keep_their_labels(tmp_path, tiny_r
             10,
             what="b removed",
         )
+        gone = time.monotonic()
         time.sleep(2)
         end = time.monotonic()
-        gaps = {
+        frame_gaps = {
+            "a": max_gap(labelled(frames, "a"), added, end),
+            "c": max_gap(labelled(frames, "c"), removed, end),
+        }
+        label_gaps = {
             "a": max_gap(labelled(results, "a"), added, end),
             "c": max_gap(labelled(results, "c"), removed, end),
         }
-        print(f"first label of the new camera after {first_label_s:.2f} s; largest label gaps {gaps}")
-        assert first_label_s < 5.0  # the file is read every 0.2 s; the demo opens at once
-        assert max(gaps.values()) < 2.0  # 5 fps: a label every 0.2 s when nothing stalls
-        assert not labelled(results, "b", removed + 1.0), "b's frames stop"
+        measured = f"first label {first_label_s:.2f} s, frame gaps {frame_gaps}, label gaps {label_gaps}"
+        print(measured)
+        # 5 fps: a frame every 0.2 s; the file is read every 0.2 s and the demo opens at once
+        assert max(frame_gaps.values()) < 1.0, measured
+        assert first_label_s < 10.0 and max(label_gaps.values()) < 3.0, measured  # loose: a busy machine
+        assert not labelled(frames, "b", gone + 0.5), "b's frames stop"
     finally:
         results.close()
+        frames.close()
         pipeline.stop()
