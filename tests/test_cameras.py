@@ -15,6 +15,7 @@ from services.common.cameras import (
     InventoryError,
     InventoryFile,
     index_of,
+    main,
     merged,
     parse_camera,
     parse_inventory,
@@ -196,3 +197,21 @@ def test_a_read_only_folder_is_reported(tmp_path):
     assert "read-only" in inventory_file.read_only()
     with pytest.raises(PermissionError, match="read-only"):
         inventory_file.change(lambda entries: entries)
+
+
+def test_a_file_is_checked_from_the_command_line(tmp_path, capsys):
+    path = tmp_path / "cameras.yml"
+    path.write_text(GOOD)
+    assert main([str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "lobby: demo",
+        "lab: clips/woman2.mp4",
+        "spare: 0 (disabled)",
+    ]
+    path.write_text(GOOD + "  - {id: x, source: demo, fps: fast}\n")
+    assert main([str(path)]) == 1
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == "camera 'x': fps: must be a number from 0 to 240, not 'fast'"
+    )
+    assert main([str(tmp_path / "missing.yml")]) == 78

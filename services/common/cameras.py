@@ -344,3 +344,30 @@ def merged(entry: dict, changes: dict) -> Camera:
         raise CameraError(label, "id", "cannot be changed (delete the camera and add it anew)")
     combined = {**entry, **changes}
     return parse_camera({k: v for k, v in combined.items() if v is not None})
+
+
+def main(argv=None) -> int:
+    """``python -m services.common.cameras cameras.yml``: check a file before using it; exit
+    status 0 when every entry is good, 1 when some are wrong, 78 when it cannot be used."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m services.common.cameras", description="Check a camera inventory file."
+    )
+    parser.add_argument("file", help="the inventory, e.g. cameras.yml")
+    args = parser.parse_args(argv)
+    try:
+        inventory = read_inventory(args.file)
+    except InventoryError as exc:
+        print(exc)
+        return 78
+    for camera in inventory.cameras:
+        state = "" if camera.enabled else " (disabled)"
+        print(f"{camera.id}: {redact(camera.source)}{state}")
+    for error in inventory.errors:
+        print(error)
+    return 1 if inventory.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
