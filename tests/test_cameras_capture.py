@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 import zmq
+from prometheus_client import REGISTRY
 
 from services.capture.cameras import CameraSet
 from services.capture.service import CaptureSettings
@@ -115,6 +116,10 @@ def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
         time.sleep(0.02)
 
 
+def metric(name: str, **labels) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
 def states(camera_set: CameraSet) -> dict[str, str]:
     return {c["id"]: c["state"] for c in camera_set.status()["cameras"]}
 
@@ -164,9 +169,12 @@ def test_a_wrong_entry_is_reported_and_the_others_run(running):
     status = camera_set.status()
     assert status["errors"] == ["camera 'b': fps: must be a number from 0 to 240, not 'fast'"]
     assert states(camera_set) == {"a": "up"}
+    wait_for(lambda: metric("emotion_capture_inventory_errors") == 1, what="the metric")
+    assert metric("emotion_capture_cameras", state="up") == 1
 
     path.write_text("cameras: [ {id: a")  # half written: the cameras keep running as they are
     wait_for(lambda: camera_set.status()["file_error"], what="the file error")
+    wait_for(lambda: metric("emotion_capture_inventory_errors") == 2, what="the metric")
     assert "not YAML" in camera_set.status()["file_error"]
     count = watch.count("a")
     wait_for(lambda: watch.count("a") > count + 3, what="a still running")

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import zmq
+from prometheus_client import Gauge
 
 from services.common.cameras import (
     Camera,
@@ -41,6 +42,12 @@ from .service import (
 )
 from .sources import DEFAULT_TIMEOUT_MS, SpecSource
 
+CAMERAS = Gauge("emotion_capture_cameras", "Cameras of the inventory this capture runs, by state", ["state"])
+INVENTORY_ERRORS = Gauge(
+    "emotion_capture_inventory_errors",
+    "Wrong entries of the inventory file, left out (1 more while it is unusable)",
+)
+STATES = ("up", "down", "retrying", "disabled")
 STOP_TIMEOUT_S = 10.0  # longest a camera's thread may take to stop (a URL read times out sooner)
 
 
@@ -236,10 +243,19 @@ class CameraSet:
         """Follow the file until stop; then stop every camera."""
         try:
             self.reload()
+            self.export()
             while not self.stop.wait(self.poll_s):
                 self.reload()
+                self.export()
         finally:
             self.close()
+
+    def export(self) -> None:
+        """The cameras per state, and the wrong entries, as metrics."""
+        status = self.status()
+        for state in STATES:
+            CAMERAS.labels(state).set(sum(c["state"] == state for c in status["cameras"]))
+        INVENTORY_ERRORS.set(len(status["errors"]) + bool(status["file_error"]))
 
     def close(self) -> None:
         with self.lock:
