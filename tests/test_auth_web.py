@@ -373,6 +373,7 @@ def test_the_openapi_page_uses_only_assets_served_by_the_recorder(site):
 
 
 # Last: the failures it makes from 127.0.0.1 block further sign-ins from there for a minute.
+@pytest.mark.slow
 def test_the_sixth_failed_sign_in_within_a_minute_is_429_on_both_servers(site):
     for server, client in ((site["recorder"], "198.51.100.7"), (site["viewer"], None)):
         wrong = {"username": "root", "password": "wrong-password"}

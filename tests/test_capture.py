@@ -242,6 +242,7 @@ def test_url_that_cannot_be_opened_fails_fast(scheme):
 # --- the demo source -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_frames_contain_a_face():
     source = DemoSource()
     source.open()

@@ -206,6 +206,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_cli_deletes_a_track_a_stream_and_a_range(tmp_path):
     database = str(tmp_path / "recorder.db")
     engine = store.make_engine(database)

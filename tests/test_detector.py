@@ -72,6 +72,7 @@ def test_blank_and_grey_images(cascade):
     assert len(detect_faces(grey, cascade, DetectorSettings())) == 1
 
 
+@pytest.mark.slow
 def test_faces_in_woman2_video(cascade):
     capture = cv2.VideoCapture(str(media("woman2.mp4")))
     settings = DetectorSettings()

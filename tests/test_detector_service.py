@@ -103,6 +103,7 @@ def test_bad_and_stale_frames_are_dropped_and_the_service_goes_on(detector, port
     assert not receive.poll(200), "a bad or stale frame was answered"
 
 
+@pytest.mark.slow
 def test_streams_that_come_and_go_leave_no_regions_behind(portrait):
     """100 stream ids, a frame each, then silence: their regions are all forgotten."""
     from services.capture.frames import encode_frame as frame_of

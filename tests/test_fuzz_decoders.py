@@ -16,6 +16,7 @@ import struct
 
 import cv2
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
@@ -159,6 +160,7 @@ def counted(reason: str) -> float:
     return value or 0.0
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(events, st.sampled_from([0.0, 0.2]), st.sampled_from([1, 4]), st.sampled_from([1, 2]))
 def test_viewer_accounts_for_every_frame(script, delay_s, buffer_frames, max_streams):

@@ -201,6 +201,7 @@ def test_sad_for_10_s_on_camera_2_makes_one_emotion_held_event(tmp_path):
 # --- webhooks ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_no_event_is_lost_when_the_receiver_fails_its_first_two_tries(tmp_path):
     verify = documented_verify()
     n = 1000

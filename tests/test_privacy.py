@@ -77,6 +77,7 @@ def test_blur_copes_with_boxes_past_the_edges_and_empty_ones():
     assert np.ptp(out[:10, :10].astype(int)) < np.ptp(image[:10, :10].astype(int))
 
 
+@pytest.mark.slow
 def test_viewer_mjpeg_and_snapshots_hide_the_faces_the_detector_finds(detector):
     frames = clip_frames(every=EVERY)
     hub = StreamHub()
@@ -179,6 +180,7 @@ def test_without_privacy_the_pictures_keep_their_faces(detector):
     assert len(detector(plain)) == len(boxes) == 1
 
 
+@pytest.mark.slow
 def test_analyze_annotated_video_hides_the_faces(tmp_path, detector):
     frames = clip_frames()[:CLIP_FRAMES]
     clip = tmp_path / "clip.mp4"

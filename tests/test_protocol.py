@@ -776,6 +776,7 @@ def test_decode_arbitrary_bytes_only_rejects(parts, expect_kind):
 @given(
     st.dictionaries(st.text(max_size=12), values, max_size=12), st.lists(st.binary(max_size=64), max_size=3)
 )
+@pytest.mark.slow
 def test_decode_arbitrary_maps_only_rejects(wire_header, payloads):
     assert_only_rejected([b"t", msgpack.packb(wire_header, use_bin_type=True), *payloads])
 

@@ -44,6 +44,7 @@ def iou(a, b) -> float:
     return ix * iy / (aw * ah + bw * bh - ix * iy)
 
 
+@pytest.mark.slow
 def test_same_faces_as_full_frame_detection(clip, cascade, full_boxes):
     found = run(FaceFinder(cascade, SETTINGS), clip)
     kinds = Counter(kind for _, kind in found)
@@ -57,6 +58,7 @@ def test_same_faces_as_full_frame_detection(clip, cascade, full_boxes):
             assert not full or max(iou(box, f) for f in full) > 0.5
 
 
+@pytest.mark.slow
 def test_a_replica_seeing_every_third_frame_stays_correct(clip, cascade, full_boxes):
     finder = FaceFinder(cascade, SETTINGS)
     found = run(finder, clip, every=3)
@@ -65,6 +67,7 @@ def test_a_replica_seeing_every_third_frame_stays_correct(clip, cascade, full_bo
     assert sum(1 for i in with_face if found[i][0]) >= 0.98 * len(with_face)
 
 
+@pytest.mark.slow
 def test_always_full_when_regions_are_off(clip, cascade, full_boxes):
     found = run(FaceFinder(cascade, SETTINGS, RegionSettings(full_scan_every=1)), clip[:20])
     assert [boxes for boxes, _ in found] == full_boxes[:20]

@@ -38,6 +38,7 @@ def test_current_names_a_complete_version():
     assert entry.model_file.stat().st_size <= 20 * 2**20
 
 
+@pytest.mark.slow
 def test_current_model_loads_and_answers_like_the_classifier():
     pytest.importorskip("tensorflow")
     from services.classifier.serving import load_served_model

@@ -242,6 +242,7 @@ def test_compact_model_shape_and_size():
     registry.check_model(model, InputSpec(48, 1, "unit"), "compact")
 
 
+@pytest.mark.slow
 def test_mobilenetv2_from_scratch_and_offline_imagenet_message(monkeypatch, tmp_path, capsys):
     spec = models.input_spec("mobilenetv2", 32)
     assert spec == InputSpec(32, 3, "symmetric")

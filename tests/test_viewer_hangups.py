@@ -10,6 +10,7 @@ import time
 
 import cv2
 import numpy as np
+import pytest
 
 from services.viewer.hub import StreamHub
 from services.viewer.web import start_web_server, stop_web_server
@@ -33,6 +34,7 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
+@pytest.mark.slow
 def test_aborted_requests_on_every_path_log_no_traceback():
     hub = StreamHub()
     picture = cv2.imencode(".jpg", np.full((480, 640, 3), 90, np.uint8))[1].tobytes()

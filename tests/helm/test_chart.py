@@ -150,6 +150,7 @@ def test_values_schema_refuses_typos_and_wrong_values():
         assert result.returncode != 0 and message in result.stderr, (setting, result.stderr)
 
 
+@pytest.mark.slow
 def test_manifests_pass_kubernetes_validate_strict(rendered):
     if shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("no kubernetes-validate (make install puts it in the venv)")
