@@ -41,6 +41,7 @@ def test_the_swarm_stack_carries_the_inventory_as_a_config():
         assert service["environment"]["EMOTION_CAMERAS"] == "${CAMERAS:-}"
 
 
+@pytest.mark.slow
 def test_the_chart_renders_the_cameras_into_a_config_map():
     if not (HELM and shutil.which(str(HELM))):
         pytest.skip("no helm (make helm-tools)")
