@@ -51,6 +51,7 @@ def main(argv=None) -> int:
         args.sample_hz,
         args.batch_ms / 1000,
         args.retention_days * 86400,
+        stream_timeout_s=args.stream_timeout_s,
         log=log,
     )
     cameras = CameraSettings(args.cameras, tuple(u.strip() for u in args.capture_url.split(",") if u.strip()))

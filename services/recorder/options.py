@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.auth import settings as auth_settings
 from services.common import ports
-from services.common.config import config_error, service_parser
+from services.common.config import config_error, service_parser, stream_timeout_option
 
 from .service import DEFAULT_DATABASE, SERVICE
 
@@ -63,6 +63,7 @@ def build_parser():
         help=f"file with the first admin's password, used when the database has no user yet "
         f"(env {auth_settings.ADMIN_PASSWORD_ENV} wins; neither: one is made and logged once)",
     )
+    stream_timeout_option(parser, "its open tracks are closed from what was recorded of them")
     return parser
 
 
