@@ -22,6 +22,8 @@ PINNED = ("broker", "recorder", "viewer", "prometheus")
 VARIABLES = (
     "CURVE_KEYS",
     "AUTH_SECRETS",
+    "MQTT_PASSWORD_FILE",
+    "WEBHOOK_SECRET_FILE",
     "BROKER_NODE",
     "IMAGE_BASE",
     "IMAGE_ML",
@@ -102,7 +104,7 @@ def test_curve_keys_are_secrets_and_on_by_default(stack):
             assert curve == {"curve/broker.key", "curve/broker.key_secret", "curve/clients/swarm.key"}
         else:  # only the broker holds the broker's secret key
             assert curve == {"curve/broker.key", "curve/client.key", "curve/client.key_secret"}
-        assert set(targets) - curve == AUTH_TARGETS.get(name, set()), name
+        assert set(targets) - curve == OTHER_SECRETS.get(name, set()), name
         assert service["environment"].get("EMOTION_BROKER_HOST", "broker") == "broker"
     assert set(stack["secrets"]) == {
         "curve_broker_public",
@@ -111,11 +113,29 @@ def test_curve_keys_are_secrets_and_on_by_default(stack):
         "curve_client_secret",
         "emotion_auth_secret",
         "emotion_admin_password",
+        "emotion_mqtt_password",
+        "emotion_webhook_secret",
     }
 
 
-# Only the two web servers hold sign-in secrets; only the recorder the admin's password.
-AUTH_TARGETS = {"viewer": {"auth/secret"}, "recorder": {"auth/secret", "auth/admin-password"}}
+# Only the two web servers hold sign-in secrets, only the recorder the admin's password, only
+# the notifier its MQTT password and webhook secret.
+OTHER_SECRETS = {
+    "viewer": {"auth/secret"},
+    "recorder": {"auth/secret", "auth/admin-password"},
+    "notifier": {"notifier/mqtt-password", "notifier/webhook-secret"},
+}
+
+
+def test_the_notifiers_secrets_come_from_swarm_secrets_never_from_the_environment(stack):
+    environment = stack["services"]["notifier"]["environment"]
+    assert not any("SECRET" in k or "PASSWORD" in k for k in environment if not k.endswith("_FILE"))
+    assert environment["EMOTION_MQTT_PASSWORD_FILE"] == "/run/secrets/notifier/mqtt-password"
+    assert environment["EMOTION_WEBHOOK_SECRET_FILE"] == "/run/secrets/notifier/webhook-secret"
+    for name, variable in (("emotion_mqtt_password", "MQTT"), ("emotion_webhook_secret", "WEBHOOK")):
+        assert stack["secrets"][name]["file"].startswith(f"${{{variable}_")
+        default = stack["secrets"][name]["file"].split(":-")[1].rstrip("}")
+        assert (SWARM / default).read_text() == "\n"  # Swarm refuses an empty secret
 
 
 def test_sign_in_secrets_come_from_swarm_secrets_never_from_the_file(stack):
