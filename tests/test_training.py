@@ -1207,3 +1207,7 @@ def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsy
     assert "selecting epochs on the FER+ majority of 14 PublicTest faces" in out
     assert meta["input"]["normalisation"] == "equalize"
     assert meta["metrics"]["ferplus_majority"]["n"] == 14
+    derive = ["derive", "fp", "fp-flip", "--tta", "flip", "--registry", str(tmp_path / "models")]
+    assert main([*derive, "--bench-seconds", "0"]) == 0  # scored on the votes fp was trained with
+    derived = json.loads((tmp_path / "models" / "fp-flip" / "metadata.json").read_text())
+    assert derived["metrics"]["ferplus_majority"]["n"] == 14 and derived["input"] == meta["input"]

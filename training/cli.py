@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         "trained on); a folder dataset is split with SOURCE's own "
         "--val-split and --seed",
     )
+    d.add_argument(
+        "--ferplus",
+        metavar="CSV",
+        help="FER+ votes for --data's rows: also score against the FER+ majority "
+        "(default: the votes SOURCE was trained with, when --data is not given)",
+    )
     _new_version_options(d)
     d.set_defaults(func=_derive)
 

@@ -434,8 +434,11 @@ def load_ferplus(path, split_name: str = TRAIN, required: bool = True) -> FerPlu
     )
 
 
-def with_majority(split: Split, ferplus: FerPlusVotes) -> Split:
-    """``split`` knowing each face's FER+ majority class, for scoring against it."""
+def with_majority(split: Split, ferplus: FerPlusVotes | None) -> Split:
+    """``split`` knowing each face's FER+ majority class, for scoring against it (as it is
+    when there are no votes for it)."""
+    if ferplus is None:
+        return split
     ferplus.check_rows(split)
     return replace(split, majority=ferplus.majority())
 
