@@ -41,7 +41,12 @@ class InputSpec:
         return (self.size, self.size, self.channels)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec for metadata.json; "normalisation" only when there is one, so a spec
+        without reads as it did before the field existed."""
+        data = asdict(self)
+        if self.normalisation == "none":
+            del data["normalisation"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> InputSpec:
