@@ -274,7 +274,7 @@ def load_splits(args) -> tuple[datasets.Dataset, datasets.Split, datasets.Split]
         raise RunError("--holdout-fold needs --folds, the number of folds")
     train = datasets.subsample(train, args.max_train, args.seed)
     val = dataset.split(datasets.VAL)
-    if args.ferplus:
+    if getattr(args, "ferplus", None):
         val = datasets.with_majority(val, datasets.load_ferplus(args.ferplus, datasets.VAL, required=False))
     val = datasets.subsample(val, args.max_val, args.seed)
     return dataset, train, val
