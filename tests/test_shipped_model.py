@@ -29,7 +29,9 @@ def test_current_names_a_complete_version():
     assert meta["dataset"]["val_split"] == "PublicTest"
     for split in ("PublicTest", "PrivateTest"):
         report = json.loads((entry.path / f"eval-{split}.json").read_text())
-        assert report.get("split", split) == split and report["n"] == 3589
+        # every face of the split the version was trained with (3,589 in the rebuilt FER2013
+        # CSV; 3,543 and 3,540 with the original pixels of the FER+ images)
+        assert report.get("split", split) == split and report["n"] in (3589, meta["dataset"]["splits"][split])
         # scored the way the classifier serves it, so the model card's numbers are the served ones
         assert report.get("tta", "none") == entry.tta
         assert report.get("precision", "float32") == entry.precision

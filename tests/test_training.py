@@ -1073,6 +1073,93 @@ def test_ferplus_problems_name_the_file_and_line(tmp_path):
         data.with_ferplus(split, data.load_ferplus(ok), 0.5, True)
 
 
+def votes_row(usage: str, name: str, counts: dict) -> str:
+    return f"{usage},{name}," + ",".join(str(counts.get(c, 0)) for c in data.FERPLUS_COLUMNS) + "\n"
+
+
+def test_ferplus_majority_leaves_out_other_ties_and_no_votes(tmp_path):
+    votes = tmp_path / "votes.csv"
+    votes.write_text(
+        FERPLUS_HEADER
+        + votes_row("Training", "a.png", {"happiness": 6, "neutral": 4})  # Happy
+        + votes_row("Training", "b.png", {"contempt": 5, "anger": 4})  # contempt
+        + votes_row("Training", "c.png", {"sadness": 4, "fear": 4, "neutral": 2})  # tied
+        + votes_row("Training", "d.png", {"NF": 9, "anger": 1})  # not a face
+        + votes_row("Training", "", {})  # no votes
+        + votes_row("Training", "f.png", {"unknown": 5, "fear": 3})  # unknown
+        + votes_row("Training", "g.png", {"fear": 7, "surprise": 3})  # Fear
+    )
+    ferplus = data.load_ferplus(votes)
+    assert ferplus.majority().tolist() == [3, -1, -1, -1, -1, -1, 2]
+    split = data.Split(
+        np.arange(7)[:, None, None].repeat(48, 1).repeat(48, 2).astype(np.uint8), np.full(7, 6)
+    )
+    alone = data.with_ferplus(split, ferplus, 0.5, True, majority=True)
+    assert alone.labels.tolist() == [3, 2] and alone.faces[:, 0, 0].tolist() == [0, 6]
+    assert np.array_equal(alone.training_targets(), np.eye(7)[[3, 2]])
+    scored = data.with_majority(split, ferplus)
+    report = evaluate._report(scored, np.eye(7)[[3, 0, 0, 0, 0, 0, 6]])
+    assert report["accuracy"] == pytest.approx(1 / 7)  # against the labels (all Neutral)
+    fp = report[evaluate.FERPLUS]
+    assert fp["n"] == 2 and fp["left_out"] == 5 and fp["accuracy"] == 0.5
+    assert evaluate.summary(report, "PublicTest")[evaluate.FERPLUS]["left_out"] == 5
+    assert "FER+ majority: accuracy 0.5000" in evaluate.format_report(report)
+
+
+def test_votes_file_whose_rows_do_not_match_the_csv_is_refused(tmp_path, capsys):
+    csv_path = fer_csv(tmp_path / "fer.csv", per_split=(3, 2, 2))
+    votes = tmp_path / "votes.csv"
+    votes.write_text(FERPLUS_HEADER + votes_row("PublicTest", "a.png", {"neutral": 10}))
+    split = data.load_dataset(csv_path).split("PublicTest")
+    with pytest.raises(DataError) as err:
+        data.with_majority(split, data.load_ferplus(votes, "PublicTest"))
+    assert f"{votes}: FER+ votes for 1 rows, the split has 2 (PublicTest)" in str(err.value)
+    model_dir = make_version(tmp_path / "models", "v")
+    code = main(["evaluate", "--model", str(model_dir), "--data", str(csv_path), "--ferplus", str(votes)])
+    assert code == 2 and "FER+ votes for 1 rows, the split has 2" in capsys.readouterr().err
+
+
+def test_training_evaluation_and_serving_turn_crops_into_the_same_arrays():
+    """The one preprocess_faces, with the version's normalisation, on every path."""
+    crops = np.random.default_rng(3).integers(90, 150, (5, 48, 48), np.uint8)
+    spec = InputSpec(48, 1, "unit", "equalize")
+    seen = []
+    runner = object.__new__(InferenceRunner)  # the serving runner, its model swapped for a probe
+    runner.spec = spec
+    runner.predict_inputs = lambda x, tta=None: seen.append(x) or np.zeros((len(x), 7), np.float32)
+    runner.predict_faces(crops)  # the classifier service's call
+    evaluate.predict(runner, data.Split(crops, np.zeros(5, np.int64)))
+    trained_on = train.Batches(data.Split(crops, np.zeros(5, np.int64)), spec, 8)[0][0]
+    for served in seen:
+        np.testing.assert_array_equal(served, trained_on)
+    np.testing.assert_array_equal(trained_on, preprocess_faces(crops, spec))
+    assert not np.array_equal(trained_on, preprocess_faces(crops, spec.network()))
+
+
+def test_ferplus_votes_command_matches_rows_to_images_by_their_pixels(tmp_path, capsys):
+    faces = [np.random.default_rng(i).integers(0, 256, (48, 48), np.uint8) for i in range(4)]
+    # the fourth face has no image
+    rows = [(0, " ".join(map(str, f.ravel())), u) for f, u in zip(faces, data.SPLITS + ("Training",))]
+    csv_path = write_csv(tmp_path / "fer.csv", [rows[3], rows[0], rows[1], rows[2]])
+    new = tmp_path / "fer2013new.csv"
+    new.write_text(
+        FERPLUS_HEADER
+        + votes_row("Training", "fer0000000.png", {"anger": 10})
+        + votes_row("PublicTest", "fer0000001.png", {"happiness": 10})
+        + votes_row("PrivateTest", "fer0000002.png", {"fear": 9, "NF": 1})
+    )
+    for i, folder in enumerate(("FER2013Train", "FER2013Valid", "FER2013Test")):
+        write_image(tmp_path / "images" / folder / f"fer{i:07d}.png", faces[i])
+    out = tmp_path / "votes.csv"
+    args = ["--data", str(csv_path), "--fer2013new", str(new), "--images", str(tmp_path / "images")]
+    assert main(["ferplus-votes", *args, "--out", str(out)]) == 0
+    assert "Training: 1 of 2 faces matched" in capsys.readouterr().out
+    lines = out.read_text().splitlines()
+    assert lines[1] == "Training,,0,0,0,0,0,0,0,0,0,0"
+    assert lines[2].startswith("Training,fer0000000.png,0,0,0,0,10")
+    assert data.load_ferplus(out, "PrivateTest").majority().tolist() == [2]
+
+
 @pytest.mark.slow
 def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsys):
     votes = tmp_path / "votes.csv"
@@ -1080,6 +1167,9 @@ def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsy
         FERPLUS_HEADER
         + "".join(
             f"Training,{i}.png,{i % 3},{10 - i % 3},0,0,0,0,0,0,0,{15 if i == 5 else 0}\n" for i in range(70)
+        )
+        + "".join(
+            votes_row("PublicTest", f"p{i}.png", {"happiness": 6 + i % 3, "sadness": 4}) for i in range(14)
         )
     )
     assert (
@@ -1106,6 +1196,8 @@ def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsy
                 str(tmp_path / "run"),
                 "--bench-seconds",
                 "0",
+                "--normalisation",
+                "equalize",
             ]
         )
         == 0
@@ -1114,3 +1206,10 @@ def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsy
     assert "1 training faces left out as not faces" in out and "training on 69" in out
     meta = json.loads((tmp_path / "models" / "fp" / "metadata.json").read_text())
     assert meta["training"]["ferplus"] == str(votes) and meta["training"]["ferplus_weight"] == 0.5
+    assert "selecting epochs on the FER+ majority of 14 PublicTest faces" in out
+    assert meta["input"]["normalisation"] == "equalize"
+    assert meta["metrics"]["ferplus_majority"]["n"] == 14
+    derive = ["derive", "fp", "fp-flip", "--tta", "flip", "--registry", str(tmp_path / "models")]
+    assert main([*derive, "--bench-seconds", "0"]) == 0  # scored on the votes fp was trained with
+    derived = json.loads((tmp_path / "models" / "fp-flip" / "metadata.json").read_text())
+    assert derived["metrics"]["ferplus_majority"]["n"] == 14 and derived["input"] == meta["input"]

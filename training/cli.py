@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from services.model.preprocess import NORMALISATIONS
 from services.model.registry import PRECISIONS, TTA_MODES
 from services.model.runtime import RUNTIMES
 
@@ -133,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of each target taken from the FER+ votes; the rest is the label",
     )
     t.add_argument(
+        "--ferplus-majority",
+        action="store_true",
+        help="with --ferplus: learn each face's FER+ majority class alone (no vote shares, "
+        "no FER2013 label); faces whose majority is contempt, unknown, not a face or tied "
+        "are left out",
+    )
+    t.add_argument(
+        "--normalisation",
+        choices=NORMALISATIONS,
+        default="none",
+        help="contrast normalisation of every face at the model's size, in training, "
+        "evaluation and serving alike (stored in the version's input spec)",
+    )
+    t.add_argument(
         "--keep-not-faces",
         action="store_true",
         help="with --ferplus: keep the faces most taggers marked 'not a face'",
@@ -222,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bfloat16: compute in bfloat16 where the CPU does it natively (default: "
         "the version's own 'precision' setting, float32 for most)",
     )
+    e.add_argument(
+        "--ferplus",
+        metavar="CSV",
+        help="FER+ votes for the rows of --data, in its order: also score against each "
+        "face's FER+ majority (faces whose majority is contempt, unknown, not a face or "
+        "tied are left out of that figure, and counted)",
+    )
     e.add_argument("--json", help="write the report as JSON here")
     e.add_argument("--png", help="write the confusion-matrix plot here")
     e.add_argument("--bench-seconds", type=float, default=2.0, help="time per speed measurement (0 = skip)")
@@ -257,8 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
         "trained on); a folder dataset is split with SOURCE's own "
         "--val-split and --seed",
     )
+    d.add_argument(
+        "--ferplus",
+        metavar="CSV",
+        help="FER+ votes for --data's rows: also score against the FER+ majority "
+        "(default: the votes SOURCE was trained with, when --data is not given)",
+    )
     _new_version_options(d)
     d.set_defaults(func=_derive)
+
+    v = sub.add_parser(
+        "ferplus-votes",
+        help="write FER+ votes in the row order of a FER2013 CSV of the FER+ images' pixels",
+        description="Match every row of --data, by its exact pixels, to a FER+ image "
+        "(IMAGES/FER2013Train, FER2013Valid, FER2013Test) and write that image's votes from "
+        "fer2013new.csv, in the CSV's order, for all three splits: the file --ferplus and "
+        "evaluate --ferplus take. Rows that match no image get no votes.",
+    )
+    v.add_argument("--data", required=True, help="FER2013 CSV with the original pixels")
+    v.add_argument("--fer2013new", required=True, help="fer2013new.csv of microsoft/FERPlus")
+    v.add_argument("--images", required=True, help="folder holding FER2013Train, FER2013Valid, FER2013Test")
+    v.add_argument("--out", required=True, help="the votes CSV to write")
+    v.set_defaults(func=_ferplus_votes)
 
     ls = sub.add_parser("list", help="list registry versions; * marks the served one")
     _registry_option(ls)
@@ -304,6 +346,12 @@ def _derive(args) -> int:
     from . import derive
 
     return derive.run(args)
+
+
+def _ferplus_votes(args) -> int:
+    from . import ferplus
+
+    return ferplus.run(args)
 
 
 def _registry_cmd(name: str):

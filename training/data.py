@@ -81,6 +81,7 @@ class Split:
     labels: np.ndarray
     targets: np.ndarray | None = None  # soft training targets, one row of 7 per face
     rows: np.ndarray | None = None  # each face's position in the whole split, once subset
+    majority: np.ndarray | None = None  # FER+ majority class per face, -1 where there is none
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -91,7 +92,8 @@ class Split:
         else:
             faces = [self.faces[i] for i in indices]
         targets = None if self.targets is None else self.targets[indices]
-        return Split(faces, self.labels[indices], targets, self.positions()[indices])
+        majority = None if self.majority is None else self.majority[indices]
+        return Split(faces, self.labels[indices], targets, self.positions()[indices], majority)
 
     def positions(self) -> np.ndarray:
         """Where each face sits in the split it was loaded as (for folds)."""
@@ -364,10 +366,33 @@ class FerPlusVotes:
     votes: np.ndarray  # (N, 7) votes per class of ours
     not_face: np.ndarray  # (N,) votes for "not a face"
     total: np.ndarray  # (N,) all votes, contempt and unknown included
+    counts: np.ndarray  # (N, 10) the votes of every FERPLUS_COLUMNS column
+    path: str = ""
+    split: str = TRAIN
+
+    def majority(self) -> np.ndarray:
+        """The class most taggers chose, per face; -1 where that is contempt, unknown or
+        not a face, where two or more columns tie for most votes, or where nobody voted."""
+        top = self.counts.max(axis=1)
+        tied = (self.counts == top[:, None]).sum(axis=1) > 1
+        ours = np.full(len(FERPLUS_COLUMNS), -1)
+        for name, index in FERPLUS_CLASSES.items():
+            ours[FERPLUS_COLUMNS.index(name)] = index
+        winner = ours[self.counts.argmax(axis=1)]
+        return np.where((top > 0) & ~tied, winner, -1)
+
+    def check_rows(self, split: Split) -> None:
+        if len(self.votes) != len(split):
+            raise DataError(
+                f"{self.path}: FER+ votes for {len(self.votes)} rows, the split has {len(split)} "
+                f"({self.split}): the vote file must list the rows of this dataset in its order "
+                f"(python -m training ferplus-votes writes one)"
+            )
 
 
-def load_ferplus(path, split_name: str = TRAIN) -> FerPlusVotes:
-    """Read FER+ vote counts (``Usage, Image name, neutral, …, NF``) for one split."""
+def load_ferplus(path, split_name: str = TRAIN, required: bool = True) -> FerPlusVotes | None:
+    """Read FER+ vote counts (``Usage, Image name, neutral, …, NF``) for one split (None
+    if the file has no rows for it and they are not ``required``)."""
     path = Path(path)
     try:
         f = open(path, newline="")
@@ -399,21 +424,39 @@ def load_ferplus(path, split_name: str = TRAIN) -> FerPlusVotes:
                 raise DataError(f"{path}:{line}: negative vote count")
             rows.append(counts)
     if not rows:
+        if not required:
+            return None
         raise DataError(f"{path}: no {split_name} rows")
     table = np.asarray(rows, np.float32)
     ours = [FERPLUS_COLUMNS.index(name) for name, _ in sorted(FERPLUS_CLASSES.items(), key=lambda kv: kv[1])]
-    return FerPlusVotes(table[:, ours], table[:, FERPLUS_COLUMNS.index("NF")], table.sum(1))
+    return FerPlusVotes(
+        table[:, ours], table[:, FERPLUS_COLUMNS.index("NF")], table.sum(1), table, str(path), split_name
+    )
 
 
-def with_ferplus(split: Split, ferplus: FerPlusVotes, weight: float, drop_not_faces: bool) -> Split:
+def with_majority(split: Split, ferplus: FerPlusVotes | None) -> Split:
+    """``split`` knowing each face's FER+ majority class, for scoring against it (as it is
+    when there are no votes for it)."""
+    if ferplus is None:
+        return split
+    ferplus.check_rows(split)
+    return replace(split, majority=ferplus.majority())
+
+
+def with_ferplus(
+    split: Split, ferplus: FerPlusVotes, weight: float, drop_not_faces: bool, majority: bool = False
+) -> Split:
     """``split`` with soft targets: ``weight`` x the FER+ vote shares over our 7 classes + the
     rest x the FER2013 label. Rows without votes for our classes keep their label; with
-    ``drop_not_faces``, faces most taggers called "not a face" are left out."""
-    if len(ferplus.votes) != len(split):
-        raise DataError(
-            f"FER+ votes for {len(ferplus.votes)} rows, the split has {len(split)}: "
-            f"the vote file must list the rows of this dataset in its order"
-        )
+    ``drop_not_faces``, faces most taggers called "not a face" are left out.
+
+    With ``majority``, each face learns its FER+ majority class alone (it becomes its label),
+    and faces without one (see :meth:`FerPlusVotes.majority`) are left out."""
+    ferplus.check_rows(split)
+    if majority:
+        winners = ferplus.majority()
+        keep = np.flatnonzero(winners >= 0)
+        return replace(split.subset(keep), labels=winners[keep], targets=None)
     if not 0 <= weight <= 1:
         raise DataError(f"--ferplus-weight {weight}: must be between 0 and 1")
     labels = one_hot(split.labels)

@@ -48,6 +48,9 @@ def run(args) -> int:
         data, trained.get("data_format", "auto"), trained.get("val_split", 0.1), trained.get("seed", 1234)
     )
     val = dataset.split(datasets.VAL)
+    votes = args.ferplus or (trained.get("ferplus") if not args.data else None)
+    if votes:  # scored against the FER+ majority too, as SOURCE's own report was
+        val = datasets.with_majority(val, datasets.load_ferplus(votes, datasets.VAL, required=False))
     report = evaluate.evaluate_split(
         model, source.spec, val, tta=tta, precision=precision, bench_seconds=args.bench_seconds
     )

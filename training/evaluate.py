@@ -20,7 +20,7 @@ from services.model import registry
 from services.model.preprocess import InputSpec
 from services.model.runtime import InferenceRunner, RuntimeUnavailable
 
-from .data import ALL, VAL, Split, load_dataset, model_inputs
+from .data import ALL, VAL, Split, load_dataset, load_ferplus, model_inputs, with_majority
 
 BATCH = 64
 
@@ -136,18 +136,35 @@ def evaluate_ensemble(
 
 
 def _report(split: Split, probs: np.ndarray) -> dict:
-    return metrics_from_confusion(confusion_matrix(split.labels, probs.argmax(axis=1)))
+    """Scores against the split's labels and, where it knows them, its FER+ majorities
+    (the faces without one are left out of that figure and counted)."""
+    predicted = probs.argmax(axis=1)
+    report = metrics_from_confusion(confusion_matrix(split.labels, predicted))
+    if split.majority is not None:
+        scored = split.majority >= 0
+        report[FERPLUS] = {
+            **metrics_from_confusion(confusion_matrix(split.majority[scored], predicted[scored])),
+            "left_out": int((~scored).sum()),
+        }
+    return report
+
+
+FERPLUS = "ferplus_majority"  # the report's section scored against the FER+ majority
 
 
 def summary(report: dict, split: str) -> dict:
     """The headline numbers a version's metadata.json keeps from a report."""
-    return {
+    out = {
         "split": split,
         "n": report["n"],
         "accuracy": report["accuracy"],
         "macro_f1": report["macro_f1"],
         "speed_faces_per_s": report.get("speed_faces_per_s"),
     }
+    if FERPLUS in report:
+        fp = report[FERPLUS]
+        out[FERPLUS] = {k: fp[k] for k in ("n", "left_out", "accuracy", "macro_f1")}
+    return out
 
 
 # --- presenting ------------------------------------------------------------------------
@@ -166,6 +183,12 @@ def format_report(report: dict) -> str:
     lines.append(
         f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   n {report['n']}{served}"
     )
+    if FERPLUS in report:
+        fp = report[FERPLUS]
+        lines.append(
+            f"FER+ majority: accuracy {fp['accuracy']:.4f}   macro-F1 {fp['macro_f1']:.4f}   "
+            f"n {fp['n']} ({fp['left_out']} without a majority class of ours left out)"
+        )
     if report.get("precision_fallback"):
         lines.append(f"bfloat16 was asked for, float32 used: {report['precision_fallback']}")
     lines.append("confusion matrix (rows true, columns predicted):")
@@ -267,6 +290,8 @@ def run(args) -> int:
     dataset = load_dataset(args.data, args.data_format, args.val_split, args.seed)
     args.split = args.split or (ALL if dataset.pooled else VAL)
     split = dataset.split(args.split)
+    if args.ferplus:
+        split = with_majority(split, load_ferplus(args.ferplus, args.split))
     try:
         if len(entries) == 1:
             entry = entries[0]

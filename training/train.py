@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -248,11 +249,18 @@ def load_splits(args) -> tuple[datasets.Dataset, datasets.Split, datasets.Split]
             datasets.load_ferplus(args.ferplus, datasets.TRAIN),
             args.ferplus_weight,
             not args.keep_not_faces,
+            majority=getattr(args, "ferplus_majority", False),
         )
-        print(
-            f"FER+ votes {args.ferplus}: weight {args.ferplus_weight}, "
-            f"{before - len(train)} training faces left out as not faces"
-        )
+        if getattr(args, "ferplus_majority", False):
+            print(
+                f"FER+ votes {args.ferplus}: majority labels alone, "
+                f"{before - len(train)} training faces without a majority class left out"
+            )
+        else:
+            print(
+                f"FER+ votes {args.ferplus}: weight {args.ferplus_weight}, "
+                f"{before - len(train)} training faces left out as not faces"
+            )
     if getattr(args, "folds", None):
         if args.holdout_fold is None or not 0 <= args.holdout_fold < args.folds:
             raise RunError(
@@ -265,8 +273,24 @@ def load_splits(args) -> tuple[datasets.Dataset, datasets.Split, datasets.Split]
     elif getattr(args, "holdout_fold", None) is not None:
         raise RunError("--holdout-fold needs --folds, the number of folds")
     train = datasets.subsample(train, args.max_train, args.seed)
-    val = datasets.subsample(dataset.split(datasets.VAL), args.max_val, args.seed)
+    val = dataset.split(datasets.VAL)
+    if getattr(args, "ferplus", None):
+        val = datasets.with_majority(val, datasets.load_ferplus(args.ferplus, datasets.VAL, required=False))
+    val = datasets.subsample(val, args.max_val, args.seed)
     return dataset, train, val
+
+
+def selection_split(val: datasets.Split) -> datasets.Split:
+    """What epochs are selected on: the FER+ majority of the validation faces that have one
+    when the votes cover them, else the validation labels."""
+    if val.majority is None:
+        return val
+    scored = val.subset(np.flatnonzero(val.majority >= 0))
+    print(
+        f"selecting epochs on the FER+ majority of {len(scored)} {datasets.VAL} faces "
+        f"({len(val) - len(scored)} without one left out)"
+    )
+    return replace(scored, labels=scored.majority)
 
 
 def compile_model(model, args, steps_per_epoch: int) -> None:
@@ -289,7 +313,7 @@ def compile_model(model, args, steps_per_epoch: int) -> None:
 def init_weights(model, spec: InputSpec, ref: str, root: Path) -> None:
     """Copy every weight of the model ``ref`` into ``model``; both must be the same network."""
     entry = evaluate.resolve_model(ref, root)
-    if entry.spec != spec:
+    if entry.spec.network() != spec.network():
         raise RunError(
             f"--init-from {ref}: its input is {entry.spec.to_dict()}, this run's is {spec.to_dict()}"
         )
@@ -439,7 +463,9 @@ def run(args: argparse.Namespace) -> int:
             f"versions are never overwritten, pass another --version"
         )
     keras.utils.set_random_seed(args.seed)
-    spec = models.input_spec(args.arch, args.input_size)
+    spec = replace(
+        models.input_spec(args.arch, args.input_size), normalisation=getattr(args, "normalisation", "none")
+    )
     dataset, train, val = load_splits(args)
     print(
         f"data {args.data}: {dataset.sizes()}; training on {len(train)} "
@@ -465,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
         class_weights=class_weights,
         targets=targets,
     )
-    val_batches = Batches(val, spec, args.batch_size)
+    val_batches = Batches(selection_split(val), spec, args.batch_size)
 
     if args.resume and state["epoch"]:
         model = keras.saving.load_model(out_dir / LAST)
