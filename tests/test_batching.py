@@ -371,7 +371,7 @@ def test_unknown_or_failing_runtime_is_a_clear_model_error(tiny, monkeypatch):
     with pytest.raises(runtime.RuntimeUnavailable, match="unknown runtime 'onnx'"):
         runtime.InferenceRunner(model, entry.spec, runtime="onnx")
 
-    def failing(_model):
+    def failing(_model, int8=False):
         raise runtime.RuntimeUnavailable("TFLite conversion failed (ConverterError: op X)")
 
     monkeypatch.setattr(runtime, "tflite_model", failing)
@@ -492,9 +492,13 @@ def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
     assert runtime.native_bfloat16(str(with_bf16))
     assert not runtime.native_bfloat16(str(without))
     assert not runtime.native_bfloat16(str(tmp_path / "absent"))
-    assert runtime.bfloat16_unavailable("tf-function", str(with_bf16)) == ""
-    assert "no native bfloat16" in runtime.bfloat16_unavailable("tf-function", str(without))
-    assert "float32 models only" in runtime.bfloat16_unavailable("tflite", str(with_bf16))
+    assert runtime.precision_unavailable("tf-function", "bfloat16", str(with_bf16)) == ""
+    assert "no native bfloat16" in runtime.precision_unavailable("tf-function", "bfloat16", str(without))
+    assert "float32 and int8 models only" in runtime.precision_unavailable(
+        "tflite", "bfloat16", str(with_bf16)
+    )
+    assert runtime.precision_unavailable("tflite", "int8") == ""
+    assert "TFLite only" in runtime.precision_unavailable("tf-function", "int8")
 
 
 def test_bfloat16_gives_the_float32_answers_to_bfloat16_resolution(tiny):
@@ -550,9 +554,61 @@ def test_a_versions_precision_comes_from_its_metadata_and_bad_values_are_named(t
     runner = serving.load_served_model(registry.read_entry(folder)).runner
     assert runner.precision == ("bfloat16" if runtime.native_bfloat16() else "float32")
     assert serving.load_served_model(registry.read_entry(folder), "tflite").runner.precision == "float32"
+    (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "precision": "int8"}))
+    int8 = serving.load_served_model(registry.read_entry(folder)).runner
+    assert (int8.runtime, int8.precision) == ("tflite", "int8")
     (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "precision": "int4"}))
     with pytest.raises(registry.RegistryError, match=r"metadata.json: 'precision' is 'int4'"):
         serving.load_served_model(registry.read_entry(folder))
+
+
+def test_bfloat16_under_auto_runs_small_batches_in_float32_on_tflite(tiny):
+    """TFLite's one thread costs less CPU per face than the bfloat16 tf.function at small
+    batches, so auto keeps it there; the larger batches compute in bfloat16."""
+    from services.classifier import serving
+    from services.model import runtime
+
+    if not runtime.native_bfloat16():
+        pytest.skip("this CPU has no native bfloat16")
+    entry, model = tiny
+    runner = runtime.InferenceRunner(model, entry.spec, runtime="auto", precision="bfloat16")
+    assert runner.runtime == runtime.HYBRID and runner.precision == "bfloat16"
+    f32 = runtime.InferenceRunner(model, entry.spec, runtime="tflite")
+    small = np.random.default_rng(6).random((2, 48, 48, 1), dtype=np.float32)
+    np.testing.assert_allclose(runner.predict_inputs(small), f32.predict_inputs(small), atol=1e-5)
+    text = serving.describe(serving.ServedModel("tiny-bf16", runner, "model.keras"))
+    assert "precision bfloat16 above 8 model inputs (float32 on TFLite up to there)" in text
+
+
+# --- int8: weights quantised for LiteRT ------------------------------------------------------
+
+
+def test_int8_runs_quantised_weights_on_tflite_close_to_float32(tiny):
+    from services.model import runtime
+
+    entry, model = tiny
+    inputs = np.random.default_rng(7).random((20, 48, 48, 1), dtype=np.float32)
+    f32 = runtime.InferenceRunner(model, entry.spec, runtime="tflite").predict_inputs(inputs)
+    int8 = runtime.InferenceRunner(model, entry.spec, runtime="auto", precision="int8")
+    assert (int8.runtime, int8.precision, int8.precision_fallback) == ("tflite", "int8", "")
+    out = int8.predict_inputs(inputs)
+    assert out.shape == (20, 7) and out.dtype == np.float32
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(out, f32, atol=0.05)
+    assert not np.array_equal(out, f32)  # it did run the quantised weights
+    f32_size = len(runtime.tflite_model(int8.model))
+    assert len(runtime.tflite_model(int8.model, int8=True)) < f32_size  # int8 weights
+
+
+def test_int8_on_the_tf_function_runtime_falls_back_to_float32_and_says_why(tiny):
+    from services.classifier import serving
+    from services.model import runtime
+
+    entry, model = tiny
+    runner = runtime.InferenceRunner(model, entry.spec, runtime="tf-function", precision="int8")
+    assert runner.precision == "float32" and "TFLite only" in runner.precision_fallback
+    text = serving.describe(serving.ServedModel("tiny-int8", runner, "model.keras"))
+    assert "precision float32 (the version asks for int8, but int8 weights run on TFLite only" in text
 
 
 # --- the inference copy: training-only layers dropped, BatchNormalization folded -------------

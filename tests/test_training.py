@@ -556,6 +556,26 @@ def test_derive_to_bfloat16_is_scored_in_bfloat16_or_refused_with_the_reason(tra
 
 
 @pytest.mark.slow
+def test_derive_to_int8_is_scored_on_tflite_with_int8_weights(trained, capsys):
+    root = trained["root"]
+    common = ["--registry", str(root), "--bench-seconds", "0"]
+    assert main(["derive", "v1", "v1-int8", "--precision", "int8", *common]) == 0
+    derived = registry.resolve(root, "v1-int8")
+    assert derived.precision == "int8" and derived.metadata["derived_from"] == "v1"
+    report = json.loads((derived.path / "eval-PublicTest.json").read_text())
+    assert (report["runtime"], report["precision"]) == ("auto", "int8")
+    assert "precision_fallback" not in report
+    source = json.loads((registry.resolve(root, "v1").path / "eval-PublicTest.json").read_text())
+    assert abs(report["accuracy"] - source["accuracy"]) < 0.1
+    out = capsys.readouterr().out
+    assert "precision int8" in out
+    # asked on the tf-function runtime, evaluate says it used float32, and why
+    csv = str(trained["csv"])
+    assert main(["evaluate", "--model", "v1-int8", "--data", csv, "--runtime", "tf-function", *common]) == 0
+    assert "int8 was asked for, float32 used: int8 weights run on TFLite only" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(trained, tmp_path, capsys):
     root = trained["root"]
     split = data.load_dataset(trained["csv"]).split(data.TRAIN)

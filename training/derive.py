@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.model import registry
-from services.model.runtime import bfloat16_unavailable
+from services.model.runtime import precision_unavailable
 
 from . import data as datasets
 from . import evaluate
@@ -34,10 +34,9 @@ def run(args) -> int:
             f"{source.version} is already served with tta {tta} and precision "
             f"{precision}; pass another --tta or --precision"
         )
-    if precision == "bfloat16":
-        reason = bfloat16_unavailable("tf-function")
-        if reason:
-            raise RunError(f"cannot score {args.version} in bfloat16 here: {reason}")
+    reason = precision_unavailable("auto", precision)
+    if reason:
+        raise RunError(f"cannot score {args.version} in {precision} here: {reason}")
     data = args.data or (source.metadata.get("dataset") or {}).get("path")
     if not data:
         raise RunError(f"{source.path / registry.METADATA_FILE} names no dataset; pass --data")
@@ -52,7 +51,13 @@ def run(args) -> int:
     if votes:  # scored against the FER+ majority too, as SOURCE's own report was
         val = datasets.with_majority(val, datasets.load_ferplus(votes, datasets.VAL, required=False))
     report = evaluate.evaluate_split(
-        model, source.spec, val, tta=tta, precision=precision, bench_seconds=args.bench_seconds
+        model,
+        source.spec,
+        val,
+        tta=tta,
+        runtime="auto",
+        precision=precision,
+        bench_seconds=args.bench_seconds,
     )
     print(
         f"{args.version} ({source.version} with tta {tta}, precision {precision}) on {data} [{datasets.VAL}]:"

@@ -112,6 +112,7 @@ def evaluate_split(
     report["precision"] = runner.precision  # the one really used
     if runner.precision_fallback:
         report["precision_fallback"] = runner.precision_fallback
+        report["asked_precision"] = runner.asked_precision
     if bench_seconds > 0:
         report["speed_faces_per_s"] = measure_speed(runner, bench_seconds)
     return report
@@ -190,7 +191,10 @@ def format_report(report: dict) -> str:
             f"n {fp['n']} ({fp['left_out']} without a majority class of ours left out)"
         )
     if report.get("precision_fallback"):
-        lines.append(f"bfloat16 was asked for, float32 used: {report['precision_fallback']}")
+        lines.append(
+            f"{report.get('asked_precision', 'bfloat16')} was asked for, float32 used: "
+            f"{report['precision_fallback']}"
+        )
     lines.append("confusion matrix (rows true, columns predicted):")
     lines.append(" " * 10 + "".join(f"{name[:7]:>8}" for name in EMOTIONS))
     for name, row in zip(EMOTIONS, report["confusion_matrix"]):

@@ -31,10 +31,10 @@ def build_parser():
         default="auto",
         choices=list(RUNTIMES),
         help="tf-function: the Keras model behind tf.function; tflite: converted to "
-        "TensorFlow Lite when loaded (about half the CPU per face at batch 1, "
-        "but one thread and float32 only); auto: TFLite for batches of up to "
-        "8 model inputs (a face with flip TTA is 2) and tf-function above, or "
-        "tf-function alone for a bfloat16 version on a CPU with native bfloat16",
+        "TensorFlow Lite when loaded and run by LiteRT (the least CPU per face at any "
+        "batch size, but one thread, float32 or int8); auto: TFLite alone for an int8 "
+        "version, else TFLite for batches of up to 8 model inputs (a face with flip TTA "
+        "is 2) and tf-function above",
     )
     parser.option(
         "--live-tta",

@@ -63,13 +63,17 @@ def load_served_model(entry: registry.ModelEntry, runtime: str = "auto") -> Serv
 
 def describe(served: ServedModel) -> str:
     """How the model is run, for the logs: runtime, TTA and the precision really used."""
+    from services.model.runtime import HYBRID, SMALL_BATCH
+
     runner = served.runner
     text = (
         f"model {served.version} ({served.source}) with the {runner.runtime} runtime, "
         f"tta {runner.tta}, precision {runner.precision}"
     )
+    if runner.runtime == HYBRID and runner.precision == "bfloat16":
+        text += f" above {SMALL_BATCH} model inputs (float32 on TFLite up to there)"
     if runner.precision_fallback:
-        text += f" (the version asks for bfloat16, but {runner.precision_fallback})"
+        text += f" (the version asks for {runner.asked_precision}, but {runner.precision_fallback})"
     if runner.fold_note:
         text += f"; {runner.fold_note}"
     return text

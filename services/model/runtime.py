@@ -5,12 +5,11 @@ around ``model(x, training=False)`` costs about two. Batches are padded up to a 
 fixed sizes so the function is traced once per size, never once per batch.
 
 Two runtimes: ``tf-function`` and ``tflite``, the same model converted to TensorFlow Lite
-with one interpreter per padded size: for a float32 version about twice the faces/s at
-batch 1 on a CPU, and about half the CPU per face, at the cost of a conversion when the
-model loads; but it runs on one thread, so large batches fall behind, and float32 only, so
-a bfloat16 version is faster on tf-function where the CPU has bfloat16. ``auto`` (the
-default) uses TFLite for batches of up to 8 model inputs and the tf.function above, or
-the tf.function alone for a bfloat16 version on a CPU with native bfloat16.
+(run by LiteRT, with its XNNPACK kernels) with one interpreter per padded size. TFLite
+takes the least CPU per face at every batch size (about 3 ms for the compact model on one
+core, against 4-10 ms for tf-function), but runs on one thread, so a large batch takes
+longer from end to end. ``auto`` (the default) uses TFLite for batches of up to 8 model
+inputs and the tf.function above -- or TFLite alone for an int8 version.
 
 A version may also ask for flip test-time augmentation (``"tta": "flip"`` in its
 metadata): every face is run twice, as is and mirrored, and the two answers averaged.
@@ -18,10 +17,17 @@ A caller may ask otherwise for some faces: ``tta="none"`` (as is) or ``"mirror"`
 image only). The classifier alternates the two on the frames of live streams, whose
 answers the tracker averages over time: both views at the cost of one.
 
-And it may ask to run in bfloat16 (``"precision": "bfloat16"``): on CPUs with native
-bfloat16 arithmetic (AVX512-BF16 or AMX) that is about twice the faces/s, while the
-weights stay float32 and the softmax is computed in float32. Elsewhere bfloat16 would be
-emulated and slower, so the runner falls back to float32 and says why.
+And a version may ask for another precision (``"precision"`` in its metadata):
+
+- ``bfloat16``: the tf.function computes in bfloat16 on CPUs with native bfloat16
+  arithmetic (AVX512-BF16 or AMX), while the weights stay float32 and the softmax is
+  computed in float32. Elsewhere bfloat16 would be emulated and slower, so the runner
+  falls back to float32 and says why. Under ``auto`` the small batches still run on
+  TFLite in float32: on this model TFLite's one thread costs less CPU than bfloat16's many.
+- ``int8``: TFLite with dynamic-range quantisation: weights stored as 8-bit integers,
+  activations quantised on the fly, no calibration data needed. About a fifth of float32
+  TFLite's CPU per face; ``python -m training derive --precision int8`` scores it on
+  PublicTest before it can be served.
 
 Either way the runner serves an inference copy of the model (optimize.py): training-only
 layers dropped and BatchNormalization folded into the convolutions: the same answers at
@@ -68,15 +74,20 @@ def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
-def bfloat16_unavailable(runtime: str, cpuinfo: str = "/proc/cpuinfo") -> str:
-    """Why a model cannot run in bfloat16 here ("" when it can)."""
-    if runtime != "tf-function":
-        return f"the {runtime} runtime runs float32 models only"
-    if not native_bfloat16(cpuinfo):
-        return (
-            f"this CPU has no native bfloat16 arithmetic ({' or '.join(NATIVE_BFLOAT16_FLAGS)}"
-            f" in {cpuinfo}), where emulated bfloat16 is slower than float32"
-        )
+def precision_unavailable(runtime: str, precision: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """Why ``runtime`` cannot compute in ``precision`` here ("" when it can). ``auto`` and
+    the hybrid are judged by the part that would use the precision (bfloat16 runs on the
+    tf.function, int8 on TFLite)."""
+    if precision == "bfloat16":
+        if runtime == "tflite":
+            return "the tflite runtime runs float32 and int8 models only"
+        if not native_bfloat16(cpuinfo):
+            return (
+                f"this CPU has no native bfloat16 arithmetic ({' or '.join(NATIVE_BFLOAT16_FLAGS)}"
+                f" in {cpuinfo}), where emulated bfloat16 is slower than float32"
+            )
+    if precision == "int8" and runtime in ("tf-function", HYBRID):
+        return f"int8 weights run on TFLite only (--runtime tflite or auto), not {runtime}"
     return ""
 
 
@@ -92,12 +103,16 @@ def compiled_call(model):
     return lambda x: model(x, training=False)
 
 
-def tflite_model(model) -> bytes:
-    """The model as a TFLite flatbuffer (raises RuntimeUnavailable with the reason)."""
+def tflite_model(model, int8: bool = False) -> bytes:
+    """The model as a TFLite flatbuffer, its weights quantised to int8 if asked (raises
+    RuntimeUnavailable with the reason)."""
     try:
         import tensorflow as tf
 
-        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        if int8:  # dynamic-range quantisation: int8 weights, no calibration data
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        return converter.convert()
     except Exception as exc:
         raise RuntimeUnavailable(
             f"TFLite conversion failed ({type(exc).__name__}: {str(exc)[:300]})"
@@ -156,15 +171,17 @@ class InferenceRunner:
         if precision not in PRECISIONS:
             raise RuntimeUnavailable(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
         if runtime == "auto":
-            runtime = "tf-function" if precision == "bfloat16" and native_bfloat16() else HYBRID
+            runtime = "tflite" if precision == "int8" else HYBRID
         # The same answers with less work: no training-only layers, BatchNormalization
         # folded into the convolutions (see optimize.py); fold_note says if it was not done.
         sample = np.random.default_rng(0).random((4, *spec.shape), dtype=np.float32)
         model, self.fold_note = for_inference(model, sample)
         # What was asked and why it was not done ("" when it was): the precision actually
         # used is self.precision.
-        self.precision_fallback = bfloat16_unavailable(runtime) if precision == "bfloat16" else ""
+        self.precision_fallback = precision_unavailable(runtime, precision)
         self.precision = "float32" if self.precision_fallback else precision
+        self.asked_precision = precision
+        float_model = model  # what TFLite converts: it runs float32 and int8
         if self.precision == "bfloat16":
             model = in_bfloat16(model)
         self.model = model
@@ -175,21 +192,23 @@ class InferenceRunner:
             batch_shapes = {*batch_shapes, *(2 * n for n in batch_shapes)}
         self.batch_shapes = tuple(sorted(batch_shapes))
         if runtime == "tflite":
-            calls = tflite_calls(tflite_model(model), spec, self.batch_shapes)
+            calls = tflite_calls(tflite_model(float_model, self.precision == "int8"), spec, self.batch_shapes)
             self._call = lambda x: calls[len(x)](x)
         elif runtime == HYBRID:
-            self._call = self._hybrid_call(model, spec)
+            self._call = self._hybrid_call(model, float_model, spec)
         else:
             self._call = compiled_call(model)
 
-    def _hybrid_call(self, model, spec: InputSpec):
-        """TFLite for small batches (a face or two per frame: about half the CPU), the
-        tf.function for larger ones (many faces: TFLite's one thread would fall behind);
-        the tf.function alone if TFLite cannot convert the model."""
+    def _hybrid_call(self, model, float_model, spec: InputSpec):
+        """TFLite in float32 for small batches (a face or two per frame: a third to a half
+        of the tf.function's CPU), the tf.function for larger ones (many faces: TFLite's one
+        thread would fall behind); the tf.function alone if TFLite cannot convert the model."""
         compiled = compiled_call(model)
         try:
             small = tflite_calls(
-                tflite_model(model), spec, [n for n in self.batch_shapes if n <= SMALL_BATCH]
+                tflite_model(float_model),
+                spec,
+                [n for n in self.batch_shapes if n <= SMALL_BATCH],
             )
         except RuntimeUnavailable:
             self.runtime = "tf-function"
