@@ -611,6 +611,82 @@ def test_int8_on_the_tf_function_runtime_falls_back_to_float32_and_says_why(tiny
     assert "precision float32 (the version asks for int8, but int8 weights run on TFLite only" in text
 
 
+@pytest.fixture
+def int8_version(tiny, tmp_path):
+    import json
+    import shutil
+
+    from services.model import registry
+
+    entry, _ = tiny
+    folder = tmp_path / "tiny-int8"
+    shutil.copytree(entry.path, folder)
+    meta = json.loads((folder / registry.METADATA_FILE).read_text())
+    (folder / registry.METADATA_FILE).write_text(json.dumps({**meta, "precision": "int8"}))
+    return registry.read_entry(folder)
+
+
+def test_an_int8_version_keeps_its_tflite_model_and_then_starts_without_tensorflow(int8_version):
+    import subprocess
+    import sys
+
+    from services.classifier import serving
+    from services.model import registry
+    from tests.support.paths import ROOT
+
+    kept = registry.tflite_file(int8_version, "int8")
+    assert not kept.exists()
+    first = serving.load_served_model(int8_version)
+    assert kept.is_file() and kept.read_bytes() == first.runner.flatbuffer
+    assert first.source == str(int8_version.model_file)
+    probe = (
+        "import sys; from services.classifier import serving; from services.model import registry\n"
+        f"served = serving.load_served_model(registry.read_entry({str(int8_version.path)!r}))\n"
+        "import numpy as np\n"
+        "p = served.runner.predict_inputs(np.full((3, 48, 48, 1), 0.5, np.float32))\n"
+        "print(served.source, served.runner.runtime, served.runner.precision, p.shape,\n"
+        "      'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(kept), "tflite", "int8", "(3,", "7)", "False", "False"]
+
+
+def test_a_corrupt_or_stale_tflite_model_is_converted_again(int8_version, caplog):
+    from services.classifier import serving
+    from services.model import registry
+
+    kept = registry.tflite_file(int8_version, "int8")
+    kept.write_bytes(b"TFL3 not a model")
+    served = serving.load_served_model(int8_version)
+    assert served.source == str(int8_version.model_file)  # converted from model.keras
+    assert "not used, converting model.keras again" in caplog.text and str(kept) in caplog.text
+    assert kept.read_bytes() == served.runner.flatbuffer  # replaced by the good one
+    # another model.keras is another digest: the old flatbuffer is never met
+    with int8_version.model_file.open("ab") as f:
+        f.write(b"\0")
+    assert registry.tflite_file(int8_version, "int8") != kept
+
+
+def test_a_version_folder_that_cannot_be_written_is_served_all_the_same(int8_version, monkeypatch, caplog):
+    """A read-only registry (a mounted volume, an image layer) costs each start a conversion."""
+    from services.classifier import serving
+    from services.model import registry
+
+    def refuse(path, content):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(registry, "atomic_write", refuse)
+    caplog.set_level("INFO")
+    served = serving.load_served_model(int8_version)
+    assert (served.runner.runtime, served.runner.precision) == ("tflite", "int8")
+    assert not registry.tflite_file(int8_version, "int8").exists()
+    assert f"{int8_version.path}: cannot keep the TFLite model there (Permission denied)" in caplog.text
+    assert "the next start converts it again" in caplog.text
+
+
 # --- the inference copy: training-only layers dropped, BatchNormalization folded -------------
 
 

@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     log = setup_logging(SERVICE, args.log_level)
     settings = settings_from(args)
     try:
-        served = load_served_model(load_entry(args.registry, args.model), args.runtime)
+        served = load_served_model(load_entry(args.registry, args.model), args.runtime, log)
     except registry.RegistryError as exc:
         config_error(SERVICE, str(exc))
     announce(served)

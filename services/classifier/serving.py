@@ -46,17 +46,48 @@ def load_entry(registry_dir: str, model: str) -> registry.ModelEntry:
     return registry.read_entry(path)
 
 
-def load_served_model(entry: registry.ModelEntry, runtime: str = "auto") -> ServedModel:
-    """Load, validate and warm up one registry entry (raises RegistryError)."""
-    from services.model.runtime import InferenceRunner, RuntimeUnavailable
+def load_served_model(
+    entry: registry.ModelEntry, runtime: str = "auto", log: logging.Logger | None = None
+) -> ServedModel:
+    """Load, validate and warm up one registry entry (raises RegistryError).
 
-    model = registry.load_checked(entry)
+    Where the runtime is TFLite alone (``--runtime tflite``, or ``auto`` for an int8
+    version) and the version folder holds the converted model, LiteRT runs it and
+    TensorFlow is never imported; otherwise the Keras model is loaded and converted, and
+    the result kept there for the next start (registry.tflite_file)."""
+    from services.model.runtime import InferenceRunner, RuntimeUnavailable, resolved_runtime
+
+    log = log or logging.getLogger(__name__)
+    tflite_only = resolved_runtime(runtime, entry.precision) == "tflite"
+    flat_precision = "int8" if entry.precision == "int8" else "float32"
     try:
+        kept = registry.tflite_file(entry, flat_precision) if tflite_only else None
+        if kept is not None and kept.is_file():
+            try:
+                runner = InferenceRunner(
+                    None,
+                    entry.spec,
+                    runtime=runtime,
+                    tta=entry.tta,
+                    precision=entry.precision,
+                    flatbuffer=kept.read_bytes(),
+                )
+            except (RuntimeUnavailable, OSError) as exc:
+                log.warning("%s: not used, converting model.keras again: %s", kept, exc)
+                kept.unlink(missing_ok=True)
+            else:
+                runner.warm_up()
+                return ServedModel(entry.version, runner, str(kept))
+        model = registry.load_checked(entry)
         runner = InferenceRunner(model, entry.spec, runtime=runtime, tta=entry.tta, precision=entry.precision)
     except RuntimeUnavailable as exc:
         raise registry.RegistryError(
             f"{entry.model_file}: cannot serve with --runtime {runtime}: {exc}"
         ) from None
+    if runner.flatbuffer is not None:
+        problem = registry.keep_tflite(entry, runner.precision, runner.flatbuffer)
+        if problem:
+            log.info("%s; the next start converts it again", problem)
     runner.warm_up()
     return ServedModel(entry.version, runner, str(entry.model_file))
 
@@ -156,7 +187,7 @@ class ModelWatcher:
             return
         self.log.info("registry now names %s; loading it beside %s", version, self.serving_version)
         try:
-            served = load_served_model(registry.resolve(self.root, version), self.runtime)
+            served = load_served_model(registry.resolve(self.root, version), self.runtime, self.log)
         except registry.RegistryError as exc:
             self._failed = signature
             RELOADS.labels("failed").inc()

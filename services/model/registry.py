@@ -7,6 +7,7 @@
         model.keras        the Keras 3 model
         metadata.json      version, input spec, class names, metrics, training arguments
         eval-<split>.json, confusion-<split>.png   evaluation artefacts
+        model-<precision>-<digest>.tflite   the model converted for LiteRT (see tflite_file)
 
 Writers only ever rename complete files into place, so a reader (a running
 classifier) sees either the old pointer or the new one, never half of either.
@@ -15,6 +16,7 @@ See docs/models.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +34,7 @@ CURRENT = "current"
 HISTORY = "history.json"
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
+TFLITE_PRECISIONS = ("float32", "int8")  # what a TFLite flatbuffer of ours computes in
 # How a version is run on each face: "flip" averages with the mirror image (2x compute).
 TTA_MODES = ("none", "flip")
 # The arithmetic a version is run in: bfloat16 halves the work on CPUs that do it natively;
@@ -79,14 +82,14 @@ class ModelEntry:
         return self._setting("precision", PRECISIONS, "float32")
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, content: str | bytes) -> None:
     """Write a whole file next to ``path`` and rename it over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users' services
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,6 +110,31 @@ def read_entry(path: Path) -> ModelEntry:
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{meta_file}: not valid JSON ({exc})") from None
     return ModelEntry(version=str(metadata.get("version", path.name)), path=path, metadata=metadata)
+
+
+def tflite_file(entry: ModelEntry, precision: str) -> Path:
+    """Where the version's model, converted to TFLite in ``precision``, is kept.
+
+    Converting needs TensorFlow: about 5 s to import and 400 MB of memory in every
+    classifier. The flatbuffer depends only on model.keras and the precision, so it is
+    kept beside them, named by a digest of model.keras: a changed model.keras never
+    meets an old flatbuffer, and a classifier that finds it runs on LiteRT alone."""
+    if precision not in TFLITE_PRECISIONS:
+        raise ValueError(f"TFLite runs {' and '.join(TFLITE_PRECISIONS)}, not {precision}")
+    digest = hashlib.sha256(entry.model_file.read_bytes()).hexdigest()[:16]
+    return entry.path / f"model-{precision}-{digest}.tflite"
+
+
+def keep_tflite(entry: ModelEntry, precision: str, content: bytes) -> str:
+    """Keep a converted flatbuffer for the next start; returns why it could not ("" when
+    it could): a read-only registry only costs the next start a conversion."""
+    try:
+        path = tflite_file(entry, precision)
+        if not path.is_file():
+            atomic_write(path, content)
+    except OSError as exc:
+        return f"{entry.path}: cannot keep the TFLite model there ({exc.strerror or exc})"
+    return ""
 
 
 def current_version(root: Path) -> str | None:

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.common.protocol import EMOTIONS
+
 from .optimize import for_inference, in_bfloat16
 from .preprocess import InputSpec, preprocess_faces
 from .registry import PRECISIONS, TTA_MODES
@@ -132,14 +134,18 @@ def tflite_interpreter_class():
 
 
 def tflite_calls(content: bytes, spec: InputSpec, batch_shapes) -> dict:
-    """batch size -> callable(x) -> probabilities, one allocated interpreter per size."""
+    """batch size -> callable(x) -> probabilities, one allocated interpreter per size
+    (raises RuntimeUnavailable if LiteRT cannot read the flatbuffer)."""
     Interpreter = tflite_interpreter_class()
     calls = {}
     for n in batch_shapes:
-        interpreter = Interpreter(model_content=content)
-        index = interpreter.get_input_details()[0]["index"]
-        interpreter.resize_tensor_input(index, [n, *spec.shape])
-        interpreter.allocate_tensors()
+        try:
+            interpreter = Interpreter(model_content=content)
+            index = interpreter.get_input_details()[0]["index"]
+            interpreter.resize_tensor_input(index, [n, *spec.shape])
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise RuntimeUnavailable(f"LiteRT cannot run this TFLite model ({str(exc)[:300]})") from None
         output = interpreter.get_output_details()[0]["index"]
 
         def call(x, interpreter=interpreter, index=index, output=output):
@@ -151,9 +157,30 @@ def tflite_calls(content: bytes, spec: InputSpec, batch_shapes) -> dict:
     return calls
 
 
+def check_probabilities(call, spec: InputSpec) -> None:
+    """A converted model is served only if it answers 7 probabilities per face."""
+    probe = np.random.default_rng(0).random((2, *spec.shape), dtype=np.float32)
+    out = np.asarray(call(probe))
+    if out.shape != (2, len(EMOTIONS)):
+        raise RuntimeUnavailable(f"the TFLite model answers shape {out.shape[1:]}, not ({len(EMOTIONS)},)")
+    if not np.all(np.isfinite(out)) or not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        raise RuntimeUnavailable("the TFLite model's outputs are not probabilities (softmax)")
+
+
+def resolved_runtime(runtime: str, precision: str) -> str:
+    """What ``auto`` runs: TFLite alone for an int8 version, else the hybrid."""
+    if runtime == "auto":
+        return "tflite" if precision == "int8" else HYBRID
+    return runtime
+
+
 class InferenceRunner:
     """The one way this project runs a model: the classifier serves with it, and
-    ``python -m training evaluate`` scores and times models with it."""
+    ``python -m training evaluate`` scores and times models with it.
+
+    ``model`` is the Keras model; or None with ``flatbuffer``, the model already converted
+    to TFLite in the precision asked for (registry.tflite_file), which needs no TensorFlow.
+    ``flatbuffer`` holds the TFLite model the runner runs alone, else None."""
 
     def __init__(
         self,
@@ -163,6 +190,7 @@ class InferenceRunner:
         runtime: str = "tf-function",
         tta: str = "none",
         precision: str = "float32",
+        flatbuffer: bytes | None = None,
     ):
         if runtime not in RUNTIMES:
             raise RuntimeUnavailable(f"unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})")
@@ -170,30 +198,38 @@ class InferenceRunner:
             raise RuntimeUnavailable(f"unknown tta {tta!r} (one of {', '.join(TTA_MODES)})")
         if precision not in PRECISIONS:
             raise RuntimeUnavailable(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
-        if runtime == "auto":
-            runtime = "tflite" if precision == "int8" else HYBRID
-        # The same answers with less work: no training-only layers, BatchNormalization
-        # folded into the convolutions (see optimize.py); fold_note says if it was not done.
-        sample = np.random.default_rng(0).random((4, *spec.shape), dtype=np.float32)
-        model, self.fold_note = for_inference(model, sample)
+        runtime = resolved_runtime(runtime, precision)
+        if model is None and (flatbuffer is None or runtime != "tflite"):
+            raise RuntimeUnavailable(f"the {runtime} runtime needs the Keras model")
         # What was asked and why it was not done ("" when it was): the precision actually
         # used is self.precision.
         self.precision_fallback = precision_unavailable(runtime, precision)
         self.precision = "float32" if self.precision_fallback else precision
         self.asked_precision = precision
+        self.spec = spec
+        self.runtime = runtime
+        self.tta = tta
+        self.flatbuffer = flatbuffer
+        self.fold_note = ""
+        if tta == "flip":  # each face may run twice: one face is a batch of 2, not 4
+            batch_shapes = {*batch_shapes, *(2 * n for n in batch_shapes)}
+        self.batch_shapes = tuple(sorted(batch_shapes))
+        if model is not None:
+            # The same answers with less work: no training-only layers, BatchNormalization
+            # folded into the convolutions (see optimize.py); fold_note says if it was not done.
+            sample = np.random.default_rng(0).random((4, *spec.shape), dtype=np.float32)
+            model, self.fold_note = for_inference(model, sample)
         float_model = model  # what TFLite converts: it runs float32 and int8
         if self.precision == "bfloat16":
             model = in_bfloat16(model)
         self.model = model
-        self.spec = spec
-        self.runtime = runtime
-        self.tta = tta
-        if tta == "flip":  # each face may run twice: one face is a batch of 2, not 4
-            batch_shapes = {*batch_shapes, *(2 * n for n in batch_shapes)}
-        self.batch_shapes = tuple(sorted(batch_shapes))
         if runtime == "tflite":
-            calls = tflite_calls(tflite_model(float_model, self.precision == "int8"), spec, self.batch_shapes)
+            if self.flatbuffer is None:
+                self.flatbuffer = tflite_model(float_model, self.precision == "int8")
+            calls = tflite_calls(self.flatbuffer, spec, self.batch_shapes)
             self._call = lambda x: calls[len(x)](x)
+            if model is None:
+                check_probabilities(self._call, spec)
         elif runtime == HYBRID:
             self._call = self._hybrid_call(model, float_model, spec)
         else:

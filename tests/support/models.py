@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 
-def write_tiny_model(registry_dir: Path, version: str, seed: int = 0, outputs: int = 7) -> Path:
+def write_tiny_model(
+    registry_dir: Path, version: str, seed: int = 0, outputs: int = 7, precision: str = "float32"
+) -> Path:
     """A small randomly initialised 7-class model, registered like a trained one."""
     import keras
 
@@ -34,6 +36,7 @@ def write_tiny_model(registry_dir: Path, version: str, seed: int = 0, outputs: i
                 "architecture": "test-tiny",
                 "input": spec.to_dict(),
                 "classes": list(EMOTIONS),
+                "precision": precision,
                 "note": "random weights, for tests only",
             }
         )
