@@ -425,6 +425,48 @@ def test_a_track_whose_end_was_lost_leaves_the_state_after_a_minute(tmp_path):
     assert service.cameras.state("1")["emotions"] == {"here": "Happy"}
 
 
+def test_cameras_that_come_and_go_leave_nothing_behind(tmp_path):
+    """100 cameras added and removed: once each has been quiet for --stream-timeout-s, its
+    state, cooldowns and the MQTT state sent on reconnect are gone; a camera still talking
+    keeps its own."""
+    from prometheus_client import REGISTRY
+
+    now = [0.0]
+    outbox = Outbox(tmp_path / "queue.db", 100, dead_size=5)
+    (tmp_path / "rules.yaml").write_text(RULES_YAML)
+    mqtt = MqttSink(MqttSettings("mqtt://127.0.0.1:9"), outbox)
+    service = NotifierService(
+        outbox,
+        [mqtt],
+        RulesFile(str(tmp_path / "rules.yaml")),
+        lambda e: None,
+        clock=lambda: now[0],
+        stream_timeout_s=60,
+    )
+
+    def evicted() -> float:
+        return REGISTRY.get_sample_value("emotion_notifier_streams_evicted_total") or 0
+
+    before = evicted()
+    for i in range(100):
+        camera = f"cam-{i}"
+        service.on_message(event(camera, 0, "p", "track_started", "Sad", t=1000.0))
+        service.on_message(tracks(camera, 1, [("p", "Sad", 0.7)], t=1001.0))
+        service.on_message(event(camera, 2, "p", "track_ended", "Sad", t=1002.0))
+        now[0] += 0.5
+    service.on_message(event("2", 0, "q", "track_started", "Sad", t=1000.0))
+    assert len(service.cameras.times) == 101 and len(mqtt._states) == 101
+    now[0] += 30
+    service.on_message(tracks("2", 1, [("q", "Sad", 0.7)], t=1001.0))
+    now[0] += 31
+    service.housekeeping()
+    assert evicted() - before == 100
+    assert set(service.heard) == set(service.cameras.times) == set(mqtt._states) == {"2"}
+    assert set(service.cameras.tracks) == {"2"} and {k[0] for k in service.cameras.seen} == {"2"}
+    assert all(key[1] == "2" for key in service.cooldowns.last)
+    assert service.cameras.state("2")["people"] == 1
+
+
 def test_a_redirect_or_a_refusal_is_dead_at_once(tmp_path):
     for status in (302, 404):
         with Receiver(fail_first=10**6, fail_status=status) as hook:

@@ -39,7 +39,12 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     service = NotifierService(
-        outbox, sinks, rules, RejectLog(SERVICE, log), max_skew_s=args.max_clock_skew_ms / 1000
+        outbox,
+        sinks,
+        rules,
+        RejectLog(SERVICE, log),
+        max_skew_s=args.max_clock_skew_ms / 1000,
+        stream_timeout_s=args.stream_timeout_s,
     )
     if not sinks:
         log.warning(

@@ -102,6 +102,13 @@ class Cameras:
             self.seen.pop((camera, track), None)
         return stale
 
+    def forget(self, camera: str) -> None:
+        """Drop everything kept about a camera that has gone quiet."""
+        self.tracks.pop(camera, None)
+        self.times.pop(camera, None)
+        for key in [k for k in self.seen if k[0] == camera]:
+            del self.seen[key]
+
     def on_event(self, message: Event) -> Notification:
         """The notification of an event, after updating the camera's state by it."""
         camera, e = message.stream, message.event

@@ -35,6 +35,10 @@ RULE_RELOADS = Counter(
     ["outcome"],
 )
 RULES = Gauge("emotion_notifier_rules", "Rules in force")
+EVICTED = Counter(
+    "emotion_notifier_streams_evicted_total",
+    "Cameras (stream ids) forgotten after --stream-timeout-s without a message",
+)
 DROPPED = Counter(
     "emotion_notifier_dropped_total",
     "Deliveries dropped, oldest first, because the sink's queue was full",

@@ -190,6 +190,12 @@ class MqttSink:
         self._acked.append(mid)
         self.outbox.wake()
 
+    def forget(self, camera: str) -> None:
+        """A camera gone quiet: its last state stays retained on the broker, but is no longer
+        sent again on reconnect; if it comes back, it is announced again."""
+        with self._lock:
+            self._states.pop(camera, None)
+
     def publish_state(self, camera: str, state: dict) -> None:
         """A camera's state changed: send it (retained); a camera seen first: discovery too."""
         with self._lock:

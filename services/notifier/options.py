@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from services.common.config import config_error, positive_int, service_parser
+from services.common.config import config_error, positive_int, service_parser, stream_timeout_option
 
 from .mqtt import MqttSettings
 from .rules import RuleError, load_rules
@@ -61,6 +61,7 @@ def build_parser():
         help="rule file (.toml, .yaml): which events go to which sinks, reloaded when it "
         "changes (docs/notifier.md#rules); empty = every event to every sink",
     )
+    stream_timeout_option(parser, "its people, cooldowns and MQTT state")
     parser.option(
         "--queue-file",
         default="data/notifier/queue.db",

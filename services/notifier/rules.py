@@ -217,6 +217,7 @@ class Cooldowns:
         self.last[key] = now
         return True
 
-    def forget(self, camera: str, track: str) -> None:
-        for key in [k for k in self.last if k[1:] == (camera, track)]:
+    def forget(self, camera: str, track: str | None = None) -> None:
+        """Forget a track's cooldowns, or all of a camera's (``track`` None)."""
+        for key in [k for k in self.last if k[1] == camera and track in (None, k[2])]:
             del self.last[key]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from services.common.config import STREAM_TIMEOUT_S
 from services.common.metrics import drop
 from services.common.protocol import (
     KIND_EVENT,
@@ -29,7 +30,7 @@ from services.common.protocol import (
 )
 
 from .events import Cameras, Notification
-from .metrics import DROPPED, EVENTS, QUEUE_LIMIT, QUEUE_SIZE, QUEUED, RULES
+from .metrics import DROPPED, EVENTS, EVICTED, QUEUE_LIMIT, QUEUE_SIZE, QUEUED, RULES
 from .mqtt import MqttSettings, MqttSink
 from .outbox import Outbox
 from .rules import HELD, Cooldowns, Rule, RulesFile
@@ -69,10 +70,13 @@ class NotifierService:
         rejects,
         clock=time.monotonic,
         max_skew_s: float = MAX_CLOCK_SKEW_S,
+        stream_timeout_s: float = STREAM_TIMEOUT_S,
     ):
         self.outbox, self.sinks, self.rules = outbox, sinks, rules
         self._rejects, self._clock, self.max_skew_s = rejects, clock, max_skew_s
+        self.stream_timeout_s = stream_timeout_s
         self.cameras = Cameras()
+        self.heard: dict[str, float] = {}  # camera -> when its last message came (clock)
         self.cooldowns = Cooldowns()
         self._by_kind: dict[str, list[str]] = {}
         for sink in sinks:
@@ -96,6 +100,7 @@ class NotifierService:
         except Rejected as error:
             self._rejects(error)
             return []
+        self.heard[message.stream] = self._clock()
         if message.kind == KIND_EVENT:
             return self._on_event(message)
         if message.kind == KIND_TRACKS:
@@ -157,16 +162,31 @@ class NotifierService:
             drop(SERVICE, "queue_full", n)
 
     def housekeeping(self) -> None:
-        """Now and then: reload the rules if their file changed, update the queue gauges."""
+        """Now and then: reload the rules if their file changed, update the queue gauges,
+        forget the cameras that have gone quiet."""
         now = self._clock()
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + HOUSEKEEPING_S
         if self.rules.check():
             self._rules_in_force()
+        self.forget_quiet_cameras(now)
         sizes = self.outbox.sizes()
         for sink in self.sinks:
             QUEUE_SIZE.labels(sink.name).set(sizes.get(sink.name, 0))
+
+    def forget_quiet_cameras(self, now: float) -> None:
+        """A camera removed, or whose stream stopped, leaves nothing behind: its state,
+        cooldowns and the state the MQTT sink would send again (the tracker has ended its
+        tracks, so its last retained state shows nobody)."""
+        for camera in [c for c, heard in self.heard.items() if now - heard > self.stream_timeout_s]:
+            del self.heard[camera]
+            self.cameras.forget(camera)
+            self.cooldowns.forget(camera)
+            for sink in self._mqtt:
+                sink.forget(camera)
+            EVICTED.inc()
+            log.info("forgot camera %r: nothing from it for %.0f s", camera, self.stream_timeout_s)
 
     def run(self, tracks: zmq.Socket, stop: threading.Event) -> None:
         """Events in, deliveries out (one thread per sink), until ``stop`` is set."""
