@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.protocol import decode_image
-from tests.support import http_get, media, metric_sum, wait_for
+from tests.support import http_get, media, metric_sum, wait_for, write_tiny_model
 from tests.support.pipeline import Collector, MjpegReader, Pipeline, Runner, alive
 
 pytestmark = pytest.mark.slow
@@ -205,12 +205,20 @@ def test_make_run_with_replicas_and_ctrl_c(tmp_path, tiny_registry):
 
 
 @pytest.mark.timeout(300)
-def test_make_run_labels_a_clip_shorter_than_the_model_load(tmp_path, tiny_registry):
-    """A 4-second clip under `make run`: capture waits for the first answer, then plays it."""
+def test_make_run_labels_a_clip_shorter_than_the_model_load(tmp_path):
+    """A 4-second clip under `make run`: capture waits for the first answer, then plays it.
+    The version is float32, so the classifier imports TensorFlow and loads for longer than
+    the clip lasts (an int8 version with its TFLite model kept would be serving in a second)."""
+    from services.model import registry
+
+    models = tmp_path / "models"
+    write_tiny_model(models, "slow-v1")
+    registry.promote(models, "slow-v1")
     clip = short_clip(tmp_path / "short.mp4", 120)
-    runner = Runner(tmp_path, tiny_registry, source=str(clip))
-    results = Collector(runner.addr, "results")
+    runner = Runner(tmp_path, models, source=str(clip), start=False)
+    results = Collector(runner.addr, "results")  # subscribed before the first answer exists
     results.start()
+    runner.start()
     try:
         wait_for(
             lambda: metric_sum(runner.scrape("capture") or {}, "emotion_capture_source_finished") == 1,

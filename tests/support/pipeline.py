@@ -179,8 +179,16 @@ class Runner:
     """What `make run` starts: honcho with the generated Procfile, on free ports."""
 
     def __init__(
-        self, log_dir: Path, registry: Path, detectors: int = 1, classifiers: int = 1, source: str = "demo"
+        self,
+        log_dir: Path,
+        registry: Path,
+        detectors: int = 1,
+        classifiers: int = 1,
+        source: str = "demo",
+        start: bool = True,
     ):
+        """``start=False``: the ports are chosen, nothing runs until :meth:`start` (so a
+        test's subscriber can be connected before the first message)."""
         self.metrics_base = free_base_port(metrics_span(max(detectors, classifiers)))
         self.http_port, self.base = free_port(), free_base_port()
         self.addr = bus.BrokerAddress("127.0.0.1", self.base)
@@ -217,19 +225,24 @@ class Runner:
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "CUDA_VISIBLE_DEVICES": "",
         }
+        self.env, self.procfile = env, procfile
+        if start:
+            self.start()
+
+    def start(self) -> None:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "honcho"),
                 "--no-colour",
                 "-f",
-                str(procfile),
+                str(self.procfile),
                 "-d",
                 str(ROOT),
                 "start",
             ],
             cwd=ROOT,
-            env=env,
+            env=self.env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
