@@ -72,7 +72,8 @@ def load_served_model(
                     precision=entry.precision,
                     flatbuffer=kept.read_bytes(),
                 )
-            except (RuntimeUnavailable, OSError) as exc:
+                registry.check_answers(lambda x: runner.predict_inputs(x, "none"), entry.spec, str(kept))
+            except (RuntimeUnavailable, registry.RegistryError, OSError) as exc:
                 log.warning("%s: not used, converting model.keras again: %s", kept, exc)
                 kept.unlink(missing_ok=True)
             else:

@@ -204,8 +204,13 @@ def check_model(model, spec: InputSpec, where: str) -> None:
     got = tuple(model.input_shape) if hasattr(model, "input_shape") else None
     if got != want:
         raise RegistryError(f"{where}: model input shape {got}, metadata declares {want}")
+    check_answers(lambda x: model(x, training=False), spec, where)
+
+
+def check_answers(call, spec: InputSpec, where: str) -> None:
+    """``call`` (a model, or its converted copy) answers 7 probabilities per face."""
     probe = np.random.default_rng(0).random((2, *spec.shape), dtype=np.float32)
-    out = np.asarray(model(probe, training=False))
+    out = np.asarray(call(probe))
     if out.shape != (2, len(EMOTIONS)):
         raise RegistryError(f"{where}: model output shape {out.shape[1:]}, expected ({len(EMOTIONS)},)")
     if not np.all(np.isfinite(out)) or not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.common.protocol import EMOTIONS
-
 from .optimize import for_inference, in_bfloat16
 from .preprocess import InputSpec, preprocess_faces
 from .registry import PRECISIONS, TTA_MODES
@@ -157,16 +155,6 @@ def tflite_calls(content: bytes, spec: InputSpec, batch_shapes) -> dict:
     return calls
 
 
-def check_probabilities(call, spec: InputSpec) -> None:
-    """A converted model is served only if it answers 7 probabilities per face."""
-    probe = np.random.default_rng(0).random((2, *spec.shape), dtype=np.float32)
-    out = np.asarray(call(probe))
-    if out.shape != (2, len(EMOTIONS)):
-        raise RuntimeUnavailable(f"the TFLite model answers shape {out.shape[1:]}, not ({len(EMOTIONS)},)")
-    if not np.all(np.isfinite(out)) or not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
-        raise RuntimeUnavailable("the TFLite model's outputs are not probabilities (softmax)")
-
-
 def resolved_runtime(runtime: str, precision: str) -> str:
     """What ``auto`` runs: TFLite alone for an int8 version, else the hybrid."""
     if runtime == "auto":
@@ -228,8 +216,6 @@ class InferenceRunner:
                 self.flatbuffer = tflite_model(float_model, self.precision == "int8")
             calls = tflite_calls(self.flatbuffer, spec, self.batch_shapes)
             self._call = lambda x: calls[len(x)](x)
-            if model is None:
-                check_probabilities(self._call, spec)
         elif runtime == HYBRID:
             self._call = self._hybrid_call(model, float_model, spec)
         else:
