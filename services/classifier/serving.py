@@ -85,8 +85,8 @@ def load_served_model(
         raise registry.RegistryError(
             f"{entry.model_file}: cannot serve with --runtime {runtime}: {exc}"
         ) from None
-    if runner.flatbuffer is not None:
-        problem = registry.keep_tflite(entry, runner.precision, runner.flatbuffer)
+    if kept is not None and runner.flatbuffer is not None:
+        problem = registry.keep_tflite(kept, runner.flatbuffer)
         if problem:
             log.info("%s; the next start converts it again", problem)
     runner.warm_up()

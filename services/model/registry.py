@@ -125,15 +125,15 @@ def tflite_file(entry: ModelEntry, precision: str) -> Path:
     return entry.path / f"model-{precision}-{digest}.tflite"
 
 
-def keep_tflite(entry: ModelEntry, precision: str, content: bytes) -> str:
-    """Keep a converted flatbuffer for the next start; returns why it could not ("" when
-    it could): a read-only registry only costs the next start a conversion."""
+def keep_tflite(path: Path, content: bytes) -> str:
+    """Keep a converted flatbuffer at ``path`` (tflite_file) for the next start; returns why
+    it could not ("" when it could): a read-only registry only costs the next start a
+    conversion."""
     try:
-        path = tflite_file(entry, precision)
         if not path.is_file():
             atomic_write(path, content)
     except OSError as exc:
-        return f"{entry.path}: cannot keep the TFLite model there ({exc.strerror or exc})"
+        return f"{path.parent}: cannot keep the TFLite model there ({exc.strerror or exc})"
     return ""
 
 
