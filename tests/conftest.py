@@ -66,13 +66,11 @@ def eager_tensorflow():
 def tiny_registry(tmp_path_factory) -> Path:
     """A registry serving a tiny int8 version, as the shipped one is: its TFLite model is
     kept beside it, so the classifiers of the tests' pipelines start without TensorFlow."""
-    from services.classifier.serving import load_served_model
     from services.model import registry
 
     root = tmp_path_factory.mktemp("models")
-    write_tiny_model(root, "test-v1", precision="int8")
+    write_tiny_model(root, "test-v1", precision="int8", keep_tflite=True)
     registry.promote(root, "test-v1")
-    load_served_model(registry.resolve(root, "test-v1"))
     return root
 
 

@@ -27,12 +27,12 @@ def training_cli(*args: str) -> str:
 
 def test_promote_rollback_and_broken_models_under_load(tmp_path):
     root = tmp_path / "models"
-    write_tiny_model(root, "v1", seed=1)
-    write_tiny_model(root, "v2", seed=2)
+    # int8 versions with their TFLite models kept, as shipped: the classifier, promote and
+    # rollback never import TensorFlow (test_classifier_service reloads a version from Keras).
+    write_tiny_model(root, "v1", seed=1, precision="int8", keep_tflite=True)
+    write_tiny_model(root, "v2", seed=2, precision="int8", keep_tflite=True)
     registry.promote(root, "v1")
-    # The TFLite runtime here (test_pipeline covers the default): every reloaded version is
-    # converted beside the served one too.
-    pipeline = Pipeline(tmp_path, root, classifier_args=("--reload-poll-s", "0.5", "--runtime", "tflite"))
+    pipeline = Pipeline(tmp_path, root, classifier_args=("--reload-poll-s", "0.5"))
     results = Collector(pipeline.addr, "results")
     results.start()
     time.sleep(0.5)
@@ -72,7 +72,7 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
         (root / "corrupt").mkdir()
         (root / "corrupt" / "model.keras").write_bytes(b"this is not a zip file")
         (root / "corrupt" / "metadata.json").write_text((root / "v1" / "metadata.json").read_text())
-        write_tiny_model(root, "five-classes", outputs=5)
+        write_tiny_model(root, "five-classes", outputs=5, precision="int8", keep_tflite=True)
         for failures, version in enumerate(("corrupt", "five-classes"), start=1):
             registry.atomic_write(root / registry.CURRENT, version + "\n")
             wait_for(

@@ -807,13 +807,44 @@ def test_promoting_a_broken_model_fails_and_keeps_current(tmp_path, damage, caps
         (bad / registry.MODEL_FILE).write_bytes(b"\x00garbage" * 100)
     registry.promote(root, "good")
     with pytest.raises(
-        registry.RegistryError, match="cannot be loaded" if damage == "garbage" else "output shape"
+        registry.RegistryError, match="not a Keras model file" if damage == "garbage" else "output shape"
     ):
         registry.promote(root, "bad")
     assert registry.current_version(root) == "good"
     assert main(["promote", "bad", "--registry", str(root)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert registry.current_version(root) == "good" and registry.history(root) == ["good"]
+
+
+def test_promote_and_rollback_check_an_int8_version_on_its_kept_tflite_without_tensorflow(tmp_path):
+    """As the classifier serves it: a promote takes a fraction of a second, not an import."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT, write_tiny_model
+
+    root = tmp_path / "models"
+    for seed, version in enumerate(("a", "b")):
+        write_tiny_model(root, version, seed=seed, precision="int8", keep_tflite=True)
+    write_tiny_model(root, "c", precision="int8")  # nothing kept: Keras is loaded
+    probe = (
+        "import sys; from services.model import registry\n"
+        f"root = {str(root)!r}\n"
+        "registry.promote(root, 'a'); registry.promote(root, 'b')\n"
+        "print(registry.rollback(root), 'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+        "registry.promote(root, 'c'); print('keras' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["a", "False", "False", "True"]
+    # a kept file that does not answer is no proof: the Keras model is loaded and checked
+    (root / "a" / "model.keras").write_bytes(b"garbage")
+    registry.keep_tflite(registry.tflite_file(registry.read_entry(root / "a"), "int8"), b"TFL3 junk")
+    with pytest.raises(registry.RegistryError, match="a/model.keras: not a Keras model file"):
+        registry.promote(root, "a")
+    assert registry.current_version(root) == "c"
 
 
 def test_interrupted_registration_leaves_no_partial_version(tmp_path, monkeypatch):

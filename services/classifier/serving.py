@@ -55,30 +55,18 @@ def load_served_model(
     version) and the version folder holds the converted model, LiteRT runs it and
     TensorFlow is never imported; otherwise the Keras model is loaded and converted, and
     the result kept there for the next start (registry.tflite_file)."""
-    from services.model.runtime import InferenceRunner, RuntimeUnavailable, resolved_runtime
+    from services.model.runtime import InferenceRunner, RuntimeUnavailable, kept_tflite, runner_from_kept
 
     log = log or logging.getLogger(__name__)
-    tflite_only = resolved_runtime(runtime, entry.precision) == "tflite"
-    flat_precision = "int8" if entry.precision == "int8" else "float32"
+    kept = kept_tflite(entry, runtime)
+    runner, problem = runner_from_kept(entry, kept, runtime)
+    if runner is not None:
+        runner.warm_up()
+        return ServedModel(entry.version, runner, str(kept))
+    if problem:
+        log.warning("%s: not used, converting model.keras again: %s", kept, problem)
+        kept.unlink(missing_ok=True)
     try:
-        kept = registry.tflite_file(entry, flat_precision) if tflite_only else None
-        if kept is not None and kept.is_file():
-            try:
-                runner = InferenceRunner(
-                    None,
-                    entry.spec,
-                    runtime=runtime,
-                    tta=entry.tta,
-                    precision=entry.precision,
-                    flatbuffer=kept.read_bytes(),
-                )
-                registry.check_answers(lambda x: runner.predict_inputs(x, "none"), entry.spec, str(kept))
-            except (RuntimeUnavailable, registry.RegistryError, OSError) as exc:
-                log.warning("%s: not used, converting model.keras again: %s", kept, exc)
-                kept.unlink(missing_ok=True)
-            else:
-                runner.warm_up()
-                return ServedModel(entry.version, runner, str(kept))
         model = registry.load_checked(entry)
         runner = InferenceRunner(model, entry.spec, runtime=runtime, tta=entry.tta, precision=entry.precision)
     except RuntimeUnavailable as exc:

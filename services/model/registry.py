@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,8 @@ def history(root: Path) -> list[str]:
 
 def load_model(entry: ModelEntry):
     """Load the Keras model of an entry, with errors that name the file."""
+    if not zipfile.is_zipfile(entry.model_file):  # rejected without importing Keras
+        raise RegistryError(f"{entry.model_file}: not a Keras model file (a .keras file is a zip archive)")
     import keras
 
     try:
@@ -224,11 +227,22 @@ def load_checked(entry: ModelEntry):
     return model
 
 
+def check_servable(entry: ModelEntry) -> None:
+    """Prove a version can be served as the classifier would serve it: from its kept
+    TFLite model where that runs alone (an int8 version: no TensorFlow to import), else
+    by loading the Keras model. Both must answer 7 probabilities."""
+    from .runtime import kept_tflite, runner_from_kept
+
+    runner, _ = runner_from_kept(entry, kept_tflite(entry))
+    if runner is None:
+        load_checked(entry)
+
+
 def promote(root: Path, version: str) -> ModelEntry:
     """Make ``version`` the served model, after proving it loads and answers correctly."""
     root = Path(root)
     entry = resolve(root, version)
-    load_checked(entry)
+    check_servable(entry)
     past = history(root)
     if not past or past[-1] != version:
         past.append(version)
@@ -249,7 +263,7 @@ def rollback(root: Path) -> str:
     if not past:
         raise RegistryError(f"nothing to roll back to in {root}: no earlier promoted version")
     previous = past[-1]
-    load_checked(resolve(root, previous))
+    check_servable(resolve(root, previous))
     atomic_write(root / HISTORY, json.dumps(past, indent=1) + "\n")
     atomic_write(root / CURRENT, previous + "\n")
     return previous

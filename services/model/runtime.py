@@ -40,7 +40,7 @@ import numpy as np
 
 from .optimize import for_inference, in_bfloat16
 from .preprocess import InputSpec, preprocess_faces
-from .registry import PRECISIONS, TTA_MODES
+from .registry import PRECISIONS, TTA_MODES, ModelEntry, RegistryError, check_answers, tflite_file
 
 # Padded batch sizes: small steps where a frame or two of one or two faces are batched
 # (padding 2 inputs to 4 doubles the work), 32 = the default --max-batch unpadded.
@@ -160,6 +160,35 @@ def resolved_runtime(runtime: str, precision: str) -> str:
     if runtime == "auto":
         return "tflite" if precision == "int8" else HYBRID
     return runtime
+
+
+def kept_tflite(entry: ModelEntry, runtime: str = "auto"):
+    """Where the TFLite model that ``runtime`` runs alone for this version is kept
+    (registry.tflite_file), or None where the runtime needs the Keras model."""
+    if resolved_runtime(runtime, entry.precision) != "tflite":
+        return None
+    return tflite_file(entry, "int8" if entry.precision == "int8" else "float32")
+
+
+def runner_from_kept(entry: ModelEntry, path, runtime: str = "auto") -> tuple[InferenceRunner | None, str]:
+    """A runner on the version's kept TFLite model at ``path`` (kept_tflite), without
+    importing TensorFlow, once it has answered 7 probabilities; else (None, why not): a
+    file LiteRT cannot run, or "" when none is kept and the Keras model has to be loaded."""
+    if path is None or not path.is_file():
+        return None, ""
+    try:
+        runner = InferenceRunner(
+            None,
+            entry.spec,
+            runtime=runtime,
+            tta=entry.tta,
+            precision=entry.precision,
+            flatbuffer=path.read_bytes(),
+        )
+        check_answers(lambda x: runner.predict_inputs(x, "none"), entry.spec, str(path))
+    except (RuntimeUnavailable, RegistryError, OSError) as exc:
+        return None, str(exc)
+    return runner, ""
 
 
 class InferenceRunner:

@@ -7,9 +7,16 @@ from pathlib import Path
 
 
 def write_tiny_model(
-    registry_dir: Path, version: str, seed: int = 0, outputs: int = 7, precision: str = "float32"
+    registry_dir: Path,
+    version: str,
+    seed: int = 0,
+    outputs: int = 7,
+    precision: str = "float32",
+    keep_tflite: bool = False,
 ) -> Path:
-    """A small randomly initialised 7-class model, registered like a trained one."""
+    """A small randomly initialised 7-class model, registered like a trained one; with
+    ``keep_tflite``, its TFLite model is kept beside it (registry.tflite_file), as a
+    classifier keeps it, so one serving it never imports TensorFlow."""
     import keras
 
     from services.common.protocol import EMOTIONS
@@ -41,4 +48,10 @@ def write_tiny_model(
             }
         )
     )
+    if keep_tflite:
+        from services.model import registry
+        from services.model.runtime import kept_tflite, tflite_model
+
+        path = kept_tflite(registry.read_entry(folder), "tflite")
+        registry.keep_tflite(path, tflite_model(model, int8=precision == "int8"))
     return folder
