@@ -4,7 +4,8 @@ The clip's frames go through the detector's and the classifier's own functions (
 so every frame is labelled and the numbers do not depend on load), then through the
 tracker's :class:`Tracker`, exactly as the service runs it. Reported side by side:
 
-* label stability on woman2.mp4 (one face): label changes per 100 frames, raw and smoothed;
+* label stability on woman2.mp4 (one face), with each detector backend and with each face
+  run once per frame (``--live-tta alternate``) or twice: label changes per 100 frames, raw and smoothed;
   agreement of the smoothed label with the majority of raw labels in a centred 1-second
   window; the lag from a change of that majority to the smoothed label (distribution);
   a sweep of half-life and hysteresis around the defaults;
@@ -31,24 +32,36 @@ from .common import RESULTS, log
 WINDOW_S = 1.0  # centred window of the raw-label majority
 REAL_CHANGE_S = 1.0  # a majority change counts as real when the new label holds this long
 LAG_LIMIT_S = 0.5
+DETECTORS = ("haar", "blazeface")  # the first: the detector's default
+LIVE_TTAS = ("alternate", "version")  # the first: the classifier's default --live-tta
 
 
 # --- labelled frames ------------------------------------------------------------------------
 
 
-def label_frames(frames: list[np.ndarray], fps: float, runner, stream: str = "clip") -> list:
-    """Every frame through the detector's and classifier's functions: result headers."""
-    from services.common.protocol import EMOTIONS, FaceResult, Result
-    from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
+def label_frames(
+    frames: list[np.ndarray], fps: float, runner, detector: str = "haar", live_tta: str = "version"
+) -> list:
+    """Every frame through the detector's and the classifier's own functions, as the
+    services run them: the ``detector`` backend at its defaults (regions and all), and each
+    face's view chosen as ``--live-tta`` would. Returns result headers."""
+    from services.classifier.live_tta import LiveTta
+    from services.common.protocol import EMOTIONS, FaceResult, Faces, Result
+    from services.detector.options import face_finder, parse_args
+    from services.detector.service import face_crops
 
-    cascade, settings = load_cascade(), DetectorSettings()
-    headers = []
+    finder = face_finder(parse_args(["--detector", detector]))
+    views = LiveTta(live_tta, runner.tta)
+    stream, headers = "clip", []
     for seq, frame in enumerate(frames):
-        boxes = detect_faces(frame, cascade, settings)
+        capture = 1_700_000_000.0 + seq / fps
+        faces, _ = finder.find_faces(stream, seq, capture, frame)
         results = []
-        if boxes:
-            crops = crop_faces(frame, boxes, settings.margin, settings.crop_size)
-            for box, scores in zip(boxes, runner.predict_faces(crops)):
+        if faces:
+            boxes, _, crops = face_crops(frame, faces, finder.settings)
+            height, width = frame.shape[:2]
+            tta = views(Faces(stream, seq, width, height, {"capture": capture}, boxes=boxes))
+            for box, scores in zip(boxes, runner.predict_faces(crops, tta)):
                 best = int(np.argmax(scores))
                 results.append(
                     FaceResult(tuple(box), EMOTIONS[best], float(scores[best]), [float(s) for s in scores])
@@ -60,7 +73,7 @@ def label_frames(frames: list[np.ndarray], fps: float, runner, stream: str = "cl
                 seq,
                 width,
                 height,
-                {"capture": 1_700_000_000.0 + seq / fps},
+                {"capture": capture},
                 boxes=[r.box for r in results],
                 results=results,
                 model="bench",
@@ -323,34 +336,47 @@ def write_markdown(path: Path, r: dict) -> None:
         "",
         "## Label stability (woman2.mp4, every frame labelled)",
         "",
-        "| | raw | smoothed |",
-        "|---|---|---|",
-        f"| label changes per 100 frames | {s['raw_changes_per_100']} | {s['smoothed_changes_per_100']} |",
-        f"| agrees with the 1 s centred raw majority | - | {s['agreement_with_majority']:.1%} |",
+        "Each frame through the detector's backend at its defaults (regions and all) and the "
+        "classifier's model; *alternate* runs each face once, as is and mirrored on alternate "
+        "frames (the classifier's default --live-tta), *version* both views on every frame.",
         "",
-        f"The centred majority itself changes {s['majority_changes_per_100']} times per 100 frames. "
-        f"For reference, the majority of the *past* second (what a filter that cannot see ahead "
-        f"could vote) changes {s['past_majority_reference']['changes_per_100']} times per 100 "
-        f"frames and agrees with the centred one on "
-        f"{s['past_majority_reference']['agreement_with_majority']:.1%} of frames.",
-        "",
-        f"Real changes of the majority (new label held >= {REAL_CHANGE_S} s): {s['majority_changes']}; "
-        f"lag to the smoothed label: {s['lag_s']} s; within {LAG_LIMIT_S} s: "
-        f"{s['lags_within_limit']}; never reached: {s['changes_not_reached']}.",
-        "",
-        "### Sweep",
-        "",
-        "| half-life s | hysteresis | raw /100 | smoothed /100 | agreement | lag p50 s | lag max s "
-        "| not reached |",
-        "|---|---|---|---|---|---|---|---|",
+        "| detector | live-tta | raw changes /100 | smoothed /100 | agrees with the 1 s centred "
+        "raw majority | majority changes /100 | lag p50 s | lag max s | not reached |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in r["sweep"]:
+    for row in r["setups"]:
         lag = row["lag_s"] or {}
         lines.append(
-            f"| {row['half_life_s']} | {row['hysteresis']} | {row['raw_changes_per_100']} | "
+            f"| {row['detector']} | {row['live_tta']} | {row['raw_changes_per_100']} | "
             f"{row['smoothed_changes_per_100']} | {row['agreement_with_majority']:.1%} | "
-            f"{lag.get('p50', '-')} | {lag.get('p100', '-')} | {row['changes_not_reached']} |"
+            f"{row['majority_changes_per_100']} | {lag.get('p50', '-')} | {lag.get('p100', '-')} | "
+            f"{row['changes_not_reached']} |"
         )
+    lines += [
+        "",
+        f"First row (the defaults): the past second's majority (what a filter that cannot see "
+        f"ahead could vote) changes {s['past_majority_reference']['changes_per_100']} times per "
+        f"100 frames and agrees with the centred one on "
+        f"{s['past_majority_reference']['agreement_with_majority']:.1%} of frames. A real change "
+        f"of the majority is a new label held >= {REAL_CHANGE_S} s; lag is from it to the "
+        f"smoothed label (limit {LAG_LIMIT_S} s).",
+    ]
+    for detector, rows in r["sweep"].items():
+        lines += [
+            "",
+            f"### Sweep: {detector}, live-tta {r['setups'][0]['live_tta']}",
+            "",
+            "| half-life s | hysteresis | raw /100 | smoothed /100 | agreement | lag p50 s | lag max s "
+            "| not reached |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lag = row["lag_s"] or {}
+            lines.append(
+                f"| {row['half_life_s']} | {row['hysteresis']} | {row['raw_changes_per_100']} | "
+                f"{row['smoothed_changes_per_100']} | {row['agreement_with_majority']:.1%} | "
+                f"{lag.get('p50', '-')} | {lag.get('p100', '-')} | {row['changes_not_reached']} |"
+            )
     lines += [
         "",
         "## Identity",
@@ -408,12 +434,19 @@ def main(argv=None) -> int:
             "track_timeout_s": settings.track_timeout_s,
         },
     }
-    log("labelling", len(frames), "frames")
-    headers = label_frames(frames, fps, runner)
-    tracks = track_all(headers, settings)
-    result["stability"] = stability(tracks)
-    log("stability", result["stability"])
-    result["sweep"] = sweep(headers, settings)
+    labelled = {}
+    for detector in DETECTORS:
+        for live_tta in LIVE_TTAS:
+            log("labelling", len(frames), "frames:", detector, "live-tta", live_tta)
+            labelled[detector, live_tta] = label_frames(frames, fps, runner, detector, live_tta)
+    result["setups"] = [
+        {"detector": detector, "live_tta": live_tta, **stability(track_all(headers, settings))}
+        for (detector, live_tta), headers in labelled.items()
+    ]
+    log("stability", result["setups"])
+    tracks = track_all(labelled[DETECTORS[0], LIVE_TTAS[0]], settings)
+    result["stability"] = result["setups"][0]
+    result["sweep"] = {detector: sweep(labelled[detector, LIVE_TTAS[0]], settings) for detector in DETECTORS}
     ids = {f.track for m in tracks for f in m.results if f.track}
     seconds = len(frames) / fps
     result["one_face"] = {

@@ -49,7 +49,7 @@ def overlay_drawn(annotated: np.ndarray, raw: np.ndarray, box) -> bool:
 
 
 def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
-    clip = media("woman2.mp4")
+    clip = short_clip(tmp_path / "clip.mp4", 240)  # 8 s of woman2.mp4: a file that ends
     # Generous max ages, every frame in order: this test follows every frame through;
     # dropping stale or superseded work under load is the drop policy's business.
     generous = ("--max-age-ms", "3000")
@@ -226,7 +226,11 @@ def test_make_run_labels_a_clip_shorter_than_the_model_load(tmp_path):
             interval=0.5,
             what="the clip to be played",
         )
-        time.sleep(2)
+        wait_for(
+            lambda: results.arrivals and time.monotonic() - results.arrivals[-1][0] > 0.5,
+            10,
+            what="the last results to arrive",
+        )
         answered = {seq for seq, h in results.messages.items() if h.stream == "main" and h.results}
         assert 0 in answered, "the first frame is labelled"
         # live pacing drops what a busy machine cannot take; labels still span the clip

@@ -441,6 +441,7 @@ def test_init_from_starts_a_run_at_a_registered_models_weights(trained, tmp_path
     root = trained["root"]
     common = [
         "train",
+        "--run-eagerly",  # no graph tracing: seconds per run on these few images
         "--data",
         str(trained["csv"]),
         "--registry",
@@ -593,6 +594,7 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
 
     common = [
         "train",
+        "--run-eagerly",  # no graph tracing: seconds per run on these few images
         "--data",
         str(trained["csv"]),
         "--registry",
@@ -632,7 +634,12 @@ def test_teacher_targets_mix_flip_averaged_teacher_probabilities_with_labels(tra
     saved = np.load(tmp_path / "s" / train.TEACHER_TARGETS, allow_pickle=False)
     np.testing.assert_allclose(saved.sum(axis=1), 1.0, atol=1e-5)
     # the teachers run once per run: --resume reads their targets back
-    assert main(["train", "--resume", "--out-dir", str(tmp_path / "s"), "--registry", str(root)]) == 0
+    assert (
+        main(
+            ["train", "--run-eagerly", "--resume", "--out-dir", str(tmp_path / "s"), "--registry", str(root)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "teacher targets from" in out and "teacher v1:" not in out
     # a run stopped before its first epoch ended starts again in its directory without
@@ -719,7 +726,7 @@ def test_evaluate_keras_file_without_metadata_fails_clearly(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_train_refuses_existing_version_and_existing_run(trained, capsys):
-    args = ["train", "--data", str(trained["csv"]), "--registry", str(trained["root"])]
+    args = ["train", "--run-eagerly", "--data", str(trained["csv"]), "--registry", str(trained["root"])]
     assert main([*args, "--version", "v1", "--out-dir", str(trained["run"].parent / "other")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--version", "v9", "--out-dir", str(trained["run"])]) == 2
@@ -732,6 +739,7 @@ def test_bad_data_through_the_cli_is_one_line(tmp_path, capsys):
         main(
             [
                 "train",
+                "--run-eagerly",  # no graph tracing: seconds per run on these few images
                 "--data",
                 str(path),
                 "--registry",
@@ -1010,6 +1018,7 @@ def test_cross_fitted_teachers_answer_only_for_the_fold_they_never_saw(tmp_path,
     csv_path, root = fer_csv(tmp_path / "fer.csv"), tmp_path / "models"
     common = [
         "train",
+        "--run-eagerly",  # no graph tracing: seconds per run on these few images
         "--data",
         str(csv_path),
         "--registry",
@@ -1227,6 +1236,7 @@ def test_train_with_ferplus_learns_from_the_vote_shares(trained, tmp_path, capsy
         main(
             [
                 "train",
+                "--run-eagerly",  # no graph tracing: seconds per run on these few images
                 "--data",
                 str(trained["csv"]),
                 "--ferplus",

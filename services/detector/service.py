@@ -73,6 +73,17 @@ class IntakeSettings:
     stream_timeout_s: float = STREAM_TIMEOUT_S  # a stream silent this long is forgotten
 
 
+def face_crops(image, faces: list, settings) -> tuple:
+    """The boxes, keypoints (None unless every face has them) and the crops the classifier
+    gets, levelled by the eyes where ``settings.align`` asks for it."""
+    boxes = [face.box for face in faces]
+    keypoints = [list(face.keypoints) for face in faces] if all(f.keypoints for f in faces) else None
+    crops = crop_faces(
+        image, boxes, settings.margin, settings.crop_size, keypoints if settings.align else None
+    )
+    return boxes, keypoints, crops
+
+
 def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = MAX_FRAME_PIXELS) -> list:
     """A decoded frame message in, a faces message out (Rejected if the image is bad)."""
     settings = finder.settings
@@ -81,11 +92,7 @@ def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = 
         header.stream, header.seq, header.timestamps.get("capture", time.time()), image
     )
     SCANS.labels(how).inc()
-    boxes = [face.box for face in faces]
-    keypoints = [list(face.keypoints) for face in faces] if all(f.keypoints for f in faces) else None
-    crops = crop_faces(
-        image, boxes, settings.margin, settings.crop_size, keypoints if settings.align else None
-    )
+    boxes, keypoints, crops = face_crops(image, faces, settings)
     out = Faces(
         stream=header.stream,
         seq=header.seq,
