@@ -153,12 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --ferplus: keep the faces most taggers marked 'not a face'",
     )
     t.add_argument("--epochs", type=int, default=40)
-    t.add_argument(
-        "--run-eagerly",
-        action="store_true",
-        help="run each training step as plain Python instead of a traced graph: no tracing "
-        "(about 10 s saved on a smoke run of a few images) but slower steps; for debugging",
-    )
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
     t.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW decoupled weight decay")

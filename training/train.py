@@ -35,7 +35,7 @@ LAST, BEST = "last.keras", "best.keras"
 TEACHER_TARGETS = "teacher-targets.npy"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Arguments that belong to one invocation, not to the run, so --resume takes them anew.
-SESSION_ARGS = ("resume", "epochs_this_run", "promote", "verbose", "run_eagerly")
+SESSION_ARGS = ("resume", "epochs_this_run", "promote", "verbose")
 
 
 class RunError(Exception):
@@ -307,7 +307,6 @@ def compile_model(model, args, steps_per_epoch: int) -> None:
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        run_eagerly=getattr(args, "run_eagerly", False),
     )
 
 
