@@ -45,6 +45,13 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
 
 
+# Each worker picks free ports from its own part of the range, and so do the processes it
+# starts (services/common/ports.py): two workers never race for one port.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["EMOTION_PORT_SLICE"] = (
+        f"{os.environ['PYTEST_XDIST_WORKER'].removeprefix('gw')}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
+    )
+
 # The suite's own processes bind loopback and run without sign-in, also those started with
 # os.environ rather than TEST_ENV; the authentication tests turn it on for theirs.
 os.environ.setdefault("EMOTION_AUTH", "off")

@@ -45,6 +45,19 @@ def test_the_port_layout_is_the_documented_one():
     assert launch.RECORDER_URL == "http://127.0.0.1:8081"
 
 
+def test_processes_given_port_slices_pick_from_disjoint_parts_of_the_range(monkeypatch):
+    low, high = ports._outside_ephemeral_range()
+    picked = {}
+    for index in range(3):
+        monkeypatch.setenv("EMOTION_PORT_SLICE", f"{index}/3")
+        picked[index] = [ports.free_base_port(4) for _ in range(20)]
+        span = (high - low) // 3
+        assert all(low + index * span <= p and p + 4 <= low + (index + 1) * span for p in picked[index])
+    for spec in ("", "junk", "3/3", "1/0"):  # absent or wrong: the whole range
+        monkeypatch.setenv("EMOTION_PORT_SLICE", spec)
+        assert ports._this_slice(low, high) == (low, high)
+
+
 def test_a_metrics_span_holds_every_replica_of_the_layout():
     for replicas in range(1, 10):
         span = ports.metrics_span(replicas)

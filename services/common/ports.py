@@ -9,6 +9,7 @@ Each service serves /metrics on its own port: 9100 + its offset for the first re
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from pathlib import Path
@@ -73,9 +74,25 @@ def _outside_ephemeral_range() -> tuple[int, int]:
 _HANDED_OUT: set[int] = set()
 
 
+def _this_slice(low: int, high: int) -> tuple[int, int]:
+    """The part of [low, high) this process picks from. ``EMOTION_PORT_SLICE=i/n`` takes
+    the i-th of n equal parts (from 0): processes that start pipelines side by side (the
+    test suite's workers, and what each of them starts) then never pick the same port in
+    the moment between finding it free and binding it."""
+    spec = os.environ.get("EMOTION_PORT_SLICE", "")
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        return low, high
+    if not 0 <= index < count:
+        return low, high
+    span = (high - low) // count
+    return low + index * span, low + (index + 1) * span
+
+
 def free_base_port(count: int = BROKER_PORTS) -> int:
     """The first of ``count`` consecutive free ports, below the kernel's ephemeral range."""
-    low, high = _outside_ephemeral_range()
+    low, high = _this_slice(*_outside_ephemeral_range())
     for _ in range(200):
         base = random.randrange(low, high - count)
         block = range(base, base + count)
