@@ -69,9 +69,11 @@ analyze: install
 	@test -n "$(VIDEO)" || { echo "usage: make analyze VIDEO=clip.mp4 [OUT=dir] [ARGS=...]"; exit 2; }
 	$(PY) -m services.analyze "$(VIDEO)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
-# Two workers (pytest-xdist); each test module runs whole on one of them, the longest first
-# (tests/conftest.py). TEST_WORKERS=0: one process, no workers.
-TEST_WORKERS ?= 2
+# Three workers (pytest-xdist), also on two cores: much of the suite waits on real time
+# (clips played at their rate, processes starting), and a third worker fills those waits.
+# Each test module runs whole on one worker, the longest first (tests/conftest.py).
+# TEST_WORKERS=0: one process, no workers.
+TEST_WORKERS ?= 3
 test: install
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 

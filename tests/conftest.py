@@ -12,7 +12,7 @@ from services.recorder.schema import metadata
 from tests.support import postgres, write_tiny_model
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers share the cores: TensorFlow in each (the training tests in the worker, the
+    # The workers share the cores: TensorFlow in each (the training tests in the worker, the
     # classifiers it starts) keeps to one thread per operation, so that a worker that trains
     # does not starve the other's pipeline (shutdown times and max ages are checked there).
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
