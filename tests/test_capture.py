@@ -360,3 +360,21 @@ def test_encode_frame_jpeg_quality_matters():
     low = encode_frame(frame, "s", 0, ENCODING_JPEG, 20)[2]
     high = encode_frame(frame, "s", 0, ENCODING_JPEG, 95)[2]
     assert len(low) < len(high)
+
+
+def test_a_file_is_decoded_on_one_thread(tmp_path):
+    """Many cameras share one capture process: one decoding thread each (DECODE_THREADS)."""
+    from services.capture.sources import DECODE_THREADS, VideoSource
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    source = VideoSource(str(path), live=False, name="clip")
+    source.open()
+    try:
+        assert DECODE_THREADS == 1 and source.capture.get(cv2.CAP_PROP_N_THREADS) == 1
+        assert source.skip() and source.read() is not None and source.skip() and not source.skip()
+    finally:
+        source.close()

@@ -160,3 +160,37 @@ def test_flow_control_sends_only_while_the_window_has_room(harness):
             answered += 1
     assert service.seq == 4 and answered == 2
     assert [h.seq for h in received(harness.frames, 4)] == [0, 1, 2, 3]
+
+
+def test_a_file_above_the_asked_rate_publishes_every_other_frame_in_order(harness, tmp_path):
+    """30 fps read at --fps 15: the frames not published are grabbed, never decoded to
+    pixels, and the ones published are the right ones."""
+    from services.capture.sources import VideoSource
+    from services.common.protocol import decode_image
+
+    path = tmp_path / "levels.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 48))
+    for i in range(12):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    stop = threading.Event()
+    settings = CaptureSettings(
+        stream="file", fps=15, pace=False, max_in_flight=0, wait_ready_s=0, exit_at_end=True
+    )
+    service = CaptureService(
+        VideoSource(str(path), live=False, name=str(path)),
+        settings,
+        harness.frames_out,
+        harness.detect_out,
+        lambda: harness.open_results(b"file"),
+        stop,
+    )
+    start(service).join(10)
+    assert service.seq == 6
+    levels = []
+    deadline = time.monotonic() + 5
+    while len(levels) < 6 and time.monotonic() < deadline:
+        if harness.frames.poll(50):
+            header, payloads = decode(harness.frames.recv_multipart(), expect_kind=KIND_FRAME)
+            levels.append(round(float(decode_image(header, payloads[0]).mean()) / 20))
+    assert levels == [0, 2, 4, 6, 8, 10]

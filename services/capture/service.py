@@ -81,6 +81,10 @@ class Thinning:
     next_publish: float = 0.0
     last_publish: float = 0.0
 
+    def skips_next(self) -> bool:
+        """The next frame of a file will not be published: it need not be decoded in full."""
+        return self.read < self.next_publish
+
     def publish(self, now: float) -> bool:
         self.read += 1
         if self.read - 1 < self.next_publish:
@@ -277,9 +281,14 @@ class CaptureService:
         while not self.stop.is_set():
             if self.flow and self.seq:
                 self.flow.wait_for_room(s.stream, self.stop, self.clock, self.log)
-            frame = source.read()
-            if frame is None:
-                return
+            if thinning.skips_next():
+                if not source.skip():
+                    return
+                frame = None
+            else:
+                frame = source.read()
+                if frame is None:
+                    return
             pacer.wait()
             self.backoff.reset()
             if thinning.publish(self.clock()):
