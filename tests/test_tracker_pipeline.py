@@ -64,10 +64,10 @@ def played(tmp_path_factory, tiny_registry):
         classifier_args=generous,
     )
     api = free_port()
-    tracker = pipeline.start("tracker")
-    recorder = pipeline.start("recorder", *recorder_args(tmp_path / "recorder.db", api))
     results = tracks = None
     try:
+        tracker = pipeline.start("tracker")
+        recorder = pipeline.start("recorder", *recorder_args(tmp_path / "recorder.db", api))
         wait_for(
             lambda: pipeline.scrape("tracker") and pipeline.scrape("recorder"),
             60,

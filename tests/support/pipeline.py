@@ -55,9 +55,13 @@ class Pipeline:
                 "viewer": ("--http-port", str(self.http_port), *viewer_args),
             },
         )
-        for spec in first:
-            self.start(spec.name, *spec.args)
-        self.group.wait_ready(120)
+        try:
+            for spec in first:
+                self.start(spec.name, *spec.args)
+            self.group.wait_ready(120)
+        except BaseException:  # no test gets the pipeline to stop: stop what did start
+            self.group.stop()
+            raise
 
     def start(self, name: str, *args: str) -> Process:
         self.ports[name] = free_port()
