@@ -9,7 +9,7 @@ import pytest
 
 from services.recorder import store
 from services.recorder.schema import metadata
-from tests.support import postgres, write_tiny_model
+from tests.support import TINY_REGISTRY, postgres
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The workers share the cores: TensorFlow in each (the training tests in the worker, the
@@ -71,12 +71,15 @@ def eager_tensorflow():
 
 @pytest.fixture(scope="session")
 def tiny_registry(tmp_path_factory) -> Path:
-    """A registry serving a tiny int8 version, as the shipped one is: its TFLite model is
-    kept beside it, so the classifiers of the tests' pipelines start without TensorFlow."""
+    """A registry serving a tiny int8 version, as the shipped one is: a copy of the committed
+    tests/fixtures/tiny-registry, whose TFLite model is kept beside it, so neither the
+    test worker nor the classifiers of its pipelines import TensorFlow for it."""
+    import shutil
+
     from services.model import registry
 
     root = tmp_path_factory.mktemp("models")
-    write_tiny_model(root, "test-v1", precision="int8", keep_tflite=True)
+    shutil.copytree(TINY_REGISTRY / "test-v1", root / "test-v1")
     registry.promote(root, "test-v1")
     return root
 

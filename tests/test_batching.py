@@ -793,3 +793,15 @@ def test_live_tta_forgets_streams_that_went_silent():
     now[0] += 10
     alternate.forget_silent(5.0)
     assert alternate.mirrored == {} and alternate.forgotten == 100
+
+
+def test_the_committed_tiny_registry_serves_from_its_kept_tflite_model():
+    """tests/fixtures/tiny-registry stays whole: its flatbuffer belongs to its model.keras."""
+    from services.model import registry
+    from services.model.runtime import kept_tflite, runner_from_kept
+    from tests.support import TINY_REGISTRY
+
+    entry = registry.read_entry(TINY_REGISTRY / "test-v1")
+    runner, problem = runner_from_kept(entry, kept_tflite(entry))
+    assert runner is not None, problem or "no kept TFLite model: run python -m tests.support.models"
+    assert (runner.runtime, runner.precision) == ("tflite", "int8")

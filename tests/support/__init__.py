@@ -4,7 +4,7 @@ pipelines, small models. Imported as ``from tests.support import ...``."""
 from services.common.ports import free_base_port, free_port, port_is_free
 
 from .models import write_tiny_model
-from .paths import MEDIA, ROOT, clip_frames, media
+from .paths import MEDIA, ROOT, TINY_REGISTRY, clip_frames, media
 from .processes import TEST_ENV, Service, http_get, metric_samples, metric_sum, wait_for
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "MEDIA",
     "ROOT",
     "TEST_ENV",
+    "TINY_REGISTRY",
     "Service",
     "free_base_port",
     "free_port",

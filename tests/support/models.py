@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .paths import TINY_REGISTRY
+
 
 def write_tiny_model(
     registry_dir: Path,
@@ -55,3 +57,16 @@ def write_tiny_model(
         path = kept_tflite(registry.read_entry(folder), "tflite")
         registry.keep_tflite(path, tflite_model(model, int8=precision == "int8"))
     return folder
+
+
+def write_fixture_registry(root: Path = TINY_REGISTRY) -> Path:
+    """(Re)write the committed tiny registry (tests/fixtures/tiny-registry) after a change
+    of write_tiny_model or of the TFLite conversion."""
+    import shutil
+
+    shutil.rmtree(root / "test-v1", ignore_errors=True)
+    return write_tiny_model(root, "test-v1", precision="int8", keep_tflite=True)
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_fixture_registry()}")

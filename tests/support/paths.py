@@ -9,6 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MEDIA = ROOT.parent / "shared" / "media"
+# A registry of one tiny int8 version with its TFLite model kept, made by
+# ``python -m tests.support.models`` and committed: serving it needs no TensorFlow.
+TINY_REGISTRY = ROOT / "tests" / "fixtures" / "tiny-registry"
 
 
 def media(name: str) -> Path:
