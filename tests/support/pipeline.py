@@ -23,6 +23,10 @@ from services.launch import Process, ProcessGroup, ProcessSpec
 from .paths import ROOT
 from .processes import TEST_ENV, http_get, metric_samples, metric_sum, wait_for
 
+# How long a scrape waits for a /metrics page that is being served: on a loaded machine a
+# service busy importing TensorFlow answers late, and None means "not listening yet".
+SCRAPE_TIMEOUT_S = 10.0
+
 
 class Pipeline:
     """Broker, classifiers, detectors and viewer started first; capture once all are ready.
@@ -75,7 +79,7 @@ class Pipeline:
         service = self.group[name]
         if not service.alive():
             raise AssertionError(f"{name} exited:\n{service.output()[-3000:]}")
-        text = service.metrics()
+        text = service.metrics(timeout=SCRAPE_TIMEOUT_S)
         return None if text is None else metric_samples(text)
 
     def total(self, prefix: str, metric: str, **labels) -> float:
@@ -259,7 +263,9 @@ class Runner:
         assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
         try:
             return metric_samples(
-                http_get(f"http://127.0.0.1:{self.port(service, replica)}/metrics").decode()
+                http_get(
+                    f"http://127.0.0.1:{self.port(service, replica)}/metrics", timeout=SCRAPE_TIMEOUT_S
+                ).decode()
             )
         except OSError:
             return None
