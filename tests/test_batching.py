@@ -805,3 +805,19 @@ def test_the_committed_tiny_registry_serves_from_its_kept_tflite_model():
     runner, problem = runner_from_kept(entry, kept_tflite(entry))
     assert runner is not None, problem or "no kept TFLite model: run python -m tests.support.models"
     assert (runner.runtime, runner.precision) == ("tflite", "int8")
+
+
+def test_a_kept_tflite_model_that_answers_wrongly_rejects_the_version_without_converting(tmp_path):
+    """Named by its model.keras, it answers what that model answers: no second conversion."""
+    from services.classifier import serving
+    from services.model import registry
+    from services.model.runtime import kept_tflite
+
+    folder = write_tiny_model(tmp_path, "five", outputs=5, precision="int8", keep_tflite=True)
+    entry = registry.read_entry(folder)
+    kept = kept_tflite(entry)
+    with pytest.raises(registry.RegistryError, match=r"model-int8-.*\.tflite: model output shape \(5,\)"):
+        serving.load_served_model(entry)
+    assert kept.is_file()  # not removed, as a file LiteRT cannot run would be
+    with pytest.raises(registry.RegistryError, match="output shape"):
+        registry.check_servable(entry)

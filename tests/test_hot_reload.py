@@ -82,8 +82,6 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
             wait_for(
                 lambda: (
                     metric_sum(
-                        # None while /metrics is slow: the five-class flatbuffer answers
-                        # wrongly, so its model.keras is converted again, with TensorFlow
                         pipeline.scrape("classifier#0") or {},
                         "emotion_classifier_model_reloads_total",
                         result="failed",

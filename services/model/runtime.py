@@ -40,7 +40,7 @@ import numpy as np
 
 from .optimize import for_inference, in_bfloat16
 from .preprocess import InputSpec, preprocess_faces
-from .registry import PRECISIONS, TTA_MODES, ModelEntry, RegistryError, check_answers, tflite_file
+from .registry import PRECISIONS, TTA_MODES, ModelEntry, check_answers, tflite_file
 
 # Padded batch sizes: small steps where a frame or two of one or two faces are batched
 # (padding 2 inputs to 4 doubles the work), 32 = the default --max-batch unpadded.
@@ -172,8 +172,10 @@ def kept_tflite(entry: ModelEntry, runtime: str = "auto"):
 
 def runner_from_kept(entry: ModelEntry, path, runtime: str = "auto") -> tuple[InferenceRunner | None, str]:
     """A runner on the version's kept TFLite model at ``path`` (kept_tflite), without
-    importing TensorFlow, once it has answered 7 probabilities; else (None, why not): a
-    file LiteRT cannot run, or "" when none is kept and the Keras model has to be loaded."""
+    importing TensorFlow; else (None, why not): a file LiteRT cannot run, to be converted
+    again, or "" when none is kept and the Keras model has to be loaded. A kept model that
+    runs but does not answer 7 probabilities raises RegistryError: it was converted from
+    this very model.keras (its name says so), so converting again would answer the same."""
     if path is None or not path.is_file():
         return None, ""
     try:
@@ -185,9 +187,9 @@ def runner_from_kept(entry: ModelEntry, path, runtime: str = "auto") -> tuple[In
             precision=entry.precision,
             flatbuffer=path.read_bytes(),
         )
-        check_answers(lambda x: runner.predict_inputs(x, "none"), entry.spec, str(path))
-    except (RuntimeUnavailable, RegistryError, OSError) as exc:
+    except (RuntimeUnavailable, OSError) as exc:
         return None, str(exc)
+    check_answers(lambda x: runner.predict_inputs(x, "none"), entry.spec, str(path))
     return runner, ""
 
 
