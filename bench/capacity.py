@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from pathlib import Path
 
@@ -80,16 +81,31 @@ def streams_of(collector: ResultsCollector, start: float, end: float) -> dict[st
     return out
 
 
+def drops_so_far(pipeline) -> dict[str, float]:
+    """Frames each stage has dropped so far, by reason ("detector stale": ...), from every
+    service's emotion_frames_dropped_total."""
+    out: dict[str, float] = {}
+    for name in list(pipeline.ports):
+        for key, value in (pipeline.scrape(name) or {}).items():
+            if key.startswith("emotion_frames_dropped_total{"):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
+                what = f"{name.split('#')[0]} {labels.get('reason', '?')}"
+                out[what] = out.get(what, 0.0) + value
+    return out
+
+
 def window(pipeline, collector, streams: list[str], warmup: float, seconds: float, capture_names) -> dict:
     """Measure the running streams over ``seconds`` after ``warmup``."""
     time.sleep(warmup)
     processes = [p for p in pipeline.services if p.alive()]
+    drops0 = drops_so_far(pipeline)
     cpu0, frames0, start = cpu_of(processes), capture_frames(pipeline, capture_names), time.time()
     rss = []
     while time.time() - start < seconds:
         time.sleep(min(1.0, seconds / 4))
         rss.append(rss_mb(processes))
     cpu1, frames1, end = cpu_of(processes), capture_frames(pipeline, capture_names), time.time()
+    drops1 = drops_so_far(pipeline)
     got = streams_of(collector, start, end)
     labelled = sum(len(got.get(s, [])) for s in streams)
     stages: dict[str, float] = {}
@@ -114,6 +130,12 @@ def window(pipeline, collector, streams: list[str], warmup: float, seconds: floa
         "stage_cores": {k: v / elapsed for k, v in sorted(stages.items())},
         "capture_cpu_ms_per_published_frame": 1000 * capture_cpu / max(1.0, published),
         "rss_mb": max(rss) if rss else rss_mb(processes),
+        "published_fps_per_stream": published / elapsed / max(1, len(streams)),
+        "dropped_per_s": {
+            what: (count - drops0.get(what, 0.0)) / elapsed
+            for what, count in sorted(drops1.items())
+            if count > drops0.get(what, 0.0)
+        },
     }
 
 
@@ -150,11 +172,11 @@ def add_and_remove(inventory: Path, clip: Path, streams: int, collector: Results
     }
 
 
-def start_pipeline(registry: Path, folder: Path, detector: str):
+def start_pipeline(registry: Path, folder: Path, detector: str, replicas: int = 1):
     from tests.support.pipeline import Pipeline
 
     folder.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline(folder, registry, detector_args=("--detector", detector))
+    pipeline = Pipeline(folder, registry, detectors=replicas, detector_args=("--detector", detector))
     pipeline.start("tracker")
     pipeline.start("recorder", "--database", str(folder / "recorder.db"), "--api-port", "0")
     collector = ResultsCollector(pipeline.addr)
@@ -181,7 +203,7 @@ def wait_streams(collector: ResultsCollector, streams: list[str], since: float, 
 
 
 def run_detector(detector: str, args, registry: Path, clip: Path, work: Path) -> dict:
-    pipeline, collector = start_pipeline(registry, work / detector, detector)
+    pipeline, collector = start_pipeline(registry, work / detector, detector, args.detector_replicas)
     inventory = work / detector / "cameras.yml"
     rows, compare = [], None
     try:
@@ -262,9 +284,17 @@ def limit_of(rows: list[dict]) -> str:
         why.append(f"a stream got {failing['fps_min']:.1f} of {FPS:.0f} labelled frames/s")
     if failing["latency_p50_ms"] is None or failing["latency_p50_ms"] > P50_LIMIT_MS:
         why.append(f"p50 {failing['latency_p50_ms'] or float('nan'):.0f} ms")
+    dropped = sorted(failing.get("dropped_per_s", {}).items(), key=lambda kv: -kv[1])
+    where = (
+        "; frames dropped per second: " + ", ".join(f"{what} {rate:.1f}" for what, rate in dropped[:4])
+        if dropped
+        else "; no frame was counted as dropped"
+    )
     return (
         f"N={failing['streams']} is not carried ({'; '.join(why)}): the pipeline used "
-        f"{failing['cpu_cores']:.2f} of {os.cpu_count()} cores, the {stage} most ({cores:.2f} cores)"
+        f"{failing['cpu_cores']:.2f} of {os.cpu_count()} cores, the {stage} most ({cores:.2f} cores); "
+        f"capture published {failing.get('published_fps_per_stream', 0.0):.1f} frames/s per stream"
+        f"{where}"
     )
 
 
@@ -309,7 +339,8 @@ def markdown(result: dict) -> str:
         f"{machine.get('cpu_model', '?')}, {machine['cpu_count']} cores, load before the run "
         f"{machine['load_average']}. Every stream: {common.CLIP_NAME} (one face) looped at "
         f"{FPS:.0f} fps, as `make run CAMERAS=...` runs an inventory file (one capture "
-        f"process, raw frames); window {result['seconds']:.0f} s after "
+        f"process, raw frames), {result.get('detector_replicas', 1)} detector process(es); "
+        f"window {result['seconds']:.0f} s after "
         f"{result['warmup']:.0f} s of warm-up. Model: {result['model']['source']}.",
         "",
         f"Carried: every stream ≥ {LABELLED_SHARE:.0%} of its frames labelled and e2e p50 "
@@ -372,6 +403,9 @@ def parse_args(argv=None):
     parser.add_argument("--detectors", default="haar,blazeface", help="detector backends, one run each")
     parser.add_argument("--compare", type=int, default=4, help="N for one process against N (0 = skip)")
     parser.add_argument(
+        "--detector-replicas", type=int, default=1, help="detector processes (make run's DETECTORS)"
+    )
+    parser.add_argument(
         "--keep-going", action="store_true", help="try every N, also after one is not carried"
     )
     parser.add_argument("--media", default=None)
@@ -406,6 +440,7 @@ def main(argv=None) -> int:
         "minutes": (time.time() - started) / 60,
         "seconds": args.seconds,
         "warmup": args.warmup,
+        "detector_replicas": args.detector_replicas,
         "machine": machine,
         "model": model,
         "busy": busy,
