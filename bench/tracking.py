@@ -55,18 +55,17 @@ def label_frames(
     stream, headers = "clip", []
     for seq, frame in enumerate(frames):
         capture = 1_700_000_000.0 + seq / fps
+        height, width = frame.shape[:2]
         faces, _ = finder.find_faces(stream, seq, capture, frame)
         results = []
         if faces:
             boxes, _, crops = face_crops(frame, faces, finder.settings)
-            height, width = frame.shape[:2]
             tta = views(Faces(stream, seq, width, height, {"capture": capture}, boxes=boxes))
             for box, scores in zip(boxes, runner.predict_faces(crops, tta)):
                 best = int(np.argmax(scores))
                 results.append(
                     FaceResult(tuple(box), EMOTIONS[best], float(scores[best]), [float(s) for s in scores])
                 )
-        height, width = frame.shape[:2]
         headers.append(
             Result(
                 stream,

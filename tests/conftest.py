@@ -16,11 +16,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # classifiers it starts) keeps to one thread per operation, so that a worker that trains
     # does not starve the other's pipeline (shutdown times and max ages are checked there).
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    # Each worker picks free ports from its own part of the range, and so do the processes
+    # it starts (services/common/ports.py): two workers never race for one port.
+    worker = os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")
+    os.environ["EMOTION_PORT_SLICE"] = f"{worker}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
 
-# The modules that take longest, in about that order. `make test` runs the suite on two
+# The modules that take longest, in about that order. `make test` runs the suite on three
 # workers (pytest-xdist, --dist loadscope --no-loadscope-reorder): each module runs whole on
 # one worker, so its module-scoped fixtures are built once, and the long modules are handed
-# out first so that both workers end at about the same time.
+# out first so that the workers end at about the same time.
 LONGEST_FIRST = (
     "test_training",
     "test_tracker_pipeline",
@@ -44,13 +48,6 @@ def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
 
-
-# Each worker picks free ports from its own part of the range, and so do the processes it
-# starts (services/common/ports.py): two workers never race for one port.
-if "PYTEST_XDIST_WORKER" in os.environ:
-    os.environ["EMOTION_PORT_SLICE"] = (
-        f"{os.environ['PYTEST_XDIST_WORKER'].removeprefix('gw')}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
-    )
 
 # The suite's own processes bind loopback and run without sign-in, also those started with
 # os.environ rather than TEST_ENV; the authentication tests turn it on for theirs.

@@ -40,10 +40,6 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
         pipeline.start("capture", "--source", "demo", "--fps", "15")
         wait_for(lambda: any(h.results for _, h in results.arrivals), 60, what="first results")
 
-        def scraped(name: str) -> dict:
-            """A service's metrics, waiting out a /metrics page slow under load."""
-            return wait_for(lambda: pipeline.scrape(name), 20, what=f"{name} metrics")
-
         def switched_to(version: str, since: float) -> float | None:
             for at, header in results.arrivals:
                 if at >= since and header.model == version:
@@ -59,7 +55,7 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
         time.sleep(1.0)
         after = [h.model for at, h in results.arrivals if at > first_v2]
         assert after and set(after) == {"v2"}, "no result may come from v1 after the swap"
-        scrape = scraped("classifier#0")
+        scrape = pipeline.scrape("classifier#0")
         assert metric_sum(scrape, "emotion_classifier_model_info", version="v2") == 1
         assert metric_sum(scrape, "emotion_classifier_model_info", version="v1") == 0
         assert metric_sum(scrape, "emotion_classifier_model_reloads_total", result="ok") == 1
@@ -82,7 +78,7 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
             wait_for(
                 lambda: (
                     metric_sum(
-                        pipeline.scrape("classifier#0") or {},
+                        pipeline.scrape("classifier#0"),
                         "emotion_classifier_model_reloads_total",
                         result="failed",
                     )
@@ -95,7 +91,7 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
         time.sleep(1.5)
         recent = [h.model for at, h in results.arrivals if at > check_from]
         assert recent and set(recent) == {"v1"}
-        assert scraped("classifier#0")  # still alive
+        assert pipeline.scrape("classifier#0")  # still alive
 
         # Operators can ask for a check at once.
         request = urllib.request.Request(
@@ -108,7 +104,7 @@ def test_promote_rollback_and_broken_models_under_load(tmp_path):
         seqs = sorted({h.seq for _, h in results.arrivals})
         missing = set(range(seqs[0], seqs[-1] + 1)) - set(seqs)
         drops = sum(
-            metric_sum(scraped(name), "emotion_frames_dropped_total")
+            metric_sum(pipeline.scrape(name), "emotion_frames_dropped_total")
             for name in ("capture", "detector#0", "classifier#0")
         )
         assert len(missing) <= drops, (sorted(missing)[:20], drops)
