@@ -1,6 +1,6 @@
 """``python -m bench.live_tta``: what serving live streams with less than flip TTA changes
-in what a user sees. The tracker shows each face's emotion smoothed over time (half-life 200 ms,
-a new label needs a 0.1 lead), so the question is how often that smoothed label differs
+in what a user sees. The tracker shows each face's emotion smoothed over time (its defaults,
+services/tracker/smoothing.py), so the question is how often that smoothed label differs
 when the raw answers come from one model call per face instead of two (face + mirror):
 each face as is (``none``), or mirrored on every other frame (``alternate``), so that the
 smoothing averages both views over time.
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from services.tracker.smoothing import SmoothedEmotion, SmoothingSettings
+
 from . import common
 from .common import RESULTS, log
 
 
 def smoothed_labels(frames_scores: list[list[tuple[int, np.ndarray]]], fps: float):
     """Per frame, the shown label of each tile's face, as the tracker's smoothing has it."""
-    from services.tracker.smoothing import SmoothedEmotion, SmoothingSettings
-
     settings, tracks = SmoothingSettings(), {}
     shown, vectors, changes = [], [], 0
     for i, faces in enumerate(frames_scores):
@@ -119,7 +119,8 @@ def write_markdown(path: Path, result: dict) -> None:
         "# Live streams with less than flip TTA: what the viewer shows",
         "",
         f"Model {result['model']['version']}; every frame, full-frame detection; "
-        "smoothing as the tracker's defaults (half-life 200 ms, hysteresis 0.1). "
+        f"smoothing as the tracker's defaults (half-life {SmoothingSettings().half_life_s} s, "
+        f"hysteresis {SmoothingSettings().hysteresis}). "
         "Each mode compared with flip TTA (every face run as is and mirrored): "
         "*none* runs each face once as is, *alternate* once, mirrored on every "
         "other frame. `python -m bench.live_tta`.",

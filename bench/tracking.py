@@ -317,7 +317,7 @@ def sweep(headers: list, base) -> list[dict]:
 
     rows = []
     for half_life in (0.2, 0.3, 0.4, 0.6):
-        for hysteresis in (0.0, 0.05, 0.1, 0.15):
+        for hysteresis in (0.0, 0.15, 0.3, 0.5):
             settings = replace(base, smoothing=SmoothingSettings(half_life, hysteresis))
             row = stability(track_all(headers, settings))
             rows.append({"half_life_s": half_life, "hysteresis": hysteresis, **row})

@@ -66,10 +66,26 @@ def events(messages, name=None):
 
 
 def test_smoothing_halves_a_frames_weight_after_one_half_life():
-    s = SmoothedEmotion(scores_for("Happy", 1.0), 0.0, SmoothingSettings(half_life_s=0.5, hysteresis=0))
-    s.update(scores_for("Sad", 1.0), 0.5)
-    assert s.scores[EMOTIONS.index("Happy")] == pytest.approx(0.5)
-    assert s.scores[EMOTIONS.index("Sad")] == pytest.approx(0.5)
+    s = SmoothedEmotion(scores_for("Happy", 0.8), 0.0, SmoothingSettings(half_life_s=0.5, hysteresis=0))
+    s.update(scores_for("Sad", 0.8), 0.5)
+    assert s.scores[EMOTIONS.index("Happy")] == pytest.approx(s.scores[EMOTIONS.index("Sad")])
+    # the weighted geometric mean, normalised: sqrt(0.8 * 0.2/6) against sqrt((0.2/6)^2)
+    lead = np.sqrt(0.8 * 0.2 / 6) / (0.2 / 6)
+    assert s.scores[EMOTIONS.index("Happy")] == pytest.approx(lead / (2 * lead + 5))
+    assert s.scores.sum() == pytest.approx(1.0)
+
+
+def test_a_confident_frame_outweighs_a_hesitant_one():
+    """Log-probabilities add up as evidence: one frame sure of Sad beats one leaning Happy."""
+    s = SmoothedEmotion(scores_for("Happy", 0.3), 0.0, SmoothingSettings(half_life_s=0.5, hysteresis=0))
+    s.update(scores_for("Sad", 0.95), 0.5)
+    assert s.label_name == "Sad"
+
+
+def test_a_zero_probability_does_not_veto_an_emotion_forever():
+    s = SmoothedEmotion(scores_for("Happy", 1.0), 0.0, SmoothingSettings(half_life_s=0.2, hysteresis=0.3))
+    changed = [s.update(scores_for("Sad", 0.9), i / 30) for i in range(1, 31)]
+    assert "Happy" in changed and s.label_name == "Sad"
 
 
 def test_smoothing_depends_on_time_not_on_frame_count():
@@ -83,11 +99,11 @@ def test_smoothing_depends_on_time_not_on_frame_count():
 
 
 def test_hysteresis_keeps_the_label_until_the_new_one_leads_clearly():
-    s = SmoothedEmotion(scores_for("Happy", 0.5), 0.0, SmoothingSettings(0.2, hysteresis=0.2))
+    s = SmoothedEmotion(scores_for("Happy", 0.5), 0.0, SmoothingSettings(0.2, hysteresis=0.3))
     close = [0.0] * 7
     close[EMOTIONS.index("Happy")], close[EMOTIONS.index("Sad")] = 0.45, 0.55
     for i in range(1, 20):
-        assert s.update(close, i / 30) is None  # Sad leads by 0.1 < 0.2
+        assert s.update(close, i / 30) is None  # Sad is 1.22 times as likely, less than e^0.3
     assert s.label_name == "Happy"
     changed = [s.update(scores_for("Sad", 0.9), 1 + i / 30) for i in range(30)]
     assert "Happy" in changed and s.label_name == "Sad"
@@ -112,7 +128,7 @@ def test_a_one_frame_summary_gives_all_time_to_its_label():
 
 
 def test_bad_smoothing_settings_are_refused():
-    for kwargs in ({"half_life_s": 0}, {"hysteresis": 1.0}, {"hysteresis": -0.1}):
+    for kwargs in ({"half_life_s": 0}, {"hysteresis": 6.0}, {"hysteresis": -0.1}):
         with pytest.raises(ValueError):
             SmoothingSettings(**kwargs)
 

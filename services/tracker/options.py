@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.common.config import config_error, service_parser, stream_timeout_option
 
 from .service import SERVICE
-from .smoothing import SmoothingSettings
+from .smoothing import MAX_HYSTERESIS, SmoothingSettings
 from .tracks import TrackerSettings
 
 
@@ -37,7 +37,8 @@ def build_parser():
         "--hysteresis",
         default=s.hysteresis,
         type=float,
-        help="smoothing: lead in probability a new emotion needs to replace the shown one",
+        help="smoothing: lead in log-probability a new emotion needs to replace the shown "
+        "one (0.3: it must be 1.35 times as likely)",
     )
     parser.option(
         "--min-iou",
@@ -84,7 +85,8 @@ def settings_from(args) -> TrackerSettings:
     except ValueError:
         config_error(
             SERVICE,
-            f"--half-life-ms {args.half_life_ms} must be > 0 and --hysteresis {args.hysteresis} in [0, 1)",
+            f"--half-life-ms {args.half_life_ms} must be > 0 and --hysteresis {args.hysteresis} "
+            f"in [0, {MAX_HYSTERESIS}]",
         )
     try:
         return TrackerSettings(

@@ -1,10 +1,14 @@
 """Per-track emotion over time: exponential smoothing with a half-life, a label with
 hysteresis, and what a track's end summary reports.
 
-Smoothing runs on capture time, not on frame counts: a frame dropped upstream, or a
-slower camera, leaves the dynamics unchanged. A change of the shown label needs the new
-emotion to lead the current one by ``hysteresis``, so two near-equal emotions do not
-make the label flicker between them.
+Smoothing averages log-probabilities: each frame is evidence, and evidence from frames
+adds up (a product of likelihoods, older frames forgotten with a half-life). A confident
+frame thus counts for more than a hesitant one, and a real change of expression shows
+sooner than in an average of probabilities, at fewer flickers (bench/results/tracking.md).
+It runs on capture time, not on frame counts: a frame dropped upstream, or a slower
+camera, leaves the dynamics unchanged. A change of the shown label needs the new emotion
+to be ``exp(hysteresis)`` times as likely as the current one, so two near-equal emotions
+do not make the label flicker between them.
 """
 
 from __future__ import annotations
@@ -18,12 +22,20 @@ from services.common.protocol import EMOTIONS, TrackSummary
 
 @dataclass(frozen=True)
 class SmoothingSettings:
-    half_life_s: float = 0.2  # a frame's weight halves after this much capture time
-    hysteresis: float = 0.1  # lead in smoothed probability a new label needs
+    half_life_s: float = 0.3  # a frame's weight halves after this much capture time
+    hysteresis: float = 0.3  # lead in smoothed log-probability a new label needs (x1.35)
 
     def __post_init__(self):
-        if self.half_life_s <= 0 or not 0 <= self.hysteresis < 1:
-            raise ValueError("half-life must be > 0 and hysteresis in [0, 1)")
+        if self.half_life_s <= 0 or not 0 <= self.hysteresis <= MAX_HYSTERESIS:
+            raise ValueError(f"half-life must be > 0 and hysteresis in [0, {MAX_HYSTERESIS}]")
+
+
+MAX_HYSTERESIS = 5.0  # a lead of e^5 = 148x: beyond it the label would never change
+FLOOR = 1e-4  # least probability a frame counts with: one zero must not veto an emotion forever
+
+
+def log_probabilities(scores) -> np.ndarray:
+    return np.log(np.clip(np.asarray(scores, np.float64), FLOOR, 1.0))
 
 
 class RunningSummary:
@@ -69,8 +81,14 @@ class SmoothedEmotion:
 
     def __init__(self, scores, t: float, settings: SmoothingSettings):
         self.settings = settings
-        self.scores = np.asarray(scores, np.float64)
-        self.running = RunningSummary(self.scores, t, int(np.argmax(self.scores)))
+        self.evidence = log_probabilities(scores)  # smoothed log-probabilities
+        self.running = RunningSummary(scores, t, int(np.argmax(self.evidence)))
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The smoothed probabilities: the normalised weighted geometric mean of the frames."""
+        weights = np.exp(self.evidence - self.evidence.max())
+        return weights / weights.sum()
 
     @property
     def label(self) -> int:
@@ -91,12 +109,11 @@ class SmoothedEmotion:
     def update(self, scores, t: float) -> str | None:
         """Fold in one frame's raw scores at capture time ``t``; returns the previous label
         name when the shown label changed, else None."""
-        raw = np.asarray(scores, np.float64)
-        dt = self.running.add(raw, t)
+        dt = self.running.add(scores, t)
         keep = 0.5 ** (dt / self.settings.half_life_s)
-        self.scores = keep * self.scores + (1.0 - keep) * raw
-        best = int(np.argmax(self.scores))
-        if best != self.label and self.scores[best] - self.scores[self.label] >= self.settings.hysteresis:
+        self.evidence = keep * self.evidence + (1.0 - keep) * log_probabilities(scores)
+        best = int(np.argmax(self.evidence))
+        if best != self.label and self.evidence[best] - self.evidence[self.label] >= self.settings.hysteresis:
             previous, self.running.label = self.label, best
             return EMOTIONS[previous]
         return None
