@@ -1,5 +1,5 @@
 """BrokerService in process, its channels bound on inproc:// addresses: a message sent to a
-channel's producer side comes out of its consumer side, and is counted."""
+channel's producer side comes out of its consumer side, and its parts are counted."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def broker(request):
 
 
 def counted(channel: str) -> float:
-    return REGISTRY.get_sample_value("emotion_broker_messages_total", {"channel": channel}) or 0.0
+    return REGISTRY.get_sample_value("emotion_broker_parts_total", {"channel": channel}) or 0.0
 
 
 @pytest.mark.parametrize("channel", ["detect", "classify"])
@@ -62,7 +62,7 @@ def test_a_work_queue_forwards_each_message_to_one_consumer(broker, channel):
     while len(got) < 3 and consumer.poll(5000):
         got.append(consumer.recv_multipart())
     assert got == [[b"cam", f"work {i}".encode()] for i in range(3)]
-    wait_for(lambda: counted(channel) == before + 3, 5, 0.01, what="the count")
+    wait_for(lambda: counted(channel) == before + 6, 5, 0.01, what="the count of parts (2 per message)")
 
 
 @pytest.mark.parametrize("channel", ["frames", "results", "tracks"])

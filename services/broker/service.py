@@ -2,9 +2,10 @@
 
 Each channel is one of libzmq's own proxies (``zmq.proxy_steerable``) running in a
 thread: XSUB->XPUB for the fan-out channels (frames, results, tracks) and PULL->PUSH for the
-work queues (detect, classify). Every proxy copies traffic to a capture socket, from
-which this process counts messages and bytes per channel. High-water marks are small,
-so an overloaded consumer makes producers drop work instead of queueing it.
+work queues (detect, classify). No message passes through Python: the proxies count the
+parts and bytes they forward themselves, and the main thread reads those counts every
+second (the proxy's ``STATISTICS`` command). High-water marks are small, so an
+overloaded consumer makes producers drop work instead of queueing it.
 
 With ``--curve-keys DIR`` every channel port is a CurveZMQ server: traffic is encrypted,
 and only clients whose public key is in ``DIR/clients/`` get in (checked by a ZAP
@@ -25,12 +26,15 @@ from prometheus_client import Counter
 from services.common import bus, keys
 from services.common.protocol import MAX_FRAME_PIXELS
 
-BROKER_MESSAGES = Counter(
-    "emotion_broker_messages_total", "Messages forwarded by the broker, per channel", ["channel"]
+BROKER_PARTS = Counter(
+    "emotion_broker_parts_total",
+    "Message parts taken in from producers by the broker, per channel (a frame message is "
+    "3 parts: topic, header, image; a result 2)",
+    ["channel"],
 )
 BROKER_BYTES = Counter(
     "emotion_broker_bytes_total",
-    "Bytes forwarded by the broker (all frames of a message), per channel",
+    "Bytes taken in from producers by the broker (every part of a message), per channel",
     ["channel"],
 )
 
@@ -42,6 +46,7 @@ PROXY_RESTARTS = Counter(
 
 log = logging.getLogger("broker")
 KEYS_POLL_S = 2.0  # how often the authorised client keys are checked for changes
+COUNT_EVERY_S = 1.0  # how often the proxies' counts are read into the metrics
 
 SOCKET_TYPES = {
     "frames": (zmq.XSUB, zmq.XPUB),
@@ -81,14 +86,13 @@ class Channel:
             keys.secure_server(self.back, curve)
         self.front.bind(endpoint(name, "in"))
         self.back.bind(endpoint(name, "out"))
-        self.capture = bus.tune(ctx.socket(zmq.PUB), 1000)
-        self.capture.bind(f"inproc://capture-{name}")
         self.control_endpoint = f"inproc://control-{name}"
         self.control = ctx.socket(zmq.PAIR)
         self.control.bind(self.control_endpoint)
         self._ctx = ctx
         self.failed: Exception | None = None
         self._on_failure = on_failure
+        self._counted = (0, 0)  # (parts, bytes) from producers, as last read
         self.thread = threading.Thread(target=self._run, name=f"proxy-{name}", daemon=True)
 
     def _run(self):
@@ -97,7 +101,7 @@ class Channel:
         try:
             while True:
                 try:
-                    zmq.proxy_steerable(self.front, self.back, self.capture, peer)
+                    zmq.proxy_steerable(self.front, self.back, None, peer)
                     break  # TERMINATE
                 except zmq.Again:
                     # libzmq's proxy gives up with EAGAIN when a socket it saw as readable
@@ -113,38 +117,32 @@ class Channel:
             self.failed = exc
             self._on_failure()
         finally:
-            for sock in (self.front, self.back, self.capture, peer):
+            for sock in (self.front, self.back, peer):
                 sock.close(linger=0)
+
+    def count(self, timeout_ms: int = 1000) -> None:
+        """Add what the proxy took in from producers since the last call to the metrics.
+
+        The proxy answers ``STATISTICS`` with eight counters since it started; the first two
+        are the parts and bytes received on the producers' side. A proxy restarted after a
+        spurious wake-up counts from zero again, which reads as a smaller total: then the new
+        total is all new. Only the thread that made the channel may call this."""
+        if self.failed is not None or not self.thread.is_alive():
+            return
+        self.control.send(b"STATISTICS")
+        if not self.control.poll(timeout_ms):
+            return  # the answer is read next time; PAIR keeps it in order
+        stats = [int.from_bytes(part, "little") for part in self.control.recv_multipart()]
+        parts, size = stats[0], stats[1]
+        before_parts, before_size = self._counted if parts >= self._counted[0] else (0, 0)
+        BROKER_PARTS.labels(self.name).inc(parts - before_parts)
+        BROKER_BYTES.labels(self.name).inc(size - before_size)
+        self._counted = (parts, size)
 
     def stop(self):
         self.control.send(b"TERMINATE")
         self.thread.join(timeout=2)
         self.control.close(linger=0)
-
-
-def count_messages(ctx: zmq.Context, names: list[str], stop: threading.Event) -> None:
-    """Read every channel's capture copy and count whole multipart messages."""
-    poller = zmq.Poller()
-    subs = {}
-    for name in names:
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.setsockopt(zmq.RCVHWM, 1000)
-        sub.connect(f"inproc://capture-{name}")
-        poller.register(sub, zmq.POLLIN)
-        subs[sub] = name
-    try:
-        while not stop.is_set():
-            for sock, _ in poller.poll(200):
-                parts = sock.recv_multipart(copy=False)
-                if len(parts) < 2:
-                    continue  # a subscription message, not data
-                channel = subs[sock]
-                BROKER_MESSAGES.labels(channel).inc()
-                BROKER_BYTES.labels(channel).inc(sum(len(p.buffer) for p in parts))
-    finally:
-        for sock in subs:
-            sock.close(linger=0)
 
 
 def reload_client_keys(auth, folder, seen: tuple) -> tuple:
@@ -171,9 +169,10 @@ class BrokerService:
         curve: keys.ServerKeys | None = None,
         max_pixels: int = MAX_FRAME_PIXELS,
         keys_poll_s: float = KEYS_POLL_S,
+        count_every_s: float = COUNT_EVERY_S,
     ):
         self.ctx, self.endpoint, self.stop = ctx, endpoint, stop
-        self.curve, self.keys_poll_s = curve, keys_poll_s
+        self.curve, self.keys_poll_s, self.count_every_s = curve, keys_poll_s, count_every_s
         self.auth = None
         if curve is not None:
             from zmq.auth.thread import ThreadAuthenticator
@@ -201,10 +200,6 @@ class BrokerService:
         ]
 
     def run(self) -> None:
-        counter = threading.Thread(
-            target=count_messages, args=(self.ctx, list(bus.CHANNELS), self.stop), name="counter", daemon=True
-        )
-        counter.start()
         for channel in self.channels:
             channel.thread.start()
             log.info(
@@ -215,13 +210,17 @@ class BrokerService:
             )
         log.info("broker ready")
         keys_seen = keys.clients_signature(self.curve.clients) if self.curve is not None else ()
-        while not self.stop.wait(self.keys_poll_s):
-            if self.curve is not None:
+        next_keys = time.monotonic() + self.keys_poll_s
+        while not self.stop.wait(min(self.keys_poll_s, self.count_every_s)):
+            for channel in self.channels:
+                channel.count()
+            if self.curve is not None and time.monotonic() >= next_keys:
+                next_keys = time.monotonic() + self.keys_poll_s
                 keys_seen = reload_client_keys(self.auth, self.curve.clients, keys_seen)
         log.info("stopping")
         for channel in self.channels:
+            channel.count(timeout_ms=200)
             channel.stop()
-        counter.join(timeout=2)
         if self.auth is not None:
             self.auth.stop()
 
