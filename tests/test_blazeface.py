@@ -354,3 +354,18 @@ def test_aligned_crops_have_level_eyes():
     np.testing.assert_array_equal(
         crop_faces(tilted, [face.box], 0.1, 96, [None]), crop_faces(tilted, [face.box], 0.1, 96)
     )
+
+
+def test_a_face_far_larger_than_its_crop_is_levelled_the_same_way():
+    """A face more than twice the crop's side is halved before the turn (no skipped pixels):
+    the small crop is the large crop, shrunk."""
+    image = cv2.imread(str(media("justin.jpg")))
+    image = cv2.copyMakeBorder(image, 100, 100, 100, 100, cv2.BORDER_REPLICATE)
+    centre = (image.shape[1] / 2, image.shape[0] / 2)
+    tilted = cv2.warpAffine(image, cv2.getRotationMatrix2D(centre, 20, 1.0), image.shape[1::-1])
+    (face,) = BlazeFace("short").detect(tilted)
+    assert max(face.box[2:]) * 1.2 > 2 * 48 * 2  # halved twice
+    (large,) = crop_faces(tilted, [face.box], 0.1, 192, [face.keypoints])
+    (small,) = crop_faces(tilted, [face.box], 0.1, 48, [face.keypoints])
+    shrunk = cv2.resize(large, (48, 48), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(int) - shrunk.astype(int)).mean() < 4

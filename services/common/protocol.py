@@ -676,7 +676,9 @@ def decode_image(header: Frame, payload, max_pixels: int = MAX_FRAME_PIXELS) -> 
     check_image(header, payload, max_pixels)
     if header.encoding == ENCODING_BGR:
         return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    # The pixels as stored: an EXIF orientation would swap the header's width and height
+    # (capture never writes one), and looking for it costs a quarter of the decoding time.
+    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None or image.shape[:2] != (header.height, header.width):
         raise Rejected("image", "JPEG could not be decoded")
     return image

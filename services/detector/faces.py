@@ -114,13 +114,28 @@ def crop_faces(image: np.ndarray, boxes, margin: float, size: int, keypoints=Non
 
 
 def _levelled_crop(image: np.ndarray, box, margin: float, size: int, points) -> np.ndarray:
-    """The crop of ``box``, turned so that the eyes are level: a crop 1.5 times as wide
-    (room for any turn), then turned about its centre and its middle size x size kept."""
+    """The crop of ``box``, turned about its centre so that the eyes are level, in one
+    bilinear warp of the frame (edge pixels repeated past the border). A face more than
+    twice the crop's size is first halved (2x2 means) around its neighbourhood, so that the
+    warp never skips pixels."""
     (rx, ry), (lx, ly) = points[0], points[1]
     angle = float(np.degrees(np.arctan2(ly - ry, lx - rx)))
-    wide = int(np.ceil(size * 1.5))
-    wider = ((1 + 2 * margin) * 1.5 - 1) / 2
-    (region,) = crop_faces(image, [box], wider, wide)
-    turn = cv2.getRotationMatrix2D((wide / 2, wide / 2), angle, 1.0)
-    turn[:, 2] -= (wide - size) / 2
-    return cv2.warpAffine(region, turn, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    x, y, w, h = box
+    side = max(w, h) * (1 + 2 * margin)
+    cx, cy = x + (w - 1) / 2, y + (h - 1) / 2  # the box's centre, in pixel-centre coordinates
+    source, ox, oy, factor = image, 0, 0, 1.0
+    if side > 2 * size:
+        reach = int(np.ceil(side * 0.75)) + 2  # past half the diagonal: room for any turn
+        height, width = image.shape[:2]
+        ox, oy = max(0, int(cx) - reach), max(0, int(cy) - reach)
+        source = image[oy : min(height, int(cy) + reach), ox : min(width, int(cx) + reach)]
+        while side * factor > 2 * size and min(source.shape[:2]) >= 2:
+            source = cv2.resize(
+                source, (source.shape[1] // 2, source.shape[0] // 2), interpolation=cv2.INTER_AREA
+            )
+            factor /= 2
+    # a pixel u of the frame is at (u - offset) * factor - (1 - factor) / 2 of the halved copy
+    centre = ((cx - ox) * factor - (1 - factor) / 2, (cy - oy) * factor - (1 - factor) / 2)
+    turn = cv2.getRotationMatrix2D(centre, angle, size / (side * factor))
+    turn[:, 2] += ((size - 1) / 2 - centre[0], (size - 1) / 2 - centre[1])
+    return cv2.warpAffine(source, turn, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
