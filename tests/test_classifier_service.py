@@ -156,6 +156,29 @@ def test_a_newer_live_frame_takes_the_place_of_a_waiting_one_but_job_frames_all_
     assert sample("emotion_frames_dropped_total", service="classifier", reason="superseded") == superseded + 1
 
 
+def test_a_batch_due_in_under_a_millisecond_is_waited_for_not_polled_for(running):
+    """ZeroMQ's poll truncates its timeout to whole milliseconds: a loop that passes 0.5 ms
+    polls without waiting, thousands of times, until the batch is due (a core's worth of
+    CPU per frame). On a frozen clock the batch stays 0.5 ms from due: the loop must sleep
+    about a millisecond a turn, and it reads the clock a few times a turn."""
+    now, reads = [100.0], [0]
+
+    def clock() -> float:
+        reads[0] += 1
+        return now[0]
+
+    service = running(settings=ClassifierSettings(BatchPolicy(max_batch=32, max_wait_ms=50.0)), clock=clock)
+    service.send(fresh(1, 1))
+    wait_for(lambda: len(service.service.batcher) == 1, 5, 0.01, "the frame waiting")
+    now[0] += 0.0495
+    before = reads[0]
+    time.sleep(0.3)
+    turns_at_1ms = 0.3 / 0.001
+    assert reads[0] - before < 5 * turns_at_1ms
+    now[0] += 1.0
+    assert service.receive().seq == 1
+
+
 def test_the_stop_event_ends_the_loop_promptly(running):
     service = running()
     service.send(fresh(1, 1))

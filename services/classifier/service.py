@@ -14,6 +14,7 @@ the model work. Analyze jobs, whose every frame is reported, always get the vers
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -201,7 +202,9 @@ class ClassifierService:
     def run(self) -> None:
         while not self.stop.is_set():
             wait = self.batcher.wait_ms(self.clock())
-            if self.faces_in.poll(POLL_MS if wait is None else wait):
+            # whole milliseconds, rounded up: ZeroMQ truncates, and a wait under 1 ms would
+            # poll without waiting, over and over, until the batch is due
+            if self.faces_in.poll(POLL_MS if wait is None else math.ceil(wait)):
                 self.drain()
             self.swap_in_new_model()
             self.run_due_batch()
