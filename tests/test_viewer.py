@@ -439,6 +439,59 @@ def test_viewer_draws_tracks_with_ids_and_smoothed_labels_instead_of_raw_results
     assert rejects == ["kind"]
 
 
+def test_the_viewer_receives_raw_results_only_while_a_stream_goes_without_tracks():
+    """While the tracker's view of every stream arrives, the loop unsubscribes from raw
+    results (the publisher, here an XPUB as in the broker, sees the unsubscription and
+    sends none); when a stream's tracks stop for TRACKED_FOR_S it subscribes again."""
+    ctx = zmq.Context()
+    now = [100.0]
+    hub, rejects = StreamHub(), Rejects()
+    viewer = ViewerService(ViewerSettings(), hub, rejects, clock=lambda: now[0])
+    frames_out, results_out, tracks_out = ctx.socket(zmq.PUB), ctx.socket(zmq.XPUB), ctx.socket(zmq.PUB)
+    ins = []
+    for channel, pub in (("frames", frames_out), ("results", results_out), ("tracks", tracks_out)):
+        pub.bind(f"inproc://subscribe-{channel}")
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"inproc://subscribe-{channel}")
+        ins.append(sub)
+    stop = threading.Event()
+    loop = threading.Thread(target=viewer.run, args=(*ins[:2], stop, ins[2]), daemon=True)
+    loop.start()
+    seq = iter(range(10_000))
+    try:
+        assert results_out.poll(5000) and results_out.recv() == b"\x01"  # subscribed at start
+
+        def one_frame(tracked: bool) -> None:
+            n = next(seq)
+            frames_out.send_multipart(encode(frame_header(n, capture=time.time()), [jpeg_of(source_image())]))
+            if tracked:
+                tracks_out.send_multipart(encode(tracks_header(n)))
+
+        def unsubscribed() -> bool:
+            one_frame(tracked=True)
+            return results_out.poll(20) and results_out.recv() == b"\x00"
+
+        wait_for(unsubscribed, 5, interval=0.01, what="the unsubscription from raw results")
+        now[0] += 1.0
+        one_frame(tracked=False)
+        assert not results_out.poll(200)  # tracks 1 s old: still not needed
+        now[0] += 1.5
+
+        def subscribed() -> bool:
+            one_frame(tracked=False)
+            return results_out.poll(20) and results_out.recv() == b"\x01"
+
+        wait_for(subscribed, 5, interval=0.01, what="the subscription to raw results again")
+        assert rejects == []
+    finally:
+        stop.set()
+        loop.join(2)
+        for sock in (frames_out, results_out, tracks_out, *ins):
+            sock.close(0)
+        ctx.term()
+
+
 def test_tracked_faces_are_drawn_with_their_id_and_colour():
     image = source_image()
     tracked = tracks_header(0).results[0]

@@ -1,8 +1,11 @@
 """The viewer's work, message by message: validate, join, publish; composite and encode
 when someone looks.
 
-:class:`Viewer` owns no sockets, so tests feed it multipart messages directly;
-:func:`run_loop` is the thin part that polls the two SUB sockets.
+:class:`ViewerService` owns no sockets, so tests feed it multipart messages directly;
+:meth:`ViewerService.run` is the thin part that polls the SUB sockets. While the tracker's
+view of every stream arrives, the raw results are not needed: the loop unsubscribes from
+them (the broker then sends none), and subscribes again as soon as a stream goes without
+tracks for ``TRACKED_FOR_S``.
 """
 
 from __future__ import annotations
@@ -243,6 +246,13 @@ class ViewerService:
         annotated = self._annotate(item)
         return None if annotated is None else self._encode(annotated)
 
+    def results_needed(self) -> bool:
+        """Whether raw results are worth receiving: a stream the viewer knows has had no
+        tracks for ``TRACKED_FOR_S`` (no tracker, or it stopped), or it knows none yet."""
+        now = self._clock()
+        streams = self.joiner.streams
+        return not streams or any(now - self._tracked.get(s, -1e9) >= TRACKED_FOR_S for s in streams)
+
     def poll_timeout_ms(self) -> int:
         due = self.joiner.next_due(self._clock())
         if due is None:
@@ -258,7 +268,17 @@ class ViewerService:
         poller.register(results, zmq.POLLIN)
         if tracks is not None:
             poller.register(tracks, zmq.POLLIN)
+        subscribed = True  # the results socket comes subscribed to every stream
         while not stop.is_set():
+            if tracks is not None and self.results_needed() != subscribed:
+                subscribed = not subscribed
+                results.setsockopt(zmq.SUBSCRIBE if subscribed else zmq.UNSUBSCRIBE, b"")
+                log.info(
+                    "raw results %s",
+                    "wanted again: a stream has no tracks"
+                    if subscribed
+                    else "not needed: every stream is tracked",
+                )
             ready = dict(poller.poll(self.poll_timeout_ms()))
             if tracks is not None and tracks in ready:
                 _drain(tracks, self.on_tracks)
