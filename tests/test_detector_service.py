@@ -16,7 +16,7 @@ from services.common.protocol import KIND_FACES, Rejected, decode, encode
 from services.detector.backends import BlazeFaceBackend
 from services.detector.faces import DetectorSettings, load_cascade
 from services.detector.regions import FaceFinder
-from services.detector.service import DetectorService, IntakeSettings
+from services.detector.service import DetectorService, IntakeSettings, NewestFrames
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,36 @@ def test_streams_that_come_and_go_leave_no_regions_behind(portrait):
         assert finder.forget_silent(5.0) == (1 if i >= 50 else 0)
     now[0] += 10
     assert finder.forget_silent(5.0) == 50 and len(finder.memory) == 0 and finder.forgotten == 100
+
+
+def test_only_the_newest_waiting_frame_of_a_live_stream_is_taken_but_every_job_frame():
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind("inproc://newest-frames")
+    push.connect("inproc://newest-frames")
+    superseded = (
+        REGISTRY.get_sample_value(
+            "emotion_frames_dropped_total", {"service": "detector", "reason": "superseded"}
+        )
+        or 0.0
+    )
+    try:
+        newest = NewestFrames(pull)
+        assert newest.take(0.05) is None
+        sent = [("cam-a", 1), ("cam-a", 2), ("cam-b", 1), ("cam-a", 3), ("job:clip", 1), ("job:clip", 2)]
+        for stream, seq in sent:
+            push.send_multipart([stream.encode(), str(seq).encode()])
+        taken = []
+        while (parts := newest.take(0.2)) is not None:
+            taken.append((parts[0].bytes.decode(), int(parts[1].bytes)))
+        assert taken == [("cam-b", 1), ("cam-a", 3), ("job:clip", 1), ("job:clip", 2)]
+        assert (
+            REGISTRY.get_sample_value(
+                "emotion_frames_dropped_total", {"service": "detector", "reason": "superseded"}
+            )
+            == superseded + 2
+        )
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()

@@ -108,7 +108,7 @@ def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = 
 
 
 class NewestFrames:
-    """Receives frames as they come and keeps only the newest waiting frame of each stream.
+    """Takes every frame waiting on the socket and keeps only the newest of each stream.
 
     A detector slower than its source then works on the newest frame, and older ones are
     dropped here (reason ``superseded``). Without this they wait in the queue's socket
@@ -117,43 +117,41 @@ class NewestFrames:
     Frames of jobs (stream ids starting ``job:``) and frames marked ``flow`` are never
     superseded: they all wait, in arrival order, since their sender already limits how many
     are in flight and waits for each result.
+
+    It runs in the detector's own thread: before each frame it is asked for, it empties
+    the socket (what arrived during the last detection waited there), so one wake-up per
+    frame is enough and no frame crosses between threads.
     """
 
     MAX_STREAMS = 64
+    DRAIN_LIMIT = 256  # frames taken from the socket per call, at most
 
-    def __init__(self, sock: zmq.Socket, stop: threading.Event):
-        self._sock, self._stop = sock, stop
-        self._waiting: dict[bytes, list] = {}  # topic -> parts, oldest arrival first
-        self._ready = threading.Condition()
+    def __init__(self, sock: zmq.Socket):
+        self._sock = sock
+        self._waiting: dict = {}  # topic -> parts, oldest arrival first
         self._arrivals = itertools.count()
-        self.thread = threading.Thread(target=self._run, name="newest-frames", daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._sock.poll(200):
-                continue
-            parts = self._sock.recv_multipart(copy=False)
-            topic = parts[0].bytes[:256]
-            if topic.startswith(JOB_TOPIC) or flow_controlled(parts):
-                topic = (topic, next(self._arrivals))  # a key of its own: kept, not replaced
-            with self._ready:
-                if self._waiting.pop(topic, None) is not None:
-                    drop(SERVICE, "superseded")
-                elif len(self._waiting) >= self.MAX_STREAMS:
-                    self._waiting.pop(next(iter(self._waiting)))
-                    drop(SERVICE, "superseded")
-                self._waiting[topic] = parts
-                self._ready.notify()
+    def _keep(self, parts: list) -> None:
+        topic = parts[0].bytes[:256]
+        if topic.startswith(JOB_TOPIC) or flow_controlled(parts):
+            topic = (topic, next(self._arrivals))  # a key of its own: kept, not replaced
+        if self._waiting.pop(topic, None) is not None:
+            drop(SERVICE, "superseded")
+        elif len(self._waiting) >= self.MAX_STREAMS:
+            self._waiting.pop(next(iter(self._waiting)))
+            drop(SERVICE, "superseded")
+        self._waiting[topic] = parts
 
     def take(self, timeout: float) -> list | None:
         """The oldest stream's newest frame, or None after ``timeout`` seconds without one."""
-        with self._ready:
-            if not self._waiting:
-                self._ready.wait(timeout)
-            if not self._waiting:
-                return None
-            return self._waiting.pop(next(iter(self._waiting)))
+        if not self._waiting and not self._sock.poll(int(timeout * 1000)):
+            return None
+        for _ in range(self.DRAIN_LIMIT):
+            try:
+                self._keep(self._sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        return self._waiting.pop(next(iter(self._waiting))) if self._waiting else None
 
 
 def in_order(sock: zmq.Socket):
@@ -194,8 +192,7 @@ class DetectorService:
             self.finder.regions,
             self.settings.max_age_s * 1000,
         )
-        newest = NewestFrames(self.frames_in, self.stop) if self.settings.newest_only else None
-        take = newest.take if newest else in_order(self.frames_in)
+        take = NewestFrames(self.frames_in).take if self.settings.newest_only else in_order(self.frames_in)
         next_eviction = time.monotonic() + EVICT_EVERY_S
         while not self.stop.is_set():
             parts = take(0.2)
@@ -204,8 +201,6 @@ class DetectorService:
             if time.monotonic() >= next_eviction:
                 next_eviction = time.monotonic() + EVICT_EVERY_S
                 self.forget_silent()
-        if newest:
-            newest.thread.join(2)
 
     def forget_silent(self) -> int:
         """Forget the regions of streams silent for the stream timeout; counted."""
