@@ -17,7 +17,7 @@ from services.analyze.outputs import CSV_COLUMNS, track_summaries, write_csv
 from services.common.flow import Ledger
 from services.common.protocol import EMOTIONS, FaceResult, Result
 from tests.support import ROOT, media, metric_sum
-from tests.support.pipeline import Pipeline
+from tests.support.pipeline import PageWatcher, Pipeline
 
 
 def result(seq, boxes=((100, 100, 80, 80),)):
@@ -156,7 +156,9 @@ def test_every_frame_is_labelled_by_a_running_pipeline_with_replicas_and_a_live_
     clip = tmp_path / "clip.mp4"
     frames = short_clip(clip, 45)
     pipeline = Pipeline(tmp_path, tiny_registry, detectors=2, classifiers=2)
+    watcher = PageWatcher(f"http://127.0.0.1:{pipeline.http_port}/")
     try:
+        watcher.start()  # someone looks at the live stream
         pipeline.start("capture", "--source", "demo", "--stream", "live")
         done = subprocess.run(
             [
@@ -189,6 +191,7 @@ def test_every_frame_is_labelled_by_a_running_pipeline_with_replicas_and_a_live_
         )
         assert metric_sum(pipeline.scrape("viewer"), "emotion_viewer_frames_total", stream="live") > 0
     finally:
+        watcher.halt.set()
         pipeline.stop()
 
 

@@ -34,6 +34,7 @@ from services.viewer.hub import NOT_SHOWN_AFTER_S, StreamHub
 from services.viewer.join import MAX_MISSED, RESYNC_S, FrameJoiner
 from services.viewer.service import ViewerService, ViewerSettings
 from tests.support import free_port, http_get, metric_samples, metric_sum, wait_for
+from tests.support.pipeline import PageWatcher
 from tests.support.viewer import bind_broker_side, start_viewer_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +232,8 @@ def test_viewer_process_refuses_future_stamps_bombs_and_restarts_and_keeps_showi
     base, frames, results = bind_broker_side(ctx)
     proc, log_path, http_port, metrics_port = start_viewer_process(base, tmp_path)
     web = f"http://127.0.0.1:{http_port}"
+    watcher = PageWatcher(web + "/")
+    watcher.start()  # frames reach a viewer only while someone looks
     seq = 0
 
     def send_real(n: int = 1) -> None:
@@ -283,6 +286,7 @@ def test_viewer_process_refuses_future_stamps_bombs_and_restarts_and_keeps_showi
         assert metric_sum(samples, "emotion_frames_dropped_total", service="viewer", reason="restart") == 1
         assert proc.poll() is None
     finally:
+        watcher.halt.set()
         proc.terminate()
         proc.wait(10)
         frames.close()

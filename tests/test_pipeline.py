@@ -10,7 +10,7 @@ import pytest
 
 from services.common.protocol import decode_image
 from tests.support import http_get, media, metric_sum, wait_for, write_tiny_model
-from tests.support.pipeline import Collector, MjpegReader, Pipeline, Runner, alive
+from tests.support.pipeline import Collector, MjpegReader, PageWatcher, Pipeline, Runner, alive
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,9 @@ def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
     results = Collector(pipeline.addr, "results")
     frames.start()
     results.start()
+    watcher = PageWatcher(f"http://127.0.0.1:{pipeline.http_port}/")  # the viewer's frames
+    watcher.start()
+    wait_for(lambda: metric_sum(pipeline.scrape("viewer"), "emotion_viewer_frames_subscribed") == 1, 30)
     time.sleep(0.5)  # let the subscriptions reach the broker before the first frame
     reader = None
     try:
@@ -154,6 +157,7 @@ def test_clip_through_whole_pipeline(tmp_path, tiny_registry):
         assert checked >= 10, f"only {checked} annotated frames could be matched to results"
         assert drawn >= 0.8 * checked, f"labels drawn on {drawn} of {checked} frames"
     finally:
+        watcher.halt.set()
         if reader:
             reader.halt.set()
         frames.close()

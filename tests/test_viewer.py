@@ -34,7 +34,7 @@ from services.common.protocol import (
     encode,
 )
 from services.viewer.draw import draw_results, track_colour
-from services.viewer.hub import RateMeter, StreamClosed, StreamHub
+from services.viewer.hub import WATCH_LINGER_S, RateMeter, StreamClosed, StreamHub
 from services.viewer.join import FrameJoiner
 from services.viewer.service import ViewerService, ViewerSettings
 from services.viewer.web import render_page, start_web_server, stop_web_server
@@ -492,6 +492,72 @@ def test_the_viewer_receives_raw_results_only_while_a_stream_goes_without_tracks
         ctx.term()
 
 
+def test_the_viewer_receives_frames_only_while_someone_looks():
+    """Nobody looking: the loop unsubscribes from frames (the XPUB, as the broker, sees it).
+    A page or picture asked for: frames are subscribed for WATCH_LINGER_S, and for as long
+    as a client stays connected. Frames that did not come meanwhile are not 'missed'."""
+    ctx = zmq.Context()
+    now = [100.0]
+    hub = StreamHub(clock=lambda: now[0])
+    viewer = ViewerService(ViewerSettings(), hub, Rejects(), clock=lambda: now[0])
+    frames_out, results_out = ctx.socket(zmq.XPUB), ctx.socket(zmq.PUB)
+    frames_out.bind("inproc://watched-frames")
+    results_out.bind("inproc://watched-results")
+    ins = []
+    for channel in ("frames", "results"):
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"inproc://watched-{channel}")
+        ins.append(sub)
+    stop = threading.Event()
+    loop = threading.Thread(target=viewer.run, args=(*ins, stop), daemon=True)
+    loop.start()
+
+    def subscription() -> bytes:
+        assert frames_out.poll(5000), "no (un)subscription"
+        return frames_out.recv()
+
+    try:
+        assert subscription() == b"\x01"  # as the socket comes
+        assert subscription() == b"\x00"  # nobody looks
+        missed = viewer.joiner.dropped["missed"]
+        hub.look()
+        assert subscription() == b"\x01"
+        frames_out.send_multipart(encode(frame_header(1, capture=time.time()), [jpeg_of(source_image())]))
+        wait_for(lambda: hub.status()["streams"].get("cam", {}).get("frames_shown") == 1, 5, 0.01)
+        with hub.client_slot():
+            now[0] += WATCH_LINGER_S + 1
+            assert not frames_out.poll(200)  # a client is connected: still wanted
+        now[0] += WATCH_LINGER_S - 1
+        assert not frames_out.poll(200)  # it left a moment ago: still wanted
+        now[0] += 2
+        assert subscription() == b"\x00"
+        hub.look()
+        assert subscription() == b"\x01"
+        frames_out.send_multipart(encode(frame_header(500, capture=time.time()), [jpeg_of(source_image())]))
+        wait_for(lambda: hub.status()["streams"]["cam"]["frames_shown"] == 2, 5, 0.01)
+        assert viewer.joiner.dropped["missed"] == missed  # 498 frames not sent, not lost
+    finally:
+        stop.set()
+        loop.join(2)
+        for sock in (frames_out, results_out, *ins):
+            sock.close(0)
+        ctx.term()
+
+
+def test_a_client_after_a_pause_waits_for_a_fresh_picture():
+    now = [100.0]
+    hub = StreamHub(clock=lambda: now[0])
+    hub.publish("cam", b"old", seq=1, results=[], model="m")
+    assert hub.fresh_number("cam") == 0  # recent: the current picture is shown at once
+    now[0] += 60
+    assert hub.fresh_number("cam") == 1  # stale: wait for the next
+    assert hub.wait_frame("cam", hub.fresh_number("cam"), 0.05) is None
+    hub.know("other")
+    assert hub.streams() == ["cam", "other"] and hub.status()["streams"]["other"]["frames_shown"] == 0
+    assert hub.snapshot("cam") == b"old"  # none came within FIRST_PICTURE_S: the old one
+
+
 def test_tracked_faces_are_drawn_with_their_id_and_colour():
     image = source_image()
     tracked = tracks_header(0).results[0]
@@ -753,7 +819,7 @@ def test_events_stream_json_updates_to_a_reading_client(web):
     hub, base = web
     jpeg = jpeg_of(source_image())
     hub.publish("cam", jpeg, seq=0, results=[face("Happy")], model="m1")
-    assert get(base + "/events/nope")[0] == 404
+    assert get(base + "/events/nope", timeout=10)[0] == 404  # after waiting for it to appear
     with urllib.request.urlopen(base + "/events/cam", timeout=5) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
         events = []

@@ -7,6 +7,12 @@ client takes. Every MJPEG client thread waits on its stream's condition for the 
 picture, so a slow client skips frames instead of queueing them, and a fast one never
 busy-waits. The dashboard's event clients wait the
 same way and read :meth:`StreamHub.panel`: the faces now and a rolling 60-second timeline.
+
+The hub also knows whether anyone looks (:meth:`StreamHub.frames_wanted`): a client
+connected, or a page or picture asked for in the last ``WATCH_LINGER_S``. The compositing
+loop receives frames only then, so a pipeline nobody watches does not carry its frames to
+the viewer at all. A client that comes after a pause never gets the picture left from
+before it: it waits (up to ``FIRST_PICTURE_S``) for a fresh one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from services.common.protocol import EMOTIONS, FaceResult, TrackedFace
 TIMELINE_S = 60.0  # the dashboard's rolling timeline
 TIMELINE_STEP_S = 0.5  # one timeline point per stream this often
 NOT_SHOWN_AFTER_S = 5.0  # /status.json says a stream is not shown after this long without a frame
+WATCH_LINGER_S = 10.0  # frames keep coming this long after the last client or request
+FIRST_PICTURE_S = 3.0  # longest a new client waits for the first fresh picture
 
 
 class StreamClosed(Exception):
@@ -89,6 +97,8 @@ class StreamHub:
         self._streams: dict[str, _StreamState] = {}
         self._clients = 0
         self._closed = False
+        self._looked_at = -1e9  # when a page or picture was last asked for, or a client left
+        self._appeared = threading.Condition(self._lock)  # notified on every picture
 
     def publish(
         self,
@@ -108,10 +118,7 @@ class StreamHub:
         nobody watches costs no decoding, drawing or encoding."""
         now = self._clock()
         with self._lock:
-            state = self._streams.get(stream)
-            if state is None:
-                state = _StreamState(threading.Condition(self._lock), self.latency_window)
-                self._streams[stream] = state
+            state = self._state(stream)
             state.number += 1
             if callable(picture):
                 state.render = picture
@@ -129,6 +136,20 @@ class StreamHub:
                 state.points += 1
                 state.timeline.append((state.points, now, emotion_shares(state.results)))
             state.condition.notify_all()
+            self._appeared.notify_all()
+
+    def know(self, stream: str) -> None:
+        """A stream the viewer has labels for: listed (on the page, in /status.json) before
+        its first picture, which comes once someone looks."""
+        with self._lock:
+            self._state(stream)
+
+    def _state(self, stream: str) -> _StreamState:
+        state = self._streams.get(stream)
+        if state is None:
+            state = _StreamState(threading.Condition(self._lock), self.latency_window)
+            self._streams[stream] = state
+        return state
 
     def _current(self, state: _StreamState) -> tuple[int, bytes, int]:
         """(number, JPEG, frame seq) of the stream's latest picture, rendered now if it was
@@ -157,12 +178,54 @@ class StreamHub:
             return sorted(self._streams)
 
     def snapshot(self, stream: str) -> bytes | None:
-        """The stream's latest picture; None for an unknown stream or one never rendered."""
+        """The stream's latest picture; when frames were not coming (nobody looked), a fresh
+        one, waited for up to FIRST_PICTURE_S (an older one if none comes). None for an
+        unknown stream or one never rendered."""
+        if not self.look() and not self.wait_fresh(stream, FIRST_PICTURE_S):
+            return None
         with self._lock:
             state = self._streams.get(stream)
         if state is None:
             return None
         return self._current(state)[1] or None
+
+    def look(self) -> bool:
+        """Someone asked for a page or a picture: frames are wanted for WATCH_LINGER_S.
+        Returns whether they were wanted already (so coming in now)."""
+        with self._lock:
+            flowing = self._clients > 0 or self._clock() - self._looked_at < WATCH_LINGER_S
+            self._looked_at = self._clock()
+            return flowing
+
+    def frames_wanted(self) -> bool:
+        """Whether anyone looks: a client connected, or a request within WATCH_LINGER_S."""
+        with self._lock:
+            return self._clients > 0 or self._clock() - self._looked_at < WATCH_LINGER_S
+
+    def fresh_number(self, stream: str) -> int:
+        """The number a new client waits past: the current picture's if it is recent, else
+        the one before it (so the next one is fresh). 0 for an unknown stream."""
+        with self._lock:
+            state = self._streams.get(stream)
+            if state is None:
+                return 0
+            recent = self._clock() - state.shown_at < NOT_SHOWN_AFTER_S
+            return state.number - 1 if recent else state.number
+
+    def wait_fresh(self, stream: str, timeout: float) -> bool:
+        """Wait until the stream exists with a recent picture; False after ``timeout`` if it
+        never appears (an older picture still counts then)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._closed:
+                state = self._streams.get(stream)
+                if state is not None and self._clock() - state.shown_at < NOT_SHOWN_AFTER_S:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return state is not None
+                self._appeared.wait(left)
+            return False
 
     def wait_frame(self, stream: str, after: int, timeout: float) -> tuple[int, bytes, int] | None:
         """(number, JPEG, frame seq) once the picture's number exceeds ``after``; None on timeout.
@@ -226,6 +289,7 @@ class StreamHub:
             self._closed = True
             for state in self._streams.values():
                 state.condition.notify_all()
+            self._appeared.notify_all()
 
     @contextmanager
     def client_slot(self):
@@ -239,6 +303,7 @@ class StreamHub:
             if granted:
                 with self._lock:
                     self._clients -= 1
+                    self._looked_at = self._clock()
 
     def beat(self) -> None:
         """Called by the compositing loop on every pass; /healthz checks it is recent."""

@@ -142,6 +142,13 @@ class FrameJoiner:
     def streams(self) -> list[str]:
         return list(self._streams)
 
+    def pause(self) -> None:
+        """Frames stop coming on purpose (nobody watches): the frames that will not arrive
+        meanwhile are not missed, and those waiting now will never be shown."""
+        for state in self._streams.values():
+            state.last_received = None
+            state.pending.clear()
+
     def latest(self, stream: str) -> Labels | None:
         state = self._streams.get(stream)
         return state.latest if state else None

@@ -2,10 +2,12 @@
 when someone looks.
 
 :class:`ViewerService` owns no sockets, so tests feed it multipart messages directly;
-:meth:`ViewerService.run` is the thin part that polls the SUB sockets. While the tracker's
-view of every stream arrives, the raw results are not needed: the loop unsubscribes from
-them (the broker then sends none), and subscribes again as soon as a stream goes without
-tracks for ``TRACKED_FOR_S``.
+:meth:`ViewerService.run` is the thin part that polls the SUB sockets. It subscribes only
+to what is needed, so that the broker sends nothing else:
+* frames, while anyone looks (a client connected, a page or picture asked for in the last
+  10 s, a native window): a pipeline nobody watches costs the viewer no frames;
+* raw results, while some stream has had no tracks for ``TRACKED_FOR_S``: the tracker's
+  view is drawn where there is one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from functools import partial
 
 import cv2
 import zmq
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import metrics
 from services.common.bus import age_seconds
@@ -57,6 +59,11 @@ EVICTED = Counter(
     "emotion_viewer_streams_evicted_total",
     "Streams forgotten after --stream-timeout-s without a message: off the page, their "
     "buffers dropped and their MJPEG and dashboard clients disconnected",
+)
+FRAMES_SUBSCRIBED = Gauge(
+    "emotion_viewer_frames_subscribed",
+    "1 while the viewer receives frames (someone looks: a client, or a page or picture asked "
+    "for in the last 10 s), else 0",
 )
 LATE_FRAMES = Counter(
     "emotion_viewer_late_frames_total",
@@ -138,6 +145,7 @@ class ViewerService:
         if now - self._tracked.get(header.stream, -1e9) < TRACKED_FOR_S:
             return  # the tracker's view of this frame is drawn instead
         if self.joiner.add_result(header, now):
+            self.hub.know(header.stream)
             RESULTS_RECEIVED.labels(header.stream).inc()
 
     def on_tracks(self, parts: list) -> None:
@@ -155,6 +163,7 @@ class ViewerService:
         now = self._clock()
         if self.joiner.add_result(header, now):
             self._tracked[header.stream] = now
+            self.hub.know(header.stream)
             RESULTS_RECEIVED.labels(header.stream).inc()
 
     def flush(self) -> int:
@@ -246,6 +255,10 @@ class ViewerService:
         annotated = self._annotate(item)
         return None if annotated is None else self._encode(annotated)
 
+    def frames_needed(self) -> bool:
+        """Whether anyone looks: a native window, or the hub's clients and requests."""
+        return self.windows is not None or self.hub.frames_wanted()
+
     def results_needed(self) -> bool:
         """Whether raw results are worth receiving: a stream the viewer knows has had no
         tracks for ``TRACKED_FOR_S`` (no tracker, or it stopped), or it knows none yet."""
@@ -268,17 +281,11 @@ class ViewerService:
         poller.register(results, zmq.POLLIN)
         if tracks is not None:
             poller.register(tracks, zmq.POLLIN)
-        subscribed = True  # the results socket comes subscribed to every stream
+        wanted = {frames: True, results: True}  # both sockets come subscribed to everything
         while not stop.is_set():
-            if tracks is not None and self.results_needed() != subscribed:
-                subscribed = not subscribed
-                results.setsockopt(zmq.SUBSCRIBE if subscribed else zmq.UNSUBSCRIBE, b"")
-                log.info(
-                    "raw results %s",
-                    "wanted again: a stream has no tracks"
-                    if subscribed
-                    else "not needed: every stream is tracked",
-                )
+            self._subscribe(frames, wanted, self.frames_needed(), "frames")
+            if tracks is not None:
+                self._subscribe(results, wanted, self.results_needed(), "raw results")
             ready = dict(poller.poll(self.poll_timeout_ms()))
             if tracks is not None and tracks in ready:
                 _drain(tracks, self.on_tracks)
@@ -290,6 +297,18 @@ class ViewerService:
             if self.windows is not None and not self.windows.pump():
                 log.info("'q' pressed in a viewer window, stopping")
                 stop.set()
+
+    def _subscribe(self, sock: zmq.Socket, wanted: dict, needed: bool, what: str) -> None:
+        """Subscribe the socket to every stream, or unsubscribe it, when ``needed`` changed."""
+        if wanted[sock] == needed:
+            return
+        wanted[sock] = needed
+        sock.setsockopt(zmq.SUBSCRIBE if needed else zmq.UNSUBSCRIBE, b"")
+        if what == "frames":
+            FRAMES_SUBSCRIBED.set(int(needed))
+            if not needed:
+                self.joiner.pause()
+        log.info("%s %s", what, "subscribed: needed" if needed else "unsubscribed: not needed now")
 
 
 def _drain(sock: zmq.Socket, handle: Callable[[list], None]) -> None:

@@ -52,7 +52,7 @@ from services.common.cameras import live_states, redact
 from services.common.metrics import RateLimitedLog
 from services.common.palette import PALETTE
 
-from .hub import StreamClosed, StreamHub
+from .hub import FIRST_PICTURE_S, StreamClosed, StreamHub
 
 BOUNDARY = "frame"
 CLIENT_TIMEOUT_S = 10.0  # a client that stops reading is dropped after this long
@@ -257,6 +257,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         return bool(auth and auth.https) or self.headers.get("X-Forwarded-Proto") == "https"
 
     def _page(self, principal: Principal, _stream, _form) -> None:
+        self.server.hub.look()  # its pictures are asked for next: have frames come
         signed_in = csrf = ""
         auth = self.server.auth
         found = credential(self.headers) if auth else None
@@ -355,7 +356,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
         """A response that lasts while the client reads (MJPEG or events): 404 for an
         unknown stream, 503 over the client limit, else ``write(hub, stream)`` until done."""
         hub = self.server.hub
-        if stream not in hub.streams():
+        flowing = hub.look()
+        if stream not in hub.streams() and (flowing or not hub.wait_fresh(stream, FIRST_PICTURE_S)):
             self._not_found()
             return
         with hub.client_slot() as granted:
@@ -376,7 +378,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         """Server-Sent Events: the stream's dashboard panel as JSON after each new picture, at
         most every EVENT_INTERVAL_S; a comment line when nothing changed, so a client that
         went away is noticed. Shares the client limit with the MJPEG streams."""
-        number = point = 0
+        number, point = hub.fresh_number(stream), 0
         while True:
             try:
                 update = hub.wait_update(stream, number, WAIT_SLICE_S)
@@ -398,8 +400,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
             time.sleep(max(0.0, EVENT_INTERVAL_S - (time.monotonic() - sent)))
 
     def _write_parts(self, hub: StreamHub, stream: str) -> None:
-        """Write each new picture of the stream until it ends, the client leaves or we stop."""
-        number = 0
+        """Write each new picture of the stream until it ends, the client leaves or we stop;
+        never one left from before a pause in the frames."""
+        number = hub.fresh_number(stream)
         while True:
             try:
                 frame = hub.wait_frame(stream, number, WAIT_SLICE_S)

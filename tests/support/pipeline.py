@@ -152,6 +152,32 @@ class MjpegReader(threading.Thread):
                 self.parts.append((int(seq) if seq else None, body))
 
 
+class PageWatcher(threading.Thread):
+    """Someone with the viewer's page open: it is asked for every 2 s, as the page itself
+    reloads while it has no stream, so the viewer keeps receiving frames
+    (services/viewer/hub.py, WATCH_LINGER_S)."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url = url
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                urllib.request.urlopen(self.url, timeout=5).close()
+            except OSError:
+                pass  # not up yet
+            self.halt.wait(2.0)
+
+    def __enter__(self) -> PageWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.halt.set()
+
+
 def children_of(pid: int) -> set[int]:
     """Every live descendant of a process, read from /proc."""
     parents: dict[int, int] = {}
