@@ -283,6 +283,14 @@ def test_a_squares_count_out_of_range_is_a_configuration_error(capsys):
     assert "--blazeface-squares 9" in capsys.readouterr().err
 
 
+def test_opencv_threads_below_one_is_a_configuration_error(capsys):
+    args = detector_options.parse_args(["--opencv-threads", "0"])
+    with pytest.raises(SystemExit) as stopped:
+        detector_options.face_finder(args)
+    assert stopped.value.code == CONFIG_ERROR
+    assert "--opencv-threads 0" in capsys.readouterr().err
+
+
 # --- choosing the detector ------------------------------------------------------------------
 
 

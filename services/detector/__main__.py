@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 
+import cv2
 import zmq
 
 from services.common import bus
@@ -19,6 +20,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     log = setup_logging(SERVICE, args.log_level)
     finder = face_finder(args)
+    cv2.setNumThreads(args.opencv_threads)
     settings = settings_from(args)
     serve_metrics(args.metrics_port, args.metrics_host)
     addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)

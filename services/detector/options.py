@@ -118,6 +118,14 @@ def build_parser():
         help="work on the newest waiting frame of each stream and drop older ones "
         "(reason superseded); --no-newest-only takes every frame in order",
     )
+    parser.option(
+        "--opencv-threads",
+        default=1,
+        type=int,
+        help="threads OpenCV may use for the Haar cascade and resizing: 1 costs the least CPU "
+        "per frame (the other stages and replicas use the other cores; more threads cost "
+        "1-2 ms a frame in hand-overs for a little latency)",
+    )
     stream_timeout_option(parser, "the regions kept around its faces")
     return parser
 
@@ -142,6 +150,8 @@ def face_finder(args) -> FaceFinder:
     regions = RegionSettings(
         args.full_scan_every, args.full_scan_ms, args.region_grow, face_px=args.region_face_px
     )
+    if args.opencv_threads < 1:
+        config_error(SERVICE, f"--opencv-threads {args.opencv_threads} must be at least 1")
     if not 0.0 < args.blazeface_score < 1.0:
         config_error(SERVICE, f"--blazeface-score {args.blazeface_score} is not between 0 and 1")
     if not 0 <= args.blazeface_squares <= 4:
