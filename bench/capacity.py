@@ -2,7 +2,7 @@
 
 The whole pipeline as ``make run CAMERAS=...`` starts it (broker, capture running an
 inventory file, detector, classifier, tracker, recorder on SQLite, viewer), fed N streams
-of the test clip (woman2.mp4, one face, looped) at 15 fps each, for N = 1, 2, 4, 6, 8, ...
+of the test clip (woman2.mp4, one face, looped) at 15 fps each, for N = 1, 2, 4, 6, 7, 8, ...
 Per N, after a warm-up, over a fixed window: labelled frames per second of each stream
 (results arriving at a subscriber of ``results``), e2e latency (arrival minus the frame's
 capture time) p50 and p99, CPU of every process of the pipeline per labelled frame and per
@@ -14,12 +14,17 @@ An N is *carried* when every stream keeps at least 95 % of its frames labelled a
 p50 is at most 100 ms; the report names the largest N carried and what limits the next
 (the busiest stage). It runs once per detector backend (``--detectors haar,blazeface``).
 
+Nobody watches by default, so the viewer receives no frames (as with a site that records
+and notifies); ``--watch`` keeps an MJPEG client on every stream, as a dashboard showing
+every camera does, and the viewer then draws and encodes each frame.
+
 At one N (``--compare``, default 4) it also runs the same streams as that many capture
 processes of one ``--source`` each, and compares capture's CPU per published frame: the
 cameras of one capture process must cost no more than separate processes.
 
-Writes bench/results/capacity.json, capacity.md and capacity.png. Run it on a quiet
-machine: every core it shares with something else is capacity it does not measure.
+Writes bench/results/capacity.json, capacity.md and capacity.png (``capacity-watched.*``
+with ``--watch``). Run it on a quiet machine: every core it shares with something else is
+capacity it does not measure.
 
     python -m bench.capacity                               # the full run (about 10 min a detector)
     python -m bench.capacity --streams 1,2 --seconds 5 --detectors haar --compare 0   # a smoke run
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +46,7 @@ from services.launch import CAPTURE_ARGS
 
 from . import common
 from .common import RESULTS, log, proc_cpu_seconds
+from .efficiency import watch
 from .pipeline import ResultsCollector
 
 FPS = 15.0
@@ -213,11 +220,16 @@ def run_detector(detector: str, args, registry: Path, clip: Path, work: Path) ->
             name = f"capture#n{n}"
             since = time.time()
             pipeline.start(name, "--cameras", str(inventory), "--cameras-poll-s", "0.2", *CAPTURE_ARGS)
+            halt = threading.Event()
             try:
                 wait_streams(collector, streams, since)
+                if args.watch:
+                    for stream in streams:
+                        watch(pipeline.http_port, stream, halt)
                 row = window(pipeline, collector, streams, args.warmup, args.seconds, [name])
                 row["add_remove"] = add_and_remove(inventory, clip, n, collector)
             finally:
+                halt.set()
                 stop_captures(pipeline, [name])
             row["carried"] = carried(row)
             rows.append(row)
@@ -330,7 +342,7 @@ def plot(path: Path, results: dict) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, image: str = "capacity.png") -> str:
     machine = result["machine"]
     lines = [
         "# Capacity: streams per machine",
@@ -339,14 +351,15 @@ def markdown(result: dict) -> str:
         f"{machine.get('cpu_model', '?')}, {machine['cpu_count']} cores, load before the run "
         f"{machine['load_average']}. Every stream: {common.CLIP_NAME} (one face) looped at "
         f"{FPS:.0f} fps, as `make run CAMERAS=...` runs an inventory file (one capture "
-        f"process, raw frames), {result.get('detector_replicas', 1)} detector process(es); "
+        f"process, raw frames), {result.get('detector_replicas', 1)} detector process(es), "
+        f"{'an MJPEG client on every stream' if result.get('watch') else 'nobody watching'}; "
         f"window {result['seconds']:.0f} s after "
         f"{result['warmup']:.0f} s of warm-up. Model: {result['model']['source']}.",
         "",
         f"Carried: every stream ≥ {LABELLED_SHARE:.0%} of its frames labelled and e2e p50 "
         f"≤ {P50_LIMIT_MS:.0f} ms.",
         "",
-        "![labelled frames/s per stream and latency against the number of streams](capacity.png)",
+        f"![labelled frames/s per stream and latency against the number of streams]({image})",
         "",
     ]
     if result["busy"]:
@@ -397,7 +410,7 @@ def markdown(result: dict) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", default="1,2,4,6,8,10,12", help="the Ns to try, in order")
+    parser.add_argument("--streams", default="1,2,4,6,7,8,10,12", help="the Ns to try, in order")
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring window per N")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--detectors", default="haar,blazeface", help="detector backends, one run each")
@@ -407,6 +420,9 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--keep-going", action="store_true", help="try every N, also after one is not carried"
+    )
+    parser.add_argument(
+        "--watch", action="store_true", help="an MJPEG client on every stream (a dashboard showing all)"
     )
     parser.add_argument("--media", default=None)
     parser.add_argument(
@@ -441,18 +457,20 @@ def main(argv=None) -> int:
         "seconds": args.seconds,
         "warmup": args.warmup,
         "detector_replicas": args.detector_replicas,
+        "watch": args.watch,
         "machine": machine,
         "model": model,
         "busy": busy,
         "detectors": results,
     }
-    common.write_json(out / "capacity.json", result)
-    plot(out / "capacity.png", results)
-    (out / "capacity.md").write_text(markdown(result))
+    stem = "capacity-watched" if args.watch else "capacity"
+    common.write_json(out / f"{stem}.json", result)
+    plot(out / f"{stem}.png", results)
+    (out / f"{stem}.md").write_text(markdown(result, f"{stem}.png"))
     for detector, run in results.items():
         best = max((r["streams"] for r in run["rows"] if r["carried"]), default=0)
         log(f"{detector}: largest N carried {best}; {run['limit']}")
-    log(f"wrote {out / 'capacity.md'}")
+    log(f"wrote {out / f'{stem}.md'}")
     return 0
 
 
