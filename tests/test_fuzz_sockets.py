@@ -48,7 +48,7 @@ from services.common.protocol import (
     decode,
 )
 from tests.support import http_get, metric_sum, wait_for
-from tests.support.pipeline import Collector, Pipeline
+from tests.support.pipeline import Collector, PageWatcher, Pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -341,7 +341,10 @@ def rss_mb(pid: int) -> float:
 def test_garbage_into_every_inbound_path(tmp_path, tiny_registry):
     pipeline = Pipeline(tmp_path, tiny_registry, viewer_args=("--max-age-ms", "5000"))
     fuzzer = results = None
+    watcher = PageWatcher(f"http://127.0.0.1:{pipeline.http_port}/")  # the viewer takes frames
     try:
+        watcher.start()
+        wait_for(lambda: metric_sum(pipeline.scrape("viewer"), "emotion_viewer_frames_subscribed") == 1, 30)
         pipeline.start("capture", "--source", "demo")
         wait_for(lambda: pipeline.scrape("capture"), 60, what="capture to serve metrics")
         results = TolerantCollector(pipeline.addr, "results")
@@ -424,6 +427,7 @@ def test_garbage_into_every_inbound_path(tmp_path, tiny_registry):
             f"sustained phase {during}"
         )
     finally:
+        watcher.halt.set()
         if fuzzer is not None:
             fuzzer.close()
         if results is not None:
