@@ -553,8 +553,10 @@ def test_a_client_after_a_pause_waits_for_a_fresh_picture():
     now[0] += 60
     assert hub.fresh_number("cam") == 1  # stale: wait for the next
     assert hub.wait_frame("cam", hub.fresh_number("cam"), 0.05) is None
-    hub.know("other")
-    assert hub.streams() == ["cam", "other"] and hub.status()["streams"]["other"]["frames_shown"] == 0
+    hub.know("other", [face("Sad")], "m2")
+    other = hub.status()["streams"]["other"]
+    assert hub.streams() == ["cam", "other"] and other["frames_shown"] == 0
+    assert [x["label"] for x in other["labels"]] == ["Sad"] and other["model"] == "m2"
     assert hub.snapshot("cam") == b"old"  # none came within FIRST_PICTURE_S: the old one
 
 

@@ -138,11 +138,14 @@ class StreamHub:
             state.condition.notify_all()
             self._appeared.notify_all()
 
-    def know(self, stream: str) -> None:
-        """A stream the viewer has labels for: listed (on the page, in /status.json) before
-        its first picture, which comes once someone looks."""
+    def know(self, stream: str, results: list[FaceResult], model: str) -> None:
+        """A stream's newest labels: it is listed (on the page, in /status.json) before its
+        first picture, which comes once someone looks. While pictures come, they carry the
+        labels drawn on them; while none come, /status.json reports these."""
         with self._lock:
-            self._state(stream)
+            state = self._state(stream)
+            if self._clock() - state.shown_at >= NOT_SHOWN_AFTER_S:
+                state.results, state.model = list(results), model
 
     def _state(self, stream: str) -> _StreamState:
         state = self._streams.get(stream)

@@ -145,7 +145,7 @@ class ViewerService:
         if now - self._tracked.get(header.stream, -1e9) < TRACKED_FOR_S:
             return  # the tracker's view of this frame is drawn instead
         if self.joiner.add_result(header, now):
-            self.hub.know(header.stream)
+            self.hub.know(header.stream, header.results, header.model)
             RESULTS_RECEIVED.labels(header.stream).inc()
 
     def on_tracks(self, parts: list) -> None:
@@ -163,7 +163,7 @@ class ViewerService:
         now = self._clock()
         if self.joiner.add_result(header, now):
             self._tracked[header.stream] = now
-            self.hub.know(header.stream)
+            self.hub.know(header.stream, header.results, header.model)
             RESULTS_RECEIVED.labels(header.stream).inc()
 
     def flush(self) -> int:
