@@ -196,14 +196,17 @@ class StreamHub:
         """Someone asked for a page or a picture: frames are wanted for WATCH_LINGER_S.
         Returns whether they were wanted already (so coming in now)."""
         with self._lock:
-            flowing = self._clients > 0 or self._clock() - self._looked_at < WATCH_LINGER_S
+            flowing = self._watched()
             self._looked_at = self._clock()
             return flowing
 
     def frames_wanted(self) -> bool:
         """Whether anyone looks: a client connected, or a request within WATCH_LINGER_S."""
         with self._lock:
-            return self._clients > 0 or self._clock() - self._looked_at < WATCH_LINGER_S
+            return self._watched()
+
+    def _watched(self) -> bool:
+        return self._clients > 0 or self._clock() - self._looked_at < WATCH_LINGER_S
 
     def fresh_number(self, stream: str) -> int:
         """The number a new client waits past: the current picture's if it is recent, else

@@ -282,10 +282,14 @@ class ViewerService:
         if tracks is not None:
             poller.register(tracks, zmq.POLLIN)
         wanted = {frames: True, results: True}  # both sockets come subscribed to everything
+        FRAMES_SUBSCRIBED.set(1)
         while not stop.is_set():
-            self._subscribe(frames, wanted, self.frames_needed(), "frames")
+            if _resubscribe(frames, wanted, self.frames_needed(), "frames"):
+                FRAMES_SUBSCRIBED.set(int(wanted[frames]))
+                if not wanted[frames]:
+                    self.joiner.pause()
             if tracks is not None:
-                self._subscribe(results, wanted, self.results_needed(), "raw results")
+                _resubscribe(results, wanted, self.results_needed(), "raw results")
             ready = dict(poller.poll(self.poll_timeout_ms()))
             if tracks is not None and tracks in ready:
                 _drain(tracks, self.on_tracks)
@@ -298,17 +302,16 @@ class ViewerService:
                 log.info("'q' pressed in a viewer window, stopping")
                 stop.set()
 
-    def _subscribe(self, sock: zmq.Socket, wanted: dict, needed: bool, what: str) -> None:
-        """Subscribe the socket to every stream, or unsubscribe it, when ``needed`` changed."""
-        if wanted[sock] == needed:
-            return
-        wanted[sock] = needed
-        sock.setsockopt(zmq.SUBSCRIBE if needed else zmq.UNSUBSCRIBE, b"")
-        if what == "frames":
-            FRAMES_SUBSCRIBED.set(int(needed))
-            if not needed:
-                self.joiner.pause()
-        log.info("%s %s", what, "subscribed: needed" if needed else "unsubscribed: not needed now")
+
+def _resubscribe(sock: zmq.Socket, wanted: dict, needed: bool, what: str) -> bool:
+    """Subscribe the socket to every stream, or unsubscribe it, when ``needed`` changed;
+    returns whether it did."""
+    if wanted[sock] == needed:
+        return False
+    wanted[sock] = needed
+    sock.setsockopt(zmq.SUBSCRIBE if needed else zmq.UNSUBSCRIBE, b"")
+    log.info("%s %s", what, "subscribed: needed" if needed else "unsubscribed: not needed now")
+    return True
 
 
 def _drain(sock: zmq.Socket, handle: Callable[[list], None]) -> None:
