@@ -80,6 +80,10 @@ class _StreamState:
     def __post_init__(self):
         self.latencies = deque(maxlen=self.latency_window)
 
+    def shown_recently(self, now: float) -> bool:
+        """Whether its picture is current: one was shown within NOT_SHOWN_AFTER_S."""
+        return now - self.shown_at < NOT_SHOWN_AFTER_S
+
 
 class StreamHub:
     """Latest annotated JPEG and display statistics of every stream, safe across threads."""
@@ -144,7 +148,7 @@ class StreamHub:
         labels drawn on them; while none come, /status.json reports these."""
         with self._lock:
             state = self._state(stream)
-            if self._clock() - state.shown_at >= NOT_SHOWN_AFTER_S:
+            if not state.shown_recently(self._clock()):
                 state.results, state.model = list(results), model
 
     def _state(self, stream: str) -> _StreamState:
@@ -215,8 +219,7 @@ class StreamHub:
             state = self._streams.get(stream)
             if state is None:
                 return 0
-            recent = self._clock() - state.shown_at < NOT_SHOWN_AFTER_S
-            return state.number - 1 if recent else state.number
+            return state.number - 1 if state.shown_recently(self._clock()) else state.number
 
     def wait_fresh(self, stream: str, timeout: float) -> bool:
         """Wait until the stream exists with a recent picture; False after ``timeout`` if it
@@ -225,7 +228,7 @@ class StreamHub:
         with self._lock:
             while not self._closed:
                 state = self._streams.get(stream)
-                if state is not None and self._clock() - state.shown_at < NOT_SHOWN_AFTER_S:
+                if state is not None and state.shown_recently(self._clock()):
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -358,7 +361,7 @@ class StreamHub:
             "late_frames": state.late,
             "e2e_latency_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "last_frame_age_s": round(now - state.shown_at, 3),
-            "shown": now - state.shown_at < NOT_SHOWN_AFTER_S,
+            "shown": state.shown_recently(now),
         }
 
 
