@@ -121,6 +121,20 @@ def test_unreadable_file_in_the_middle_is_skipped(tmp_path):
     np.testing.assert_array_equal(frames[1], solid(COLOURS["c"]))
 
 
+def test_a_folder_that_vanishes_while_it_is_opened_is_a_source_error(tmp_path, monkeypatch):
+    """Between is_dir() and listing it, a folder can be removed (a camera's upload folder
+    being replaced): that is a failing source, retried, not a crash of its camera."""
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+
+    def gone(self):
+        raise FileNotFoundError(2, "No such file or directory", str(self))
+
+    monkeypatch.setattr(type(folder), "iterdir", gone)
+    with pytest.raises(SourceError, match="pictures cannot be read"):
+        open_source(str(folder))
+
+
 def test_glob(image_folder):
     source = open_source(str(image_folder / "[ab].jpg"))
     assert isinstance(source, ImageSource)

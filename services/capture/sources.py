@@ -190,7 +190,10 @@ def open_source(spec: str, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Source:
         return VideoSource(spec, live=True, name=f"stream {spec}", timeout_ms=timeout_ms)
     path = Path(spec)
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        try:
+            files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        except OSError as exc:  # removed or made unreadable since is_dir(): a source failure
+            raise SourceError(f"folder {spec} cannot be read ({exc.strerror})") from None
         if not files:
             raise SourceError(f"folder {spec} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return ImageSource(files, name=f"folder {spec}")
