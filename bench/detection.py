@@ -12,7 +12,8 @@ labelled image, at its own resolution, cropped to 16:9 and resized).
 
 A backend is a small adapter, ``detect(image_bgr) -> list[(x, y, w, h, score)]``: Haar runs
 the detector's own code (services/detector/faces.py) at detection widths 320 (the
-default), 480 and the full frame; BlazeFace (short and full range) runs the detector's
+default), 480 and the full frame; BlazeFace (short range, and full range with the long side
+of its input at 192, 256, 320 and 384 px) runs the detector's
 BlazeFace backend when it is importable, and is skipped with a note otherwise.
 
 Writes bench/results/detection.json and detection.md.
@@ -71,24 +72,28 @@ def haar_backend(width: int) -> Backend:
 
 
 def blazeface_backends() -> tuple[list[Backend], str | None]:
-    """The detector's BlazeFace backend, short and full range, or why it cannot run."""
+    """The detector's BlazeFace backend: short range, and full range with the long side of
+    its input at the model's own 192 px and larger (--blazeface-width); or why it cannot run."""
     try:
         from services.detector.blazeface import BlazeFace
     except ImportError as exc:
         return [], f"BlazeFace skipped: the detector has no BlazeFace backend here ({exc})"
     backends = []
-    for model, squares in (("short", 0), ("full", 0), ("full", 2)):
+    for model, width in (("short", 0), ("full", 0), ("full", 256), ("full", 320), ("full", 384)):
         try:
-            net = BlazeFace(model)
+            net = BlazeFace(model, width=width)
         except Exception as exc:  # a missing model file or runtime: report, run the rest
             return backends, f"BlazeFace {model} skipped: {exc}"
 
-        def detect(image, net=net, squares=squares):
-            return [(*d.box, d.score) for d in net.detect_wide(image, squares)]
+        def detect(image, net=net):
+            return [(*d.box, d.score) for d in net.detect(image)]
 
-        name = f"blazeface, {model}" + (f" + {squares} squares" if squares else "")
-        where = f"whole frame and {squares} squares across it" if squares else "whole frame"
-        backends.append(Backend(name, detect, f"{model} range, min score {net.min_score}, {where}"))
+        name = f"blazeface, {model}" + (f" at {width} px" if width else "")
+        backends.append(
+            Backend(
+                name, detect, f"{model} range, min score {net.min_score}, input's long side {net.width} px"
+            )
+        )
     return backends, None
 
 

@@ -19,14 +19,12 @@ from services.detector.backends import BlazeFaceBackend
 from services.detector.blazeface import (
     MODELS,
     BlazeFace,
-    Detection,
     ModelError,
     decode,
     haar_framing,
-    keep_best,
+    input_shape,
     model_path,
     scores_of,
-    squares_across,
     ssd_anchors,
     weighted_nms,
 )
@@ -46,30 +44,48 @@ def iou(a, b) -> float:
 
 
 def test_anchor_counts_and_layout():
-    short = ssd_anchors(128, MODELS["short"].layers)
-    full = ssd_anchors(192, MODELS["full"].layers)
+    short = ssd_anchors(128, 128, MODELS["short"].layers)
+    full = ssd_anchors(192, 192, MODELS["full"].layers)
     assert short.shape == (896, 2) and full.shape == (2304, 2)
     # short: 16x16 cells of stride 8, two anchors each, then 8x8 cells of stride 16, six each
     np.testing.assert_allclose(short[0], short[1])
-    np.testing.assert_allclose(short[:3], [[0.5 / 16, 0.5 / 16]] * 2 + [[1.5 / 16, 0.5 / 16]])
-    np.testing.assert_allclose(short[511], [15.5 / 16, 15.5 / 16])
-    np.testing.assert_allclose(short[512:519], [[0.5 / 8, 0.5 / 8]] * 6 + [[1.5 / 8, 0.5 / 8]])
-    np.testing.assert_allclose(short[-1], [7.5 / 8, 7.5 / 8])
+    np.testing.assert_allclose(short[:3], [[4, 4]] * 2 + [[12, 4]])
+    np.testing.assert_allclose(short[511], [124, 124])
+    np.testing.assert_allclose(short[512:519], [[8, 8]] * 6 + [[24, 8]])
+    np.testing.assert_allclose(short[-1], [120, 120])
     # full: 48x48 cells of stride 4, one anchor each, row by row
-    np.testing.assert_allclose(full[:2], [[0.5 / 48, 0.5 / 48], [1.5 / 48, 0.5 / 48]])
-    np.testing.assert_allclose(full[48], [0.5 / 48, 1.5 / 48])
+    np.testing.assert_allclose(full[:2], [[2, 2], [6, 2]])
+    np.testing.assert_allclose(full[48], [2, 6])
+    # a wide input: 32 rows of 48 cells
+    wide = ssd_anchors(128, 192, MODELS["full"].layers)
+    assert wide.shape == (1536, 2)
+    np.testing.assert_allclose(wide[[0, 47, 48, -1]], [[2, 2], [190, 2], [2, 6], [190, 126]])
 
 
 def test_decode_boxes_and_keypoints_relative_to_their_anchor():
-    anchors = np.array([[0.25, 0.5], [0.75, 0.75]], np.float32)
+    anchors = np.array([[32, 64], [96, 96]], np.float32)
     raw = np.zeros((2, 16), np.float32)
-    raw[0, :4] = [12.8, -6.4, 32, 64]  # centre moved by +0.1, -0.05; 0.25 wide, 0.5 high
+    raw[0, :4] = [12.8, -6.4, 32, 64]  # centre moved by +12.8, -6.4; 32 wide, 64 high
     raw[0, 4:] = np.arange(12)  # keypoints (0, 1), (2, 3), ... input pixels from the anchor
-    boxes, points = decode(raw, anchors, 128)
-    np.testing.assert_allclose(boxes[0], [0.35 - 0.125, 0.45 - 0.25, 0.35 + 0.125, 0.45 + 0.25], atol=1e-6)
-    np.testing.assert_allclose(boxes[1], [0.75, 0.75, 0.75, 0.75])
-    np.testing.assert_allclose(points[0], np.arange(12).reshape(6, 2) / 128 + [0.25, 0.5], atol=1e-6)
-    np.testing.assert_allclose(points[1], [[0.75, 0.75]] * 6)
+    boxes, points = decode(raw, anchors)
+    np.testing.assert_allclose(boxes[0], [44.8 - 16, 57.6 - 32, 44.8 + 16, 57.6 + 32], atol=1e-5)
+    np.testing.assert_allclose(boxes[1], [96, 96, 96, 96])
+    np.testing.assert_allclose(points[0], np.arange(12).reshape(6, 2) + [32, 64], atol=1e-6)
+    np.testing.assert_allclose(points[1], [[96, 96]] * 6)
+    empty_boxes, empty_points = decode(np.empty((0, 16), np.float32), np.empty((0, 2), np.float32))
+    assert empty_boxes.shape == (0, 4) and empty_points.shape == (0, 6, 2)
+
+
+def test_input_shape_keeps_the_picture_s_own_shape():
+    full, short = MODELS["full"], MODELS["short"]
+    assert input_shape(full, 360, 640) == (160, 192)  # 108 rows and two bands of 16: 140, to 160
+    assert input_shape(full, 640, 360) == (192, 160)
+    assert input_shape(full, 480, 640) == (192, 192)
+    assert input_shape(full, 720, 720) == (192, 192)
+    assert input_shape(full, 10, 1000) == (64, 192)
+    assert input_shape(full, 360, 640, 320) == (224, 320)  # 180 + 32 = 212, to 224
+    assert input_shape(short, 360, 640) == (112, 128)  # 72 + 32 = 104, up to a multiple of 16
+    assert input_shape(short, 1, 1) == (128, 128)
 
 
 def test_scores_are_a_clipped_sigmoid():
@@ -145,6 +161,24 @@ def test_grey_and_odd_shapes(model):
     (small,) = model.detect(image)
     assert iou(face.box, (small.box[0], small.box[1] + 300, *small.box[2:])) > 0.8
     assert model.detect(np.zeros((1, 1, 3), np.uint8)) == []
+
+
+def test_a_wide_frame_runs_at_its_own_shape_and_finds_what_a_square_finds(model):
+    """A 640x360 frame runs on the model rebuilt for its shape; the same frame padded to a
+    square runs on the model as shipped; the two find the same face."""
+    face = cv2.imread(str(media("justin.jpg")))
+    face = cv2.resize(face, None, fx=200 / face.shape[0], fy=200 / face.shape[0])
+    frame = np.full((360, 640, 3), 110, np.uint8)
+    frame[100 : 100 + face.shape[0], 300 : 300 + face.shape[1]] = face
+    square = cv2.copyMakeBorder(frame, 140, 140, 0, 0, cv2.BORDER_CONSTANT, value=(110, 110, 110))
+    (wide,) = model.detect(frame)
+    (padded,) = model.detect(square)
+    runner = model.runner(*input_shape(model.spec, 360, 640))
+    assert (runner.height, runner.width) == ((160, 192) if model.size == 192 else (112, 128))
+    assert runner is not model.runner(model.size, model.size)
+    x, y, w, h = padded.box
+    assert iou(wide.box, (x, y - 140, w, h)) > 0.85, (wide.box, padded.box)
+    assert abs(wide.score - padded.score) < 0.1
 
 
 def test_bad_model_files_name_the_file(tmp_path):
@@ -232,23 +266,7 @@ def test_detector_exits_78_on_a_missing_cascade(tmp_path):
     assert done.returncode == CONFIG_ERROR and "none.xml" in done.stderr, done.stderr
 
 
-# --- squares across a wide frame ------------------------------------------------------------
-
-
-def test_squares_span_the_long_side_of_a_wide_or_tall_frame():
-    assert squares_across(640, 360, 2) == [(0, 0, 360), (280, 0, 360)]
-    assert squares_across(640, 360, 3) == [(0, 0, 360), (140, 0, 360), (280, 0, 360)]
-    assert squares_across(360, 640, 2) == [(0, 0, 360), (0, 280, 360)]
-    assert squares_across(400, 360, 2) == [] and squares_across(640, 360, 0) == []
-
-
-def test_keep_best_keeps_one_of_a_face_seen_twice_and_both_of_two_faces():
-    def seen(x, score):
-        return Detection((x, 10, 40, 40), ((x + 10, 20),) * 6, score)
-
-    kept = keep_best([seen(100, 0.6), seen(104, 0.9), seen(300, 0.7)])
-    assert [(d.box[0], d.score) for d in kept] == [(104, 0.9), (300, 0.7)]
-    assert keep_best([]) == []
+# --- a larger input for smaller faces -----------------------------------------------------------
 
 
 def small_face_in_a_wide_frame(side: int) -> np.ndarray:
@@ -262,25 +280,28 @@ def small_face_in_a_wide_frame(side: int) -> np.ndarray:
     return frame
 
 
-def test_squares_find_a_face_too_small_for_the_whole_frame_pass():
-    net = BlazeFace("full")
-    frame = small_face_in_a_wide_frame(32)
-    assert net.detect(frame) == []
-    (found,) = net.detect_wide(frame, 2)
-    assert 100 < found.box[0] < 150 and 26 <= found.box[2] <= 38, found
-    backend = BlazeFaceBackend("full", squares=2)
+def test_a_wider_input_finds_a_face_too_small_for_the_model_s_own():
+    frame = small_face_in_a_wide_frame(24)
+    assert BlazeFace("full").detect(frame) == []
+    wide = BlazeFace("full", width=384)
+    (found,) = wide.detect(frame)
+    assert 100 < found.box[0] < 150 and 18 <= found.box[2] <= 32, found
+    assert (wide.runner(*input_shape(wide.spec, 360, 640, 384)).height, wide.width) == (256, 384)
+    backend = BlazeFaceBackend("full", min_size=16, width=384)
     assert [face.box for face in backend.scan(frame, 1.0)] == [found.box]
-    (large,) = net.detect_wide(small_face_in_a_wide_frame(120), 2)  # seen by all three passes
+    assert backend.region_model.width == 128  # regions stay at the short model's own size
+    (large,) = wide.detect(small_face_in_a_wide_frame(120))
     assert large.score > 0.5
-    assert net.detect_wide(cv2.imread(str(media("no-faces.jpg"))), 2) == []
+    assert wide.detect(cv2.imread(str(media("no-faces.jpg")))) == []
 
 
-def test_a_squares_count_out_of_range_is_a_configuration_error(capsys):
-    args = detector_options.parse_args(["--detector", "blazeface", "--blazeface-squares", "9"])
+@pytest.mark.parametrize("width", ["100", "2048", "-32"])
+def test_a_width_the_model_cannot_take_is_a_configuration_error(capsys, width):
+    args = detector_options.parse_args(["--detector", "blazeface", "--blazeface-width", width])
     with pytest.raises(SystemExit) as stopped:
         detector_options.face_finder(args)
     assert stopped.value.code == CONFIG_ERROR
-    assert "--blazeface-squares 9" in capsys.readouterr().err
+    assert f"width {width} is not a multiple of 32" in capsys.readouterr().err
 
 
 def test_opencv_threads_below_one_is_a_configuration_error(capsys):

@@ -125,11 +125,10 @@ class BlazeFaceBackend:
     # one or two faces, and more are found on the whole frame.
     max_regions = 2
 
-    def __init__(self, model: str = "full", min_score: float = 0.5, min_size: int = 30, squares: int = 0):
-        self.frame_model = BlazeFace(model, min_score)
-        self.squares = squares
+    def __init__(self, model: str = "full", min_score: float = 0.5, min_size: int = 30, width: int = 0):
+        self.frame_model = BlazeFace(model, min_score, width)
         self.region_model = (
-            self.frame_model if self.frame_model.size == 128 else BlazeFace("short", min_score)
+            self.frame_model if self.frame_model.width == 128 else BlazeFace("short", min_score)
         )
         self.min_size = min_size
 
@@ -137,7 +136,7 @@ class BlazeFaceBackend:
         return image, 1.0
 
     def scan(self, copy: np.ndarray, scale: float) -> list[Face]:
-        return self._faces(self.frame_model.detect_wide(copy, self.squares), 0, 0)
+        return self._faces(self.frame_model.detect(copy), 0, 0)
 
     def rest(self, copy: np.ndarray, rects) -> np.ndarray:
         """The whole frame: BlazeFace costs the same on any picture, and a blanked patch's
