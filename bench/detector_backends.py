@@ -28,7 +28,7 @@ import numpy as np
 
 from services.detector import blazeface
 from services.detector.backends import BlazeFaceBackend
-from services.detector.blazeface import BlazeFace
+from services.detector.blazeface import BlazeFace, input_shape
 from services.detector.faces import DetectorSettings, crop_faces, detect_faces, load_cascade
 from services.detector.regions import FaceFinder, RegionSettings
 
@@ -170,8 +170,13 @@ def timing(single: list[np.ndarray], tiles: list[np.ndarray]) -> dict:
     out = {}
     for size, frames in sized.items():
         rows = {name: cpu_ms(fn, frames) for name, fn in found.items()}
-        rows["litert invoke only, full"] = cpu_ms(lambda f: full.interpreter.invoke(), frames[:100])
-        rows["litert invoke only, short"] = cpu_ms(lambda f: short.interpreter.invoke(), frames[:100])
+        height, width = frames[0].shape[:2]
+        for model, net in (("full", full), ("short", short)):
+            shaped = net.runner(*input_shape(net.spec, height, width))
+            square = net.runner(net.size, net.size)
+            for runner, what in ((shaped, "this frame's input"), (square, "a square letterbox")):
+                name = f"litert invoke only, {model}, {runner.width}x{runner.height} ({what})"
+                rows[name] = cpu_ms(lambda f, r=runner: r.interpreter.invoke(), frames[:100])
         rows["blazeface full, FaceFinder, whole frame every frame"] = finder_ms(backend, frames, 1)
         rows["blazeface full, FaceFinder, regions for every face"] = finder_ms(every_face, frames, 8)
         rows["blazeface full, FaceFinder, defaults (regions for up to 2 faces)"] = finder_ms(
