@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 import cv2
 import numpy as np
 
-from .blazeface import BlazeFace
+from .blazeface import BlazeFace, input_shape
 from .faces import DetectorSettings, detection_copy, scan
 
 Box = tuple[int, int, int, int]
@@ -119,11 +119,12 @@ class BlazeFaceBackend:
     face fills about half of a region: the short model's range, at its 128x128 input)."""
 
     name = "blazeface"
-    # A region costs about a third of a whole-frame scan (one short-range invoke against one
-    # full-range invoke, bench/results/detector_backends.md: 640x360 with one face, regions
-    # 2.4 ms a frame against 6.4; 1280x720 with four, 11.1 against 6.9), so regions pay for
-    # one or two faces, and more are found on the whole frame.
-    max_regions = 2
+    # A whole 16:9 frame at the full-range model's own size (192x160) costs 2.5 regions (one
+    # short-range invoke each, 128x128): 4.0 against 1.6 ms, bench/results/detector_backends.md
+    # (at 1280x720 with four faces, regions 10.1 ms a frame against 5.8 whole). So regions pay
+    # for up to two faces there, and for more as --blazeface-width makes the frame's input larger.
+    FRAME_IN_REGIONS = 2.5
+    REFERENCE_INPUT = 192 * 160
 
     def __init__(self, model: str = "full", min_score: float = 0.5, min_size: int = 30, width: int = 0):
         self.frame_model = BlazeFace(model, min_score, width)
@@ -131,6 +132,8 @@ class BlazeFaceBackend:
             self.frame_model if self.frame_model.width == 128 else BlazeFace("short", min_score)
         )
         self.min_size = min_size
+        height, width = input_shape(self.frame_model.spec, 9, 16, self.frame_model.width)
+        self.max_regions = max(1, int(self.FRAME_IN_REGIONS * height * width / self.REFERENCE_INPUT))
 
     def copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         return image, 1.0
