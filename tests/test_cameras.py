@@ -65,6 +65,17 @@ def test_a_good_file_gives_its_cameras_with_defaults():
         ({"id": "cam", "source": "demo", "enabled": 1}, "enabled", "true or false"),
         ({"id": "cam", "source": "demo", "fsp": 15}, "fsp", "not a camera key"),
         ({"id": "cam", "source": "demo", "name": "a\nb"}, "name", "control characters"),
+        ({"id": "cam", "source": "demo", "detector": 320}, "detector", "map of the detector's settings"),
+        (
+            {"id": "cam", "source": "demo", "detector": {"width": 320}},
+            "detector.width",
+            "not a detector setting",
+        ),
+        (
+            {"id": "cam", "source": "demo", "detector": {"min_size": -1}},
+            "detector.min_size",
+            "from 1 to 2048",
+        ),
         ("demo", "entry", "map"),
     ],
 )
@@ -117,10 +128,24 @@ def test_an_empty_file_has_no_cameras(tmp_path):
         read_inventory(tmp_path / "missing.yml")
 
 
+def test_a_camera_s_detector_settings_are_kept_in_order_and_written_back():
+    (camera,) = parse_inventory(
+        "cameras:\n  - {id: hall, source: demo, detector: {min_size: 20, blazeface_width: 320}}\n"
+    ).cameras
+    assert camera.detector == (("blazeface_width", 320), ("min_size", 20))
+    assert camera.as_dict() == {
+        "id": "hall",
+        "source": "demo",
+        "detector": {"blazeface_width": 320, "min_size": 20},
+    }
+    assert merged(camera.as_dict(), {"detector": None}).detector == ()
+
+
 def test_only_what_capture_runs_with_restarts_a_camera():
     lobby = parse_inventory(GOOD).get("lobby")
     assert merged(lobby.as_dict(), {"name": "Hall", "location": "B"}).runs_as == lobby.runs_as
-    for change in ({"fps": 10}, {"source": "0"}, {"max_width": 0}, {"loop": True}, {"enabled": False}):
+    changes = ({"fps": 10}, {"source": "0"}, {"max_width": 0}, {"loop": True}, {"enabled": False})
+    for change in (*changes, {"detector": {"min_size": 40}}):
         assert merged(lobby.as_dict(), change).runs_as != lobby.runs_as, change
 
 

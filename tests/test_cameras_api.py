@@ -82,6 +82,7 @@ def test_the_list_joins_the_file_and_the_live_states(site):
         "max_width": 640,
         "loop": False,
         "enabled": True,
+        "detector": {},
         "state": "up",
         "measured_fps": 14.8,
         "frames": 120,
@@ -143,6 +144,9 @@ def test_admins_add_change_and_remove_cameras_in_the_file(site):
     assert added.status_code == 201, added.text
     assert added.json()["fps"] == 10 and added.json()["state"] == "unknown"
     assert read_inventory(path).get("door").fps == 10
+    tuned = client.patch("/api/cameras/door", json={"detector": {"min_size": 20}}, headers=admin)
+    assert tuned.status_code == 200 and tuned.json()["detector"] == {"min_size": 20}, tuned.text
+    assert read_inventory(path).get("door").detector == (("min_size", 20),)
 
     changed = client.patch("/api/cameras/lab", json={"enabled": True, "name": "Lab 2"}, headers=admin)
     assert changed.status_code == 200 and changed.json()["name"] == "Lab 2"
@@ -176,6 +180,13 @@ def test_admins_add_change_and_remove_cameras_in_the_file(site):
         ("POST", "/api/cameras", ["not", "a", "map"], 422, "body"),
         ("PATCH", "/api/cameras/lobby", {"id": "other"}, 400, "id: cannot be changed"),
         ("PATCH", "/api/cameras/lobby", {"loop": "yes"}, 400, "loop: must be true or false"),
+        (
+            "PATCH",
+            "/api/cameras/lobby",
+            {"detector": {"blazeface_width": 100}},
+            400,
+            "detector.blazeface_width: must be a multiple of 32",
+        ),
         ("PATCH", "/api/cameras/nowhere", {"fps": 1}, 404, "camera_id: no camera 'nowhere'"),
         ("DELETE", "/api/cameras/nowhere", None, 404, "camera_id: no camera 'nowhere'"),
         ("GET", "/api/cameras/nowhere", None, 404, "camera_id: no camera"),

@@ -38,21 +38,23 @@ class Watch(threading.Thread):
 
     def __init__(self, harness: Harness):
         super().__init__(daemon=True)
-        self.sock, self.detect = harness.frames, harness.detect
+        self.sock, self.detect_queue = harness.frames, harness.detect
         self.arrivals: dict[str, list[float]] = defaultdict(list)
+        self.detect: dict[str, dict] = {}  # each stream's detector settings, as its frames carry them
         self.halt = threading.Event()
 
     def run(self):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.detect, zmq.POLLIN)
+        poller.register(self.detect_queue, zmq.POLLIN)
         while not self.halt.is_set():
             ready = dict(poller.poll(20))
-            if self.detect in ready:
-                self.detect.recv_multipart()
+            if self.detect_queue in ready:
+                self.detect_queue.recv_multipart()
             if self.sock in ready:
                 header, _ = decode(self.sock.recv_multipart(), expect_kind=KIND_FRAME)
                 self.arrivals[header.stream].append(time.monotonic())
+                self.detect[header.stream] = header.detect
 
     def count(self, stream: str) -> int:
         return len(self.arrivals[stream])
@@ -129,18 +131,20 @@ def demo(camera_id: str, **extra) -> dict:
 
 
 def test_cameras_are_added_and_removed_while_the_others_run(running):
-    camera_set, watch, path = running(demo("a"), demo("b"))
+    camera_a = demo("a", detector={"min_size": 40})  # a's frames carry its own detector settings
+    camera_set, watch, path = running(camera_a, demo("b"))
     wait_for(lambda: watch.count("a") > 5 and watch.count("b") > 5, what="a and b")
     changed_at = time.monotonic()
-    write(path, demo("a"), demo("b"), demo("c"))
+    write(path, camera_a, demo("b"), demo("c"))
     wait_for(lambda: watch.count("c") > 0, what="the new camera's first frame")
     first_frame_s = watch.arrivals["c"][0] - changed_at
     time.sleep(0.5)
     assert first_frame_s < 5.0
+    assert watch.detect["a"] == {"min_size": 40} and watch.detect["c"] == {}
     assert states(camera_set) == {"a": "up", "b": "up", "c": "up"}
 
     removed_at = time.monotonic()
-    write(path, demo("a"), demo("c"), demo("b", enabled=False))
+    write(path, camera_a, demo("c"), demo("b", enabled=False))
     wait_for(lambda: states(camera_set).get("b") == "disabled", what="b disabled")
     time.sleep(0.3)
     b_count = watch.count("b")
@@ -154,7 +158,7 @@ def test_cameras_are_added_and_removed_while_the_others_run(running):
     assert status["errors"] == [] and status["file_error"] == ""
 
     thread_of_c = camera_set.workers["c"].thread
-    write(path, demo("a"), demo("c", name="Courtyard"), demo("b", enabled=False))
+    write(path, camera_a, demo("c", name="Courtyard"), demo("b", enabled=False))
     wait_for(lambda: camera_set.status()["cameras"][1]["name"] == "Courtyard", what="c renamed")
     assert camera_set.workers["c"].thread is thread_of_c, "a new name does not restart a camera"
 

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from services.capture.frames import encode_frame
 from services.capture.sources import DemoSource
 from services.common.protocol import KIND_FACES, Rejected, decode, encode
+from services.detector import options as detector_options
 from services.detector.backends import BlazeFaceBackend
 from services.detector.faces import DetectorSettings, load_cascade
 from services.detector.regions import FaceFinder
@@ -151,4 +152,50 @@ def test_only_the_newest_waiting_frame_of_a_live_stream_is_taken_but_every_job_f
     finally:
         pull.close(0)
         push.close(0)
+        ctx.term()
+
+
+def test_a_camera_s_own_settings_apply_to_its_frames_only(portrait):
+    """A frame carrying its camera's detector settings (``detect``, from the inventory) is
+    searched with them, the other cameras' frames with the detector's own options; a setting
+    of the other backend leaves the detector's own finder."""
+    args = detector_options.parse_args([])
+    finder = detector_options.face_finder(args)
+    ctx = zmq.Context()
+    frames_in, faces_out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    frames_in.bind("inproc://camera-settings-detect")
+    faces_out.bind("inproc://camera-settings-classify")
+    send, receive = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    send.connect("inproc://camera-settings-detect")
+    receive.connect("inproc://camera-settings-classify")
+    stop = threading.Event()
+    service = DetectorService(
+        finder,
+        IntakeSettings(max_age_s=2.0, newest_only=False),
+        frames_in,
+        faces_out,
+        stop,
+        lambda exc: None,
+        camera_finders=detector_options.camera_finders(args, finder),
+    )
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        send.send_multipart(encode_frame(portrait, "near", 0, "jpeg", 90))
+        send.send_multipart(encode_frame(portrait, "far", 0, "jpeg", 90, detect=(("min_size", 400),)))
+        send.send_multipart(encode_frame(portrait, "near", 1, "jpeg", 90))
+        found = {}
+        for _ in range(3):
+            header, _ = faces(receive)
+            found[(header.stream, header.seq)] = len(header.boxes)
+        assert found[("near", 0)] >= 1 and found[("near", 1)] >= 1
+        assert found[("far", 0)] == 0  # no face of 400 px in a 640x480 portrait
+        assert service.finders.for_frame({"blazeface_width": 320}) is finder  # Haar's: not its
+        far = service.finders.for_frame({"min_size": 400})
+        assert far is not finder and far.settings.min_size == 400 and "far" in far.memory
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in (frames_in, faces_out, send, receive):
+            sock.close(linger=0)
         ctx.term()

@@ -287,6 +287,31 @@ def test_bad_keypoints_are_rejected(keypoints, reason):
     assert rejected(mutated(KIND_FACES, keypoints=keypoints)).reason == reason
 
 
+def test_a_camera_s_detector_settings_round_trip():
+    header = frame_header(detect={"blazeface_width": 320, "min_size": 20})
+    got = decode(message(header.to_wire()))[0]
+    assert got.detect == {"blazeface_width": 320, "min_size": 20} and got == header
+    assert (
+        "detect" not in frame_header().to_wire() and decode(message(valid_wire(KIND_FRAME)))[0].detect == {}
+    )
+
+
+@pytest.mark.parametrize(
+    "detect, words",
+    [
+        ([320], "field 'detect' has type list"),
+        ({"colour": 1}, "detect.colour: not a detector setting"),
+        ({"blazeface_width": 300}, "detect.blazeface_width: must be a multiple of 32"),
+        ({"min_size": 0}, "detect.min_size: must be an integer from 1 to 2048"),
+        ({"detect_width": True}, "detect.detect_width: must be an integer"),
+        ({"detect_width": 1e9}, "detect.detect_width: must be an integer"),
+    ],
+)
+def test_bad_detector_settings_are_rejected_naming_the_setting(detect, words):
+    caught = rejected(mutated(KIND_FRAME, detect=detect))
+    assert caught.reason == "field" and words in caught.detail, caught.detail
+
+
 def test_flow_flag_round_trips_and_is_checked():
     flagged = message(frame_header(flow=True).to_wire())
     assert decode(flagged)[0].flow is True and protocol.flow_controlled(flagged)
@@ -925,7 +950,7 @@ def samples() -> list[tuple[Message, list[bytes]]]:
     assert [e.name for e in events] == list(EVENTS)
     return [
         (frame_header(), [jpeg_bytes(scene())]),
-        (frame_header(encoding=ENCODING_BGR, flow=True), [scene().tobytes()]),
+        (frame_header(encoding=ENCODING_BGR, flow=True, detect={"min_size": 40}), [scene().tobytes()]),
         (faces_header(flow=True, keypoints=KEYPOINTS), [bytes(16 * 16 * 3)] * 2),
         (result_header(), []),
         (

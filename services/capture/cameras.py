@@ -2,8 +2,8 @@
 CaptureService of its own, all sending on the process's two sockets.
 
 The file is read again whenever it changes (polled about once a second): a camera added
-starts, one removed or disabled stops, one whose source, fps, max_width or loop changed
-restarts; the others (and a camera only renamed or moved) are not touched. A wrong entry is
+starts, one removed or disabled stops, one whose source, fps, max_width, loop or detector
+settings changed restarts; the others (and a camera only renamed or moved) are not touched. A wrong entry is
 logged and reported, and the rest run. A source that fails or is missing is retried with
 backoff, files and folders too. With several capture replicas, each
 runs the cameras whose id hashes to its index (:func:`services.common.cameras.replica_of`).
@@ -94,6 +94,7 @@ class CameraWorker:
             fps=camera.fps,
             max_width=camera.max_width,
             loop=camera.loop,
+            detect=camera.detector,
             retry_files=True,
             exit_at_end=False,
             max_frames=0,

@@ -9,8 +9,11 @@ import cv2
 from services.common.protocol import ENCODING_BGR, Frame, encode
 
 
-def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int, flow: bool = False) -> list:
-    """One frame as a wire message (timestamped now); ``flow``: sent under flow control."""
+def encode_frame(
+    frame, stream: str, seq: int, encoding: str, quality: int, flow: bool = False, detect: tuple = ()
+) -> list:
+    """One frame as a wire message (timestamped now); ``flow``: sent under flow control;
+    ``detect``: the camera's own detector settings, (name, value) pairs."""
     height, width = frame.shape[:2]
     header = Frame(
         stream=stream,
@@ -20,6 +23,7 @@ def encode_frame(frame, stream: str, seq: int, encoding: str, quality: int, flow
         encoding=encoding,
         timestamps={"capture": time.time()},
         flow=flow,
+        detect=dict(detect),
     )
     if encoding == ENCODING_BGR:
         payload = frame if frame.flags.c_contiguous else frame.copy()

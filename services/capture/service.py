@@ -68,6 +68,7 @@ class CaptureSettings:
     in_flight_timeout_s: float = 1.0
     wait_ready_s: float = 120.0
     retry_files: bool = False  # inventory cameras: a file or folder that fails is retried too
+    detect: tuple[tuple[str, int], ...] = ()  # inventory cameras: their detector settings
 
 
 @dataclass
@@ -301,10 +302,10 @@ class CaptureService:
         answered = False
         if self.seq == 0 and waits and s.wait_ready_s > 0:
             answered = self.wait_until_answered(
-                lambda: encode_frame(frame, s.stream, 0, s.encoding, s.jpeg_quality)
+                lambda: encode_frame(frame, s.stream, 0, s.encoding, s.jpeg_quality, detect=s.detect)
             )
         parts = encode_frame(
-            frame, s.stream, self.seq, s.encoding, s.jpeg_quality, flow=self.flow is not None
+            frame, s.stream, self.seq, s.encoding, s.jpeg_quality, flow=self.flow is not None, detect=s.detect
         )
         self.frames_out.send_multipart(parts, copy=False)  # PUB: never blocks
         if not answered and not bus.send_nowait(self.detect_out, parts):

@@ -9,6 +9,8 @@
         max_width: 640            # optional: downscale wider frames (0 = never)
         loop: false               # optional: restart a file source at its end
         enabled: true             # optional: false keeps the entry but stops the camera
+        detector:                 # optional: the detector's options for this camera alone
+          blazeface_width: 320    #   also detect_width (Haar) and min_size
 
 Capture runs every enabled camera of the file and follows its edits; the recorder's API
 changes it (written back atomically, so a restart keeps the change). A bad entry is an
@@ -33,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from services.common.protocol import DETECT_SETTINGS, detect_setting_problem
+
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_TEXT = 200
 MAX_SOURCE = 2048
@@ -41,7 +45,7 @@ MAX_WIDTH = 8192
 MAX_CAMERAS = 1000
 MAX_FILE_BYTES = 1 << 20
 STATE_TIMEOUT_S = 1.0  # longest wait for a capture process's /cameras
-KEYS = ("id", "source", "name", "location", "fps", "max_width", "loop", "enabled")
+KEYS = ("id", "source", "name", "location", "fps", "max_width", "loop", "enabled", "detector")
 HEADER = (
     "# Camera inventory (docs/cameras.md). Capture follows edits of this file by itself;\n"
     "# the recorder's API (/api/cameras) rewrites it, so comments other than this one are lost.\n"
@@ -71,6 +75,7 @@ class Camera:
     max_width: int = 640
     loop: bool = False
     enabled: bool = True
+    detector: tuple[tuple[str, int], ...] = ()  # (setting, value), sorted: DETECT_SETTINGS
 
     @property
     def title(self) -> str:
@@ -80,15 +85,15 @@ class Camera:
     def runs_as(self) -> tuple:
         """What capture runs the camera with: a change here restarts it (a new name or
         location does not)."""
-        return (self.source, self.fps, self.max_width, self.loop, self.enabled)
+        return (self.source, self.fps, self.max_width, self.loop, self.enabled, self.detector)
 
     def as_dict(self) -> dict:
         """The entry as written to the file: the defaults left out, id and source first."""
         defaults = Camera("", "")
-        out = {"id": self.id, "source": self.source}
+        out: dict = {"id": self.id, "source": self.source}
         for key, value in asdict(self).items():
             if key not in out and value != getattr(defaults, key):
-                out[key] = value
+                out[key] = dict(value) if key == "detector" else value
         return out
 
 
@@ -139,6 +144,18 @@ def _flag(label: str, key: str, value) -> bool:
     return value
 
 
+def _detector(label: str, key: str, value) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, dict):
+        raise CameraError(
+            label, key, f"must be a map of the detector's settings ({', '.join(DETECT_SETTINGS)})"
+        )
+    for name, setting in value.items():
+        problem = detect_setting_problem(name, setting)
+        if problem:
+            raise CameraError(label, f"{key}.{str(name)[:40]}", problem)
+    return tuple(sorted(value.items()))
+
+
 def parse_camera(entry, index: int = 0) -> Camera:
     """One entry of the list as a Camera; CameraError names the camera and the field."""
     label = _label(entry, index)
@@ -176,6 +193,7 @@ def parse_camera(entry, index: int = 0) -> Camera:
         max_width=given("max_width", partial(_number, most=MAX_WIDTH, integer=True)),
         loop=given("loop", _flag),
         enabled=given("enabled", _flag),
+        detector=given("detector", _detector),
     )
 
 

@@ -84,6 +84,16 @@ REJECT_REASONS = (
 )
 
 
+# Per-camera detector settings a frame may carry (``detect``; the camera inventory's
+# ``detector:`` map): each overrides the detector option of the same name for that frame.
+# name -> (least, most, multiple of)
+DETECT_SETTINGS = {
+    "detect_width": (0, 8192, 1),  # Haar: width of the detection copy (0: full resolution)
+    "blazeface_width": (0, 1024, 32),  # BlazeFace: long side of the model's input (0: its own)
+    "min_size": (1, 2048, 1),  # smallest face side, in frame pixels
+}
+
+
 class Rejected(ValueError):
     """A message that is not accepted; ``reason`` is a short metric label."""
 
@@ -93,6 +103,29 @@ class Rejected(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def detect_setting_problem(name, value) -> str | None:
+    """Why ``value`` cannot be the detector setting ``name`` (DETECT_SETTINGS); None if it can."""
+    if name not in DETECT_SETTINGS:
+        return f"not a detector setting ({', '.join(DETECT_SETTINGS)})"
+    least, most, step = DETECT_SETTINGS[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+        return f"must be an integer from {least} to {most}, not {value!r:.40}"
+    if value % step:
+        return f"must be a multiple of {step}, not {value}"
+    return None
+
+
+def detect_settings(value) -> dict[str, int]:
+    """A frame's checked ``detect`` map; Rejected names the setting that is wrong."""
+    if not isinstance(value, dict):
+        raise Rejected("field", f"field 'detect' has type {type(value).__name__}")
+    for name, setting in value.items():
+        problem = detect_setting_problem(name, setting)
+        if problem:
+            raise Rejected("field", f"detect.{str(name)[:40]}: {problem}")
+    return dict(value)
 
 
 @dataclass
@@ -229,11 +262,14 @@ class Frame(Message):
 
     encoding: str = ENCODING_JPEG
     flow: bool = False  # the sender waits for each result (never superseded)
+    detect: dict[str, int] = field(default_factory=dict)  # the camera's detector settings
 
     def to_wire(self) -> dict:
         wire = {**super().to_wire(), "encoding": self.encoding}
         if self.flow:
             wire["flow"] = True
+        if self.detect:
+            wire["detect"] = self.detect
         return wire
 
     @classmethod
@@ -249,7 +285,8 @@ class Frame(Message):
             raise Rejected("size", f"raw payload of {size} bytes for {width}x{height}x3")
         if size == 0 or size > MAX_PAYLOAD_BYTES:
             raise Rejected("size", f"payload of {size} bytes")
-        return cls(**envelope, encoding=encoding, flow=flow)
+        detect = detect_settings(wire["detect"]) if "detect" in wire else {}
+        return cls(**envelope, encoding=encoding, flow=flow, detect=detect)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from services.common import bus
 from services.common.config import setup_logging
 from services.common.metrics import RejectLog, serve_metrics
 
-from .options import SERVICE, face_finder, parse_args, settings_from
+from .options import SERVICE, camera_finders, face_finder, parse_args, settings_from
 from .service import DetectorService
 
 
@@ -30,7 +30,16 @@ def main(argv=None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    DetectorService(finder, settings, frames_in, faces_out, stop, RejectLog(SERVICE, log), log).run()
+    DetectorService(
+        finder,
+        settings,
+        frames_in,
+        faces_out,
+        stop,
+        RejectLog(SERVICE, log),
+        log,
+        camera_finders=camera_finders(args, finder),
+    ).run()
     frames_in.close()
     faces_out.close()
     ctx.term()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+
 from services.common.config import config_error, service_parser, stream_timeout_option
 
 from .backends import BACKENDS, BlazeFaceBackend, Haar
@@ -135,9 +138,15 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def face_finder(args) -> FaceFinder:
-    """The FaceFinder of the chosen backend; exits 78 naming the file when its model or
-    cascade cannot be loaded."""
+# The per-camera settings (a frame's ``detect``) each backend uses; others do not apply to it.
+CAMERA_SETTINGS = {"haar": ("detect_width", "min_size"), "blazeface": ("blazeface_width", "min_size")}
+
+
+def build_finder(args, overrides: dict | None = None) -> FaceFinder:
+    """The FaceFinder of the chosen backend, with ``overrides`` (a camera's settings, named
+    as the options) in place of the options; raises ModelError, RuntimeError or ValueError."""
+    if overrides:
+        args = argparse.Namespace(**{**vars(args), **overrides})
     settings = DetectorSettings(
         args.scale_factor,
         args.min_neighbors,
@@ -151,20 +160,39 @@ def face_finder(args) -> FaceFinder:
     regions = RegionSettings(
         args.full_scan_every, args.full_scan_ms, args.region_grow, face_px=args.region_face_px
     )
+    if args.detector == "blazeface":
+        backend = BlazeFaceBackend(
+            args.blazeface_model, args.blazeface_score, args.min_size, args.blazeface_width
+        )
+    else:
+        backend = Haar(load_cascade(args.cascade), settings, regions.face_px, regions.size_step)
+    return FaceFinder(backend, settings, regions)
+
+
+def face_finder(args) -> FaceFinder:
+    """The detector's own FaceFinder; exits 78 naming the option, or the file when its model
+    or cascade cannot be loaded."""
     if args.opencv_threads < 1:
         config_error(SERVICE, f"--opencv-threads {args.opencv_threads} must be at least 1")
     if not 0.0 < args.blazeface_score < 1.0:
         config_error(SERVICE, f"--blazeface-score {args.blazeface_score} is not between 0 and 1")
     try:
-        if args.detector == "blazeface":
-            backend = BlazeFaceBackend(
-                args.blazeface_model, args.blazeface_score, args.min_size, args.blazeface_width
-            )
-        else:
-            backend = Haar(load_cascade(args.cascade), settings, regions.face_px, regions.size_step)
+        return build_finder(args)
     except (ModelError, RuntimeError) as exc:
         config_error(SERVICE, str(exc))
-    return FaceFinder(backend, settings, regions)
+
+
+def camera_finders(args, default: FaceFinder) -> Callable[[dict], FaceFinder]:
+    """What makes the FaceFinder for a camera's own settings (a frame's ``detect``): those
+    that apply to the chosen backend, in place of the options; the detector's own finder
+    when none applies."""
+    names = CAMERA_SETTINGS[args.detector]
+
+    def make(detect: dict) -> FaceFinder:
+        overrides = {name: value for name, value in detect.items() if name in names}
+        return build_finder(args, overrides) if overrides else default
+
+    return make
 
 
 def settings_from(args) -> IntakeSettings:

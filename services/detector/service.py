@@ -10,6 +10,8 @@ import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -33,6 +35,7 @@ from services.common.protocol import (
     is_job,
 )
 
+from .blazeface import ModelError
 from .faces import crop_faces
 from .regions import FULL, REGION, RESCAN, FaceFinder
 
@@ -107,6 +110,41 @@ def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = 
     return encode(out, list(crops))
 
 
+class CameraFinders:
+    """The FaceFinder for each frame: the detector's own, or one made for the settings a
+    camera of the inventory carries in its frames (``detect``, docs/cameras.md), each
+    with its own regions; the MAX most recently used are kept. Settings this detector cannot
+    use (a width its model does not take) are logged once and its own finder serves them."""
+
+    MAX = 8
+
+    def __init__(self, default: FaceFinder, make: Callable[[dict], FaceFinder] | None = None, log=None):
+        self.default, self._make = default, make
+        self._made: OrderedDict[tuple, FaceFinder] = OrderedDict()
+        self.log = log or logging.getLogger(SERVICE)
+
+    def for_frame(self, detect: dict) -> FaceFinder:
+        if not detect or self._make is None:
+            return self.default
+        key = tuple(sorted(detect.items()))
+        finder = self._made.pop(key, None)
+        if finder is None:
+            try:
+                finder = self._make(detect)
+            except (ModelError, RuntimeError, ValueError) as exc:
+                self.log.warning(
+                    "camera detector settings %s cannot be used, the detector's own serve: %s", detect, exc
+                )
+                finder = self.default
+        self._made[key] = finder
+        if len(self._made) > self.MAX:
+            self._made.popitem(last=False)
+        return finder
+
+    def all(self) -> list[FaceFinder]:
+        return [self.default, *(f for f in self._made.values() if f is not self.default)]
+
+
 class NewestFrames:
     """Takes every frame waiting on the socket and keeps only the newest of each stream.
 
@@ -176,11 +214,13 @@ class DetectorService:
         stop: threading.Event,
         rejects,
         log: logging.Logger | None = None,
+        camera_finders: Callable[[dict], FaceFinder] | None = None,
     ):
         self.finder, self.settings = finder, settings
         self.frames_in, self.faces_out, self.stop = frames_in, faces_out, stop
         self._rejects = rejects
         self.log = log or logging.getLogger(SERVICE)
+        self.finders = CameraFinders(finder, camera_finders, self.log)
         for kind in (FULL, REGION, RESCAN):
             SCANS.labels(kind)
 
@@ -204,10 +244,9 @@ class DetectorService:
 
     def forget_silent(self) -> int:
         """Forget the regions of streams silent for the stream timeout; counted."""
-        before = self.finder.forgotten
-        self.finder.forget_silent(self.settings.stream_timeout_s)
-        EVICTED.inc(self.finder.forgotten - before)
-        return self.finder.forgotten - before
+        gone = sum(finder.forget_silent(self.settings.stream_timeout_s) for finder in self.finders.all())
+        EVICTED.inc(gone)
+        return gone
 
     def handle(self, parts: list) -> None:
         """One frame message in, its faces message out (or a drop, or a rejection)."""
@@ -218,7 +257,8 @@ class DetectorService:
             if s.max_age_s and not is_job(header.stream) and bus.age_seconds(header.timestamps) > s.max_age_s:
                 drop(SERVICE, "stale")
                 return
-            out = faces_message(header, payloads[0], self.finder, s.max_pixels)
+            finder = self.finders.for_frame(header.detect)
+            out = faces_message(header, payloads[0], finder, s.max_pixels)
         except Rejected as exc:
             self._rejects(exc)
             return

@@ -65,7 +65,7 @@ def camera_view(camera: Camera, live: dict | None) -> dict:
             frames=int(live.get("frames", 0)),
             last_error=redact(str(live.get("last_error", ""))),
         )
-    return {**asdict(camera), "source": redact(camera.source), **state}
+    return {**asdict(camera), "source": redact(camera.source), "detector": dict(camera.detector), **state}
 
 
 def add_camera_routes(
