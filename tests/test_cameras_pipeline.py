@@ -1,6 +1,7 @@
 """A real pipeline (broker, detector, classifier, viewer) with capture running an inventory
 file as its own process: a camera added and one removed while two others keep their labels
-coming, a wrong entry beside them, and the live states capture serves at /cameras."""
+coming, a wrong entry beside them, one camera's own detector settings applied to its frames
+only, and the live states capture serves at /cameras."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def labelled(collector: Collector, stream: str, since: float = 0.0) -> list[floa
     return [t for t, header in list(collector.arrivals) if header.stream == stream and t >= since]
 
 
+def faces_of(collector: Collector, stream: str) -> int:
+    return sum(len(header.results) for _, header in list(collector.arrivals) if header.stream == stream)
+
+
 def max_gap(times: list[float], start: float, end: float) -> float:
     points = [start, *(t for t in times if start <= t <= end), end]
     return max(b - a for a, b in zip(points, points[1:], strict=False))
@@ -36,6 +41,7 @@ def max_gap(times: list[float], start: float, end: float) -> float:
 def test_cameras_come_and_go_while_the_others_keep_their_labels(tmp_path, tiny_registry):
     inventory = tmp_path / "cameras.yml"
     a, b, c = ({"id": name, "source": "demo", "fps": 5} for name in ("a", "b", "c"))
+    b["detector"] = {"min_size": 2000}  # b's own detector settings: no face is that large
     write(inventory, a, b, {"id": "bad", "source": "demo", "max_width": "wide"})
     pipeline = Pipeline(tmp_path, tiny_registry)
     results, frames = Collector(pipeline.addr, "results"), Collector(pipeline.addr, "frames")
@@ -48,6 +54,8 @@ def test_cameras_come_and_go_while_the_others_keep_their_labels(tmp_path, tiny_r
         report = json.loads(http_get(url))
         assert report["errors"] == ["camera 'bad': max_width: must be an integer from 0 to 8192, not 'wide'"]
         assert {cam["id"]: cam["state"] for cam in report["cameras"]} == {"a": "up", "b": "up"}
+        wait_for(lambda: faces_of(results, "a"), 20, what="a face on camera a")
+        assert labelled(results, "b") and not faces_of(results, "b"), "b's min_size was not applied"
 
         added = time.monotonic()
         write(inventory, a, b, c)
