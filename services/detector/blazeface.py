@@ -13,6 +13,15 @@ Each model gives, per anchor, a score and 16 numbers: the box (centre x, centre 
 height) and six keypoints (x, y), in input pixels relative to the anchor's centre. The
 keypoints, from the person's point of view: right eye, left eye, nose tip, mouth centre,
 right ear tragion, left ear tragion.
+
+Both networks are convolutional, so they also run on inputs of other shapes and sizes
+(``input_shape``): a wide frame goes in with a thinner grey band above and below it than a
+square letterbox leaves (640x360 as 192x160: a sixth less work for the same faces), and
+its long side can be larger than the model's own (``width``), so that smaller faces are
+found (at 320, a 640 px frame's faces down to about 20 px; bench/results/detection.md).
+The full-range model upsamples to fixed sizes, so ``reshaped_model`` rebuilds it for each
+input shape (its three resize sizes scaled); the short-range model only needs its input
+resized. Each shape gets its own interpreter, made the first time a picture needs it.
 """
 
 from __future__ import annotations
