@@ -3,9 +3,9 @@ CaptureService of its own, all sending on the process's two sockets.
 
 The file is read again whenever it changes (polled about once a second): a camera added
 starts, one removed or disabled stops, one whose source, fps, max_width, loop or detector
-settings changed restarts; the others (and a camera only renamed or moved) are not touched. A wrong entry is
-logged and reported, and the rest run. A source that fails or is missing is retried with
-backoff, files and folders too. With several capture replicas, each
+settings changed restarts; the others (and a camera only renamed or moved) are not
+touched. A wrong entry is logged and reported, and the rest run. A source that fails or is
+missing is retried with backoff, files and folders too. With several capture replicas, each
 runs the cameras whose id hashes to its index (:func:`services.common.cameras.replica_of`).
 """
 

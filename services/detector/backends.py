@@ -132,8 +132,8 @@ class BlazeFaceBackend:
             self.frame_model if self.frame_model.width == 128 else BlazeFace("short", min_score)
         )
         self.min_size = min_size
-        height, width = input_shape(self.frame_model.spec, 9, 16, self.frame_model.width)
-        self.max_regions = max(1, int(self.FRAME_IN_REGIONS * height * width / self.REFERENCE_INPUT))
+        rows, cols = input_shape(self.frame_model.spec, 9, 16, self.frame_model.width)
+        self.max_regions = max(1, int(self.FRAME_IN_REGIONS * rows * cols / self.REFERENCE_INPUT))
 
     def copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         return image, 1.0

@@ -219,13 +219,19 @@ class Detection:
     score: float
 
 
+def interpreter_of(content: bytes):
+    """A LiteRT interpreter (one thread) of a model file's ``content``."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=content, num_threads=1)
+
+
 class Runner:
-    """One LiteRT interpreter (one thread) of a model at one input shape, with its anchors."""
+    """One LiteRT interpreter of a model at one input shape (height x width), with its
+    anchors; ValueError when the model is not a BlazeFace model of that shape."""
 
-    def __init__(self, content: bytes, height: int, width: int, layers):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_content=content, num_threads=1)
+    def __init__(self, interpreter, height: int, width: int, layers):
+        self.interpreter = interpreter
         self.interpreter.allocate_tensors()
         (inp,) = self.interpreter.get_input_details()
         outputs = sorted(self.interpreter.get_output_details(), key=lambda d: -int(d["shape"][-1]))
@@ -271,17 +277,15 @@ class BlazeFace:
             raise ModelError(f"BlazeFace model file {path} does not exist")
         content = path.read_bytes()
         try:
-            from ai_edge_litert.interpreter import Interpreter
-
-            probe = Interpreter(model_content=content, num_threads=1)
-            size = int(probe.get_input_details()[0]["shape"][1])
+            interpreter = interpreter_of(content)
+            size = int(interpreter.get_input_details()[0]["shape"][1])
         except Exception as exc:  # LiteRT raises ValueError/RuntimeError for a bad file
             raise ModelError(f"BlazeFace model file {path} cannot be loaded: {exc}") from exc
         spec = SPEC_BY_SIZE.get(size)
         try:
             if spec is None:
                 raise ValueError("not a BlazeFace short or full range model")
-            square = Runner(content, size, size, spec.layers)
+            square = Runner(interpreter, size, size, spec.layers)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(
                 f"BlazeFace model file {path} is not a BlazeFace short or full range model"
@@ -303,7 +307,7 @@ class BlazeFace:
         if found is None:
             try:
                 content = reshaped_model(self._content, self.size, height, width)
-                found = Runner(content, height, width, self.spec.layers)
+                found = Runner(interpreter_of(content), height, width, self.spec.layers)
             except (ValueError, RuntimeError):
                 found = self._runners[(self.size, self.size)]
             self._runners[(height, width)] = found
