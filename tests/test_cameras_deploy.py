@@ -4,13 +4,15 @@ chart renders the values' cameras into a ConfigMap capture and the recorder moun
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from services.common.cameras import parse_inventory, read_inventory
+from services.common.cameras import KEYS, parse_inventory, read_inventory
+from services.common.protocol import DETECT_SETTINGS
 from tests.helm.test_chart import CHART, HELM
 from tests.support import ROOT
 
@@ -19,6 +21,17 @@ from tests.support import ROOT
 def test_the_shipped_inventories_are_valid(path):
     inventory = read_inventory(ROOT / path)
     assert inventory.errors == () and len([c for c in inventory.cameras if c.enabled]) == 3
+
+
+def test_the_chart_s_values_schema_takes_every_camera_key_and_detector_setting():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    camera = schema["properties"]["cameras"]["items"]
+    assert set(camera["properties"]) == set(KEYS) and camera["additionalProperties"] is False
+    settings = camera["properties"]["detector"]["properties"]
+    assert set(settings) == set(DETECT_SETTINGS)
+    for name, (least, most, step) in DETECT_SETTINGS.items():
+        assert (settings[name]["minimum"], settings[name]["maximum"]) == (least, most), name
+        assert settings[name].get("multipleOf", 1) == step, name
 
 
 def test_compose_mounts_the_inventory_for_capture_and_the_recorder():
@@ -58,6 +71,7 @@ def test_the_chart_renders_the_cameras_into_a_config_map():
     )
     inventory = parse_inventory(config_map["data"]["cameras.yml"])
     assert inventory.errors == () and [c.id for c in inventory.cameras] == ["entrance", "lobby", "lab"]
+    assert inventory.get("lobby").detector == (("blazeface_width", 320), ("min_size", 20))
     pods = {
         d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["spec"]
         for d in documents

@@ -143,6 +143,11 @@ def test_values_schema_refuses_typos_and_wrong_values():
         ("keda.detector.threshold=lots", "pattern"),
         ("image.base.digest=latest", "pattern"),
         ("detector.backend=yolo", "must be one of"),
+        (
+            "cameras[0].id=a,cameras[0].source=demo,cameras[0].detector.blazeface_width=100",
+            "multipleOf: got 100, want 32",
+        ),
+        ("cameras[0].id=a,cameras[0].source=demo,cameras[0].detector.width=320", "additional properties"),
     ):
         result = helm(
             "template", RELEASE, str(CHART), "--set", "curve.enabled=false", "--set", setting, check=False
