@@ -143,6 +143,7 @@ def test_values_schema_refuses_typos_and_wrong_values():
         ("keda.detector.threshold=lots", "pattern"),
         ("image.base.digest=latest", "pattern"),
         ("detector.backend=yolo", "must be one of"),
+        ("detector.blazefaceWidth=300", "multipleOf: got 300, want 32"),
         (
             "cameras[0].id=a,cameras[0].source=demo,cameras[0].detector.blazeface_width=100",
             "multipleOf: got 100, want 32",
@@ -217,14 +218,19 @@ def test_every_component_as_in_compose(rendered):
 
 
 def test_detector_backend_setting(rendered):
-    """detector.backend becomes the detectors' EMOTION_DETECTOR: haar unless set."""
+    """detector.backend and detector.blazefaceWidth become the detectors' EMOTION_DETECTOR
+    and EMOTION_BLAZEFACE_WIDTH: haar and 0 unless set."""
 
-    def backend(text: str) -> str:
+    def env(text: str) -> dict:
         pod = deployments(list(_parse(text)))["detector"]["spec"]["template"]["spec"]
-        return {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}["EMOTION_DETECTOR"]
+        return {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
 
-    assert backend(rendered["default"].read_text()) == "haar"
-    assert backend(template("default", "--set", "detector.backend=blazeface")) == "blazeface"
+    defaults = env(rendered["default"].read_text())
+    assert (defaults["EMOTION_DETECTOR"], defaults["EMOTION_BLAZEFACE_WIDTH"]) == ("haar", "0")
+    chosen = env(
+        template("default", "--set", "detector.backend=blazeface", "--set", "detector.blazefaceWidth=320")
+    )
+    assert (chosen["EMOTION_DETECTOR"], chosen["EMOTION_BLAZEFACE_WIDTH"]) == ("blazeface", "320")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
