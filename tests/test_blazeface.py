@@ -290,6 +290,8 @@ def test_a_wider_input_finds_a_face_too_small_for_the_model_s_own():
     backend = BlazeFaceBackend("full", min_size=16, width=384)
     assert [face.box for face in backend.scan(frame, 1.0)] == [found.box]
     assert backend.region_model.width == 128  # regions stay at the short model's own size
+    # one model per (model, score, width) in a process, shared by cameras' own settings
+    assert BlazeFaceBackend("full", min_size=40, width=384).frame_model is backend.frame_model
     # the whole frame costs more, so regions pay for more faces (two at the model's own size)
     assert (backend.max_regions, BlazeFaceBackend("full").max_regions) == (8, 2)
     (large,) = wide.detect(small_face_in_a_wide_frame(120))

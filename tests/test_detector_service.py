@@ -17,7 +17,7 @@ from services.detector import options as detector_options
 from services.detector.backends import BlazeFaceBackend
 from services.detector.faces import DetectorSettings, load_cascade
 from services.detector.regions import FaceFinder
-from services.detector.service import DetectorService, IntakeSettings, NewestFrames
+from services.detector.service import CameraFinders, DetectorService, IntakeSettings, NewestFrames
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +199,23 @@ def test_a_camera_s_own_settings_apply_to_its_frames_only(portrait):
         for sock in (frames_in, faces_out, send, receive):
             sock.close(linger=0)
         ctx.term()
+
+
+def test_settings_past_the_most_are_served_by_the_detector_s_own_finder():
+    """Each camera setting gets one finder, made once; past MAX of them the detector's own
+    serves the rest instead of finders being made and dropped frame after frame."""
+    cascade = load_cascade()
+    made = []
+
+    def make(detect):
+        made.append(detect)
+        return FaceFinder(cascade, DetectorSettings(min_size=detect["min_size"]))
+
+    default = FaceFinder(cascade, DetectorSettings())
+    finders = CameraFinders(default, make)
+    most = CameraFinders.MAX
+    served = [finders.for_frame({"min_size": 10 + i}) for i in range(most + 5)]
+    assert served[0] is not default and served[most - 1] is not default
+    assert all(finder is default for finder in served[most:])
+    assert finders.for_frame({"min_size": 10}) is served[0] and finders.for_frame({}) is default
+    assert len(made) == most and len(finders.all()) == most + 1

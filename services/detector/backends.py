@@ -10,6 +10,7 @@ out (so the full scan of the rest of a frame finds only new faces).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
 import cv2
@@ -113,6 +114,14 @@ class Haar:
         ]
 
 
+@functools.lru_cache(maxsize=16)
+def shared_model(name: str, min_score: float, width: int) -> BlazeFace:
+    """One BlazeFace model per (name, score, width) in a process: the backends made for
+    cameras' own settings (service.CameraFinders) share their models instead of each loading
+    them again."""
+    return BlazeFace(name, min_score, width)
+
+
 class BlazeFaceBackend:
     """BlazeFace (blazeface.py) on the frame itself: the chosen model (``full`` by default)
     over the whole frame, the short-range model over each region around a known face (the
@@ -127,9 +136,9 @@ class BlazeFaceBackend:
     REFERENCE_INPUT = 192 * 160
 
     def __init__(self, model: str = "full", min_score: float = 0.5, min_size: int = 30, width: int = 0):
-        self.frame_model = BlazeFace(model, min_score, width)
+        self.frame_model = shared_model(model, min_score, width)
         self.region_model = (
-            self.frame_model if self.frame_model.width == 128 else BlazeFace("short", min_score)
+            self.frame_model if self.frame_model.width == 128 else shared_model("short", min_score, 0)
         )
         self.min_size = min_size
         rows, cols = input_shape(self.frame_model.spec, 9, 16, self.frame_model.width)

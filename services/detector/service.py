@@ -10,7 +10,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,32 +112,41 @@ def faces_message(header: Frame, payload, finder: FaceFinder, max_pixels: int = 
 class CameraFinders:
     """The FaceFinder for each frame: the detector's own, or one made for the settings a
     camera of the inventory carries in its frames (``detect``, docs/cameras.md), each
-    with its own regions; the MAX most recently used are kept. Settings this detector cannot
-    use (a width its model does not take) are logged once and its own finder serves them."""
+    with its own regions. Settings this detector cannot use (a width its model does not
+    take) are logged once and its own finder serves them; so are settings met after MAX
+    others (a finder is kept, not rebuilt, so a site with many settings costs memory, never
+    a model load per frame)."""
 
-    MAX = 8
+    MAX = 32
 
     def __init__(self, default: FaceFinder, make: Callable[[dict], FaceFinder] | None = None, log=None):
         self.default, self._make = default, make
-        self._made: OrderedDict[tuple, FaceFinder] = OrderedDict()
+        self._made: dict[tuple, FaceFinder] = {}
+        self._warned_full = False
         self.log = log or logging.getLogger(SERVICE)
 
     def for_frame(self, detect: dict) -> FaceFinder:
         if not detect or self._make is None:
             return self.default
         key = tuple(sorted(detect.items()))
-        finder = self._made.pop(key, None)
-        if finder is None:
-            try:
-                finder = self._make(detect)
-            except (ModelError, RuntimeError, ValueError) as exc:
+        finder = self._made.get(key)
+        if finder is not None:
+            return finder
+        if len(self._made) >= self.MAX:
+            if len(self._made) == self.MAX:
                 self.log.warning(
-                    "camera detector settings %s cannot be used, the detector's own serve: %s", detect, exc
+                    "more than %d camera detector settings: the detector's own serve the rest", self.MAX
                 )
-                finder = self.default
+                self._made[("more than MAX",)] = self.default
+            return self.default
+        try:
+            finder = self._make(detect)
+        except (ModelError, RuntimeError, ValueError) as exc:
+            self.log.warning(
+                "camera detector settings %s cannot be used, the detector's own serve: %s", detect, exc
+            )
+            finder = self.default
         self._made[key] = finder
-        if len(self._made) > self.MAX:
-            self._made.popitem(last=False)
         return finder
 
     def all(self) -> list[FaceFinder]:
