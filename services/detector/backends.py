@@ -128,10 +128,11 @@ class BlazeFaceBackend:
     face fills about half of a region: the short model's range, at its 128x128 input)."""
 
     name = "blazeface"
-    # A whole 16:9 frame at the full-range model's own size (192x160) costs 2.5 regions (one
-    # short-range invoke each, 128x128): 4.0 against 1.6 ms, bench/results/detector_backends.md
-    # (at 1280x720 with four faces, regions 10.1 ms a frame against 5.8 whole). So regions pay
-    # for up to two faces there, and for more as --blazeface-width makes the frame's input larger.
+    # A whole 16:9 frame at the full-range model's own size (192x160) costs about 2.5 regions
+    # (one short-range invoke each, 128x128): 2.75 against 1.13 ms in
+    # bench/results/detector_backends.md, 4.0 against 1.6 on a busier host (at 1280x720 with
+    # four faces, regions 7.4 ms a frame against 4.0 whole). So regions pay for up to two
+    # faces there, and for more as --blazeface-width makes the frame's input larger.
     FRAME_IN_REGIONS = 2.5
     REFERENCE_INPUT = 192 * 160
 
