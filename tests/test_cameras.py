@@ -233,6 +233,11 @@ def test_a_file_is_checked_from_the_command_line(tmp_path, capsys):
         "lab: clips/woman2.mp4",
         "spare: 0 (disabled)",
     ]
+    path.write_text(GOOD + "  - {id: hall, source: demo, detector: {min_size: 20, blazeface_width: 320}}\n")
+    assert main([str(path)]) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[-1] == "hall: demo (detector: blazeface_width 320, min_size 20)"
+    )
     path.write_text(GOOD + "  - {id: x, source: demo, fps: fast}\n")
     assert main([str(path)]) == 1
     assert (

@@ -381,7 +381,9 @@ def main(argv=None) -> int:
         return 78
     for camera in inventory.cameras:
         state = "" if camera.enabled else " (disabled)"
-        print(f"{camera.id}: {redact(camera.source)}{state}")
+        own = ", ".join(f"{name} {value}" for name, value in camera.detector)
+        settings = f" (detector: {own})" if own else ""
+        print(f"{camera.id}: {redact(camera.source)}{state}{settings}")
     for error in inventory.errors:
         print(error)
     return 1 if inventory.errors else 0
