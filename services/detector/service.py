@@ -133,11 +133,11 @@ class CameraFinders:
         if finder is not None:
             return finder
         if len(self._made) >= self.MAX:
-            if len(self._made) == self.MAX:
+            if not self._warned_full:
+                self._warned_full = True
                 self.log.warning(
                     "more than %d camera detector settings: the detector's own serve the rest", self.MAX
                 )
-                self._made[("more than MAX",)] = self.default
             return self.default
         try:
             finder = self._make(detect)
