@@ -14,7 +14,8 @@ A backend is a small adapter, ``detect(image_bgr) -> list[(x, y, w, h, score)]``
 the detector's own code (services/detector/faces.py) at detection widths 320 (the
 default), 480 and the full frame; BlazeFace (short range, and full range with the long side
 of its input at 192, 256, 320 and 384 px) runs the detector's
-BlazeFace backend when it is importable, and is skipped with a note otherwise.
+BlazeFace backend on the whole frame (its small faces' second look included) when it is
+importable, and is skipped with a note otherwise.
 
 Writes bench/results/detection.json and detection.md.
 """
@@ -75,23 +76,28 @@ def blazeface_backends() -> tuple[list[Backend], str | None]:
     """The detector's BlazeFace backend: short range, and full range with the long side of
     its input at the model's own 192 px and larger (--blazeface-width); or why it cannot run."""
     try:
-        from services.detector.blazeface import BlazeFace
+        from services.detector.backends import BlazeFaceBackend
+        from services.detector.blazeface import SMALL_INPUT_PX
     except ImportError as exc:
         return [], f"BlazeFace skipped: the detector has no BlazeFace backend here ({exc})"
     backends = []
     for model, width in (("short", 0), ("full", 0), ("full", 256), ("full", 320), ("full", 384)):
         try:
-            net = BlazeFace(model, width=width)
+            backend = BlazeFaceBackend(model, width=width)
         except Exception as exc:  # a missing model file or runtime: report, run the rest
             return backends, f"BlazeFace {model} skipped: {exc}"
 
-        def detect(image, net=net):
-            return [(*d.box, d.score) for d in net.detect(image)]
+        def detect(image, backend=backend):
+            return [(*d.box, d.score) for d in backend.detections(image)]
 
+        net = backend.frame_model
         name = f"blazeface, {model}" + (f" at {width} px" if width else "")
         backends.append(
             Backend(
-                name, detect, f"{model} range, min score {net.min_score}, input's long side {net.width} px"
+                name,
+                detect,
+                f"{model} range, min score {net.min_score}, input's long side {net.width} px, "
+                f"faces under {SMALL_INPUT_PX} input px looked at again by the short range model",
             )
         )
     return backends, None

@@ -59,11 +59,11 @@ def per_tile(boxes, shape) -> dict:
 def detectors() -> dict:
     """name -> boxes of a frame, on the whole frame."""
     cascade = load_cascade()
-    full, short = BlazeFace("full"), BlazeFace("short")
+    full, short = BlazeFaceBackend("full"), BlazeFaceBackend("short")
     return {
         "haar (320 px)": lambda f: detect_faces(f, cascade, SETTINGS),
-        "blazeface full": lambda f: [d.box for d in full.detect(f)],
-        "blazeface short": lambda f: [d.box for d in short.detect(f)],
+        "blazeface full": lambda f: [d.box for d in full.detections(f)],
+        "blazeface short": lambda f: [d.box for d in short.detections(f)],
     }
 
 

@@ -18,13 +18,16 @@ from services.detector import options as detector_options
 from services.detector.backends import BlazeFaceBackend
 from services.detector.blazeface import (
     MODELS,
+    SECOND_LOOKS,
     BlazeFace,
+    Detection,
     ModelError,
     decode,
     haar_framing,
     input_shape,
     model_path,
     scores_of,
+    second_look,
     ssd_anchors,
     weighted_nms,
 )
@@ -297,6 +300,44 @@ def test_a_wider_input_finds_a_face_too_small_for_the_model_s_own():
     (large,) = wide.detect(small_face_in_a_wide_frame(120))
     assert large.score > 0.5
     assert wide.detect(cv2.imread(str(media("no-faces.jpg")))) == []
+
+
+def test_a_small_face_gets_a_second_look_that_frames_it_closer():
+    side = 39  # 11.7 px in the full-range model's 192 px input: under SMALL_INPUT_PX
+    frame = small_face_in_a_wide_frame(side)
+    (face,) = BlazeFace("full").detect(cv2.imread(str(media("justin.jpg"))))
+    scale = side / face.box[2]
+    truth = (100 + face.box[0] * scale, face.box[1] * scale, side, face.box[3] * scale)
+    full, short = BlazeFace("full"), BlazeFace("short")
+    (first,) = full.detect(frame)
+    (closer,) = full.detect(frame, closer=short)
+    assert iou(closer.box, truth) >= 0.8 and iou(closer.box, truth) > iou(first.box, truth), (first, closer)
+    assert closer.score == first.score  # found by the full-range model, at its score
+    x, y, w, h = closer.box
+    assert all(x <= px <= x + w and y <= py <= y + h for px, py in closer.keypoints[:4])
+    backend = BlazeFaceBackend("full", min_size=16)
+    assert [face.box for face in backend.scan(frame, 1.0)] == [closer.box]
+
+
+def test_only_the_smallest_faces_get_a_second_look_and_a_face_it_misses_keeps_its_box():
+    class Closer:
+        """Records the crops it is shown, finds nothing in them."""
+
+        def __init__(self):
+            self.crops = []
+
+        def detect(self, image):
+            self.crops.append(image.shape[:2])
+            return []
+
+    image = np.zeros((360, 640, 3), np.uint8)
+    found = [Detection((40 * i, 100, 20 + i, 20 + i), ((0, 0),) * 6, 0.9) for i in range(6)]
+    found.append(Detection((300, 100, 200, 200), ((0, 0),) * 6, 0.9))
+    closer = Closer()
+    assert second_look(image, found, 0.3, closer) == found
+    # 0.3 input px per image px: faces under 40 px are small; the smallest SECOND_LOOKS of
+    # them, each in a crop three times its side
+    assert closer.crops == [(3 * (20 + i), 3 * (20 + i)) for i in range(SECOND_LOOKS)]
 
 
 @pytest.mark.parametrize("width", ["100", "2048", "-32"])

@@ -16,7 +16,7 @@ from typing import NamedTuple, Protocol
 import cv2
 import numpy as np
 
-from .blazeface import BlazeFace, input_shape
+from .blazeface import BlazeFace, Detection, input_shape
 from .faces import DetectorSettings, detection_copy, scan
 
 Box = tuple[int, int, int, int]
@@ -148,8 +148,13 @@ class BlazeFaceBackend:
     def copy(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         return image, 1.0
 
+    def detections(self, image: np.ndarray) -> list[Detection]:
+        """The frame model's faces in the whole image, with their scores, the smallest given a
+        second look by the region model (blazeface.second_look)."""
+        return self.frame_model.detect(image, closer=self.region_model)
+
     def scan(self, copy: np.ndarray, scale: float) -> list[Face]:
-        return self._faces(self.frame_model.detect(copy), 0, 0)
+        return self._faces(self.detections(copy), 0, 0)
 
     def rest(self, copy: np.ndarray, rects) -> np.ndarray:
         """The whole frame: BlazeFace costs the same on any picture, and a blanked patch's
