@@ -127,6 +127,21 @@ def test_restart_resize_and_streams_are_kept_apart(cascade, face):
     assert finder.find("a", 3, 0.1, cv2.resize(frame, (480, 200)))[1] == FULL  # new size
 
 
+def test_streams_started_together_take_turns_for_their_full_scans(cascade):
+    finder = FaceFinder(cascade, SETTINGS)  # full scans every 8 frames or 250 ms
+    empty = np.full((360, 640, 3), 128, np.uint8)
+    streams = [f"cam{i}" for i in range(4)]
+    kinds = {s: [] for s in streams}
+    for seq in range(33):  # 15 fps cameras whose frames come together, as one capture sends them
+        for stream in streams:
+            kinds[stream].append(finder.find(stream, seq, 100.0 + seq / 15, empty)[1])
+    per_frame = [sum(kinds[s][seq] == FULL for s in streams) for seq in range(1, 33)]
+    assert max(per_frame) == 1, per_frame  # never two on the same frame
+    for stream in streams:  # and each stream still scanned whole every 250 ms (4 frames)
+        full = [seq for seq, kind in enumerate(kinds[stream]) if kind == FULL]
+        assert full[0] == 0 and max(b - a for a, b in zip(full, full[1:])) == 4, (stream, full)
+
+
 def test_memory_is_bounded(cascade):
     finder = FaceFinder(cascade, SETTINGS)
     small = np.zeros((40, 40, 3), np.uint8)
