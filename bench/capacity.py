@@ -199,6 +199,11 @@ def stop_captures(pipeline, names) -> None:
         pipeline.ports.pop(name, None)
 
 
+def capture_nice(args) -> tuple[str, ...]:
+    """Capture's --nice when the run sets one (else capture's own default)."""
+    return () if args.capture_nice is None else ("--nice", str(args.capture_nice))
+
+
 def wait_streams(collector: ResultsCollector, streams: list[str], since: float, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -219,7 +224,15 @@ def run_detector(detector: str, args, registry: Path, clip: Path, work: Path) ->
             write_inventory(inventory, clip, n)
             name = f"capture#n{n}"
             since = time.time()
-            pipeline.start(name, "--cameras", str(inventory), "--cameras-poll-s", "0.2", *CAPTURE_ARGS)
+            pipeline.start(
+                name,
+                "--cameras",
+                str(inventory),
+                "--cameras-poll-s",
+                "0.2",
+                *capture_nice(args),
+                *CAPTURE_ARGS,
+            )
             halt = threading.Event()
             try:
                 wait_streams(collector, streams, since)
@@ -257,7 +270,7 @@ def compare_processes(pipeline, collector, inventory: Path, clip: Path, args) ->
     out = {}
     write_inventory(inventory, clip, n)
     since = time.time()
-    pipeline.start("capture#inventory", "--cameras", str(inventory), *CAPTURE_ARGS)
+    pipeline.start("capture#inventory", "--cameras", str(inventory), *capture_nice(args), *CAPTURE_ARGS)
     try:
         wait_streams(collector, streams, since)
         out["one process, a thread per camera"] = window(
@@ -269,7 +282,16 @@ def compare_processes(pipeline, collector, inventory: Path, clip: Path, args) ->
     since = time.time()
     for i, name in enumerate(names):
         pipeline.start(
-            name, "--source", str(clip), "--stream", streams[i], "--fps", str(FPS), "--loop", *CAPTURE_ARGS
+            name,
+            "--source",
+            str(clip),
+            "--stream",
+            streams[i],
+            "--fps",
+            str(FPS),
+            "--loop",
+            *capture_nice(args),
+            *CAPTURE_ARGS,
         )
     try:
         wait_streams(collector, streams, since)
@@ -343,7 +365,7 @@ def plot(path: Path, results: dict) -> None:
 
 
 def markdown(result: dict, image: str = "capacity.png") -> str:
-    machine = result["machine"]
+    machine, nice = result["machine"], result.get("capture_nice")
     lines = [
         "# Capacity: streams per machine",
         "",
@@ -351,7 +373,8 @@ def markdown(result: dict, image: str = "capacity.png") -> str:
         f"{machine.get('cpu_model', '?')}, {machine['cpu_count']} cores, load before the run "
         f"{machine['load_average']}. Every stream: {common.CLIP_NAME} (one face) looped at "
         f"{FPS:.0f} fps, as `make run CAMERAS=...` runs an inventory file (one capture "
-        f"process, raw frames), {result.get('detector_replicas', 1)} detector process(es), "
+        f"process, raw frames, at --nice {nice if nice is not None else 'default (10)'}), "
+        f"{result.get('detector_replicas', 1)} detector process(es), "
         f"{'an MJPEG client on every stream' if result.get('watch') else 'nobody watching'}; "
         f"window {result['seconds']:.0f} s after "
         f"{result['warmup']:.0f} s of warm-up. Model: {result['model']['source']}.",
@@ -424,6 +447,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--watch", action="store_true", help="an MJPEG client on every stream (a dashboard showing all)"
     )
+    parser.add_argument(
+        "--capture-nice", type=int, default=None, help="capture's --nice (default: capture's own, 10)"
+    )
     parser.add_argument("--media", default=None)
     parser.add_argument(
         "--model", default=None, help="a model.keras to serve (default: models/ or a tiny one)"
@@ -457,6 +483,7 @@ def main(argv=None) -> int:
         "seconds": args.seconds,
         "warmup": args.warmup,
         "detector_replicas": args.detector_replicas,
+        "capture_nice": args.capture_nice,
         "watch": args.watch,
         "machine": machine,
         "model": model,

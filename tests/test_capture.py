@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,8 +21,10 @@ from services.capture.sources import (
     fit_width,
     open_source,
 )
+from services.common.config import CONFIG_ERROR
 from services.common.protocol import ENCODING_BGR, ENCODING_JPEG, KIND_FRAME, decode, decode_image
 from services.detector.faces import DetectorSettings, detect_faces, load_cascade
+from tests.support import Service, free_base_port, free_port, wait_for
 
 COLOURS = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200)}
 
@@ -392,3 +395,48 @@ def test_a_file_is_decoded_on_one_thread(tmp_path):
         assert source.skip() and source.read() is not None and source.skip() and not source.skip()
     finally:
         source.close()
+
+
+def thread_niceness(pid: int) -> dict[str, set[int]]:
+    """The nice values of a process's threads, by thread name (field 19 of each task's stat)."""
+    out: dict[str, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
+        out.setdefault(name, set()).add(int(stat.rpartition(")")[2].split()[16]))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["source", "inventory"])
+def test_capture_reads_below_the_other_stages_but_sends_at_their_priority(tmp_path, mode):
+    """--nice: the threads that read and decode (the main one, each camera's) run at that
+    niceness; ZeroMQ's I/O thread, which moves the frames on, keeps the default, so frames
+    already decoded leave even while the reading waits for a core."""
+    if mode == "inventory":
+        inventory = tmp_path / "cameras.yml"
+        inventory.write_text("cameras:\n  - {id: one, source: demo}\n")
+        source = ["--cameras", str(inventory)]
+    else:
+        source = ["--source", "demo"]
+    args = [*source, "--nice", "7", "--base-port", str(free_base_port()), "--metrics-port", str(free_port())]
+    service = Service("capture", args, tmp_path)
+    try:
+        threads = wait_for(
+            lambda: (t := thread_niceness(service.pid)) and "ZMQbg/IO/0" in t and len(t) >= 3 and t,
+            20,
+            what="capture's threads",
+        )
+        assert threads["main"] == {7} and threads["ZMQbg/IO/0"] == {0}, threads
+        if mode == "inventory":  # the camera's thread, started by the main one
+            wait_for(lambda: 7 in thread_niceness(service.pid).get("python", set()), 20, what="camera")
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("nice", ["-1", "20"])
+def test_a_niceness_out_of_range_is_a_configuration_error(capsys, nice):
+    from services.capture.options import parse_args, settings_from
+
+    with pytest.raises(SystemExit) as stopped:
+        settings_from(parse_args(["--nice", nice]))
+    assert stopped.value.code == CONFIG_ERROR and f"--nice {nice} must be 0-19" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import zmq
 
 from services.common import bus
 from services.common.cameras import InventoryError, read_inventory
-from services.common.config import config_error, setup_logging
+from services.common.config import config_error, lower_priority, setup_logging
 from services.common.metrics import serve_metrics
 
 from .cameras import CameraSet
@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     ctx = zmq.Context()
     frames_out = bus.producer(ctx, addr, "frames")
     detect_out = bus.producer(ctx, addr, "detect")
+    lower_priority(args.nice)  # reading and decoding; ZeroMQ's I/O thread, started, keeps its own
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -70,6 +71,7 @@ def run_inventory(args, settings, log) -> None:
     ctx = zmq.Context()
     frames_out = bus.producer(ctx, addr, "frames")
     detect_out = bus.producer(ctx, addr, "detect")
+    lower_priority(args.nice)  # the cameras' threads inherit it; ZeroMQ's I/O thread keeps its own
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -97,6 +97,14 @@ def build_parser():
         "hashes to its --replica (docs/cameras.md)",
     )
     parser.option("--replica", default=0, type=int, help="this process's index, 0 to --replicas - 1")
+    parser.option(
+        "--nice",
+        default=10,
+        type=int,
+        help="lower capture's CPU priority by this much (0-19, as nice): when the cores are "
+        "short, the stages after it finish the frames already sent before capture decodes "
+        "new ones (docs/cameras.md#capacity)",
+    )
     return parser
 
 
@@ -110,6 +118,8 @@ def settings_from(args) -> CaptureSettings:
         config_error(SERVICE, f"--replica {args.replica} must be 0 to --replicas - 1 ({args.replicas - 1})")
     if not 0.05 <= args.cameras_poll_s <= 3600:
         config_error(SERVICE, f"--cameras-poll-s {args.cameras_poll_s} must be 0.05-3600")
+    if not 0 <= args.nice <= 19:
+        config_error(SERVICE, f"--nice {args.nice} must be 0-19")
     return CaptureSettings(
         stream=args.stream,
         fps=args.fps,

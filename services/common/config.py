@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from typing import NoReturn
 
 from . import ports
@@ -156,3 +157,11 @@ def config_error(service: str, message: str) -> NoReturn:
     """Stop a service that cannot run as configured (no model, no such file, ...)."""
     print(f"{service}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(CONFIG_ERROR)
+
+
+def lower_priority(by: int) -> None:
+    """Raise the calling thread's niceness by ``by``; the threads it starts afterwards inherit
+    it, those already running (ZeroMQ's I/O thread, once a socket exists) keep theirs."""
+    if by > 0:
+        tid = threading.get_native_id() if sys.platform == "linux" else 0  # elsewhere: the process
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
