@@ -146,10 +146,10 @@ class FaceFinder:
         """A new stream's memory, its full-scan schedule shifted by a share of the interval
         that differs for each stream this replica starts (the golden ratio's multiples, which
         stay spread however many there are). Cameras started together, as capture starts an
-        inventory's, would otherwise all be due for their full scans on the same frames: one
-        full Haar scan costs about ten regions, so the detector met a burst of them every
-        quarter second, and the frames that came meanwhile were superseded, though it was
-        busy only half of the time."""
+        inventory's, would otherwise all be due for their full scans on the same frames: a
+        full scan costs several regions' work, so the detector met a burst of them every
+        quarter second, and frames that came meanwhile were superseded, though it was busy
+        only part of the time (bench/results/full_scans.md)."""
         share = (self._starts * GOLDEN_RATIO) % 1.0
         self._starts += 1
         memory.full_seq -= int(share * self.regions.full_scan_every)
