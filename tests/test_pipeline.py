@@ -255,8 +255,18 @@ def test_unpaced_file_sends_only_what_the_pipeline_takes(tmp_path, tiny_registry
     results.start()
     time.sleep(0.5)
     try:
+        # A frame unanswered for --in-flight-timeout-ms stops counting, and capture sends
+        # another: on a loaded machine a pipeline stall of 1 s (the default) could then fill
+        # capture's queue to the detectors, which this test is about, not about timeouts.
         pipeline.start(
-            "capture", "--source", str(short_clip(tmp_path / "150.mp4", 150)), "--stream", "clip", "--no-pace"
+            "capture",
+            "--source",
+            str(short_clip(tmp_path / "150.mp4", 150)),
+            "--stream",
+            "clip",
+            "--no-pace",
+            "--in-flight-timeout-ms",
+            "3000",
         )
         wait_for(
             lambda: len({s for s, h in results.messages.items() if h.stream == "clip"}) >= 145,
