@@ -16,15 +16,12 @@ from typing import NamedTuple, Protocol
 import cv2
 import numpy as np
 
-from .blazeface import BlazeFace, Detection, input_shape
+from .blazeface import BlazeFace, Detection, faces_in, input_shape
 from .faces import DetectorSettings, detection_copy, scan
 
 Box = tuple[int, int, int, int]
 Rect = tuple[int, int, int, int]  # x0, y0, x1, y1
 BACKENDS = ("haar", "blazeface")
-# BlazeFace in a region: a face may grow or shrink by this factor between frames (filtering
-# costs nothing here, unlike Haar's size range, so it is wider than RegionSettings.size_step)
-REGION_SIZE_STEP = 1.5
 
 
 class Face(NamedTuple):
@@ -154,7 +151,7 @@ class BlazeFaceBackend:
         return self.frame_model.detect(image, closer=self.region_model)
 
     def scan(self, copy: np.ndarray, scale: float) -> list[Face]:
-        return self._faces(self.detections(copy), 0, 0)
+        return self._faces(self.detections(copy))
 
     def rest(self, copy: np.ndarray, rects) -> np.ndarray:
         """The whole frame: BlazeFace costs the same on any picture, and a blanked patch's
@@ -163,20 +160,10 @@ class BlazeFaceBackend:
 
     def scan_region(self, copy: np.ndarray, scale: float, box: Box, rect: Rect) -> list[Face]:
         """The short-range model over the region; of what it finds, only faces of about the
-        known face's size (within REGION_SIZE_STEP) count: a face seen at the edge of a
-        region, cut off, is left to the full scans."""
-        x0, y0, x1, y1 = rect
-        side = max(box[2], box[3])
-        return [
-            face
-            for face in self._faces(self.region_model.detect(copy[y0:y1, x0:x1]), x0, y0)
-            if side / REGION_SIZE_STEP <= max(face.box[2], face.box[3]) <= side * REGION_SIZE_STEP
-        ]
+        known face's size count (blazeface.faces_in: a face may grow or shrink by up to half
+        between frames, wider than Haar's size_step, since filtering costs BlazeFace nothing):
+        a face seen at the edge of a region, cut off, is left to the full scans."""
+        return self._faces(faces_in(self.region_model, copy, rect, max(box[2], box[3])))
 
-    def _faces(self, found, dx: int, dy: int) -> list[Face]:
-        return [
-            Face((x + dx, y + dy, w, h), tuple((px + dx, py + dy) for px, py in d.keypoints))
-            for d in found
-            for x, y, w, h in [d.box]
-            if max(w, h) >= self.min_size
-        ]
+    def _faces(self, found) -> list[Face]:
+        return [Face(d.box, d.keypoints) for d in found if max(d.box[2], d.box[3]) >= self.min_size]

@@ -47,7 +47,9 @@ BAND = 16
 # short-range invokes (about 1.1 ms each) per frame.
 SMALL_INPUT_PX = 12
 SECOND_LOOK_SIDE = 3.0  # the crop around the face, in face sides: the face at ~40 of 128 px
-SECOND_LOOK_SIZE_STEP = 1.5  # what the closer look finds counts within this size factor
+# A closer look at a known face (a region, a second look) counts what it finds within this
+# size factor of that face: a face cut off at the crop's edge, or a neighbour, does not count.
+SAME_FACE_STEP = 1.5
 SECOND_LOOKS = 4
 MAX_WIDTH = 1024  # the largest long side: a 16:9 frame at 1024 costs about 17 runs at 192x192
 Box = tuple[int, int, int, int]
@@ -372,17 +374,24 @@ def second_look(
         x, y, w, h = found[i].box
         side = round(w * SECOND_LOOK_SIDE)
         x0, y0 = max(0, round(x + w / 2 - side / 2)), max(0, round(y + h / 2 - side / 2))
-        near = [
-            d
-            for d in closer.detect(image[y0 : y0 + side, x0 : x0 + side])
-            if w / SECOND_LOOK_SIZE_STEP <= d.box[2] <= w * SECOND_LOOK_SIZE_STEP
-        ]
+        near = faces_in(closer, image, (x0, y0, x0 + side, y0 + side), w)
         if near:
-            cx, cy = x + w / 2 - x0, y + h / 2 - y0
+            cx, cy = x + w / 2, y + h / 2
             best = min(
                 near, key=lambda d: (d.box[0] + d.box[2] / 2 - cx) ** 2 + (d.box[1] + d.box[3] / 2 - cy) ** 2
             )
-            bx, by, bw, bh = best.box
-            points = tuple((px + x0, py + y0) for px, py in best.keypoints)
-            out[i] = Detection((bx + x0, by + y0, bw, bh), points, found[i].score)
+            out[i] = Detection(best.box, best.keypoints, found[i].score)
+    return out
+
+
+def faces_in(model, image: np.ndarray, rect: tuple[int, int, int, int], side: int) -> list[Detection]:
+    """What ``model`` finds in the rectangle (x0, y0, x1, y1) of ``image``, in image pixels,
+    of about the known face's ``side`` (within SAME_FACE_STEP)."""
+    x0, y0, x1, y1 = rect
+    out = []
+    for d in model.detect(image[y0:y1, x0:x1]):
+        x, y, w, h = d.box
+        if side / SAME_FACE_STEP <= max(w, h) <= side * SAME_FACE_STEP:
+            points = tuple((px + x0, py + y0) for px, py in d.keypoints)
+            out.append(Detection((x + x0, y + y0, w, h), points, d.score))
     return out
