@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from services.common.protocol import DETECT_SETTINGS, detect_setting_problem
+from services.common.protocol import DETECT_SETTINGS, detect_map_problem
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_TEXT = 200
@@ -149,10 +149,9 @@ def _detector(label: str, key: str, value) -> tuple[tuple[str, int], ...]:
         raise CameraError(
             label, key, f"must be a map of the detector's settings ({', '.join(DETECT_SETTINGS)})"
         )
-    for name, setting in value.items():
-        problem = detect_setting_problem(name, setting)
-        if problem:
-            raise CameraError(label, f"{key}.{str(name)[:40]}", problem)
+    wrong = detect_map_problem(value)
+    if wrong:
+        raise CameraError(label, f"{key}.{wrong[0]}", wrong[1])
     return tuple(sorted(value.items()))
 
 

@@ -117,14 +117,23 @@ def detect_setting_problem(name, value) -> str | None:
     return None
 
 
+def detect_map_problem(value: dict) -> tuple[str, str] | None:
+    """The first setting of a detector map (a frame's ``detect``, a camera's ``detector``)
+    that is wrong, as (its name, why); None when all are right."""
+    for name, setting in value.items():
+        problem = detect_setting_problem(name, setting)
+        if problem:
+            return str(name)[:40], problem
+    return None
+
+
 def detect_settings(value) -> dict[str, int]:
     """A frame's checked ``detect`` map; Rejected names the setting that is wrong."""
     if not isinstance(value, dict):
         raise Rejected("field", f"field 'detect' has type {type(value).__name__}")
-    for name, setting in value.items():
-        problem = detect_setting_problem(name, setting)
-        if problem:
-            raise Rejected("field", f"detect.{str(name)[:40]}: {problem}")
+    wrong = detect_map_problem(value)
+    if wrong:
+        raise Rejected("field", f"detect.{wrong[0]}: {wrong[1]}")
     return dict(value)
 
 
