@@ -19,6 +19,19 @@ from .service import CaptureService
 from .sources import SourceError, open_source
 
 
+def open_sockets(args):
+    """The broker's address, a context and capture's two sockets (frames, detect); then the
+    calling thread's priority is lowered by --nice. The threads it starts afterwards (the
+    cameras') inherit it; ZeroMQ's I/O thread, started with the sockets, keeps its own, so
+    decoded frames still leave while the reading waits for a core."""
+    addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
+    ctx = zmq.Context()
+    frames_out = bus.producer(ctx, addr, "frames")
+    detect_out = bus.producer(ctx, addr, "detect")
+    lower_priority(args.nice)
+    return addr, ctx, frames_out, detect_out
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     log = setup_logging(SERVICE, args.log_level)
@@ -31,11 +44,7 @@ def main(argv=None) -> None:
     except SourceError as exc:
         config_error(SERVICE, str(exc))
     serve_metrics(args.metrics_port, args.metrics_host)
-    addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
-    ctx = zmq.Context()
-    frames_out = bus.producer(ctx, addr, "frames")
-    detect_out = bus.producer(ctx, addr, "detect")
-    lower_priority(args.nice)  # reading and decoding; ZeroMQ's I/O thread, started, keeps its own
+    addr, ctx, frames_out, detect_out = open_sockets(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -67,11 +76,7 @@ def run_inventory(args, settings, log) -> None:
         inventory = read_inventory(args.cameras)
     except InventoryError as exc:
         config_error(SERVICE, str(exc))
-    addr = bus.client_address(SERVICE, args.broker_host, args.base_port, args.curve_keys)
-    ctx = zmq.Context()
-    frames_out = bus.producer(ctx, addr, "frames")
-    detect_out = bus.producer(ctx, addr, "detect")
-    lower_priority(args.nice)  # the cameras' threads inherit it; ZeroMQ's I/O thread keeps its own
+    addr, ctx, frames_out, detect_out = open_sockets(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
